@@ -1,0 +1,61 @@
+use candle::{Result, Tensor};
+
+/// An invertible map with a tractable log-determinant.
+///
+/// `forward` maps **data to latent** (`x -> z`, the normalising direction used by
+/// `log_prob`); `inverse` maps latent to data (the generative direction used by
+/// sampling). Both return their output together with the log-absolute-determinant of
+/// *their own* Jacobian, so `forward(x).1 == -inverse(forward(x).0).1`.
+///
+/// Shapes: inputs and outputs are `(batch, dim)`, log-dets are `(batch,)`.
+///
+/// The trait is object safe so that a [`Chain`](super::Chain) can hold boxed layers.
+/// Two hooks leave room for layers that need more than `x`:
+/// - conditional flows pass a context tensor `(batch, context_dim)` through
+///   [`forward_with_context`](Bijector::forward_with_context); layers that ignore context
+///   keep the default, which calls `forward`;
+/// - layers with a training mode (activation normalisation, batch norm with running
+///   statistics) override [`set_training`](Bijector::set_training).
+pub trait Bijector: Send + Sync + std::fmt::Debug {
+    /// Data to latent: returns `(z, log|det dz/dx|)`.
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// Latent to data: returns `(x, log|det dx/dz|)`.
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// [`forward`](Bijector::forward) given a context `(batch, context_dim)`.
+    fn forward_with_context(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _ = context;
+        self.forward(x)
+    }
+
+    /// [`inverse`](Bijector::inverse) given a context `(batch, context_dim)`.
+    fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _ = context;
+        self.inverse(z)
+    }
+
+    /// Switches between training and evaluation behaviour. A no-op for layers
+    /// without such a distinction.
+    fn set_training(&mut self, training: bool) {
+        let _ = training;
+    }
+}
+
+impl<B: Bijector + ?Sized> Bijector for Box<B> {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).forward(x)
+    }
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).inverse(z)
+    }
+    fn forward_with_context(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).forward_with_context(x, context)
+    }
+    fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).inverse_with_context(z, context)
+    }
+    fn set_training(&mut self, training: bool) {
+        (**self).set_training(training)
+    }
+}

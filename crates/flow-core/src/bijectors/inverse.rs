@@ -1,0 +1,28 @@
+use candle::{Result, Tensor};
+
+use super::Bijector;
+
+/// Swaps the directions of a bijector: `Inverse(b).forward == b.inverse`.
+///
+/// Useful for layers defined in the generative direction (noise to data), as some
+/// libraries do, when they are placed in a data-to-latent chain.
+#[derive(Debug)]
+pub struct Inverse<B>(pub B);
+
+impl<B: Bijector> Bijector for Inverse<B> {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.inverse(x)
+    }
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.forward(z)
+    }
+    fn forward_with_context(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.inverse_with_context(x, context)
+    }
+    fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.forward_with_context(z, context)
+    }
+    fn set_training(&mut self, training: bool) {
+        self.0.set_training(training)
+    }
+}

@@ -1,0 +1,22 @@
+//! Invertible maps with tractable log-determinants.
+
+mod bijector;
+mod chain;
+mod inverse;
+mod permute;
+mod reverse;
+mod standardize;
+
+pub use bijector::Bijector;
+pub use chain::Chain;
+pub use inverse::Inverse;
+pub use permute::Permute;
+pub use reverse::Reverse;
+pub use standardize::Standardize;
+
+use candle::{Result, Tensor};
+
+/// A `(batch,)` tensor of zeros matching the batch size, dtype and device of `x`.
+pub(crate) fn zero_log_det(x: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(x.dim(0)?, x.dtype(), x.device())
+}

@@ -1,0 +1,77 @@
+//! Choosing the compute device from a string.
+
+use candle::{bail, Device, Result};
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
+///
+/// A GPU device whose cargo feature was not compiled in is an error naming the feature
+/// to enable; `auto` picks CUDA, then Metal, when compiled in and present, else the CPU.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((kind, n)) => match n.parse::<usize>() {
+            Ok(n) => (kind, n),
+            Err(_) => bail!("invalid device ordinal in `{spec}`: expected a number after `:`"),
+        },
+        None => (spec.as_str(), 0),
+    };
+    match kind {
+        "cpu" if !spec.contains(':') => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(ordinal),
+        "cuda" => bail!("device `{spec}` needs CUDA support: rebuild with `--features cuda`"),
+        "metal" if cfg!(feature = "metal") => Device::new_metal(ordinal),
+        "metal" => bail!("device `{spec}` needs Metal support: rebuild with `--features metal`"),
+        "auto" if !spec.contains(':') => Ok(auto()),
+        _ => bail!("unknown device `{spec}`: expected cpu, cuda, cuda:N, metal, metal:N or auto"),
+    }
+}
+
+fn auto() -> Device {
+    if cfg!(feature = "cuda") {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
+    }
+    if cfg!(feature = "metal") {
+        if let Ok(d) = Device::new_metal(0) {
+            return d;
+        }
+    }
+    Device::Cpu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_auto() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device(" CPU ").unwrap().is_cpu());
+        if !cfg!(any(feature = "cuda", feature = "metal")) {
+            assert!(parse_device("auto").unwrap().is_cpu());
+        }
+    }
+
+    #[test]
+    fn gpu_without_feature_names_the_feature() {
+        if !cfg!(feature = "cuda") {
+            for s in ["cuda", "cuda:1"] {
+                let e = parse_device(s).unwrap_err().to_string();
+                assert!(e.contains("--features cuda"), "{e}");
+            }
+        }
+        if !cfg!(feature = "metal") {
+            let e = parse_device("metal:0").unwrap_err().to_string();
+            assert!(e.contains("--features metal"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_devices_are_rejected() {
+        for s in ["tpu", "", "cpu:0", "cuda:x", "auto:1", "gpu"] {
+            let e = parse_device(s).unwrap_err().to_string();
+            assert!(e.contains("device"), "{s}: {e}");
+        }
+    }
+}

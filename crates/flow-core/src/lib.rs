@@ -1,0 +1,20 @@
+//! Core of `flows`: the [`Bijector`] and [`Distribution`] traits, [`Chain`], fixed
+//! bijectors, base distributions and the change-of-variables [`Flow`].
+//!
+//! Conventions used throughout the workspace:
+//! - data tensors are `(batch, dim)`, log-determinants are `(batch,)`;
+//! - `forward` maps data to latent (`x -> z`), `inverse` maps latent to data;
+//! - `log p(x) = log p_Z(f(x)) + log|det df/dx|`, where the log-dets of a chain add up.
+
+pub mod bijectors;
+pub mod device;
+pub mod distributions;
+pub mod flow;
+pub mod init;
+pub mod sampling;
+
+pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
+pub use device::parse_device;
+pub use distributions::{DiagNormal, Distribution, StandardNormal};
+pub use flow::Flow;
+pub use init::seeded_var_builder;

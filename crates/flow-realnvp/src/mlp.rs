@@ -1,0 +1,140 @@
+use candle::{bail, Result, Tensor};
+use candle_nn::{init::Init, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::Activation;
+
+/// Architecture of a conditioner network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum NetConfig {
+    /// `Linear → act → … → Linear` with the given hidden widths. Linear `i` is stored
+    /// under `{2i}` (the indices of a PyTorch `Sequential` that interleaves activations).
+    Mlp {
+        hidden: Vec<usize>,
+        activation: Activation,
+    },
+    /// `Linear(in, h)`, then `blocks` residual blocks `u + L₁(act(L₀(act(u))))`, then
+    /// `Linear(h, out)`. Stored under `input`, `blocks.{b}.{0,1}` and `output`.
+    Residual {
+        hidden: usize,
+        blocks: usize,
+        activation: Activation,
+    },
+}
+
+impl NetConfig {
+    pub fn activation(&self) -> Activation {
+        match self {
+            Self::Mlp { activation, .. } | Self::Residual { activation, .. } => *activation,
+        }
+    }
+}
+
+/// A conditioner network: `(batch, in) → (batch, out)`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Plain: every layer in order. Residual: input, the two layers of each block, output.
+    layers: Vec<Linear>,
+    residual: bool,
+    activation: Activation,
+}
+
+/// A `Linear(in, out)` initialised like PyTorch's (`U(±1/√in)` for weight and bias), or
+/// with zeros when `zero` is set.
+fn linear(in_dim: usize, out_dim: usize, zero: bool, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let init = if zero {
+        Init::Const(0.0)
+    } else {
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        }
+    };
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let bias = vb.get_with_hints(out_dim, "bias", init)?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+impl Mlp {
+    /// Builds the network; with `zero_last` the output layer starts at zero, so a
+    /// coupling layer using it starts as the identity.
+    pub fn new(
+        cfg: &NetConfig,
+        in_dim: usize,
+        out_dim: usize,
+        zero_last: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        match cfg {
+            NetConfig::Mlp { hidden, activation } => {
+                let widths: Vec<usize> = std::iter::once(in_dim)
+                    .chain(hidden.iter().copied())
+                    .chain(std::iter::once(out_dim))
+                    .collect();
+                let n = widths.len() - 1;
+                let layers = (0..n)
+                    .map(|i| {
+                        let last = i + 1 == n;
+                        linear(widths[i], widths[i + 1], zero_last && last, vb.pp(2 * i))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Self {
+                    layers,
+                    residual: false,
+                    activation: *activation,
+                })
+            }
+            NetConfig::Residual {
+                hidden,
+                blocks,
+                activation,
+            } => {
+                let h = *hidden;
+                let mut layers = vec![linear(in_dim, h, false, vb.pp("input"))?];
+                for b in 0..*blocks {
+                    let vb = vb.pp("blocks").pp(b);
+                    layers.push(linear(h, h, false, vb.pp(0))?);
+                    layers.push(linear(h, h, false, vb.pp(1))?);
+                }
+                layers.push(linear(h, out_dim, zero_last, vb.pp("output"))?);
+                Ok(Self {
+                    layers,
+                    residual: true,
+                    activation: *activation,
+                })
+            }
+        }
+    }
+
+    pub fn layers(&self) -> &[Linear] {
+        &self.layers
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let act = self.activation;
+        let Some((last, rest)) = self.layers.split_last() else {
+            bail!("empty network");
+        };
+        if !self.residual {
+            let mut h = x.clone();
+            for layer in rest {
+                h = act.apply(&layer.forward(&h)?)?;
+            }
+            return last.forward(&h);
+        }
+        let Some((first, blocks)) = rest.split_first() else {
+            bail!("residual network without an input layer");
+        };
+        let mut h = first.forward(x)?;
+        for pair in blocks.chunks_exact(2) {
+            let u = pair[0].forward(&act.apply(&h)?)?;
+            let u = pair[1].forward(&act.apply(&u)?)?;
+            h = (h + u)?;
+        }
+        last.forward(&h)
+    }
+}

@@ -1,0 +1,84 @@
+use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// How the conditioner's raw output `s` becomes the log-scale of an affine coupling.
+///
+/// Bounding the log-scale keeps `exp(±s)` finite, so the inverse cannot explode on
+/// points far from the training data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ScaleMap {
+    /// `s` unchanged: `scale = exp(s)` (the original RealNVP; unbounded).
+    Exp,
+    /// `s / (1 + |s| / clamp)`: smooth, identity near 0, bounded by `±clamp`.
+    SoftClamp { clamp: f64 },
+    /// `clamp · tanh(s / clamp)`.
+    Tanh { clamp: f64 },
+    /// `clamp · 0.636 · atan(s / clamp)` (Glow-style, as in FrEIA's coupling blocks).
+    Atan { clamp: f64 },
+    /// `log(sigmoid(s + 2) + 1e-3)` (as in nflows' affine coupling).
+    Sigmoid,
+}
+
+impl Default for ScaleMap {
+    fn default() -> Self {
+        Self::SoftClamp { clamp: 3.0 }
+    }
+}
+
+impl ScaleMap {
+    /// Maps raw conditioner outputs to log-scales (same shape).
+    pub fn log_scale(&self, s: &Tensor) -> Result<Tensor> {
+        match *self {
+            Self::Exp => Ok(s.clone()),
+            Self::SoftClamp { clamp } => s.div(&(s.abs()?.affine(1.0 / clamp, 1.0))?),
+            Self::Tanh { clamp } => s.affine(1.0 / clamp, 0.0)?.tanh()?.affine(clamp, 0.0),
+            Self::Atan { clamp } => s
+                .affine(1.0 / clamp, 0.0)?
+                .apply(&atan)?
+                .affine(clamp * 0.636, 0.0),
+            Self::Sigmoid => candle_nn::ops::sigmoid(&s.affine(1.0, 2.0)?)?
+                .affine(1.0, 1e-3)?
+                .log(),
+        }
+    }
+}
+
+/// Element-wise arctangent with its gradient `1 / (1 + x²)`; candle has no built-in.
+struct Atan;
+
+impl CustomOp1 for Atan {
+    fn name(&self) -> &'static str {
+        "atan"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        // `atan` below makes its input contiguous.
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle::bail!("atan expects a contiguous tensor");
+        };
+        let out = match storage {
+            CpuStorage::F32(d) => CpuStorage::F32(d[start..end].iter().map(|v| v.atan()).collect()),
+            CpuStorage::F64(d) => CpuStorage::F64(d[start..end].iter().map(|v| v.atan()).collect()),
+            _ => candle::bail!("atan is implemented for f32 and f64 only"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let denom = arg.sqr()?.affine(1.0, 1.0)?;
+        Ok(Some(grad_res.div(&denom)?))
+    }
+}
+
+/// `atan` on any device: computed on the CPU where no kernel exists.
+fn atan(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.device().is_cpu() {
+        x.apply_op1(Atan)
+    } else {
+        x.to_device(&candle::Device::Cpu)?
+            .apply_op1(Atan)?
+            .to_device(x.device())
+    }
+}
