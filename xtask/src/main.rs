@@ -19,7 +19,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("train") => train(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] | bench [--features F]>".into()),
+        _ => Err(
+            "usage: cargo xtask <test | train [--features F] [-- ARGS] | bench [--features F]>"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,7 +49,9 @@ fn cargo() -> Command {
 
 fn run(mut cmd: Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -66,7 +71,11 @@ fn split_args(args: &[String]) -> Result<(Option<String>, Vec<String>)> {
         match a.as_str() {
             "--features" => features = it.next().cloned(),
             f if f.starts_with("--features=") => features = Some(f["--features=".len()..].into()),
-            other => return Err(format!("unexpected argument `{other}` (put flow's arguments after `--`)")),
+            other => {
+                return Err(format!(
+                    "unexpected argument `{other}` (put flow's arguments after `--`)"
+                ))
+            }
         }
     }
     Ok((features, rest))
@@ -77,7 +86,14 @@ fn test() -> Result<()> {
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt)?;
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run(clippy)?;
     let mut t = cargo();
     t.args(["test", "--release", "--workspace"]);
@@ -101,19 +117,56 @@ fn train(args: &[String]) -> Result<()> {
     let p = |name: &str| out.join(name).to_string_lossy().into_owned();
     let (model, val) = (p("model.safetensors"), p("heldout.csv"));
 
-    run(flow(&features, &["data", "moons", "--n", "5000", "--noise", "0.05", "--seed", "12345", "--out", &val]))?;
+    run(flow(
+        &features,
+        &[
+            "data", "moons", "--n", "5000", "--noise", "0.05", "--seed", "12345", "--out", &val,
+        ],
+    ))?;
     let metrics = p("metrics.jsonl");
     let mut train_args = vec![
-        "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--val", &val, "--out",
-        &model, "--metrics", &metrics,
+        "train",
+        "--data",
+        "moons",
+        "--n",
+        "20000",
+        "--noise",
+        "0.05",
+        "--val",
+        &val,
+        "--out",
+        &model,
+        "--metrics",
+        &metrics,
     ];
     train_args.extend(extra.iter().map(String::as_str));
     run(flow(&features, &train_args))?;
     let (samples, samples_png, density) = (p("samples.csv"), p("samples.png"), p("density.png"));
-    run(flow(&features, &["sample", "--model", &model, "--n", "3000", "--seed", "0", "--out", &samples, "--plot", &samples_png]))?;
-    run(flow(&features, &["plot", "--model", &model, "--data", &val, "--out", &density]))?;
+    run(flow(
+        &features,
+        &[
+            "sample",
+            "--model",
+            &model,
+            "--n",
+            "3000",
+            "--seed",
+            "0",
+            "--out",
+            &samples,
+            "--plot",
+            &samples_png,
+        ],
+    ))?;
+    run(flow(
+        &features,
+        &["plot", "--model", &model, "--data", &val, "--out", &density],
+    ))?;
     println!("held-out set ({val}):");
-    run(flow(&features, &["log-prob", "--model", &model, "--input", &val]))?;
+    run(flow(
+        &features,
+        &["log-prob", "--model", &model, "--input", &val],
+    ))?;
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -71,10 +71,7 @@ impl Flow {
     fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
         match x.dims() {
             [_, d] if *d == self.dim() => Ok(()),
-            [_, d] => bail!(
-                "{what} has {d} features but the model has {}",
-                self.dim()
-            ),
+            [_, d] => bail!("{what} has {d} features but the model has {}", self.dim()),
             dims => bail!("{what} must be (batch, {}), got {dims:?}", self.dim()),
         }
     }
@@ -120,11 +117,7 @@ impl Flow {
 
     /// `n` samples `(n, dim)` with their log-probs `(n,)`, computed in one pass:
     /// `log p(x) = log p_Z(z) − log|det ∂f⁻¹/∂z|`.
-    pub fn sample_and_log_prob(
-        &self,
-        n: usize,
-        rng: &mut dyn RngCore,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn sample_and_log_prob(&self, n: usize, rng: &mut dyn RngCore) -> Result<(Tensor, Tensor)> {
         let z = self.base.sample(n, rng)?;
         let (x, log_det_inverse) = self.bijector.inverse(&z)?;
         let log_p = (self.base.log_prob(&z)? - log_det_inverse)?;

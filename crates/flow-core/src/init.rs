@@ -73,9 +73,13 @@ impl SeededVarMap {
 
 impl SimpleBackend for SeededVarMap {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        if let Some(existing) = self.varmap.data().lock().ok().and_then(|d| {
-            d.get(name).map(|v| v.as_tensor().clone())
-        }) {
+        if let Some(existing) = self
+            .varmap
+            .data()
+            .lock()
+            .ok()
+            .and_then(|d| d.get(name).map(|v| v.as_tensor().clone()))
+        {
             if existing.shape() != &s {
                 candle::bail!("shape mismatch on {name}: {s:?} <> {:?}", existing.shape());
             }

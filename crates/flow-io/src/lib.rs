@@ -1,1 +1,16 @@
-//! flow-io
+//! Checkpoints and weight import for `flows`.
+//!
+//! A checkpoint is a single `.safetensors` file: the model's tensors, and in the header
+//! metadata a format version, the full [`ModelConfig`](flow_realnvp::ModelConfig) and an
+//! optional training summary, so a model is rebuilt from the file alone. Writes are
+//! atomic: a temporary file in the same folder, renamed over the target.
+
+mod atomic;
+mod checkpoint;
+mod error;
+
+pub use atomic::write_atomic;
+pub use checkpoint::{
+    build_checked, load, load_model, save, Checkpoint, LoadedModel, FORMAT_VERSION,
+};
+pub use error::IoError;

@@ -74,7 +74,9 @@ pub(crate) fn conditioner_input(
 ) -> Result<Tensor> {
     match (context, context_dim) {
         (None, 0) => Ok(kept.clone()),
-        (None, d) => bail!("this coupling layer is conditional: it needs a context of {d} features"),
+        (None, d) => {
+            bail!("this coupling layer is conditional: it needs a context of {d} features")
+        }
         (Some(c), d) if c.dim(1)? == d && d > 0 => Tensor::cat(&[kept, c], 1),
         (Some(c), d) => bail!("context has {} features, the layer expects {d}", c.dim(1)?),
     }

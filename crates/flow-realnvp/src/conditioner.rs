@@ -90,7 +90,9 @@ impl Conditioner {
                 let s = s.as_ref().map(|s| s.forward(h)).transpose()?;
                 Ok((s, t.forward(h)?))
             }
-            Self::Joint { net, affine: false, .. } => Ok((None, net.forward(h)?)),
+            Self::Joint {
+                net, affine: false, ..
+            } => Ok((None, net.forward(h)?)),
             Self::Joint { net, layout, .. } => {
                 let out = net.forward(h)?;
                 let (b, w) = out.dims2()?;

@@ -27,8 +27,12 @@ pub enum LayerConfig {
     Affine(CouplingConfig),
     Additive(CouplingConfig),
     /// `z[:, j] = x[:, perm[j]]`.
-    Permute { perm: Vec<usize> },
-    Reverse { dim: usize },
+    Permute {
+        perm: Vec<usize>,
+    },
+    Reverse {
+        dim: usize,
+    },
 }
 
 /// Which features the layers of a [`RealNvpConfig`] stack keep.
@@ -132,7 +136,10 @@ impl RealNvpConfig {
     /// Checks the sizes; every other combination of settings is valid.
     pub fn validate(&self) -> Result<(), String> {
         if self.dim < 2 {
-            return Err(format!("a coupling flow needs at least 2 features, got {}", self.dim));
+            return Err(format!(
+                "a coupling flow needs at least 2 features, got {}",
+                self.dim
+            ));
         }
         for (name, v) in [("layers", self.layers), ("hidden", self.hidden)] {
             if v == 0 {

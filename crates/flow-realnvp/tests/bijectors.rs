@@ -9,8 +9,8 @@ use flow_core::{
     Standardize,
 };
 use flow_realnvp::{
-    Activation, AdditiveCoupling, AffineCoupling, BaseConfig, ConditionerConfig, CouplingConfig, CouplingKind,
-    ModelConfig, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap,
+    Activation, AdditiveCoupling, AffineCoupling, BaseConfig, ConditionerConfig, CouplingConfig,
+    CouplingKind, ModelConfig, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -49,7 +49,9 @@ const SCALES: [ScaleMap; 5] = [
 /// Every kind of mask over `dim` features: every first-k split, both checkerboards,
 /// and an irregular one.
 fn masks(dim: usize) -> Vec<Vec<bool>> {
-    let mut out: Vec<Vec<bool>> = (1..dim).map(|k| (0..dim).map(|j| j < k).collect()).collect();
+    let mut out: Vec<Vec<bool>> = (1..dim)
+        .map(|k| (0..dim).map(|j| j < k).collect())
+        .collect();
     out.extend((1..dim).map(|k| (0..dim).map(|j| j >= k).collect::<Vec<_>>()));
     for parity in 0..2 {
         out.push((0..dim).map(|j| j % 2 == parity).collect());
@@ -68,19 +70,39 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
     let mut out: Vec<(String, Box<dyn Bijector>)> = Vec::new();
     for (m, mask) in masks(dim).into_iter().enumerate() {
         for (s, scale) in SCALES.iter().enumerate() {
-            let c = coupling(mask.clone(), Nets::Separate, OutputLayout::ScaleShift, *scale);
+            let c = coupling(
+                mask.clone(),
+                Nets::Separate,
+                OutputLayout::ScaleShift,
+                *scale,
+            );
             let vb = vb.pp(format!("affine{m}_{s}"));
-            out.push((format!("affine {mask:?} {scale:?}"), Box::new(AffineCoupling::new(&c, vb)?)));
+            out.push((
+                format!("affine {mask:?} {scale:?}"),
+                Box::new(AffineCoupling::new(&c, vb)?),
+            ));
         }
-        for (l, layout) in [OutputLayout::ScaleShift, OutputLayout::ShiftScale, OutputLayout::Interleaved]
-            .into_iter()
-            .enumerate()
+        for (l, layout) in [
+            OutputLayout::ScaleShift,
+            OutputLayout::ShiftScale,
+            OutputLayout::Interleaved,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let c = coupling(mask.clone(), Nets::Joint, layout, ScaleMap::default());
             let vb = vb.pp(format!("joint{m}_{l}"));
-            out.push((format!("joint {mask:?} {layout:?}"), Box::new(AffineCoupling::new(&c, vb)?)));
+            out.push((
+                format!("joint {mask:?} {layout:?}"),
+                Box::new(AffineCoupling::new(&c, vb)?),
+            ));
         }
-        let mut c = coupling(mask.clone(), Nets::Separate, OutputLayout::ScaleShift, ScaleMap::default());
+        let mut c = coupling(
+            mask.clone(),
+            Nets::Separate,
+            OutputLayout::ScaleShift,
+            ScaleMap::default(),
+        );
         c.conditioner.net = NetConfig::Residual {
             hidden: 12,
             blocks: 2,
@@ -94,7 +116,12 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
             format!("inverted {mask:?}"),
             Box::new(Inverse(AffineCoupling::new(&c, vb.pp(format!("inv{m}")))?)),
         ));
-        let c = coupling(mask.clone(), Nets::Separate, OutputLayout::ScaleShift, ScaleMap::Exp);
+        let c = coupling(
+            mask.clone(),
+            Nets::Separate,
+            OutputLayout::ScaleShift,
+            ScaleMap::Exp,
+        );
         out.push((
             format!("additive {mask:?}"),
             Box::new(AdditiveCoupling::new(&c, vb.pp(format!("add{m}")))?),
@@ -105,9 +132,19 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
     perm.rotate_left(1);
     out.push(("permute".into(), Box::new(Permute::new(perm, &DEV)?)));
     let mean = Tensor::arange(0.0, dim as f64, &DEV)?.to_dtype(dtype)?;
-    let std = Tensor::arange(1.0, dim as f64 + 1.0, &DEV)?.affine(0.5, 0.0)?.to_dtype(dtype)?;
-    out.push(("standardize".into(), Box::new(Standardize::new(&mean, &std)?)));
-    for activation in [Activation::LeakyRelu, Activation::Relu, Activation::Tanh, Activation::Gelu] {
+    let std = Tensor::arange(1.0, dim as f64 + 1.0, &DEV)?
+        .affine(0.5, 0.0)?
+        .to_dtype(dtype)?;
+    out.push((
+        "standardize".into(),
+        Box::new(Standardize::new(&mean, &std)?),
+    ));
+    for activation in [
+        Activation::LeakyRelu,
+        Activation::Relu,
+        Activation::Tanh,
+        Activation::Gelu,
+    ] {
         // Each layer may scale by up to exp(clamp); the clamp keeps 8 layers' worth of
         // amplification inside what f32 resolves (the default clamp is checked in f64).
         let cfg = RealNvpConfig::new(dim)
@@ -116,7 +153,10 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
             .with_activation(activation)
             .with_scale(ScaleMap::SoftClamp { clamp: 2.0 });
         let vb = vb.pp(format!("deep_{activation:?}"));
-        out.push((format!("deep realnvp {activation:?}"), Box::new(RealNvp::new(&cfg, vb)?)));
+        out.push((
+            format!("deep realnvp {activation:?}"),
+            Box::new(RealNvp::new(&cfg, vb)?),
+        ));
     }
     let mut chain = Chain::default();
     chain.push(Standardize::new(&mean, &std)?);
@@ -130,7 +170,14 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
     Ok(out)
 }
 
-fn inputs(n: usize, dim: usize, offset: f64, spread: f64, dtype: DType, seed: u64) -> Result<Tensor> {
+fn inputs(
+    n: usize,
+    dim: usize,
+    offset: f64,
+    spread: f64,
+    dtype: DType,
+    seed: u64,
+) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let v: Vec<f64> = (0..n * dim)
         .map(|_| offset + spread * (rng.random::<f64>() * 2.0 - 1.0))
@@ -139,7 +186,11 @@ fn inputs(n: usize, dim: usize, offset: f64, spread: f64, dtype: DType, seed: u6
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(t.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 #[test]
@@ -162,7 +213,11 @@ fn round_trips_in_f32() -> Result<()> {
                 // Single layers: 1e-5 absolute near the origin, relative for large values.
                 // Deep stacks: 1e-5 relative to the largest magnitude the stack produces,
                 // since f32 rounding at that magnitude feeds every later conditioner.
-                let scale = if deep { max_abs(&z)?.max(max_abs(&x)?) } else { 0.0 };
+                let scale = if deep {
+                    max_abs(&z)?.max(max_abs(&x)?)
+                } else {
+                    0.0
+                };
                 let tol = x.abs()?.affine(1e-5, 1e-5 * (1.0 + scale))?;
                 let err = (x2 - &x)?.abs()?;
                 let ok = err.le(&tol)?.flatten_all()?.min(0)?.to_scalar::<u8>()?;
@@ -173,13 +228,19 @@ fn round_trips_in_f32() -> Result<()> {
                     max_abs(&z)?
                 );
                 let ld_err = max_abs(&(ld + ld_inv)?)?;
-                ensure!(ld_err < 1e-4, "{name} dim {dim}: log-dets differ by {ld_err}");
+                ensure!(
+                    ld_err < 1e-4,
+                    "{name} dim {dim}: log-dets differ by {ld_err}"
+                );
             }
             // And the other way round.
             let z = inputs(64, dim, 0.0, 2.5, DType::F32, 3)?;
             let z2 = b.forward(&b.inverse(&z)?.0)?.0;
             let err = max_abs(&(z2 - &z)?)?;
-            ensure!(err < 1e-5 * 10.0, "{name} dim {dim}: forward(inverse(z)) off by {err}");
+            ensure!(
+                err < 1e-5 * 10.0,
+                "{name} dim {dim}: forward(inverse(z)) off by {err}"
+            );
         }
     }
     Ok(())
@@ -189,13 +250,19 @@ fn round_trips_in_f32() -> Result<()> {
 fn deep_default_stacks_round_trip_in_f64() -> Result<()> {
     for dim in [2, 5] {
         let cfg = RealNvpConfig::new(dim).with_layers(12).with_hidden(32);
-        let nvp = RealNvp::new(&cfg, seeded_var_builder(&VarMap::new(), 3, DType::F64, &DEV))?;
+        let nvp = RealNvp::new(
+            &cfg,
+            seeded_var_builder(&VarMap::new(), 3, DType::F64, &DEV),
+        )?;
         for offset in [0.0, 8.0, -10.0] {
             let x = inputs(64, dim, offset, 3.0, DType::F64, 4)?;
             let (z, _) = nvp.forward(&x)?;
             let err = max_abs(&(nvp.inverse(&z)?.0 - &x)?)?;
             let zmax = max_abs(&z)?;
-            ensure!(err < 1e-10 * (1.0 + zmax), "dim {dim} offset {offset}: error {err}, |z| {zmax}");
+            ensure!(
+                err < 1e-10 * (1.0 + zmax),
+                "dim {dim} offset {offset}: error {err}, |z| {zmax}"
+            );
         }
     }
     Ok(())
@@ -240,10 +307,16 @@ fn numerical_log_det(
                 batch.extend(p);
             }
         }
-        let z = f(&Tensor::from_vec(batch, (2 * d, d), &DEV)?)?.0.to_vec2::<f64>()?;
+        let z = f(&Tensor::from_vec(batch, (2 * d, d), &DEV)?)?
+            .0
+            .to_vec2::<f64>()?;
         // jac[i][j] = ∂z_i / ∂x_j
         let jac: Vec<Vec<f64>> = (0..d)
-            .map(|i| (0..d).map(|j| (z[2 * j][i] - z[2 * j + 1][i]) / (2.0 * h)).collect())
+            .map(|i| {
+                (0..d)
+                    .map(|j| (z[2 * j][i] - z[2 * j + 1][i]) / (2.0 * h))
+                    .collect()
+            })
             .collect();
         out.push(log_abs_det(jac));
     }
@@ -258,13 +331,19 @@ fn log_dets_match_numerical_jacobians() -> Result<()> {
             let analytic = b.forward(&x)?.1.to_vec1::<f64>()?;
             let numeric = numerical_log_det(|t| b.forward(t), &x)?;
             for (a, n) in analytic.iter().zip(&numeric) {
-                ensure!((a - n).abs() < 1e-6, "{name} dim {dim}: forward log-det {a} vs numerical {n}");
+                ensure!(
+                    (a - n).abs() < 1e-6,
+                    "{name} dim {dim}: forward log-det {a} vs numerical {n}"
+                );
             }
             let z = inputs(4, dim, -0.5, 2.0, DType::F64, 6)?;
             let analytic = b.inverse(&z)?.1.to_vec1::<f64>()?;
             let numeric = numerical_log_det(|t| b.inverse(t), &z)?;
             for (a, n) in analytic.iter().zip(&numeric) {
-                ensure!((a - n).abs() < 1e-6, "{name} dim {dim}: inverse log-det {a} vs numerical {n}");
+                ensure!(
+                    (a - n).abs() < 1e-6,
+                    "{name} dim {dim}: inverse log-det {a} vs numerical {n}"
+                );
             }
         }
     }
@@ -279,7 +358,10 @@ fn moons_like_flow(kind: CouplingKind, scale: ScaleMap, seed: u64) -> Result<(Fl
         .with_hidden(32)
         .with_scale(scale)
         .with_coupling(kind);
-    let flow = Flow::new(RealNvp::new(&cfg, vb)?, StandardNormal::new(2, DType::F64, &DEV));
+    let flow = Flow::new(
+        RealNvp::new(&cfg, vb)?,
+        StandardNormal::new(2, DType::F64, &DEV),
+    );
     Ok((flow, varmap))
 }
 
@@ -294,8 +376,13 @@ fn densities_integrate_to_one() -> Result<()> {
         // The layers must really deform the density for the check to mean anything.
         let probe = inputs(256, 2, 0.0, 2.0, DType::F64, 14)?;
         let base = StandardNormal::new(2, DType::F64, &DEV);
-        let moved = max_abs(&(flow.log_prob(&probe)? - flow_core::Distribution::log_prob(&base, &probe)?)?)?;
-        ensure!(moved > 0.1, "{scale:?}: flow is too close to the identity ({moved})");
+        let moved = max_abs(
+            &(flow.log_prob(&probe)? - flow_core::Distribution::log_prob(&base, &probe)?)?,
+        )?;
+        ensure!(
+            moved > 0.1,
+            "{scale:?}: flow is too close to the identity ({moved})"
+        );
 
         // Cover the mass: the extent of many samples, with a wide margin.
         let mut rng = StdRng::seed_from_u64(seed);
@@ -309,11 +396,16 @@ fn densities_integrate_to_one() -> Result<()> {
         let mut total = 0.0;
         for i in 0..n {
             let x = x0 + (i as f64 + 0.5) * dx;
-            let pts: Vec<f64> = (0..n).flat_map(|j| [x, y0 + (j as f64 + 0.5) * dy]).collect();
+            let pts: Vec<f64> = (0..n)
+                .flat_map(|j| [x, y0 + (j as f64 + 0.5) * dy])
+                .collect();
             let lp = flow.log_prob(&Tensor::from_vec(pts, (n, 2), &DEV)?)?;
             total += lp.exp()?.sum_all()?.to_scalar::<f64>()? * dx * dy;
         }
-        ensure!((total - 1.0).abs() < 1e-3, "{kind:?} {scale:?}: density integrates to {total}");
+        ensure!(
+            (total - 1.0).abs() < 1e-3,
+            "{kind:?} {scale:?}: density integrates to {total}"
+        );
     }
     Ok(())
 }
@@ -333,12 +425,18 @@ fn sampling_agrees_with_log_prob_and_encoding_inverts() -> Result<()> {
     // Same seed, same samples; a lower temperature concentrates them.
     let a = flow.sample(100, &mut StdRng::seed_from_u64(9))?;
     let b = flow.sample(100, &mut StdRng::seed_from_u64(9))?;
-    ensure!(max_abs(&(a - b)?)? == 0.0, "sampling is not reproducible from a seed");
+    ensure!(
+        max_abs(&(a - b)?)? == 0.0,
+        "sampling is not reproducible from a seed"
+    );
     let cold = flow.sample_with_temperature(2000, 0.3, &mut StdRng::seed_from_u64(1))?;
     let hot = flow.sample_with_temperature(2000, 1.0, &mut StdRng::seed_from_u64(1))?;
     let cold_lp = flow.log_prob(&cold)?.mean_all()?.to_scalar::<f64>()?;
     let hot_lp = flow.log_prob(&hot)?.mean_all()?.to_scalar::<f64>()?;
-    ensure!(cold_lp > hot_lp, "temperature 0.3 should give likelier samples ({cold_lp} vs {hot_lp})");
+    ensure!(
+        cold_lp > hot_lp,
+        "temperature 0.3 should give likelier samples ({cold_lp} vs {hot_lp})"
+    );
     Ok(())
 }
 
@@ -349,14 +447,23 @@ fn gradients_reach_every_trainable_tensor() -> Result<()> {
         let vb = seeded_var_builder(&varmap, 5, DType::F32, &DEV);
         let model = ModelConfig {
             base: BaseConfig::DiagNormal { trainable: true },
-            ..ModelConfig::from_realnvp(&RealNvpConfig::new(3).with_layers(3).with_hidden(8).with_nets(nets))
+            ..ModelConfig::from_realnvp(
+                &RealNvpConfig::new(3)
+                    .with_layers(3)
+                    .with_hidden(8)
+                    .with_nets(nets),
+            )
         };
         let flow = model.build(vb)?;
         let x = inputs(32, 3, 0.0, 2.0, DType::F32, 8)?;
         let loss = flow.log_prob(&x)?.mean_all()?.neg()?;
         let grads = loss.backward()?;
         let vars = varmap.data().lock().expect("lock").clone();
-        ensure!(vars.len() == 3 * 8 / (if nets == Nets::Joint { 2 } else { 1 }) + 2, "unexpected tensors: {:?}", vars.keys());
+        ensure!(
+            vars.len() == 3 * 8 / (if nets == Nets::Joint { 2 } else { 1 }) + 2,
+            "unexpected tensors: {:?}",
+            vars.keys()
+        );
         for (name, var) in vars {
             let g = grads
                 .get(var.as_tensor())
@@ -371,11 +478,17 @@ fn gradients_reach_every_trainable_tensor() -> Result<()> {
 fn zero_initialised_stack_is_the_identity() -> Result<()> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, DType::F32, &DEV);
-    let cfg = RealNvpConfig::new(4).with_layers(3).with_hidden(8).with_zero_init(true);
+    let cfg = RealNvpConfig::new(4)
+        .with_layers(3)
+        .with_hidden(8)
+        .with_zero_init(true);
     let nvp = RealNvp::new(&cfg, vb)?;
     let x = inputs(16, 4, 1.0, 3.0, DType::F32, 1)?;
     let (z, ld) = nvp.forward(&x)?;
-    ensure!(max_abs(&(z - &x)?)? == 0.0 && max_abs(&ld)? == 0.0, "zero-init is not the identity");
+    ensure!(
+        max_abs(&(z - &x)?)? == 0.0 && max_abs(&ld)? == 0.0,
+        "zero-init is not the identity"
+    );
     Ok(())
 }
 
@@ -385,15 +498,27 @@ fn seed_layout_alternates_halves_and_keys_are_stable() -> Result<()> {
     let vb = seeded_var_builder(&varmap, 0, DType::F32, &DEV);
     let cfg = RealNvpConfig::new(2);
     let _ = RealNvp::new(&cfg, vb.pp("layers"))?;
-    let mut keys: Vec<String> = varmap.data().lock().expect("lock").keys().cloned().collect();
+    let mut keys: Vec<String> = varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .keys()
+        .cloned()
+        .collect();
     keys.sort();
     ensure!(keys.len() == 5 * 8, "{keys:?}");
-    ensure!(keys.contains(&"layers.0.s.0.weight".to_string()), "{keys:?}");
+    ensure!(
+        keys.contains(&"layers.0.s.0.weight".to_string()),
+        "{keys:?}"
+    );
     ensure!(keys.contains(&"layers.4.t.2.bias".to_string()), "{keys:?}");
     ensure!(cfg.mask_of(0) == vec![true, false] && cfg.mask_of(1) == vec![false, true]);
     // Layer 0 leaves feature 0 untouched, layer 1 feature 1.
     let x = inputs(8, 2, 0.0, 2.0, DType::F32, 1)?;
-    let nvp = RealNvp::new(&cfg.clone().with_layers(1), seeded_var_builder(&VarMap::new(), 1, DType::F32, &DEV))?;
+    let nvp = RealNvp::new(
+        &cfg.clone().with_layers(1),
+        seeded_var_builder(&VarMap::new(), 1, DType::F32, &DEV),
+    )?;
     let z = nvp.forward(&x)?.0;
     ensure!(max_abs(&(z.narrow(D::Minus1, 0, 1)? - x.narrow(1, 0, 1)?)?)? == 0.0);
     Ok(())

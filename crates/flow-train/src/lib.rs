@@ -1,1 +1,18 @@
-//! flow-train
+//! Training for `flows`: a [`Trainer`] driven by a serde [`TrainConfig`], the Adam/AdamW
+//! optimizer, learning-rate schedules, progress reporting and data sets (built-in 2-D
+//! generators, CSV and `.npy` files).
+
+mod config;
+pub mod data;
+mod error;
+mod optim;
+mod report;
+mod schedule;
+mod trainer;
+
+pub use config::{Duration, OptimizerConfig, OptimizerKind, TrainConfig};
+pub use error::{DataError, TrainError};
+pub use optim::Adam;
+pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
+pub use schedule::Schedule;
+pub use trainer::{TrainSummary, Trained, Trainer};

@@ -60,7 +60,9 @@ impl Bijector for Chain {
     }
 
     fn forward_with_context(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        Self::run(x, self.layers.iter(), |l, h| l.forward_with_context(h, context))
+        Self::run(x, self.layers.iter(), |l, h| {
+            l.forward_with_context(h, context)
+        })
     }
 
     fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -12,8 +12,6 @@ pub struct Standardize {
     mean: Tensor,
     /// `(1, dim)`
     std: Tensor,
-    /// `−Σ log std`, a scalar.
-    log_det: f64,
 }
 
 impl Standardize {
@@ -24,13 +22,15 @@ impl Standardize {
             bail!("standardisation needs positive finite standard deviations, got {stds:?}");
         }
         if mean.dims() != std.dims() {
-            bail!("mean {:?} and std {:?} differ in shape", mean.dims(), std.dims());
+            bail!(
+                "mean {:?} and std {:?} differ in shape",
+                mean.dims(),
+                std.dims()
+            );
         }
-        let log_det = -stds.iter().map(|s| s.ln()).sum::<f64>();
         Ok(Self {
             mean: mean.unsqueeze(0)?,
             std: std.unsqueeze(0)?,
-            log_det,
         })
     }
 
@@ -44,18 +44,24 @@ impl Standardize {
         self.std.squeeze(0)
     }
 
-    fn constant(&self, x: &Tensor, value: f64) -> Result<Tensor> {
-        Tensor::full(value, x.dim(0)?, x.device())?.to_dtype(x.dtype())
+    /// `sign · Σ log std` for every row of `x`, as `(batch,)`. Read from the tensor at
+    /// each call, so values loaded into it later are honoured.
+    fn log_det(&self, x: &Tensor, sign: f64) -> Result<Tensor> {
+        let total = self.std.log()?.sum_all()?.affine(sign, 0.0)?;
+        total
+            .to_dtype(x.dtype())?
+            .broadcast_as(x.dim(0)?)?
+            .contiguous()
     }
 }
 
 impl Bijector for Standardize {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let z = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
-        Ok((z, self.constant(x, self.log_det)?))
+        Ok((z, self.log_det(x, -1.0)?))
     }
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = z.broadcast_mul(&self.std)?.broadcast_add(&self.mean)?;
-        Ok((x, self.constant(z, -self.log_det)?))
+        Ok((x, self.log_det(z, 1.0)?))
     }
 }

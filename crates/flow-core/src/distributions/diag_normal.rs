@@ -68,7 +68,10 @@ impl Distribution for DiagNormal {
         let u = x
             .broadcast_sub(&self.loc)?
             .broadcast_mul(&self.log_scale.neg()?.exp()?)?;
-        let quad = u.sqr()?.sum(1)?.affine(-0.5, -(self.dim as f64) * HALF_LN_2PI)?;
+        let quad = u
+            .sqr()?
+            .sum(1)?
+            .affine(-0.5, -(self.dim as f64) * HALF_LN_2PI)?;
         quad.broadcast_sub(&self.log_scale.sum_all()?)
     }
 

@@ -1,0 +1,217 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flow",
+    version,
+    about = "Normalizing flows: train, sample, evaluate densities"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a built-in 2-D data set to CSV.
+    Data(DataArgs),
+    /// Train a RealNVP model.
+    Train(Box<TrainArgs>),
+    /// One log p(x) in nats per input row; prints mean log-prob, NLL and bits/dim.
+    LogProb(LogProbArgs),
+    /// Draw samples from a model.
+    Sample(SampleArgs),
+    /// Map data to latents: z = f(x).
+    Encode(CodecArgs),
+    /// Map latents to data: x = f⁻¹(z).
+    Decode(CodecArgs),
+    /// Show a model's configuration, parameter count and tensors.
+    Inspect(InspectArgs),
+    /// Plot a 2-D model's density, with data points if given.
+    Plot(PlotArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ToyName {
+    Moons,
+    Circles,
+    EightGaussians,
+    Checkerboard,
+    Spirals,
+    Pinwheel,
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    pub name: ToyName,
+    #[arg(long)]
+    pub n: usize,
+    /// Noise level (default depends on the data set).
+    #[arg(long)]
+    pub noise: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ActivationArg {
+    LeakyRelu,
+    Relu,
+    Tanh,
+    Gelu,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CouplingArg {
+    Affine,
+    Additive,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScaleArg {
+    SoftClamp,
+    Exp,
+    Tanh,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Exp,
+    Cosine,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A built-in data set name, or a CSV / .npy file.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Points to generate for a built-in data set.
+    #[arg(long, default_value_t = 20_000)]
+    pub n: usize,
+    #[arg(long)]
+    pub noise: Option<f64>,
+    /// Validation file, scored during training; the best weights are kept.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 1)]
+    pub hidden_layers: usize,
+    #[arg(long, value_enum, default_value = "leaky-relu")]
+    pub activation: ActivationArg,
+    #[arg(long, value_enum, default_value = "affine")]
+    pub coupling: CouplingArg,
+    #[arg(long, value_enum, default_value = "soft-clamp")]
+    pub scale: ScaleArg,
+    /// Bound of the soft-clamp and tanh log-scale maps.
+    #[arg(long, default_value_t = 3.0)]
+    pub clamp: f64,
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Per-step exponential decay of the learning rate (with `--schedule exp`).
+    #[arg(long, default_value_t = 0.999)]
+    pub lr_decay: f64,
+    #[arg(long, value_enum, default_value = "exp")]
+    pub schedule: ScheduleArg,
+    /// Warm-up steps of the cosine schedule.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Use AdamW with this decoupled weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Write one JSON line per progress report here.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub val_every: usize,
+    /// Stop after this many validation scores without improvement.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Train on the data as it is, without standardising it.
+    #[arg(long)]
+    pub no_standardize: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogProbArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Write the per-row log-probs here (CSV).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also draw the samples (2-D models) to this PNG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CodecArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Data points to draw over the density.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}

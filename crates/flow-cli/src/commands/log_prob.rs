@@ -1,0 +1,40 @@
+use std::f64::consts::LN_2;
+
+use crate::{
+    cli::LogProbArgs,
+    commands::{device, host_values, load_input, load_model},
+    output::{check_writable, write_csv},
+    CmdResult,
+};
+
+pub fn run(a: LogProbArgs) -> CmdResult {
+    if let Some(out) = &a.out {
+        check_writable(out)?;
+    }
+    let device = device(&a.device)?;
+    let model = load_model(&a.model, &device)?;
+    let dim = model.flow.dim();
+    let (data, x) = load_input(&a.input, dim)?;
+    let mut values = Vec::with_capacity(data.len());
+    let chunk = 16_384;
+    let mut start = 0;
+    while start < data.len() {
+        let len = chunk.min(data.len() - start);
+        let xb = x.narrow(0, start, len)?.to_device(&device)?;
+        values.extend(host_values(
+            &model.flow.log_prob(&xb)?.detach().unsqueeze(1)?,
+        )?);
+        start += len;
+    }
+    let mean = values.iter().map(|v| *v as f64).sum::<f64>() / values.len() as f64;
+    if let Some(out) = &a.out {
+        write_csv(out, &["log_prob".to_string()], &values, 1)?;
+    }
+    println!(
+        "{} rows  mean log-prob {mean:.4} nats  NLL {:.4} nats  {:.4} bits/dim",
+        values.len(),
+        -mean,
+        -mean / (dim as f64 * LN_2)
+    );
+    Ok(())
+}

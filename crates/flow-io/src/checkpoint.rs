@@ -1,0 +1,265 @@
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use candle::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use flow_core::{seeded_var_builder, Flow};
+use flow_realnvp::ModelConfig;
+use safetensors::{tensor::TensorView, SafeTensors};
+
+use crate::{write_atomic, IoError};
+
+/// The checkpoint format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const KEY_FORMAT: &str = "format";
+const KEY_VERSION: &str = "format_version";
+const KEY_CONFIG: &str = "model_config";
+const KEY_SUMMARY: &str = "training_summary";
+const FORMAT_NAME: &str = "flows";
+
+/// The contents of a checkpoint file.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub config: ModelConfig,
+    /// The training summary, if the model was trained.
+    pub summary: Option<serde_json::Value>,
+    /// Other metadata entries, kept as they are (optimizer state and the like).
+    pub extra: BTreeMap<String, String>,
+    /// Every tensor, by name, on the CPU in the dtype it was stored in.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Writes a checkpoint atomically. `extra` metadata entries may not reuse the keys the
+/// format reserves.
+pub fn save(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    summary: Option<&serde_json::Value>,
+    extra: &BTreeMap<String, String>,
+) -> Result<(), IoError> {
+    let invalid = |message: String| IoError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut meta: HashMap<String, String> = HashMap::new();
+    meta.insert(KEY_FORMAT.into(), FORMAT_NAME.into());
+    meta.insert(KEY_VERSION.into(), FORMAT_VERSION.to_string());
+    let cfg = serde_json::to_string(config).map_err(|e| invalid(e.to_string()))?;
+    meta.insert(KEY_CONFIG.into(), cfg);
+    if let Some(s) = summary {
+        meta.insert(KEY_SUMMARY.into(), s.to_string());
+    }
+    for (k, v) in extra {
+        if meta.insert(k.clone(), v.clone()).is_some() {
+            return Err(invalid(format!("metadata key `{k}` is reserved")));
+        }
+    }
+    let mut sorted: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t
+            .to_device(&Device::Cpu)
+            .and_then(|t| t.contiguous())
+            .map_err(IoError::candle(path))?;
+        sorted.push((name, t));
+    }
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| invalid(format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads the header and tensors of `bytes` (already read from `path`).
+pub(crate) fn parse_safetensors<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<SafeTensors<'a>, IoError> {
+    SafeTensors::deserialize(bytes).map_err(|e| IoError::NotSafetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, IoError> {
+    std::fs::read(path).map_err(|source| IoError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Converts one stored tensor to a candle tensor on the CPU (f16/bf16/f32/f64 only).
+pub(crate) fn to_tensor(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor, IoError> {
+    use candle::safetensors::Load;
+    match view.dtype() {
+        safetensors::Dtype::F16
+        | safetensors::Dtype::BF16
+        | safetensors::Dtype::F32
+        | safetensors::Dtype::F64 => view.load(&Device::Cpu).map_err(IoError::candle(path)),
+        other => Err(IoError::BadDtype {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Reads a checkpoint: its metadata and all its tensors.
+pub fn load(path: &Path) -> Result<Checkpoint, IoError> {
+    let bytes = read_file(path)?;
+    let st = parse_safetensors(path, &bytes)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| IoError::NotSafetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    let mut take = |key: &'static str| {
+        meta.remove(key).ok_or(IoError::MissingMetadata {
+            path: path.to_path_buf(),
+            key,
+        })
+    };
+    let format = take(KEY_FORMAT)?;
+    if format != FORMAT_NAME {
+        return Err(IoError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("format is `{format}`, expected `{FORMAT_NAME}`"),
+        });
+    }
+    let version = take(KEY_VERSION)?;
+    if version.trim() != FORMAT_VERSION.to_string() {
+        return Err(IoError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let config: ModelConfig =
+        serde_json::from_str(&take(KEY_CONFIG)?).map_err(|e| IoError::BadConfig {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let summary = meta
+        .remove(KEY_SUMMARY)
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = to_tensor(path, &name, &view)?;
+        tensors.insert(name, t);
+    }
+    Ok(Checkpoint {
+        config,
+        summary,
+        extra: meta,
+        tensors,
+    })
+}
+
+/// A model rebuilt from a checkpoint, with its tensors held as trainable variables.
+pub struct LoadedModel {
+    pub flow: Flow,
+    pub varmap: VarMap,
+    pub checkpoint: Checkpoint,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("flow", &self.flow)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rebuilds the flow of `checkpoint` (read from `path`) on `device` in `dtype`, after
+/// checking that its tensors are exactly those the configuration needs, with the right
+/// shapes and finite values.
+pub fn build_checked(
+    path: &Path,
+    checkpoint: Checkpoint,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel, IoError> {
+    let bad_config = |e: candle::Error| IoError::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    // Build once with placeholder values to learn the expected names and shapes.
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 0, dtype, device);
+    let flow = checkpoint.config.build(vb).map_err(bad_config)?;
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| IoError::Invalid {
+            path: path.to_path_buf(),
+            message: "variable map poisoned".into(),
+        })?
+        .clone();
+    let mut expected: Vec<&String> = vars.keys().collect();
+    expected.sort();
+    for name in expected {
+        let var = &vars[name];
+        let Some(t) = checkpoint.tensors.get(name) else {
+            return Err(IoError::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        };
+        if t.dims() != var.dims() {
+            return Err(IoError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                expected: var.dims().to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let finite = t
+            .to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+            .map_err(IoError::candle(path))?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(IoError::NonFinite {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        }
+        let value = t
+            .to_dtype(dtype)
+            .and_then(|t| t.to_device(device))
+            .map_err(IoError::candle(path))?;
+        var.set(&value).map_err(IoError::candle(path))?;
+    }
+    let mut names: Vec<&String> = checkpoint.tensors.keys().collect();
+    names.sort();
+    if let Some(name) = names.into_iter().find(|n| !vars.contains_key(*n)) {
+        return Err(IoError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+        });
+    }
+    // Build again over the filled-in variables, so that construction-time checks
+    // (positive standard deviations, valid permutations) see the real values.
+    drop(flow);
+    let vb = seeded_var_builder(&varmap, 0, dtype, device);
+    let flow = checkpoint.config.build(vb).map_err(bad_config)?;
+    Ok(LoadedModel {
+        flow,
+        varmap,
+        checkpoint,
+    })
+}
+
+/// Reads a checkpoint and rebuilds its flow on `device` in `dtype`.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel, IoError> {
+    let checkpoint = load(path)?;
+    build_checked(path, checkpoint, dtype, device)
+}
