@@ -40,8 +40,13 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            // One line: flatten any multi-line message.
-            let msg = f.message.split_whitespace().collect::<Vec<_>>().join(" ");
+            // One line: candle appends a backtrace after a newline when RUST_BACKTRACE
+            // is set; the first line is the message.
+            let msg = f
+                .message
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("failed");
             eprintln!("error: {msg}");
             ExitCode::from(f.code)
         }

@@ -153,7 +153,7 @@ impl RealNvpConfig {
     pub fn mask_of(&self, i: usize) -> Vec<bool> {
         let d = self.dim;
         match self.mask {
-            MaskPattern::Halves => (0..d).map(|j| (j < d / 2) == (i % 2 == 0)).collect(),
+            MaskPattern::Halves => (0..d).map(|j| (j < d / 2) == i.is_multiple_of(2)).collect(),
             MaskPattern::Checkerboard => (0..d).map(|j| j % 2 == i % 2).collect(),
         }
     }

@@ -279,10 +279,12 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
         a.swap(c, p);
         let pivot = a[c][c];
         acc += pivot.abs().ln();
-        for r in c + 1..n {
-            let f = a[r][c] / pivot;
-            for k in c..n {
-                a[r][k] -= f * a[c][k];
+        let (top, rest) = a.split_at_mut(c + 1);
+        let pivot_row = &top[c];
+        for row in rest.iter_mut() {
+            let f = row[c] / pivot;
+            for (x, p) in row[c..].iter_mut().zip(&pivot_row[c..]) {
+                *x -= f * p;
             }
         }
     }

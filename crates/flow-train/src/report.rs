@@ -83,7 +83,7 @@ pub fn format_report(r: &Report) -> String {
 
 impl<W: Write> Reporter for PlainReporter<W> {
     fn report(&mut self, report: &Report) {
-        let due = report.step % self.every == 0 || report.step == report.total_steps;
+        let due = report.step.is_multiple_of(self.every) || report.step == report.total_steps;
         if due || report.val_nll.is_some() {
             let _ = writeln!(self.out, "{}", format_report(report));
         }

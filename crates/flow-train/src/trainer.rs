@@ -276,7 +276,7 @@ impl Trainer {
             let last = steps_done == total;
             let mut val_nll = None;
             if let Some(xv) = &x_val {
-                if steps_done % cfg.val_every == 0 || last {
+                if steps_done.is_multiple_of(cfg.val_every) || last {
                     let v = mean_nll(&flow, xv)?;
                     val_nll = Some(v);
                     if v.is_finite() && best.as_ref().is_none_or(|b| v < b.0) {
@@ -287,7 +287,7 @@ impl Trainer {
                     }
                 }
             }
-            if steps_done % cfg.report_every == 0 || last || val_nll.is_some() {
+            if steps_done.is_multiple_of(cfg.report_every) || last || val_nll.is_some() {
                 let elapsed = start.elapsed().as_secs_f64();
                 let rate = steps_done as f64 / elapsed.max(1e-9);
                 reporter.report(&Report {

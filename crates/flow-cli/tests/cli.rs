@@ -1,0 +1,282 @@
+//! The `flow` binary end to end: a small training run, every command on its output,
+//! and bad input ending in one clear line with exit code 2.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+fn flow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flow"))
+        .args(args)
+        .output()
+        .expect("run flow")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = flow(args);
+    assert!(
+        out.status.success(),
+        "flow {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("flows-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    })
+}
+
+fn path(name: &str) -> String {
+    dir().join(name).to_string_lossy().into_owned()
+}
+
+/// A small model trained once and shared by the tests.
+fn model() -> &'static str {
+    static MODEL: OnceLock<String> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let (m, val) = (path("model.safetensors"), path("val.csv"));
+        ok(&["data", "moons", "--n", "500", "--seed", "9", "--out", &val]);
+        ok(&[
+            "train",
+            "--data",
+            "moons",
+            "--n",
+            "2000",
+            "--steps",
+            "60",
+            "--hidden",
+            "32",
+            "--layers",
+            "4",
+            "--batch",
+            "256",
+            "--val",
+            &val,
+            "--val-every",
+            "20",
+            "--out",
+            &m,
+            "--metrics",
+            &path("metrics.jsonl"),
+        ]);
+        m
+    })
+}
+
+fn read_csv(p: &str) -> Vec<Vec<f32>> {
+    std::fs::read_to_string(p)
+        .expect("csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.parse().expect("number")).collect())
+        .collect()
+}
+
+#[test]
+fn encode_then_decode_round_trips_files() {
+    let m = model();
+    let (z, x2) = (path("z.csv"), path("x2.csv"));
+    let val = path("val.csv");
+    ok(&["encode", "--model", m, "--input", &val, "--out", &z]);
+    ok(&["decode", "--model", m, "--input", &z, "--out", &x2]);
+    let (a, b) = (read_csv(&val), read_csv(&x2));
+    assert_eq!(a.len(), 500);
+    assert_eq!(a.len(), b.len());
+    for (r, s) in a.iter().zip(&b) {
+        for (u, v) in r.iter().zip(s) {
+            assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{u} vs {v}");
+        }
+    }
+}
+
+#[test]
+fn log_prob_sample_inspect_plot_and_metrics() {
+    let m = model();
+    let lp = path("lp.csv");
+    let summary = ok(&[
+        "log-prob",
+        "--model",
+        m,
+        "--input",
+        &path("val.csv"),
+        "--out",
+        &lp,
+    ]);
+    assert!(summary.contains("bits/dim"), "{summary}");
+    assert_eq!(read_csv(&lp).len(), 500);
+
+    let s = path("s.csv");
+    ok(&[
+        "sample",
+        "--model",
+        m,
+        "--n",
+        "300",
+        "--seed",
+        "4",
+        "--out",
+        &s,
+        "--plot",
+        &path("s.png"),
+    ]);
+    let again = path("s2.csv");
+    ok(&[
+        "sample", "--model", m, "--n", "300", "--seed", "4", "--out", &again,
+    ]);
+    assert_eq!(
+        read_csv(&s),
+        read_csv(&again),
+        "same seed, different samples"
+    );
+    assert_eq!(read_csv(&s).len(), 300);
+
+    let info = ok(&["inspect", "--model", m]);
+    assert!(
+        info.contains("parameters:") && info.contains("layers.3.t.2.weight"),
+        "{info}"
+    );
+
+    ok(&[
+        "plot",
+        "--model",
+        m,
+        "--out",
+        &path("d.png"),
+        "--data",
+        &path("val.csv"),
+    ]);
+    for png in ["s.png", "d.png"] {
+        let bytes = std::fs::read(dir().join(png)).expect("png");
+        assert_eq!(&bytes[1..4], b"PNG");
+    }
+    let metrics = std::fs::read_to_string(dir().join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.lines().count() >= 3);
+    assert!(metrics
+        .lines()
+        .all(|l| l.starts_with('{') && l.contains("\"loss\"")));
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = flow(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "flow {args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "flow {args:?}: expected `{needle}` in {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let m = model();
+    let wide = path("wide.csv");
+    std::fs::write(&wide, "1,2,3\n4,5,6\n").expect("write");
+    fails(
+        &["log-prob", "--model", m, "--input", &wide],
+        "the model has 2 features",
+    );
+    let ragged = path("ragged.csv");
+    std::fs::write(&ragged, "1,2\n4\n").expect("write");
+    fails(
+        &[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            &ragged,
+            "--out",
+            &path("o.csv"),
+        ],
+        "line 2",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            m,
+            "--n",
+            "5",
+            "--temperature",
+            "0",
+            "--out",
+            &path("o.csv"),
+        ],
+        "temperature",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            m,
+            "--n",
+            "5",
+            "--out",
+            "/no/such/dir/o.csv",
+        ],
+        "does not exist",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            "moons",
+            "--steps",
+            "0",
+            "--out",
+            &path("x.safetensors"),
+        ],
+        "steps",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            "moons",
+            "--device",
+            "tpu",
+            "--out",
+            &path("x.safetensors"),
+        ],
+        "unknown device",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            "nowhere.csv",
+            "--out",
+            &path("x.safetensors"),
+        ],
+        "neither a file",
+    );
+    let junk = path("junk.safetensors");
+    std::fs::write(&junk, b"\x08\0\0\0\0\0\0\0{}xxxxxxx").expect("write");
+    fails(&["inspect", "--model", &junk], "junk.safetensors");
+    fails(
+        &[
+            "sample",
+            "--model",
+            &path("absent.safetensors"),
+            "--n",
+            "3",
+            "--out",
+            &path("o.csv"),
+        ],
+        "absent.safetensors",
+    );
+    assert!(
+        !Path::new(&path("x.safetensors")).exists(),
+        "a failed run wrote a model"
+    );
+}
