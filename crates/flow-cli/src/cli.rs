@@ -31,6 +31,50 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Plot a 2-D model's density, with data points if given.
     Plot(PlotArgs),
+    /// Convert another tool's RealNVP weights (a safetensors state dict) to a model.
+    Import(ImportArgs),
+    /// Write a model in another tool's layout.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SourceArg {
+    Seed,
+    Normflows,
+    Nflows,
+    Zuko,
+    Freia,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[arg(long = "from", value_enum)]
+    pub from: SourceArg,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hidden activation, when the source used another than its library's default.
+    #[arg(long, value_enum)]
+    pub activation: Option<ActivationArg>,
+    /// Log-scale clamp (FrEIA's `clamp`, zuko's bound).
+    #[arg(long)]
+    pub clamp: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TargetArg {
+    Seed,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum)]
+    pub to: TargetArg,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -8,9 +8,11 @@
 mod atomic;
 mod checkpoint;
 mod error;
+pub mod import;
 
 pub use atomic::write_atomic;
 pub use checkpoint::{
     build_checked, load, load_model, save, Checkpoint, LoadedModel, FORMAT_VERSION,
 };
 pub use error::IoError;
+pub use import::{export_seed, import, ImportOptions, Imported, Source};

@@ -14,7 +14,7 @@ pub enum ScaleMap {
     SoftClamp { clamp: f64 },
     /// `clamp · tanh(s / clamp)`.
     Tanh { clamp: f64 },
-    /// `clamp · 0.636 · atan(s / clamp)` (Glow-style, as in FrEIA's coupling blocks).
+    /// `clamp · 0.636 · atan(s)`: bounded by about `±clamp` (FrEIA's Glow couplings).
     Atan { clamp: f64 },
     /// `log(sigmoid(s + 2) + 1e-3)` (as in nflows' affine coupling).
     Sigmoid,
@@ -33,10 +33,7 @@ impl ScaleMap {
             Self::Exp => Ok(s.clone()),
             Self::SoftClamp { clamp } => s.div(&(s.abs()?.affine(1.0 / clamp, 1.0))?),
             Self::Tanh { clamp } => s.affine(1.0 / clamp, 0.0)?.tanh()?.affine(clamp, 0.0),
-            Self::Atan { clamp } => s
-                .affine(1.0 / clamp, 0.0)?
-                .apply(&atan)?
-                .affine(clamp * 0.636, 0.0),
+            Self::Atan { clamp } => s.apply(&atan)?.affine(clamp * 0.636, 0.0),
             Self::Sigmoid => candle_nn::ops::sigmoid(&s.affine(1.0, 2.0)?)?
                 .affine(1.0, 1e-3)?
                 .log(),

@@ -1,6 +1,7 @@
 //! One file per `flow` command.
 
 mod codec;
+mod convert;
 mod data;
 mod inspect;
 mod log_prob;
@@ -26,6 +27,8 @@ pub fn run(cli: Cli) -> CmdResult {
         Command::Decode(a) => codec::run(a, codec::Direction::Decode),
         Command::Inspect(a) => inspect::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Import(a) => convert::import(a),
+        Command::Export(a) => convert::export(a),
     }
 }
 

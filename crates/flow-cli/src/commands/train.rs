@@ -28,13 +28,17 @@ fn positive(name: &str, v: usize) -> Result<usize, Failure> {
 
 /// The training configuration the flags describe; every value is checked here, before
 /// any work starts.
-pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
-    let activation = match a.activation {
+pub fn activation(a: ActivationArg) -> Activation {
+    match a {
         ActivationArg::LeakyRelu => Activation::LeakyRelu,
         ActivationArg::Relu => Activation::Relu,
         ActivationArg::Tanh => Activation::Tanh,
         ActivationArg::Gelu => Activation::Gelu,
-    };
+    }
+}
+
+pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
+    let activation = activation(a.activation);
     if !(a.clamp.is_finite() && a.clamp > 0.0) {
         return Err(format!("--clamp must be positive, got {}", a.clamp).into());
     }

@@ -1,0 +1,95 @@
+//! Importing RealNVP-family weights saved by other tools
+//! (`safetensors.torch.save_file(model.state_dict())`).
+//!
+//! The architecture is inferred from tensor names and shapes: layer count, dimension,
+//! split, hidden widths and depth, permutations and masks from integer and boolean
+//! buffers. What the weights cannot tell (activation, clamp) takes the source library's
+//! default unless overridden in [`ImportOptions`].
+
+mod freia;
+mod nflows;
+mod normflows;
+mod seed;
+mod weights;
+mod zuko;
+
+use std::{collections::HashMap, path::Path};
+
+use candle::Tensor;
+use flow_realnvp::{Activation, ModelConfig};
+
+pub use seed::export_seed;
+pub(crate) use weights::Weights;
+
+use crate::IoError;
+
+/// Tools whose RealNVP checkpoints can be imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The reference `stacked_NVP` code (`bijectors.{i}.sig_net` / `mu_net`).
+    Seed,
+    /// normflows: `NormalizingFlow` of `AffineCouplingBlock` + `Permute`.
+    Normflows,
+    /// nflows: `SimpleRealNVP`.
+    Nflows,
+    /// zuko: `zuko.flows.RealNVP`.
+    Zuko,
+    /// FrEIA: `SequenceINN` of `GLOWCouplingBlock` + `PermuteRandom`.
+    Freia,
+}
+
+impl Source {
+    pub const ALL: [Source; 5] = [
+        Source::Seed,
+        Source::Normflows,
+        Source::Nflows,
+        Source::Zuko,
+        Source::Freia,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Seed => "seed",
+            Source::Normflows => "normflows",
+            Source::Nflows => "nflows",
+            Source::Zuko => "zuko",
+            Source::Freia => "freia",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Source> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// Settings the weights cannot carry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportOptions {
+    /// Hidden activation (default: the source library's).
+    pub activation: Option<Activation>,
+    /// Log-scale clamp for sources that clamp (FrEIA: 2.0).
+    pub clamp: Option<f64>,
+}
+
+/// An imported model: its configuration and tensors, named as this crate's checkpoints
+/// name them.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads `path` as a `source` state dict and converts it.
+pub fn import(source: Source, path: &Path, opts: &ImportOptions) -> Result<Imported, IoError> {
+    let bytes = crate::checkpoint::read_file(path)?;
+    let mut w = Weights::parse(path, &bytes)?;
+    let imported = match source {
+        Source::Seed => seed::import(&mut w, opts)?,
+        Source::Normflows => normflows::import(&mut w, opts)?,
+        Source::Nflows => nflows::import(&mut w, opts)?,
+        Source::Zuko => zuko::import(&mut w, opts)?,
+        Source::Freia => freia::import(&mut w, opts)?,
+    };
+    w.finish()?;
+    Ok(imported)
+}
