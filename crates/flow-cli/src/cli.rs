@@ -47,6 +47,7 @@ pub enum SourceArg {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct ImportArgs {
     #[arg(long = "from", value_enum)]
     pub from: SourceArg,
@@ -88,6 +89,7 @@ pub enum ToyName {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct DataArgs {
     pub name: ToyName,
     #[arg(long)]
@@ -130,6 +132,7 @@ pub enum ScheduleArg {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
     /// A built-in data set name, or a CSV / .npy file.
     #[arg(long)]
@@ -195,6 +198,20 @@ pub struct TrainArgs {
     /// Train on the data as it is, without standardising it.
     #[arg(long)]
     pub no_standardize: bool,
+    /// Every this many steps, write a resumable checkpoint (weights, optimizer state,
+    /// position in the data) to --out.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Continue the run saved in this checkpoint (its settings are used; give the same
+    /// data flags).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Skip batches whose loss or gradient is NaN or infinite instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+    /// Stop after this many steps in total and write a resumable checkpoint to --out.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +228,7 @@ pub struct LogProbArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct SampleArgs {
     #[arg(long)]
     pub model: PathBuf,

@@ -6,7 +6,7 @@ use std::{
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow};
-use flow_realnvp::ModelConfig;
+use flow_realnvp::{ModelConfig, TRAIN_STATE_PREFIX};
 use safetensors::{tensor::TensorView, SafeTensors};
 
 use crate::{write_atomic, IoError};
@@ -108,9 +108,13 @@ pub(crate) fn to_tensor(path: &Path, name: &str, view: &TensorView<'_>) -> Resul
 
 /// Reads a checkpoint: its metadata and all its tensors.
 pub fn load(path: &Path) -> Result<Checkpoint, IoError> {
-    let bytes = read_file(path)?;
-    let st = parse_safetensors(path, &bytes)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| IoError::NotSafetensors {
+    load_bytes(path, &read_file(path)?)
+}
+
+/// Parses checkpoint `bytes` (errors name `path`).
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Checkpoint, IoError> {
+    let st = parse_safetensors(path, bytes)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| IoError::NotSafetensors {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -240,7 +244,12 @@ pub fn build_checked(
     }
     let mut names: Vec<&String> = checkpoint.tensors.keys().collect();
     names.sort();
-    if let Some(name) = names.into_iter().find(|n| !vars.contains_key(*n)) {
+    let model_tensor = |n: &&String| !n.starts_with(TRAIN_STATE_PREFIX);
+    if let Some(name) = names
+        .into_iter()
+        .filter(model_tensor)
+        .find(|n| !vars.contains_key(*n))
+    {
         return Err(IoError::UnexpectedTensor {
             path: path.to_path_buf(),
             name: name.clone(),

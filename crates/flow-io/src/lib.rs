@@ -12,7 +12,7 @@ pub mod import;
 
 pub use atomic::write_atomic;
 pub use checkpoint::{
-    build_checked, load, load_model, save, Checkpoint, LoadedModel, FORMAT_VERSION,
+    build_checked, load, load_bytes, load_model, save, Checkpoint, LoadedModel, FORMAT_VERSION,
 };
 pub use error::IoError;
-pub use import::{export_seed, import, ImportOptions, Imported, Source};
+pub use import::{export_seed, import, import_bytes, ImportOptions, Imported, Source};

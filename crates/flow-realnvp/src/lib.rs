@@ -23,6 +23,6 @@ pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use config::{CouplingConfig, CouplingKind, LayerConfig, MaskPattern, RealNvpConfig};
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
-pub use model::{BaseConfig, ModelConfig};
+pub use model::{BaseConfig, ModelConfig, TRAIN_STATE_PREFIX};
 pub use realnvp::{build_layer, RealNvp};
 pub use scale::ScaleMap;

@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{LayerConfig, RealNvp, RealNvpConfig};
 
+/// Tensors whose names start with this belong to a training run's state (optimizer
+/// moments, best weights), not to the model; loaders of models ignore them.
+pub const TRAIN_STATE_PREFIX: &str = "train_state.";
+
 /// The base distribution of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

@@ -3,16 +3,20 @@
 //! generators, CSV and `.npy` files).
 
 mod config;
+mod control;
 pub mod data;
 mod error;
 mod optim;
 mod report;
 mod schedule;
+mod state;
 mod trainer;
 
 pub use config::{Duration, OptimizerConfig, OptimizerKind, TrainConfig};
+pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};
 pub use optim::Adam;
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;
+pub use state::{fingerprint, TrainCheckpoint, TrainState, STATE_PREFIX};
 pub use trainer::{TrainSummary, Trained, Trainer};

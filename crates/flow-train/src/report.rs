@@ -16,9 +16,16 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_nll: Option<f64>,
     pub lr: f64,
+    /// Batches skipped so far for a non-finite loss or gradient.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped: usize,
     pub steps_per_sec: f64,
     pub elapsed_secs: f64,
     pub eta_secs: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Receives progress from a [`Trainer`](crate::Trainer).
@@ -77,6 +84,9 @@ pub fn format_report(r: &Report) -> String {
     );
     if let Some(v) = r.val_nll {
         line.push_str(&format!("  val_nll {v:.4}"));
+    }
+    if r.skipped > 0 {
+        line.push_str(&format!("  skipped {}", r.skipped));
     }
     line
 }

@@ -1,4 +1,4 @@
-use std::time::Instant;
+use std::{collections::HashMap, sync::atomic::Ordering, time::Instant};
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -7,7 +7,10 @@ use flow_realnvp::ModelConfig;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::{data::Dataset, Adam, DataError, Duration, Report, Reporter, TrainConfig, TrainError};
+use crate::{
+    data::Dataset, fingerprint, Adam, Control, DataError, Duration, Report, Reporter,
+    TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
+};
 
 /// What happened in a training run; saved with the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,8 +25,14 @@ pub struct TrainSummary {
     /// Best validation NLL and the step it was reached at; the saved weights are those.
     pub best_val_nll: Option<f64>,
     pub best_step: Option<usize>,
+    /// Batches skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    pub skipped: usize,
     /// Why training ended before `total_steps`, if it did.
     pub stopped: Option<String>,
+    /// Whether the run was interrupted (and can be resumed).
+    #[serde(default)]
+    pub interrupted: bool,
     pub elapsed_secs: f64,
     pub steps_per_sec: f64,
 }
@@ -35,6 +44,8 @@ pub struct Trained {
     pub model: ModelConfig,
     pub config: TrainConfig,
     pub summary: TrainSummary,
+    /// For an interrupted run, the state to resume from.
+    pub checkpoint: Option<TrainCheckpoint>,
 }
 
 impl std::fmt::Debug for Trained {
@@ -167,10 +178,37 @@ impl Trainer {
         val: Option<&Dataset>,
         reporter: &mut dyn Reporter,
     ) -> Result<Trained, TrainError> {
+        self.fit_with(train, val, reporter, Control::default())
+    }
+
+    /// [`fit`](Self::fit) with periodic checkpoints, interruption, skipping of
+    /// non-finite batches and resumption (see [`Control`]). An interrupted run returns
+    /// its current weights and, in [`Trained::checkpoint`], the state to resume from.
+    pub fn fit_with(
+        &self,
+        train: &Dataset,
+        val: Option<&Dataset>,
+        reporter: &mut dyn Reporter,
+        mut control: Control,
+    ) -> Result<Trained, TrainError> {
         let cfg = &self.cfg;
         self.check_data(train, "training data")?;
         if let Some(v) = val {
             self.check_data(v, "validation data")?;
+        }
+        let data_fingerprint = fingerprint(train);
+        let resume = control.resume.take();
+        if let Some(r) = &resume {
+            if r.config != *cfg {
+                return Err(TrainError::InvalidConfig(
+                    "the checkpoint was written by a run with other settings".into(),
+                ));
+            }
+            if r.state.data_fingerprint != data_fingerprint {
+                return Err(TrainError::InvalidConfig(
+                    "the training data differ from the data the checkpointed run used".into(),
+                ));
+            }
         }
         let model = ModelConfig::from_realnvp(&cfg.model).with_standardize(cfg.standardize);
         let mut varmap = VarMap::new();
@@ -187,7 +225,7 @@ impl Trainer {
             varmap.set_one("standardize.std", &std)?;
         }
         let flow = model.build(vb)?;
-        let mut vars: Vec<(String, Var)> = varmap
+        let mut named: Vec<(String, Var)> = varmap
             .data()
             .lock()
             .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
@@ -195,116 +233,199 @@ impl Trainer {
             .filter(|(name, _)| model.is_trainable(name))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
         let mut adam = Adam::new(vars.clone(), cfg.optimizer.clone())?;
+
+        let n = train.len();
+        let batch = cfg.batch_size.min(n);
+        let total = self.total_steps(n);
+        let mut st = TrainState {
+            step: 0,
+            adam_step: 0,
+            epoch: 0,
+            pos: 0,
+            best_val_nll: None,
+            best_step: None,
+            since_best: 0,
+            last_loss: f64::NAN,
+            skipped: 0,
+            elapsed_secs: 0.0,
+            data_fingerprint,
+        };
+        let mut best_weights: Option<Vec<Tensor>> = None;
+        if let Some(r) = resume {
+            let get = |name: &str| -> Result<Tensor, TrainError> {
+                let t = r.tensors.get(name).ok_or_else(|| {
+                    TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
+                })?;
+                Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+            };
+            for (name, var) in varmap
+                .data()
+                .lock()
+                .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+                .iter()
+            {
+                var.set(&get(name)?)?;
+            }
+            let m = names
+                .iter()
+                .map(|k| get(&format!("{STATE_PREFIX}adam.m.{k}")))
+                .collect::<Result<_, _>>()?;
+            let v = names
+                .iter()
+                .map(|k| get(&format!("{STATE_PREFIX}adam.v.{k}")))
+                .collect::<Result<_, _>>()?;
+            adam.set_state(r.state.adam_step, m, v)?;
+            if r.state.best_val_nll.is_some() {
+                best_weights = Some(
+                    names
+                        .iter()
+                        .map(|k| get(&format!("{STATE_PREFIX}best.{k}")))
+                        .collect::<Result<_, _>>()?,
+                );
+            }
+            st = r.state;
+        }
 
         let x_train = train.to_tensor(&self.device)?.to_dtype(self.dtype)?;
         let x_val = val
             .map(|v| v.to_tensor(&self.device)?.to_dtype(self.dtype))
             .transpose()?;
-        let n = train.len();
-        let batch = cfg.batch_size.min(n);
-        let total = self.total_steps(n);
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut order_rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
-        order.shuffle(&mut order_rng);
-        let mut pos = 0;
+        let mut order = epoch_order(n, cfg.seed, st.epoch);
 
         let start = Instant::now();
-        let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
-        let mut since_best = 0;
+        let elapsed_before = st.elapsed_secs;
+        let steps_before = st.step;
         let mut stopped = None;
-        let mut last_loss = f64::NAN;
+        let mut interrupted = false;
         let mut last_good = snapshot(&vars)?;
-        let mut steps_done = 0;
         reporter.start(total);
-        for step in 0..total {
-            if pos + batch > n {
-                order.shuffle(&mut order_rng);
-                pos = 0;
+        while st.step < total {
+            let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
+                || control.stop_at.is_some_and(|at| st.step >= at);
+            if halt {
+                interrupted = true;
+                stopped = Some(format!("interrupted after step {}", st.step));
+                break;
             }
-            let idx: Vec<u32> = order[pos..pos + batch].iter().map(|&i| i as u32).collect();
-            pos += batch;
+            if st.pos + batch > n {
+                st.epoch += 1;
+                st.pos = 0;
+                order = epoch_order(n, cfg.seed, st.epoch);
+            }
+            let idx: Vec<u32> = order[st.pos..st.pos + batch]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            st.pos += batch;
             let idx = Tensor::from_vec(idx, batch, &self.device)?;
             let x = x_train.index_select(&idx, 0)?;
             let loss = flow.log_prob(&x)?.mean_all()?.neg()?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                restore(&vars, &last_good)?;
-                stopped = Some(format!(
-                    "loss became {loss_value} at step {}; kept the weights of the last finite step",
-                    step + 1
-                ));
-                break;
+            let mut grads = None;
+            let mut norm = f64::NAN;
+            if loss_value.is_finite() {
+                let g = loss.backward()?;
+                let g: Vec<Option<Tensor>> =
+                    vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
+                let mut sq = 0.0;
+                for t in g.iter().flatten() {
+                    sq += t
+                        .sqr()?
+                        .sum_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
+                }
+                norm = sq.sqrt();
+                grads = Some(g);
             }
-            last_good = snapshot(&vars)?;
-            let grads = loss.backward()?;
-            let mut grads: Vec<Option<Tensor>> = vars
-                .iter()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
-            let mut sq = 0.0;
-            for g in grads.iter().flatten() {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-            let norm = sq.sqrt();
-            if !norm.is_finite() {
-                stopped = Some(format!(
-                    "gradient became non-finite at step {}; kept the weights of the last finite step",
-                    step + 1
-                ));
-                break;
-            }
-            if let Some(max) = cfg.clip_grad {
-                if norm > max {
-                    let f = max / norm;
-                    for g in grads.iter_mut().flatten() {
-                        *g = g.affine(f, 0.0)?;
+            let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, total);
+            match grads {
+                Some(mut g) if norm.is_finite() => {
+                    last_good = snapshot(&vars)?;
+                    if let Some(max) = cfg.clip_grad {
+                        if norm > max {
+                            for t in g.iter_mut().flatten() {
+                                *t = t.affine(max / norm, 0.0)?;
+                            }
+                        }
                     }
+                    adam.step(&g, lr)?;
+                    st.adam_step = adam.step_count();
+                    st.last_loss = loss_value;
+                }
+                _ if control.skip_nonfinite => st.skipped += 1,
+                _ => {
+                    restore(&vars, &last_good)?;
+                    let what = if loss_value.is_finite() {
+                        "gradient"
+                    } else {
+                        "loss"
+                    };
+                    stopped = Some(format!(
+                        "the {what} became non-finite at step {}; kept the weights of the last finite step",
+                        st.step + 1
+                    ));
+                    break;
                 }
             }
-            let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total);
-            adam.step(&grads, lr)?;
-            last_loss = loss_value;
-            steps_done = step + 1;
+            st.step += 1;
 
-            let last = steps_done == total;
+            let last = st.step == total;
             let mut val_nll = None;
             if let Some(xv) = &x_val {
-                if steps_done.is_multiple_of(cfg.val_every) || last {
+                if st.step.is_multiple_of(cfg.val_every) || last {
                     let v = mean_nll(&flow, xv)?;
                     val_nll = Some(v);
-                    if v.is_finite() && best.as_ref().is_none_or(|b| v < b.0) {
-                        best = Some((v, steps_done, snapshot(&vars)?));
-                        since_best = 0;
+                    if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
+                        st.best_val_nll = Some(v);
+                        st.best_step = Some(st.step);
+                        best_weights = Some(snapshot(&vars)?);
+                        st.since_best = 0;
                     } else {
-                        since_best += 1;
+                        st.since_best += 1;
                     }
                 }
             }
-            if steps_done.is_multiple_of(cfg.report_every) || last || val_nll.is_some() {
-                let elapsed = start.elapsed().as_secs_f64();
-                let rate = steps_done as f64 / elapsed.max(1e-9);
+            st.elapsed_secs = elapsed_before + start.elapsed().as_secs_f64();
+            if st.step.is_multiple_of(cfg.report_every) || last || val_nll.is_some() {
+                let rate =
+                    (st.step - steps_before) as f64 / start.elapsed().as_secs_f64().max(1e-9);
                 reporter.report(&Report {
-                    step: steps_done,
+                    step: st.step,
                     total_steps: total,
                     loss: loss_value,
                     val_nll,
                     lr,
+                    skipped: st.skipped,
                     steps_per_sec: rate,
-                    elapsed_secs: elapsed,
-                    eta_secs: (total - steps_done) as f64 / rate.max(1e-9),
+                    elapsed_secs: st.elapsed_secs,
+                    eta_secs: (total - st.step) as f64 / rate.max(1e-9),
                 });
             }
+            if let (Some(every), Some(save)) =
+                (control.checkpoint_every, control.on_checkpoint.as_mut())
+            {
+                if st.step.is_multiple_of(every) && !last {
+                    let ck = self.checkpoint(
+                        &model,
+                        &varmap,
+                        &names,
+                        &adam,
+                        best_weights.as_deref(),
+                        &st,
+                    )?;
+                    save(&ck).map_err(TrainError::InvalidConfig)?;
+                }
+            }
             if let Some(p) = cfg.patience {
-                if since_best >= p {
+                if st.since_best >= p {
                     stopped = Some(format!(
-                        "early stop at step {steps_done}: no validation improvement in {p} evaluations"
+                        "early stop at step {}: no validation improvement in {p} evaluations",
+                        st.step
                     ));
                     break;
                 }
@@ -313,21 +434,28 @@ impl Trainer {
         if let Some(msg) = &stopped {
             reporter.message(msg);
         }
-        if let Some((_, _, weights)) = &best {
-            restore(&vars, weights)?;
-        }
-        let elapsed = start.elapsed().as_secs_f64();
+        let checkpoint = if interrupted {
+            Some(self.checkpoint(&model, &varmap, &names, &adam, best_weights.as_deref(), &st)?)
+        } else {
+            if let Some(weights) = &best_weights {
+                restore(&vars, weights)?;
+            }
+            None
+        };
+        let run_secs = start.elapsed().as_secs_f64();
         let summary = TrainSummary {
-            steps: steps_done,
+            steps: st.step,
             total_steps: total,
             n_train: n,
             n_val: val.map_or(0, Dataset::len),
-            final_loss: last_loss,
-            best_val_nll: best.as_ref().map(|b| b.0),
-            best_step: best.as_ref().map(|b| b.1),
+            final_loss: st.last_loss,
+            best_val_nll: st.best_val_nll,
+            best_step: st.best_step,
+            skipped: st.skipped,
             stopped,
-            elapsed_secs: elapsed,
-            steps_per_sec: steps_done as f64 / elapsed.max(1e-9),
+            interrupted,
+            elapsed_secs: st.elapsed_secs,
+            steps_per_sec: (st.step - steps_before) as f64 / run_secs.max(1e-9),
         };
         reporter.finish(&summary);
         Ok(Trained {
@@ -336,6 +464,52 @@ impl Trainer {
             model,
             config: cfg.clone(),
             summary,
+            checkpoint,
         })
     }
+
+    /// A resumable checkpoint of the current state.
+    fn checkpoint(
+        &self,
+        model: &ModelConfig,
+        varmap: &VarMap,
+        names: &[String],
+        adam: &Adam,
+        best: Option<&[Tensor]>,
+        state: &TrainState,
+    ) -> Result<TrainCheckpoint, TrainError> {
+        let mut tensors: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect::<candle::Result<_>>()?;
+        let (m, v) = adam.moments();
+        for (i, name) in names.iter().enumerate() {
+            tensors.insert(format!("{STATE_PREFIX}adam.m.{name}"), m[i].copy()?);
+            tensors.insert(format!("{STATE_PREFIX}adam.v.{name}"), v[i].copy()?);
+            if let Some(b) = best {
+                tensors.insert(format!("{STATE_PREFIX}best.{name}"), b[i].copy()?);
+            }
+        }
+        Ok(TrainCheckpoint {
+            model: model.clone(),
+            config: self.cfg.clone(),
+            state: state.clone(),
+            tensors,
+        })
+    }
+}
+
+/// The order in which epoch `epoch` visits the `n` samples: a shuffle seeded from
+/// `(seed, epoch)` alone, so any point of a run can be reproduced.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mix = seed
+        ^ (epoch as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    order.shuffle(&mut StdRng::seed_from_u64(mix));
+    order
 }

@@ -1,28 +1,32 @@
-use crate::{cli::InspectArgs, CmdResult};
+use std::fmt::Write as _;
+
+use crate::{cli::InspectArgs, print_out, CmdResult};
 
 pub fn run(a: InspectArgs) -> CmdResult {
     let ck = flow_io::load(&a.model)?;
     // Rebuild to check that the tensors fit the configuration.
     let loaded = flow_io::build_checked(&a.model, ck, candle::DType::F32, &candle::Device::Cpu)?;
     let ck = &loaded.checkpoint;
-    println!("model: {}", a.model.display());
-    println!("features: {}", ck.config.dim);
-    println!("layers: {}", ck.config.layers.len());
-    println!("standardize: {}", ck.config.standardize);
+    let mut out = String::new();
+    let _ = writeln!(out, "model: {}", a.model.display());
+    let _ = writeln!(out, "features: {}", ck.config.dim);
+    let _ = writeln!(out, "layers: {}", ck.config.layers.len());
+    let _ = writeln!(out, "standardize: {}", ck.config.standardize);
     let params: usize = ck.tensors.values().map(|t| t.elem_count()).sum();
-    println!("parameters: {params}");
-    println!("config: {}", serde_json::to_string_pretty(&ck.config)?);
+    let _ = writeln!(out, "parameters: {params}");
+    let _ = writeln!(out, "config: {}", serde_json::to_string_pretty(&ck.config)?);
     if let Some(s) = &ck.summary {
-        println!("training: {}", serde_json::to_string_pretty(s)?);
+        let _ = writeln!(out, "training: {}", serde_json::to_string_pretty(s)?);
     }
     for (k, v) in &ck.extra {
-        println!("{k}: {v}");
+        let _ = writeln!(out, "{k}: {v}");
     }
     let mut names: Vec<_> = ck.tensors.iter().collect();
     names.sort_by(|a, b| a.0.cmp(b.0));
-    println!("tensors:");
+    let _ = writeln!(out, "tensors:");
     for (name, t) in names {
-        println!("  {name:<40} {:?} {:?}", t.dtype(), t.dims());
+        let _ = writeln!(out, "  {name:<40} {:?} {:?}", t.dtype(), t.dims());
     }
+    print_out(&out);
     Ok(())
 }

@@ -4,7 +4,7 @@ use crate::{
     cli::LogProbArgs,
     commands::{device, host_values, load_input, load_model},
     output::{check_writable, write_csv},
-    CmdResult,
+    print_out, CmdResult,
 };
 
 pub fn run(a: LogProbArgs) -> CmdResult {
@@ -30,11 +30,11 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     if let Some(out) = &a.out {
         write_csv(out, &["log_prob".to_string()], &values, 1)?;
     }
-    println!(
-        "{} rows  mean log-prob {mean:.4} nats  NLL {:.4} nats  {:.4} bits/dim",
+    print_out(&format!(
+        "{} rows  mean log-prob {mean:.4} nats  NLL {:.4} nats  {:.4} bits/dim\n",
         values.len(),
         -mean,
         -mean / (dim as f64 * LN_2)
-    );
+    ));
     Ok(())
 }

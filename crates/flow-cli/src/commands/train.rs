@@ -2,13 +2,14 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::IsTerminal,
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use flow_realnvp::{Activation, CouplingKind, RealNvpConfig, ScaleMap};
 use flow_train::{
     data::{generate, load_path, Dataset, Toy},
-    Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter, Schedule,
-    TrainConfig, Trainer,
+    Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
+    Schedule, TrainCheckpoint, TrainConfig, TrainState, Trainer,
 };
 
 use crate::{
@@ -93,10 +94,10 @@ pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
     Ok(cfg)
 }
 
-fn training_data(a: &TrainArgs) -> Result<Dataset, Failure> {
+fn training_data(a: &TrainArgs, seed: u64) -> Result<Dataset, Failure> {
     if let Some(toy) = Toy::from_name(&a.data) {
         positive("n", a.n)?;
-        return Ok(generate(toy, a.n, a.noise, a.seed)?);
+        return Ok(generate(toy, a.n, a.noise, seed)?);
     }
     let path = Path::new(&a.data);
     if !path.exists() {
@@ -111,13 +112,76 @@ fn training_data(a: &TrainArgs) -> Result<Dataset, Failure> {
     Ok(load_path(path)?)
 }
 
+/// Reads a resumable checkpoint written by `--checkpoint-every` or an interruption.
+fn resumable(path: &Path) -> Result<TrainCheckpoint, Failure> {
+    let ck = flow_io::load(path)?;
+    let fail = |what: &str| Failure::from(format!("{}: {what}", path.display()));
+    let state = ck.extra.get(META_STATE).ok_or_else(|| {
+        fail("holds no training state; resume from a checkpoint written by --checkpoint-every, --stop-at or an interruption")
+    })?;
+    let state: TrainState =
+        serde_json::from_str(state).map_err(|e| fail(&format!("invalid training state: {e}")))?;
+    let config = ck
+        .extra
+        .get(META_CONFIG)
+        .ok_or_else(|| fail("holds no training configuration"))?;
+    let config: TrainConfig = serde_json::from_str(config)
+        .map_err(|e| fail(&format!("invalid training configuration: {e}")))?;
+    let loaded = flow_io::build_checked(path, ck, candle::DType::F32, &candle::Device::Cpu)?;
+    Ok(TrainCheckpoint {
+        model: loaded.checkpoint.config.clone(),
+        config,
+        state,
+        tensors: loaded.checkpoint.tensors,
+    })
+}
+
+const META_STATE: &str = "train_state";
+const META_CONFIG: &str = "train_config";
+
+fn save_checkpoint(path: &Path, ck: &TrainCheckpoint) -> Result<(), String> {
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        META_CONFIG.to_string(),
+        serde_json::to_string(&ck.config).map_err(|e| e.to_string())?,
+    );
+    extra.insert(
+        META_STATE.to_string(),
+        serde_json::to_string(&ck.state).map_err(|e| e.to_string())?,
+    );
+    flow_io::save(path, &ck.model, &ck.tensors, None, &extra).map_err(|e| e.to_string())
+}
+
+/// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_signal_handler() {
+    // A second signal exits at once; files are only ever replaced by rename, so none
+    // is left half-written.
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the current step and saving (again to quit at once)");
+    });
+}
+
 pub fn run(a: TrainArgs) -> CmdResult {
     check_writable(&a.out)?;
     if let Some(m) = &a.metrics {
         check_writable(m)?;
     }
+    if let Some(0) = a.checkpoint_every {
+        return Err("--checkpoint-every must be at least 1".into());
+    }
     let device = device(&a.device)?;
-    let train = training_data(&a)?;
+    let resume = a.resume.as_deref().map(resumable).transpose()?;
+    let seed = resume.as_ref().map_or(a.seed, |r| r.config.seed);
+    let train = training_data(&a, seed)?;
+    let cfg = match &resume {
+        Some(r) => r.config.clone(),
+        None => config(&a, train.dim)?,
+    };
     let val = a.val.as_deref().map(load_path).transpose()?;
     if let Some(v) = &val {
         if v.dim != train.dim {
@@ -128,7 +192,6 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .into());
         }
     }
-    let cfg = config(&a, train.dim)?;
     let trainer = Trainer::new(cfg, &device)?;
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
@@ -138,17 +201,62 @@ pub fn run(a: TrainArgs) -> CmdResult {
         reporters.push(Box::new(PlainReporter::new(std::io::stderr(), 100)));
     }
     if let Some(m) = &a.metrics {
-        let f = std::fs::File::create(m).map_err(|e| format!("{}: {e}", m.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resume.is_some())
+            .truncate(resume.is_none())
+            .open(m)
+            .map_err(|e| format!("{}: {e}", m.display()))?;
         reporters.push(Box::new(JsonlReporter::new(std::io::BufWriter::new(f))));
     }
-    eprintln!(
-        "training on {} samples of {} features for {} steps",
-        train.len(),
-        train.dim,
-        trainer.total_steps(train.len())
-    );
-    let trained = trainer.fit(&train, val.as_ref(), &mut reporters)?;
+    match &resume {
+        Some(r) => eprintln!(
+            "resuming at step {} of {}",
+            r.state.step,
+            trainer.total_steps(train.len())
+        ),
+        None => eprintln!(
+            "training on {} samples of {} features for {} steps",
+            train.len(),
+            train.dim,
+            trainer.total_steps(train.len())
+        ),
+    }
+    install_signal_handler();
+    let out = a.out.clone();
+    let mut save_periodic = |ck: &TrainCheckpoint| save_checkpoint(&out, ck);
+    let control = Control {
+        checkpoint_every: a.checkpoint_every,
+        on_checkpoint: Some(&mut save_periodic),
+        stop: Some(&STOP),
+        stop_at: a.stop_at,
+        skip_nonfinite: a.skip_nonfinite,
+        resume,
+    };
+    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporters, control)?;
     drop(reporters);
+
+    let s = &trained.summary;
+    if let Some(ck) = &trained.checkpoint {
+        save_checkpoint(&a.out, ck)?;
+        let msg = format!(
+            "stopped after step {} of {}; saved a resumable checkpoint to {} (continue with --resume {})",
+            s.steps,
+            s.total_steps,
+            a.out.display(),
+            a.out.display()
+        );
+        eprintln!("{msg}");
+        if STOP.load(Ordering::SeqCst) {
+            // Interrupted by a signal: the conventional status, nothing more to say.
+            return Err(Failure {
+                message: String::new(),
+                code: 130,
+            });
+        }
+        return Ok(());
+    }
 
     let tensors: HashMap<String, candle::Tensor> = trained
         .varmap
@@ -161,18 +269,20 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let summary = serde_json::to_value(&trained.summary)?;
     let mut extra = BTreeMap::new();
     extra.insert(
-        "train_config".to_string(),
+        META_CONFIG.to_string(),
         serde_json::to_string(&trained.config)?,
     );
     flow_io::save(&a.out, &trained.model, &tensors, Some(&summary), &extra)?;
 
-    let s = &trained.summary;
     let mut line = format!(
         "trained {} steps in {:.1}s ({:.1} steps/s), last batch NLL {:.4}",
         s.steps, s.elapsed_secs, s.steps_per_sec, s.final_loss
     );
     if let (Some(v), Some(at)) = (s.best_val_nll, s.best_step) {
         line.push_str(&format!(", best validation NLL {v:.4} nats (step {at})"));
+    }
+    if s.skipped > 0 {
+        line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
     }
     eprintln!("{line}");
     eprintln!("saved {}", a.out.display());

@@ -81,8 +81,17 @@ pub struct Imported {
 
 /// Reads `path` as a `source` state dict and converts it.
 pub fn import(source: Source, path: &Path, opts: &ImportOptions) -> Result<Imported, IoError> {
-    let bytes = crate::checkpoint::read_file(path)?;
-    let mut w = Weights::parse(path, &bytes)?;
+    import_bytes(source, path, &crate::checkpoint::read_file(path)?, opts)
+}
+
+/// Converts the state dict in `bytes` (errors name `path`).
+pub fn import_bytes(
+    source: Source,
+    path: &Path,
+    bytes: &[u8],
+    opts: &ImportOptions,
+) -> Result<Imported, IoError> {
+    let mut w = Weights::parse(path, bytes)?;
     let imported = match source {
         Source::Seed => seed::import(&mut w, opts)?,
         Source::Normflows => normflows::import(&mut w, opts)?,
