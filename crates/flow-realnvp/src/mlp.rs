@@ -1,8 +1,10 @@
-use candle::{bail, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle::{bail, DType, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::Activation;
+use crate::{fused::FusedMlp, Activation};
 
 /// Architecture of a conditioner network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,8 +115,39 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Mlp {
+    /// Whether [`forward`](Module::forward) takes the fused CPU kernel: one hidden
+    /// layer, a supported activation, f32/f64 on the CPU, fusion enabled.
+    pub fn uses_fused(&self, x: &Tensor) -> bool {
+        !self.residual
+            && self.layers.len() == 2
+            && FusedMlp::supports(self.activation)
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && fusion_enabled()
+    }
+
+    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let pack = |l: &Linear| -> Result<Tensor> {
+            let Some(b) = l.bias() else {
+                bail!("fused networks need biases");
+            };
+            Tensor::cat(&[l.weight(), &b.unsqueeze(1)?], 1)
+        };
+        let p1 = pack(&self.layers[0])?;
+        let p2 = pack(&self.layers[1])?;
+        x.contiguous()?.apply_op3(
+            &p1,
+            &p2,
+            FusedMlp {
+                activation: self.activation,
+            },
+        )
+    }
+
+    /// The network built from plain candle ops: the reference the fused kernel is
+    /// tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
         let act = self.activation;
         let Some((last, rest)) = self.layers.split_last() else {
             bail!("empty network");
@@ -137,4 +170,27 @@ impl Module for Mlp {
         }
         last.forward(&h)
     }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.uses_fused(x) {
+            self.forward_fused(x)
+        } else {
+            self.forward_reference(x)
+        }
+    }
+}
+
+static FUSION: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CPU kernels on (the default) or off, process-wide; off runs every
+/// network through plain candle ops. For comparisons and benchmarks.
+pub fn set_fusion(enabled: bool) {
+    FUSION.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU kernels are in use.
+pub fn fusion_enabled() -> bool {
+    FUSION.load(Ordering::Relaxed)
 }
