@@ -174,10 +174,169 @@ fn train(args: &[String]) -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     let (features, extra) = split_args(args)?;
     let mut c = cargo();
-    c.args(["bench", "-p", "flow-train"]);
-    if let Some(f) = features {
-        c.args(["--features", &f]);
+    c.args(["bench", "-p", "flow-train", "--bench", "seed_job"]);
+    if let Some(f) = &features {
+        c.args(["--features", f]);
     }
-    c.args(extra);
-    run(c)
+    c.arg("--").args(&extra);
+    run(c)?;
+
+    // The end-to-end job through the binary: steps/s and peak memory.
+    let out = root().join("target").join("bench-run");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let model = out.join("model.safetensors").to_string_lossy().into_owned();
+    let mut train = flow(
+        &features,
+        &[
+            "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--out", &model,
+        ],
+    );
+    let output = train.output().map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    let trained = log
+        .lines()
+        .find(|l| l.starts_with("trained"))
+        .unwrap_or("(flow train failed)")
+        .to_string();
+
+    let pytorch = Command::new("python3")
+        .current_dir(root())
+        .args([
+            "benches/pytorch_seed_job.py",
+            "--threads",
+            &threads().to_string(),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+
+    let report = report(&trained, pytorch.as_deref())?;
+    let path = root().join("BENCHMARKS.md");
+    std::fs::write(&path, report).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Mean time in nanoseconds of a criterion benchmark, read from its estimates file.
+fn mean_ns(group: &str, id: &str) -> Option<f64> {
+    let path = root()
+        .join("target/criterion")
+        .join(group)
+        .join(id)
+        .join("new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let after = &text[text.find("\"mean\"")?..];
+    let v = &after[after.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let end = v.find([',', '}'])?;
+    v[..end].trim().parse().ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Floating-point operations of one training step of the reference job, counted for the
+/// conditioners (which dominate): per network and sample, forward `2·H·(I+O) + H`,
+/// backward (with the hidden layer recomputed) about twice that.
+fn step_flops(batch: f64, layers: f64, hidden: f64) -> f64 {
+    let per_net = 2.0 * hidden * 2.0 + hidden;
+    batch * layers * 2.0 * per_net * 3.0
+}
+
+fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
+    let mut md = String::new();
+    let mut line = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    line("# Benchmarks".into());
+    line(String::new());
+    line(format!(
+        "Measured by `cargo xtask bench` on {} ({} threads), CPU, f32. Criterion means; rates derived from them.",
+        cpu_model(),
+        threads()
+    ));
+    line(String::new());
+    line("## Reference job (2-D moons, 5 affine couplings, s/t nets 1→512→1, batch 512)".into());
+    line(String::new());
+    line("| what | time | rate |".into());
+    line("| --- | --- | --- |".into());
+    if let Some(ns) = mean_ns("seed_job", "train_step") {
+        let gflops = step_flops(512.0, 5.0, 512.0) / ns;
+        line(format!(
+            "| training step | {:.2} ms | {:.0} steps/s, {gflops:.1} GFLOP/s |",
+            ns / 1e6,
+            1e9 / ns
+        ));
+    }
+    for (id, what) in [
+        ("log_prob_100k", "log-prob, 100 000 points"),
+        ("sample_100k", "sampling, 100 000 points"),
+    ] {
+        if let Some(ns) = mean_ns("seed_job", id) {
+            line(format!(
+                "| {what} | {:.1} ms | {:.0} points/s |",
+                ns / 1e6,
+                1e5 * 1e9 / ns
+            ));
+        }
+    }
+    line(String::new());
+    line(format!("End to end, `flow train --data moons --n 20000` (1000 steps, reporting, checkpoint write): {trained}"));
+    line(String::new());
+    line("## Sweeps (training step, other settings as the reference job)".into());
+    for (group, what, unit) in [
+        ("train_step_by_batch", "batch", "samples/s"),
+        ("train_step_by_dim", "dimension", "samples/s"),
+        ("train_step_by_layers", "layers", "samples/s"),
+        ("train_step_by_hidden", "hidden width", "samples/s"),
+    ] {
+        line(String::new());
+        line(format!("| {what} | step time | {unit} |"));
+        line("| --- | --- | --- |".into());
+        let dir = root().join("target/criterion").join(group);
+        let mut ids: Vec<usize> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        for id in ids {
+            if let Some(ns) = mean_ns(group, &id.to_string()) {
+                let batch = if group == "train_step_by_batch" {
+                    id as f64
+                } else {
+                    512.0
+                };
+                line(format!(
+                    "| {id} | {:.2} ms | {:.0} |",
+                    ns / 1e6,
+                    batch * 1e9 / ns
+                ));
+            }
+        }
+    }
+    line(String::new());
+    line("## PyTorch, same machine, same threads".into());
+    line(String::new());
+    match pytorch {
+        Some(json) => line(format!("`python3 benches/pytorch_seed_job.py --threads {}`: `{json}`", threads())),
+        None => line("Not measured: `python3 -c 'import torch, sklearn'` failed (`pip install torch scikit-learn`).".into()),
+    }
+    Ok(md)
 }

@@ -12,6 +12,7 @@ pub mod distributions;
 pub mod flow;
 pub mod init;
 pub mod sampling;
+mod setters;
 
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
 pub use device::parse_device;

@@ -99,18 +99,6 @@ impl Default for RealNvpConfig {
     }
 }
 
-macro_rules! setters {
-    ($($name:ident: $field:ident: $ty:ty),* $(,)?) => {
-        $(
-            #[doc = concat!("Sets `", stringify!($field), "`.")]
-            pub fn $name(mut self, $field: $ty) -> Self {
-                self.$field = $field;
-                self
-            }
-        )*
-    };
-}
-
 impl RealNvpConfig {
     /// The reference configuration over `dim` features.
     pub fn new(dim: usize) -> Self {
@@ -120,7 +108,7 @@ impl RealNvpConfig {
         }
     }
 
-    setters! {
+    flow_core::with_setters! {
         with_layers: layers: usize,
         with_hidden: hidden: usize,
         with_hidden_layers: hidden_layers: usize,

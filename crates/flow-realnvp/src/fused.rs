@@ -372,6 +372,25 @@ fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// The backward kernel on host copies of the tensors, returned as tensors.
+fn gradients<T: candle::WithDType + Float>(
+    a: Activation,
+    x: &Tensor,
+    p1: &Tensor,
+    p2: &Tensor,
+    grad: &Tensor,
+    d: Dims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+    let (gx, g1, g2) = backward(a, &flat(x)?, &flat(p1)?, &flat(p2)?, &flat(grad)?, d);
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(gx, x.shape(), dev)?,
+        Tensor::from_vec(g1, p1.shape(), dev)?,
+        Tensor::from_vec(g2, p2.shape(), dev)?,
+    ))
+}
+
 impl CustomOp3 for FusedMlp {
     fn name(&self) -> &'static str {
         "fused-mlp"
@@ -420,41 +439,9 @@ impl CustomOp3 for FusedMlp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = dims(x.layout(), p1.layout(), p2.layout())?;
-        let dev = x.device();
-        fn flat<T: candle::WithDType>(t: &Tensor) -> Result<Vec<T>> {
-            t.flatten_all()?.to_vec1::<T>()
-        }
         let (gx, g1, g2) = match x.dtype() {
-            DType::F32 => {
-                let (gx, g1, g2) = backward(
-                    self.activation,
-                    &flat::<f32>(x)?,
-                    &flat(p1)?,
-                    &flat(p2)?,
-                    &flat(grad)?,
-                    d,
-                );
-                (
-                    Tensor::from_vec(gx, x.shape(), dev)?,
-                    Tensor::from_vec(g1, p1.shape(), dev)?,
-                    Tensor::from_vec(g2, p2.shape(), dev)?,
-                )
-            }
-            DType::F64 => {
-                let (gx, g1, g2) = backward(
-                    self.activation,
-                    &flat::<f64>(x)?,
-                    &flat(p1)?,
-                    &flat(p2)?,
-                    &flat(grad)?,
-                    d,
-                );
-                (
-                    Tensor::from_vec(gx, x.shape(), dev)?,
-                    Tensor::from_vec(g1, p1.shape(), dev)?,
-                    Tensor::from_vec(g2, p2.shape(), dev)?,
-                )
-            }
+            DType::F32 => gradients::<f32>(self.activation, x, p1, p2, grad, d)?,
+            DType::F64 => gradients::<f64>(self.activation, x, p1, p2, grad, d)?,
             other => candle::bail!("fused mlp has no backward for {other:?}"),
         };
         Ok((Some(gx), Some(g1), Some(g2)))

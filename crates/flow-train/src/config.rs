@@ -91,18 +91,6 @@ impl Default for TrainConfig {
     }
 }
 
-macro_rules! setters {
-    ($($name:ident: $field:ident: $ty:ty),* $(,)?) => {
-        $(
-            #[doc = concat!("Sets `", stringify!($field), "`.")]
-            pub fn $name(mut self, $field: $ty) -> Self {
-                self.$field = $field;
-                self
-            }
-        )*
-    };
-}
-
 impl TrainConfig {
     pub fn new(model: RealNvpConfig) -> Self {
         Self {
@@ -111,7 +99,7 @@ impl TrainConfig {
         }
     }
 
-    setters! {
+    flow_core::with_setters! {
         with_optimizer: optimizer: OptimizerConfig,
         with_schedule: schedule: Schedule,
         with_duration: duration: Duration,

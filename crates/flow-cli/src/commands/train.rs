@@ -152,6 +152,20 @@ fn save_checkpoint(path: &Path, ck: &TrainCheckpoint) -> Result<(), String> {
     flow_io::save(path, &ck.model, &ck.tensors, None, &extra).map_err(|e| e.to_string())
 }
 
+/// The process's peak resident memory (Linux; `None` elsewhere).
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 /// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -283,6 +297,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(mib) = peak_memory_mib() {
+        line.push_str(&format!(", peak memory {mib:.0} MiB"));
     }
     eprintln!("{line}");
     eprintln!("saved {}", a.out.display());

@@ -8,12 +8,9 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, Nets,
-    OutputLayout, ScaleMap,
-};
+use flow_realnvp::{Activation, BaseConfig, LayerConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
@@ -82,30 +79,20 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             )));
         }
         let coupling = |mask: Vec<bool>, net| {
-            LayerConfig::Affine(CouplingConfig {
+            affine(
                 mask,
-                conditioner: ConditionerConfig {
-                    nets: Nets::Joint,
-                    layout: OutputLayout::ScaleShift,
-                    net,
-                    zero_init: false,
-                },
+                Nets::Joint,
+                OutputLayout::ScaleShift,
+                net,
                 scale,
-                inverted: false,
-                context_dim: 0,
-            })
+                false,
+            )
         };
         layers.push(coupling((0..d).map(|j| j >= len1).collect(), net2));
         layers.push(coupling((0..d).map(|j| j < len1).collect(), net1));
     }
     Ok(Imported {
-        config: ModelConfig {
-            dim: dim.unwrap_or(0),
-            standardize: false,
-            layers,
-            base: BaseConfig::StandardNormal,
-            realnvp: None,
-        },
+        config: model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
         tensors,
     })
 }

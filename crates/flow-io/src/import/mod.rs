@@ -16,7 +16,10 @@ mod zuko;
 use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
-use flow_realnvp::{Activation, ModelConfig};
+use flow_realnvp::{
+    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, NetConfig,
+    Nets, OutputLayout, ScaleMap,
+};
 
 pub use seed::export_seed;
 pub(crate) use weights::Weights;
@@ -77,6 +80,40 @@ pub struct ImportOptions {
 pub struct Imported {
     pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
+}
+
+/// An affine coupling as the importers produce it: explicit mask, no context.
+pub(crate) fn affine(
+    mask: Vec<bool>,
+    nets: Nets,
+    layout: OutputLayout,
+    net: NetConfig,
+    scale: ScaleMap,
+    inverted: bool,
+) -> LayerConfig {
+    LayerConfig::Affine(CouplingConfig {
+        mask,
+        conditioner: ConditionerConfig {
+            nets,
+            layout,
+            net,
+            zero_init: false,
+        },
+        scale,
+        inverted,
+        context_dim: 0,
+    })
+}
+
+/// The model around imported layers: no standardisation.
+pub(crate) fn model(dim: usize, layers: Vec<LayerConfig>, base: BaseConfig) -> ModelConfig {
+    ModelConfig {
+        dim,
+        standardize: false,
+        layers,
+        base,
+        realnvp: None,
+    }
 }
 
 /// Reads `path` as a `source` state dict and converts it.

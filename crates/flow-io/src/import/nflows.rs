@@ -6,12 +6,9 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, NetConfig,
-    Nets, OutputLayout, ScaleMap,
-};
+use flow_realnvp::{Activation, BaseConfig, NetConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
@@ -136,31 +133,21 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             out,
             hidden,
         )?;
-        layers.push(LayerConfig::Affine(CouplingConfig {
+        layers.push(affine(
             mask,
-            conditioner: ConditionerConfig {
-                nets: Nets::Joint,
-                layout: OutputLayout::ShiftScale,
-                net: NetConfig::Residual {
-                    hidden,
-                    blocks: blocks.len(),
-                    activation,
-                },
-                zero_init: false,
+            Nets::Joint,
+            OutputLayout::ShiftScale,
+            NetConfig::Residual {
+                hidden,
+                blocks: blocks.len(),
+                activation,
             },
-            scale: ScaleMap::Sigmoid,
-            inverted: false,
-            context_dim: 0,
-        }));
+            ScaleMap::Sigmoid,
+            false,
+        ));
     }
     Ok(Imported {
-        config: ModelConfig {
-            dim: dim.unwrap_or(0),
-            standardize: false,
-            layers,
-            base: BaseConfig::StandardNormal,
-            realnvp: None,
-        },
+        config: model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
         tensors,
     })
 }

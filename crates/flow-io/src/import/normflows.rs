@@ -11,12 +11,9 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, Nets,
-    OutputLayout, ScaleMap,
-};
+use flow_realnvp::{Activation, BaseConfig, LayerConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
@@ -79,18 +76,14 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
                 2 * (dim - k)
             )));
         }
-        forward.push(LayerConfig::Affine(CouplingConfig {
-            mask: (0..dim).map(|j| j < k).collect(),
-            conditioner: ConditionerConfig {
-                nets: Nets::Joint,
-                layout: OutputLayout::Interleaved,
-                net,
-                zero_init: false,
-            },
-            scale: ScaleMap::Exp,
-            inverted: true,
-            context_dim: 0,
-        }));
+        forward.push(affine(
+            (0..dim).map(|j| j < k).collect(),
+            Nets::Joint,
+            OutputLayout::Interleaved,
+            net,
+            ScaleMap::Exp,
+            true,
+        ));
     }
     // Data → latent: last to first, each inverted. Parameters follow their layer.
     let n = forward.len();
@@ -120,13 +113,7 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         renamed.insert(name, t);
     }
     Ok(Imported {
-        config: ModelConfig {
-            dim,
-            standardize: false,
-            layers,
-            base: BaseConfig::DiagNormal { trainable: true },
-            realnvp: None,
-        },
+        config: model(dim, layers, BaseConfig::DiagNormal { trainable: true }),
         tensors: renamed,
     })
 }

@@ -6,11 +6,10 @@ use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
 use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, NetConfig,
-    Nets, OutputLayout, ScaleMap,
+    Activation, BaseConfig, LayerConfig, ModelConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
 
-use super::{ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
@@ -62,28 +61,18 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         } else {
             (0..d).map(|j| j >= d - k_in).collect()
         };
-        configs.push(LayerConfig::Affine(CouplingConfig {
+        configs.push(affine(
             mask,
-            conditioner: ConditionerConfig {
-                nets: Nets::Separate,
-                layout: OutputLayout::ScaleShift,
-                net,
-                zero_init: false,
-            },
-            scale: ScaleMap::Exp,
-            inverted: false,
-            context_dim: 0,
-        }));
+            Nets::Separate,
+            OutputLayout::ScaleShift,
+            net,
+            ScaleMap::Exp,
+            false,
+        ));
     }
     let dim = dim.unwrap_or(0);
     Ok(Imported {
-        config: ModelConfig {
-            dim,
-            standardize: false,
-            layers: configs,
-            base: BaseConfig::StandardNormal,
-            realnvp: None,
-        },
+        config: model(dim, configs, BaseConfig::StandardNormal),
         tensors,
     })
 }

@@ -5,12 +5,9 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, Nets,
-    OutputLayout, ScaleMap,
-};
+use flow_realnvp::{Activation, BaseConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
 
 /// `|ln(1e-3)|`: zuko's default affine slope bound.
@@ -50,18 +47,14 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
                 2 * (d - kept)
             )));
         }
-        layers.push(LayerConfig::Affine(CouplingConfig {
+        layers.push(affine(
             mask,
-            conditioner: ConditionerConfig {
-                nets: Nets::Joint,
-                layout: OutputLayout::Interleaved,
-                net,
-                zero_init: false,
-            },
-            scale: ScaleMap::SoftClamp { clamp },
-            inverted: false,
-            context_dim: 0,
-        }));
+            Nets::Joint,
+            OutputLayout::Interleaved,
+            net,
+            ScaleMap::SoftClamp { clamp },
+            false,
+        ));
     }
     let dim = dim.unwrap_or(0);
     let loc = w.float("base.loc", &[dim])?;
@@ -70,13 +63,7 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     tensors.insert("base.loc".into(), loc);
     tensors.insert("base.log_scale".into(), log_scale);
     Ok(Imported {
-        config: ModelConfig {
-            dim,
-            standardize: false,
-            layers,
-            base: BaseConfig::DiagNormal { trainable: false },
-            realnvp: None,
-        },
+        config: model(dim, layers, BaseConfig::DiagNormal { trainable: false }),
         tensors,
     })
 }

@@ -1,0 +1,112 @@
+//! Throughput of the reference job (2-D, 5 affine couplings, `s`/`t` nets
+//! `Linear(1, 512) → LeakyReLU → Linear(512, 1)`, batch 512, Adam) and sweeps around it.
+//! Run with `cargo xtask bench`, which also writes BENCHMARKS.md.
+
+use std::time::Duration;
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use flow_core::{seeded_var_builder, Flow};
+use flow_realnvp::{ModelConfig, RealNvpConfig};
+use flow_train::{Adam, OptimizerConfig};
+use rand::{rngs::StdRng, SeedableRng};
+
+struct Job {
+    flow: Flow,
+    vars: Vec<Var>,
+    adam: Adam,
+}
+
+fn job(cfg: &RealNvpConfig) -> Job {
+    let varmap = VarMap::new();
+    let model = ModelConfig::from_realnvp(cfg);
+    let flow = model
+        .build(seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu))
+        .expect("model");
+    let vars = varmap.all_vars();
+    let adam = Adam::new(vars.clone(), OptimizerConfig::default()).expect("adam");
+    Job { flow, vars, adam }
+}
+
+/// One optimizer step: log-prob, backward, Adam.
+fn step(job: &mut Job, x: &Tensor) {
+    let loss = job
+        .flow
+        .log_prob(x)
+        .and_then(|l| l.mean_all()?.neg())
+        .expect("loss");
+    let grads = loss.backward().expect("backward");
+    let grads: Vec<Option<Tensor>> = job
+        .vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).cloned())
+        .collect();
+    job.adam.step(&grads, 1e-4).expect("adam");
+}
+
+fn data(n: usize, dim: usize) -> Tensor {
+    Tensor::randn(0f32, 1., (n, dim), &Device::Cpu).expect("data")
+}
+
+fn seed_job(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seed_job");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let cfg = RealNvpConfig::new(2);
+    let mut j = job(&cfg);
+    let x = data(512, 2);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("train_step", |b| b.iter(|| step(&mut j, &x)));
+    let big = data(100_000, 2);
+    g.throughput(Throughput::Elements(100_000));
+    g.bench_function("log_prob_100k", |b| {
+        b.iter(|| j.flow.log_prob(&big).expect("log_prob").detach())
+    });
+    let mut rng = StdRng::seed_from_u64(0);
+    g.bench_function("sample_100k", |b| {
+        b.iter(|| j.flow.sample(100_000, &mut rng).expect("sample").detach())
+    });
+    g.finish();
+}
+
+fn sweep(
+    c: &mut Criterion,
+    name: &str,
+    points: &[usize],
+    make: impl Fn(usize) -> (RealNvpConfig, usize),
+) {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for &p in points {
+        let (cfg, batch) = make(p);
+        let mut j = job(&cfg);
+        let x = data(batch, cfg.dim);
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(p), &p, |b, _| {
+            b.iter(|| step(&mut j, &x))
+        });
+    }
+    g.finish();
+}
+
+fn sweeps(c: &mut Criterion) {
+    sweep(c, "train_step_by_batch", &[64, 512, 2048, 8192], |b| {
+        (RealNvpConfig::new(2), b)
+    });
+    sweep(c, "train_step_by_dim", &[2, 8, 32, 64], |d| {
+        (RealNvpConfig::new(d), 512)
+    });
+    sweep(c, "train_step_by_layers", &[2, 5, 8, 16], |l| {
+        (RealNvpConfig::new(2).with_layers(l), 512)
+    });
+    sweep(c, "train_step_by_hidden", &[64, 256, 512, 1024], |h| {
+        (RealNvpConfig::new(2).with_hidden(h), 512)
+    });
+}
+
+criterion_group!(benches, seed_job, sweeps);
+criterion_main!(benches);
