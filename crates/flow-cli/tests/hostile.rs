@@ -288,6 +288,13 @@ fn thirty_and_more_hostile_inputs() {
         "has shape",
     );
     model_case(
+        "a hidden layer of width zero",
+        with_config("zero_width.safetensors", |c| {
+            c["layers"][0]["conditioner"]["net"]["hidden"] = serde_json::json!([0]);
+        }),
+        "width 0",
+    );
+    model_case(
         "tensor renamed away",
         with_header("renamed.safetensors", |h| {
             let name = first_tensor(h);

@@ -38,8 +38,11 @@ impl SeededVarMap {
             .rng
             .lock()
             .map_err(|_| candle::Error::Msg("initialisation generator poisoned".into()))?;
-        let uniform = |rng: &mut StdRng, lo: f64, up: f64| -> Vec<f64> {
-            (0..n).map(|_| rng.random_range(lo..up)).collect()
+        let uniform = |rng: &mut StdRng, lo: f64, up: f64| -> Result<Vec<f64>> {
+            if !(lo.is_finite() && up.is_finite() && lo < up) {
+                candle::bail!("cannot initialise a tensor of shape {shape:?} from U({lo}, {up})");
+            }
+            Ok((0..n).map(|_| rng.random_range(lo..up)).collect())
         };
         let normal = |rng: &mut StdRng, mean: f64, std: f64| -> Vec<f64> {
             (0..n)
@@ -51,7 +54,7 @@ impl SeededVarMap {
         };
         Ok(match init {
             Init::Const(c) => vec![c; n],
-            Init::Uniform { lo, up } => uniform(&mut rng, lo, up),
+            Init::Uniform { lo, up } => uniform(&mut rng, lo, up)?,
             Init::Randn { mean, stdev } => normal(&mut rng, mean, stdev),
             Init::Kaiming {
                 dist,
@@ -62,7 +65,7 @@ impl SeededVarMap {
                 match dist {
                     candle_nn::init::NormalOrUniform::Uniform => {
                         let bound = 3f64.sqrt() * std;
-                        uniform(&mut rng, -bound, bound)
+                        uniform(&mut rng, -bound, bound)?
                     }
                     candle_nn::init::NormalOrUniform::Normal => normal(&mut rng, 0.0, std),
                 }

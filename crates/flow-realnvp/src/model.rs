@@ -3,7 +3,7 @@ use candle_nn::VarBuilder;
 use flow_core::{Bijector, Chain, DiagNormal, Distribution, Flow, StandardNormal, Standardize};
 use serde::{Deserialize, Serialize};
 
-use crate::{LayerConfig, RealNvp, RealNvpConfig};
+use crate::{LayerConfig, NetConfig, RealNvp, RealNvpConfig, ScaleMap};
 
 /// Tensors whose names start with this belong to a training run's state (optimizer
 /// moments, best weights), not to the model; loaders of models ignore them.
@@ -68,10 +68,59 @@ impl ModelConfig {
         true
     }
 
+    /// Checks that the layers fit together: mask and permutation lengths match `dim`,
+    /// every network has non-zero widths, clamps are positive.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let d = self.dim;
+        if d == 0 {
+            return Err("a model needs at least one feature".into());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let fail = |why: String| Err(format!("layer {i}: {why}"));
+            match layer {
+                LayerConfig::Affine(c) | LayerConfig::Additive(c) => {
+                    if c.mask.len() != d {
+                        return fail(format!(
+                            "mask of {} features in a model of {d}",
+                            c.mask.len()
+                        ));
+                    }
+                    let widths = match &c.conditioner.net {
+                        NetConfig::Mlp { hidden, .. } => hidden.clone(),
+                        NetConfig::Residual { hidden, .. } => vec![*hidden],
+                    };
+                    if widths.contains(&0) {
+                        return fail("a hidden layer of width 0".into());
+                    }
+                    let clamp = match c.scale {
+                        ScaleMap::SoftClamp { clamp }
+                        | ScaleMap::Tanh { clamp }
+                        | ScaleMap::Atan { clamp } => clamp,
+                        ScaleMap::Exp | ScaleMap::Sigmoid => 1.0,
+                    };
+                    if !(clamp.is_finite() && clamp > 0.0) {
+                        return fail(format!("clamp must be positive, got {clamp}"));
+                    }
+                }
+                LayerConfig::Permute { perm } if perm.len() != d => {
+                    return fail(format!(
+                        "permutation of {} features in a model of {d}",
+                        perm.len()
+                    ));
+                }
+                LayerConfig::Reverse { dim } if *dim != d => {
+                    return fail(format!("reversal of {dim} features in a model of {d}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the flow, reading (or creating) its tensors through `vb`.
     pub fn build(&self, vb: VarBuilder) -> Result<Flow> {
-        if self.dim == 0 {
-            bail!("a model needs at least one feature");
+        if let Err(e) = self.validate() {
+            bail!("{e}");
         }
         let device = vb.device().clone();
         let mut chain = Chain::default();
