@@ -338,5 +338,23 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
         Some(json) => line(format!("`python3 benches/pytorch_seed_job.py --threads {}`: `{json}`", threads())),
         None => line("Not measured: `python3 -c 'import torch, sklearn'` failed (`pip install torch scikit-learn`).".into()),
     }
+    md.push_str(NOTES);
     Ok(md)
 }
+
+const NOTES: &str = "
+## Notes
+
+- GFLOP/s counts the conditioner arithmetic only (per network and sample: forward `5·H` for
+  `Linear(1, H) → act → Linear(H, 1)`, backward with recomputation about twice that), which is
+  where the time goes. Two cores with AVX2 (8 f32 lanes, separate multiply and add, no FMA
+  used) peak at about 32 flops per cycle, roughly 80–100 GFLOP/s at this CPU's clock: the
+  training step reaches about an eighth of that; the rest is candle's per-op and autograd
+  overhead on the small `(512, 1)` tensors between the fused calls. Memory bandwidth is not
+  a limit at these sizes (each network's parameters and a sample's hidden layer fit in L1).
+- Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
+- The PyTorch numbers come from `benches/pytorch_seed_job.py` run in the same session with
+  the same thread count.
+- CUDA: the fused kernel is CPU-only; on CUDA and Metal the layers run on candle's own ops.
+  No GPU was available when these numbers were taken.
+";
