@@ -1,6 +1,23 @@
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    builder::{PossibleValuesParser, TypedValueParser},
+    Args, Parser, Subcommand, ValueEnum,
+};
+use flow_realnvp::Activation;
+use flow_train::data::Toy;
+
+/// The built-in data sets, by the names flow-train gives them.
+fn toy_parser() -> impl TypedValueParser<Value = Toy> {
+    PossibleValuesParser::new(Toy::ALL.map(Toy::name))
+        .try_map(|s| Toy::from_name(&s).ok_or_else(|| format!("unknown data set `{s}`")))
+}
+
+/// The activations, by the names flow-realnvp gives them.
+fn activation_parser() -> impl TypedValueParser<Value = Activation> {
+    PossibleValuesParser::new(Activation::ALL.map(Activation::name))
+        .try_map(|s| s.parse::<Activation>())
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,8 +73,8 @@ pub struct ImportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Hidden activation, when the source used another than its library's default.
-    #[arg(long, value_enum)]
-    pub activation: Option<ActivationArg>,
+    #[arg(long, value_parser = activation_parser())]
+    pub activation: Option<Activation>,
     /// Log-scale clamp (FrEIA's `clamp`, zuko's bound).
     #[arg(long)]
     pub clamp: Option<f64>,
@@ -78,20 +95,11 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ToyName {
-    Moons,
-    Circles,
-    EightGaussians,
-    Checkerboard,
-    Spirals,
-    Pinwheel,
-}
-
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct DataArgs {
-    pub name: ToyName,
+    #[arg(value_parser = toy_parser())]
+    pub name: Toy,
     #[arg(long)]
     pub n: usize,
     /// Noise level (default depends on the data set).
@@ -101,14 +109,6 @@ pub struct DataArgs {
     pub seed: u64,
     #[arg(long)]
     pub out: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ActivationArg {
-    LeakyRelu,
-    Relu,
-    Tanh,
-    Gelu,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -153,8 +153,8 @@ pub struct TrainArgs {
     pub hidden: usize,
     #[arg(long, default_value_t = 1)]
     pub hidden_layers: usize,
-    #[arg(long, value_enum, default_value = "leaky-relu")]
-    pub activation: ActivationArg,
+    #[arg(long, value_parser = activation_parser(), default_value = "leaky-relu")]
+    pub activation: Activation,
     #[arg(long, value_enum, default_value = "affine")]
     pub coupling: CouplingArg,
     #[arg(long, value_enum, default_value = "soft-clamp")]

@@ -16,6 +16,17 @@ pub enum Activation {
 
 impl Activation {
     pub const LEAKY_SLOPE: f64 = 0.01;
+    pub const ALL: [Activation; 4] = [Self::LeakyRelu, Self::Relu, Self::Tanh, Self::Gelu];
+
+    /// The name used in configurations and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LeakyRelu => "leaky-relu",
+            Self::Relu => "relu",
+            Self::Tanh => "tanh",
+            Self::Gelu => "gelu",
+        }
+    }
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {

@@ -4,7 +4,6 @@ use flow_io::{ImportOptions, Source};
 
 use crate::{
     cli::{ExportArgs, ImportArgs, SourceArg, TargetArg},
-    commands::train::activation,
     output::check_writable,
     CmdResult,
 };
@@ -24,7 +23,7 @@ pub fn import(a: ImportArgs) -> CmdResult {
         SourceArg::Freia => Source::Freia,
     };
     let opts = ImportOptions {
-        activation: a.activation.map(activation),
+        activation: a.activation,
         clamp: a.clamp,
     };
     let imported = flow_io::import(source, &a.input, &opts)?;

@@ -5,7 +5,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use flow_realnvp::{Activation, CouplingKind, RealNvpConfig, ScaleMap};
+use flow_realnvp::{CouplingKind, RealNvpConfig, ScaleMap};
 use flow_train::{
     data::{generate, load_path, Dataset, Toy},
     Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
@@ -13,7 +13,7 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{ActivationArg, CouplingArg, ScaleArg, ScheduleArg, TrainArgs},
+    cli::{CouplingArg, ScaleArg, ScheduleArg, TrainArgs},
     commands::device,
     output::check_writable,
     progress::BarReporter,
@@ -29,17 +29,8 @@ fn positive(name: &str, v: usize) -> Result<usize, Failure> {
 
 /// The training configuration the flags describe; every value is checked here, before
 /// any work starts.
-pub fn activation(a: ActivationArg) -> Activation {
-    match a {
-        ActivationArg::LeakyRelu => Activation::LeakyRelu,
-        ActivationArg::Relu => Activation::Relu,
-        ActivationArg::Tanh => Activation::Tanh,
-        ActivationArg::Gelu => Activation::Gelu,
-    }
-}
-
 pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
-    let activation = activation(a.activation);
+    let activation = a.activation;
     if !(a.clamp.is_finite() && a.clamp > 0.0) {
         return Err(format!("--clamp must be positive, got {}", a.clamp).into());
     }

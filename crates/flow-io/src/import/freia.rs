@@ -41,14 +41,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             continue;
         }
         if w.children(&format!("{p}.subnet1")).is_empty() {
-            let name = w
-                .names()
-                .into_iter()
-                .find(|k| k.starts_with(&format!("{p}.")))
-                .unwrap_or(p.clone());
-            return Err(w.invalid(format!(
-                "`{name}`: only GLOWCouplingBlock and PermuteRandom modules are supported"
-            )));
+            return Err(w.unsupported(
+                &p,
+                "only GLOWCouplingBlock and PermuteRandom modules are supported",
+            ));
         }
         // Layer A transforms x₁ from x₂ (subnet2); layer B transforms x₂ from y₁ (subnet1).
         let (a, b) = (layers.len(), layers.len() + 1);

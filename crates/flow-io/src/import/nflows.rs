@@ -26,14 +26,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     for (n, l) in ids.into_iter().enumerate() {
         let p = format!("{root}.{l}");
         if !w.contains(&format!("{p}.identity_features")) {
-            let name = w
-                .names()
-                .into_iter()
-                .find(|k| k.starts_with(&format!("{p}.")))
-                .unwrap_or(p.clone());
-            return Err(w.invalid(format!(
-                "`{name}`: only affine coupling layers are supported (batch norm between layers is not)"
-            )));
+            return Err(w.unsupported(
+                &p,
+                "only affine coupling layers are supported (batch norm between layers is not)",
+            ));
         }
         let keep = w.indices(&format!("{p}.identity_features"))?;
         let change = w.indices(&format!("{p}.transform_features"))?;

@@ -40,6 +40,18 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// An error naming the first tensor under `prefix`: a module the importer does not
+    /// support, with `why`.
+    pub fn unsupported(&self, prefix: &str, why: &str) -> IoError {
+        let p = format!("{prefix}.");
+        let name = self
+            .names()
+            .into_iter()
+            .find(|k| k.starts_with(&p))
+            .unwrap_or(prefix.to_string());
+        self.invalid(format!("`{name}`: {why}"))
+    }
+
     /// Every name, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut n: Vec<String> = self.st.names().into_iter().map(String::from).collect();
