@@ -331,15 +331,13 @@ impl Trainer {
                 let g = loss.backward()?;
                 let g: Vec<Option<Tensor>> =
                     vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
-                let mut sq = 0.0;
+                // Summed on the device, read back once: one sync per step, not one per
+                // tensor.
+                let mut sq = Tensor::zeros((), DType::F64, &self.device)?;
                 for t in g.iter().flatten() {
-                    sq += t
-                        .sqr()?
-                        .sum_all()?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?;
+                    sq = (sq + t.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
                 }
-                norm = sq.sqrt();
+                norm = sq.to_scalar::<f64>()?.sqrt();
                 grads = Some(g);
             }
             let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, total);
