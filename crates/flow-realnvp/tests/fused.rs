@@ -30,6 +30,9 @@ fn fused_mlp_matches_reference_values_and_gradients() -> Result<()> {
                 (3, 37, 5, 130),
                 (2, 64, 4, 1),
                 (4, 9, 2, 700),
+                // Specialised and unusual widths of the vectorised kernel.
+                (2, 24, 2, 70),
+                (17, 16, 3, 33),
             ] {
                 let varmap = VarMap::new();
                 let cfg = NetConfig::Mlp {

@@ -1,48 +1,11 @@
-//! A fused CPU kernel for the common conditioner `Linear → act → Linear`.
-//!
-//! The reference path runs five candle ops per network and materialises the
-//! `(batch, hidden)` activations several times (forward and backward); at the shapes of
-//! coupling layers (a few inputs and outputs, hundreds of hidden units) that is almost
-//! all memory traffic and per-op overhead. This kernel walks each sample once, keeping
-//! the hidden activations in a small buffer, and computes the backward pass the same
-//! way, in parallel over batch chunks. Results equal the reference path up to the order
-//! of floating-point sums (tested to 1e-5).
-//!
-//! Parameters travel packed: `p1 = [W₁ | b₁]` `(hidden, in + 1)` and
-//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`.
+//! The portable kernel: generic over `f32`/`f64` and every supported activation, written
+//! as loops over contiguous hidden units that the compiler vectorises (and compiles a
+//! second time for AVX2, picked at run time).
 
-use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
+use super::Dims;
 use crate::Activation;
-
-/// Samples per parallel task.
-const CHUNK: usize = 64;
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FusedMlp {
-    pub activation: Activation,
-}
-
-impl FusedMlp {
-    /// Whether the kernel handles this activation.
-    pub fn supports(activation: Activation) -> bool {
-        matches!(
-            activation,
-            Activation::LeakyRelu | Activation::Relu | Activation::Tanh
-        )
-    }
-}
-
-/// Dimensions of one call.
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    batch: usize,
-    input: usize,
-    hidden: usize,
-    output: usize,
-}
 
 /// The activation, branch-free so that loops over hidden units vectorise.
 #[inline(always)]
@@ -116,6 +79,7 @@ fn hidden_layer<T: Float>(a: Activation, x: &[T], w1t: &[T], b1: &[T], z: &mut [
     }
 }
 
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -154,13 +118,18 @@ fn forward_chunk<T: Float>(
     }
 }
 
-fn forward<T: Float + Send + Sync>(a: Activation, x: &[T], p1: &[T], p2: &[T], d: Dims) -> Vec<T> {
+/// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`.
+pub(super) fn forward<T: Float + Send + Sync>(
+    a: Activation,
+    x: &[T],
+    p1: &[T],
+    p2: &[T],
+    d: Dims,
+) -> Vec<T> {
     let (w1t, b1) = unpack_p1(p1, d);
-    let mut out = vec![T::zero(); d.batch * d.output];
-    out.par_chunks_mut(CHUNK * d.output)
-        .zip(x.par_chunks(CHUNK * d.input))
-        .for_each(|(out, x)| simd::forward_chunk(a, x, out, &w1t, &b1, p2, d));
-    out
+    super::par_forward(x, d, |x, out| {
+        simd::forward_chunk(a, x, out, &w1t, &b1, p2, d)
+    })
 }
 
 /// The backward pass over one chunk of samples: writes the chunk's input gradients and
@@ -232,7 +201,7 @@ fn backward_chunk<T: Float>(
 }
 
 /// Gradients with respect to `x`, `p1` and `p2` given the gradient of the output.
-fn backward<T: Float + Send + Sync>(
+pub(super) fn backward<T: Float + Send + Sync>(
     a: Activation,
     x: &[T],
     p1: &[T],
@@ -241,20 +210,9 @@ fn backward<T: Float + Send + Sync>(
     d: Dims,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (w1t, b1) = unpack_p1(p1, d);
-    let mut gx = vec![T::zero(); d.batch * d.input];
-    let partial: Vec<(Vec<T>, Vec<T>)> = gx
-        .par_chunks_mut(CHUNK * d.input)
-        .zip(x.par_chunks(CHUNK * d.input))
-        .zip(g_out.par_chunks(CHUNK * d.output))
-        .map(|((gx, x), g_out)| simd::backward_chunk(a, x, g_out, gx, &w1t, &b1, p2, d))
-        .collect();
-    let mut gp1 = vec![T::zero(); d.hidden * (d.input + 1)];
-    let mut gp2 = vec![T::zero(); d.output * (d.hidden + 1)];
-    for (p1, p2) in partial {
-        gp1.iter_mut().zip(p1).for_each(|(s, v)| *s = *s + v);
-        gp2.iter_mut().zip(p2).for_each(|(s, v)| *s = *s + v);
-    }
-    (gx, gp1, gp2)
+    super::par_backward(x, g_out, d, |x, g_out, gx| {
+        simd::backward_chunk(a, x, g_out, gx, &w1t, &b1, p2, d)
+    })
 }
 
 /// The same kernels compiled for AVX2 (8 f32 lanes instead of SSE2's 4), chosen at run
@@ -342,108 +300,5 @@ mod simd {
             return unsafe { backward_avx2(a, x, g_out, gx, w1t, b1, p2, d) };
         }
         super::backward_chunk(a, x, g_out, gx, w1t, b1, p2, d)
-    }
-}
-
-fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<Dims> {
-    let (batch, input) = l1.shape().dims2()?;
-    let (hidden, in1) = l2.shape().dims2()?;
-    let (output, h1) = l3.shape().dims2()?;
-    if in1 != input + 1 || h1 != hidden + 1 {
-        candle::bail!(
-            "fused mlp: shapes {:?} {:?} {:?} do not chain",
-            l1.shape(),
-            l2.shape(),
-            l3.shape()
-        );
-    }
-    Ok(Dims {
-        batch,
-        input,
-        hidden,
-        output,
-    })
-}
-
-fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle::bail!("fused mlp expects contiguous inputs"),
-    }
-}
-
-/// The backward kernel on host copies of the tensors, returned as tensors.
-fn gradients<T: candle::WithDType + Float>(
-    a: Activation,
-    x: &Tensor,
-    p1: &Tensor,
-    p2: &Tensor,
-    grad: &Tensor,
-    d: Dims,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-    let (gx, g1, g2) = backward(a, &flat(x)?, &flat(p1)?, &flat(p2)?, &flat(grad)?, d);
-    let dev = x.device();
-    Ok((
-        Tensor::from_vec(gx, x.shape(), dev)?,
-        Tensor::from_vec(g1, p1.shape(), dev)?,
-        Tensor::from_vec(g2, p2.shape(), dev)?,
-    ))
-}
-
-impl CustomOp3 for FusedMlp {
-    fn name(&self) -> &'static str {
-        "fused-mlp"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = dims(l1, l2, l3)?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(p1), CpuStorage::F32(p2)) => {
-                CpuStorage::F32(forward(
-                    self.activation,
-                    slice(x, l1)?,
-                    slice(p1, l2)?,
-                    slice(p2, l3)?,
-                    d,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(p1), CpuStorage::F64(p2)) => {
-                CpuStorage::F64(forward(
-                    self.activation,
-                    slice(x, l1)?,
-                    slice(p1, l2)?,
-                    slice(p2, l3)?,
-                    d,
-                ))
-            }
-            _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
-        };
-        Ok((out, Shape::from((d.batch, d.output))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        p1: &Tensor,
-        p2: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = dims(x.layout(), p1.layout(), p2.layout())?;
-        let (gx, g1, g2) = match x.dtype() {
-            DType::F32 => gradients::<f32>(self.activation, x, p1, p2, grad, d)?,
-            DType::F64 => gradients::<f64>(self.activation, x, p1, p2, grad, d)?,
-            other => candle::bail!("fused mlp has no backward for {other:?}"),
-        };
-        Ok((Some(gx), Some(g1), Some(g2)))
     }
 }
