@@ -15,7 +15,7 @@ pub mod sampling;
 mod setters;
 
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
-pub use device::parse_device;
+pub use device::{join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, StandardNormal};
 pub use flow::Flow;
 pub use init::seeded_var_builder;

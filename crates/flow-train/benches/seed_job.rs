@@ -19,6 +19,7 @@ struct Job {
 }
 
 fn job(cfg: &RealNvpConfig) -> Job {
+    flow_core::join_cpu_pool();
     let varmap = VarMap::new();
     let model = ModelConfig::from_realnvp(cfg);
     let flow = model
