@@ -249,12 +249,14 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Floating-point operations of one training step of the reference job, counted for the
-/// conditioners (which dominate): per network and sample, forward `2·H·(I+O) + H`,
-/// backward (with the hidden layer recomputed) about twice that.
-fn step_flops(batch: f64, layers: f64, hidden: f64) -> f64 {
+/// Floating-point operations of the conditioners' forward pass over `batch` samples
+/// (they dominate): per `Linear(1, H) → act → Linear(H, 1)` network and sample `2·H`
+/// for each linear layer plus `H` for the activation, two networks per layer. A
+/// training step costs about three times this: the backward pass recomputes the hidden
+/// layer and does twice the forward's work.
+fn net_flops(batch: f64, layers: f64, hidden: f64) -> f64 {
     let per_net = 2.0 * hidden * 2.0 + hidden;
-    batch * layers * 2.0 * per_net * 3.0
+    batch * layers * 2.0 * per_net
 }
 
 fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
@@ -275,12 +277,18 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
     line(String::new());
     line("| what | time | rate |".into());
     line("| --- | --- | --- |".into());
+    let peak = mean_ns("machine", "matmul_1024").map(|ns| 2.0 * 1024f64.powi(3) / ns);
+    let of_peak = |gflops: f64| match peak {
+        Some(p) => format!("{gflops:.1} GFLOP/s ({:.0}% of matmul)", 100.0 * gflops / p),
+        None => format!("{gflops:.1} GFLOP/s"),
+    };
     if let Some(ns) = mean_ns("seed_job", "train_step") {
-        let gflops = step_flops(512.0, 5.0, 512.0) / ns;
+        let gflops = 3.0 * net_flops(512.0, 5.0, 512.0) / ns;
         line(format!(
-            "| training step | {:.2} ms | {:.0} steps/s, {gflops:.1} GFLOP/s |",
+            "| training step | {:.2} ms | {:.0} steps/s, {} |",
             ns / 1e6,
-            1e9 / ns
+            1e9 / ns,
+            of_peak(gflops)
         ));
     }
     for (id, what) in [
@@ -289,11 +297,48 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
     ] {
         if let Some(ns) = mean_ns("seed_job", id) {
             line(format!(
-                "| {what} | {:.1} ms | {:.0} points/s |",
+                "| {what} | {:.1} ms | {:.0} points/s, {} |",
                 ns / 1e6,
-                1e5 * 1e9 / ns
+                1e5 * 1e9 / ns,
+                of_peak(net_flops(1e5, 5.0, 512.0) / ns)
             ));
         }
+    }
+    line(String::new());
+    line("## The machine, same threads".into());
+    line(String::new());
+    line("| what | time | rate |".into());
+    line("| --- | --- | --- |".into());
+    if let (Some(ns), Some(p)) = (mean_ns("machine", "matmul_1024"), peak) {
+        line(format!(
+            "| f32 matmul 1024 × 1024 × 1024 (candle) | {:.1} ms | {p:.1} GFLOP/s: attainable compute |",
+            ns / 1e6
+        ));
+    }
+    if let Some(ns) = mean_ns("machine", "triad_64mib") {
+        line(format!(
+            "| triad `a = b + 3·c`, 3 × 64 MiB f32 | {:.1} ms | {:.1} GB/s: memory bandwidth |",
+            ns / 1e6,
+            3.0 * 64.0 * 1048576.0 / ns
+        ));
+    }
+    if let (Some(lp), Some(triad)) = (
+        mean_ns("seed_job", "log_prob_100k"),
+        mean_ns("machine", "triad_64mib"),
+    ) {
+        // Per coupling layer every point's features are read and written once and its
+        // running log-det read and written once: the least traffic any implementation
+        // of the pass needs (f32, 2 features, 5 layers).
+        let bytes = 1e5 * 5.0 * (2.0 * 2.0 * 4.0 + 2.0 * 4.0);
+        line(String::new());
+        line(format!(
+            "Log-prob's compulsory memory traffic (features and log-det read and written once \
+             per layer) is {:.0} MB per 100 000 points: {:.2} GB/s at the measured speed, \
+             {:.1}% of the triad's bandwidth.",
+            bytes / 1e6,
+            bytes / lp,
+            100.0 * (bytes / lp) / (3.0 * 64.0 * 1048576.0 / triad)
+        ));
     }
     line(String::new());
     line(format!("End to end, `flow train --data moons --n 20000` (1000 steps, reporting, checkpoint write): {trained}"));
@@ -346,15 +391,17 @@ const NOTES: &str = "
 ## Notes
 
 - GFLOP/s counts the conditioner arithmetic only (per network and sample: forward `5·H` for
-  `Linear(1, H) → act → Linear(H, 1)`, backward with recomputation about twice that), which is
-  where the time goes. Two cores with AVX2 (8 f32 lanes, separate multiply and add, no FMA
-  used) peak at about 32 flops per cycle, roughly 80–100 GFLOP/s at this CPU's clock: the
-  training step reaches about an eighth of that; the rest is candle's per-op and autograd
-  overhead on the small `(512, 1)` tensors between the fused calls. Memory bandwidth is not
-  a limit at these sizes (each network's parameters and a sample's hidden layer fit in L1).
+  `Linear(1, H) → act → Linear(H, 1)`, a training step about three times that), which is
+  where the time goes, and sets it against the machine's matmul rate (a compute-bound
+  GEMM: about what the cores' FMA units attain). The rest of a step is candle's per-op and
+  autograd overhead on the small `(512, 1)` tensors between the fused calls, and the Adam
+  update.
+- Memory bandwidth does not bound the reference job: one network's parameters (about
+  6 KiB) and a batch's features (4 KiB) stay in L1/L2; the triad row is the ceiling that
+  streaming over large data would meet.
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
 - The PyTorch numbers come from `benches/pytorch_seed_job.py` run in the same session with
   the same thread count.
-- CUDA: the fused kernel is CPU-only; on CUDA and Metal the layers run on candle's own ops.
-  No GPU was available when these numbers were taken.
+- CUDA: the fused kernels are CPU-only; on CUDA and Metal the layers run on candle's own
+  ops. No GPU was available when these numbers were taken.
 ";

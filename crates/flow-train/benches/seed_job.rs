@@ -11,6 +11,7 @@ use flow_core::{seeded_var_builder, Flow};
 use flow_realnvp::{ModelConfig, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
+use rayon::prelude::*;
 
 struct Job {
     flow: Flow,
@@ -109,5 +110,40 @@ fn sweeps(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, seed_job, sweeps);
+/// What the machine itself reaches, to set the job's figures against: f32 matmul at a
+/// size where it is compute-bound (attainable flops), and a STREAM-style triad
+/// `a = b + s·c` over arrays far larger than the caches (memory bandwidth), both on
+/// all threads.
+fn machine(c: &mut Criterion) {
+    flow_core::join_cpu_pool();
+    let mut g = c.benchmark_group("machine");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let n = 1024;
+    let (a, b) = (data(n, n), data(n, n));
+    g.throughput(Throughput::Elements(2 * (n * n * n) as u64));
+    g.bench_function("matmul_1024", |bch| {
+        bch.iter(|| a.matmul(&b).expect("matmul"))
+    });
+    // Three arrays of 64 MiB each.
+    let len = 16 << 20;
+    let (mut x, y, z) = (vec![0f32; len], vec![1f32; len], vec![2f32; len]);
+    g.throughput(Throughput::Bytes((3 * len * 4) as u64));
+    g.bench_function("triad_64mib", |bch| {
+        bch.iter(|| {
+            x.par_chunks_mut(1 << 16)
+                .zip(y.par_chunks(1 << 16))
+                .zip(z.par_chunks(1 << 16))
+                .for_each(|((x, y), z)| {
+                    for ((x, &y), &z) in x.iter_mut().zip(y).zip(z) {
+                        *x = y + 3.0 * z;
+                    }
+                })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, seed_job, sweeps, machine);
 criterion_main!(benches);
