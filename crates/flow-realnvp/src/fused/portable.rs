@@ -49,24 +49,35 @@ fn leaky_slope<T: Float>() -> T {
 /// vectorise what a single running sum would serialise.
 const LANES: usize = 8;
 
-/// `W₁` transposed to `(in, hidden)` so the inner loops run over contiguous hidden units,
-/// and `b₁`.
-fn unpack_p1<T: Float>(p1: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
-    let mut w1t = vec![T::zero(); d.input * d.hidden];
-    let mut b1 = vec![T::zero(); d.hidden];
-    for h in 0..d.hidden {
-        let row = &p1[h * (d.input + 1)..(h + 1) * (d.input + 1)];
-        for i in 0..d.input {
-            w1t[i * d.hidden + h] = row[i];
+/// One call's network, laid out for the kernels: `W₁` transposed to `(in, hidden)` so
+/// the inner loops run over contiguous hidden units, `b₁`, and `p2` as packed.
+struct Net<'a, T> {
+    a: Activation,
+    w1t: Vec<T>,
+    b1: Vec<T>,
+    p2: &'a [T],
+    d: Dims,
+}
+
+impl<'a, T: Float> Net<'a, T> {
+    fn new(a: Activation, p1: &[T], p2: &'a [T], d: Dims) -> Self {
+        let mut w1t = vec![T::zero(); d.input * d.hidden];
+        let mut b1 = vec![T::zero(); d.hidden];
+        for h in 0..d.hidden {
+            let row = &p1[h * (d.input + 1)..(h + 1) * (d.input + 1)];
+            for i in 0..d.input {
+                w1t[i * d.hidden + h] = row[i];
+            }
+            b1[h] = row[d.input];
         }
-        b1[h] = row[d.input];
+        Self { a, w1t, b1, p2, d }
     }
-    (w1t, b1)
 }
 
 /// Pre-activations and activations of one sample.
 #[inline(always)]
-fn hidden_layer<T: Float>(a: Activation, x: &[T], w1t: &[T], b1: &[T], z: &mut [T], y: &mut [T]) {
+fn hidden_layer<T: Float>(net: &Net<T>, x: &[T], z: &mut [T], y: &mut [T]) {
+    let (a, w1t, b1) = (net.a, &net.w1t, &net.b1);
     z.copy_from_slice(b1);
     for (&xi, col) in x.iter().zip(w1t.chunks_exact(z.len())) {
         for (zh, &w) in z.iter_mut().zip(col) {
@@ -98,19 +109,12 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 
 /// The forward pass over one chunk of samples.
 #[inline(always)]
-fn forward_chunk<T: Float>(
-    a: Activation,
-    x: &[T],
-    out: &mut [T],
-    w1t: &[T],
-    b1: &[T],
-    p2: &[T],
-    d: Dims,
-) {
+fn forward_chunk<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
+    let (p2, d) = (net.p2, net.d);
     let mut z = vec![T::zero(); d.hidden];
     let mut y = vec![T::zero(); d.hidden];
     for (o_row, x_row) in out.chunks_mut(d.output).zip(x.chunks(d.input)) {
-        hidden_layer(a, x_row, w1t, b1, &mut z, &mut y);
+        hidden_layer(net, x_row, &mut z, &mut y);
         for (o, v) in o_row.iter_mut().enumerate() {
             let w2 = &p2[o * (d.hidden + 1)..(o + 1) * (d.hidden + 1)];
             *v = w2[d.hidden] + dot(&w2[..d.hidden], &y);
@@ -126,26 +130,15 @@ pub(super) fn forward<T: Float + Send + Sync>(
     p2: &[T],
     d: Dims,
 ) -> Vec<T> {
-    let (w1t, b1) = unpack_p1(p1, d);
-    super::par_forward(x, d, |x, out| {
-        simd::forward_chunk(a, x, out, &w1t, &b1, p2, d)
-    })
+    let net = Net::new(a, p1, p2, d);
+    super::par_forward(x, d, |x, out| simd::forward_chunk(&net, x, out))
 }
 
 /// The backward pass over one chunk of samples: writes the chunk's input gradients and
 /// returns its share of the parameter gradients `(∂p1, ∂p2)`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn backward_chunk<T: Float>(
-    a: Activation,
-    x: &[T],
-    g_out: &[T],
-    gx: &mut [T],
-    w1t: &[T],
-    b1: &[T],
-    p2: &[T],
-    d: Dims,
-) -> (Vec<T>, Vec<T>) {
+fn backward_chunk<T: Float>(net: &Net<T>, x: &[T], g_out: &[T], gx: &mut [T]) -> (Vec<T>, Vec<T>) {
+    let (a, w1t, p2, d) = (net.a, &net.w1t, net.p2, net.d);
     // Accumulated in the packed layouts; W₁'s gradient transposed like w1t.
     let mut gw1t = vec![T::zero(); d.input * d.hidden];
     let mut gb1 = vec![T::zero(); d.hidden];
@@ -158,7 +151,7 @@ fn backward_chunk<T: Float>(
         .zip(x.chunks(d.input))
         .zip(g_out.chunks(d.output))
     {
-        hidden_layer(a, x_row, w1t, b1, &mut z, &mut y);
+        hidden_layer(net, x_row, &mut z, &mut y);
         gz.iter_mut().for_each(|v| *v = T::zero());
         for (o, &g) in go.iter().enumerate() {
             let w2 = &p2[o * (d.hidden + 1)..(o + 1) * (d.hidden + 1)];
@@ -209,9 +202,9 @@ pub(super) fn backward<T: Float + Send + Sync>(
     g_out: &[T],
     d: Dims,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (w1t, b1) = unpack_p1(p1, d);
+    let net = Net::new(a, p1, p2, d);
     super::par_backward(x, g_out, d, |x, g_out, gx| {
-        simd::backward_chunk(a, x, g_out, gx, &w1t, &b1, p2, d)
+        simd::backward_chunk(&net, x, g_out, gx)
     })
 }
 
@@ -220,7 +213,7 @@ pub(super) fn backward<T: Float + Send + Sync>(
 mod simd {
     use num_traits::Float;
 
-    use super::{Activation, Dims};
+    use super::Net;
 
     /// Whether this CPU runs the AVX2 versions (the answer is cached by std).
     pub fn available() -> bool {
@@ -236,69 +229,38 @@ mod simd {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn forward_avx2<T: Float>(
-        a: Activation,
-        x: &[T],
-        out: &mut [T],
-        w1t: &[T],
-        b1: &[T],
-        p2: &[T],
-        d: Dims,
-    ) {
-        super::forward_chunk(a, x, out, w1t, b1, p2, d)
+    fn forward_avx2<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
+        super::forward_chunk(net, x, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    fn backward_avx2<T: Float>(
-        a: Activation,
-        x: &[T],
-        g_out: &[T],
-        gx: &mut [T],
-        w1t: &[T],
-        b1: &[T],
-        p2: &[T],
-        d: Dims,
-    ) -> (Vec<T>, Vec<T>) {
-        super::backward_chunk(a, x, g_out, gx, w1t, b1, p2, d)
+    fn backward_avx2<T: Float>(net: &Net<T>, x: &[T], g: &[T], gx: &mut [T]) -> (Vec<T>, Vec<T>) {
+        super::backward_chunk(net, x, g, gx)
     }
 
-    pub fn forward_chunk<T: Float>(
-        a: Activation,
-        x: &[T],
-        out: &mut [T],
-        w1t: &[T],
-        b1: &[T],
-        p2: &[T],
-        d: Dims,
-    ) {
+    pub fn forward_chunk<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
         if available() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
-            return unsafe { forward_avx2(a, x, out, w1t, b1, p2, d) };
+            return unsafe { forward_avx2(net, x, out) };
         }
-        super::forward_chunk(a, x, out, w1t, b1, p2, d)
+        super::forward_chunk(net, x, out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_chunk<T: Float>(
-        a: Activation,
+        net: &Net<T>,
         x: &[T],
-        g_out: &[T],
+        g: &[T],
         gx: &mut [T],
-        w1t: &[T],
-        b1: &[T],
-        p2: &[T],
-        d: Dims,
     ) -> (Vec<T>, Vec<T>) {
         #[cfg(target_arch = "x86_64")]
         if available() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
-            return unsafe { backward_avx2(a, x, g_out, gx, w1t, b1, p2, d) };
+            return unsafe { backward_avx2(net, x, g, gx) };
         }
-        super::backward_chunk(a, x, g_out, gx, w1t, b1, p2, d)
+        super::backward_chunk(net, x, g, gx)
     }
 }
