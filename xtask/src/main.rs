@@ -3,7 +3,8 @@
 //! - `test`: the full check (formatting, clippy with warnings denied, the test suite);
 //! - `train [--features cuda|metal] [-- FLOW TRAIN ARGS]`: the reference job on two
 //!   moons, writing `runs/moons/`;
-//! - `bench [--features cuda|metal]`: the benchmarks.
+//! - `bench [--features cuda|metal]`: the benchmarks, on the device that
+//!   `FLOWS_BENCH_DEVICE` names (default `cpu`).
 
 use std::{
     env,
@@ -185,10 +186,12 @@ fn bench(args: &[String]) -> Result<()> {
     let out = root().join("target").join("bench-run");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     let model = out.join("model.safetensors").to_string_lossy().into_owned();
+    let device = bench_device();
     let mut train = flow(
         &features,
         &[
-            "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--out", &model,
+            "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--device", &device,
+            "--out", &model,
         ],
     );
     let output = train.output().map_err(|e| e.to_string())?;
@@ -216,6 +219,11 @@ fn bench(args: &[String]) -> Result<()> {
     std::fs::write(&path, report).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The device the benchmarks run on (read by the criterion benches too).
+fn bench_device() -> String {
+    env::var("FLOWS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
 fn threads() -> usize {
@@ -268,9 +276,10 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
     line("# Benchmarks".into());
     line(String::new());
     line(format!(
-        "Measured by `cargo xtask bench` on {} ({} threads), CPU, f32. Criterion means; rates derived from them.",
+        "Measured by `cargo xtask bench` on {} ({} threads), device `{}`, f32. Criterion means; rates derived from them.",
         cpu_model(),
-        threads()
+        threads(),
+        bench_device()
     ));
     line(String::new());
     line("## Reference job (2-D moons, 5 affine couplings, s/t nets 1→512→1, batch 512)".into());

@@ -40,6 +40,22 @@ fn auto() -> Device {
     Device::Cpu
 }
 
+/// Makes the calling thread one of the CPU compute threads (rayon's global pool, which
+/// candle's CPU backend and the fused kernels run on) rather than a thread beside them.
+///
+/// Call it once, early in `main`, before any CPU work. The calling thread runs candle's
+/// single-threaded ops; as a separate thread it competes for the cores with the pool's
+/// idle workers, which spin for a while after every parallel op. On two cores that
+/// costs about a third of the reference job's training throughput.
+///
+/// Returns `false`, changing nothing, when the global pool already exists.
+pub fn join_cpu_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+        .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,20 +90,4 @@ mod tests {
             assert!(e.contains("device"), "{s}: {e}");
         }
     }
-}
-
-/// Makes the calling thread one of the CPU compute threads (rayon's global pool, which
-/// candle's CPU backend and the fused kernels run on) rather than a thread beside them.
-///
-/// Call it once, early in `main`, before any CPU work. The calling thread runs candle's
-/// single-threaded ops; as a separate thread it competes for the cores with the pool's
-/// idle workers, which spin for a while after every parallel op. On two cores that
-/// costs about a third of the reference job's training throughput.
-///
-/// Returns `false`, changing nothing, when the global pool already exists.
-pub fn join_cpu_pool() -> bool {
-    rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global()
-        .is_ok()
 }

@@ -23,7 +23,7 @@ pub use affine::AffineCoupling;
 pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use config::{CouplingConfig, CouplingKind, LayerConfig, MaskPattern, RealNvpConfig};
 pub use mask::Mask;
-pub use mlp::{fusion_enabled, set_fusion, Mlp, NetConfig};
+pub use mlp::{cuda_fusion_enabled, fusion_enabled, set_cuda_fusion, set_fusion, Mlp, NetConfig};
 pub use model::{BaseConfig, ModelConfig, TRAIN_STATE_PREFIX};
 pub use realnvp::{build_layer, RealNvp};
 pub use scale::ScaleMap;

@@ -1,4 +1,5 @@
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use candle::{bail, DType, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
@@ -116,15 +117,31 @@ impl Mlp {
 }
 
 impl Mlp {
-    /// Whether [`forward`](Module::forward) takes the fused CPU kernel: one hidden
-    /// layer, a supported activation, f32/f64 on the CPU, fusion enabled.
+    /// Whether [`forward`](Module::forward) takes a fused kernel: one hidden layer, a
+    /// supported activation, f32/f64, fusion enabled, on the CPU or (with the `cuda`
+    /// feature, [`set_cuda_fusion`] on and at most 16 inputs and outputs) on CUDA.
     pub fn uses_fused(&self, x: &Tensor) -> bool {
         !self.residual
             && self.layers.len() == 2
             && FusedMlp::supports(self.activation)
-            && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64)
             && fusion_enabled()
+            && (x.device().is_cpu() || self.cuda_fusable(x))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fusable(&self, x: &Tensor) -> bool {
+        use crate::fused::CUDA_MAX_IO;
+        let small = |n: Result<usize>| n.is_ok_and(|n| n <= CUDA_MAX_IO);
+        x.device().is_cuda()
+            && cuda_fusion_enabled()
+            && small(x.dim(1))
+            && self.layers.get(1).is_some_and(|l| small(l.weight().dim(0)))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_fusable(&self, _: &Tensor) -> bool {
+        false
     }
 
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
@@ -193,4 +210,28 @@ pub fn set_fusion(enabled: bool) {
 /// Whether the fused CPU kernels are in use.
 pub fn fusion_enabled() -> bool {
     FUSION.load(Ordering::Relaxed)
+}
+
+/// The CUDA switch; unset until first read, then from `FLOWS_CUDA_FUSION`.
+static CUDA_FUSION: OnceLock<AtomicBool> = OnceLock::new();
+
+fn cuda_fusion() -> &'static AtomicBool {
+    CUDA_FUSION.get_or_init(|| {
+        let on = std::env::var("FLOWS_CUDA_FUSION").is_ok_and(|v| v == "1" || v == "true");
+        AtomicBool::new(on)
+    })
+}
+
+/// Turns the fused CUDA kernels on or off, process-wide. Off, networks on a CUDA device
+/// run through candle's own CUDA ops. The default is off, or on where the environment
+/// sets `FLOWS_CUDA_FUSION=1`: the kernels stay opt-in until the GPU test
+/// (`tests/fused.rs` with `--features cuda`) has passed on hardware. Without the `cuda`
+/// feature this changes nothing.
+pub fn set_cuda_fusion(enabled: bool) {
+    cuda_fusion().store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused CUDA kernels are in use.
+pub fn cuda_fusion_enabled() -> bool {
+    cuda_fusion().load(Ordering::Relaxed)
 }

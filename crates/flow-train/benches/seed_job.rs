@@ -2,6 +2,7 @@
 //! `Linear(1, 512) → LeakyReLU → Linear(512, 1)`, batch 512, Adam) and sweeps around it.
 //! Run with `cargo xtask bench`, which also writes BENCHMARKS.md.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use candle::{DType, Device, Tensor, Var};
@@ -12,6 +13,21 @@ use flow_realnvp::{ModelConfig, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
+
+/// The device benchmarked: `FLOWS_BENCH_DEVICE` (`cpu`, `cuda`, `metal`; default the
+/// CPU).
+fn device() -> &'static Device {
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE.get_or_init(|| {
+        let spec = std::env::var("FLOWS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+        flow_core::parse_device(&spec).expect("FLOWS_BENCH_DEVICE names a usable device")
+    })
+}
+
+/// Waits for the device to finish queued work, so that GPU timings cover it.
+fn sync() {
+    device().synchronize().expect("synchronize");
+}
 
 struct Job {
     flow: Flow,
@@ -24,7 +40,7 @@ fn job(cfg: &RealNvpConfig) -> Job {
     let varmap = VarMap::new();
     let model = ModelConfig::from_realnvp(cfg);
     let flow = model
-        .build(seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu))
+        .build(seeded_var_builder(&varmap, 0, DType::F32, device()))
         .expect("model");
     let vars = varmap.all_vars();
     let adam = Adam::new(vars.clone(), OptimizerConfig::default()).expect("adam");
@@ -45,10 +61,11 @@ fn step(job: &mut Job, x: &Tensor) {
         .map(|v| grads.get(v.as_tensor()).cloned())
         .collect();
     job.adam.step(&grads, 1e-4).expect("adam");
+    sync();
 }
 
 fn data(n: usize, dim: usize) -> Tensor {
-    Tensor::randn(0f32, 1., (n, dim), &Device::Cpu).expect("data")
+    Tensor::randn(0f32, 1., (n, dim), device()).expect("data")
 }
 
 fn seed_job(c: &mut Criterion) {
@@ -64,11 +81,19 @@ fn seed_job(c: &mut Criterion) {
     let big = data(100_000, 2);
     g.throughput(Throughput::Elements(100_000));
     g.bench_function("log_prob_100k", |b| {
-        b.iter(|| j.flow.log_prob(&big).expect("log_prob").detach())
+        b.iter(|| {
+            let lp = j.flow.log_prob(&big).expect("log_prob").detach();
+            sync();
+            lp
+        })
     });
     let mut rng = StdRng::seed_from_u64(0);
     g.bench_function("sample_100k", |b| {
-        b.iter(|| j.flow.sample(100_000, &mut rng).expect("sample").detach())
+        b.iter(|| {
+            let x = j.flow.sample(100_000, &mut rng).expect("sample").detach();
+            sync();
+            x
+        })
     });
     g.finish();
 }
@@ -124,7 +149,11 @@ fn machine(c: &mut Criterion) {
     let (a, b) = (data(n, n), data(n, n));
     g.throughput(Throughput::Elements(2 * (n * n * n) as u64));
     g.bench_function("matmul_1024", |bch| {
-        bch.iter(|| a.matmul(&b).expect("matmul"))
+        bch.iter(|| {
+            let c = a.matmul(&b).expect("matmul");
+            sync();
+            c
+        })
     });
     // Three arrays of 64 MiB each.
     let len = 16 << 20;

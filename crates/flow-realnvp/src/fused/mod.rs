@@ -8,9 +8,11 @@
 //! way, in parallel over batch chunks. Results equal the reference path up to the order
 //! of floating-point sums (tested to 1e-5).
 //!
-//! Two kernels: [`portable`] handles every dtype and activation; on x86-64 CPUs with
-//! AVX2 and FMA, [`avx2`] takes f32 networks with a piecewise-linear activation (the
-//! common case) and keeps a block of hidden units in registers while samples stream past.
+//! Two CPU kernels: [`portable`] handles every dtype and activation; on x86-64 CPUs
+//! with AVX2 and FMA, [`avx2`] takes f32 networks with a piecewise-linear activation
+//! (the common case) and keeps a block of hidden units in registers while samples
+//! stream past. With the `cuda` feature, `mlp.cu` holds the same pair of passes for
+//! the GPU (`cuda`), one thread per sample forward and one per hidden unit backward.
 //!
 //! Parameters travel packed: `p1 = [W₁ | b₁]` `(hidden, in + 1)` and
 //! `p2 = [W₂ | b₂]` `(out, hidden + 1)`.
@@ -24,7 +26,13 @@ use crate::Activation;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda;
 mod portable;
+
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::MAX_IO as CUDA_MAX_IO;
 
 /// Samples per parallel task.
 const CHUNK: usize = 64;
@@ -233,6 +241,21 @@ impl CustomOp3 for FusedMlp {
         Ok((out, Shape::from((d.batch, d.output))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+        s3: &candle::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let d = dims(l1, l2, l3)?;
+        let out = cuda::forward(self.activation, (s1, l1), (s2, l2), (s3, l3), d)?;
+        Ok((out, Shape::from((d.batch, d.output))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -242,11 +265,103 @@ impl CustomOp3 for FusedMlp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = dims(x.layout(), p1.layout(), p2.layout())?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (gx, g1, g2) = FusedMlpGrad::apply(self.activation, x, p1, p2, grad, d)?;
+            return Ok((Some(gx), Some(g1), Some(g2)));
+        }
         let (gx, g1, g2) = match x.dtype() {
             DType::F32 => gradients::<f32>(self.activation, x, p1, p2, grad, d)?,
             DType::F64 => gradients::<f64>(self.activation, x, p1, p2, grad, d)?,
             other => candle::bail!("fused mlp has no backward for {other:?}"),
         };
         Ok((Some(gx), Some(g1), Some(g2)))
+    }
+}
+
+/// The backward pass as an op of its own, for devices whose kernels take tensors: inputs
+/// `x`, the parameters flattened and concatenated `[p1 | p2]`, and the output gradient;
+/// output the gradients flattened and concatenated `[∂x | ∂p1 | ∂p2]`.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy)]
+struct FusedMlpGrad {
+    activation: Activation,
+    d: Dims,
+}
+
+#[cfg(feature = "cuda")]
+impl FusedMlpGrad {
+    fn apply(
+        activation: Activation,
+        x: &Tensor,
+        p1: &Tensor,
+        p2: &Tensor,
+        grad: &Tensor,
+        d: Dims,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let p = Tensor::cat(&[p1.flatten_all()?, p2.flatten_all()?], 0)?;
+        let packed =
+            x.contiguous()?
+                .apply_op3_no_bwd(&p, &grad.contiguous()?, &Self { activation, d })?;
+        let (n0, n1) = (d.batch * d.input, d.hidden * (d.input + 1));
+        let n2 = d.output * (d.hidden + 1);
+        Ok((
+            packed.narrow(0, 0, n0)?.reshape(x.shape())?,
+            packed.narrow(0, n0, n1)?.reshape(p1.shape())?,
+            packed.narrow(0, n0 + n1, n2)?.reshape(p2.shape())?,
+        ))
+    }
+
+    fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<()> {
+        let d = self.d;
+        let params = d.hidden * (d.input + 1) + d.output * (d.hidden + 1);
+        if l1.shape().dims() != [d.batch, d.input]
+            || l2.shape().elem_count() != params
+            || l3.shape().dims() != [d.batch, d.output]
+        {
+            candle::bail!(
+                "fused mlp backward: shapes {:?} {:?} {:?} do not match {d:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for FusedMlpGrad {
+    fn name(&self) -> &'static str {
+        "fused-mlp-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // The CPU backward runs in `FusedMlp::bwd` directly.
+        candle::bail!("fused-mlp-grad is a GPU op")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+        s3: &candle::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let d = self.d;
+        let out = cuda::backward(self.activation, (s1, l1), (s2, l2), (s3, l3), d)?;
+        let n = d.batch * d.input + d.hidden * (d.input + 1) + d.output * (d.hidden + 1);
+        Ok((out, Shape::from(n)))
     }
 }

@@ -1,0 +1,33 @@
+//! With the `cuda` feature, compiles the fused kernels (`src/fused/mlp.cu`) to PTX with
+//! `nvcc`, as candle's own kernels are. `CUDA_COMPUTE_CAP` (e.g. `90`) picks the
+//! virtual architecture; the default, 7.5, is the oldest CUDA 13 supports, and newer
+//! GPUs compile the PTX for themselves when it loads.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/fused/mlp.cu");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".into());
+    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("-o")
+        .arg(out.join("fused_mlp.ptx"))
+        .arg("src/fused/mlp.cu")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("nvcc failed on src/fused/mlp.cu ({s})"),
+        Err(e) => panic!("the cuda feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e}"),
+    }
+}
