@@ -411,6 +411,7 @@ const NOTES: &str = "
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
 - The PyTorch numbers come from `benches/pytorch_seed_job.py` run in the same session with
   the same thread count.
-- CUDA: the fused kernels are CPU-only; on CUDA and Metal the layers run on candle's own
-  ops. No GPU was available when these numbers were taken.
+- GPU: `FLOWS_BENCH_DEVICE=cuda FLOWS_CUDA_FUSION=1 cargo xtask bench --features cuda` runs
+  the same benchmarks on CUDA with the fused CUDA kernels (without `FLOWS_CUDA_FUSION`, on
+  candle's own CUDA ops); the triad row always measures the host's memory.
 ";
