@@ -7,6 +7,7 @@ batch 512; 1000 steps; data standardised, NLL reported in data units.
 
     pip install torch scikit-learn
     python benches/pytorch_seed_job.py --threads 2 --seed 0 --test heldout.csv
+    python benches/pytorch_seed_job.py --device cuda     # the same job on a GPU
 
 Prints one JSON object: training steps/s, log-prob and sampling points/s, held-out NLL.
 """
@@ -51,14 +52,14 @@ class Flow(nn.Module):
         self.layers = nn.ModuleList([Coupling() for _ in range(layers)])
 
     def log_prob(self, x):
-        ld = torch.zeros(len(x))
+        ld = torch.zeros(len(x), device=x.device)
         for i, layer in enumerate(self.layers):
             x, l = layer(x, i % 2 == 1)
             ld = ld + l
         return -0.5 * (x ** 2).sum(1) - math.log(2 * math.pi) + ld
 
-    def sample(self, n):
-        z = torch.randn(n, 2)
+    def sample(self, n, device):
+        z = torch.randn(n, 2, device=device)
         for i in reversed(range(len(self.layers))):
             z = self.layers[i].inverse(z, i % 2 == 1)
         return z
@@ -70,40 +71,58 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--test", help="held-out CSV (header line, two columns)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = p.parse_args()
+    dev = torch.device(a.device)
+
+    def sync():
+        # GPU work is queued: wait for it before reading the clock.
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     x, _ = make_moons(20000, noise=0.05, random_state=a.seed)
     mean, std = x.mean(0), x.std(0)
-    data = torch.tensor((x - mean) / std, dtype=torch.float32)
-    flow = Flow()
+    data = torch.tensor((x - mean) / std, dtype=torch.float32, device=dev)
+    flow = Flow().to(dev)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.999)
     gen = torch.Generator().manual_seed(a.seed)
+    sync()
     start = time.perf_counter()
     for _ in range(a.steps):
-        idx = torch.randint(0, len(data), (512,), generator=gen)
+        idx = torch.randint(0, len(data), (512,), generator=gen).to(dev)
         loss = -flow.log_prob(data[idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+    sync()
     train_s = time.perf_counter() - start
-    out = {"threads": a.threads, "seed": a.seed, "train_steps_per_s": a.steps / train_s}
+    out = {
+        "device": a.device,
+        "threads": a.threads,
+        "seed": a.seed,
+        "train_steps_per_s": a.steps / train_s,
+    }
     with torch.no_grad():
-        big = torch.randn(100_000, 2)
+        big = torch.randn(100_000, 2, device=dev)
         flow.log_prob(big[:1000])
+        sync()
         t = time.perf_counter()
         flow.log_prob(big)
+        sync()
         out["log_prob_points_per_s"] = 100_000 / (time.perf_counter() - t)
         t = time.perf_counter()
-        flow.sample(100_000)
+        flow.sample(100_000, dev)
+        sync()
         out["sample_points_per_s"] = 100_000 / (time.perf_counter() - t)
         if a.test:
             test = np.loadtxt(a.test, delimiter=",", skiprows=1)
-            z = torch.tensor((test - mean) / std, dtype=torch.float32)
+            z = torch.tensor((test - mean) / std, dtype=torch.float32, device=dev)
             # Data units: log p(x) = log p(standardised x) - sum(log std).
-            lp = flow.log_prob(z).double().numpy() - np.log(std).sum()
+            lp = flow.log_prob(z).double().cpu().numpy() - np.log(std).sum()
             out["heldout_nll"] = float(-np.mean(lp))
     print(json.dumps(out))
 

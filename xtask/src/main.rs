@@ -208,6 +208,8 @@ fn bench(args: &[String]) -> Result<()> {
             "benches/pytorch_seed_job.py",
             "--threads",
             &threads().to_string(),
+            "--device",
+            &device.replace("metal", "mps"),
         ])
         .output()
         .ok()
@@ -389,7 +391,11 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
     line("## PyTorch, same machine, same threads".into());
     line(String::new());
     match pytorch {
-        Some(json) => line(format!("`python3 benches/pytorch_seed_job.py --threads {}`: `{json}`", threads())),
+        Some(json) => line(format!(
+            "`python3 benches/pytorch_seed_job.py --threads {} --device {}`: `{json}`",
+            threads(),
+            bench_device().replace("metal", "mps")
+        )),
         None => line("Not measured: `python3 -c 'import torch, sklearn'` failed (`pip install torch scikit-learn`).".into()),
     }
     md.push_str(NOTES);
