@@ -1,12 +1,12 @@
-//! Fused CPU kernels for the common conditioner `Linear → act → Linear`.
+//! Fused kernels for the common conditioner `Linear → act → Linear`.
 //!
 //! The reference path runs five candle ops per network and materialises the
 //! `(batch, hidden)` activations several times (forward and backward); at the shapes of
 //! coupling layers (a few inputs and outputs, hundreds of hidden units) that is almost
-//! all memory traffic and per-op overhead. This kernel walks each sample once, keeping
-//! the hidden activations in a small buffer, and computes the backward pass the same
-//! way, in parallel over batch chunks. Results equal the reference path up to the order
-//! of floating-point sums (tested to 1e-5).
+//! all memory traffic and per-op overhead. These kernels compute each pass in one go,
+//! keeping hidden activations in registers or small buffers, in parallel over batch
+//! chunks. Results equal the reference path up to the order of floating-point sums
+//! (tested to 1e-5).
 //!
 //! Two CPU kernels: [`portable`] handles every dtype and activation; on x86-64 CPUs
 //! with AVX2 and FMA, [`avx2`] takes f32 networks with a piecewise-linear activation
