@@ -192,16 +192,17 @@ impl Weights {
             }
             // Scatter the block's lanes that are real hidden units into the packed layouts.
             let units = L.min(hidden - h);
-            let (gb1, gw1, gw2) = (lanes(gb1), gw1.map(lanes), gw2.map(lanes));
+            let gb1 = lanes(gb1);
             for k in 0..units {
                 let row = &mut gp1[(h + k) * (input + 1)..(h + k + 1) * (input + 1)];
                 for (r, gw) in row.iter_mut().zip(&gw1[..input]) {
-                    *r = gw[k];
+                    *r = lanes(*gw)[k];
                 }
                 row[input] = gb1[k];
             }
             for (o, gw) in gw2[..output].iter().enumerate() {
-                gp2[o * (hidden + 1) + h..][..units].copy_from_slice(&gw[..units]);
+                let row = &mut gp2[o * (hidden + 1) + h..];
+                row[..units].copy_from_slice(&lanes(*gw)[..units]);
             }
         }
         for (gx, acc) in gx.iter_mut().zip(&gx_acc) {
