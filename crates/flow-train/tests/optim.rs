@@ -1,0 +1,177 @@
+//! Adam: the in-place CPU kernels against the tensor-op form, and both against the
+//! update written out by hand as PyTorch documents it.
+
+use anyhow::Result;
+use candle::{DType, Device, Tensor, Var};
+use flow_train::{Adam, OptimizerConfig, OptimizerKind};
+
+fn config(kind: OptimizerKind, weight_decay: f64) -> OptimizerConfig {
+    OptimizerConfig {
+        kind,
+        weight_decay,
+        ..OptimizerConfig::default()
+    }
+}
+
+/// Variables of a few shapes, the same values in every call.
+fn vars(dtype: DType) -> Result<Vec<Var>> {
+    let dev = Device::Cpu;
+    let mut out = Vec::new();
+    for (i, shape) in [(7usize, 3usize), (1, 5), (4, 1)].into_iter().enumerate() {
+        let n = shape.0 * shape.1;
+        let values: Vec<f64> = (0..n)
+            .map(|k| ((k * 7 + i * 3) % 11) as f64 / 5.0 - 1.0)
+            .collect();
+        let t = Tensor::from_vec(values, shape, &dev)?.to_dtype(dtype)?;
+        out.push(Var::from_tensor(&t)?);
+    }
+    Ok(out)
+}
+
+/// Step `k`'s gradients: deterministic, of both signs and varying scale. The first is
+/// transposed (not contiguous) and the last is missing on odd steps.
+fn grads(vars: &[Var], k: usize) -> Result<Vec<Option<Tensor>>> {
+    let mut out = Vec::new();
+    for (i, v) in vars.iter().enumerate() {
+        let (r, c) = v.dims2()?;
+        let n = r * c;
+        let values: Vec<f64> = (0..n)
+            .map(|j| ((j * 5 + k * 3 + i) % 13) as f64 / 4.0 - 1.5)
+            .map(|x| x * (1.0 + k as f64 / 3.0))
+            .collect();
+        let g = if i == 0 {
+            Tensor::from_vec(values, (c, r), &Device::Cpu)?.t()?
+        } else {
+            Tensor::from_vec(values, (r, c), &Device::Cpu)?
+        };
+        let missing = i + 1 == vars.len() && k % 2 == 1;
+        out.push((!missing).then(|| g.to_dtype(v.dtype())).transpose()?);
+    }
+    Ok(out)
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+}
+
+/// Largest difference relative to the value's size.
+fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (flat(a)?, flat(b)?);
+    assert_eq!(a.len(), b.len());
+    Ok(a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs().max(y.abs())))
+        .fold(0.0, f64::max))
+}
+
+#[test]
+fn in_place_steps_match_the_tensor_ops() -> Result<()> {
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-14)] {
+        for (kind, wd) in [
+            (OptimizerKind::Adam, 0.0),
+            (OptimizerKind::Adam, 0.1),
+            (OptimizerKind::AdamW, 0.1),
+        ] {
+            let (fast_vars, slow_vars) = (vars(dtype)?, vars(dtype)?);
+            let mut fast = Adam::new(fast_vars.clone(), config(kind, wd))?;
+            let mut slow = Adam::new(slow_vars.clone(), config(kind, wd))?.with_in_place(false);
+            for k in 0..6 {
+                let lr = 1e-2 * 0.9f64.powi(k as i32);
+                fast.step(&grads(&fast_vars, k)?, lr)?;
+                slow.step(&grads(&slow_vars, k)?, lr)?;
+            }
+            let what = format!("{dtype:?} {kind:?} wd {wd}");
+            for (a, b) in fast_vars.iter().zip(&slow_vars) {
+                let d = max_rel(a.as_tensor(), b.as_tensor())?;
+                assert!(d < tol, "{what}: parameters differ by {d:e}");
+            }
+            let ((fm, fv), (sm, sv)) = (fast.moments(), slow.moments());
+            for (a, b) in fm.iter().zip(sm).chain(fv.iter().zip(sv)) {
+                let d = max_rel(a, b)?;
+                assert!(d < tol, "{what}: moments differ by {d:e}");
+            }
+            // The variables moved: the comparison is not between two no-ops.
+            let d = max_rel(fast_vars[0].as_tensor(), vars(dtype)?[0].as_tensor())?;
+            assert!(d > 1e-3, "{what}: the parameters did not move");
+        }
+    }
+    Ok(())
+}
+
+/// PyTorch's Adam / AdamW for one scalar, as its documentation writes it.
+fn by_hand(kind: OptimizerKind, wd: f64, theta0: f64, g: &[f64], lr: f64) -> f64 {
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+    let (mut theta, mut m, mut v) = (theta0, 0.0, 0.0);
+    for (t, &g) in g.iter().enumerate() {
+        let t = t as i32 + 1;
+        let g = match kind {
+            OptimizerKind::Adam => g + wd * theta,
+            OptimizerKind::AdamW => {
+                theta *= 1.0 - lr * wd;
+                g
+            }
+        };
+        m = b1 * m + (1.0 - b1) * g;
+        v = b2 * v + (1.0 - b2) * g * g;
+        let (m_hat, v_hat) = (m / (1.0 - b1.powi(t)), v / (1.0 - b2.powi(t)));
+        theta -= lr * m_hat / (v_hat.sqrt() + eps);
+    }
+    theta
+}
+
+#[test]
+fn both_forms_follow_the_documented_update() -> Result<()> {
+    let g = [0.3, -1.2, 0.05, 2.0, -0.7, 0.0, 0.4];
+    for in_place in [true, false] {
+        for (kind, wd) in [
+            (OptimizerKind::Adam, 0.0),
+            (OptimizerKind::Adam, 0.05),
+            (OptimizerKind::AdamW, 0.05),
+        ] {
+            let var = Var::new(&[0.8f64], &Device::Cpu)?;
+            let mut adam = Adam::new(vec![var.clone()], config(kind, wd))?.with_in_place(in_place);
+            for &gk in &g {
+                adam.step(&[Some(Tensor::new(&[gk], &Device::Cpu)?)], 0.01)?;
+            }
+            let got = flat(var.as_tensor())?[0];
+            let want = by_hand(kind, wd, 0.8, &g, 0.01);
+            assert!(
+                (got - want).abs() < 1e-14,
+                "in place {in_place}, {kind:?} wd {wd}: {got} vs {want}"
+            );
+            assert!((got - 0.8).abs() > 1e-3, "the parameter did not move");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn restored_state_is_copied_not_shared() -> Result<()> {
+    let var = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+    let m = Tensor::new(&[0.1f32, 0.2], &Device::Cpu)?;
+    let v = Tensor::new(&[0.01f32, 0.04], &Device::Cpu)?;
+    let mut adam = Adam::new(vec![var.clone()], OptimizerConfig::default())?;
+    adam.set_state(3, vec![m.clone()], vec![v.clone()])?;
+    adam.step(&[Some(Tensor::new(&[1.0f32, 1.0], &Device::Cpu)?)], 0.1)?;
+    assert_eq!(m.to_vec1::<f32>()?, [0.1, 0.2]);
+    assert_eq!(v.to_vec1::<f32>()?, [0.01, 0.04]);
+    let (m2, _) = adam.moments();
+    assert_ne!(
+        m2[0].to_vec1::<f32>()?,
+        [0.1, 0.2],
+        "the moments did not move"
+    );
+    assert_eq!(adam.step_count(), 4);
+    Ok(())
+}
+
+#[test]
+fn mismatched_gradients_are_errors() -> Result<()> {
+    let var = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+    let mut adam = Adam::new(vec![var], OptimizerConfig::default())?;
+    let wrong = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
+    assert!(adam.step(&[Some(wrong)], 0.1).is_err());
+    assert!(adam.step(&[], 0.1).is_err());
+    assert_eq!(adam.step_count(), 0, "a refused step counts");
+    Ok(())
+}
