@@ -70,6 +70,48 @@ fn snapshot(vars: &[Var]) -> candle::Result<Vec<Tensor>> {
     vars.iter().map(|v| v.as_tensor().copy()).collect()
 }
 
+/// Copies the variables' values into `saved`, a [`snapshot`] of them, without
+/// allocating.
+fn snapshot_into(saved: &[Tensor], vars: &[Var]) -> candle::Result<()> {
+    for (s, v) in saved.iter().zip(vars) {
+        s.flatten_all()?
+            .slice_set(&v.as_tensor().flatten_all()?, 0, 0)?;
+    }
+    Ok(())
+}
+
+/// `Σ ‖g‖²` over the gradients, read in place on the CPU; elsewhere summed on the
+/// device and read back once (one sync per step, not one per tensor).
+fn squared_norm(grads: &[Option<Tensor>], device: &Device) -> candle::Result<f64> {
+    use candle::{CpuStorage, Storage};
+    if device.is_cpu() {
+        let mut total = 0.0;
+        for g in grads.iter().flatten() {
+            let (storage, layout) = g.storage_and_layout();
+            let sum = match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                    v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+                }
+                (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
+                    v[a..b].iter().map(|x| x * x).sum()
+                }
+                _ => g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            };
+            total += sum;
+        }
+        return Ok(total);
+    }
+    let mut sq = Tensor::zeros((), DType::F64, device)?;
+    for g in grads.iter().flatten() {
+        sq = (sq + g.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
+    }
+    sq.to_scalar::<f64>()
+}
+
 fn restore(vars: &[Var], values: &[Tensor]) -> candle::Result<()> {
     vars.iter().zip(values).try_for_each(|(v, t)| v.set(t))
 }
@@ -301,7 +343,7 @@ impl Trainer {
         let steps_before = st.step;
         let mut stopped = None;
         let mut interrupted = false;
-        let mut last_good = snapshot(&vars)?;
+        let last_good = snapshot(&vars)?;
         reporter.start(total);
         while st.step < total {
             let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
@@ -331,19 +373,13 @@ impl Trainer {
                 let g = loss.backward()?;
                 let g: Vec<Option<Tensor>> =
                     vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
-                // Summed on the device, read back once: one sync per step, not one per
-                // tensor.
-                let mut sq = Tensor::zeros((), DType::F64, &self.device)?;
-                for t in g.iter().flatten() {
-                    sq = (sq + t.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
-                }
-                norm = sq.to_scalar::<f64>()?.sqrt();
+                norm = squared_norm(&g, &self.device)?.sqrt();
                 grads = Some(g);
             }
             let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, total);
             match grads {
                 Some(mut g) if norm.is_finite() => {
-                    last_good = snapshot(&vars)?;
+                    snapshot_into(&last_good, &vars)?;
                     if let Some(max) = cfg.clip_grad {
                         if norm > max {
                             for t in g.iter_mut().flatten() {

@@ -88,7 +88,8 @@ fn epochs_schedules_clipping_and_f64_run() -> Result<()> {
 
 #[test]
 fn a_diverging_run_stops_and_keeps_finite_weights() -> Result<()> {
-    // An absurd learning rate with the unbounded exp scale blows up quickly.
+    // A learning rate warmed up towards 3 with the unbounded exp scale blows up after a
+    // few dozen steps.
     let train = generate(Toy::Moons, 1000, None, 3)?;
     let cfg = TrainConfig::new(
         RealNvpConfig::new(2)
@@ -97,12 +98,12 @@ fn a_diverging_run_stops_and_keeps_finite_weights() -> Result<()> {
             .with_scale(ScaleMap::Exp),
     )
     .with_optimizer(OptimizerConfig {
-        lr: 1e4,
+        lr: 3.0,
         ..OptimizerConfig::default()
     })
-    .with_schedule(Schedule::Constant)
+    .with_schedule(Schedule::Cosine { warmup: 250 })
     .with_duration(Duration::Steps(300));
-    let t = Trainer::new(cfg, &Device::Cpu)?.fit(&train, None, &mut Silent)?;
+    let t = Trainer::new(cfg.clone(), &Device::Cpu)?.fit(&train, None, &mut Silent)?;
     let reason = t.summary.stopped.clone().unwrap_or_default();
     ensure!(
         reason.contains("step"),
@@ -115,6 +116,24 @@ fn a_diverging_run_stops_and_keeps_finite_weights() -> Result<()> {
             "{name} holds non-finite weights"
         );
     }
+    // The kept weights are those the last finite loss was computed with: the weights of
+    // the same run stopped one step earlier (during the warm-up, the learning rate does
+    // not depend on the run's length).
+    let steps = t.summary.steps;
+    ensure!(
+        (2..250).contains(&steps),
+        "expected divergence during the warm-up, after {steps} steps: {reason}"
+    );
+    let earlier = Trainer::new(cfg.with_duration(Duration::Steps(steps - 1)), &Device::Cpu)?.fit(
+        &train,
+        None,
+        &mut Silent,
+    )?;
+    ensure!(
+        weights(&t)? == weights(&earlier)?,
+        "the kept weights are not those of step {}",
+        steps - 1
+    );
     Ok(())
 }
 
