@@ -87,6 +87,8 @@ impl Conditioner {
     pub fn params(&self, h: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
         match self {
             Self::Separate { s, t } => {
+                // Laid out once for both networks (the fused kernels read it in place).
+                let h = &h.contiguous()?;
                 let s = s.as_ref().map(|s| s.forward(h)).transpose()?;
                 Ok((s, t.forward(h)?))
             }
