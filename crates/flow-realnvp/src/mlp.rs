@@ -5,7 +5,10 @@ use candle::{bail, DType, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::{fused::FusedMlp, Activation};
+use crate::{
+    fused::{pack_linear, FusedMlp},
+    Activation,
+};
 
 /// Architecture of a conditioner network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,7 +152,7 @@ impl Mlp {
             let Some(b) = l.bias() else {
                 bail!("fused networks need biases");
             };
-            Tensor::cat(&[l.weight(), &b.unsqueeze(1)?], 1)
+            pack_linear(l.weight(), b)
         };
         let p1 = pack(&self.layers[0])?;
         let p2 = pack(&self.layers[1])?;

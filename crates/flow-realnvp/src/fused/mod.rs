@@ -15,7 +15,7 @@
 //! the GPU (`cuda`), one thread per sample forward and one per hidden unit backward.
 //!
 //! Parameters travel packed: `p1 = [W₁ | b₁]` `(hidden, in + 1)` and
-//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`.
+//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`, built by [`pack`] as one op each.
 
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
@@ -29,7 +29,10 @@ mod avx2;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
+mod pack;
 mod portable;
+
+pub(crate) use pack::pack_linear;
 
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::MAX_IO as CUDA_MAX_IO;

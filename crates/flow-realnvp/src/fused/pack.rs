@@ -1,0 +1,102 @@
+//! `[W | b]`: a linear layer's weight `(out, in)` and bias `(out)` packed into the
+//! `(out, in + 1)` layout the kernels read, as one op with its own backward (on the
+//! graph, a `cat` of the weight and the unsqueezed bias is two ops, each with a
+//! backward that narrows and copies).
+
+use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pack;
+
+fn rows_cols(w: &Layout, b: &Layout) -> Result<(usize, usize)> {
+    let (rows, cols) = w.shape().dims2()?;
+    if b.shape().dims() != [rows] {
+        candle::bail!(
+            "pack: bias {:?} does not match weight {:?}",
+            b.shape(),
+            w.shape()
+        );
+    }
+    Ok((rows, cols))
+}
+
+fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle::bail!("pack expects contiguous inputs"),
+    }
+}
+
+fn pack<T: Copy>(w: &[T], b: &[T], cols: usize) -> Vec<T> {
+    w.chunks_exact(cols)
+        .zip(b)
+        .flat_map(|(row, &bias)| row.iter().copied().chain(std::iter::once(bias)))
+        .collect()
+}
+
+/// `(∂W, ∂b)` from the packed gradient, each laid out contiguously.
+fn unpack<T: WithDType>(grad: &Tensor, rows: usize, cols: usize) -> Result<(Tensor, Tensor)> {
+    let g = grad.flatten_all()?.to_vec1::<T>()?;
+    let mut gw = Vec::with_capacity(rows * cols);
+    let mut gb = Vec::with_capacity(rows);
+    for row in g.chunks_exact(cols + 1) {
+        gw.extend_from_slice(&row[..cols]);
+        gb.push(row[cols]);
+    }
+    let dev = grad.device();
+    Ok((
+        Tensor::from_vec(gw, (rows, cols), dev)?,
+        Tensor::from_vec(gb, rows, dev)?,
+    ))
+}
+
+impl CustomOp2 for Pack {
+    fn name(&self) -> &'static str {
+        "pack-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1, l2)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(pack(slice(w, l1)?, slice(b, l2)?, cols))
+            }
+            (CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(pack(slice(w, l1)?, slice(b, l2)?, cols))
+            }
+            _ => candle::bail!("pack supports f32 and f64 tensors of one dtype"),
+        };
+        Ok((out, Shape::from((rows, cols + 1))))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, cols) = rows_cols(w.layout(), b.layout())?;
+        let (gw, gb) = match w.dtype() {
+            candle::DType::F32 => unpack::<f32>(grad, rows, cols)?,
+            candle::DType::F64 => unpack::<f64>(grad, rows, cols)?,
+            other => candle::bail!("pack has no backward for {other:?}"),
+        };
+        Ok((Some(gw), Some(gb)))
+    }
+}
+
+/// `[W | b]` `(out, in + 1)`: one op on the CPU, `cat` elsewhere.
+pub(crate) fn pack_linear(w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if w.device().is_cpu() && w.is_contiguous() && b.is_contiguous() {
+        w.apply_op2(b, Pack)
+    } else {
+        Tensor::cat(&[w, &b.unsqueeze(1)?], 1)
+    }
+}
