@@ -87,21 +87,27 @@ fn squared_norm(grads: &[Option<Tensor>], device: &Device) -> candle::Result<f64
     if device.is_cpu() {
         let mut total = 0.0;
         for g in grads.iter().flatten() {
-            let (storage, layout) = g.storage_and_layout();
-            let sum = match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                    v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+            // The storage's read guard is dropped before any fallback op reads it again.
+            let in_place = {
+                let (storage, layout) = g.storage_and_layout();
+                match (&*storage, layout.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                        Some(v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+                    }
+                    (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
+                        Some(v[a..b].iter().map(|x| x * x).sum())
+                    }
+                    _ => None,
                 }
-                (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
-                    v[a..b].iter().map(|x| x * x).sum()
-                }
-                _ => g
+            };
+            total += match in_place {
+                Some(sum) => sum,
+                None => g
                     .sqr()?
                     .sum_all()?
                     .to_dtype(DType::F64)?
                     .to_scalar::<f64>()?,
             };
-            total += sum;
         }
         return Ok(total);
     }
@@ -546,4 +552,28 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     order.shuffle(&mut StdRng::seed_from_u64(mix));
     order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squared_norm_reads_every_layout_and_dtype() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[1.0f32, -2.0, 3.0], [0.5, 0.0, -1.5]], &dev)?;
+        let grads = [
+            Some(a.clone()),                     // contiguous f32: 16.5
+            Some(a.t()?),                        // strided: the same 16.5
+            Some(a.narrow(1, 1, 2)?),            // offset and strided: 4 + 9 + 0 + 2.25
+            None,                                // a variable without a gradient
+            Some(a.to_dtype(DType::F64)?),       // f64: 16.5
+            Some(a.to_dtype(DType::BF16)?),      // through tensor ops: 16.5
+            Some(Tensor::new(&[2.0f64], &dev)?), // 4
+        ];
+        let want = 16.5 * 4.0 + 15.25 + 4.0;
+        let got = squared_norm(&grads, &dev)?;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        Ok(())
+    }
 }
