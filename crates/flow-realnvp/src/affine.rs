@@ -1,8 +1,9 @@
-use candle::{bail, Result, Tensor};
+use candle::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use flow_core::Bijector;
 
-use crate::{Conditioner, CouplingConfig, Mask, ScaleMap};
+use crate::fused::{AffineUpdate, LogDet};
+use crate::{fusion_enabled, Conditioner, CouplingConfig, Mask, ScaleMap};
 
 /// The RealNVP affine coupling layer.
 ///
@@ -41,28 +42,68 @@ impl AffineCoupling {
         &self.mask
     }
 
-    /// `(log-scale, shift)`, each `(batch, n_transformed)`.
-    fn params(&self, kept: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    /// The conditioner's raw log-scale (before the [`ScaleMap`]) and shift, each
+    /// `(batch, n_transformed)`.
+    fn raw_params(&self, kept: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let h = conditioner_input(kept, context, self.context_dim)?;
         let (s, t) = self.conditioner.params(&h)?;
         let Some(s) = s else {
             bail!("affine coupling without a scale network");
         };
-        Ok((self.scale.log_scale(&s)?, t))
+        Ok((s, t))
     }
 
-    fn fwd(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        let (xa, xb) = self.mask.split_input(x)?;
-        let (s, t) = self.params(&xa, context)?;
-        let zb = xb.mul(&s.exp()?)?.add(&t)?;
-        Ok((self.mask.merge(&xa, &zb)?, s.sum(1)?))
+    /// Whether the element-wise part runs as the fused ops (f32/f64 on the CPU, fusion
+    /// on).
+    fn fused(x: &Tensor) -> bool {
+        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && fusion_enabled()
     }
 
-    fn inv(&self, z: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        let (za, zb) = self.mask.split_input(z)?;
-        let (s, t) = self.params(&za, context)?;
-        let xb = zb.sub(&t)?.mul(&s.neg()?.exp()?)?;
-        Ok((self.mask.merge(&za, &xb)?, s.sum(1)?.neg()?))
+    /// `(y, log|det|)` for the forward (`inverse = false`) or inverse map.
+    fn apply(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        inverse: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let xa = self.mask.kept_input(x)?;
+        let (s, t) = self.raw_params(&xa, context)?;
+        if Self::fused(x) {
+            let update = AffineUpdate {
+                transformed: self.mask.transformed().to_vec(),
+                scale: self.scale,
+                inverse,
+            };
+            let s = s.contiguous()?;
+            let y = x.contiguous()?.apply_op3(&s, &t.contiguous()?, update)?;
+            let log_det = s.apply_op1(LogDet {
+                scale: self.scale,
+                inverse,
+            })?;
+            return Ok((y, log_det));
+        }
+        self.apply_reference(x, &xa, &s, &t, inverse)
+    }
+
+    /// The element-wise part from plain candle ops: the reference the fused ops are
+    /// tested against.
+    fn apply_reference(
+        &self,
+        x: &Tensor,
+        xa: &Tensor,
+        s: &Tensor,
+        t: &Tensor,
+        inverse: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, xb) = self.mask.split_input(x)?;
+        let s = self.scale.log_scale(s)?;
+        if inverse {
+            let yb = xb.sub(t)?.mul(&s.neg()?.exp()?)?;
+            Ok((self.mask.merge(xa, &yb)?, s.sum(1)?.neg()?))
+        } else {
+            let yb = xb.mul(&s.exp()?)?.add(t)?;
+            Ok((self.mask.merge(xa, &yb)?, s.sum(1)?))
+        }
     }
 }
 
@@ -84,15 +125,15 @@ pub(crate) fn conditioner_input(
 
 impl Bijector for AffineCoupling {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.fwd(x, None)
+        self.apply(x, None, false)
     }
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.inv(z, None)
+        self.apply(z, None, true)
     }
     fn forward_with_context(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.fwd(x, Some(context))
+        self.apply(x, Some(context), false)
     }
     fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.inv(z, Some(context))
+        self.apply(z, Some(context), true)
     }
 }

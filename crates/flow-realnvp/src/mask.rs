@@ -85,9 +85,12 @@ impl Mask {
         }
     }
 
-    /// Splits `x: (batch, dim)` into the kept `(batch, n_kept)` and transformed
-    /// `(batch, n_transformed)` features.
-    pub fn split_input(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The transformed features' indices, in order.
+    pub(crate) fn transformed(&self) -> &[usize] {
+        &self.transform_idx
+    }
+
+    fn check_width(&self, x: &Tensor) -> Result<()> {
         if x.dim(1)? != self.dim() {
             bail!(
                 "coupling layer over {} features applied to {}",
@@ -95,8 +98,20 @@ impl Mask {
                 x.dim(1)?
             );
         }
+        Ok(())
+    }
+
+    /// The kept features `(batch, n_kept)` of `x: (batch, dim)`.
+    pub fn kept_input(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_width(x)?;
+        Self::gather(x, &self.keep_idx, &self.gather_keep)
+    }
+
+    /// Splits `x: (batch, dim)` into the kept `(batch, n_kept)` and transformed
+    /// `(batch, n_transformed)` features.
+    pub fn split_input(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            Self::gather(x, &self.keep_idx, &self.gather_keep)?,
+            self.kept_input(x)?,
             Self::gather(x, &self.transform_idx, &self.gather_transform)?,
         ))
     }

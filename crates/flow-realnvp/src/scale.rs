@@ -41,6 +41,35 @@ impl ScaleMap {
     }
 }
 
+impl ScaleMap {
+    /// The log-scale of one raw output and its derivative: the scalar form of
+    /// [`log_scale`](Self::log_scale), for fused kernels.
+    pub(crate) fn scalar<T: num_traits::Float>(&self, s: T) -> (T, T) {
+        let c = |v: f64| T::from(v).unwrap_or_else(T::zero);
+        let one = T::one();
+        match *self {
+            Self::Exp => (s, one),
+            Self::SoftClamp { clamp } => {
+                let d = one + s.abs() / c(clamp);
+                (s / d, one / (d * d))
+            }
+            Self::Tanh { clamp } => {
+                let y = (s / c(clamp)).tanh();
+                (c(clamp) * y, one - y * y)
+            }
+            Self::Atan { clamp } => {
+                let k = c(clamp * 0.636);
+                (k * s.atan(), k / (one + s * s))
+            }
+            Self::Sigmoid => {
+                let p = one / (one + (-(s + c(2.0))).exp());
+                let q = p + c(1e-3);
+                (q.ln(), p * (one - p) / q)
+            }
+        }
+    }
+}
+
 /// Element-wise arctangent with its gradient `1 / (1 + x²)`; candle has no built-in.
 struct Atan;
 

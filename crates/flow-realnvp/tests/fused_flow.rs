@@ -1,38 +1,138 @@
-//! A whole flow with the fused kernels against the same flow on plain candle ops.
-//! (Its own test binary: the switch is process-wide.)
+//! Whole flows with the fused kernels (conditioner networks and the coupling's
+//! element-wise part) against the same flows on plain candle ops: log-probs, latents,
+//! samples and the gradients of both directions, for every scale map, both mask
+//! patterns and both float dtypes. (One test in its own binary: the switch is
+//! process-wide.)
 
 use anyhow::{ensure, Result};
-use candle::{DType, Device, Tensor};
+use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow, StandardNormal};
-use flow_realnvp::{set_fusion, RealNvp, RealNvpConfig};
+use flow_realnvp::{set_fusion, MaskPattern, RealNvp, RealNvpConfig, ScaleMap};
 
+/// Largest difference relative to the reference's size, over the entries finite in
+/// both; an entry finite in one result only is an error (the unbounded `exp` scale can
+/// overflow f32 in both).
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
-    let scale = (b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64).max(1.0);
+    let a: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    ensure!(a.len() == b.len(), "sizes differ");
+    let mut scale = 1.0f64;
+    let mut diff = 0.0f64;
+    for (x, y) in a.iter().zip(&b) {
+        ensure!(x.is_finite() == y.is_finite(), "{x} against {y}");
+        if y.is_finite() {
+            scale = scale.max(y.abs());
+            diff = diff.max((x - y).abs());
+        }
+    }
     Ok(diff / scale)
 }
 
+/// Everything compared between the two paths, by name.
+fn outputs(
+    flow: &Flow,
+    varmap: &VarMap,
+    x: &Var,
+    z: &Var,
+    w: &Tensor,
+) -> Result<Vec<(String, Tensor)>> {
+    let log_p = flow.log_prob(x.as_tensor())?;
+    let (encoded, _) = flow.bijector().forward(x.as_tensor())?;
+    let (decoded, log_det_inverse) = flow.bijector().inverse(z.as_tensor())?;
+    // Scalar losses through each direction, with non-uniform weights.
+    let forward_loss = ((&encoded * w)?.sum_all()? + log_p.sum_all()?)?;
+    let inverse_loss = ((&decoded * w)?.sum_all()? + log_det_inverse.sum_all()?)?;
+    let mut out = vec![
+        ("log-prob".to_string(), log_p),
+        ("latent".to_string(), encoded),
+        ("sample".to_string(), decoded),
+        ("inverse log-det".to_string(), log_det_inverse),
+    ];
+    let vars = varmap.data().lock().expect("lock").clone();
+    for (what, loss, input) in [("forward", forward_loss, x), ("inverse", inverse_loss, z)] {
+        let grads = loss.backward()?;
+        let mut named: Vec<(String, Tensor)> = vec![("input".into(), input.as_tensor().clone())];
+        named.extend(vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())));
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in named {
+            let Some(g) = grads.get(&t) else {
+                anyhow::bail!("{what}: no gradient for {name}");
+            };
+            out.push((format!("{what} gradient of {name}"), g.clone()));
+        }
+    }
+    Ok(out)
+}
+
 #[test]
-fn fused_flow_matches_reference_log_probs_and_samples() -> Result<()> {
+fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
     let dev = Device::Cpu;
-    let cfg = RealNvpConfig::new(2);
-    let flow = Flow::new(
-        RealNvp::new(
-            &cfg,
-            seeded_var_builder(&VarMap::new(), 9, DType::F32, &dev),
-        )?,
-        StandardNormal::new(2, DType::F32, &dev),
-    );
-    let x = (Tensor::randn(0f32, 1.5, (4096, 2), &dev)? + 0.5)?;
-    set_fusion(false);
-    let reference = flow.log_prob(&x)?;
-    let reference_z = flow.encode(&x)?;
-    set_fusion(true);
-    let fused = flow.log_prob(&x)?;
-    let e = rel_err(&fused, &reference)?;
-    ensure!(e < 1e-5, "log-probs differ by {e} (relative)");
-    let e = rel_err(&flow.encode(&x)?, &reference_z)?;
-    ensure!(e < 1e-5, "latents differ by {e}");
+    let scales = [
+        ScaleMap::Exp,
+        ScaleMap::SoftClamp { clamp: 3.0 },
+        ScaleMap::Tanh { clamp: 2.0 },
+        ScaleMap::Atan { clamp: 1.5 },
+        ScaleMap::Sigmoid,
+    ];
+    // (features, mask, layers, hidden units, batch); the last is the reference job's
+    // network at a batch the kernels split across threads.
+    let cases = [
+        (2, MaskPattern::Halves, 3, 24, 300),
+        (5, MaskPattern::Halves, 3, 24, 300),
+        (5, MaskPattern::Checkerboard, 3, 24, 300),
+        (2, MaskPattern::Halves, 5, 512, 1024),
+    ];
+    // f64 checks the arithmetic tightly; f32 gradients, sums over the batch with
+    // cancellation, only catch gross errors.
+    for dtype in [DType::F64, DType::F32] {
+        let (tol, grad_tol) = if dtype == DType::F32 {
+            (1e-5, 1e-2)
+        } else {
+            (1e-11, 1e-10)
+        };
+        for scale in scales {
+            // The reference job's soft clamp keeps f32 log-probs within 1e-5; the
+            // unbounded and steeper maps reach larger values.
+            let tol = if dtype == DType::F32 && scale != ScaleMap::default() {
+                1e-4
+            } else {
+                tol
+            };
+            for (dim, mask, layers, hidden, batch) in cases {
+                let cfg = RealNvpConfig::new(dim)
+                    .with_layers(layers)
+                    .with_hidden(hidden)
+                    .with_scale(scale)
+                    .with_mask(mask);
+                let varmap = VarMap::new();
+                let bijector = RealNvp::new(&cfg, seeded_var_builder(&varmap, 9, dtype, &dev))?;
+                let flow = Flow::new(bijector, StandardNormal::new(dim, dtype, &dev));
+                let x = (Tensor::randn(0f64, 1.5, (batch, dim), &dev)? + 0.5)?;
+                let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let z = Tensor::randn(0f64, 1., (batch, dim), &dev)?;
+                let z = Var::from_tensor(&z.to_dtype(dtype)?)?;
+                // Non-uniform weights for the losses, the same for both paths.
+                let w = Tensor::randn(0f64, 1., (batch, dim), &dev)?.to_dtype(dtype)?;
+                set_fusion(false);
+                let reference = outputs(&flow, &varmap, &x, &z, &w)?;
+                set_fusion(true);
+                let fused = outputs(&flow, &varmap, &x, &z, &w)?;
+                ensure!(reference.len() == fused.len() && reference.len() > 4 + 2 * 12);
+                for ((name, a), (_, b)) in fused.iter().zip(&reference) {
+                    let e = rel_err(a, b)?;
+                    let tol = if name.contains("gradient") {
+                        grad_tol
+                    } else {
+                        tol
+                    };
+                    ensure!(
+                        e < tol,
+                        "{dtype:?} {scale:?} dim {dim} {mask:?}: {name} differs by {e:e}"
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }

@@ -26,12 +26,14 @@ use crate::Activation;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2;
+mod coupling;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
 mod pack;
 mod portable;
 
+pub(crate) use coupling::{AffineUpdate, LogDet};
 pub(crate) use pack::pack_linear;
 
 #[cfg(feature = "cuda")]
@@ -179,10 +181,12 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<Dims> {
     })
 }
 
+/// The contiguous part of a storage that `l` describes (the fused ops take contiguous
+/// inputs).
 fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle::bail!("fused mlp expects contiguous inputs"),
+        None => candle::bail!("fused ops expect contiguous inputs"),
     }
 }
 

@@ -5,6 +5,8 @@
 
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
+use super::slice;
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pack;
 
@@ -18,13 +20,6 @@ fn rows_cols(w: &Layout, b: &Layout) -> Result<(usize, usize)> {
         );
     }
     Ok((rows, cols))
-}
-
-fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle::bail!("pack expects contiguous inputs"),
-    }
 }
 
 fn pack<T: Copy>(w: &[T], b: &[T], cols: usize) -> Vec<T> {
