@@ -406,9 +406,11 @@ const NOTES: &str = "
 - GFLOP/s counts the conditioner arithmetic only (per network and sample: forward `5·H` for
   `Linear(1, H) → act → Linear(H, 1)`, a training step about three times that), which is
   where the time goes, and sets it against the machine's matmul rate (a compute-bound
-  GEMM: about what the cores' FMA units attain). The rest of a step is candle's per-op and
-  autograd overhead on the small `(512, 1)` tensors between the fused calls, and the Adam
-  update.
+  GEMM: about what the cores' FMA units attain). The rest of a step is candle's graph
+  and autograd overhead around the fused ops (a few small ops per coupling layer, and
+  the gradient store's zero-fill and sum for each of them), and the in-place Adam update.
+- On a shared virtual machine, rates move with the host's load: compare rows of one run
+  (the matmul row shows the run's conditions).
 - Memory bandwidth does not bound the reference job: one network's parameters (about
   6 KiB) and a batch's features (4 KiB) stay in L1/L2; the triad row is the ceiling that
   streaming over large data would meet.
