@@ -205,7 +205,8 @@ impl Module for Mlp {
 static FUSION: AtomicBool = AtomicBool::new(true);
 
 /// Turns the fused CPU kernels on (the default) or off, process-wide; off runs every
-/// network through plain candle ops. For comparisons and benchmarks.
+/// conditioner network and every affine coupling's element-wise part through plain
+/// candle ops. For comparisons and benchmarks.
 pub fn set_fusion(enabled: bool) {
     FUSION.store(enabled, Ordering::Relaxed);
 }
