@@ -209,7 +209,7 @@ fn bench(args: &[String]) -> Result<()> {
             "--threads",
             &threads().to_string(),
             "--device",
-            &device.replace("metal", "mps"),
+            &pytorch_device(),
         ])
         .output()
         .ok()
@@ -226,6 +226,11 @@ fn bench(args: &[String]) -> Result<()> {
 /// The device the benchmarks run on (read by the criterion benches too).
 fn bench_device() -> String {
     env::var("FLOWS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// The same device as PyTorch names it.
+fn pytorch_device() -> String {
+    bench_device().replace("metal", "mps")
 }
 
 fn threads() -> usize {
@@ -392,7 +397,7 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
         Some(json) => line(format!(
             "`python3 benches/pytorch_seed_job.py --threads {} --device {}`: `{json}`",
             threads(),
-            bench_device().replace("metal", "mps")
+            pytorch_device()
         )),
         None => line("Not measured: `python3 -c 'import torch, sklearn'` failed (`pip install torch scikit-learn`).".into()),
     }

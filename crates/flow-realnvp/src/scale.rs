@@ -39,9 +39,7 @@ impl ScaleMap {
                 .log(),
         }
     }
-}
 
-impl ScaleMap {
     /// The log-scale of one raw output and its derivative: the scalar form of
     /// [`log_scale`](Self::log_scale), for fused kernels.
     pub(crate) fn scalar<T: num_traits::Float>(&self, s: T) -> (T, T) {

@@ -80,42 +80,32 @@ fn snapshot_into(saved: &[Tensor], vars: &[Var]) -> candle::Result<()> {
     Ok(())
 }
 
-/// `Σ ‖g‖²` over the gradients, read in place on the CPU; elsewhere summed on the
-/// device and read back once (one sync per step, not one per tensor).
-fn squared_norm(grads: &[Option<Tensor>], device: &Device) -> candle::Result<f64> {
+/// `‖g‖²` read in place from a contiguous f32/f64 CPU tensor; `None` for any other.
+fn host_squared_norm(g: &Tensor) -> Option<f64> {
     use candle::{CpuStorage, Storage};
-    if device.is_cpu() {
-        let mut total = 0.0;
-        for g in grads.iter().flatten() {
-            // The storage's read guard is dropped before any fallback op reads it again.
-            let in_place = {
-                let (storage, layout) = g.storage_and_layout();
-                match (&*storage, layout.contiguous_offsets()) {
-                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                        Some(v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum())
-                    }
-                    (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
-                        Some(v[a..b].iter().map(|x| x * x).sum())
-                    }
-                    _ => None,
-                }
-            };
-            total += match in_place {
-                Some(sum) => sum,
-                None => g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?,
-            };
+    let (storage, layout) = g.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()?) {
+        (Storage::Cpu(CpuStorage::F32(v)), (a, b)) => {
+            Some(v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum())
         }
-        return Ok(total);
+        (Storage::Cpu(CpuStorage::F64(v)), (a, b)) => Some(v[a..b].iter().map(|x| x * x).sum()),
+        _ => None,
     }
-    let mut sq = Tensor::zeros((), DType::F64, device)?;
+}
+
+/// `Σ ‖g‖²` over the gradients: read in place where [`host_squared_norm`] can, the
+/// rest summed on the device and read back once (one sync per step, not one per
+/// tensor).
+fn squared_norm(grads: &[Option<Tensor>], device: &Device) -> candle::Result<f64> {
+    let mut host = 0.0;
+    let mut rest = Tensor::zeros((), DType::F64, device)?;
     for g in grads.iter().flatten() {
-        sq = (sq + g.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
+        match host_squared_norm(g) {
+            Some(sum) => host += sum,
+            None => rest = (rest + g.sqr()?.sum_all()?.to_dtype(DType::F64)?)?,
+        }
     }
-    sq.to_scalar::<f64>()
+    Ok(host + rest.to_scalar::<f64>()?)
 }
 
 fn restore(vars: &[Var], values: &[Tensor]) -> candle::Result<()> {

@@ -56,7 +56,21 @@ fn kernel_name<T: WithDType>(pass: &str) -> Result<String> {
     Ok(format!("fused_mlp_{pass}_{}", T::DTYPE.as_str()))
 }
 
-/// The kernels' scalar arguments after the buffers: sizes, then the activation.
+/// The kernels' scalar arguments after the buffers: the sizes and the activation's
+/// code, then its slope below zero.
+fn scalars<T: WithDType>(a: Activation, d: Dims) -> Result<([i32; 5], T)> {
+    let (kind, c) = activation(a)?;
+    let sizes = [
+        int(d.batch)?,
+        int(d.input)?,
+        int(d.hidden)?,
+        int(d.output)?,
+        kind,
+    ];
+    Ok((sizes, T::from_f64(c)))
+}
+
+/// Pushes the [`scalars`].
 fn push_scalars<'a, T: WithDType + DeviceRepr>(
     b: &mut LaunchArgs<'a>,
     sizes: &'a [i32; 5],
@@ -86,7 +100,7 @@ impl Map3 for Forward {
         dev: &CudaDevice,
     ) -> Result<CudaSlice<T>> {
         let d = self.d;
-        let (kind, c) = activation(self.a)?;
+        let (sizes, c) = scalars::<T>(self.a, d)?;
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("fwd")?, MODULE, PTX)?;
         let (x, p1, p2) = (view(x, l1)?, view(p1, l2)?, view(p2, l3)?);
         // SAFETY: the kernel writes every element (one thread per sample, every output).
@@ -96,14 +110,6 @@ impl Map3 for Forward {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let sizes = [
-            int(d.batch)?,
-            int(d.input)?,
-            int(d.hidden)?,
-            int(d.output)?,
-            kind,
-        ];
-        let c = T::from_f64(c);
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&p1);
@@ -136,7 +142,7 @@ impl Map3 for Backward {
         dev: &CudaDevice,
     ) -> Result<CudaSlice<T>> {
         let d = self.d;
-        let (kind, c) = activation(self.a)?;
+        let (sizes, c) = scalars::<T>(self.a, d)?;
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("bwd")?, MODULE, PTX)?;
         let (x, p, g) = (view(x, l1)?, view(p, l2)?, view(g, l3)?);
         let n1 = d.hidden * (d.input + 1);
@@ -151,14 +157,7 @@ impl Map3 for Backward {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let sizes = [
-            int(d.batch)?,
-            int(d.input)?,
-            int(d.hidden)?,
-            int(d.output)?,
-            kind,
-        ];
-        let (c, chunk) = (T::from_f64(c), int(CHUNK)?);
+        let chunk = int(CHUNK)?;
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&p1);
