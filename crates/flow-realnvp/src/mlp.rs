@@ -221,16 +221,14 @@ static CUDA_FUSION: OnceLock<AtomicBool> = OnceLock::new();
 
 fn cuda_fusion() -> &'static AtomicBool {
     CUDA_FUSION.get_or_init(|| {
-        let on = std::env::var("FLOWS_CUDA_FUSION").is_ok_and(|v| v == "1" || v == "true");
-        AtomicBool::new(on)
+        let off = std::env::var("FLOWS_CUDA_FUSION").is_ok_and(|v| v == "0" || v == "false");
+        AtomicBool::new(!off)
     })
 }
 
 /// Turns the fused CUDA kernels on or off, process-wide. Off, networks on a CUDA device
-/// run through candle's own CUDA ops. The default is off, or on where the environment
-/// sets `FLOWS_CUDA_FUSION=1`: the kernels stay opt-in until the GPU test
-/// (`tests/fused.rs` with `--features cuda`) has passed on hardware. Without the `cuda`
-/// feature this changes nothing.
+/// run through candle's own CUDA ops. The default is on, or off where the environment
+/// sets `FLOWS_CUDA_FUSION=0`. Without the `cuda` feature this changes nothing.
 pub fn set_cuda_fusion(enabled: bool) {
     cuda_fusion().store(enabled, Ordering::Relaxed);
 }

@@ -1,8 +1,11 @@
 //! Whole flows with the fused kernels (conditioner networks and the coupling's
 //! element-wise part) against the same flows on plain candle ops: log-probs, latents,
 //! samples and the gradients of both directions, for every scale map, both mask
-//! patterns and both float dtypes. (One test in its own binary: the switch is
-//! process-wide.)
+//! patterns and both float dtypes. With the `cuda` feature, the same flows on a GPU,
+//! with its fused kernels on and off, against the CPU. (The fusion switches are
+//! process-wide: the tests take turns through [`SWITCHES`].)
+
+use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -10,6 +13,9 @@ use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow, StandardNormal};
 use flow_realnvp::{set_fusion, MaskPattern, RealNvp, RealNvpConfig, ScaleMap};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Held by a test while it sets the fusion switches.
+static SWITCHES: Mutex<()> = Mutex::new(());
 
 /// Largest difference relative to the reference's size, over the entries finite in
 /// both; an entry finite in one result only is an error (the unbounded `exp` scale can
@@ -81,6 +87,7 @@ fn outputs(
 
 #[test]
 fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
+    let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
     let scales = [
         ScaleMap::Exp,
@@ -144,6 +151,102 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
                     ensure!(
                         e < tol,
                         "{dtype:?} {scale:?} dim {dim} {mask:?}: {name} differs by {e:e}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flows on a GPU, fused CUDA kernels off and on, against the same flows on the CPU
+/// (plain ops): every output of [`outputs`], for the reference job, zuko's default
+/// conditioner depth, NICE, wider features and a checkerboard mask. Without a GPU this
+/// is skipped, unless `FLOWS_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) makes that
+/// a failure.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flows_match_the_cpu() -> Result<()> {
+    use flow_realnvp::{set_cuda_fusion, Activation, CouplingKind};
+    let gpu = match Device::new_cuda(0) {
+        Ok(gpu) => gpu,
+        Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e)?,
+        Err(_) => return Ok(eprintln!("no CUDA device: skipped")),
+    };
+    let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    let cases = [
+        (RealNvpConfig::new(2), 1024),
+        (
+            RealNvpConfig::new(2)
+                .with_layers(6)
+                .with_hidden(64)
+                .with_hidden_layers(2)
+                .with_activation(Activation::Relu),
+            256,
+        ),
+        (
+            RealNvpConfig::new(2).with_coupling(CouplingKind::Additive),
+            512,
+        ),
+        (
+            RealNvpConfig::new(6)
+                .with_layers(3)
+                .with_hidden(40)
+                .with_activation(Activation::Tanh)
+                .with_mask(MaskPattern::Checkerboard),
+            300,
+        ),
+        // Wider than the CUDA kernels take: candle's ops on the GPU.
+        (RealNvpConfig::new(40).with_layers(2).with_hidden(32), 100),
+    ];
+    for dtype in [DType::F64, DType::F32] {
+        let (tol, grad_tol) = if dtype == DType::F32 {
+            (1e-4, 1e-2)
+        } else {
+            (1e-10, 1e-9)
+        };
+        for (cfg, batch) in &cases {
+            let dim = cfg.dim;
+            let build = |dev: &Device| -> Result<(Flow, VarMap)> {
+                let varmap = VarMap::new();
+                let bijector = RealNvp::new(cfg, seeded_var_builder(&varmap, 9, dtype, dev))?;
+                Ok((
+                    Flow::new(bijector, StandardNormal::new(dim, dtype, dev)),
+                    varmap,
+                ))
+            };
+            let inputs = |dev: &Device| -> Result<(Var, Var, Tensor)> {
+                let rng = &mut StdRng::seed_from_u64(5);
+                let x = normal(rng, *batch, dim, 0.5, 1.5)?.to_dtype(dtype)?;
+                let z = normal(rng, *batch, dim, 0.0, 1.0)?.to_dtype(dtype)?;
+                let w = normal(rng, *batch, dim, 0.0, 1.0)?.to_dtype(dtype)?;
+                Ok((
+                    Var::from_tensor(&x.to_device(dev)?)?,
+                    Var::from_tensor(&z.to_device(dev)?)?,
+                    w.to_device(dev)?,
+                ))
+            };
+            set_fusion(false);
+            let (flow, varmap) = build(&Device::Cpu)?;
+            let (x, z, w) = inputs(&Device::Cpu)?;
+            let reference = outputs(&flow, &varmap, &x, &z, &w)?;
+            set_fusion(true);
+            for fused in [false, true] {
+                set_cuda_fusion(fused);
+                let (flow, varmap) = build(&gpu)?;
+                let (x, z, w) = inputs(&gpu)?;
+                let on_gpu = outputs(&flow, &varmap, &x, &z, &w)?;
+                ensure!(on_gpu.len() == reference.len());
+                for ((name, a), (_, b)) in on_gpu.iter().zip(&reference) {
+                    let e = rel_err(a, b)?;
+                    let tol = if name.contains("gradient") {
+                        grad_tol
+                    } else {
+                        tol
+                    };
+                    ensure!(
+                        e < tol,
+                        "{dtype:?} {cfg:?} CUDA fusion {fused}: {name} differs by {e:e}"
                     );
                 }
             }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu-check.sh runs on a GPU machine that has no Rust toolchain:
+# the `flow` binary, the test executables with a CUDA path and the device benchmark,
+# compiled with `--features cuda`, stripped into .gpu/bin and packed as
+# .gpu/bin.tar.xz (about 8 MB: the binaries share candle's PTX, which a long xz window
+# stores once), small enough to travel to a machine that takes little.
+#
+# Needs nvcc on PATH whose CUDA version the GPU's driver supports (PTX from a newer
+# nvcc does not load on an older driver), e.g. pip's nvidia-cuda-nvcc==13.0.*, and
+# CUDA_COMPUTE_CAP (90 for H100/H200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CUDA_COMPUTE_CAP:?set CUDA_COMPUTE_CAP, e.g. 90}"
+target=${CARGO_TARGET_DIR:-target}
+bin=.gpu/bin
+rm -rf "$bin" && mkdir -p "$bin"
+
+cargo build --release --features cuda -p flow-cli
+cp "$target/release/flow" "$bin/"
+
+# The test executables, by name, from cargo's list of what it built.
+tests=$(cargo test --release --features cuda --no-run \
+    -p flow-core -p flow-realnvp -p flow-train --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        t = m["target"]
+        name = t["name"] if t["kind"] != ["lib"] else t["name"] + "_lib"
+        print(name, m["executable"])
+')
+while read -r name exe; do
+    case "$name" in
+        fused | fused_flow | training | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
+    esac
+done <<<"$tests"
+
+bench=$(cargo bench --features cuda -p flow-train --bench device_jobs --no-run \
+    --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])
+')
+cp "$bench" "$bin/device_jobs"
+
+strip "$bin"/*
+tar -C .gpu -cf - bin | xz -9 -T2 --lzma2=preset=9,dict=256MiB >.gpu/bin.tar.xz
+ls -la "$bin" .gpu/bin.tar.xz

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The CUDA path on a real GPU, in one command: the CUDA tests (fused kernels against
+# candle's ops, whole flows and training against the CPU, each with CUDA fusion off and
+# on), then the device benchmarks beside PyTorch (and zuko) on the same card, and the
+# end-to-end `flow` commands. Runs the binaries scripts/gpu-build.sh left in .gpu/bin,
+# so the GPU machine needs no Rust toolchain. Full logs go to $LOGS (default gpu-logs/);
+# where $OUT is set, they are also packed into $OUT/gpu-logs.tar.gz, beside gpu.md, the
+# GPU section for BENCHMARKS.md. A short table is printed last.
+#
+# zuko is imported if Python finds it (pip install zuko, or wheels in .whl/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${LOGS:-gpu-logs}
+mkdir -p "$logs"
+bin=$PWD/.gpu/bin
+status=0
+# Pack the logs on any exit, a timeout's TERM included, so what ran comes back.
+pack() {
+    if [ -n "${OUT:-}" ]; then
+        cp "$logs/gpu.md" "$OUT/" 2>/dev/null
+        tar -C "$logs" -czf "$OUT/gpu-logs.tar.gz" .
+    fi
+}
+trap pack EXIT
+trap 'exit 124' TERM
+if [ ! -d "$bin" ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        .gpu/bin.tar.xz .gpu || exit 1
+fi
+
+# CUDA's libraries (cuBLAS, cuRAND, NVRTC, the runtime) where PyTorch's pip packages
+# keep them; the driver's libcuda is found by the loader as it is for PyTorch.
+libs=$(find / \( -path /proc -o -path /sys -o -path '*/stubs' -o -path '*/compat' \) -prune -o \
+    \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' \
+    -o -name 'libcudart.so.*' \) -print 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >"$logs/env.log"
+{ ldconfig -p | grep libcuda; nvidia-smi; } >>"$logs/env.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$logs/card.txt" 2>&1
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$logs/env.log" 2>&1 &&
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# 1. Tests. FLOWS_REQUIRE_CUDA turns "no GPU found" from a skip into a failure.
+: >"$logs/tests.txt"
+for t in "$bin"/test_*; do
+    name=$(basename "$t")
+    if FLOWS_REQUIRE_CUDA=1 timeout 120 "$t" >"$logs/$name.log" 2>&1; then
+        echo "$name pass $(grep -o '[0-9]* passed' "$logs/$name.log" | tail -1)" >>"$logs/tests.txt"
+    else
+        echo "$name FAIL" >>"$logs/tests.txt"
+        status=1
+    fi
+done
+
+# 2. Benchmarks, ours and PyTorch's, same card, same run.
+timeout 150 "$bin/device_jobs" >"$logs/ours.jsonl" 2>"$logs/ours.err" || status=1
+timeout 150 python3 benches/pytorch_device_jobs.py --device cuda \
+    >"$logs/pytorch.jsonl" 2>"$logs/pytorch.err" || status=1
+timeout 60 python3 benches/pytorch_seed_job.py --device cuda \
+    >"$logs/pytorch_seed_job.json" 2>"$logs/pytorch_seed_job.err" || status=1
+
+# 3. End to end through the binary: the reference job, and log-prob of 1M points read
+# from CSV, each with CUDA fusion on and off.
+work=$(mktemp -d)
+"$bin/flow" data moons --n 1000000 --noise 0.05 --seed 3 --out "$work/big.csv" >/dev/null 2>&1
+: >"$logs/e2e.txt"
+for fusion in 1 0; do
+    export FLOWS_CUDA_FUSION=$fusion
+    timeout 60 "$bin/flow" train --data moons --n 20000 --noise 0.05 --device cuda \
+        --out "$work/m$fusion.safetensors" >"$logs/train_fusion$fusion.log" 2>&1 || status=1
+    echo "fusion=$fusion train: $(grep '^trained' "$logs/train_fusion$fusion.log")" >>"$logs/e2e.txt"
+    start=$EPOCHREALTIME
+    timeout 60 "$bin/flow" log-prob --model "$work/m$fusion.safetensors" --input "$work/big.csv" \
+        --device cuda >"$logs/log_prob_fusion$fusion.log" 2>&1 || status=1
+    secs=$(awk "BEGIN { printf \"%.2f\", $EPOCHREALTIME - $start }")
+    echo "fusion=$fusion log-prob 1M from CSV: ${secs}s $(tail -1 "$logs/log_prob_fusion$fusion.log")" >>"$logs/e2e.txt"
+done
+unset FLOWS_CUDA_FUSION
+rm -rf "$work"
+
+# 4. The table, and the GPU section of BENCHMARKS.md in $logs/gpu.md.
+python3 -c 'import torch; print(torch.__version__)' >"$logs/torch_version.txt" 2>&1
+echo
+echo "== $(cat "$logs/card.txt")"
+cat "$logs/tests.txt"
+python3 benches/gpu_report.py "$logs"
+cat "$logs/pytorch_seed_job.json"
+cat "$logs/e2e.txt"
+exit $status
