@@ -83,7 +83,7 @@ def main():
         "on the device, no synchronisation inside the timed loop, the median of three "
         "repeats after a warm-up, f32. Ours: `crates/flow-train/benches/device_jobs.rs`, "
         "timed the same way, with the fused CUDA conditioner kernels (the default) and "
-        "with candle's own CUDA ops only (`FLOWS_CUDA_FUSION=0`).",
+        "with candle's own CUDA ops only (`FLOWS_FUSION=0`).",
         "",
         "| job | ours, fused | ours, candle ops | PyTorch | fused / PyTorch |",
         "| --- | --- | --- | --- | --- |",

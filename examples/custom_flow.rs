@@ -11,8 +11,8 @@ use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Chain, Flow, Reverse, StandardNormal};
 use flow_realnvp::{
-    Activation, AffineCoupling, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout,
-    ScaleMap,
+    Activation, Affine, AffineCoupling, ConditionerConfig, CouplingConfig, NetConfig, Nets,
+    OutputLayout, ScaleMap,
 };
 
 fn main() -> Result<()> {
@@ -32,7 +32,7 @@ fn main() -> Result<()> {
             },
             zero_init: false,
         },
-        scale: ScaleMap::default(),
+        transform: Affine::new(ScaleMap::default()),
         inverted: false,
         context_dim: 0,
     };

@@ -20,7 +20,7 @@ cp "$target/release/flow" "$bin/"
 
 # The test executables, by name, from cargo's list of what it built.
 tests=$(cargo test --release --features cuda --no-run \
-    -p flow-core -p flow-realnvp -p flow-train --message-format=json 2>/dev/null |
+    -p flow-core -p flow-nn -p flow-realnvp -p flow-train --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -32,7 +32,7 @@ for line in sys.stdin:
 ')
 while read -r name exe; do
     case "$name" in
-        fused | fused_flow | training | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
+        fused | fused_flow | cuda_training | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
     esac
 done <<<"$tests"
 

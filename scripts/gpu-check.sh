@@ -68,7 +68,7 @@ work=$(mktemp -d)
 "$bin/flow" data moons --n 1000000 --noise 0.05 --seed 3 --out "$work/big.csv" >/dev/null 2>&1
 : >"$logs/e2e.txt"
 for fusion in 1 0; do
-    export FLOWS_CUDA_FUSION=$fusion
+    export FLOWS_FUSION=$fusion
     timeout 60 "$bin/flow" train --data moons --n 20000 --noise 0.05 --device cuda \
         --out "$work/m$fusion.safetensors" >"$logs/train_fusion$fusion.log" 2>&1 || status=1
     echo "fusion=$fusion train: $(grep '^trained' "$logs/train_fusion$fusion.log")" >>"$logs/e2e.txt"
@@ -78,7 +78,7 @@ for fusion in 1 0; do
     secs=$(awk "BEGIN { printf \"%.2f\", $EPOCHREALTIME - $start }")
     echo "fusion=$fusion log-prob 1M from CSV: ${secs}s $(tail -1 "$logs/log_prob_fusion$fusion.log")" >>"$logs/e2e.txt"
 done
-unset FLOWS_CUDA_FUSION
+unset FLOWS_FUSION
 rm -rf "$work"
 
 # 4. The table, and the GPU section of BENCHMARKS.md in $logs/gpu.md.

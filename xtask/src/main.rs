@@ -116,14 +116,17 @@ fn train(args: &[String]) -> Result<()> {
     let out = root().join("runs").join("moons");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let p = |name: &str| out.join(name).to_string_lossy().into_owned();
-    let (model, val) = (p("model.safetensors"), p("heldout.csv"));
-
-    run(flow(
-        &features,
-        &[
-            "data", "moons", "--n", "5000", "--noise", "0.05", "--seed", "12345", "--out", &val,
-        ],
-    ))?;
+    // Two held-out sets from other seeds: validation picks the best weights, test
+    // scores them (data that took no part in choosing them).
+    let (model, val, test) = (p("model.safetensors"), p("validation.csv"), p("test.csv"));
+    for (file, seed) in [(&val, "12345"), (&test, "54321")] {
+        run(flow(
+            &features,
+            &[
+                "data", "moons", "--n", "5000", "--noise", "0.05", "--seed", seed, "--out", file,
+            ],
+        ))?;
+    }
     let metrics = p("metrics.jsonl");
     let mut train_args = vec![
         "train",
@@ -163,10 +166,10 @@ fn train(args: &[String]) -> Result<()> {
         &features,
         &["plot", "--model", &model, "--data", &val, "--out", &density],
     ))?;
-    println!("held-out set ({val}):");
+    println!("test set ({test}):");
     run(flow(
         &features,
-        &["log-prob", "--model", &model, "--input", &val],
+        &["log-prob", "--model", &model, "--input", &test],
     ))?;
     println!("wrote {}", out.display());
     Ok(())
@@ -435,6 +438,6 @@ const NOTES: &str = "
 - GPU: the section below comes from `scripts/gpu-check.sh` on a GPU machine (build its
   binaries with `scripts/gpu-build.sh`); `cargo xtask bench` keeps it as it is.
   `FLOWS_BENCH_DEVICE=cuda cargo xtask bench --features cuda` runs this page's
-  benchmarks on CUDA (fused CUDA kernels on; `FLOWS_CUDA_FUSION=0` turns them off); the
+  benchmarks on CUDA (fused CUDA kernels on; `FLOWS_FUSION=0` turns them off); the
   triad row always measures the host's memory.
 ";

@@ -34,7 +34,7 @@ pub struct Cli {
 pub enum Command {
     /// Write a built-in 2-D data set to CSV.
     Data(DataArgs),
-    /// Train a RealNVP model.
+    /// Train a model (RealNVP or NICE) on a data set; conditional with --context-dim.
     Train(Box<TrainArgs>),
     /// One log p(x) in nats per input row; prints mean log-prob, NLL and bits/dim.
     LogProb(LogProbArgs),
@@ -56,20 +56,28 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SourceArg {
+    /// The reference RealNVP code (`bijectors.{i}.sig_net` / `mu_net`).
     Seed,
+    /// normflows' `NormalizingFlow` of affine coupling blocks.
     Normflows,
+    /// nflows' `SimpleRealNVP`.
     Nflows,
+    /// zuko's `RealNVP`.
     Zuko,
+    /// FrEIA's `SequenceINN` of Glow coupling blocks.
     Freia,
 }
 
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct ImportArgs {
+    /// The tool that saved the weights.
     #[arg(long = "from", value_enum)]
     pub from: SourceArg,
+    /// The state dict, saved as safetensors.
     #[arg(long)]
     pub input: PathBuf,
+    /// The model to write.
     #[arg(long)]
     pub out: PathBuf,
     /// Hidden activation, when the source used another than its library's default.
@@ -82,15 +90,19 @@ pub struct ImportArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TargetArg {
+    /// The reference RealNVP code's state dict.
     Seed,
 }
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    /// The layout to write.
     #[arg(long, value_enum)]
     pub to: TargetArg,
+    /// The model to export.
     #[arg(long)]
     pub model: PathBuf,
+    /// The safetensors file to write.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -98,36 +110,52 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct DataArgs {
+    /// The data set.
     #[arg(value_parser = toy_parser())]
     pub name: Toy,
+    /// Number of points.
     #[arg(long)]
     pub n: usize,
     /// Noise level (default depends on the data set).
     #[arg(long)]
     pub noise: Option<f64>,
+    /// Seed of the generator: the same seed gives the same points.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Add each point's component (moon, circle, arm, …) as a last `label` column, the
+    /// condition of a conditional flow (`flow train --context-dim 1`).
+    #[arg(long)]
+    pub with_labels: bool,
+    /// The CSV file to write.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum CouplingArg {
+    /// RealNVP: scale and shift.
     Affine,
+    /// NICE: shift only (volume preserving).
     Additive,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ScaleArg {
+    /// `s / (1 + |s| / clamp)`.
     SoftClamp,
+    /// `s` unbounded (the original RealNVP).
     Exp,
+    /// `clamp · tanh(s / clamp)`.
     Tanh,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ScheduleArg {
+    /// The same learning rate throughout.
     Constant,
+    /// Multiplied by --lr-decay every step.
     Exp,
+    /// Cosine decay to zero after --warmup linear warm-up steps.
     Cosine,
 }
 
@@ -137,42 +165,63 @@ pub struct TrainArgs {
     /// A built-in data set name, or a CSV / .npy file.
     #[arg(long)]
     pub data: String,
+    /// The model file to write (and, with --checkpoint-every, the checkpoints).
     #[arg(long)]
     pub out: PathBuf,
     /// Points to generate for a built-in data set.
     #[arg(long, default_value_t = 20_000)]
     pub n: usize,
+    /// Noise of a built-in data set (default depends on the data set).
     #[arg(long)]
     pub noise: Option<f64>,
+    /// Give a built-in data set's points their labels as a last column (see
+    /// --context-dim).
+    #[arg(long)]
+    pub with_labels: bool,
+    /// Train a conditional flow: the last N columns of every data row are the
+    /// condition, the others the data.
+    #[arg(long, default_value_t = 0)]
+    pub context_dim: usize,
     /// Validation file, scored during training; the best weights are kept.
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// Coupling layers.
     #[arg(long, default_value_t = 5)]
     pub layers: usize,
+    /// Width of each hidden layer of the conditioner networks.
     #[arg(long, default_value_t = 512)]
     pub hidden: usize,
+    /// Hidden layers of each conditioner network.
     #[arg(long, default_value_t = 1)]
     pub hidden_layers: usize,
+    /// Hidden-layer activation of the conditioner networks.
     #[arg(long, value_parser = activation_parser(), default_value = "leaky-relu")]
     pub activation: Activation,
+    /// Coupling layer: affine (RealNVP) or additive (NICE).
     #[arg(long, value_enum, default_value = "affine")]
     pub coupling: CouplingArg,
+    /// How an affine coupling's raw log-scale is bounded.
     #[arg(long, value_enum, default_value = "soft-clamp")]
     pub scale: ScaleArg,
     /// Bound of the soft-clamp and tanh log-scale maps.
     #[arg(long, default_value_t = 3.0)]
     pub clamp: f64,
+    /// Optimizer steps (default 1000); with --resume, the total to continue to.
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
+    /// Passes over the training data, instead of --steps.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Samples per optimizer step.
     #[arg(long, default_value_t = 512)]
     pub batch: usize,
+    /// Adam's learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Per-step exponential decay of the learning rate (with `--schedule exp`).
     #[arg(long, default_value_t = 0.999)]
     pub lr_decay: f64,
+    /// Learning-rate schedule.
     #[arg(long, value_enum, default_value = "exp")]
     pub schedule: ScheduleArg,
     /// Warm-up steps of the cosine schedule.
@@ -181,15 +230,19 @@ pub struct TrainArgs {
     /// Use AdamW with this decoupled weight decay.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Rescale gradients whose global L2 norm exceeds this.
     #[arg(long)]
     pub clip_grad: Option<f64>,
+    /// Seed of initialisation and batch order (and of a built-in data set).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Write one JSON line per progress report here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// Score the validation file every this many steps.
     #[arg(long, default_value_t = 100)]
     pub val_every: usize,
     /// Stop after this many validation scores without improvement.
@@ -202,8 +255,9 @@ pub struct TrainArgs {
     /// position in the data) to --out.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// Continue the run saved in this checkpoint (its settings are used; give the same
-    /// data flags).
+    /// Continue the run saved in this file: a checkpoint, an interrupted run, or a
+    /// finished model that `flow train` wrote (its settings are used; give the same data
+    /// flags, and a larger --steps to go on past its end).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Skip batches whose loss or gradient is NaN or infinite instead of stopping.
@@ -216,13 +270,17 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct LogProbArgs {
+    /// The model.
     #[arg(long)]
     pub model: PathBuf,
+    /// Data rows (CSV or .npy); for a conditional model the condition fills the last
+    /// columns.
     #[arg(long)]
     pub input: PathBuf,
     /// Write the per-row log-probs here (CSV).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -230,50 +288,77 @@ pub struct LogProbArgs {
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct SampleArgs {
+    /// The model.
     #[arg(long)]
     pub model: PathBuf,
+    /// Number of samples (with --context-file, default: one per row).
     #[arg(long)]
-    pub n: usize,
+    pub n: Option<usize>,
+    /// Seed of the draws: the same seed gives the same samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Spread of the base distribution's draws (below 1 concentrates on the modes).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Condition of a conditional model for every sample, as comma-separated values.
+    #[arg(long, conflicts_with = "context_file")]
+    pub context: Option<String>,
+    /// Condition of a conditional model, one row per sample (CSV or .npy).
+    #[arg(long)]
+    pub context_file: Option<PathBuf>,
+    /// The CSV file to write (a conditional model's condition follows in the last
+    /// columns, as `flow log-prob` reads it).
     #[arg(long)]
     pub out: PathBuf,
     /// Also draw the samples (2-D models) to this PNG.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 #[derive(Debug, Args)]
 pub struct CodecArgs {
+    /// The model.
     #[arg(long)]
     pub model: PathBuf,
+    /// Rows to map (CSV or .npy); for a conditional model the condition fills the last
+    /// columns.
     #[arg(long)]
     pub input: PathBuf,
+    /// The CSV file to write (a conditional model's condition follows in the last
+    /// columns).
     #[arg(long)]
     pub out: PathBuf,
+    /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
+    /// The model.
     #[arg(long)]
     pub model: PathBuf,
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct PlotArgs {
+    /// The model (2-D).
     #[arg(long)]
     pub model: PathBuf,
+    /// The PNG file to write.
     #[arg(long)]
     pub out: PathBuf,
     /// Data points to draw over the density.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Condition of a conditional model, as comma-separated values.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

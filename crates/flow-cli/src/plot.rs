@@ -109,10 +109,12 @@ pub fn scatter(path: &Path, points: &[f32]) -> Result<(), Failure> {
     })
 }
 
-/// The density of a 2-D `flow` over `bounds` as a heat map, with `points` over it.
+/// The density of a 2-D `flow` (given `context`, one row, for a conditional flow) over
+/// `bounds` as a heat map, with `points` over it.
 pub fn density(
     path: &Path,
     flow: &Flow,
+    context: Option<&Tensor>,
     device: &Device,
     bounds: Bounds,
     points: Option<&[f32]>,
@@ -128,7 +130,7 @@ pub fn density(
     let x = Tensor::from_vec(grid, (CELLS * CELLS, 2), &Device::Cpu)?;
     let x = x.to_device(device)?;
     let lp = flow
-        .log_prob(&x)?
+        .log_prob_with_context(&x, context)?
         .to_dtype(candle::DType::F32)?
         .to_vec1::<f32>()?;
     let max = lp

@@ -353,3 +353,180 @@ fn imported_models_work_with_every_command() {
         "not a zuko flow",
     );
 }
+
+#[test]
+fn conditional_flows_from_the_command_line() {
+    let (m, train) = (path("cond.safetensors"), path("cond-train.csv"));
+    let test = path("cond-test.csv");
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "3000",
+        "--seed",
+        "1",
+        "--with-labels",
+        "--out",
+        &train,
+    ]);
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "400",
+        "--seed",
+        "2",
+        "--with-labels",
+        "--out",
+        &test,
+    ]);
+    assert_eq!(read_csv(&test)[0].len(), 3, "labels are the last column");
+    ok(&[
+        "train",
+        "--data",
+        &train,
+        "--context-dim",
+        "1",
+        "--steps",
+        "400",
+        "--hidden",
+        "32",
+        "--layers",
+        "4",
+        "--batch",
+        "256",
+        "--out",
+        &m,
+    ]);
+    let inspect = ok(&["inspect", "--model", &m]);
+    assert!(inspect.contains("context features: 1"), "{inspect}");
+    assert!(inspect.contains("family: realnvp"), "{inspect}");
+
+    // The same rows with the other label are far less likely.
+    let flipped = path("cond-flipped.csv");
+    let rows: Vec<String> = read_csv(&test)
+        .iter()
+        .map(|r| format!("{},{},{}", r[0], r[1], 1.0 - r[2]))
+        .collect();
+    std::fs::write(&flipped, format!("x0,x1,label\n{}\n", rows.join("\n"))).expect("write");
+    let mean = |input: &str| -> f64 {
+        let out = ok(&["log-prob", "--model", &m, "--input", input]);
+        let after = out.split("mean log-prob").nth(1).expect("mean log-prob");
+        after
+            .split_whitespace()
+            .next()
+            .expect("value")
+            .parse()
+            .expect("number")
+    };
+    let (right, wrong) = (mean(&test), mean(&flipped));
+    assert!(
+        right > wrong + 1.0,
+        "{right} with the true label, {wrong} flipped"
+    );
+
+    // Encoding and decoding keep the condition column; samples carry theirs.
+    let (z, back) = (path("cond-z.csv"), path("cond-back.csv"));
+    ok(&["encode", "--model", &m, "--input", &test, "--out", &z]);
+    ok(&["decode", "--model", &m, "--input", &z, "--out", &back]);
+    for (a, b) in read_csv(&test).iter().zip(read_csv(&back)) {
+        assert!((a[0] - b[0]).abs() < 1e-3 && (a[1] - b[1]).abs() < 1e-3 && a[2] == b[2]);
+    }
+    let samples = path("cond-samples.csv");
+    ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--n",
+        "50",
+        "--context",
+        "1",
+        "--out",
+        &samples,
+    ]);
+    let s = read_csv(&samples);
+    assert!(s.len() == 50 && s.iter().all(|r| r.len() == 3 && r[2] == 1.0));
+    let per_row = path("cond-per-row.csv");
+    std::fs::write(&per_row, "label\n0\n1\n1\n").expect("write");
+    ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--context-file",
+        &per_row,
+        "--out",
+        &samples,
+    ]);
+    let s = read_csv(&samples);
+    assert_eq!(s.iter().map(|r| r[2]).collect::<Vec<_>>(), [0.0, 1.0, 1.0]);
+
+    fails(
+        &["sample", "--model", &m, "--n", "5", "--out", &samples],
+        "give --context",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            &m,
+            "--n",
+            "5",
+            "--context",
+            "1,2",
+            "--out",
+            &samples,
+        ],
+        "--context has 2 values, the model takes 1",
+    );
+    fails(
+        &["log-prob", "--model", &m, "--input", &path("val.csv")],
+        "then 1 context features",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            model(),
+            "--n",
+            "5",
+            "--context",
+            "1",
+            "--out",
+            &samples,
+        ],
+        "not conditional",
+    );
+}
+
+#[test]
+fn every_flag_has_a_help_line() {
+    let commands = [
+        "data", "train", "log-prob", "sample", "encode", "decode", "inspect", "plot", "import",
+        "export",
+    ];
+    for command in commands {
+        let help = ok(&[command, "-h"]);
+        let options = help.split("Options:").nth(1).unwrap_or_default();
+        let lines: Vec<&str> = options.lines().map(str::trim).collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with("--")
+                || line.starts_with("--help")
+                || line.starts_with("--version")
+            {
+                continue;
+            }
+            // The help text follows the flag and its value, on its line or the next.
+            let same_line = line
+                .split_whitespace()
+                .skip(1)
+                .any(|w| !w.starts_with('<') && !w.starts_with('[') && !w.starts_with("--"));
+            let next_line = lines
+                .get(i + 1)
+                .is_some_and(|l| !l.is_empty() && !l.starts_with('-'));
+            assert!(
+                same_line || next_line,
+                "flow {command}: `{line}` has no help line"
+            );
+        }
+    }
+}

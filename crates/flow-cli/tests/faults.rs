@@ -228,3 +228,66 @@ fn sigint_saves_a_resumable_checkpoint() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_finished_run_continues_to_more_steps_as_if_never_stopped() {
+    let d = dir("continue");
+    let run = |extra: &[&str], out: &Path| {
+        let o = s(out);
+        let mut args = vec![
+            "train", "--data", "moons", "--n", "1200", "--hidden", "24", "--layers", "3",
+            "--batch", "256", "--seed", "4", "--out", &o,
+        ];
+        args.extend_from_slice(extra);
+        let r = flow(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    };
+    let (part, full) = (d.join("part.safetensors"), d.join("full.safetensors"));
+    run(&["--steps", "60", "--checkpoint-every", "60"], &part);
+    let p = s(&part);
+    run(&["--steps", "120", "--resume", &p], &part);
+    run(&["--steps", "120"], &full);
+
+    let points = s(&d.join("points.csv"));
+    let o = flow(&[
+        "data", "moons", "--n", "400", "--seed", "8", "--out", &points,
+    ]);
+    assert!(o.status.success());
+    let log_probs = |model: &Path, name: &str| {
+        let out = d.join(name);
+        let o = flow(&[
+            "log-prob",
+            "--model",
+            &s(model),
+            "--input",
+            &points,
+            "--out",
+            &s(&out),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).expect("log-probs")
+    };
+    assert_eq!(
+        log_probs(&part, "part.csv"),
+        log_probs(&full, "full.csv"),
+        "60 + 60 steps differ from 120 steps"
+    );
+
+    // Going back is refused, with a reason.
+    let o = flow(&[
+        "train",
+        "--data",
+        "moons",
+        "--n",
+        "1200",
+        "--steps",
+        "50",
+        "--resume",
+        &p,
+        "--out",
+        &s(&d.join("back.safetensors")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("past the 50 steps"), "{err}");
+}

@@ -257,7 +257,7 @@ fn thirty_and_more_hostile_inputs() {
         with_config("maskcfg.safetensors", |c| {
             c["layers"][0]["mask"] = serde_json::json!([true, false, true]);
         }),
-        "",
+        "layer 0: mask of 3 features in a model of 2",
     );
     model_case(
         "unknown format version",
@@ -337,7 +337,7 @@ fn thirty_and_more_hostile_inputs() {
     model_case(
         "model path is a folder",
         dir().to_string_lossy().into_owned(),
-        "",
+        "Is a directory",
     );
     model_case(
         "model file missing",
@@ -446,18 +446,38 @@ fn thirty_and_more_hostile_inputs() {
         c.args = train(extra);
         cases.push(c);
     }
+    let stateless = with_header("stateless.safetensors", |h| {
+        if let Some(meta) = h["__metadata__"].as_object_mut() {
+            meta.remove("train_state");
+        }
+    });
     cases.push(case(
-        "resume from a final model",
+        "resume from a model without training state",
         &[
             "train",
             "--data",
             "moons",
             "--resume",
-            m,
+            &stateless,
             "--out",
             &path("r.safetensors"),
         ],
-        "no training state",
+        "holds no training state",
+    ));
+    cases.push(case(
+        "resume on other data",
+        &[
+            "train",
+            "--data",
+            "circles",
+            "--n",
+            "300",
+            "--resume",
+            m,
+            "--out",
+            &path("r2.safetensors"),
+        ],
+        "the training data differ",
     ));
     cases.push(case(
         "zero temperature",

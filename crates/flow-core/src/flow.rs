@@ -76,23 +76,68 @@ impl Flow {
         }
     }
 
-    /// `log p(x)` for `x: (batch, dim)`, returned as `(batch,)`.
-    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+    /// A context for `rows` points: `(rows, c)` as it is, or `(1, c)` repeated.
+    fn check_context(context: &Tensor, rows: usize) -> Result<Tensor> {
+        match context.dims() {
+            [r, _] if *r == rows => Ok(context.clone()),
+            [1, c] => context.broadcast_as((rows, *c))?.contiguous(),
+            [r, _] => bail!("a context of {r} rows for {rows} points"),
+            dims => bail!("a context must be (batch, context features), got {dims:?}"),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         self.check_input(x, "input")?;
-        let (z, log_det) = self.bijector.forward(x)?;
+        match context {
+            Some(c) => {
+                let c = Self::check_context(c, x.dim(0)?)?;
+                self.bijector.forward_with_context(x, &c)
+            }
+            None => self.bijector.forward(x),
+        }
+    }
+
+    fn inverse(&self, z: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        match context {
+            Some(c) => {
+                let c = Self::check_context(c, z.dim(0)?)?;
+                self.bijector.inverse_with_context(z, &c)
+            }
+            None => self.bijector.inverse(z),
+        }
+    }
+
+    /// `log p(x)` `(batch,)` for `x: (batch, dim)`.
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        self.log_prob_with_context(x, None)
+    }
+
+    /// `log p(x | context)`; the context is `(batch, context features)`, or one row
+    /// for every point. `None` is the unconditional [`log_prob`](Self::log_prob).
+    pub fn log_prob_with_context(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (z, log_det) = self.forward(x, context)?;
         self.base.log_prob(&z)? + log_det
     }
 
-    /// The exact latent `z = f(x)`, `(batch, dim)`.
+    /// The latent `f(x)`.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x, "input")?;
-        Ok(self.bijector.forward(x)?.0)
+        self.encode_with_context(x, None)
     }
 
-    /// The data point `x = f⁻¹(z)`, `(batch, dim)`.
+    /// The latent `f(x; context)`.
+    pub fn encode_with_context(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward(x, context)?.0)
+    }
+
+    /// The data point `f⁻¹(z)` of a latent.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_with_context(z, None)
+    }
+
+    /// The data point `f⁻¹(z; context)` of a latent.
+    pub fn decode_with_context(&self, z: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         self.check_input(z, "latent")?;
-        Ok(self.bijector.inverse(z)?.0)
+        Ok(self.inverse(z, context)?.0)
     }
 
     /// `n` samples `(n, dim)`.
@@ -108,15 +153,27 @@ impl Flow {
         temperature: f64,
         rng: &mut dyn RngCore,
     ) -> Result<Tensor> {
+        self.sample_with_context(n, temperature, None, rng)
+    }
+
+    /// `n` samples given a context: `(n, context features)`, one row per sample, or
+    /// `(1, context features)` for all of them; with `temperature` as in
+    /// [`sample_with_temperature`](Self::sample_with_temperature).
+    pub fn sample_with_context(
+        &self,
+        n: usize,
+        temperature: f64,
+        context: Option<&Tensor>,
+        rng: &mut dyn RngCore,
+    ) -> Result<Tensor> {
         if !(temperature.is_finite() && temperature > 0.0) {
             bail!("temperature must be positive, got {temperature}");
         }
         let z = self.base.sample_with_temperature(n, temperature, rng)?;
-        Ok(self.bijector.inverse(&z)?.0)
+        Ok(self.inverse(&z, context)?.0)
     }
 
-    /// `n` samples `(n, dim)` with their log-probs `(n,)`, computed in one pass:
-    /// `log p(x) = log p_Z(z) − log|det ∂f⁻¹/∂z|`.
+    /// `n` samples and their log-densities, in one pass.
     pub fn sample_and_log_prob(&self, n: usize, rng: &mut dyn RngCore) -> Result<(Tensor, Tensor)> {
         let z = self.base.sample(n, rng)?;
         let (x, log_det_inverse) = self.bijector.inverse(&z)?;
@@ -124,8 +181,26 @@ impl Flow {
         Ok((x, log_p))
     }
 
-    /// Switches every layer between training and evaluation behaviour.
     pub fn set_training(&mut self, training: bool) {
         self.bijector.set_training(training)
+    }
+
+    /// The tensors of the bijector and the base that training must leave alone.
+    pub fn buffers(&self) -> Vec<Tensor> {
+        let mut b = self.bijector.buffers();
+        b.extend(self.base.buffers());
+        b
+    }
+
+    /// Data-dependent initialisation from a batch `x` (and its context): see
+    /// [`Bijector::initialize`].
+    pub fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
+        self.check_input(x, "input")?;
+        match context {
+            Some(c) => self
+                .bijector
+                .initialize(x, Some(&Self::check_context(c, x.dim(0)?)?)),
+            None => self.bijector.initialize(x, None),
+        }
     }
 }

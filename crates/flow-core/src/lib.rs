@@ -9,6 +9,7 @@
 pub mod bijectors;
 pub mod device;
 pub mod distributions;
+pub mod family;
 pub mod flow;
 pub mod init;
 pub mod sampling;
@@ -17,5 +18,6 @@ mod setters;
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
 pub use device::{join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, StandardNormal};
+pub use family::{FixedLayers, LayerFamily, LayerSpec};
 pub use flow::Flow;
 pub use init::seeded_var_builder;

@@ -6,13 +6,18 @@ use std::{
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow};
-use flow_realnvp::{ModelConfig, TRAIN_STATE_PREFIX};
+use flow_models::{ModelConfig, Registry};
 use safetensors::{tensor::TensorView, SafeTensors};
 
 use crate::{write_atomic, IoError};
 
 /// The checkpoint format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Tensors whose names start with this belong to an application's state saved beside
+/// the model (a training run's optimizer moments, say), not to the model; loaders of
+/// models ignore them.
+pub const STATE_PREFIX: &str = "train_state.";
 
 const KEY_FORMAT: &str = "format";
 const KEY_VERSION: &str = "format_version";
@@ -183,10 +188,22 @@ impl std::fmt::Debug for LoadedModel {
 
 /// Rebuilds the flow of `checkpoint` (read from `path`) on `device` in `dtype`, after
 /// checking that its tensors are exactly those the configuration needs, with the right
-/// shapes and finite values.
+/// shapes and finite values. Layers of the built-in families only; see
+/// [`build_checked_with`].
 pub fn build_checked(
     path: &Path,
     checkpoint: Checkpoint,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel, IoError> {
+    build_checked_with(path, checkpoint, &Registry::builtin(), dtype, device)
+}
+
+/// [`build_checked`] with the layer families of `registry`.
+pub fn build_checked_with(
+    path: &Path,
+    checkpoint: Checkpoint,
+    registry: &Registry,
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel, IoError> {
@@ -197,7 +214,10 @@ pub fn build_checked(
     // Build once with placeholder values to learn the expected names and shapes.
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, dtype, device);
-    let flow = checkpoint.config.build(vb).map_err(bad_config)?;
+    let flow = checkpoint
+        .config
+        .build_with(registry, vb)
+        .map_err(bad_config)?;
     let vars = varmap
         .data()
         .lock()
@@ -244,7 +264,7 @@ pub fn build_checked(
     }
     let mut names: Vec<&String> = checkpoint.tensors.keys().collect();
     names.sort();
-    let model_tensor = |n: &&String| !n.starts_with(TRAIN_STATE_PREFIX);
+    let model_tensor = |n: &&String| !n.starts_with(STATE_PREFIX);
     if let Some(name) = names
         .into_iter()
         .filter(model_tensor)
@@ -259,7 +279,10 @@ pub fn build_checked(
     // (positive standard deviations, valid permutations) see the real values.
     drop(flow);
     let vb = seeded_var_builder(&varmap, 0, dtype, device);
-    let flow = checkpoint.config.build(vb).map_err(bad_config)?;
+    let flow = checkpoint
+        .config
+        .build_with(registry, vb)
+        .map_err(bad_config)?;
     Ok(LoadedModel {
         flow,
         varmap,

@@ -1,7 +1,7 @@
 //! Checkpoints and weight import for `flows`.
 //!
 //! A checkpoint is a single `.safetensors` file: the model's tensors, and in the header
-//! metadata a format version, the full [`ModelConfig`](flow_realnvp::ModelConfig) and an
+//! metadata a format version, the full [`ModelConfig`](flow_models::ModelConfig) and an
 //! optional training summary, so a model is rebuilt from the file alone. Writes are
 //! atomic: a temporary file in the same folder, renamed over the target.
 
@@ -12,7 +12,8 @@ pub mod import;
 
 pub use atomic::write_atomic;
 pub use checkpoint::{
-    build_checked, load, load_bytes, load_model, save, Checkpoint, LoadedModel, FORMAT_VERSION,
+    build_checked, build_checked_with, load, load_bytes, load_model, save, Checkpoint, LoadedModel,
+    FORMAT_VERSION, STATE_PREFIX,
 };
 pub use error::IoError;
 pub use import::{export_seed, import, import_bytes, ImportOptions, Imported, Source};

@@ -11,12 +11,13 @@ use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::seeded_var_builder;
 use flow_io::{load, load_model, save, IoError};
-use flow_realnvp::{BaseConfig, ModelConfig, RealNvpConfig};
+use flow_models::{BaseConfig, ModelConfig};
+use flow_realnvp::RealNvpConfig;
 
 fn model() -> ModelConfig {
     ModelConfig {
         base: BaseConfig::DiagNormal { trainable: true },
-        ..ModelConfig::from_realnvp(&RealNvpConfig::new(3).with_layers(3).with_hidden(16))
+        ..ModelConfig::realnvp(&RealNvpConfig::new(3).with_layers(3).with_hidden(16))
             .with_standardize(true)
     }
 }

@@ -9,7 +9,8 @@ use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::seeded_var_builder;
 use flow_io::{import, ImportOptions, Imported, IoError, Source};
-use flow_realnvp::{LayerConfig, NetConfig};
+use flow_models::LayerSpec;
+use flow_realnvp::{CouplingLayer, NetConfig};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::{tensor::TensorView, Dtype};
@@ -200,10 +201,10 @@ fn works(imported: &Imported) -> Result<()> {
     Ok(())
 }
 
-fn hidden(l: &LayerConfig) -> Option<NetConfig> {
-    match l {
-        LayerConfig::Affine(c) => Some(c.conditioner.net.clone()),
-        _ => None,
+fn hidden(l: &LayerSpec) -> Option<NetConfig> {
+    match l.tagged_as::<CouplingLayer>().ok()? {
+        CouplingLayer::Affine(c) => Some(c.conditioner.net.clone()),
+        CouplingLayer::Additive(c) => Some(c.conditioner.net.clone()),
     }
 }
 

@@ -1,38 +1,17 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{Activation, ConditionerConfig, NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_nn::{
+    Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
+    Shift,
+};
 
-/// One coupling layer, fully specified.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CouplingConfig {
-    /// `mask[j] == true` keeps feature `j`; the others are transformed.
-    pub mask: Vec<bool>,
-    pub conditioner: ConditionerConfig,
-    /// Log-scale map (ignored by additive couplings).
-    #[serde(default)]
-    pub scale: ScaleMap,
-    /// Use the layer in the opposite direction: its `forward` applies the coupling's
-    /// inverse formula. For layers defined noise → data, as some libraries do.
-    #[serde(default)]
-    pub inverted: bool,
-    /// Features of the context a conditional layer receives (0: unconditional).
-    #[serde(default)]
-    pub context_dim: usize,
-}
-
-/// One layer of a flow, fully specified; a list of these rebuilds any model.
+/// One layer of a RealNVP or NICE stack, fully specified; its JSON form names its
+/// kind under `type` (`affine` or `additive`), as a model configuration lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
-pub enum LayerConfig {
-    Affine(CouplingConfig),
-    Additive(CouplingConfig),
-    /// `z[:, j] = x[:, perm[j]]`.
-    Permute {
-        perm: Vec<usize>,
-    },
-    Reverse {
-        dim: usize,
-    },
+pub enum CouplingLayer {
+    Affine(CouplingConfig<Affine>),
+    Additive(CouplingConfig<Shift>),
 }
 
 /// Which features the layers of a [`RealNvpConfig`] stack keep.
@@ -147,7 +126,7 @@ impl RealNvpConfig {
     }
 
     /// The stack spelled out layer by layer.
-    pub fn layer_configs(&self) -> Vec<LayerConfig> {
+    pub fn layers(&self) -> Vec<CouplingLayer> {
         let conditioner = ConditionerConfig {
             nets: self.nets,
             layout: OutputLayout::ScaleShift,
@@ -159,16 +138,23 @@ impl RealNvpConfig {
         };
         (0..self.layers)
             .map(|i| {
-                let c = CouplingConfig {
-                    mask: self.mask_of(i),
-                    conditioner: conditioner.clone(),
-                    scale: self.scale,
-                    inverted: false,
-                    context_dim: self.context_dim,
-                };
+                let (mask, conditioner) = (self.mask_of(i), conditioner.clone());
+                let context_dim = self.context_dim;
                 match self.coupling {
-                    CouplingKind::Affine => LayerConfig::Affine(c),
-                    CouplingKind::Additive => LayerConfig::Additive(c),
+                    CouplingKind::Affine => CouplingLayer::Affine(CouplingConfig {
+                        mask,
+                        conditioner,
+                        transform: Affine::new(self.scale),
+                        inverted: false,
+                        context_dim,
+                    }),
+                    CouplingKind::Additive => CouplingLayer::Additive(CouplingConfig {
+                        mask,
+                        conditioner,
+                        transform: Shift {},
+                        inverted: false,
+                        context_dim,
+                    }),
                 }
             })
             .collect()

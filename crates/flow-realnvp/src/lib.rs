@@ -1,29 +1,21 @@
-//! RealNVP (Dinh et al. 2016) affine coupling and NICE additive coupling layers on
-//! candle-nn.
+//! RealNVP (Dinh et al. 2016) and NICE (Dinh et al. 2014): stacks of coupling layers.
 //!
-//! An affine coupling layer keeps the features selected by its [`Mask`] and maps the
-//! others as `z_b = x_b ⊙ exp(s(x_a)) + t(x_a)`, with `log|det| = Σ s`. [`RealNvp`]
-//! stacks such layers, alternating which half is transformed.
+//! Both are the general [`Coupling`](flow_nn::Coupling) of `flow-nn` with an
+//! element-wise transform: RealNVP's affine coupling keeps the features its mask
+//! selects and maps the others as `z_b = x_b ⊙ exp(s(x_a)) + t(x_a)`, with
+//! `log|det| = Σ s` ([`AffineCoupling`]); NICE's additive coupling only shifts,
+//! `z_b = x_b + t(x_a)` ([`AdditiveCoupling`]). [`RealNvpConfig`] describes a stack
+//! with alternating masks; [`RealNvpFamily`] builds its layers from a model
+//! configuration (kinds `affine` and `additive`).
 
-mod activation;
-mod additive;
-mod affine;
-mod conditioner;
 mod config;
-mod fused;
-mod mask;
-mod mlp;
-mod model;
+mod family;
 mod realnvp;
-mod scale;
 
-pub use activation::Activation;
-pub use additive::AdditiveCoupling;
-pub use affine::AffineCoupling;
-pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
-pub use config::{CouplingConfig, CouplingKind, LayerConfig, MaskPattern, RealNvpConfig};
-pub use mask::Mask;
-pub use mlp::{cuda_fusion_enabled, fusion_enabled, set_cuda_fusion, set_fusion, Mlp, NetConfig};
-pub use model::{BaseConfig, ModelConfig, TRAIN_STATE_PREFIX};
-pub use realnvp::{build_layer, RealNvp};
-pub use scale::ScaleMap;
+pub use config::{CouplingKind, CouplingLayer, MaskPattern, RealNvpConfig};
+pub use family::RealNvpFamily;
+pub use flow_nn::{
+    Activation, Affine, ConditionerConfig, CouplingConfig, Mask, Mlp, NetConfig, Nets,
+    OutputLayout, ScaleMap, Shift,
+};
+pub use realnvp::{AdditiveCoupling, AffineCoupling, RealNvp};

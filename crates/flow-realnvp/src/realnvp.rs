@@ -1,28 +1,41 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, Inverse, Permute, Reverse};
+use flow_core::{Bijector, Chain, Inverse};
+use flow_nn::{Affine, Coupling, Shift};
 
-use crate::{AdditiveCoupling, AffineCoupling, LayerConfig, RealNvpConfig};
+use crate::{CouplingLayer, RealNvpConfig};
 
-/// Builds one layer; its parameters live under `vb`.
-pub fn build_layer(cfg: &LayerConfig, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
-    fn maybe_inverted(b: impl Bijector + 'static, inverted: bool) -> Box<dyn Bijector> {
-        if inverted {
-            Box::new(Inverse(b))
-        } else {
-            Box::new(b)
+/// RealNVP's affine coupling layer: with `a` the kept and `b` the transformed features,
+/// - forward (data → latent): `z_b = x_b ⊙ exp(s(x_a)) + t(x_a)`, `z_a = x_a`,
+///   `log|det| = Σ s(x_a)`;
+/// - inverse: `x_b = (z_b − t(z_a)) ⊙ exp(−s(z_a))`, `log|det| = −Σ s(z_a)`,
+///
+/// where `s` is the conditioner's raw output through the transform's
+/// [`ScaleMap`](crate::ScaleMap).
+pub type AffineCoupling = Coupling<Affine>;
+
+/// NICE's additive coupling layer: `z_b = x_b + t(x_a)`, `z_a = x_a`; log-det 0.
+pub type AdditiveCoupling = Coupling<Shift>;
+
+impl CouplingLayer {
+    /// Builds the layer; its parameters live under `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        fn maybe_inverted(b: impl Bijector + 'static, inverted: bool) -> Box<dyn Bijector> {
+            if inverted {
+                Box::new(Inverse(b))
+            } else {
+                Box::new(b)
+            }
         }
+        Ok(match self {
+            Self::Affine(c) => maybe_inverted(AffineCoupling::new(c, vb)?, c.inverted),
+            Self::Additive(c) => maybe_inverted(AdditiveCoupling::new(c, vb)?, c.inverted),
+        })
     }
-    Ok(match cfg {
-        LayerConfig::Affine(c) => maybe_inverted(AffineCoupling::new(c, vb)?, c.inverted),
-        LayerConfig::Additive(c) => maybe_inverted(AdditiveCoupling::new(c, vb)?, c.inverted),
-        LayerConfig::Permute { perm } => Box::new(Permute::new(perm.clone(), vb.device())?),
-        LayerConfig::Reverse { dim } => Box::new(Reverse::new(*dim, vb.device())?),
-    })
 }
 
 /// A stack of coupling layers: a [`Chain`] built from a [`RealNvpConfig`] or from an
-/// explicit list of [`LayerConfig`]s. Layer `i` stores its parameters under
+/// explicit list of [`CouplingLayer`]s. Layer `i` stores its parameters under
 /// `{i}.*` of the given `VarBuilder` (for example `3.s.0.weight`).
 ///
 /// ```
@@ -62,14 +75,14 @@ impl RealNvp {
         if let Err(e) = cfg.validate() {
             bail!("{e}");
         }
-        Self::from_layers(&cfg.layer_configs(), vb)
+        Self::from_layers(&cfg.layers(), vb)
     }
 
-    pub fn from_layers(layers: &[LayerConfig], vb: VarBuilder) -> Result<Self> {
+    pub fn from_layers(layers: &[CouplingLayer], vb: VarBuilder) -> Result<Self> {
         let layers = layers
             .iter()
             .enumerate()
-            .map(|(i, l)| build_layer(l, vb.pp(i)))
+            .map(|(i, l)| l.build(vb.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             chain: Chain::new(layers),

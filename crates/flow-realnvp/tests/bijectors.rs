@@ -8,9 +8,10 @@ use flow_core::{
     seeded_var_builder, Bijector, Chain, Flow, Inverse, Permute, Reverse, StandardNormal,
     Standardize,
 };
+use flow_models::{BaseConfig, ModelConfig};
 use flow_realnvp::{
-    Activation, AdditiveCoupling, AffineCoupling, BaseConfig, ConditionerConfig, CouplingConfig,
-    CouplingKind, ModelConfig, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap,
+    Activation, AdditiveCoupling, Affine, AffineCoupling, ConditionerConfig, CouplingConfig,
+    CouplingKind, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap, Shift,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -23,7 +24,12 @@ fn net(hidden: usize, activation: Activation) -> NetConfig {
     }
 }
 
-fn coupling(mask: Vec<bool>, nets: Nets, layout: OutputLayout, scale: ScaleMap) -> CouplingConfig {
+fn coupling(
+    mask: Vec<bool>,
+    nets: Nets,
+    layout: OutputLayout,
+    scale: ScaleMap,
+) -> CouplingConfig<Affine> {
     CouplingConfig {
         mask,
         conditioner: ConditionerConfig {
@@ -32,9 +38,20 @@ fn coupling(mask: Vec<bool>, nets: Nets, layout: OutputLayout, scale: ScaleMap) 
             net: net(16, Activation::Tanh),
             zero_init: false,
         },
-        scale,
+        transform: Affine::new(scale),
         inverted: false,
         context_dim: 0,
+    }
+}
+
+/// The same layer with a shift for its transform (NICE).
+fn additive(c: CouplingConfig<Affine>) -> CouplingConfig<Shift> {
+    CouplingConfig {
+        mask: c.mask,
+        conditioner: c.conditioner,
+        transform: Shift {},
+        inverted: c.inverted,
+        context_dim: c.context_dim,
     }
 }
 
@@ -124,7 +141,10 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
         );
         out.push((
             format!("additive {mask:?}"),
-            Box::new(AdditiveCoupling::new(&c, vb.pp(format!("add{m}")))?),
+            Box::new(AdditiveCoupling::new(
+                &additive(c),
+                vb.pp(format!("add{m}")),
+            )?),
         ));
     }
     out.push(("reverse".into(), Box::new(Reverse::new(dim, &DEV)?)));
@@ -447,15 +467,13 @@ fn gradients_reach_every_trainable_tensor() -> Result<()> {
     for nets in [Nets::Separate, Nets::Joint] {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, 5, DType::F32, &DEV);
-        let model = ModelConfig {
-            base: BaseConfig::DiagNormal { trainable: true },
-            ..ModelConfig::from_realnvp(
-                &RealNvpConfig::new(3)
-                    .with_layers(3)
-                    .with_hidden(8)
-                    .with_nets(nets),
-            )
-        };
+        let model = ModelConfig::realnvp(
+            &RealNvpConfig::new(3)
+                .with_layers(3)
+                .with_hidden(8)
+                .with_nets(nets),
+        )
+        .with_base(BaseConfig::DiagNormal { trainable: true });
         let flow = model.build(vb)?;
         let x = inputs(32, 3, 0.0, 2.0, DType::F32, 8)?;
         let loss = flow.log_prob(&x)?.mean_all()?.neg()?;

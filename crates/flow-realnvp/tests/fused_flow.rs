@@ -2,8 +2,8 @@
 //! element-wise part) against the same flows on plain candle ops: log-probs, latents,
 //! samples and the gradients of both directions, for every scale map, both mask
 //! patterns and both float dtypes. With the `cuda` feature, the same flows on a GPU,
-//! with its fused kernels on and off, against the CPU. (The fusion switches are
-//! process-wide: the tests take turns through [`SWITCHES`].)
+//! with its fused kernels on and off, against the CPU. (The fusion switch is
+//! process-wide: the tests take turns through [`SWITCH`].)
 
 use std::sync::Mutex;
 
@@ -11,11 +11,12 @@ use anyhow::{ensure, Result};
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow, StandardNormal};
-use flow_realnvp::{set_fusion, MaskPattern, RealNvp, RealNvpConfig, ScaleMap};
+use flow_kernels::set_fusion;
+use flow_realnvp::{MaskPattern, RealNvp, RealNvpConfig, ScaleMap};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Held by a test while it sets the fusion switches.
-static SWITCHES: Mutex<()> = Mutex::new(());
+/// Held by a test while it sets the fusion switch.
+static SWITCH: Mutex<()> = Mutex::new(());
 
 /// Largest difference relative to the reference's size, over the entries finite in
 /// both; an entry finite in one result only is an error (the unbounded `exp` scale can
@@ -87,7 +88,7 @@ fn outputs(
 
 #[test]
 fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
-    let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
     let scales = [
         ScaleMap::Exp,
@@ -167,13 +168,13 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_flows_match_the_cpu() -> Result<()> {
-    use flow_realnvp::{set_cuda_fusion, Activation, CouplingKind};
+    use flow_realnvp::{Activation, CouplingKind};
     let gpu = match Device::new_cuda(0) {
         Ok(gpu) => gpu,
         Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e)?,
         Err(_) => return Ok(eprintln!("no CUDA device: skipped")),
     };
-    let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let cases = [
         (RealNvpConfig::new(2), 1024),
         (
@@ -230,9 +231,8 @@ fn cuda_flows_match_the_cpu() -> Result<()> {
             let (flow, varmap) = build(&Device::Cpu)?;
             let (x, z, w) = inputs(&Device::Cpu)?;
             let reference = outputs(&flow, &varmap, &x, &z, &w)?;
-            set_fusion(true);
             for fused in [false, true] {
-                set_cuda_fusion(fused);
+                set_fusion(fused);
                 let (flow, varmap) = build(&gpu)?;
                 let (x, z, w) = inputs(&gpu)?;
                 let on_gpu = outputs(&flow, &varmap, &x, &z, &w)?;
@@ -246,7 +246,7 @@ fn cuda_flows_match_the_cpu() -> Result<()> {
                     };
                     ensure!(
                         e < tol,
-                        "{dtype:?} {cfg:?} CUDA fusion {fused}: {name} differs by {e:e}"
+                        "{dtype:?} {cfg:?} fusion {fused}: {name} differs by {e:e}"
                     );
                 }
             }

@@ -1,6 +1,6 @@
 //! The jobs users compare against PyTorch on an accelerator, timed in-process on the
-//! device `FLOWS_BENCH_DEVICE` names (`cuda` by default), with the fused CUDA kernels on
-//! and off: training steps of the reference job, zuko's default architecture and NICE;
+//! device `FLOWS_BENCH_DEVICE` names (`cuda` by default), with the fused kernels on and
+//! off: training steps of the reference job, zuko's default architecture and NICE;
 //! log-prob and sampling of 1M points; a batch sweep; and the latency of one tiny op,
 //! which bounds a step made of many small kernels. Prints one JSON object per line.
 //!
@@ -13,7 +13,9 @@ use std::time::Instant;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use flow_core::{sampling::randn, seeded_var_builder, Flow};
-use flow_realnvp::{set_cuda_fusion, Activation, CouplingKind, ModelConfig, RealNvpConfig};
+use flow_kernels::set_fusion;
+use flow_models::ModelConfig;
+use flow_realnvp::{Activation, CouplingKind, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -33,12 +35,8 @@ struct Job {
 impl Job {
     fn new(cfg: &RealNvpConfig, dev: &Device) -> candle::Result<Self> {
         let varmap = VarMap::new();
-        let flow = ModelConfig::from_realnvp(cfg).build(seeded_var_builder(
-            &varmap,
-            0,
-            DType::F32,
-            dev,
-        ))?;
+        let flow =
+            ModelConfig::realnvp(cfg).build(seeded_var_builder(&varmap, 0, DType::F32, dev))?;
         let vars = varmap.all_vars();
         let adam = Adam::new(vars.clone(), OptimizerConfig::default())?;
         Ok(Self { flow, vars, adam })
@@ -102,7 +100,7 @@ fn main() -> candle::Result<()> {
     ];
     let big = randn(POINTS, 2, DType::F32, &dev, rng)?;
     for fused in [true, false] {
-        set_cuda_fusion(fused);
+        set_fusion(fused);
         for (name, cfg, batch) in &models {
             let mut job = Job::new(cfg, &dev)?;
             let x = randn(*batch, cfg.dim, DType::F32, &dev, rng)?;

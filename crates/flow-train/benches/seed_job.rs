@@ -9,7 +9,8 @@ use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flow_core::{seeded_var_builder, Flow};
-use flow_realnvp::{ModelConfig, RealNvpConfig};
+use flow_models::ModelConfig;
+use flow_realnvp::RealNvpConfig;
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
@@ -38,7 +39,7 @@ struct Job {
 fn job(cfg: &RealNvpConfig) -> Job {
     flow_core::join_cpu_pool();
     let varmap = VarMap::new();
-    let model = ModelConfig::from_realnvp(cfg);
+    let model = ModelConfig::realnvp(cfg);
     let flow = model
         .build(seeded_var_builder(&varmap, 0, DType::F32, device()))
         .expect("model");

@@ -1,4 +1,4 @@
-use flow_realnvp::RealNvpConfig;
+use flow_models::{ModelConfig, Registry};
 use serde::{Deserialize, Serialize};
 
 use crate::Schedule;
@@ -54,7 +54,8 @@ pub enum Duration {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
-    pub model: RealNvpConfig,
+    /// The model, of any registered family.
+    pub model: ModelConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
     pub duration: Duration,
@@ -76,7 +77,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: RealNvpConfig::default(),
+            model: ModelConfig::realnvp(&flow_realnvp::RealNvpConfig::default()),
             optimizer: OptimizerConfig::default(),
             schedule: Schedule::default(),
             duration: Duration::Steps(1000),
@@ -92,9 +93,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    pub fn new(model: RealNvpConfig) -> Self {
+    /// The reference job's training settings for `model` (a [`ModelConfig`], or a
+    /// family's description that converts into one, such as a `RealNvpConfig`).
+    pub fn new(model: impl Into<ModelConfig>) -> Self {
         Self {
-            model,
+            model: model.into(),
             ..Self::default()
         }
     }
@@ -112,9 +115,15 @@ impl TrainConfig {
         with_report_every: report_every: usize,
     }
 
-    /// Checks every setting, naming the first that is out of range.
+    /// Checks every setting, naming the first that is out of range, with the built-in
+    /// layer families.
     pub fn validate(&self) -> Result<(), String> {
-        self.model.validate()?;
+        self.validate_with(&Registry::builtin())
+    }
+
+    /// Checks every setting, the model against the families of `registry`.
+    pub fn validate_with(&self, registry: &Registry) -> Result<(), String> {
+        self.model.validate_with(registry)?;
         match self.duration {
             Duration::Steps(0) => return Err("`steps` must be at least 1".into()),
             Duration::Epochs(0) => return Err("`epochs` must be at least 1".into()),

@@ -1,9 +1,10 @@
 use std::sync::atomic::AtomicBool;
 
-use crate::TrainCheckpoint;
+use crate::{TrainCheckpoint, TrainError};
 
-/// Receives a resumable checkpoint; an error stops the run.
-pub type CheckpointSink<'a> = &'a mut dyn FnMut(&TrainCheckpoint) -> Result<(), String>;
+/// Receives a resumable checkpoint (to save it, say with [`TrainCheckpoint::save`]); an
+/// error stops the run.
+pub type CheckpointSink<'a> = &'a mut dyn FnMut(&TrainCheckpoint) -> Result<(), TrainError>;
 
 /// Optional steering of a training run beyond its configuration.
 #[derive(Default)]

@@ -26,10 +26,20 @@ impl DataError {
 /// Why training could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// Settings out of range, or a checkpoint that does not continue this run.
     #[error("invalid training configuration: {0}")]
     InvalidConfig(String),
     #[error(transparent)]
     Data(#[from] DataError),
+    /// Reading or writing a checkpoint (the error names the file).
+    #[error(transparent)]
+    Io(#[from] flow_io::IoError),
+    /// A file that is a valid checkpoint but holds no training state, or a broken one.
+    #[error("{path}: {message}")]
+    NotResumable {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error(transparent)]
     Candle(#[from] candle::Error),
 }

@@ -1,18 +1,28 @@
-//! What a training run needs to continue exactly where it stopped.
+//! What a training run needs to continue exactly where it stopped, and its file format:
+//! a model checkpoint (`flow-io`) whose metadata also holds the training configuration
+//! and state, and whose tensors also hold the optimizer's moments and, where they
+//! differ from the model's, the best and the current weights.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
-use candle::Tensor;
-use flow_realnvp::ModelConfig;
+use candle::{DType, Device, Tensor};
+use flow_models::{ModelConfig, Registry};
 use serde::{Deserialize, Serialize};
 
-use crate::{data::Dataset, TrainConfig};
+use crate::{data::Dataset, TrainConfig, TrainError, TrainSummary};
 
 /// Prefix of the tensors that belong to the training state, not to the model.
-pub const STATE_PREFIX: &str = flow_realnvp::TRAIN_STATE_PREFIX;
+pub const STATE_PREFIX: &str = flow_io::STATE_PREFIX;
+
+/// Metadata keys of the training configuration and state.
+const META_CONFIG: &str = "train_config";
+const META_STATE: &str = "train_state";
 
 /// The scalar part of a run's state; the optimizer moments and best weights travel as
-/// tensors named `train_state.adam.{m,v}.{var}` and `train_state.best.{var}`.
+/// tensors named `train_state.adam.{m,v}.{var}` and `train_state.best.{var}`, and the
+/// weights training stopped at, where the model holds the best ones instead, as
+/// `train_state.current.{var}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Optimizer steps completed (the schedule's position).
@@ -33,7 +43,8 @@ pub struct TrainState {
     pub data_fingerprint: String,
 }
 
-/// A resumable checkpoint of a run: model weights plus training state.
+/// A run's model, settings and state: what [`Trainer::fit_with`](crate::Trainer::fit_with)
+/// resumes from.
 #[derive(Debug, Clone)]
 pub struct TrainCheckpoint {
     pub model: ModelConfig,
@@ -43,7 +54,63 @@ pub struct TrainCheckpoint {
     pub tensors: HashMap<String, Tensor>,
 }
 
-/// A stable 64-bit FNV-1a digest of the data's shape and values.
+impl TrainCheckpoint {
+    /// Writes it to `path` (atomically) as a model checkpoint that also holds the
+    /// training configuration and state, with the run's summary if given. Any tool that
+    /// reads models reads it; `flow train --resume` continues it.
+    pub fn save(&self, path: &Path, summary: Option<&TrainSummary>) -> Result<(), TrainError> {
+        let mut extra = BTreeMap::new();
+        extra.insert(META_CONFIG.to_string(), to_json(path, &self.config)?);
+        extra.insert(META_STATE.to_string(), to_json(path, &self.state)?);
+        let summary = summary
+            .map(|s| serde_json::from_str(&to_json(path, s)?).map_err(|e| invalid(path, e)))
+            .transpose()?;
+        flow_io::save(path, &self.model, &self.tensors, summary.as_ref(), &extra)?;
+        Ok(())
+    }
+
+    /// Reads a file written by [`save`](Self::save), checking its tensors against the
+    /// model (built with the families of `registry`).
+    pub fn load(path: &Path, registry: &Registry) -> Result<Self, TrainError> {
+        let ck = flow_io::load(path)?;
+        let fail = |message: String| TrainError::NotResumable {
+            path: path.to_path_buf(),
+            message,
+        };
+        let state = ck.extra.get(META_STATE).ok_or_else(|| {
+            fail("holds no training state (it was not written by `flow train` or TrainCheckpoint::save)".into())
+        })?;
+        let state: TrainState = serde_json::from_str(state)
+            .map_err(|e| fail(format!("invalid training state: {e}")))?;
+        let config = ck
+            .extra
+            .get(META_CONFIG)
+            .ok_or_else(|| fail("holds no training configuration".into()))?;
+        let config: TrainConfig = serde_json::from_str(config)
+            .map_err(|e| fail(format!("invalid training configuration: {e}")))?;
+        let loaded = flow_io::build_checked_with(path, ck, registry, DType::F32, &Device::Cpu)?;
+        Ok(Self {
+            model: loaded.checkpoint.config.clone(),
+            config,
+            state,
+            tensors: loaded.checkpoint.tensors,
+        })
+    }
+}
+
+fn invalid(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    flow_io::IoError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+    .into()
+}
+
+fn to_json(path: &Path, value: &impl Serialize) -> Result<String, TrainError> {
+    serde_json::to_string(value).map_err(|e| invalid(path, e))
+}
+
+/// A stable 64-bit FNV-1a digest of the data's shape and values (context included).
 pub fn fingerprint(data: &Dataset) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -56,6 +123,12 @@ pub fn fingerprint(data: &Dataset) -> String {
     eat(&(data.len() as u64).to_le_bytes());
     for v in &data.values {
         eat(&v.to_bits().to_le_bytes());
+    }
+    if data.context_dim > 0 {
+        eat(&(data.context_dim as u64).to_le_bytes());
+        for v in &data.context {
+            eat(&v.to_bits().to_le_bytes());
+        }
     }
     format!("{h:016x}")
 }

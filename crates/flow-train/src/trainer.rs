@@ -1,9 +1,9 @@
 use std::{collections::HashMap, sync::atomic::Ordering, time::Instant};
 
-use candle::{DType, Device, Tensor, Var};
+use candle::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow};
-use flow_realnvp::ModelConfig;
+use flow_models::{ModelConfig, Registry};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +44,10 @@ pub struct Trained {
     pub model: ModelConfig,
     pub config: TrainConfig,
     pub summary: TrainSummary,
-    /// For an interrupted run, the state to resume from.
-    pub checkpoint: Option<TrainCheckpoint>,
+    /// The run's final state: the model's tensors as returned (with a validation set,
+    /// the best weights) and what continuing the run needs. Saved, it resumes an
+    /// interrupted run, or continues a finished one to more steps.
+    pub checkpoint: TrainCheckpoint,
 }
 
 impl std::fmt::Debug for Trained {
@@ -57,12 +59,13 @@ impl std::fmt::Debug for Trained {
     }
 }
 
-/// Fits a RealNVP model by maximum likelihood.
+/// Fits a model of any registered family by maximum likelihood.
 #[derive(Debug, Clone)]
 pub struct Trainer {
     cfg: TrainConfig,
     device: Device,
     dtype: DType,
+    registry: Registry,
 }
 
 /// Deep copies of the variables' values.
@@ -112,15 +115,19 @@ fn restore(vars: &[Var], values: &[Tensor]) -> candle::Result<()> {
     vars.iter().zip(values).try_for_each(|(v, t)| v.set(t))
 }
 
-/// Mean negative log-likelihood of `x` in chunks, without keeping a gradient graph.
-pub(crate) fn mean_nll(flow: &Flow, x: &Tensor) -> candle::Result<f64> {
+/// Mean negative log-likelihood of `x` (given its context, if any) in chunks, without
+/// keeping a gradient graph.
+pub(crate) fn mean_nll(flow: &Flow, x: &Tensor, context: Option<&Tensor>) -> candle::Result<f64> {
     let n = x.dim(0)?;
     let mut total = 0.0;
     let chunk = 8192;
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let lp = flow.log_prob(&x.narrow(0, start, len)?)?.detach();
+        let c = context.map(|c| c.narrow(0, start, len)).transpose()?;
+        let lp = flow
+            .log_prob_with_context(&x.narrow(0, start, len)?, c.as_ref())?
+            .detach();
         total += lp.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         start += len;
     }
@@ -156,13 +163,29 @@ fn moments(data: &Dataset) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl Trainer {
+    /// A trainer for models of the built-in families; the settings are checked here.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self, TrainError> {
-        cfg.validate().map_err(TrainError::InvalidConfig)?;
+        Self::with_registry(cfg, device, Registry::builtin())
+    }
+
+    /// A trainer for models of the families of `registry`.
+    pub fn with_registry(
+        cfg: TrainConfig,
+        device: &Device,
+        registry: Registry,
+    ) -> Result<Self, TrainError> {
+        cfg.validate_with(&registry)
+            .map_err(TrainError::InvalidConfig)?;
         Ok(Self {
             cfg,
             device: device.clone(),
             dtype: DType::F32,
+            registry,
         })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Trains in `dtype` (f32 by default; f64 also works).
@@ -198,10 +221,25 @@ impl Trainer {
             )
             .into());
         }
+        if data.context_dim != self.cfg.model.context_dim {
+            return Err(DataError::new(
+                what,
+                None,
+                format!(
+                    "{} context features per row, the model takes {}",
+                    data.context_dim, self.cfg.model.context_dim
+                ),
+            )
+            .into());
+        }
         if let Some(i) = data.values.iter().position(|v| !v.is_finite()) {
             return Err(
                 DataError::new(what, Some(i / data.dim + 1), "NaN or infinite value").into(),
             );
+        }
+        if let Some(i) = data.context.iter().position(|v| !v.is_finite()) {
+            let line = Some(i / data.context_dim + 1);
+            return Err(DataError::new(what, line, "NaN or infinite context value").into());
         }
         Ok(())
     }
@@ -221,7 +259,12 @@ impl Trainer {
 
     /// [`fit`](Self::fit) with periodic checkpoints, interruption, skipping of
     /// non-finite batches and resumption (see [`Control`]). An interrupted run returns
-    /// its current weights and, in [`Trained::checkpoint`], the state to resume from.
+    /// its current weights; [`Trained::checkpoint`] holds the state to continue from.
+    ///
+    /// A fresh model is initialised from the data first ([`Flow::initialize`], on the
+    /// run's first batch); a resumed one never is. A checkpoint resumes under the
+    /// settings it was written with, except the duration, which may grow: that
+    /// continues a finished run to more steps.
     pub fn fit_with(
         &self,
         train: &Dataset,
@@ -236,19 +279,11 @@ impl Trainer {
         }
         let data_fingerprint = fingerprint(train);
         let resume = control.resume.take();
+        let total = self.total_steps(train.len());
         if let Some(r) = &resume {
-            if r.config != *cfg {
-                return Err(TrainError::InvalidConfig(
-                    "the checkpoint was written by a run with other settings".into(),
-                ));
-            }
-            if r.state.data_fingerprint != data_fingerprint {
-                return Err(TrainError::InvalidConfig(
-                    "the training data differ from the data the checkpointed run used".into(),
-                ));
-            }
+            self.check_resume(r, train)?;
         }
-        let model = ModelConfig::from_realnvp(&cfg.model).with_standardize(cfg.standardize);
+        let model = cfg.model.clone().with_standardize(cfg.standardize);
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
         if cfg.standardize {
@@ -262,13 +297,15 @@ impl Trainer {
             varmap.set_one("standardize.mean", &mean)?;
             varmap.set_one("standardize.std", &std)?;
         }
-        let flow = model.build(vb)?;
+        let flow = model.build_with(&self.registry, vb)?;
+        // Trainable: every variable the model created except the buffers it declares.
+        let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
         let mut named: Vec<(String, Var)> = varmap
             .data()
             .lock()
             .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
             .iter()
-            .filter(|(name, _)| model.is_trainable(name))
+            .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -278,7 +315,6 @@ impl Trainer {
 
         let n = train.len();
         let batch = cfg.batch_size.min(n);
-        let total = self.total_steps(n);
         let mut st = TrainState {
             step: 0,
             adam_step: 0,
@@ -293,46 +329,83 @@ impl Trainer {
             data_fingerprint,
         };
         let mut best_weights: Option<Vec<Tensor>> = None;
-        if let Some(r) = resume {
-            let get = |name: &str| -> Result<Tensor, TrainError> {
-                let t = r.tensors.get(name).ok_or_else(|| {
-                    TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
-                })?;
-                Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
-            };
-            for (name, var) in varmap
-                .data()
-                .lock()
-                .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
-                .iter()
-            {
-                var.set(&get(name)?)?;
-            }
-            let m = names
-                .iter()
-                .map(|k| get(&format!("{STATE_PREFIX}adam.m.{k}")))
-                .collect::<Result<_, _>>()?;
-            let v = names
-                .iter()
-                .map(|k| get(&format!("{STATE_PREFIX}adam.v.{k}")))
-                .collect::<Result<_, _>>()?;
-            adam.set_state(r.state.adam_step, m, v)?;
-            if r.state.best_val_nll.is_some() {
-                best_weights = Some(
-                    names
-                        .iter()
-                        .map(|k| get(&format!("{STATE_PREFIX}best.{k}")))
-                        .collect::<Result<_, _>>()?,
-                );
-            }
-            st = r.state;
-        }
-
         let x_train = train.to_tensor(&self.device)?.to_dtype(self.dtype)?;
+        let c_train = train
+            .context_tensor(&self.device)?
+            .map(|c| c.to_dtype(self.dtype))
+            .transpose()?;
         let x_val = val
             .map(|v| v.to_tensor(&self.device)?.to_dtype(self.dtype))
             .transpose()?;
+        let c_val = match val {
+            Some(v) => v
+                .context_tensor(&self.device)?
+                .map(|c| c.to_dtype(self.dtype))
+                .transpose()?,
+            None => None,
+        };
         let mut order = epoch_order(n, cfg.seed, st.epoch);
+        let rows = |order: &[usize], from: usize| -> candle::Result<(Tensor, Option<Tensor>)> {
+            let idx: Vec<u32> = order[from..from + batch]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx, batch, &self.device)?;
+            let c = c_train
+                .as_ref()
+                .map(|c| c.index_select(&idx, 0))
+                .transpose()?;
+            Ok((x_train.index_select(&idx, 0)?, c))
+        };
+        match resume {
+            Some(r) => {
+                let get = |name: &str| -> Result<Tensor, TrainError> {
+                    let t = r.tensors.get(name).ok_or_else(|| {
+                        TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
+                    })?;
+                    Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+                };
+                for (name, var) in varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+                    .iter()
+                {
+                    // A finished run saved its best weights as the model; training
+                    // continues from where it stopped.
+                    let current = format!("{STATE_PREFIX}current.{name}");
+                    let source = if r.tensors.contains_key(&current) {
+                        current.as_str()
+                    } else {
+                        name.as_str()
+                    };
+                    var.set(&get(source)?)?;
+                }
+                let m = names
+                    .iter()
+                    .map(|k| get(&format!("{STATE_PREFIX}adam.m.{k}")))
+                    .collect::<Result<_, _>>()?;
+                let v = names
+                    .iter()
+                    .map(|k| get(&format!("{STATE_PREFIX}adam.v.{k}")))
+                    .collect::<Result<_, _>>()?;
+                adam.set_state(r.state.adam_step, m, v)?;
+                if r.state.best_val_nll.is_some() {
+                    best_weights = Some(
+                        names
+                            .iter()
+                            .map(|k| get(&format!("{STATE_PREFIX}best.{k}")))
+                            .collect::<Result<_, _>>()?,
+                    );
+                }
+                st = r.state;
+                order = epoch_order(n, cfg.seed, st.epoch);
+            }
+            None => {
+                let (x, c) = rows(&order, 0)?;
+                flow.initialize(&x, c.as_ref())?;
+            }
+        }
 
         let start = Instant::now();
         let elapsed_before = st.elapsed_secs;
@@ -354,14 +427,12 @@ impl Trainer {
                 st.pos = 0;
                 order = epoch_order(n, cfg.seed, st.epoch);
             }
-            let idx: Vec<u32> = order[st.pos..st.pos + batch]
-                .iter()
-                .map(|&i| i as u32)
-                .collect();
+            let (x, c) = rows(&order, st.pos)?;
             st.pos += batch;
-            let idx = Tensor::from_vec(idx, batch, &self.device)?;
-            let x = x_train.index_select(&idx, 0)?;
-            let loss = flow.log_prob(&x)?.mean_all()?.neg()?;
+            let loss = flow
+                .log_prob_with_context(&x, c.as_ref())?
+                .mean_all()?
+                .neg()?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut grads = None;
             let mut norm = f64::NAN;
@@ -408,7 +479,7 @@ impl Trainer {
             let mut val_nll = None;
             if let Some(xv) = &x_val {
                 if st.step.is_multiple_of(cfg.val_every) || last {
-                    let v = mean_nll(&flow, xv)?;
+                    let v = mean_nll(&flow, xv, c_val.as_ref())?;
                     val_nll = Some(v);
                     if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
                         st.best_val_nll = Some(v);
@@ -448,7 +519,7 @@ impl Trainer {
                         best_weights.as_deref(),
                         &st,
                     )?;
-                    save(&ck).map_err(TrainError::InvalidConfig)?;
+                    save(&ck)?;
                 }
             }
             if let Some(p) = cfg.patience {
@@ -464,14 +535,21 @@ impl Trainer {
         if let Some(msg) = &stopped {
             reporter.message(msg);
         }
-        let checkpoint = if interrupted {
-            Some(self.checkpoint(&model, &varmap, &names, &adam, best_weights.as_deref(), &st)?)
-        } else {
-            if let Some(weights) = &best_weights {
-                restore(&vars, weights)?;
+        let mut checkpoint =
+            self.checkpoint(&model, &varmap, &names, &adam, best_weights.as_deref(), &st)?;
+        if let (false, Some(weights)) = (interrupted, &best_weights) {
+            // The model becomes the best weights; the weights training stopped at stay
+            // in the state, for continuing.
+            for (i, name) in names.iter().enumerate() {
+                let current = checkpoint.tensors.insert(name.clone(), weights[i].copy()?);
+                if let Some(current) = current {
+                    checkpoint
+                        .tensors
+                        .insert(format!("{STATE_PREFIX}current.{name}"), current);
+                }
             }
-            None
-        };
+            restore(&vars, weights)?;
+        }
         let run_secs = start.elapsed().as_secs_f64();
         let summary = TrainSummary {
             steps: st.step,
@@ -496,6 +574,34 @@ impl Trainer {
             summary,
             checkpoint,
         })
+    }
+
+    /// Checks that `r` continues this trainer's run on `train`: the same settings but
+    /// for a duration that may have grown, and the same data. [`fit_with`](Self::fit_with)
+    /// checks it too; this tells before anything starts.
+    pub fn check_resume(&self, r: &TrainCheckpoint, train: &Dataset) -> Result<(), TrainError> {
+        let total = self.total_steps(train.len());
+        let same = TrainConfig {
+            duration: self.cfg.duration,
+            ..r.config.clone()
+        };
+        if same != self.cfg {
+            return Err(TrainError::InvalidConfig(
+                "the checkpoint was written by a run with other settings".into(),
+            ));
+        }
+        if r.state.data_fingerprint != fingerprint(train) {
+            return Err(TrainError::InvalidConfig(
+                "the training data differ from the data the checkpointed run used".into(),
+            ));
+        }
+        if total < r.state.step {
+            return Err(TrainError::InvalidConfig(format!(
+                "the checkpoint is at step {}, past the {total} steps asked for",
+                r.state.step
+            )));
+        }
+        Ok(())
     }
 
     /// A resumable checkpoint of the current state.

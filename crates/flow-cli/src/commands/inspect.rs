@@ -9,8 +9,28 @@ pub fn run(a: InspectArgs) -> CmdResult {
     let ck = &loaded.checkpoint;
     let mut out = String::new();
     let _ = writeln!(out, "model: {}", a.model.display());
+    let family = ck
+        .config
+        .recipe
+        .as_ref()
+        .and_then(|r| r.get("family"))
+        .and_then(|f| f.as_str())
+        .unwrap_or("(layers given one by one)");
+    let mut kinds: Vec<&str> = Vec::new();
+    for layer in &ck.config.layers {
+        if !kinds.contains(&layer.kind()) {
+            kinds.push(layer.kind());
+        }
+    }
+    let _ = writeln!(out, "family: {family}");
     let _ = writeln!(out, "features: {}", ck.config.dim);
-    let _ = writeln!(out, "layers: {}", ck.config.layers.len());
+    let _ = writeln!(out, "context features: {}", ck.config.context_dim);
+    let _ = writeln!(
+        out,
+        "layers: {} ({})",
+        ck.config.layers.len(),
+        kinds.join(", ")
+    );
     let _ = writeln!(out, "standardize: {}", ck.config.standardize);
     let params: usize = ck.tensors.values().map(|t| t.elem_count()).sum();
     let _ = writeln!(out, "parameters: {params}");

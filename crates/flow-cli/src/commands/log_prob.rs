@@ -14,16 +14,20 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
-    let (data, x) = load_input(&a.input, dim)?;
-    let mut values = Vec::with_capacity(data.len());
+    let input = load_input(&a.input, dim, model.checkpoint.config.context_dim)?;
+    let rows = input.data.len();
+    let mut values = Vec::with_capacity(rows);
     let chunk = 16_384;
     let mut start = 0;
-    while start < data.len() {
-        let len = chunk.min(data.len() - start);
-        let xb = x.narrow(0, start, len)?.to_device(&device)?;
-        values.extend(host_values(
-            &model.flow.log_prob(&xb)?.detach().unsqueeze(1)?,
-        )?);
+    while start < rows {
+        let len = chunk.min(rows - start);
+        let xb = input.x.narrow(0, start, len)?.to_device(&device)?;
+        let cb = match &input.context {
+            Some(c) => Some(c.narrow(0, start, len)?.to_device(&device)?),
+            None => None,
+        };
+        let lp = model.flow.log_prob_with_context(&xb, cb.as_ref())?;
+        values.extend(host_values(&lp.detach().unsqueeze(1)?)?);
         start += len;
     }
     let mean = values.iter().map(|v| *v as f64).sum::<f64>() / values.len() as f64;

@@ -40,19 +40,74 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Failure> 
     Ok(flow_io::load_model(path, DType::F32, device)?)
 }
 
-/// Reads a data file whose width must be the model's.
-pub fn load_input(path: &Path, dim: usize) -> Result<(Dataset, Tensor), Failure> {
+/// What a model reads from a data file: its features, then (a conditional model) its
+/// context features, row by row.
+pub struct Input {
+    pub data: Dataset,
+    pub x: Tensor,
+    pub context: Option<Tensor>,
+}
+
+/// Reads a data file whose rows hold `dim` features followed by `context_dim` context
+/// features.
+pub fn load_input(path: &Path, dim: usize, context_dim: usize) -> Result<Input, Failure> {
     let data = load_path(path)?;
-    if data.dim != dim {
+    if data.dim != dim + context_dim {
+        let layout = if context_dim > 0 {
+            format!("{dim} features, then {context_dim} context features")
+        } else {
+            format!("{dim} features")
+        };
         return Err(format!(
-            "{}: {} values per row, but the model has {dim} features",
+            "{}: {} values per row, but the model has {layout}",
             path.display(),
             data.dim
         )
         .into());
     }
-    let t = data.to_tensor(&Device::Cpu)?;
-    Ok((data, t))
+    let data = data.split_context(context_dim, &path.display().to_string())?;
+    let x = data.to_tensor(&Device::Cpu)?;
+    let context = data.context_tensor(&Device::Cpu)?;
+    Ok(Input { data, x, context })
+}
+
+/// A condition given on the command line, comma-separated, as a `(1, context_dim)`
+/// tensor on `device`; checked against the model.
+pub fn parse_context(
+    text: Option<&str>,
+    context_dim: usize,
+    device: &Device,
+) -> Result<Option<Tensor>, Failure> {
+    let Some(text) = text else {
+        if context_dim > 0 {
+            return Err(format!(
+                "the model is conditional on {context_dim} context features: give --context"
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    if context_dim == 0 {
+        return Err("--context: the model is not conditional".into());
+    }
+    let values = text
+        .split(',')
+        .map(|v| {
+            let v = v.trim();
+            v.parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| format!("--context: `{v}` is not a finite number"))
+        })
+        .collect::<Result<Vec<f32>, String>>()?;
+    if values.len() != context_dim {
+        return Err(format!(
+            "--context has {} values, the model takes {context_dim}",
+            values.len()
+        )
+        .into());
+    }
+    Ok(Some(Tensor::from_vec(values, (1, context_dim), device)?))
 }
 
 /// `(n, d)` tensor → row-major f32 values on the host.
@@ -61,4 +116,27 @@ pub fn host_values(t: &Tensor) -> Result<Vec<f32>, Failure> {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?)
+}
+
+/// Rows of `values` (`names.len()` per row) followed by the context columns of `data`
+/// (if any): the layout conditional data files have. Returns the values, the column
+/// names and the row width.
+pub fn with_context(
+    values: Vec<f32>,
+    mut names: Vec<String>,
+    data: &Dataset,
+) -> (Vec<f32>, Vec<String>, usize) {
+    let c = data.context_dim;
+    if c == 0 {
+        let width = names.len();
+        return (values, names, width);
+    }
+    let width = names.len() + c;
+    let rows = values
+        .chunks_exact(names.len())
+        .zip(data.context.chunks_exact(c))
+        .flat_map(|(x, c)| x.iter().chain(c).copied())
+        .collect();
+    names.extend((0..c).map(|j| format!("c{j}")));
+    (rows, names, width)
 }

@@ -1,15 +1,15 @@
 use std::{
-    collections::{BTreeMap, HashMap},
     io::IsTerminal,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use flow_models::Registry;
 use flow_realnvp::{CouplingKind, RealNvpConfig, ScaleMap};
 use flow_train::{
-    data::{generate, load_path, Dataset, Toy},
+    data::{generate, generate_labeled, load_path, Dataset, Toy},
     Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
-    Schedule, TrainCheckpoint, TrainConfig, TrainState, Trainer,
+    Schedule, TrainCheckpoint, TrainConfig, Trainer,
 };
 
 use crate::{
@@ -27,9 +27,19 @@ fn positive(name: &str, v: usize) -> Result<usize, Failure> {
     Ok(v)
 }
 
-/// The training configuration the flags describe; every value is checked here, before
-/// any work starts.
-pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
+/// The training run's length the flags give, if they give one.
+fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
+    Ok(match (a.steps, a.epochs) {
+        (_, Some(e)) => Some(Duration::Epochs(positive("epochs", e)?)),
+        (Some(s), None) => Some(Duration::Steps(positive("steps", s)?)),
+        (None, None) => None,
+    })
+}
+
+/// The training configuration the flags describe for data of `dim` features and
+/// `context_dim` context features; every value is checked here, before any work
+/// starts.
+pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConfig, Failure> {
     let activation = a.activation;
     if !(a.clamp.is_finite() && a.clamp > 0.0) {
         return Err(format!("--clamp must be positive, got {}", a.clamp).into());
@@ -49,12 +59,9 @@ pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
         .with_hidden_layers(a.hidden_layers)
         .with_activation(activation)
         .with_coupling(coupling)
-        .with_scale(scale);
-    let duration = match (a.steps, a.epochs) {
-        (_, Some(e)) => Duration::Epochs(positive("epochs", e)?),
-        (Some(s), None) => Duration::Steps(positive("steps", s)?),
-        (None, None) => Duration::Steps(1000),
-    };
+        .with_scale(scale)
+        .with_context_dim(context_dim);
+    let duration = duration(a)?.unwrap_or(Duration::Steps(1000));
     let schedule = match a.schedule {
         ScheduleArg::Constant => Schedule::Constant,
         ScheduleArg::Exp => Schedule::Exp { decay: a.lr_decay },
@@ -85,62 +92,34 @@ pub fn config(a: &TrainArgs, dim: usize) -> Result<TrainConfig, Failure> {
     Ok(cfg)
 }
 
-fn training_data(a: &TrainArgs, seed: u64) -> Result<Dataset, Failure> {
-    if let Some(toy) = Toy::from_name(&a.data) {
+/// The training data, its last `context_dim` columns split off as the context.
+fn training_data(a: &TrainArgs, seed: u64, context_dim: usize) -> Result<Dataset, Failure> {
+    let data = if let Some(toy) = Toy::from_name(&a.data) {
         positive("n", a.n)?;
-        return Ok(generate(toy, a.n, a.noise, seed)?);
-    }
-    let path = Path::new(&a.data);
-    if !path.exists() {
-        let names: Vec<_> = Toy::ALL.iter().map(|t| t.name()).collect();
-        return Err(format!(
-            "--data `{}` is neither a file nor a built-in data set ({})",
-            a.data,
-            names.join(", ")
-        )
-        .into());
-    }
-    Ok(load_path(path)?)
-}
-
-/// Reads a resumable checkpoint written by `--checkpoint-every` or an interruption.
-fn resumable(path: &Path) -> Result<TrainCheckpoint, Failure> {
-    let ck = flow_io::load(path)?;
-    let fail = |what: &str| Failure::from(format!("{}: {what}", path.display()));
-    let state = ck.extra.get(META_STATE).ok_or_else(|| {
-        fail("holds no training state; resume from a checkpoint written by --checkpoint-every, --stop-at or an interruption")
-    })?;
-    let state: TrainState =
-        serde_json::from_str(state).map_err(|e| fail(&format!("invalid training state: {e}")))?;
-    let config = ck
-        .extra
-        .get(META_CONFIG)
-        .ok_or_else(|| fail("holds no training configuration"))?;
-    let config: TrainConfig = serde_json::from_str(config)
-        .map_err(|e| fail(&format!("invalid training configuration: {e}")))?;
-    let loaded = flow_io::build_checked(path, ck, candle::DType::F32, &candle::Device::Cpu)?;
-    Ok(TrainCheckpoint {
-        model: loaded.checkpoint.config.clone(),
-        config,
-        state,
-        tensors: loaded.checkpoint.tensors,
-    })
-}
-
-const META_STATE: &str = "train_state";
-const META_CONFIG: &str = "train_config";
-
-fn save_checkpoint(path: &Path, ck: &TrainCheckpoint) -> Result<(), String> {
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        META_CONFIG.to_string(),
-        serde_json::to_string(&ck.config).map_err(|e| e.to_string())?,
-    );
-    extra.insert(
-        META_STATE.to_string(),
-        serde_json::to_string(&ck.state).map_err(|e| e.to_string())?,
-    );
-    flow_io::save(path, &ck.model, &ck.tensors, None, &extra).map_err(|e| e.to_string())
+        if a.with_labels {
+            generate_labeled(toy, a.n, a.noise, seed)?
+        } else {
+            generate(toy, a.n, a.noise, seed)?
+        }
+    } else {
+        let path = Path::new(&a.data);
+        if !path.exists() {
+            let names: Vec<_> = Toy::ALL.iter().map(|t| t.name()).collect();
+            return Err(format!(
+                "--data `{}` is neither a file nor a built-in data set ({})",
+                a.data,
+                names.join(", ")
+            )
+            .into());
+        }
+        if a.with_labels {
+            return Err(
+                "--with-labels labels a built-in data set; a file brings its own columns".into(),
+            );
+        }
+        load_path(path)?
+    };
+    Ok(data.split_context(context_dim, &a.data)?)
 }
 
 /// The process's peak resident memory (Linux; `None` elsewhere).
@@ -180,14 +159,28 @@ pub fn run(a: TrainArgs) -> CmdResult {
         return Err("--checkpoint-every must be at least 1".into());
     }
     let device = device(&a.device)?;
-    let resume = a.resume.as_deref().map(resumable).transpose()?;
+    let resume = a
+        .resume
+        .as_deref()
+        .map(|p| TrainCheckpoint::load(p, &Registry::builtin()))
+        .transpose()?;
     let seed = resume.as_ref().map_or(a.seed, |r| r.config.seed);
-    let train = training_data(&a, seed)?;
+    let context_dim = resume
+        .as_ref()
+        .map_or(a.context_dim, |r| r.config.model.context_dim);
+    let train = training_data(&a, seed, context_dim)?;
     let cfg = match &resume {
-        Some(r) => r.config.clone(),
-        None => config(&a, train.dim)?,
+        Some(r) => TrainConfig {
+            duration: duration(&a)?.unwrap_or(r.config.duration),
+            ..r.config.clone()
+        },
+        None => config(&a, train.dim, context_dim)?,
     };
-    let val = a.val.as_deref().map(load_path).transpose()?;
+    let val = a
+        .val
+        .as_deref()
+        .map(|p| load_path(p)?.split_context(context_dim, &p.display().to_string()))
+        .transpose()?;
     if let Some(v) = &val {
         if v.dim != train.dim {
             return Err(format!(
@@ -198,6 +191,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
         }
     }
     let trainer = Trainer::new(cfg, &device)?;
+    if let Some(r) = &resume {
+        trainer.check_resume(r, &train)?;
+    }
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
     if std::io::stderr().is_terminal() {
@@ -230,7 +226,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     install_signal_handler();
     let out = a.out.clone();
-    let mut save_periodic = |ck: &TrainCheckpoint| save_checkpoint(&out, ck);
+    let mut save_periodic = |ck: &TrainCheckpoint| ck.save(&out, None);
     let control = Control {
         checkpoint_every: a.checkpoint_every,
         on_checkpoint: Some(&mut save_periodic),
@@ -242,9 +238,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let trained = trainer.fit_with(&train, val.as_ref(), &mut reporters, control)?;
     drop(reporters);
 
+    // The model, with everything needed to continue the run.
     let s = &trained.summary;
-    if let Some(ck) = &trained.checkpoint {
-        save_checkpoint(&a.out, ck)?;
+    trained.checkpoint.save(&a.out, Some(s))?;
+    if s.interrupted {
         let msg = format!(
             "stopped after step {} of {}; saved a resumable checkpoint to {} (continue with --resume {})",
             s.steps,
@@ -262,22 +259,6 @@ pub fn run(a: TrainArgs) -> CmdResult {
         }
         return Ok(());
     }
-
-    let tensors: HashMap<String, candle::Tensor> = trained
-        .varmap
-        .data()
-        .lock()
-        .map_err(|_| "variable map poisoned")?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    let summary = serde_json::to_value(&trained.summary)?;
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        META_CONFIG.to_string(),
-        serde_json::to_string(&trained.config)?,
-    );
-    flow_io::save(&a.out, &trained.model, &tensors, Some(&summary), &extra)?;
 
     let mut line = format!(
         "trained {} steps in {:.1}s ({:.1} steps/s), last batch NLL {:.4}",

@@ -16,6 +16,14 @@ use candle::{Result, Tensor};
 ///   keep the default, which calls `forward`;
 /// - layers with a training mode (activation normalisation, batch norm with running
 ///   statistics) override [`set_training`](Bijector::set_training).
+///
+/// Two more describe a layer's tensors to a trainer:
+/// - [`buffers`](Bijector::buffers) lists the tensors the layer reads but training must
+///   not update (fixed statistics, permutations, signs); every other variable the layer
+///   created is trainable;
+/// - [`initialize`](Bijector::initialize) is data-dependent initialisation (ActNorm):
+///   a trainer calls it once on a fresh model, before the first step, and never on a
+///   loaded one.
 pub trait Bijector: Send + Sync + std::fmt::Debug {
     /// Data to latent: returns `(z, log|det dz/dx|)`.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -40,6 +48,19 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
     fn set_training(&mut self, training: bool) {
         let _ = training;
     }
+
+    /// The layer's non-trainable tensors, as the layer holds them (the same tensors as
+    /// the variables they were created as, so a trainer can tell them apart by id).
+    fn buffers(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
+    /// Sets parameters from a batch `x` of this layer's inputs (and its context, for a
+    /// conditional flow), writing them in place. The default does nothing.
+    fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
+        let _ = (x, context);
+        Ok(())
+    }
 }
 
 impl<B: Bijector + ?Sized> Bijector for Box<B> {
@@ -57,5 +78,11 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn set_training(&mut self, training: bool) {
         (**self).set_training(training)
+    }
+    fn buffers(&self) -> Vec<Tensor> {
+        (**self).buffers()
+    }
+    fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
+        (**self).initialize(x, context)
     }
 }

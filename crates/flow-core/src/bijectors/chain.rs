@@ -76,4 +76,21 @@ impl Bijector for Chain {
             layer.set_training(training);
         }
     }
+
+    fn buffers(&self) -> Vec<Tensor> {
+        self.layers.iter().flat_map(|l| l.buffers()).collect()
+    }
+
+    /// Initialises the layers in order, each on the previous layers' output.
+    fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
+        let mut h = x.clone();
+        for layer in &self.layers {
+            layer.initialize(&h, context)?;
+            h = match context {
+                Some(c) => layer.forward_with_context(&h, c)?.0,
+                None => layer.forward(&h)?.0,
+            };
+        }
+        Ok(())
+    }
 }

@@ -25,4 +25,7 @@ impl<B: Bijector> Bijector for Inverse<B> {
     fn set_training(&mut self, training: bool) {
         self.0.set_training(training)
     }
+    fn buffers(&self) -> Vec<Tensor> {
+        self.0.buffers()
+    }
 }

@@ -12,6 +12,8 @@ pub struct Standardize {
     mean: Tensor,
     /// `(1, dim)`
     std: Tensor,
+    /// The `(dim,)` tensors it was built from: its buffers.
+    given: [Tensor; 2],
 }
 
 impl Standardize {
@@ -31,6 +33,7 @@ impl Standardize {
         Ok(Self {
             mean: mean.unsqueeze(0)?,
             std: std.unsqueeze(0)?,
+            given: [mean.clone(), std.clone()],
         })
     }
 
@@ -63,5 +66,9 @@ impl Bijector for Standardize {
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = z.broadcast_mul(&self.std)?.broadcast_add(&self.mean)?;
         Ok((x, self.log_det(z, 1.0)?))
+    }
+    /// The statistics are fixed: set from the training data, never trained.
+    fn buffers(&self) -> Vec<Tensor> {
+        self.given.to_vec()
     }
 }

@@ -16,6 +16,10 @@ pub struct DiagNormal {
     /// `(1, dim)`
     log_scale: Tensor,
     dim: usize,
+    /// `loc` and `log_scale` `(dim,)` as given.
+    given: [Tensor; 2],
+    /// Whether they are fixed rather than trained.
+    frozen: bool,
 }
 
 impl DiagNormal {
@@ -33,7 +37,16 @@ impl DiagNormal {
             loc: loc.unsqueeze(0)?,
             log_scale: log_scale.unsqueeze(0)?,
             dim,
+            given: [loc, log_scale],
+            frozen: false,
         })
+    }
+
+    /// Marks `loc` and `log_scale` as fixed: they become the distribution's buffers,
+    /// which a trainer leaves alone.
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
     }
 
     /// Reads (or creates, initialised to `N(0, I)`) `loc` and `log_scale` under `vb`.
@@ -85,5 +98,13 @@ impl Distribution for DiagNormal {
         eps.affine(temperature, 0.0)?
             .broadcast_mul(&self.log_scale.exp()?)?
             .broadcast_add(&self.loc)
+    }
+
+    fn buffers(&self) -> Vec<Tensor> {
+        if self.frozen {
+            self.given.to_vec()
+        } else {
+            Vec::new()
+        }
     }
 }

@@ -36,4 +36,10 @@ pub trait Distribution: Send + Sync + std::fmt::Debug {
     fn sample(&self, n: usize, rng: &mut dyn RngCore) -> Result<Tensor> {
         self.sample_with_temperature(n, 1.0, rng)
     }
+
+    /// The distribution's non-trainable tensors (see
+    /// [`Bijector::buffers`](crate::Bijector::buffers)).
+    fn buffers(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
 }

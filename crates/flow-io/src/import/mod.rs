@@ -16,10 +16,11 @@ mod zuko;
 use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
+use flow_models::{BaseConfig, LayerSpec, ModelConfig};
 use flow_realnvp::{
-    Activation, BaseConfig, ConditionerConfig, CouplingConfig, LayerConfig, ModelConfig, NetConfig,
-    Nets, OutputLayout, ScaleMap,
+    Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
+use serde::Serialize;
 
 pub use seed::export_seed;
 pub(crate) use weights::Weights;
@@ -82,6 +83,15 @@ pub struct Imported {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// A layer as the importers produce it; its JSON form is the registry's (kinds
+/// `affine` and `permute`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub(crate) enum LayerConfig {
+    Affine(CouplingConfig<Affine>),
+    Permute { perm: Vec<usize> },
+}
+
 /// An affine coupling as the importers produce it: explicit mask, no context.
 pub(crate) fn affine(
     mask: Vec<bool>,
@@ -99,7 +109,7 @@ pub(crate) fn affine(
             net,
             zero_init: false,
         },
-        scale,
+        transform: Affine::new(scale),
         inverted,
         context_dim: 0,
     })
@@ -107,13 +117,11 @@ pub(crate) fn affine(
 
 /// The model around imported layers: no standardisation.
 pub(crate) fn model(dim: usize, layers: Vec<LayerConfig>, base: BaseConfig) -> ModelConfig {
-    ModelConfig {
-        dim,
-        standardize: false,
-        layers,
-        base,
-        realnvp: None,
-    }
+    let specs = layers
+        .iter()
+        .map(|l| LayerSpec::tagged(l).expect("an imported layer serialises to an object"))
+        .collect();
+    ModelConfig::new(dim, specs).with_base(base)
 }
 
 /// Reads `path` as a `source` state dict and converts it.

@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{Activation, BaseConfig, NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_models::BaseConfig;
+use flow_realnvp::{Activation, NetConfig, Nets, OutputLayout, ScaleMap};
 
 use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;

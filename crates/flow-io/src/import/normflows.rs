@@ -11,9 +11,10 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{Activation, BaseConfig, LayerConfig, Nets, OutputLayout, ScaleMap};
+use flow_models::BaseConfig;
+use flow_realnvp::{Activation, Nets, OutputLayout, ScaleMap};
 
-use super::{affine, model, ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, LayerConfig, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {

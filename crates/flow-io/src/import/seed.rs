@@ -5,9 +5,8 @@
 use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
-use flow_realnvp::{
-    Activation, BaseConfig, LayerConfig, ModelConfig, NetConfig, Nets, OutputLayout, ScaleMap,
-};
+use flow_models::{BaseConfig, ModelConfig};
+use flow_realnvp::{Activation, CouplingLayer, NetConfig, Nets, OutputLayout, ScaleMap};
 
 use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;
@@ -99,7 +98,7 @@ pub fn export_seed(
     }
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (i, layer) in config.layers.iter().enumerate() {
-        let LayerConfig::Affine(c) = layer else {
+        let Ok(CouplingLayer::Affine(c)) = layer.tagged_as::<CouplingLayer>() else {
             return Err(unfit(format!("layer {i} is not an affine coupling")));
         };
         let d = config.dim;
@@ -110,7 +109,7 @@ pub fn export_seed(
             (0..d).map(|j| j >= d - k).collect()
         };
         if c.mask != expected
-            || c.scale != ScaleMap::Exp
+            || c.transform.scale != ScaleMap::Exp
             || c.inverted
             || c.context_dim != 0
             || c.conditioner.nets != Nets::Separate

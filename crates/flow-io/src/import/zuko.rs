@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use flow_realnvp::{Activation, BaseConfig, Nets, OutputLayout, ScaleMap};
+use flow_models::BaseConfig;
+use flow_realnvp::{Activation, Nets, OutputLayout, ScaleMap};
 
 use super::{affine, model, ImportOptions, Imported, Weights};
 use crate::IoError;

@@ -74,7 +74,7 @@ pub fn parse_csv(reader: impl Read, source_name: &str) -> Result<Dataset, DataEr
     if rows == 0 {
         return Err(err(None, "no data rows".into()));
     }
-    Ok(Dataset { dim, values })
+    Ok(Dataset::new(dim, values))
 }
 
 /// Reads a CSV file (see [`parse_csv`]).
@@ -114,7 +114,7 @@ pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
             i / dim + 1
         )));
     }
-    Ok(Dataset { dim, values })
+    Ok(Dataset::new(dim, values))
 }
 
 /// Reads `.npy` files by their extension, anything else as CSV.

@@ -65,6 +65,27 @@ fn normal(rng: &mut StdRng) -> f64 {
 
 /// `n` points of `toy`, shuffled, reproducible from `seed`; `noise` defaults per set.
 pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dataset, DataError> {
+    let labeled = generate_labeled(toy, n, noise, seed)?;
+    Ok(Dataset::new(
+        2,
+        labeled
+            .values
+            .chunks_exact(3)
+            .flat_map(|r| [r[0], r[1]])
+            .collect(),
+    ))
+}
+
+/// The points of [`generate`] (the same ones for the same arguments) with the label of
+/// the component each came from as a third column: the moon, the circle (0 outer, 1
+/// inner), the Gaussian (0–7), the checkerboard's column (0–3), the spiral (0, 1) or
+/// the arm (0–4). As a condition, the label makes a conditional flow's data.
+pub fn generate_labeled(
+    toy: Toy,
+    n: usize,
+    noise: Option<f64>,
+    seed: u64,
+) -> Result<Dataset, DataError> {
     let noise = noise.unwrap_or(toy.default_noise());
     if !(noise.is_finite() && noise >= 0.0) {
         return Err(DataError::new(
@@ -89,18 +110,18 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
             0.0
         }
     };
-    let mut pts: Vec<[f64; 2]> = match toy {
+    let mut pts: Vec<([f64; 2], f64)> = match toy {
         Toy::Moons => {
             let outer = n / 2;
             let inner = n - outer;
             (0..outer)
                 .map(|i| {
                     let t = linspace(outer, i);
-                    [t.cos(), t.sin()]
+                    ([t.cos(), t.sin()], 0.0)
                 })
                 .chain((0..inner).map(|i| {
                     let t = linspace(inner, i);
-                    [1.0 - t.cos(), 0.5 - t.sin()]
+                    ([1.0 - t.cos(), 0.5 - t.sin()], 1.0)
                 }))
                 .collect()
         }
@@ -112,18 +133,19 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
                 [r * t.cos(), r * t.sin()]
             };
             (0..outer)
-                .map(|i| ring(outer, i, 1.0))
-                .chain((0..inner).map(|i| ring(inner, i, 0.5)))
+                .map(|i| (ring(outer, i, 1.0), 0.0))
+                .chain((0..inner).map(|i| (ring(inner, i, 0.5), 1.0)))
                 .collect()
         }
         Toy::EightGaussians => (0..n)
             .map(|_| {
                 let k = rng.random_range(0..8) as f64;
                 let a = k * PI / 4.0;
-                [
+                let p = [
                     2.0 * a.cos() + noise * normal(rng),
                     2.0 * a.sin() + noise * normal(rng),
-                ]
+                ];
+                (p, k)
             })
             .collect(),
         Toy::Checkerboard => (0..n)
@@ -131,7 +153,7 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
                 let x1: f64 = rng.random_range(-2.0..2.0);
                 let x2 = rng.random::<f64>() - 2.0 * rng.random_range(0..2) as f64;
                 let x2 = x2 + (x1.floor().rem_euclid(2.0));
-                [2.0 * x1, 2.0 * x2]
+                ([2.0 * x1, 2.0 * x2], x1.floor() + 2.0)
             })
             .collect(),
         Toy::Spirals => (0..n)
@@ -142,7 +164,7 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
                     r.sin() * r + 0.5 * rng.random::<f64>(),
                 );
                 let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
-                [sign * x / 3.0, sign * y / 3.0]
+                ([sign * x / 3.0, sign * y / 3.0], (i % 2) as f64)
             })
             .collect(),
         Toy::Pinwheel => (0..n)
@@ -152,10 +174,11 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
                 let tangential = noise * normal(rng);
                 let angle = arm + 0.25 * radial.exp();
                 let (s, c) = angle.sin_cos();
-                [
+                let p = [
                     2.0 * (radial * c - tangential * s),
                     2.0 * (radial * s + tangential * c),
-                ]
+                ];
+                (p, (i % 5) as f64)
             })
             .collect(),
     };
@@ -164,19 +187,18 @@ pub fn generate(toy: Toy, n: usize, noise: Option<f64>, seed: u64) -> Result<Dat
         Toy::Moons | Toy::Circles | Toy::Checkerboard | Toy::Spirals
     );
     if jitter && noise > 0.0 {
-        for p in pts.iter_mut() {
+        for (p, _) in pts.iter_mut() {
             p[0] += noise * normal(rng);
             p[1] += noise * normal(rng);
         }
     }
     pts.shuffle(rng);
-    Ok(Dataset {
-        dim: 2,
-        values: pts
-            .iter()
-            .flat_map(|p| [p[0] as f32, p[1] as f32])
+    Ok(Dataset::new(
+        3,
+        pts.iter()
+            .flat_map(|(p, label)| [p[0] as f32, p[1] as f32, *label as f32])
             .collect(),
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -196,6 +218,24 @@ mod tests {
                 a.values.iter().all(|v| v.is_finite() && v.abs() < 20.0),
                 "{toy:?}"
             );
+        }
+    }
+
+    #[test]
+    fn labels_name_the_component() {
+        let d = generate_labeled(Toy::Moons, 1000, Some(0.0), 2).unwrap();
+        let plain = generate(Toy::Moons, 1000, Some(0.0), 2).unwrap();
+        for (row, p) in d.values.chunks(3).zip(plain.values.chunks(2)) {
+            assert_eq!(&row[..2], p);
+            let (x, y) = (row[0] as f64, row[1] as f64);
+            let on_outer = ((x * x + y * y).sqrt() - 1.0).abs() < 1e-5;
+            assert_eq!(row[2], if on_outer { 0.0 } else { 1.0 }, "({x}, {y})");
+        }
+        let g = generate_labeled(Toy::EightGaussians, 500, Some(0.01), 2).unwrap();
+        for row in g.values.chunks(3) {
+            let a = row[2] as f64 * PI / 4.0;
+            let (dx, dy) = (row[0] as f64 - 2.0 * a.cos(), row[1] as f64 - 2.0 * a.sin());
+            assert!(dx.hypot(dy) < 0.1, "{row:?}");
         }
     }
 

@@ -1,16 +1,16 @@
-mod in_place;
-
-use candle::{DType, Result, Tensor, Var};
+use candle::{Result, Tensor, Var};
+use flow_kernels::adam::{Moment, Update};
+use flow_kernels::{fused, Op};
 
 use crate::{OptimizerConfig, OptimizerKind};
-use in_place::{Moment, Update};
 
 /// Adam / AdamW over a fixed, ordered list of variables.
 ///
 /// Its state (step count and both moment estimates) is exposed so that it can be saved
 /// with a checkpoint and restored to resume a run exactly.
 ///
-/// On the CPU (f32/f64) a step updates moments and parameters in place, allocating
+/// Where `flow-kernels` has the in-place kernels (the CPU, f32/f64, fusion on: see
+/// [`flow_kernels::fused`]), a step updates moments and parameters in place, allocating
 /// nothing; elsewhere, or after [`with_in_place(false)`](Self::with_in_place), it runs
 /// as candle tensor ops.
 #[derive(Debug)]
@@ -135,9 +135,7 @@ impl Adam {
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
             let theta = var.as_tensor();
-            let in_place = self.in_place
-                && theta.device().is_cpu()
-                && matches!(theta.dtype(), DType::F32 | DType::F64);
+            let in_place = self.in_place && fused(Op::Adam, theta);
             if in_place {
                 let g = g.contiguous()?;
                 let (m, v) = (&self.m[i], &self.v[i]);

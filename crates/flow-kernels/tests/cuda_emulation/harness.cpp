@@ -1,4 +1,4 @@
-// Runs the CUDA kernels of src/fused/mlp.cu on the CPU under an emulation of CUDA's
+// Runs the CUDA kernels of src/mlp/mlp.cu on the CPU under an emulation of CUDA's
 // thread model, and compares them with a plain double-precision implementation of the
 // same network. Each launch runs 32 OS threads as the lanes of a warp; the lanes meet
 // at every shuffle (which is where a warp's lanes exchange values), and warps and

@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use candle::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use flow_core::{sampling::randn, seeded_var_builder};
-use flow_realnvp::{Activation, Mlp, NetConfig};
+use flow_nn::{Activation, Mlp, NetConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {

@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles the fused kernels (`src/fused/mlp.cu`) to PTX with
+//! With the `cuda` feature, compiles the fused kernels (`src/mlp/mlp.cu`) to PTX with
 //! `nvcc`, as candle's own kernels are. `CUDA_COMPUTE_CAP` (e.g. `90`) picks the
 //! virtual architecture; the default, 7.5, is the oldest CUDA 13 supports, and newer
 //! GPUs compile the PTX for themselves when it loads.
@@ -6,9 +6,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod limits {
+    include!("src/limits.rs");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/fused/mlp.cu");
+    println!("cargo:rerun-if-changed=src/limits.rs");
+    println!("cargo:rerun-if-changed=src/mlp/mlp.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -21,13 +26,14 @@ fn main() {
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("-arch=compute_{cap}"))
+        .arg(format!("-DMAX_IO={}", limits::CUDA_MAX_IO))
         .arg("-o")
         .arg(out.join("fused_mlp.ptx"))
-        .arg("src/fused/mlp.cu")
+        .arg("src/mlp/mlp.cu")
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc failed on src/fused/mlp.cu ({s})"),
+        Ok(s) => panic!("nvcc failed on src/mlp/mlp.cu ({s})"),
         Err(e) => panic!("the cuda feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e}"),
     }
 }

@@ -18,9 +18,6 @@ const THREADS: u32 = 128;
 /// Samples per block row of the backward kernel.
 const CHUNK: usize = 64;
 
-/// Most inputs or outputs the kernels handle (`MAX_IO` in `mlp.cu`).
-pub(crate) const MAX_IO: usize = 16;
-
 /// The kernels' activation code and slope below zero.
 fn activation(a: Activation) -> Result<(i32, f64)> {
     match a {

@@ -1,4 +1,4 @@
-//! Fused kernels for the common conditioner `Linear → act → Linear`.
+//! The fused conditioner `Linear → act → Linear`.
 //!
 //! The reference path runs five candle ops per network and materialises the
 //! `(batch, hidden)` activations several times (forward and backward); at the shapes of
@@ -9,57 +9,54 @@
 //! (tested to 1e-5).
 //!
 //! Two CPU kernels: [`portable`] handles every dtype and activation; on x86-64 CPUs
-//! with AVX2 and FMA, [`avx2`] takes f32 networks with a piecewise-linear activation
+//! with AVX2 and FMA, `avx2` takes f32 networks with a piecewise-linear activation
 //! (the common case) and keeps a block of hidden units in registers while samples
 //! stream past. With the `cuda` feature, `mlp.cu` holds the same pair of passes for
 //! the GPU (`cuda`), one thread per sample forward and one per hidden unit backward.
 //!
 //! Parameters travel packed: `p1 = [W₁ | b₁]` `(hidden, in + 1)` and
-//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`, built by [`pack`] as one op each.
+//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`, built by [`pack_linear`](crate::pack_linear)
+//! as one op each.
 
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::Activation;
+use crate::{pack_linear, slice, Activation};
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2;
-mod coupling;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
-mod pack;
 mod portable;
 
-pub(crate) use coupling::{AffineUpdate, LogDet};
-pub(crate) use pack::pack_linear;
-
-#[cfg(feature = "cuda")]
-pub(crate) use cuda::MAX_IO as CUDA_MAX_IO;
+/// `Linear(w1, b1) → activation → Linear(w2, b2)` on `x` `(batch, in)` as one op (and
+/// one op for its backward). The caller decides that the kernel applies, through
+/// [`fused`](crate::fused) with [`Op::Mlp`](crate::Op::Mlp).
+pub fn forward(
+    x: &Tensor,
+    (w1, b1): (&Tensor, &Tensor),
+    (w2, b2): (&Tensor, &Tensor),
+    activation: Activation,
+) -> Result<Tensor> {
+    let p1 = pack_linear(w1, b1)?;
+    let p2 = pack_linear(w2, b2)?;
+    x.contiguous()?.apply_op3(&p1, &p2, FusedMlp { activation })
+}
 
 /// Samples per parallel task.
 const CHUNK: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct FusedMlp {
-    pub activation: Activation,
-}
-
-impl FusedMlp {
-    /// Whether the kernel handles this activation.
-    pub fn supports(activation: Activation) -> bool {
-        matches!(
-            activation,
-            Activation::LeakyRelu | Activation::Relu | Activation::Tanh
-        )
-    }
+struct FusedMlp {
+    activation: Activation,
 }
 
 /// Dimensions of one call.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+struct Dims {
     pub batch: usize,
     pub input: usize,
     pub hidden: usize,
@@ -179,15 +176,6 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<Dims> {
         hidden,
         output,
     })
-}
-
-/// The contiguous part of a storage that `l` describes (the fused ops take contiguous
-/// inputs).
-fn slice<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle::bail!("fused ops expect contiguous inputs"),
-    }
 }
 
 /// The backward kernel on host copies of the tensors, returned as tensors.

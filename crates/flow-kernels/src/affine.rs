@@ -13,11 +13,10 @@
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::slice;
-use crate::ScaleMap;
+use crate::{slice, ScaleMap};
 
 #[derive(Debug, Clone)]
-pub(crate) struct AffineUpdate {
+struct AffineUpdate {
     /// The transformed features, in the order of the columns of `s` and `t`.
     pub transformed: Vec<usize>,
     pub scale: ScaleMap,
@@ -164,7 +163,7 @@ impl CustomOp3 for AffineUpdate {
 
 /// `Σ ŝ` over each row of the raw log-scales `s` `(batch, n)`, negated for an inverse.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LogDet {
+struct LogDet {
     pub scale: ScaleMap,
     pub inverse: bool,
 }
@@ -230,4 +229,28 @@ impl CustomOp1 for LogDet {
         };
         Ok(Some(g))
     }
+}
+
+/// The fused affine coupling: `(y, log|det|)` from the whole input `x` `(batch, dim)`,
+/// the transformed features' indices and the conditioner's raw `s` and `t`
+/// `(batch, n)`, for the forward map or (`inverse`) its inverse. The caller decides that
+/// the kernel applies, through [`fused`](crate::fused) with
+/// [`Op::AffineCoupling`](crate::Op::AffineCoupling).
+pub fn coupling(
+    x: &Tensor,
+    transformed: &[usize],
+    s: &Tensor,
+    t: &Tensor,
+    scale: ScaleMap,
+    inverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    let update = AffineUpdate {
+        transformed: transformed.to_vec(),
+        scale,
+        inverse,
+    };
+    let s = s.contiguous()?;
+    let y = x.contiguous()?.apply_op3(&s, &t.contiguous()?, update)?;
+    let log_det = s.apply_op1(LogDet { scale, inverse })?;
+    Ok((y, log_det))
 }

@@ -42,7 +42,7 @@ impl ScaleMap {
 
     /// The log-scale of one raw output and its derivative: the scalar form of
     /// [`log_scale`](Self::log_scale), for fused kernels.
-    pub(crate) fn scalar<T: num_traits::Float>(&self, s: T) -> (T, T) {
+    pub fn scalar<T: num_traits::Float>(&self, s: T) -> (T, T) {
         let c = |v: f64| T::from(v).unwrap_or_else(T::zero);
         let one = T::one();
         match *self {

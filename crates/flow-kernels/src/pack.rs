@@ -5,10 +5,10 @@
 
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
-use super::slice;
+use crate::slice;
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Pack;
+struct Pack;
 
 fn rows_cols(w: &Layout, b: &Layout) -> Result<(usize, usize)> {
     let (rows, cols) = w.shape().dims2()?;
@@ -88,7 +88,7 @@ impl CustomOp2 for Pack {
 }
 
 /// `[W | b]` `(out, in + 1)`: one op on the CPU, `cat` elsewhere.
-pub(crate) fn pack_linear(w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn pack_linear(w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if w.device().is_cpu() && w.is_contiguous() && b.is_contiguous() {
         w.apply_op2(b, Pack)
     } else {

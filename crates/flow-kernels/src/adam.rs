@@ -8,7 +8,7 @@ use num_traits::Float;
 /// A moment estimate `m ← β·m + (1 − β)·u` with `u = g + λ·θ` (L2 weight decay; `λ` is
 /// zero otherwise), or `u²` for the second moment. Applied to `m` with `(g, θ)`.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Moment {
+pub struct Moment {
     pub beta: f64,
     pub l2: f64,
     pub square: bool,
@@ -18,7 +18,7 @@ pub(super) struct Moment {
 /// `κ = 1 / (1 − β₂ᵗ)` and `δ = lr·λ` for decoupled weight decay (else zero). Applied
 /// to `θ` with `(m, v)`.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Update {
+pub struct Update {
     pub alpha: f64,
     pub kappa: f64,
     pub eps: f64,

@@ -1,14 +1,9 @@
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
-
-use candle::{bail, DType, Result, Tensor};
+use candle::{bail, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
+use flow_kernels::{fused, Op};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    fused::{pack_linear, FusedMlp},
-    Activation,
-};
+use crate::Activation;
 
 /// Architecture of a conditioner network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,49 +115,32 @@ impl Mlp {
 }
 
 impl Mlp {
-    /// Whether [`forward`](Module::forward) takes a fused kernel: one hidden layer, a
-    /// supported activation, f32/f64, fusion enabled, on the CPU or (with the `cuda`
-    /// feature, [`set_cuda_fusion`] on and at most 16 inputs and outputs) on CUDA.
+    /// Whether [`forward`](Module::forward) takes a fused kernel for `x` (decided by
+    /// [`flow_kernels::fused`]).
     pub fn uses_fused(&self, x: &Tensor) -> bool {
-        !self.residual
-            && self.layers.len() == 2
-            && FusedMlp::supports(self.activation)
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && fusion_enabled()
-            && (x.device().is_cpu() || self.cuda_fusable(x))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fusable(&self, x: &Tensor) -> bool {
-        use crate::fused::CUDA_MAX_IO;
-        let small = |n: Result<usize>| n.is_ok_and(|n| n <= CUDA_MAX_IO);
-        x.device().is_cuda()
-            && cuda_fusion_enabled()
-            && small(x.dim(1))
-            && self.layers.get(1).is_some_and(|l| small(l.weight().dim(0)))
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn cuda_fusable(&self, _: &Tensor) -> bool {
-        false
+        let (Ok(inputs), Some(last)) = (x.dim(1), self.layers.last()) else {
+            return false;
+        };
+        let op = Op::Mlp {
+            activation: self.activation,
+            hidden_layers: self.layers.len() - 1,
+            residual: self.residual,
+            inputs,
+            outputs: last.weight().dims()[0],
+        };
+        fused(op, x) && self.layers.iter().all(|l| l.bias().is_some())
     }
 
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        let pack = |l: &Linear| -> Result<Tensor> {
-            let Some(b) = l.bias() else {
-                bail!("fused networks need biases");
-            };
-            pack_linear(l.weight(), b)
+        let linear = |l: &Linear| -> Result<(Tensor, Tensor)> {
+            match l.bias() {
+                Some(b) => Ok((l.weight().clone(), b.clone())),
+                None => bail!("fused networks need biases"),
+            }
         };
-        let p1 = pack(&self.layers[0])?;
-        let p2 = pack(&self.layers[1])?;
-        x.contiguous()?.apply_op3(
-            &p1,
-            &p2,
-            FusedMlp {
-                activation: self.activation,
-            },
-        )
+        let (w1, b1) = linear(&self.layers[0])?;
+        let (w2, b2) = linear(&self.layers[1])?;
+        flow_kernels::mlp::forward(x, (&w1, &b1), (&w2, &b2), self.activation)
     }
 
     /// The network built from plain candle ops: the reference the fused kernel is
@@ -200,40 +178,4 @@ impl Module for Mlp {
             self.forward_reference(x)
         }
     }
-}
-
-static FUSION: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused CPU kernels on (the default) or off, process-wide; off runs every
-/// conditioner network and every affine coupling's element-wise part through plain
-/// candle ops. For comparisons and benchmarks.
-pub fn set_fusion(enabled: bool) {
-    FUSION.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the fused CPU kernels are in use.
-pub fn fusion_enabled() -> bool {
-    FUSION.load(Ordering::Relaxed)
-}
-
-/// The CUDA switch; unset until first read, then from `FLOWS_CUDA_FUSION`.
-static CUDA_FUSION: OnceLock<AtomicBool> = OnceLock::new();
-
-fn cuda_fusion() -> &'static AtomicBool {
-    CUDA_FUSION.get_or_init(|| {
-        let off = std::env::var("FLOWS_CUDA_FUSION").is_ok_and(|v| v == "0" || v == "false");
-        AtomicBool::new(!off)
-    })
-}
-
-/// Turns the fused CUDA kernels on or off, process-wide. Off, networks on a CUDA device
-/// run through candle's own CUDA ops. The default is on, or off where the environment
-/// sets `FLOWS_CUDA_FUSION=0`. Without the `cuda` feature this changes nothing.
-pub fn set_cuda_fusion(enabled: bool) {
-    cuda_fusion().store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the fused CUDA kernels are in use.
-pub fn cuda_fusion_enabled() -> bool {
-    cuda_fusion().load(Ordering::Relaxed)
 }

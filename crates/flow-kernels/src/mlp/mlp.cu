@@ -7,7 +7,11 @@
 // Activations: kind 0 is piecewise linear with slope `c` below zero (leaky-relu,
 // relu with c = 0), kind 1 is tanh.
 
-#define MAX_IO 16
+// MAX_IO, the most inputs or outputs of a network, is set by whoever compiles this
+// file (build.rs, the emulation test) from CUDA_MAX_IO in src/limits.rs.
+#ifndef MAX_IO
+#error "compile with -DMAX_IO=<CUDA_MAX_IO from src/limits.rs>"
+#endif
 #define WARP 32
 
 template <typename T>

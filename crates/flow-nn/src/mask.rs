@@ -86,7 +86,7 @@ impl Mask {
     }
 
     /// The transformed features' indices, in order.
-    pub(crate) fn transformed(&self) -> &[usize] {
+    pub fn transformed(&self) -> &[usize] {
         &self.transform_idx
     }
 
@@ -107,13 +107,16 @@ impl Mask {
         Self::gather(x, &self.keep_idx, &self.gather_keep)
     }
 
+    /// The transformed features `(batch, n_transformed)` of `x: (batch, dim)`.
+    pub fn transformed_input(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_width(x)?;
+        Self::gather(x, &self.transform_idx, &self.gather_transform)
+    }
+
     /// Splits `x: (batch, dim)` into the kept `(batch, n_kept)` and transformed
     /// `(batch, n_transformed)` features.
     pub fn split_input(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.kept_input(x)?,
-            Self::gather(x, &self.transform_idx, &self.gather_transform)?,
-        ))
+        Ok((self.kept_input(x)?, self.transformed_input(x)?))
     }
 
     /// Inverse of [`split_input`](Self::split_input).

@@ -1,0 +1,79 @@
+//! The fusion switch and the decision, per op, between a fused kernel and the
+//! reference path of plain candle ops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use candle::{DType, Tensor};
+
+use crate::{Activation, CUDA_MAX_IO};
+
+/// Unset until first read, then from `FLOWS_FUSION`.
+static FUSION: OnceLock<AtomicBool> = OnceLock::new();
+
+fn switch() -> &'static AtomicBool {
+    FUSION.get_or_init(|| {
+        let off = std::env::var("FLOWS_FUSION").is_ok_and(|v| v == "0" || v == "false");
+        AtomicBool::new(!off)
+    })
+}
+
+/// Turns every fused kernel on (the default) or off, process-wide, on every device.
+/// Off, networks, coupling updates and Adam run as plain candle ops: the reference
+/// the kernels are tested against. The environment sets the starting value:
+/// `FLOWS_FUSION=0` starts with fusion off.
+pub fn set_fusion(enabled: bool) {
+    switch().store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are in use.
+pub fn fusion_enabled() -> bool {
+    switch().load(Ordering::Relaxed)
+}
+
+/// An op that has a fused kernel, with what decides whether the kernel takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A conditioner network.
+    Mlp {
+        activation: Activation,
+        hidden_layers: usize,
+        residual: bool,
+        inputs: usize,
+        outputs: usize,
+    },
+    /// The element-wise part of an affine coupling.
+    AffineCoupling,
+    /// Adam's update of one variable.
+    Adam,
+}
+
+/// Whether `op` on the tensor `x` (its input, or the variable for [`Op::Adam`]) runs
+/// as a fused kernel: fusion is on, `x` is f32 or f64, and a kernel exists for the op's
+/// shape on `x`'s device (the CPU has them all; with the `cuda` feature, CUDA has the
+/// network kernel for at most [`CUDA_MAX_IO`] inputs and outputs).
+pub fn fused(op: Op, x: &Tensor) -> bool {
+    if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return false;
+    }
+    let dev = x.device();
+    match op {
+        Op::Mlp {
+            activation,
+            hidden_layers,
+            residual,
+            inputs,
+            outputs,
+        } => {
+            let shape = !residual
+                && hidden_layers == 1
+                && matches!(
+                    activation,
+                    Activation::LeakyRelu | Activation::Relu | Activation::Tanh
+                );
+            let narrow = inputs <= CUDA_MAX_IO && outputs <= CUDA_MAX_IO;
+            shape && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda() && narrow))
+        }
+        Op::AffineCoupling | Op::Adam => dev.is_cpu(),
+    }
+}

@@ -1,0 +1,6 @@
+// Shared by the crate and by build.rs (which passes it to nvcc), so that the CUDA
+// kernels and the code that launches them agree.
+
+/// Most inputs or outputs a network may have for the fused CUDA kernels: the kernels
+/// keep a sample's inputs and outputs in registers.
+pub const CUDA_MAX_IO: usize = 16;

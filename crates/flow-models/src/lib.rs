@@ -1,0 +1,16 @@
+//! The model registry: one configuration, [`ModelConfig`], describes a flow built from
+//! layers of any registered family, with its base distribution, standardisation and
+//! context dimension; [`Registry`] holds the families and builds the flow.
+//!
+//! Families are crates of their own (RealNVP and NICE in `flow-realnvp`), each
+//! behind a cargo feature here, so a user depends only on the families they use. A
+//! family implements [`LayerFamily`](flow_core::LayerFamily) for its kinds of layer and
+//! joins the registry with one line in [`Registry::builtin`]; one defined elsewhere
+//! joins at run time through [`Registry::with`].
+
+mod model;
+mod registry;
+
+pub use flow_core::{LayerFamily, LayerSpec};
+pub use model::{BaseConfig, ModelConfig};
+pub use registry::Registry;

@@ -1,0 +1,162 @@
+use candle::{bail, DType, Result};
+use candle_nn::VarBuilder;
+use flow_core::{
+    Bijector, Chain, DiagNormal, Distribution, Flow, LayerSpec, StandardNormal, Standardize,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Registry;
+
+/// The base distribution of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BaseConfig {
+    /// `N(0, I)`: no parameters.
+    #[default]
+    StandardNormal,
+    /// `N(loc, diag(exp(log_scale))²)`, stored as `base.loc` and `base.log_scale`;
+    /// trained only when `trainable` (otherwise they are buffers).
+    DiagNormal { trainable: bool },
+}
+
+/// Everything needed to rebuild a flow from its tensors: optional standardisation, the
+/// layers (of any registered family), the base distribution, and the number of context
+/// features a conditional flow reads.
+///
+/// Tensor names: `standardize.mean`, `standardize.std` (`(dim,)`), `layers.{i}.*`,
+/// `base.loc`, `base.log_scale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub dim: usize,
+    /// Context features of a conditional flow (0: unconditional).
+    #[serde(default)]
+    pub context_dim: usize,
+    /// A fixed `(x − mean) / std` in front of the layers (statistics of the data
+    /// features, not of the context).
+    #[serde(default)]
+    pub standardize: bool,
+    pub layers: Vec<LayerSpec>,
+    #[serde(default)]
+    pub base: BaseConfig,
+    /// The family's high-level description the layers were generated from, if any
+    /// (for people reading the file; the layers are what is built).
+    #[serde(default, alias = "realnvp", skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<serde_json::Value>,
+}
+
+impl ModelConfig {
+    /// A model of `layers` over `dim` features: no context, no standardisation, a
+    /// standard-normal base.
+    pub fn new(dim: usize, layers: Vec<LayerSpec>) -> Self {
+        Self {
+            dim,
+            context_dim: 0,
+            standardize: false,
+            layers,
+            base: BaseConfig::StandardNormal,
+            recipe: None,
+        }
+    }
+
+    /// A RealNVP (or NICE) stack as a model, with the description kept as its recipe.
+    #[cfg(feature = "realnvp")]
+    pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
+        let layers = cfg
+            .layers()
+            .iter()
+            .map(|l| LayerSpec::tagged(l).expect("a coupling layer serialises to an object"))
+            .collect();
+        let mut recipe = serde_json::to_value(cfg).ok();
+        if let Some(serde_json::Value::Object(m)) = &mut recipe {
+            m.insert("family".into(), "realnvp".into());
+        }
+        Self {
+            context_dim: cfg.context_dim,
+            recipe,
+            ..Self::new(cfg.dim, layers)
+        }
+    }
+
+    flow_core::with_setters! {
+        with_context_dim: context_dim: usize,
+        with_standardize: standardize: bool,
+        with_base: base: BaseConfig,
+    }
+
+    /// Checks that the layers fit together, with the built-in families.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_with(&Registry::builtin())
+    }
+
+    /// Checks that every layer's kind is registered and that each fits `dim` features
+    /// and `context_dim` context features.
+    pub fn validate_with(&self, registry: &Registry) -> std::result::Result<(), String> {
+        if self.dim == 0 {
+            return Err("a model needs at least one feature".into());
+        }
+        if self.layers.is_empty() {
+            return Err("a model needs at least one layer".into());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            registry
+                .check(layer, self.dim, self.context_dim)
+                .map_err(|e| format!("layer {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the flow with the built-in families, reading (or creating) its tensors
+    /// through `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Flow> {
+        self.build_with(&Registry::builtin(), vb)
+    }
+
+    /// Builds the flow with the families of `registry`.
+    pub fn build_with(&self, registry: &Registry, vb: VarBuilder) -> Result<Flow> {
+        if let Err(e) = self.validate_with(registry) {
+            bail!("{e}");
+        }
+        let device = vb.device().clone();
+        let mut chain = Chain::default();
+        if self.standardize {
+            let vb = vb.pp("standardize");
+            let mean = vb.get_with_hints(self.dim, "mean", candle_nn::init::ZERO)?;
+            let std = vb.get_with_hints(self.dim, "std", candle_nn::init::ONE)?;
+            chain.push(Standardize::new(&mean, &std)?);
+        }
+        let layers = vb.pp("layers");
+        for (i, spec) in self.layers.iter().enumerate() {
+            chain.push(registry.build(spec, layers.pp(i))?);
+        }
+        let base: Box<dyn Distribution> = match self.base {
+            BaseConfig::StandardNormal => {
+                Box::new(StandardNormal::new(self.dim, vb.dtype(), &device))
+            }
+            BaseConfig::DiagNormal { trainable } => {
+                let base = DiagNormal::new(self.dim, vb.pp("base"))?;
+                Box::new(if trainable { base } else { base.frozen() })
+            }
+        };
+        let bijector: Box<dyn Bijector> = Box::new(chain);
+        Ok(Flow::from_boxed(bijector, base))
+    }
+
+    /// Float types the layers support.
+    pub fn supports(dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::F64)
+    }
+}
+
+#[cfg(feature = "realnvp")]
+impl From<&flow_realnvp::RealNvpConfig> for ModelConfig {
+    fn from(cfg: &flow_realnvp::RealNvpConfig) -> Self {
+        Self::realnvp(cfg)
+    }
+}
+
+#[cfg(feature = "realnvp")]
+impl From<flow_realnvp::RealNvpConfig> for ModelConfig {
+    fn from(cfg: flow_realnvp::RealNvpConfig) -> Self {
+        Self::realnvp(&cfg)
+    }
+}

@@ -1,0 +1,63 @@
+use candle::{bail, Result, Tensor};
+use flow_kernels::{fused, Op, ScaleMap};
+use serde::{Deserialize, Serialize};
+
+use crate::Transform;
+
+/// The affine map `y = x ⊙ exp(ŝ) + t` (inverse `x = (y − t) ⊙ exp(−ŝ)`), with
+/// `log|det| = Σ ŝ`, where `ŝ` is the raw parameter `s` through the [`ScaleMap`].
+/// Parameters `s` then `t`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Affine {
+    #[serde(default)]
+    pub scale: ScaleMap,
+}
+
+impl Affine {
+    pub fn new(scale: ScaleMap) -> Self {
+        Self { scale }
+    }
+}
+
+fn two(theta: &[Tensor]) -> Result<(&Tensor, &Tensor)> {
+    match theta {
+        [s, t] => Ok((s, t)),
+        _ => bail!(
+            "an affine transform takes 2 parameters, got {}",
+            theta.len()
+        ),
+    }
+}
+
+impl Transform for Affine {
+    fn params(&self) -> &'static [&'static str] {
+        &["s", "t"]
+    }
+
+    fn apply(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {
+        let (s, t) = two(theta)?;
+        let s = self.scale.log_scale(s)?;
+        if inverse {
+            let y = x.sub(t)?.mul(&s.neg()?.exp()?)?;
+            Ok((y, s.sum(1)?.neg()?))
+        } else {
+            let y = x.mul(&s.exp()?)?.add(t)?;
+            Ok((y, s.sum(1)?))
+        }
+    }
+
+    fn apply_fused(
+        &self,
+        x: &Tensor,
+        transformed: &[usize],
+        theta: &[Tensor],
+        inverse: bool,
+    ) -> Option<Result<(Tensor, Tensor)>> {
+        if !fused(Op::AffineCoupling, x) {
+            return None;
+        }
+        Some(two(theta).and_then(|(s, t)| {
+            flow_kernels::affine::coupling(x, transformed, s, t, self.scale, inverse)
+        }))
+    }
+}

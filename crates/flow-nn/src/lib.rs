@@ -1,0 +1,24 @@
+//! Building blocks shared by flow families, on candle-nn: conditioner networks
+//! ([`Mlp`], residual MLPs), [`Mask`]s, the general [`Coupling`] layer and the
+//! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`]).
+//!
+//! A family is a few lines over these: RealNVP is `Coupling<Affine>`, NICE is
+//! `Coupling<Shift>`; a spline transform plugs into the same coupling. Networks and
+//! transforms take the fused kernels of `flow-kernels` where those apply.
+
+mod affine;
+mod conditioner;
+mod coupling;
+mod mask;
+mod mlp;
+mod shift;
+mod transform;
+
+pub use affine::Affine;
+pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
+pub use coupling::{Coupling, CouplingConfig};
+pub use flow_kernels::{Activation, ScaleMap};
+pub use mask::Mask;
+pub use mlp::{Mlp, NetConfig};
+pub use shift::Shift;
+pub use transform::Transform;
