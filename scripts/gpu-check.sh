@@ -7,7 +7,8 @@
 # where $OUT is set, they are also packed into $OUT/gpu-logs.tar.gz, beside gpu.md, the
 # GPU section for BENCHMARKS.md. A short table is printed last.
 #
-# zuko is imported if Python finds it (pip install zuko, or wheels in .whl/).
+# `scripts/gpu-check.sh tests` runs the tests only. zuko is imported if Python finds it
+# (pip install zuko, or wheels in .whl/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${LOGS:-gpu-logs}
@@ -54,6 +55,11 @@ for t in "$bin"/test_*; do
         status=1
     fi
 done
+
+if [ "${1:-}" = tests ]; then
+    cat "$logs/card.txt" "$logs/tests.txt"
+    exit $status
+fi
 
 # 2. Benchmarks, ours and PyTorch's, same card, same run.
 timeout 150 "$bin/device_jobs" >"$logs/ours.jsonl" 2>"$logs/ours.err" || status=1

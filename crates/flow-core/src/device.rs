@@ -26,6 +26,20 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// The first CUDA device, for tests and checks that need one: `None` where there is
+/// none (a skip, said on stderr), unless the environment sets `FLOWS_REQUIRE_CUDA=1`
+/// (as a GPU machine's check script does), where a missing device is an error.
+pub fn cuda_if_present() -> Result<Option<Device>> {
+    match Device::new_cuda(0) {
+        Ok(dev) => Ok(Some(dev)),
+        Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e),
+        Err(e) => {
+            eprintln!("no CUDA device ({e}): skipped");
+            Ok(None)
+        }
+    }
+}
+
 fn auto() -> Device {
     if cfg!(feature = "cuda") {
         if let Ok(d) = Device::new_cuda(0) {

@@ -16,7 +16,7 @@ pub mod sampling;
 mod setters;
 
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
-pub use device::{join_cpu_pool, parse_device};
+pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, StandardNormal};
 pub use family::{FixedLayers, LayerFamily, LayerSpec};
 pub use flow::Flow;

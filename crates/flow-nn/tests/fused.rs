@@ -31,10 +31,9 @@ fn fused_mlp_matches_reference_values_and_gradients() -> Result<()> {
 #[cfg(feature = "cuda")]
 #[test]
 fn fused_cuda_mlp_matches_reference_values_and_gradients() -> Result<()> {
-    match Device::new_cuda(0) {
-        Ok(dev) => matches_reference_on(&dev),
-        Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e.into()),
-        Err(_) => Ok(eprintln!("no CUDA device: skipped")),
+    match flow_core::cuda_if_present()? {
+        Some(dev) => matches_reference_on(&dev),
+        None => Ok(()),
     }
 }
 
@@ -53,7 +52,7 @@ fn matches_reference_on(dev: &Device) -> Result<()> {
                 (2, 24, 2, 70),
                 (17, 16, 3, 33),
             ] {
-                if dev.is_cuda() && input.max(output) > 16 {
+                if dev.is_cuda() && input.max(output) > flow_kernels::CUDA_MAX_IO {
                     continue; // wider networks take candle's ops on the GPU
                 }
                 let varmap = VarMap::new();

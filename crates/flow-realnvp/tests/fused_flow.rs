@@ -86,6 +86,31 @@ fn outputs(
     Ok(out)
 }
 
+/// Every output of `a` within `(tol, grad_tol)` (values, gradients) of `b`'s.
+fn agree(
+    a: &[(String, Tensor)],
+    b: &[(String, Tensor)],
+    (tol, grad_tol): (f64, f64),
+    what: &str,
+) -> Result<()> {
+    ensure!(
+        a.len() == b.len(),
+        "{what}: {} outputs against {}",
+        a.len(),
+        b.len()
+    );
+    for ((name, a), (_, b)) in a.iter().zip(b) {
+        let e = rel_err(a, b)?;
+        let tol = if name.contains("gradient") {
+            grad_tol
+        } else {
+            tol
+        };
+        ensure!(e < tol, "{what}: {name} differs by {e:e}");
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
     let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,19 +166,9 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
                 let reference = outputs(&flow, &varmap, &x, &z, &w)?;
                 set_fusion(true);
                 let fused = outputs(&flow, &varmap, &x, &z, &w)?;
-                ensure!(reference.len() == fused.len() && reference.len() > 4 + 2 * 12);
-                for ((name, a), (_, b)) in fused.iter().zip(&reference) {
-                    let e = rel_err(a, b)?;
-                    let tol = if name.contains("gradient") {
-                        grad_tol
-                    } else {
-                        tol
-                    };
-                    ensure!(
-                        e < tol,
-                        "{dtype:?} {scale:?} dim {dim} {mask:?}: {name} differs by {e:e}"
-                    );
-                }
+                ensure!(reference.len() > 4 + 2 * 12);
+                let what = format!("{dtype:?} {scale:?} dim {dim} {mask:?}");
+                agree(&fused, &reference, (tol, grad_tol), &what)?;
             }
         }
     }
@@ -169,10 +184,8 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
 #[test]
 fn cuda_flows_match_the_cpu() -> Result<()> {
     use flow_realnvp::{Activation, CouplingKind};
-    let gpu = match Device::new_cuda(0) {
-        Ok(gpu) => gpu,
-        Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e)?,
-        Err(_) => return Ok(eprintln!("no CUDA device: skipped")),
+    let Some(gpu) = flow_core::cuda_if_present()? else {
+        return Ok(());
     };
     let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let cases = [
@@ -236,19 +249,8 @@ fn cuda_flows_match_the_cpu() -> Result<()> {
                 let (flow, varmap) = build(&gpu)?;
                 let (x, z, w) = inputs(&gpu)?;
                 let on_gpu = outputs(&flow, &varmap, &x, &z, &w)?;
-                ensure!(on_gpu.len() == reference.len());
-                for ((name, a), (_, b)) in on_gpu.iter().zip(&reference) {
-                    let e = rel_err(a, b)?;
-                    let tol = if name.contains("gradient") {
-                        grad_tol
-                    } else {
-                        tol
-                    };
-                    ensure!(
-                        e < tol,
-                        "{dtype:?} {cfg:?} fusion {fused}: {name} differs by {e:e}"
-                    );
-                }
+                let what = format!("{dtype:?} {cfg:?} fusion {fused}");
+                agree(&on_gpu, &reference, (tol, grad_tol), &what)?;
             }
         }
     }

@@ -67,6 +67,7 @@ fn the_label_conditions_the_moons() -> Result<()> {
             .to_scalar::<f32>()? as f64)
     };
     let (right, wrong) = (mean_lp(&label)?, mean_lp(&flipped)?);
+    eprintln!("held-out mean log-prob: {right:.3} with the true label, {wrong:.3} flipped");
     ensure!(
         right - wrong >= 2.0,
         "held-out log-prob {right:.3} with the true label, {wrong:.3} with the other"
@@ -82,6 +83,10 @@ fn the_label_conditions_the_moons() -> Result<()> {
             .filter(|r| nearer_moon((r[0] as f64, r[1] as f64)) == moon as f64)
             .count();
         let share = on as f64 / rows.len() as f64;
+        eprintln!(
+            "moon {moon}: {:.1}% of the samples nearer it",
+            100.0 * share
+        );
         ensure!(
             share >= 0.9,
             "{:.1}% of the samples for moon {moon} lie nearer it",

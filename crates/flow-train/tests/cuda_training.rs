@@ -14,6 +14,9 @@ use flow_train::{
 /// The same short runs on a GPU, fused kernels off and on, against the CPU: every
 /// reported batch loss and the final weights agree. Without a GPU this is skipped,
 /// unless `FLOWS_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) makes that a failure.
+/// Every tensor of a model, by name, as f64.
+type Weights = Vec<(String, Vec<f64>)>;
+
 #[test]
 fn cuda_training_matches_the_cpu() -> Result<()> {
     struct Losses(Vec<f64>);
@@ -22,10 +25,8 @@ fn cuda_training_matches_the_cpu() -> Result<()> {
             self.0.push(r.loss);
         }
     }
-    let gpu = match Device::new_cuda(0) {
-        Ok(gpu) => gpu,
-        Err(e) if std::env::var("FLOWS_REQUIRE_CUDA").is_ok_and(|v| v == "1") => Err(e)?,
-        Err(_) => return Ok(eprintln!("no CUDA device: skipped")),
+    let Some(gpu) = flow_core::cuda_if_present()? else {
+        return Ok(());
     };
     let train = generate(Toy::Moons, 2000, Some(0.05), 4)?;
     let val = generate(Toy::Moons, 500, Some(0.05), 5)?;
@@ -45,7 +46,7 @@ fn cuda_training_matches_the_cpu() -> Result<()> {
                 .with_batch_size(256)
                 .with_val_every(10)
                 .with_report_every(1);
-            let run = |dev: &Device| -> Result<(Vec<f64>, Vec<(String, Vec<f64>)>)> {
+            let run = |dev: &Device| -> Result<(Vec<f64>, Weights)> {
                 let mut losses = Losses(Vec::new());
                 let t = Trainer::new(cfg.clone(), dev)?.with_dtype(dtype).fit(
                     &train,
