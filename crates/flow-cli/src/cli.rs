@@ -301,7 +301,7 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Condition of a conditional model for every sample, as comma-separated values.
-    #[arg(long, conflicts_with = "context_file")]
+    #[arg(long, conflicts_with = "context_file", allow_hyphen_values = true)]
     pub context: Option<String>,
     /// Condition of a conditional model, one row per sample (CSV or .npy).
     #[arg(long)]
@@ -356,7 +356,7 @@ pub struct PlotArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Condition of a conditional model, as comma-separated values.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub context: Option<String>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]

@@ -429,7 +429,9 @@ fn conditional_flows_from_the_command_line() {
     let (z, back) = (path("cond-z.csv"), path("cond-back.csv"));
     ok(&["encode", "--model", &m, "--input", &test, "--out", &z]);
     ok(&["decode", "--model", &m, "--input", &z, "--out", &back]);
-    for (a, b) in read_csv(&test).iter().zip(read_csv(&back)) {
+    let (rows, decoded) = (read_csv(&test), read_csv(&back));
+    assert_eq!(rows.len(), decoded.len());
+    for (a, b) in rows.iter().zip(decoded) {
         assert!((a[0] - b[0]).abs() < 1e-3 && (a[1] - b[1]).abs() < 1e-3 && a[2] == b[2]);
     }
     let samples = path("cond-samples.csv");
@@ -515,11 +517,13 @@ fn every_flag_has_a_help_line() {
             {
                 continue;
             }
-            // The help text follows the flag and its value, on its line or the next.
-            let same_line = line
+            // The help text follows the flag and its value, on its line or the next
+            // (clap's bracketed annotations, such as the default, are not help).
+            let text = line.split('[').next().unwrap_or_default();
+            let same_line = text
                 .split_whitespace()
                 .skip(1)
-                .any(|w| !w.starts_with('<') && !w.starts_with('[') && !w.starts_with("--"));
+                .any(|w| !w.starts_with('<') && !w.starts_with("--"));
             let next_line = lines
                 .get(i + 1)
                 .is_some_and(|l| !l.is_empty() && !l.starts_with('-'));

@@ -242,11 +242,22 @@ fn a_finished_run_continues_to_more_steps_as_if_never_stopped() {
         let r = flow(&args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     };
+    // Validation every 25 steps: the first run's end (step 60) is off that schedule.
+    let val = s(&d.join("val.csv"));
+    let o = flow(&["data", "moons", "--n", "300", "--seed", "6", "--out", &val]);
+    assert!(o.status.success());
+    let v = ["--val", val.as_str(), "--val-every", "25"];
     let (part, full) = (d.join("part.safetensors"), d.join("full.safetensors"));
-    run(&["--steps", "60", "--checkpoint-every", "60"], &part);
+    run(
+        &[&v[..], &["--steps", "60", "--checkpoint-every", "60"]].concat(),
+        &part,
+    );
     let p = s(&part);
-    run(&["--steps", "120", "--resume", &p], &part);
-    run(&["--steps", "120"], &full);
+    run(
+        &[&v[..], &["--steps", "120", "--resume", &p]].concat(),
+        &part,
+    );
+    run(&[&v[..], &["--steps", "120"]].concat(), &full);
 
     let points = s(&d.join("points.csv"));
     let o = flow(&[

@@ -26,6 +26,7 @@ pub enum BaseConfig {
 /// Tensor names: `standardize.mean`, `standardize.std` (`(dim,)`), `layers.{i}.*`,
 /// `base.loc`, `base.log_scale`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct ModelConfig {
     pub dim: usize,
     /// Context features of a conditional flow (0: unconditional).
@@ -42,6 +43,46 @@ pub struct ModelConfig {
     /// (for people reading the file; the layers are what is built).
     #[serde(default, alias = "realnvp", skip_serializing_if = "Option::is_none")]
     pub recipe: Option<serde_json::Value>,
+}
+
+/// A [`ModelConfig`] as files hold it. Files from before models had a context
+/// dimension of their own give each layer's; the model's is then the layers'.
+#[derive(Deserialize)]
+struct Stored {
+    dim: usize,
+    context_dim: Option<usize>,
+    #[serde(default)]
+    standardize: bool,
+    layers: Vec<LayerSpec>,
+    #[serde(default)]
+    base: BaseConfig,
+    #[serde(default, alias = "realnvp")]
+    recipe: Option<serde_json::Value>,
+}
+
+impl From<Stored> for ModelConfig {
+    fn from(s: Stored) -> Self {
+        let from_layers = || {
+            s.layers
+                .iter()
+                .find_map(|l| l.settings::<LayerContext>().ok())
+                .map_or(0, |l| l.context_dim)
+        };
+        Self {
+            context_dim: s.context_dim.unwrap_or_else(from_layers),
+            dim: s.dim,
+            standardize: s.standardize,
+            layers: s.layers,
+            base: s.base,
+            recipe: s.recipe,
+        }
+    }
+}
+
+/// The context dimension a layer's settings carry, where they carry one.
+#[derive(Deserialize)]
+struct LayerContext {
+    context_dim: usize,
 }
 
 impl ModelConfig {
@@ -93,9 +134,6 @@ impl ModelConfig {
     pub fn validate_with(&self, registry: &Registry) -> std::result::Result<(), String> {
         if self.dim == 0 {
             return Err("a model needs at least one feature".into());
-        }
-        if self.layers.is_empty() {
-            return Err("a model needs at least one layer".into());
         }
         for (i, layer) in self.layers.iter().enumerate() {
             registry
@@ -158,5 +196,25 @@ impl From<&flow_realnvp::RealNvpConfig> for ModelConfig {
 impl From<flow_realnvp::RealNvpConfig> for ModelConfig {
     fn from(cfg: flow_realnvp::RealNvpConfig) -> Self {
         Self::realnvp(&cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A conditional RealNVP's configuration as files held it before models had a
+    /// context dimension of their own.
+    const OLD: &str = r#"{"dim":2,"standardize":true,"layers":[{"type":"affine","mask":[true,false],"conditioner":{"nets":"separate","layout":"scale-shift","net":{"kind":"mlp","hidden":[4],"activation":"leaky-relu"},"zero_init":false},"scale":{"kind":"soft-clamp","clamp":3.0},"inverted":false,"context_dim":1}],"base":{"kind":"standard-normal"},"realnvp":{"dim":2,"layers":1,"hidden":4,"context_dim":1}}"#;
+
+    #[test]
+    fn older_files_read_with_the_layers_context() {
+        let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
+        assert_eq!(cfg.context_dim, 1);
+        assert!(cfg.recipe.is_some());
+        cfg.validate().expect("valid");
+        let again: ModelConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("json")).expect("read");
+        assert_eq!(again, cfg);
     }
 }

@@ -110,4 +110,10 @@ impl Bijector for RealNvp {
     fn set_training(&mut self, training: bool) {
         self.chain.set_training(training)
     }
+    fn buffers(&self) -> Vec<Tensor> {
+        self.chain.buffers()
+    }
+    fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
+        self.chain.initialize(x, context)
+    }
 }

@@ -54,7 +54,10 @@ pub enum Duration {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
-    /// The model, of any registered family.
+    /// The model, of any registered family. (Files written before models were
+    /// registry configurations hold a RealNVP description here; it is read as that
+    /// model.)
+    #[serde(deserialize_with = "model_or_realnvp")]
     pub model: ModelConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
@@ -124,6 +127,9 @@ impl TrainConfig {
     /// Checks every setting, the model against the families of `registry`.
     pub fn validate_with(&self, registry: &Registry) -> Result<(), String> {
         self.model.validate_with(registry)?;
+        if self.model.layers.is_empty() {
+            return Err("a model to train needs at least one layer".into());
+        }
         match self.duration {
             Duration::Steps(0) => return Err("`steps` must be at least 1".into()),
             Duration::Epochs(0) => return Err("`epochs` must be at least 1".into()),
@@ -156,5 +162,38 @@ impl TrainConfig {
             return Err("`val_every` and `report_every` must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+/// A [`ModelConfig`], or the RealNVP description that training configurations held
+/// before models were registry configurations.
+fn model_or_realnvp<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ModelConfig, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    match serde_json::from_value::<ModelConfig>(value.clone()) {
+        Ok(model) => Ok(model),
+        Err(e) => match serde_json::from_value::<flow_realnvp::RealNvpConfig>(value) {
+            Ok(realnvp) => Ok(ModelConfig::realnvp(&realnvp)),
+            Err(_) => Err(serde::de::Error::custom(e)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_training_configurations_of_older_files() {
+        // As `flow train` wrote it before models were registry configurations.
+        let old = r#"{"model":{"dim":2,"layers":2,"hidden":4,"hidden_layers":1,"activation":"leaky-relu","coupling":"affine","scale":{"kind":"soft-clamp","clamp":3.0},"mask":"halves","nets":"separate","zero_init":false,"context_dim":0},"optimizer":{"kind":"adam","lr":0.001,"beta1":0.9,"beta2":0.999,"eps":1e-8,"weight_decay":0.0},"schedule":{"kind":"exp","decay":0.999},"duration":{"steps":2},"batch_size":512,"clip_grad":null,"seed":0,"val_every":100,"patience":null,"standardize":true,"report_every":10}"#;
+        let cfg: TrainConfig = serde_json::from_str(old).expect("old configuration");
+        let want = flow_realnvp::RealNvpConfig::new(2)
+            .with_layers(2)
+            .with_hidden(4);
+        assert_eq!(cfg.model, ModelConfig::realnvp(&want));
+        assert_eq!(cfg.duration, Duration::Steps(2));
+        let again: TrainConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("json")).expect("read");
+        assert_eq!(again, cfg);
     }
 }

@@ -36,11 +36,30 @@ pub struct TrainState {
     pub best_val_nll: Option<f64>,
     pub best_step: Option<usize>,
     pub since_best: usize,
+    /// NaN until a step succeeds (written as `null`).
+    #[serde(with = "nan_as_null")]
     pub last_loss: f64,
     pub skipped: usize,
     pub elapsed_secs: f64,
     /// Identifies the training data, so a run is only resumed on the same data.
     pub data_fingerprint: String,
+}
+
+/// `f64` that writes NaN (which JSON lacks) as `null` and reads it back.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// A run's model, settings and state: what [`Trainer::fit_with`](crate::Trainer::fit_with)
@@ -131,4 +150,30 @@ pub fn fingerprint(data: &Dataset) -> String {
         }
     }
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_before_any_finite_step_reads_back() {
+        let state = TrainState {
+            step: 0,
+            adam_step: 0,
+            epoch: 0,
+            pos: 0,
+            best_val_nll: None,
+            best_step: None,
+            since_best: 0,
+            last_loss: f64::NAN,
+            skipped: 3,
+            elapsed_secs: 0.5,
+            data_fingerprint: "00".into(),
+        };
+        let json = serde_json::to_string(&state).expect("json");
+        assert!(json.contains(r#""last_loss":null"#), "{json}");
+        let back: TrainState = serde_json::from_str(&json).expect("read");
+        assert!(back.last_loss.is_nan() && back.skipped == 3);
+    }
 }

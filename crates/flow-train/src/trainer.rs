@@ -221,6 +221,19 @@ impl Trainer {
             )
             .into());
         }
+        if data.context.len() != data.len() * data.context_dim {
+            return Err(DataError::new(
+                what,
+                None,
+                format!(
+                    "{} context values for {} rows of {} context features",
+                    data.context.len(),
+                    data.len(),
+                    data.context_dim
+                ),
+            )
+            .into());
+        }
         if data.context_dim != self.cfg.model.context_dim {
             return Err(DataError::new(
                 what,
@@ -407,6 +420,7 @@ impl Trainer {
             }
         }
 
+        let mut final_val: Option<f64> = None;
         let start = Instant::now();
         let elapsed_before = st.elapsed_secs;
         let steps_before = st.step;
@@ -476,12 +490,19 @@ impl Trainer {
             st.step += 1;
 
             let last = st.step == total;
+            let scheduled = st.step.is_multiple_of(cfg.val_every);
             let mut val_nll = None;
             if let Some(xv) = &x_val {
-                if st.step.is_multiple_of(cfg.val_every) || last {
+                if scheduled || last {
                     let v = mean_nll(&flow, xv, c_val.as_ref())?;
                     val_nll = Some(v);
-                    if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
+                    // An evaluation off the schedule (the end of a run whose length is
+                    // not a multiple of `val_every`) chooses the returned weights but
+                    // leaves the state alone, so that a run continued past this end
+                    // evaluates exactly as one that never stopped here.
+                    if !scheduled {
+                        final_val = Some(v);
+                    } else if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
                         st.best_val_nll = Some(v);
                         st.best_step = Some(st.step);
                         best_weights = Some(snapshot(&vars)?);
@@ -537,6 +558,14 @@ impl Trainer {
         }
         let mut checkpoint =
             self.checkpoint(&model, &varmap, &names, &adam, best_weights.as_deref(), &st)?;
+        // The final weights stand when their (off-schedule) score beats the best.
+        let (mut best_val_nll, mut best_step) = (st.best_val_nll, st.best_step);
+        if let Some(v) = final_val.filter(|v| v.is_finite()) {
+            if best_val_nll.is_none_or(|b| v < b) {
+                best_weights = None;
+                (best_val_nll, best_step) = (Some(v), Some(st.step));
+            }
+        }
         if let (false, Some(weights)) = (interrupted, &best_weights) {
             // The model becomes the best weights; the weights training stopped at stay
             // in the state, for continuing.
@@ -557,8 +586,8 @@ impl Trainer {
             n_train: n,
             n_val: val.map_or(0, Dataset::len),
             final_loss: st.last_loss,
-            best_val_nll: st.best_val_nll,
-            best_step: st.best_step,
+            best_val_nll,
+            best_step,
             skipped: st.skipped,
             stopped,
             interrupted,

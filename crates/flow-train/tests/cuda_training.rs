@@ -11,12 +11,12 @@ use flow_train::{
     Duration, Report, Reporter, TrainConfig, Trainer,
 };
 
-/// The same short runs on a GPU, fused kernels off and on, against the CPU: every
-/// reported batch loss and the final weights agree. Without a GPU this is skipped,
-/// unless `FLOWS_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) makes that a failure.
 /// Every tensor of a model, by name, as f64.
 type Weights = Vec<(String, Vec<f64>)>;
 
+/// The same short runs on a GPU, fused kernels off and on, against the CPU: every
+/// reported batch loss and the final weights agree. Without a GPU this is skipped,
+/// unless `FLOWS_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) makes that a failure.
 #[test]
 fn cuda_training_matches_the_cpu() -> Result<()> {
     struct Losses(Vec<f64>);
@@ -79,7 +79,12 @@ fn cuda_training_matches_the_cpu() -> Result<()> {
                         "{dtype:?} fusion {fused}: loss at report {step} is {a}, CPU {b}"
                     );
                 }
-                for ((name, a), (_, b)) in weights.iter().zip(&cpu_weights) {
+                ensure!(weights.len() == cpu_weights.len(), "different tensors");
+                for ((name, a), (cpu_name, b)) in weights.iter().zip(&cpu_weights) {
+                    ensure!(
+                        name == cpu_name && a.len() == b.len(),
+                        "{name} against {cpu_name}"
+                    );
                     let e = a
                         .iter()
                         .zip(b)

@@ -9,13 +9,14 @@ pub fn run(a: InspectArgs) -> CmdResult {
     let ck = &loaded.checkpoint;
     let mut out = String::new();
     let _ = writeln!(out, "model: {}", a.model.display());
-    let family = ck
-        .config
-        .recipe
-        .as_ref()
-        .and_then(|r| r.get("family"))
-        .and_then(|f| f.as_str())
-        .unwrap_or("(layers given one by one)");
+    // Recipes written before families had names are RealNVP descriptions.
+    let family = match &ck.config.recipe {
+        Some(r) => r
+            .get("family")
+            .and_then(|f| f.as_str())
+            .unwrap_or("realnvp"),
+        None => "(layers given one by one)",
+    };
     let mut kinds: Vec<&str> = Vec::new();
     for layer in &ck.config.layers {
         if !kinds.contains(&layer.kind()) {
@@ -32,7 +33,12 @@ pub fn run(a: InspectArgs) -> CmdResult {
         kinds.join(", ")
     );
     let _ = writeln!(out, "standardize: {}", ck.config.standardize);
-    let params: usize = ck.tensors.values().map(|t| t.elem_count()).sum();
+    let params: usize = ck
+        .tensors
+        .iter()
+        .filter(|(name, _)| !name.starts_with(flow_io::STATE_PREFIX))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     let _ = writeln!(out, "parameters: {params}");
     let _ = writeln!(out, "config: {}", serde_json::to_string_pretty(&ck.config)?);
     if let Some(s) = &ck.summary {

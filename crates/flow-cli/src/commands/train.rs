@@ -97,6 +97,9 @@ fn training_data(a: &TrainArgs, seed: u64, context_dim: usize) -> Result<Dataset
     let data = if let Some(toy) = Toy::from_name(&a.data) {
         positive("n", a.n)?;
         if a.with_labels {
+            if context_dim == 0 {
+                return Err("--with-labels gives each point its label as a condition: train a conditional flow with --context-dim 1".into());
+            }
             generate_labeled(toy, a.n, a.noise, seed)?
         } else {
             generate(toy, a.n, a.noise, seed)?
@@ -191,8 +194,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
         }
     }
     let trainer = Trainer::new(cfg, &device)?;
-    if let Some(r) = &resume {
-        trainer.check_resume(r, &train)?;
+    if let (Some(r), Some(path)) = (&resume, &a.resume) {
+        trainer
+            .check_resume(r, &train)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();

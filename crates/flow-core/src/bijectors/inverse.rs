@@ -4,6 +4,9 @@ use super::Bijector;
 
 /// Swaps the directions of a bijector: `Inverse(b).forward == b.inverse`.
 ///
+/// Buffers pass through; data-dependent initialisation does not (a layer's is defined
+/// on the inputs of its own forward direction, which an inverted layer never sees).
+///
 /// Useful for layers defined in the generative direction (noise to data), as some
 /// libraries do, when they are placed in a data-to-latent chain.
 #[derive(Debug)]

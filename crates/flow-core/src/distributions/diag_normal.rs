@@ -7,8 +7,8 @@ use crate::sampling::randn;
 
 /// A Gaussian with diagonal covariance, `N(loc, diag(exp(log_scale))²)`.
 ///
-/// Built from a `VarBuilder` it reads `loc` and `log_scale`, both `(dim,)`; whether they
-/// train depends on the builder (a `VarMap`-backed one makes them trainable).
+/// Built from a `VarBuilder` it reads `loc` and `log_scale`, both `(dim,)`. They are
+/// trainable unless [`frozen`](Self::frozen), which declares them buffers.
 #[derive(Debug, Clone)]
 pub struct DiagNormal {
     /// `(1, dim)`
