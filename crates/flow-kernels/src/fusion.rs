@@ -50,8 +50,10 @@ pub enum Op {
 
 /// Whether `op` on the tensor `x` (its input, or the variable for [`Op::Adam`]) runs
 /// as a fused kernel: fusion is on, `x` is f32 or f64, and a kernel exists for the op's
-/// shape on `x`'s device (the CPU has them all; with the `cuda` feature, CUDA has the
-/// network kernel for at most [`CUDA_MAX_IO`] inputs and outputs).
+/// shape on `x`'s device. The CPU has them all (networks of any depth and width, plain
+/// or residual, with a piecewise-linear or tanh activation); with the `cuda` feature,
+/// CUDA has the network kernel for one hidden layer and at most [`CUDA_MAX_IO`]
+/// inputs and outputs.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -65,14 +67,13 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
             inputs,
             outputs,
         } => {
-            let shape = !residual
-                && hidden_layers == 1
-                && matches!(
-                    activation,
-                    Activation::LeakyRelu | Activation::Relu | Activation::Tanh
-                );
-            let narrow = inputs <= CUDA_MAX_IO && outputs <= CUDA_MAX_IO;
-            shape && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda() && narrow))
+            let act = matches!(
+                activation,
+                Activation::LeakyRelu | Activation::Relu | Activation::Tanh
+            );
+            let narrow =
+                !residual && hidden_layers == 1 && inputs <= CUDA_MAX_IO && outputs <= CUDA_MAX_IO;
+            act && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda() && narrow))
         }
         Op::AffineCoupling | Op::Adam => dev.is_cpu(),
     }

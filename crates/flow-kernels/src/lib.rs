@@ -2,8 +2,10 @@
 //!
 //! Each kernel is a candle custom op with its own backward, next to a reference path of
 //! plain candle ops that it is tested against:
-//! - [`mlp`]: the conditioner `Linear → act → Linear` in one pass (portable and AVX2 CPU
-//!   kernels, CUDA kernels in `mlp/mlp.cu`), with [`pack`] laying out its parameters;
+//! - [`mlp`]: a conditioner network (an MLP of any depth and width, plain or residual) in
+//!   one pass forward and one backward (narrow portable and AVX2 CPU kernels, a general
+//!   one over matrix products, CUDA kernels in `mlp/mlp.cu`), with [`pack_linear`]
+//!   laying out its parameters;
 //! - [`affine`]: the element-wise part of an affine coupling (update and log-det);
 //! - [`adam`]: Adam's update in place.
 //!

@@ -1,6 +1,6 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
-use flow_kernels::{fused, Op};
+use flow_kernels::{fused, mlp::Arch, Op};
 use serde::{Deserialize, Serialize};
 
 use crate::Activation;
@@ -131,16 +131,38 @@ impl Mlp {
         fused(op, x) && self.layers.iter().all(|l| l.bias().is_some())
     }
 
-    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        let linear = |l: &Linear| -> Result<(Tensor, Tensor)> {
-            match l.bias() {
-                Some(b) => Ok((l.weight().clone(), b.clone())),
-                None => bail!("fused networks need biases"),
-            }
+    /// The network's shape as the kernels see it.
+    fn arch(&self) -> Result<Arch> {
+        let out = |l: &Linear| l.weight().dims()[0];
+        let inp = |l: &Linear| l.weight().dims()[1];
+        let (Some(first), Some(last)) = (self.layers.first(), self.layers.last()) else {
+            bail!("empty network");
         };
-        let (w1, b1) = linear(&self.layers[0])?;
-        let (w2, b2) = linear(&self.layers[1])?;
-        flow_kernels::mlp::forward(x, (&w1, &b1), (&w2, &b2), self.activation)
+        Ok(if self.residual {
+            Arch::Residual {
+                input: inp(first),
+                hidden: out(first),
+                blocks: (self.layers.len() - 2) / 2,
+                output: out(last),
+            }
+        } else {
+            let widths = std::iter::once(inp(first))
+                .chain(self.layers.iter().map(out))
+                .collect();
+            Arch::Plain { widths }
+        })
+    }
+
+    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l.bias() {
+                Some(b) => Ok((l.weight(), b)),
+                None => bail!("fused networks need biases"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        flow_kernels::mlp::forward(x, &layers, &self.arch()?, self.activation)
     }
 
     /// The network built from plain candle ops: the reference the fused kernel is

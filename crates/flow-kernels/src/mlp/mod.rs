@@ -1,28 +1,30 @@
-//! The fused conditioner `Linear → act → Linear`.
+//! The fused conditioner network: a whole MLP (plain or residual) as one op, forward
+//! and backward.
 //!
-//! The reference path runs five candle ops per network and materialises the
-//! `(batch, hidden)` activations several times (forward and backward); at the shapes of
-//! coupling layers (a few inputs and outputs, hundreds of hidden units) that is almost
-//! all memory traffic and per-op overhead. These kernels compute each pass in one go,
-//! keeping hidden activations in registers or small buffers, in parallel over batch
-//! chunks. Results equal the reference path up to the order of floating-point sums
-//! (tested to 1e-5).
+//! The reference path runs several candle ops per layer and materialises every
+//! `(batch, width)` activation, forward and backward; at the shapes of coupling layers
+//! that is mostly memory traffic and per-op overhead. These kernels compute each pass in
+//! one go over batch chunks in parallel, keeping a chunk's activations in registers or
+//! cache. Results equal the reference path up to the order of floating-point sums.
 //!
-//! Two CPU kernels: [`portable`] handles every dtype and activation; on x86-64 CPUs
-//! with AVX2 and FMA, `avx2` takes f32 networks with a piecewise-linear activation
-//! (the common case) and keeps a block of hidden units in registers while samples
-//! stream past. With the `cuda` feature, `mlp.cu` holds the same pair of passes for
-//! the GPU (`cuda`), one thread per sample forward and one per hidden unit backward.
+//! Three CPU kernels: for one hidden layer with at most [`NARROW`] inputs and outputs
+//! (the reference job's shape), `avx2` (f32, piecewise-linear activations, x86-64 with
+//! AVX2 and FMA) keeps a block of hidden units in registers while samples stream past,
+//! and [`portable`] covers the other dtypes and activations; every other shape (1 to any
+//! number of hidden layers, any widths, residual networks) takes [`deep`], one matrix
+//! product per layer and chunk with the bias and activation fused around it. With the
+//! `cuda` feature, `mlp.cu` holds the narrow one-hidden-layer passes for the GPU
+//! (`cuda`), one thread per sample forward and one per hidden unit backward.
 //!
-//! Parameters travel packed: `p1 = [W₁ | b₁]` `(hidden, in + 1)` and
-//! `p2 = [W₂ | b₂]` `(out, hidden + 1)`, built by [`pack_linear`](crate::pack_linear)
-//! as one op each.
+//! Parameters travel packed and flattened into one tensor: `[W₁ | b₁]` `(n₁, k₁ + 1)`,
+//! then `[W₂ | b₂]`, and so on in layer order, each built by
+//! [`pack_linear`](crate::pack_linear).
 
-use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{pack_linear, slice, Activation};
+use crate::{pack_linear, slice, Activation, CUDA_MAX_IO};
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -30,31 +32,152 @@ mod avx2;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
+mod deep;
 mod portable;
 
-/// `Linear(w1, b1) → activation → Linear(w2, b2)` on `x` `(batch, in)` as one op (and
-/// one op for its backward). The caller decides that the kernel applies, through
-/// [`fused`](crate::fused) with [`Op::Mlp`](crate::Op::Mlp).
+/// Most inputs and outputs of a one-hidden-layer network for the narrow kernels
+/// (`avx2`, `portable`): they keep a sample's inputs and outputs in registers.
+pub const NARROW: usize = 16;
+
+/// How a network's linear layers connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arch {
+    /// `Linear → act → … → Linear` through the widths `[in, h₁, …, out]`.
+    Plain { widths: Vec<usize> },
+    /// `Linear(in, h)`, then `blocks` blocks `h + L₁(act(L₀(act(h))))`, then
+    /// `Linear(h, out)`.
+    Residual {
+        input: usize,
+        hidden: usize,
+        blocks: usize,
+        output: usize,
+    },
+}
+
+impl Arch {
+    pub fn input(&self) -> usize {
+        match self {
+            Self::Plain { widths } => widths.first().copied().unwrap_or(0),
+            Self::Residual { input, .. } => *input,
+        }
+    }
+
+    pub fn output(&self) -> usize {
+        match self {
+            Self::Plain { widths } => widths.last().copied().unwrap_or(0),
+            Self::Residual { output, .. } => *output,
+        }
+    }
+
+    /// `(inputs, outputs)` of each linear layer, in order.
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        match self {
+            Self::Plain { widths } => widths.windows(2).map(|w| (w[0], w[1])).collect(),
+            Self::Residual {
+                input,
+                hidden,
+                blocks,
+                output,
+            } => std::iter::once((*input, *hidden))
+                .chain(std::iter::repeat_n((*hidden, *hidden), 2 * blocks))
+                .chain(std::iter::once((*hidden, *output)))
+                .collect(),
+        }
+    }
+
+    fn widest(&self) -> usize {
+        let shapes = self.linear_shapes();
+        shapes.iter().map(|&(k, n)| k.max(n)).max().unwrap_or(1)
+    }
+
+    /// Parameters of the packed layers, `Σ n (k + 1)`.
+    pub fn n_params(&self) -> usize {
+        self.linear_shapes().iter().map(|&(k, n)| n * (k + 1)).sum()
+    }
+
+    /// `(in, hidden, out)` of a plain one-hidden-layer network, the narrow kernels'
+    /// shape (at most [`NARROW`] inputs and outputs).
+    fn narrow(&self) -> Option<(usize, usize, usize)> {
+        match self {
+            Self::Plain { widths } => match widths[..] {
+                [i, h, o] if i <= NARROW && o <= NARROW => Some((i, h, o)),
+                _ => None,
+            },
+            Self::Residual { .. } => None,
+        }
+    }
+
+    /// Whether the CUDA kernels take it: the narrow shape, with at most
+    /// [`CUDA_MAX_IO`] inputs and outputs.
+    pub fn on_cuda(&self) -> bool {
+        self.narrow()
+            .is_some_and(|(i, _, o)| i <= CUDA_MAX_IO && o <= CUDA_MAX_IO)
+    }
+}
+
+/// A network over packed parameters, for the kernels.
+struct Net<'a, T> {
+    arch: &'a Arch,
+    activation: Activation,
+    params: &'a [T],
+}
+
+impl<'a, T> Net<'a, T> {
+    /// Where each layer's `[W | b]` starts in `params`, and the end.
+    fn offsets(&self) -> Vec<usize> {
+        let mut at = vec![0];
+        for (k, n) in self.arch.linear_shapes() {
+            at.push(at[at.len() - 1] + n * (k + 1));
+        }
+        at
+    }
+
+    /// `(k, n, [W | b])` of each linear layer.
+    fn layers(&self) -> Vec<(usize, usize, &'a [T])> {
+        let at = self.offsets();
+        self.arch
+            .linear_shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(l, (k, n))| (k, n, &self.params[at[l]..at[l + 1]]))
+            .collect()
+    }
+}
+
+/// The network `arch` over `x` `(batch, in)`, with `layers` its `(weight, bias)` pairs
+/// in order, as one op (and one op for its backward). The caller decides that a kernel
+/// applies, through [`fused`](crate::fused) with [`Op::Mlp`](crate::Op::Mlp).
 pub fn forward(
     x: &Tensor,
-    (w1, b1): (&Tensor, &Tensor),
-    (w2, b2): (&Tensor, &Tensor),
+    layers: &[(&Tensor, &Tensor)],
+    arch: &Arch,
     activation: Activation,
 ) -> Result<Tensor> {
-    let p1 = pack_linear(w1, b1)?;
-    let p2 = pack_linear(w2, b2)?;
-    x.contiguous()?.apply_op3(&p1, &p2, FusedMlp { activation })
+    let packed = layers
+        .iter()
+        .map(|(w, b)| pack_linear(w, b)?.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let params = match &packed[..] {
+        [one] => one.clone(),
+        _ => Tensor::cat(&packed, 0)?,
+    };
+    let op = FusedMlp {
+        arch: arch.clone(),
+        activation,
+    };
+    x.contiguous()?.apply_op2(&params, op)
 }
 
-/// Samples per parallel task.
+/// Samples per parallel task of the narrow kernels.
 const CHUNK: usize = 64;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct FusedMlp {
+    arch: Arch,
     activation: Activation,
 }
 
-/// Dimensions of one call.
+/// Dimensions of one call of the narrow kernels.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     pub batch: usize,
@@ -102,8 +225,8 @@ fn par_backward<T: Float + Send + Sync>(
     (gx, gp1, gp2)
 }
 
-/// The kernels for one dtype.
-trait Kernel: candle::WithDType + Float + Send + Sync {
+/// The narrow kernels for one dtype.
+trait Kernel: candle::WithDType + deep::Elem {
     fn forward(a: Activation, x: &[Self], p1: &[Self], p2: &[Self], d: Dims) -> Vec<Self>;
 
     fn backward(
@@ -158,46 +281,81 @@ impl Kernel for f64 {
     }
 }
 
-fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<Dims> {
-    let (batch, input) = l1.shape().dims2()?;
-    let (hidden, in1) = l2.shape().dims2()?;
-    let (output, h1) = l3.shape().dims2()?;
-    if in1 != input + 1 || h1 != hidden + 1 {
-        candle::bail!(
-            "fused mlp: shapes {:?} {:?} {:?} do not chain",
-            l1.shape(),
-            l2.shape(),
-            l3.shape()
-        );
+impl FusedMlp {
+    /// Checks the shapes of `x` `(batch, in)` and the packed parameters; the batch.
+    fn batch(&self, x: &Layout, p: &Layout) -> Result<usize> {
+        let (batch, input) = x.shape().dims2()?;
+        if input != self.arch.input() || p.shape().elem_count() != self.arch.n_params() {
+            candle::bail!(
+                "fused mlp: input {:?} and {} parameters do not fit {:?}",
+                x.shape(),
+                p.shape().elem_count(),
+                self.arch
+            );
+        }
+        Ok(batch)
     }
-    Ok(Dims {
-        batch,
-        input,
-        hidden,
-        output,
-    })
+
+    /// The narrow kernels' dimensions, where they take this network.
+    fn narrow(&self, batch: usize) -> Option<Dims> {
+        self.arch.narrow().map(|(input, hidden, output)| Dims {
+            batch,
+            input,
+            hidden,
+            output,
+        })
+    }
+
+    fn forward<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
+        match self.narrow(batch) {
+            Some(d) => {
+                let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
+                T::forward(self.activation, x, p1, p2, d)
+            }
+            None => deep::forward(&self.net(p), x),
+        }
+    }
+
+    /// `(∂x, ∂p)` on host slices.
+    fn backward<T: Kernel>(&self, x: &[T], p: &[T], g: &[T], batch: usize) -> (Vec<T>, Vec<T>) {
+        match self.narrow(batch) {
+            Some(d) => {
+                let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
+                let (gx, mut g1, g2) = T::backward(self.activation, x, p1, p2, g, d);
+                g1.extend(g2);
+                (gx, g1)
+            }
+            None => deep::backward(&self.net(p), x, g),
+        }
+    }
+
+    fn net<'a, T>(&'a self, params: &'a [T]) -> Net<'a, T> {
+        Net {
+            arch: &self.arch,
+            activation: self.activation,
+            params,
+        }
+    }
+
+    /// The backward pass on host copies of the tensors, returned as tensors.
+    fn gradients<T: Kernel>(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let batch = x.dim(0)?;
+        let (gx, gp) = self.backward(&flat(x)?, &flat(p)?, &flat(grad)?, batch);
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(gx, x.shape(), dev)?,
+            Tensor::from_vec(gp, p.shape(), dev)?,
+        ))
+    }
 }
 
-/// The backward kernel on host copies of the tensors, returned as tensors.
-fn gradients<T: Kernel>(
-    a: Activation,
-    x: &Tensor,
-    p1: &Tensor,
-    p2: &Tensor,
-    grad: &Tensor,
-    d: Dims,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-    let (gx, g1, g2) = T::backward(a, &flat(x)?, &flat(p1)?, &flat(p2)?, &flat(grad)?, d);
-    let dev = x.device();
-    Ok((
-        Tensor::from_vec(gx, x.shape(), dev)?,
-        Tensor::from_vec(g1, p1.shape(), dev)?,
-        Tensor::from_vec(g2, p2.shape(), dev)?,
-    ))
-}
-
-impl CustomOp3 for FusedMlp {
+impl CustomOp2 for FusedMlp {
     fn name(&self) -> &'static str {
         "fused-mlp"
     }
@@ -208,32 +366,18 @@ impl CustomOp3 for FusedMlp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims(l1, l2, l3)?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(p1), CpuStorage::F32(p2)) => {
-                CpuStorage::F32(f32::forward(
-                    self.activation,
-                    slice(x, l1)?,
-                    slice(p1, l2)?,
-                    slice(p2, l3)?,
-                    d,
-                ))
+        let batch = self.batch(l1, l2)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => {
+                CpuStorage::F32(self.forward(slice(x, l1)?, slice(p, l2)?, batch))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(p1), CpuStorage::F64(p2)) => {
-                CpuStorage::F64(f64::forward(
-                    self.activation,
-                    slice(x, l1)?,
-                    slice(p1, l2)?,
-                    slice(p2, l3)?,
-                    d,
-                ))
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => {
+                CpuStorage::F64(self.forward(slice(x, l1)?, slice(p, l2)?, batch))
             }
             _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
         };
-        Ok((out, Shape::from((d.batch, d.output))))
+        Ok((out, Shape::from((batch, self.arch.output()))))
     }
 
     #[cfg(feature = "cuda")]
@@ -243,40 +387,49 @@ impl CustomOp3 for FusedMlp {
         l1: &Layout,
         s2: &candle::CudaStorage,
         l2: &Layout,
-        s3: &candle::CudaStorage,
-        l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let d = dims(l1, l2, l3)?;
-        let out = cuda::forward(self.activation, (s1, l1), (s2, l2), (s3, l3), d)?;
-        Ok((out, Shape::from((d.batch, d.output))))
+        let batch = self.batch(l1, l2)?;
+        let Some(d) = self.narrow(batch).filter(|_| self.arch.on_cuda()) else {
+            candle::bail!("no fused CUDA kernel for {:?}", self.arch);
+        };
+        let Some((start, _)) = l2.contiguous_offsets() else {
+            candle::bail!("fused mlp expects contiguous parameters");
+        };
+        let n1 = d.hidden * (d.input + 1);
+        let l_p1 = Layout::contiguous_with_offset(n1, start);
+        let l_p2 = Layout::contiguous_with_offset(d.output * (d.hidden + 1), start + n1);
+        let out = cuda::forward(self.activation, (s1, l1), (s2, &l_p1), (s2, &l_p2), d)?;
+        Ok((out, Shape::from((batch, d.output))))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        p1: &Tensor,
-        p2: &Tensor,
+        p: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = dims(x.layout(), p1.layout(), p2.layout())?;
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (gx, g1, g2) = FusedMlpGrad::apply(self.activation, x, p1, p2, grad, d)?;
-            return Ok((Some(gx), Some(g1), Some(g2)));
+            let batch = x.dim(0)?;
+            let Some(d) = self.narrow(batch) else {
+                candle::bail!("no fused CUDA kernel for {:?}", self.arch);
+            };
+            let (gx, gp) = FusedMlpGrad::apply(self.activation, x, p, grad, d)?;
+            return Ok((Some(gx), Some(gp)));
         }
-        let (gx, g1, g2) = match x.dtype() {
-            DType::F32 => gradients::<f32>(self.activation, x, p1, p2, grad, d)?,
-            DType::F64 => gradients::<f64>(self.activation, x, p1, p2, grad, d)?,
+        let (gx, gp) = match x.dtype() {
+            DType::F32 => self.gradients::<f32>(x, p, grad)?,
+            DType::F64 => self.gradients::<f64>(x, p, grad)?,
             other => candle::bail!("fused mlp has no backward for {other:?}"),
         };
-        Ok((Some(gx), Some(g1), Some(g2)))
+        Ok((Some(gx), Some(gp)))
     }
 }
 
 /// The backward pass as an op of its own, for devices whose kernels take tensors: inputs
-/// `x`, the parameters flattened and concatenated `[p1 | p2]`, and the output gradient;
-/// output the gradients flattened and concatenated `[∂x | ∂p1 | ∂p2]`.
+/// `x`, the packed parameters and the output gradient; output the gradients flattened
+/// and concatenated `[∂x | ∂p]`.
 #[cfg(feature = "cuda")]
 #[derive(Debug, Clone, Copy)]
 struct FusedMlpGrad {
@@ -289,21 +442,20 @@ impl FusedMlpGrad {
     fn apply(
         activation: Activation,
         x: &Tensor,
-        p1: &Tensor,
-        p2: &Tensor,
+        p: &Tensor,
         grad: &Tensor,
         d: Dims,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let p = Tensor::cat(&[p1.flatten_all()?, p2.flatten_all()?], 0)?;
-        let packed =
-            x.contiguous()?
-                .apply_op3_no_bwd(&p, &grad.contiguous()?, &Self { activation, d })?;
-        let (n0, n1) = (d.batch * d.input, d.hidden * (d.input + 1));
-        let n2 = d.output * (d.hidden + 1);
+    ) -> Result<(Tensor, Tensor)> {
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            &p.contiguous()?,
+            &grad.contiguous()?,
+            &Self { activation, d },
+        )?;
+        let n0 = d.batch * d.input;
+        let np = p.elem_count();
         Ok((
             packed.narrow(0, 0, n0)?.reshape(x.shape())?,
-            packed.narrow(0, n0, n1)?.reshape(p1.shape())?,
-            packed.narrow(0, n0 + n1, n2)?.reshape(p2.shape())?,
+            packed.narrow(0, n0, np)?.reshape(p.shape())?,
         ))
     }
 
@@ -326,7 +478,7 @@ impl FusedMlpGrad {
 }
 
 #[cfg(feature = "cuda")]
-impl CustomOp3 for FusedMlpGrad {
+impl candle::CustomOp3 for FusedMlpGrad {
     fn name(&self) -> &'static str {
         "fused-mlp-grad"
     }
