@@ -4,7 +4,9 @@
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Module, Tensor, Var};
-use candle_nn::VarMap;
+use std::collections::HashMap;
+
+use candle_nn::{VarBuilder, VarMap};
 use flow_core::{sampling::randn, seeded_var_builder};
 use flow_nn::{Activation, Mlp, NetConfig};
 use rand::{rngs::StdRng, SeedableRng};
@@ -99,6 +101,21 @@ fn matches_reference_on(dev: &Device) -> Result<()> {
                 let reference = mlp.forward_reference(x.as_tensor())?;
                 let e = rel_err(&fused, &reference)?;
                 ensure!(e < tol, "{what}: values differ by {e}");
+
+                // Without gradients to follow, the kernels keep nothing for a backward
+                // pass: the same values from constant parameters and inputs.
+                let constants: HashMap<String, Tensor> = varmap
+                    .data()
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                    .collect();
+                let vb = VarBuilder::from_tensors(constants, dtype, &dev);
+                let frozen = Mlp::new(&cfg, input, output, false, vb)?;
+                let inference = frozen.forward(&x.as_tensor().detach())?;
+                let e = rel_err(&inference, &reference)?;
+                ensure!(e < tol, "{what}: inference values differ by {e}");
 
                 // A non-uniform upstream gradient.
                 let w = randn(batch, output, dtype, &dev, rng)?;

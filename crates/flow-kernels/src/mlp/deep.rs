@@ -31,127 +31,238 @@ impl Elem for f64 {}
 
 /// Rows per chunk for a batch: cache-sized, but small enough that every thread gets
 /// two chunks when the batch allows.
-fn chunk_rows(batch: usize, widest: usize) -> usize {
+pub(super) fn chunk_rows(batch: usize, widest: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let cache = (CHUNK_ELEMS / widest.max(1)).clamp(MIN_ROWS, MAX_ROWS);
     let spread = batch.div_ceil(2 * threads).next_multiple_of(8).max(8);
     cache.min(spread)
 }
 
-/// `out (rows × n) = h (rows × k) · Wᵀ + b`, with `p = [W | b]` `(n, k + 1)`.
-fn linear<T: Elem>(h: &[T], p: &[T], k: usize, n: usize, out: &mut [T]) {
-    let rows = h.len() / k.max(1);
-    for row in out.chunks_exact_mut(n) {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = p[j * (k + 1) + k];
+/// Widths up to which a layer's products run as plain loops (vectorised over the other
+/// width) rather than through `gemm`, whose set-up costs more than such thin products.
+const THIN: usize = 4;
+
+/// One linear layer over its packed parameters `p = [W | b]` `(n, k + 1)`, with the
+/// bias gathered and, for a thin input, `Wᵀ` laid out row by row.
+struct Layer<'a, T> {
+    k: usize,
+    n: usize,
+    p: &'a [T],
+    bias: Vec<T>,
+    /// `Wᵀ` `(k, n)` when `k ≤ THIN`.
+    wt: Vec<T>,
+}
+
+impl<'a, T: Elem> Layer<'a, T> {
+    fn new(k: usize, n: usize, p: &'a [T]) -> Self {
+        let bias = (0..n).map(|j| p[j * (k + 1) + k]).collect();
+        let wt = if k <= THIN {
+            (0..k)
+                .flat_map(|i| (0..n).map(move |j| p[j * (k + 1) + i]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self { k, n, p, bias, wt }
+    }
+
+    /// Row `j` of `W` (`k` values).
+    fn w_row(&self, j: usize) -> &[T] {
+        &self.p[j * (self.k + 1)..j * (self.k + 1) + self.k]
+    }
+
+    /// `out (rows × n) = h (rows × k) · Wᵀ + b`.
+    fn forward(&self, h: &[T], out: &mut [T]) {
+        let (k, n) = (self.k, self.n);
+        for row in out.chunks_exact_mut(n) {
+            row.copy_from_slice(&self.bias);
+        }
+        if k == 0 {
+            return;
+        }
+        let rows = h.len() / k;
+        if k <= THIN {
+            for (o, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(k)) {
+                for (w, &hi) in self.wt.chunks_exact(n).zip(h) {
+                    axpy(o, hi, w);
+                }
+            }
+        } else if n <= THIN {
+            for (o, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(k)) {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = *o + dot(h, self.w_row(j));
+                }
+            }
+        } else {
+            // SAFETY: `out` holds rows × n, `h` rows × k and `p` n × (k + 1) elements;
+            // the strides address exactly those (rhs(i, j) = W[j, i] = p[j (k + 1) + i]),
+            // and `out` does not alias the inputs.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    rows,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    h.as_ptr(),
+                    1,
+                    k as isize,
+                    self.p.as_ptr(),
+                    (k + 1) as isize,
+                    1,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
         }
     }
-    if k == 0 || rows == 0 {
-        return;
+
+    /// `gp += [dzᵀ · h | Σ_rows dz]`: the gradient of `[W | b]` from the output gradient
+    /// `dz (rows × n)` and the input `h (rows × k)`.
+    fn weights(&self, dz: &[T], h: &[T], gp: &mut [T]) {
+        let (k, n) = (self.k, self.n);
+        let mut gb = vec![T::zero(); n];
+        for row in dz.chunks_exact(n) {
+            axpy(&mut gb, T::one(), row);
+        }
+        for (j, g) in gb.into_iter().enumerate() {
+            gp[j * (k + 1) + k] = gp[j * (k + 1) + k] + g;
+        }
+        if k == 0 {
+            return;
+        }
+        let rows = dz.len() / n;
+        if n <= THIN {
+            for (dz, h) in dz.chunks_exact(n).zip(h.chunks_exact(k)) {
+                for (j, &d) in dz.iter().enumerate() {
+                    axpy(&mut gp[j * (k + 1)..j * (k + 1) + k], d, h);
+                }
+            }
+        } else if k <= THIN {
+            // Σ_r h[r, i] dz[r, :] as rows of a (k, n) sum, then into place.
+            let mut acc = vec![T::zero(); k * n];
+            for (dz, h) in dz.chunks_exact(n).zip(h.chunks_exact(k)) {
+                for (a, &hi) in acc.chunks_exact_mut(n).zip(h) {
+                    axpy(a, hi, dz);
+                }
+            }
+            for (i, a) in acc.chunks_exact(n).enumerate() {
+                for (j, &v) in a.iter().enumerate() {
+                    gp[j * (k + 1) + i] = gp[j * (k + 1) + i] + v;
+                }
+            }
+        } else {
+            // SAFETY: `gp` holds n × (k + 1), `dz` rows × n and `h` rows × k elements;
+            // lhs(j, r) = dz[r n + j], rhs(r, i) = h[r k + i], dst(j, i) = gp[j (k + 1) + i]
+            // stay inside them, and `gp` does not alias the inputs.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    n,
+                    k,
+                    rows,
+                    gp.as_mut_ptr(),
+                    1,
+                    (k + 1) as isize,
+                    true,
+                    dz.as_ptr(),
+                    n as isize,
+                    1,
+                    h.as_ptr(),
+                    1,
+                    k as isize,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
     }
-    // SAFETY: `out` holds rows × n, `h` rows × k and `p` n × (k + 1) elements; the
-    // strides below address exactly those (rhs(i, j) = W[j, i] = p[j (k + 1) + i]), and
-    // `out` does not alias the inputs.
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            h.as_ptr(),
-            1,
-            k as isize,
-            p.as_ptr(),
-            (k + 1) as isize,
-            1,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+
+    /// `g (rows × k) = dz (rows × n) · W`.
+    fn input(&self, dz: &[T], g: &mut [T]) {
+        let (k, n) = (self.k, self.n);
+        if k == 0 {
+            return;
+        }
+        let rows = dz.len() / n;
+        if n <= THIN {
+            for (g, dz) in g.chunks_exact_mut(k).zip(dz.chunks_exact(n)) {
+                g.fill(T::zero());
+                for (j, &d) in dz.iter().enumerate() {
+                    axpy(g, d, self.w_row(j));
+                }
+            }
+        } else if k <= THIN {
+            for (g, dz) in g.chunks_exact_mut(k).zip(dz.chunks_exact(n)) {
+                for (g, w) in g.iter_mut().zip(self.wt.chunks_exact(n)) {
+                    *g = dot(dz, w);
+                }
+            }
+        } else {
+            // SAFETY: `g` holds rows × k, `dz` rows × n and `p` n × (k + 1) elements;
+            // rhs(j, i) = W[j, i] = p[j (k + 1) + i]; `g` does not alias the inputs and
+            // is overwritten (read_dst = false).
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    rows,
+                    k,
+                    n,
+                    g.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    dz.as_ptr(),
+                    1,
+                    n as isize,
+                    self.p.as_ptr(),
+                    1,
+                    (k + 1) as isize,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
     }
 }
 
-/// `gp += [dzᵀ · h | Σ_rows dz]`: the gradient of `p = [W | b]` `(n, k + 1)` from the
-/// output gradient `dz (rows × n)` and the input `h (rows × k)`.
-fn linear_weights<T: Elem>(dz: &[T], h: &[T], k: usize, n: usize, gp: &mut [T]) {
-    let rows = dz.len() / n;
-    for r in 0..rows {
-        for j in 0..n {
-            gp[j * (k + 1) + k] = gp[j * (k + 1) + k] + dz[r * n + j];
-        }
-    }
-    if k == 0 || rows == 0 {
-        return;
-    }
-    // SAFETY: `gp` holds n × (k + 1), `dz` rows × n and `h` rows × k elements;
-    // lhs(j, r) = dz[r n + j], rhs(r, i) = h[r k + i], dst(j, i) = gp[j (k + 1) + i]
-    // stay inside them, and `gp` does not alias the inputs.
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm(
-            n,
-            k,
-            rows,
-            gp.as_mut_ptr(),
-            1,
-            (k + 1) as isize,
-            true,
-            dz.as_ptr(),
-            n as isize,
-            1,
-            h.as_ptr(),
-            1,
-            k as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+/// `y += a · x`.
+#[inline(always)]
+fn axpy<T: Elem>(y: &mut [T], a: T, x: &[T]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = *y + a * x);
 }
 
-/// `g (rows × k) = dz (rows × n) · W`, with `p = [W | b]` `(n, k + 1)`.
-fn linear_input<T: Elem>(dz: &[T], p: &[T], k: usize, n: usize, g: &mut [T]) {
-    let rows = dz.len() / n;
-    if k == 0 || rows == 0 {
-        return;
+/// `Σ a_i b_i`, in eight lanes so that it vectorises.
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (a, b) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] = lanes[l] + a[l] * b[l];
+        }
     }
-    // SAFETY: `g` holds rows × k, `dz` rows × n and `p` n × (k + 1) elements;
-    // rhs(j, i) = W[j, i] = p[j (k + 1) + i]; `g` does not alias the inputs and is
-    // overwritten (read_dst = false).
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm(
-            rows,
-            k,
-            n,
-            g.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            dz.as_ptr(),
-            1,
-            n as isize,
-            p.as_ptr(),
-            1,
-            (k + 1) as isize,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+    let mut sum = ra.iter().zip(rb).fold(T::zero(), |s, (&a, &b)| s + a * b);
+    for l in lanes {
+        sum = sum + l;
     }
+    sum
 }
 
 /// The activation and its derivative (from the pre-activation `z` and the value `y`).
@@ -204,157 +315,182 @@ impl<T: Elem> Act<T> {
     }
 }
 
-/// One chunk's values through the network: for a plain network the pre-activations
-/// `z[l]` and activations `y[l]` of each hidden layer; for a residual one the stream
-/// before each block `z[b]`, its activation `y[b]`, and the block's inner
-/// pre-activation `u[b]` and activation `v[b]`, then the final stream in `z`.
-struct Trace<T> {
-    z: Vec<Vec<T>>,
-    y: Vec<Vec<T>>,
-    u: Vec<Vec<T>>,
-    v: Vec<Vec<T>>,
+/// A network ready to run: its layers with their bias and thin-input weights laid out.
+struct Prepared<'a, T> {
+    arch: &'a Arch,
+    act: Act<T>,
+    layers: Vec<Layer<'a, T>>,
+    offsets: Vec<usize>,
 }
 
-impl<T: Elem> Net<'_, T> {
-    /// Runs `x (rows × in)` forward into `out (rows × out)`, recording what the
-    /// backward pass needs when `trace` is given.
-    fn run(&self, x: &[T], out: &mut [T], mut trace: Option<&mut Trace<T>>) {
-        let act = Act::new(self.activation);
+impl<'a, T: Elem> Prepared<'a, T> {
+    fn new(net: &'a Net<'a, T>) -> Self {
+        Self {
+            arch: net.arch,
+            act: Act::new(net.activation),
+            layers: net
+                .layers()
+                .into_iter()
+                .map(|(k, n, p)| Layer::new(k, n, p))
+                .collect(),
+            offsets: net.offsets(),
+        }
+    }
+
+    /// Runs `x (rows × in)` forward into `out (rows × out)` and `trace`
+    /// (`rows × trace_width`, layer by layer: see [`Arch::trace_width`]).
+    fn run(&self, x: &[T], out: &mut [T], trace: &mut [T]) {
+        let act = self.act;
+        let layers = &self.layers;
         let rows = x.len() / self.arch.input().max(1);
-        let layers = self.layers();
         match *self.arch {
             Arch::Plain { .. } => {
-                let mut h = x.to_vec();
-                for (l, &(k, n, p)) in layers.iter().enumerate() {
+                let mut h = Vec::new();
+                let mut rest = trace;
+                for (l, layer) in layers.iter().enumerate() {
+                    let input = if l == 0 { x } else { &h[..] };
                     if l + 1 == layers.len() {
-                        linear(&h, p, k, n, out);
+                        layer.forward(input, out);
                         break;
                     }
-                    let mut z = vec![T::zero(); rows * n];
-                    linear(&h, p, k, n, &mut z);
-                    let mut y = vec![T::zero(); rows * n];
-                    act.apply(&z, &mut y);
-                    if let Some(t) = trace.as_deref_mut() {
-                        t.z.push(z);
-                        t.y.push(y.clone());
-                    }
+                    let (z, tail) = rest.split_at_mut(rows * layer.n);
+                    layer.forward(input, z);
+                    let mut y = vec![T::zero(); rows * layer.n];
+                    act.apply(z, &mut y);
                     h = y;
+                    rest = tail;
                 }
             }
             Arch::Residual { hidden, .. } => {
-                let mut h = vec![T::zero(); rows * hidden];
-                let (k, n, p) = layers[0];
-                linear(x, p, k, n, &mut h);
-                for pair in layers[1..layers.len() - 1].chunks_exact(2) {
-                    let mut y = vec![T::zero(); rows * hidden];
-                    act.apply(&h, &mut y);
-                    let mut u = vec![T::zero(); rows * hidden];
-                    linear(&y, pair[0].2, hidden, hidden, &mut u);
-                    let mut v = vec![T::zero(); rows * hidden];
-                    act.apply(&u, &mut v);
-                    let mut w = vec![T::zero(); rows * hidden];
-                    linear(&v, pair[1].2, hidden, hidden, &mut w);
-                    let next: Vec<T> = h.iter().zip(&w).map(|(&a, &b)| a + b).collect();
-                    if let Some(t) = trace.as_deref_mut() {
-                        t.z.push(std::mem::replace(&mut h, next));
-                        t.y.push(y);
-                        t.u.push(u);
-                        t.v.push(v);
-                    } else {
-                        h = next;
-                    }
+                let size = rows * hidden;
+                let (blocks, last) = trace.split_at_mut(trace.len() - size);
+                layers[0].forward(x, last);
+                let mut y = vec![T::zero(); size];
+                let mut v = vec![T::zero(); size];
+                let mut w = vec![T::zero(); size];
+                for (pair, block) in layers[1..layers.len() - 1]
+                    .chunks_exact(2)
+                    .zip(blocks.chunks_exact_mut(2 * size))
+                {
+                    // The stream so far is in `last`; keep it as this block's input.
+                    let (h, u) = block.split_at_mut(size);
+                    h.copy_from_slice(last);
+                    act.apply(h, &mut y);
+                    pair[0].forward(&y, u);
+                    act.apply(u, &mut v);
+                    pair[1].forward(&v, &mut w);
+                    last.iter_mut().zip(&w).for_each(|(s, &w)| *s = *s + w);
                 }
-                let (k, n, p) = layers[layers.len() - 1];
-                linear(&h, p, k, n, out);
-                if let Some(t) = trace {
-                    t.z.push(h);
-                }
+                layers[layers.len() - 1].forward(last, out);
             }
         }
     }
 
-    /// For one chunk: writes `∂x` into `gx` and adds the parameter gradients into `gp`.
-    fn backward_chunk(&self, x: &[T], g_out: &[T], gx: &mut [T], gp: &mut [T]) {
-        let act = Act::new(self.activation);
-        let mut t = Trace {
-            z: Vec::new(),
-            y: Vec::new(),
-            u: Vec::new(),
-            v: Vec::new(),
-        };
-        let mut out = vec![T::zero(); g_out.len()];
-        self.run(x, &mut out, Some(&mut t));
-        let layers = self.layers();
-        let offsets = self.offsets();
+    /// For one chunk whose [`run`](Self::run) left `trace`: writes `∂x` into `gx` and
+    /// adds the parameter gradients into `gp`.
+    fn backward_chunk(&self, x: &[T], trace: &[T], g_out: &[T], gx: &mut [T], gp: &mut [T]) {
+        let act = self.act;
+        let layers = &self.layers;
+        let span = |l: usize| self.offsets[l]..self.offsets[l + 1];
         let rows = g_out.len() / self.arch.output().max(1);
-        let span = |l: usize| offsets[l]..offsets[l + 1];
+        let activated = |z: &[T]| {
+            let mut y = vec![T::zero(); z.len()];
+            act.apply(z, &mut y);
+            y
+        };
         match *self.arch {
             Arch::Plain { .. } => {
+                // Each hidden layer's pre-activation, from the trace.
+                let mut z: Vec<&[T]> = Vec::new();
+                let mut rest = trace;
+                for layer in &layers[..layers.len() - 1] {
+                    let (block, tail) = rest.split_at(rows * layer.n);
+                    z.push(block);
+                    rest = tail;
+                }
                 let mut dz = g_out.to_vec();
                 for l in (0..layers.len()).rev() {
-                    let (k, n, p) = layers[l];
-                    let input = if l == 0 { x } else { &t.y[l - 1][..] };
-                    let r = span(l);
-                    linear_weights(&dz, input, k, n, &mut gp[r]);
                     if l == 0 {
-                        linear_input(&dz, p, k, n, gx);
+                        layers[l].weights(&dz, x, &mut gp[span(l)]);
+                        layers[l].input(&dz, gx);
                     } else {
-                        let mut g = vec![T::zero(); rows * k];
-                        linear_input(&dz, p, k, n, &mut g);
-                        act.backward(&mut g, &t.z[l - 1], &t.y[l - 1]);
+                        let y = activated(z[l - 1]);
+                        layers[l].weights(&dz, &y, &mut gp[span(l)]);
+                        let mut g = vec![T::zero(); rows * layers[l].k];
+                        layers[l].input(&dz, &mut g);
+                        act.backward(&mut g, z[l - 1], &y);
                         dz = g;
                     }
                 }
             }
             Arch::Residual { hidden, .. } => {
+                let size = rows * hidden;
+                let (blocks, stream) = trace.split_at(trace.len() - size);
                 let last = layers.len() - 1;
-                let (k, n, p) = layers[last];
-                let r = span(last);
-                let stream = &t.z[t.z.len() - 1];
-                linear_weights(g_out, stream, k, n, &mut gp[r]);
-                let mut gh = vec![T::zero(); rows * hidden];
-                linear_input(g_out, p, k, n, &mut gh);
-                for b in (0..(last - 1) / 2).rev() {
+                layers[last].weights(g_out, stream, &mut gp[span(last)]);
+                let mut gh = vec![T::zero(); size];
+                layers[last].input(g_out, &mut gh);
+                let mut gu = vec![T::zero(); size];
+                let mut ga = vec![T::zero(); size];
+                for (b, block) in blocks.chunks_exact(2 * size).enumerate().rev() {
                     let (l0, l1) = (1 + 2 * b, 2 + 2 * b);
+                    let (h, u) = block.split_at(size);
+                    let (y, v) = (activated(h), activated(u));
                     // w = L1(v): its gradient is the stream's.
-                    let r = span(l1);
-                    linear_weights(&gh, &t.v[b], hidden, hidden, &mut gp[r]);
-                    let mut gu = vec![T::zero(); rows * hidden];
-                    linear_input(&gh, layers[l1].2, hidden, hidden, &mut gu);
-                    act.backward(&mut gu, &t.u[b], &t.v[b]);
-                    let r = span(l0);
-                    linear_weights(&gu, &t.y[b], hidden, hidden, &mut gp[r]);
-                    let mut ga = vec![T::zero(); rows * hidden];
-                    linear_input(&gu, layers[l0].2, hidden, hidden, &mut ga);
-                    act.backward(&mut ga, &t.z[b], &t.y[b]);
+                    layers[l1].weights(&gh, &v, &mut gp[span(l1)]);
+                    layers[l1].input(&gh, &mut gu);
+                    act.backward(&mut gu, u, &v);
+                    layers[l0].weights(&gu, &y, &mut gp[span(l0)]);
+                    layers[l0].input(&gu, &mut ga);
+                    act.backward(&mut ga, h, &y);
                     gh.iter_mut().zip(&ga).for_each(|(g, &a)| *g = *g + a);
                 }
-                let (k, n, p) = layers[0];
-                let r = span(0);
-                linear_weights(&gh, x, k, n, &mut gp[r]);
-                linear_input(&gh, p, k, n, gx);
+                layers[0].weights(&gh, x, &mut gp[span(0)]);
+                layers[0].input(&gh, gx);
             }
         }
     }
 }
 
-/// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`.
-pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T]) -> Vec<T> {
+/// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`, in chunks of
+/// `rows`, and with `keep` the trace the backward pass reads (`batch × trace_width`,
+/// chunk by chunk); without it the trace is dropped chunk by chunk.
+pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> (Vec<T>, Vec<T>) {
     let (input, output) = (net.arch.input(), net.arch.output());
+    let width = net.arch.trace_width();
     let batch = x.len() / input.max(1);
-    let rows = chunk_rows(batch, net.arch.widest());
+    let net = Prepared::new(net);
     let mut out = vec![T::zero(); batch * output];
+    if !keep {
+        out.par_chunks_mut(rows * output)
+            .zip(x.par_chunks(rows * input))
+            .for_each(|(out, x)| {
+                let mut trace = vec![T::zero(); out.len() / output.max(1) * width];
+                net.run(x, out, &mut trace);
+            });
+        return (out, Vec::new());
+    }
+    let mut trace = vec![T::zero(); batch * width];
     out.par_chunks_mut(rows * output)
         .zip(x.par_chunks(rows * input))
-        .for_each(|(out, x)| net.run(x, out, None));
-    out
+        .zip(trace.par_chunks_mut(rows * width))
+        .for_each(|((out, x), trace)| net.run(x, out, trace));
+    (out, trace)
 }
 
-/// `(∂x, ∂p)` for inputs `x` `(batch, in)` and output gradient `g_out` `(batch, out)`.
-pub(super) fn backward<T: Elem>(net: &Net<T>, x: &[T], g_out: &[T]) -> (Vec<T>, Vec<T>) {
+/// `(∂x, ∂p)` for inputs `x` `(batch, in)` and output gradient `g_out` `(batch, out)`,
+/// in the chunks of `rows` that [`forward`] used; `trace` is what it kept (recomputed
+/// here when empty).
+pub(super) fn backward<T: Elem>(
+    net: &Net<T>,
+    x: &[T],
+    trace: &[T],
+    g_out: &[T],
+    rows: usize,
+) -> (Vec<T>, Vec<T>) {
     let (input, output) = (net.arch.input(), net.arch.output());
+    let width = net.arch.trace_width();
     let batch = x.len() / input.max(1);
-    let rows = chunk_rows(batch, net.arch.widest());
     let n_params = net.params.len();
     let chunks = batch.div_ceil(rows).max(1);
     let threads = rayon::current_num_threads().max(1);
@@ -362,19 +498,30 @@ pub(super) fn backward<T: Elem>(net: &Net<T>, x: &[T], g_out: &[T]) -> (Vec<T>, 
         .min(2 * threads)
         .min((PARTIAL_BUDGET / n_params.max(1)).max(1));
     let per_group = chunks.div_ceil(groups) * rows;
+    let net = Prepared::new(net);
     let mut gx = vec![T::zero(); batch * input];
     let partial: Vec<Vec<T>> = gx
         .par_chunks_mut(per_group * input)
         .zip(x.par_chunks(per_group * input))
         .zip(g_out.par_chunks(per_group * output))
-        .map(|((gx, x), g)| {
+        .enumerate()
+        .map(|(group, ((gx, x), g))| {
             let mut gp = vec![T::zero(); n_params];
             let parts = gx
                 .chunks_mut(rows * input)
                 .zip(x.chunks(rows * input))
-                .zip(g.chunks(rows * output));
-            for ((gx, x), g) in parts {
-                net.backward_chunk(x, g, gx, &mut gp);
+                .zip(g.chunks(rows * output))
+                .enumerate();
+            for (c, ((gx, x), g)) in parts {
+                let n = g.len() / output.max(1);
+                let at = (group * per_group + c * rows) * width;
+                if trace.is_empty() {
+                    let mut t = vec![T::zero(); n * width];
+                    net.run(x, &mut vec![T::zero(); g.len()], &mut t);
+                    net.backward_chunk(x, &t, g, gx, &mut gp);
+                } else {
+                    net.backward_chunk(x, &trace[at..at + n * width], g, gx, &mut gp);
+                }
             }
             gp
         })

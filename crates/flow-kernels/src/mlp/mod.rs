@@ -90,6 +90,17 @@ impl Arch {
         shapes.iter().map(|&(k, n)| k.max(n)).max().unwrap_or(1)
     }
 
+    /// Values per row the general kernel keeps between its forward and backward
+    /// passes: each hidden pre-activation of a plain network; the stream entering each
+    /// block and the block's inner pre-activation, then the final stream, of a residual
+    /// one.
+    pub fn trace_width(&self) -> usize {
+        match self {
+            Self::Plain { widths } => widths[1..widths.len().saturating_sub(1)].iter().sum(),
+            Self::Residual { hidden, blocks, .. } => (2 * blocks + 1) * hidden,
+        }
+    }
+
     /// Parameters of the packed layers, `Σ n (k + 1)`.
     pub fn n_params(&self) -> usize {
         self.linear_shapes().iter().map(|&(k, n)| n * (k + 1)).sum()
@@ -161,11 +172,24 @@ pub fn forward(
         [one] => one.clone(),
         _ => Tensor::cat(&packed, 0)?,
     };
+    let batch = x.dim(0)?;
+    // Where a backward pass will follow, the general kernel keeps what it needs from
+    // the forward pass (in the op's output, after the network's outputs).
+    let keep = arch.narrow().is_none()
+        && (x.track_op() || layers.iter().any(|(w, b)| w.track_op() || b.track_op()));
     let op = FusedMlp {
         arch: arch.clone(),
         activation,
+        rows: deep::chunk_rows(batch, arch.widest()),
+        keep,
     };
-    x.contiguous()?.apply_op2(&params, op)
+    let out = x.contiguous()?.apply_op2(&params, op)?;
+    if keep {
+        out.narrow(0, 0, batch * arch.output())?
+            .reshape((batch, arch.output()))
+    } else {
+        Ok(out)
+    }
 }
 
 /// Samples per parallel task of the narrow kernels.
@@ -175,6 +199,10 @@ const CHUNK: usize = 64;
 struct FusedMlp {
     arch: Arch,
     activation: Activation,
+    /// Rows per chunk of the general kernel, the same forward and backward.
+    rows: usize,
+    /// Output the general kernel's trace after the network's outputs, flattened.
+    keep: bool,
 }
 
 /// Dimensions of one call of the narrow kernels.
@@ -306,18 +334,30 @@ impl FusedMlp {
         })
     }
 
+    /// The outputs, followed by the trace when it is kept.
     fn forward<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
         match self.narrow(batch) {
             Some(d) => {
                 let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
                 T::forward(self.activation, x, p1, p2, d)
             }
-            None => deep::forward(&self.net(p), x),
+            None => {
+                let (mut out, trace) = deep::forward(&self.net(p), x, self.rows, self.keep);
+                out.extend(trace);
+                out
+            }
         }
     }
 
-    /// `(∂x, ∂p)` on host slices.
-    fn backward<T: Kernel>(&self, x: &[T], p: &[T], g: &[T], batch: usize) -> (Vec<T>, Vec<T>) {
+    /// `(∂x, ∂p)` on host slices, from the trace the forward pass kept (if any).
+    fn backward<T: Kernel>(
+        &self,
+        x: &[T],
+        p: &[T],
+        trace: &[T],
+        g: &[T],
+        batch: usize,
+    ) -> (Vec<T>, Vec<T>) {
         match self.narrow(batch) {
             Some(d) => {
                 let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
@@ -325,7 +365,7 @@ impl FusedMlp {
                 g1.extend(g2);
                 (gx, g1)
             }
-            None => deep::backward(&self.net(p), x, g),
+            None => deep::backward(&self.net(p), x, trace, g, self.rows),
         }
     }
 
@@ -337,16 +377,25 @@ impl FusedMlp {
         }
     }
 
-    /// The backward pass on host copies of the tensors, returned as tensors.
+    /// The backward pass on host copies of the tensors, returned as tensors; `res` and
+    /// `grad` are the op's output and its gradient (with the trace, when kept).
     fn gradients<T: Kernel>(
         &self,
         x: &Tensor,
         p: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
         let batch = x.dim(0)?;
-        let (gx, gp) = self.backward(&flat(x)?, &flat(p)?, &flat(grad)?, batch);
+        let outputs = batch * self.arch.output();
+        let (trace, grad) = if self.keep {
+            let trace = res.narrow(0, outputs, res.dim(0)? - outputs)?;
+            (flat(&trace)?, flat(&grad.narrow(0, 0, outputs)?)?)
+        } else {
+            (Vec::new(), flat(grad)?)
+        };
+        let (gx, gp) = self.backward(&flat(x)?, &flat(p)?, &trace, &grad, batch);
         let dev = x.device();
         Ok((
             Tensor::from_vec(gx, x.shape(), dev)?,
@@ -377,7 +426,12 @@ impl CustomOp2 for FusedMlp {
             }
             _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
         };
-        Ok((out, Shape::from((batch, self.arch.output()))))
+        let shape = if self.keep {
+            Shape::from(batch * (self.arch.output() + self.arch.trace_width()))
+        } else {
+            Shape::from((batch, self.arch.output()))
+        };
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -406,7 +460,7 @@ impl CustomOp2 for FusedMlp {
         &self,
         x: &Tensor,
         p: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
@@ -419,8 +473,8 @@ impl CustomOp2 for FusedMlp {
             return Ok((Some(gx), Some(gp)));
         }
         let (gx, gp) = match x.dtype() {
-            DType::F32 => self.gradients::<f32>(x, p, grad)?,
-            DType::F64 => self.gradients::<f64>(x, p, grad)?,
+            DType::F32 => self.gradients::<f32>(x, p, res, grad)?,
+            DType::F64 => self.gradients::<f64>(x, p, res, grad)?,
             other => candle::bail!("fused mlp has no backward for {other:?}"),
         };
         Ok((Some(gx), Some(gp)))
