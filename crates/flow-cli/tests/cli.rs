@@ -534,3 +534,57 @@ fn every_flag_has_a_help_line() {
         }
     }
 }
+
+#[test]
+fn commands_read_and_write_in_chunks_so_memory_does_not_grow_with_the_rows() {
+    // 16 features: a whole-file read of the larger file would hold tens of MiB more.
+    let write = |name: &str, rows: usize| -> String {
+        let p = path(name);
+        let mut text = String::with_capacity(rows * 16 * 10);
+        for r in 0..rows {
+            let row: Vec<String> = (0..16)
+                .map(|j| format!("{:.4}", ((r * 31 + j * 17) % 97) as f32 / 48.5 - 1.0))
+                .collect();
+            text.push_str(&row.join(","));
+            text.push('\n');
+        }
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (small, large) = (
+        write("rows-small.csv", 20_000),
+        write("rows-large.csv", 300_000),
+    );
+    let m = path("wide.safetensors");
+    ok(&[
+        "train", "--data", &small, "--steps", "5", "--hidden", "64", "--layers", "2", "--out", &m,
+    ]);
+    let peak = |input: &str, command: &str| -> f64 {
+        let out = path(&format!("{command}-out.csv"));
+        let mut args = vec![command, "--model", &m, "--input", input, "--out", &out];
+        if command == "log-prob" {
+            args.truncate(5);
+        }
+        let o = flow(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        match err.split("peak memory ").nth(1) {
+            Some(rest) => rest
+                .split_whitespace()
+                .next()
+                .expect("mib")
+                .parse()
+                .expect("number"),
+            None => panic!("no peak memory in {err}"),
+        }
+    };
+    for command in ["log-prob", "encode"] {
+        let (a, b) = (peak(&small, command), peak(&large, command));
+        assert!(
+            b < a + 16.0,
+            "{command}: peak memory {a} MiB for 20 000 rows, {b} MiB for 300 000"
+        );
+    }
+    let encoded = read_csv(&path("encode-out.csv"));
+    assert_eq!(encoded.len(), 300_000, "every row written");
+}

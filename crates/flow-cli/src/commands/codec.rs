@@ -1,7 +1,7 @@
 use crate::{
     cli::CodecArgs,
-    commands::{device, host_values, load_input, load_model, with_context},
-    output::{check_writable, header, write_csv},
+    commands::{device, host_values, input_chunks, load_model, peak_memory_mib, with_context},
+    output::{check_writable, header, CsvWriter},
     CmdResult,
 };
 
@@ -18,20 +18,33 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
-    let input = load_input(&a.input, dim, model.checkpoint.config.context_dim)?;
-    let x = input.x.to_device(&device)?;
-    let context = input.context.map(|c| c.to_device(&device)).transpose()?;
-    let c = context.as_ref();
-    let (out, prefix) = match direction {
-        Direction::Encode => (model.flow.encode_with_context(&x, c)?, "z"),
-        Direction::Decode => (model.flow.decode_with_context(&x, c)?, "x"),
+    let context_dim = model.checkpoint.config.context_dim;
+    let prefix = match direction {
+        Direction::Encode => "z",
+        Direction::Decode => "x",
     };
-    let (values, names, width) = with_context(
-        host_values(&out.detach())?,
-        header(prefix, dim),
-        &input.data,
-    );
-    write_csv(&a.out, &names, &values, width)?;
-    eprintln!("wrote {} rows to {}", input.data.len(), a.out.display());
+    let mut names = header(prefix, dim);
+    names.extend((0..context_dim).map(|j| format!("c{j}")));
+    let mut out = CsvWriter::create(&a.out, &names)?;
+    let mut rows = 0;
+    for input in input_chunks(&a.input, dim, context_dim)? {
+        let input = input?;
+        let x = input.x.to_device(&device)?;
+        let context = input.context.map(|c| c.to_device(&device)).transpose()?;
+        let c = context.as_ref();
+        let y = match direction {
+            Direction::Encode => model.flow.encode_with_context(&x, c)?,
+            Direction::Decode => model.flow.decode_with_context(&x, c)?,
+        };
+        let (values, _, _) =
+            with_context(host_values(&y.detach())?, header(prefix, dim), &input.data);
+        out.rows(&values)?;
+        rows += input.data.len();
+    }
+    out.commit()?;
+    eprintln!("wrote {rows} rows to {}", a.out.display());
+    if let Some(mib) = peak_memory_mib() {
+        eprintln!("peak memory {mib:.0} MiB");
+    }
     Ok(())
 }

@@ -18,7 +18,7 @@ pub fn run(a: DataArgs) -> CmdResult {
         let names = header("x", d.dim);
         (d, names)
     };
-    write_csv(&a.out, &names, &d.values, d.dim)?;
+    write_csv(&a.out, &names, &d.values)?;
     eprintln!("wrote {} points to {}", d.len(), a.out.display());
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle::{DType, Device, Tensor};
 use flow_io::LoadedModel;
-use flow_train::data::{load_path, Dataset};
+use flow_train::data::{chunks, load_path, Dataset};
 
 use crate::{cli::Cli, cli::Command, CmdResult, Failure};
 
@@ -40,6 +40,10 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Failure> 
     Ok(flow_io::load_model(path, DType::F32, device)?)
 }
 
+/// Rows per chunk of the commands that read or write data: their memory does not grow
+/// with the number of rows.
+pub const CHUNK_ROWS: usize = 16_384;
+
 /// What a model reads from a data file: its features, then (a conditional model) its
 /// context features, row by row.
 pub struct Input {
@@ -48,10 +52,9 @@ pub struct Input {
     pub context: Option<Tensor>,
 }
 
-/// Reads a data file whose rows hold `dim` features followed by `context_dim` context
-/// features.
-pub fn load_input(path: &Path, dim: usize, context_dim: usize) -> Result<Input, Failure> {
-    let data = load_path(path)?;
+/// Checks a chunk of a data file against the model's `dim` features and `context_dim`
+/// context features, and splits it.
+fn split(path: &Path, data: Dataset, dim: usize, context_dim: usize) -> Result<Input, Failure> {
     if data.dim != dim + context_dim {
         let layout = if context_dim > 0 {
             format!("{dim} features, then {context_dim} context features")
@@ -69,6 +72,36 @@ pub fn load_input(path: &Path, dim: usize, context_dim: usize) -> Result<Input, 
     let x = data.to_tensor(&Device::Cpu)?;
     let context = data.context_tensor(&Device::Cpu)?;
     Ok(Input { data, x, context })
+}
+
+/// A data file whose rows hold `dim` features followed by `context_dim` context
+/// features, read [`CHUNK_ROWS`] rows at a time.
+pub fn input_chunks(
+    path: &Path,
+    dim: usize,
+    context_dim: usize,
+) -> Result<impl Iterator<Item = Result<Input, Failure>> + '_, Failure> {
+    Ok(chunks(path, CHUNK_ROWS)?
+        .map(move |c| split(path, c.map_err(Failure::from)?, dim, context_dim)))
+}
+
+/// The whole of a data file, as [`input_chunks`] reads it.
+pub fn load_input(path: &Path, dim: usize, context_dim: usize) -> Result<Input, Failure> {
+    split(path, load_path(path)?, dim, context_dim)
+}
+
+/// The process's peak resident memory (Linux; `None` elsewhere).
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 /// A condition given on the command line, comma-separated, as a `(1, context_dim)`

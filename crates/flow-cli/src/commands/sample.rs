@@ -1,61 +1,61 @@
-use flow_train::data::{load_path, Dataset};
+use flow_train::data::{chunks, Dataset};
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::{
     cli::SampleArgs,
-    commands::{device, host_values, load_model, parse_context, with_context},
-    output::{check_writable, header, write_csv},
+    commands::{device, host_values, load_model, parse_context, with_context, CHUNK_ROWS},
+    output::{check_writable, header, CsvWriter},
     plot, CmdResult, Failure,
 };
 
-/// The number of samples and their condition (one row per sample), from the flags.
-fn conditions(a: &SampleArgs, context_dim: usize) -> Result<(usize, Dataset), Failure> {
+/// A chunk's condition: `rows` samples, each with its context row (none for an
+/// unconditional model).
+fn condition(rows: usize, context_dim: usize, context: Vec<f32>) -> Dataset {
+    debug_assert_eq!(context.len(), rows * context_dim);
+    Dataset {
+        context_dim,
+        context,
+        ..Dataset::new(0, Vec::new())
+    }
+}
+
+/// The samples' conditions, [`CHUNK_ROWS`] at a time, from the flags.
+fn conditions(
+    a: &SampleArgs,
+    context_dim: usize,
+) -> Result<Box<dyn Iterator<Item = Result<(usize, Dataset), Failure>> + '_>, Failure> {
     let Some(path) = &a.context_file else {
         let n =
             a.n.ok_or("--n is required (or --context-file, one sample per row)")?;
+        if n == 0 {
+            return Err("--n must be at least 1".into());
+        }
         let host = candle::Device::Cpu;
-        let context = match parse_context(a.context.as_deref(), context_dim, &host)? {
-            Some(c) => c.flatten_all()?.to_vec1::<f32>()?.repeat(n),
+        let row = match parse_context(a.context.as_deref(), context_dim, &host)? {
+            Some(c) => c.flatten_all()?.to_vec1::<f32>()?,
             None => Vec::new(),
         };
-        return Ok((
-            n,
-            Dataset {
-                context_dim,
-                context,
-                ..Dataset::new(0, Vec::new())
-            },
-        ));
+        let sizes = (0..n.div_ceil(CHUNK_ROWS)).map(move |i| CHUNK_ROWS.min(n - i * CHUNK_ROWS));
+        return Ok(Box::new(sizes.map(move |rows| {
+            Ok((rows, condition(rows, context_dim, row.repeat(rows))))
+        })));
     };
     if context_dim == 0 {
         return Err("--context-file: the model is not conditional".into());
     }
-    let rows = load_path(path)?;
-    if rows.dim != context_dim {
-        return Err(format!(
-            "{}: {} values per row, the model takes {context_dim} context features",
-            path.display(),
-            rows.dim
-        )
-        .into());
-    }
-    let n = rows.len();
-    if a.n.is_some_and(|want| want != n) {
-        return Err(format!(
-            "--n {} but {} has {n} rows",
-            a.n.unwrap_or(0),
-            path.display()
-        )
-        .into());
-    }
-    Ok((
-        n,
-        Dataset {
-            context_dim,
-            context: rows.values,
-            ..Dataset::new(0, Vec::new())
-        },
-    ))
+    let rows = chunks(path, CHUNK_ROWS)?.map(move |c| {
+        let c = c?;
+        if c.dim != context_dim {
+            return Err(format!(
+                "{}: {} values per row, the model takes {context_dim} context features",
+                path.display(),
+                c.dim
+            )
+            .into());
+        }
+        Ok((c.len(), condition(c.len(), context_dim, c.values)))
+    });
+    Ok(Box::new(rows))
 }
 
 pub fn run(a: SampleArgs) -> CmdResult {
@@ -69,33 +69,42 @@ pub fn run(a: SampleArgs) -> CmdResult {
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
-    let (n, given) = conditions(&a, model.checkpoint.config.context_dim)?;
-    if n == 0 {
-        return Err("--n must be at least 1".into());
-    }
     if a.plot.is_some() && dim != 2 {
         return Err(format!("--plot draws 2-D models; this one has {dim} features").into());
     }
-    let context = given.context_tensor(&device)?;
+    let context_dim = model.checkpoint.config.context_dim;
+    let mut names = header("x", dim);
+    names.extend((0..context_dim).map(|j| format!("c{j}")));
+    let mut out = CsvWriter::create(&a.out, &names)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
-    let x = model
-        .flow
-        .sample_with_context(n, a.temperature, context.as_ref(), &mut rng)?;
-    let values = host_values(&x)?;
-    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    let (mut n, mut bad) = (0usize, 0usize);
+    let mut plotted: Vec<f32> = Vec::new();
+    for chunk in conditions(&a, context_dim)? {
+        let (rows, given) = chunk?;
+        let context = given.context_tensor(&device)?;
+        let x = model
+            .flow
+            .sample_with_context(rows, a.temperature, context.as_ref(), &mut rng)?;
+        let values = host_values(&x)?;
+        bad += values.iter().filter(|v| !v.is_finite()).count();
+        if a.plot.is_some() {
+            let finite = values.chunks(2).filter(|r| r.iter().all(|v| v.is_finite()));
+            plotted.extend(finite.flatten());
+        }
+        let (rows_out, _, _) = with_context(values, header("x", dim), &given);
+        out.rows(&rows_out)?;
+        n += rows;
+    }
+    if let Some(want) = a.n.filter(|&want| a.context_file.is_some() && want != n) {
+        let file = a.context_file.as_ref().map(|p| p.display().to_string());
+        return Err(format!("--n {want} but {} has {n} rows", file.unwrap_or_default()).into());
+    }
     if bad > 0 {
         eprintln!("warning: {bad} sample values are not finite");
     }
-    let (rows, names, width) = with_context(values.clone(), header("x", dim), &given);
-    write_csv(&a.out, &names, &rows, width)?;
+    out.commit()?;
     if let Some(p) = &a.plot {
-        let finite: Vec<f32> = values
-            .chunks(2)
-            .filter(|r| r.iter().all(|v| v.is_finite()))
-            .flatten()
-            .copied()
-            .collect();
-        plot::scatter(p, &finite)?;
+        plot::scatter(p, &plotted)?;
     }
     eprintln!("wrote {n} samples to {}", a.out.display());
     Ok(())

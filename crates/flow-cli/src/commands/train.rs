@@ -14,7 +14,7 @@ use flow_train::{
 
 use crate::{
     cli::{CouplingArg, ScaleArg, ScheduleArg, TrainArgs},
-    commands::device,
+    commands::{device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
     CmdResult, Failure,
@@ -123,20 +123,6 @@ fn training_data(a: &TrainArgs, seed: u64, context_dim: usize) -> Result<Dataset
         load_path(path)?
     };
     Ok(data.split_context(context_dim, &a.data)?)
-}
-
-/// The process's peak resident memory (Linux; `None` elsewhere).
-fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 /// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.

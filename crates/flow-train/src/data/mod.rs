@@ -3,7 +3,7 @@
 mod files;
 mod toy;
 
-pub use files::{load_csv, load_npy, load_path, parse_csv};
+pub use files::{chunks, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks};
 pub use toy::{generate, generate_labeled, Toy};
 
 use crate::DataError;
