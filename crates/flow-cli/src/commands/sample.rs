@@ -19,11 +19,11 @@ fn condition(rows: usize, context_dim: usize, context: Vec<f32>) -> Dataset {
     }
 }
 
+/// Chunks of samples to draw: how many, and their conditions.
+type Conditions<'a> = Box<dyn Iterator<Item = Result<(usize, Dataset), Failure>> + 'a>;
+
 /// The samples' conditions, [`CHUNK_ROWS`] at a time, from the flags.
-fn conditions(
-    a: &SampleArgs,
-    context_dim: usize,
-) -> Result<Box<dyn Iterator<Item = Result<(usize, Dataset), Failure>> + '_>, Failure> {
+fn conditions(a: &SampleArgs, context_dim: usize) -> Result<Conditions<'_>, Failure> {
     let Some(path) = &a.context_file else {
         let n =
             a.n.ok_or("--n is required (or --context-file, one sample per row)")?;
