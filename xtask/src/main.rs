@@ -205,21 +205,98 @@ fn bench(args: &[String]) -> Result<()> {
         .unwrap_or("(flow train failed)")
         .to_string();
 
-    let pytorch = Command::new("python3")
-        .current_dir(root())
-        .args([
-            "benches/pytorch_seed_job.py",
-            "--threads",
-            &threads().to_string(),
+    // zuko's default architecture through the binary, and the log-prob of 100 000
+    // points read from CSV, timed as a whole process.
+    let zuko_model = out.join("zuko.safetensors").to_string_lossy().into_owned();
+    let mut zuko_train = flow(
+        &features,
+        &[
+            "train",
+            "--data",
+            "moons",
+            "--hidden",
+            "64",
+            "--hidden-layers",
+            "2",
+            "--layers",
+            "6",
+            "--batch",
+            "256",
+            "--activation",
+            "relu",
+            "--steps",
+            "1000",
             "--device",
-            &pytorch_device(),
+            &device,
+            "--out",
+            &zuko_model,
+        ],
+    );
+    let zuko_log = zuko_train.output().map_err(|e| e.to_string())?;
+    let zuko_trained = String::from_utf8_lossy(&zuko_log.stderr)
+        .lines()
+        .find(|l| l.starts_with("trained"))
+        .unwrap_or("(flow train failed)")
+        .to_string();
+    let points = out.join("points.csv").to_string_lossy().into_owned();
+    run(flow(
+        &features,
+        &[
+            "data", "moons", "--n", "100000", "--seed", "7", "--out", &points,
+        ],
+    ))?;
+    // Built by the runs above: the timed process is the binary alone.
+    let binary = root().join("target/release/flow");
+    let started = std::time::Instant::now();
+    let log_prob = Command::new(&binary)
+        .args([
+            "log-prob",
+            "--model",
+            &zuko_model,
+            "--input",
+            &points,
+            "--device",
+            &device,
         ])
         .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let log_prob_secs = started.elapsed().as_secs_f64();
+    let peak = String::from_utf8_lossy(&log_prob.stderr)
+        .lines()
+        .find(|l| l.starts_with("peak memory"))
+        .unwrap_or("peak memory not read")
+        .to_string();
+    let log_prob_line = format!(
+        "{:.0} points/s ({:.3} s for 100 000 points, process start and CSV read included), {peak}",
+        1e5 / log_prob_secs,
+        log_prob_secs
+    );
 
-    let mut report = report(&trained, pytorch.as_deref())?;
+    let python = |script: &str, extra: &[&str]| -> Option<String> {
+        Command::new("python3")
+            .current_dir(root())
+            .arg(script)
+            .args(["--threads", &threads().to_string()])
+            .args(extra)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let pytorch = python(
+        "benches/pytorch_seed_job.py",
+        &["--device", &pytorch_device()],
+    );
+    let peers = python("benches/zuko_jobs.py", &[]);
+
+    let runs = Runs {
+        trained: &trained,
+        zuko_trained: &zuko_trained,
+        log_prob: &log_prob_line,
+        pytorch: pytorch.as_deref(),
+        peers: peers.as_deref(),
+    };
+    let mut report = report(&runs)?;
     let path = root().join("BENCHMARKS.md");
     // The GPU section comes from a GPU machine (scripts/gpu-check.sh): keep it.
     if let Ok(old) = std::fs::read_to_string(&path) {
@@ -287,7 +364,42 @@ fn net_flops(batch: f64, layers: f64, hidden: f64) -> f64 {
     batch * layers * 2.0 * per_net
 }
 
-fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
+/// What `bench` measured beside criterion.
+struct Runs<'a> {
+    /// `flow train`'s summary line for the reference job.
+    trained: &'a str,
+    /// The same for zuko's default architecture.
+    zuko_trained: &'a str,
+    /// `flow log-prob` of 100 000 points, timed as a process.
+    log_prob: &'a str,
+    /// `benches/pytorch_seed_job.py`'s JSON.
+    pytorch: Option<&'a str>,
+    /// `benches/zuko_jobs.py`'s JSON.
+    peers: Option<&'a str>,
+}
+
+/// A number in a flat JSON object, by key.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// `ours / theirs` as a ratio, or a dash.
+fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
+    match (ours, theirs) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn rate(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.0}"))
+}
+
+fn report(runs: &Runs) -> Result<String> {
+    let (trained, pytorch) = (runs.trained, runs.pytorch);
     let mut md = String::new();
     let mut line = |s: String| {
         md.push_str(&s);
@@ -374,6 +486,11 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
     for (group, what, unit) in [
         ("train_step_by_batch", "batch", "samples/s"),
         ("train_step_by_dim", "dimension", "samples/s"),
+        (
+            "train_step_by_depth",
+            "hidden layers (zuko's default)",
+            "samples/s",
+        ),
         ("train_step_by_layers", "layers", "samples/s"),
         ("train_step_by_hidden", "hidden width", "samples/s"),
     ] {
@@ -390,10 +507,10 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
         ids.sort();
         for id in ids {
             if let Some(ns) = mean_ns(group, &id.to_string()) {
-                let batch = if group == "train_step_by_batch" {
-                    id as f64
-                } else {
-                    512.0
+                let batch = match group {
+                    "train_step_by_batch" => id as f64,
+                    "train_step_by_depth" => 256.0,
+                    _ => 512.0,
                 };
                 line(format!(
                     "| {id} | {:.2} ms | {:.0} |",
@@ -402,6 +519,88 @@ fn report(trained: &str, pytorch: Option<&str>) -> Result<String> {
                 ));
             }
         }
+    }
+    line(String::new());
+    line("## The peers' own architectures (zuko, normflows), same machine, same threads".into());
+    line(String::new());
+    let peer = |key: &str| runs.peers.and_then(|j| json_number(j, key));
+    let steps = |group: &str, id: &str| mean_ns(group, id).map(|ns| 1e9 / ns);
+    line("zuko's default `RealNVP(2, transforms=6, hidden_features=(64, 64))`; ours is the same depth and width (separate `s` and `t` networks), batch 256. Training steps on a fixed batch, log-prob of 100 000 points in process:".into());
+    line(String::new());
+    line("| what | ours | zuko | ours / zuko | normflows | ours / normflows |".into());
+    line("| --- | --- | --- | --- | --- | --- |".into());
+    for (what, ours, key) in [
+        (
+            "training, steps/s",
+            steps("zuko_default", "train_step"),
+            "default_train_steps_per_s",
+        ),
+        (
+            "log-prob, points/s",
+            mean_ns("zuko_default", "log_prob_100k").map(|ns| 1e5 * 1e9 / ns),
+            "default_log_prob_points_per_s",
+        ),
+    ] {
+        let (z, n) = (
+            peer(&format!("zuko_{key}")),
+            peer(&format!("normflows_{key}")),
+        );
+        line(format!(
+            "| {what} | {} | {} | {} | {} | {} |",
+            rate(ours),
+            rate(z),
+            ratio(ours, z),
+            rate(n),
+            ratio(ours, n)
+        ));
+    }
+    line(String::new());
+    line(format!(
+        "End to end, `flow train --data moons --hidden 64 --hidden-layers 2 --layers 6 --batch 256 --activation relu --steps 1000`: {}",
+        runs.zuko_trained
+    ));
+    line(String::new());
+    line(format!(
+        "`flow log-prob` of that model on 100 000 points from CSV, as a whole process: {}",
+        runs.log_prob
+    ));
+    line(String::new());
+    line("Dimension sweep: our reference job's network (5 couplings, `s`/`t` nets of one hidden layer of 512) against zuko's `RealNVP(d, transforms=5, hidden_features=(512,))`, batch 512:".into());
+    line(String::new());
+    line("| dimension | ours, steps/s | zuko, steps/s | ours / zuko |".into());
+    line("| --- | --- | --- | --- |".into());
+    for d in [2, 8, 64, 256] {
+        let (ours, z) = (
+            steps("train_step_by_dim", &d.to_string()),
+            peer(&format!("zuko_dim_{d}_train_steps_per_s")),
+        );
+        line(format!(
+            "| {d} | {} | {} | {} |",
+            rate(ours),
+            rate(z),
+            ratio(ours, z)
+        ));
+    }
+    line(String::new());
+    line("Depth sweep: zuko's default with 1–4 hidden layers of 64 (zuko: `hidden_features=(64,) * k`), batch 256:".into());
+    line(String::new());
+    line("| hidden layers | ours, steps/s | zuko, steps/s | ours / zuko |".into());
+    line("| --- | --- | --- | --- |".into());
+    for k in 1..=4 {
+        let (ours, z) = (
+            steps("train_step_by_depth", &k.to_string()),
+            peer(&format!("zuko_depth_{k}_train_steps_per_s")),
+        );
+        line(format!(
+            "| {k} | {} | {} | {} |",
+            rate(ours),
+            rate(z),
+            ratio(ours, z)
+        ));
+    }
+    if runs.peers.is_none() {
+        line(String::new());
+        line("The peers were not measured: `python3 benches/zuko_jobs.py` failed (`pip install torch zuko normflows`).".into());
     }
     line(String::new());
     line("## PyTorch, same machine, same threads".into());
@@ -433,8 +632,8 @@ const NOTES: &str = "
   6 KiB) and a batch's features (4 KiB) stay in L1/L2; the triad row is the ceiling that
   streaming over large data would meet.
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
-- The PyTorch numbers come from `benches/pytorch_seed_job.py` run in the same session with
-  the same thread count.
+- The PyTorch numbers come from `benches/pytorch_seed_job.py`, and zuko's and normflows'
+  from `benches/zuko_jobs.py`, run in the same session with the same thread count.
 - GPU: the section below comes from `scripts/gpu-check.sh` on a GPU machine (build its
   binaries with `scripts/gpu-build.sh`); `cargo xtask bench` keeps it as it is.
   `FLOWS_BENCH_DEVICE=cuda cargo xtask bench --features cuda` runs this page's

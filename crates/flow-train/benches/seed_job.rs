@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flow_core::{seeded_var_builder, Flow};
 use flow_models::ModelConfig;
-use flow_realnvp::RealNvpConfig;
+use flow_realnvp::{Activation, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
@@ -99,6 +99,37 @@ fn seed_job(c: &mut Criterion) {
     g.finish();
 }
 
+/// zuko's default RealNVP in our terms: 6 couplings, conditioners of two hidden layers
+/// of 64 ReLU units, batch 256 (the `flow train` command BENCHMARKS.md times too).
+fn zuko_default() -> RealNvpConfig {
+    RealNvpConfig::new(2)
+        .with_layers(6)
+        .with_hidden(64)
+        .with_hidden_layers(2)
+        .with_activation(Activation::Relu)
+}
+
+fn zuko_job(c: &mut Criterion) {
+    let mut g = c.benchmark_group("zuko_default");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let mut j = job(&zuko_default());
+    let x = data(256, 2);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("train_step", |b| b.iter(|| step(&mut j, &x)));
+    let big = data(100_000, 2);
+    g.throughput(Throughput::Elements(100_000));
+    g.bench_function("log_prob_100k", |b| {
+        b.iter(|| {
+            let lp = j.flow.log_prob(&big).expect("log_prob").detach();
+            sync();
+            lp
+        })
+    });
+    g.finish();
+}
+
 fn sweep(
     c: &mut Criterion,
     name: &str,
@@ -125,8 +156,11 @@ fn sweeps(c: &mut Criterion) {
     sweep(c, "train_step_by_batch", &[64, 512, 2048, 8192], |b| {
         (RealNvpConfig::new(2), b)
     });
-    sweep(c, "train_step_by_dim", &[2, 8, 32, 64], |d| {
+    sweep(c, "train_step_by_dim", &[2, 8, 64, 256], |d| {
         (RealNvpConfig::new(d), 512)
+    });
+    sweep(c, "train_step_by_depth", &[1, 2, 3, 4], |d| {
+        (zuko_default().with_hidden_layers(d), 256)
     });
     sweep(c, "train_step_by_layers", &[2, 5, 8, 16], |l| {
         (RealNvpConfig::new(2).with_layers(l), 512)
@@ -175,5 +209,5 @@ fn machine(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, seed_job, sweeps, machine);
+criterion_group!(benches, seed_job, zuko_job, sweeps, machine);
 criterion_main!(benches);
