@@ -483,29 +483,27 @@ fn report(runs: &Runs) -> Result<String> {
     line(format!("End to end, `flow train --data moons --n 20000` (1000 steps, reporting, checkpoint write): {trained}"));
     line(String::new());
     line("## Sweeps (training step, other settings as the reference job)".into());
-    for (group, what, unit) in [
-        ("train_step_by_batch", "batch", "samples/s"),
-        ("train_step_by_dim", "dimension", "samples/s"),
+    // The points each sweep of `benches/seed_job.rs` runs (criterion's folder may hold
+    // others from earlier versions).
+    for (group, what, ids) in [
+        ("train_step_by_batch", "batch", &[64, 512, 2048, 8192][..]),
+        ("train_step_by_dim", "dimension", &[2, 8, 64, 256][..]),
         (
             "train_step_by_depth",
             "hidden layers (zuko's default)",
-            "samples/s",
+            &[1, 2, 3, 4][..],
         ),
-        ("train_step_by_layers", "layers", "samples/s"),
-        ("train_step_by_hidden", "hidden width", "samples/s"),
+        ("train_step_by_layers", "layers", &[2, 5, 8, 16][..]),
+        (
+            "train_step_by_hidden",
+            "hidden width",
+            &[64, 256, 512, 1024][..],
+        ),
     ] {
         line(String::new());
-        line(format!("| {what} | step time | {unit} |"));
+        line(format!("| {what} | step time | samples/s |"));
         line("| --- | --- | --- |".into());
-        let dir = root().join("target/criterion").join(group);
-        let mut ids: Vec<usize> = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        ids.sort();
-        for id in ids {
+        for &id in ids {
             if let Some(ns) = mean_ns(group, &id.to_string()) {
                 let batch = match group {
                     "train_step_by_batch" => id as f64,

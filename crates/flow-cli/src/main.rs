@@ -10,6 +10,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Training and evaluation allocate and free the same large buffers step after step;
+/// mimalloc keeps them instead of returning them to the system each time, as the
+/// default allocator does for large blocks (a page fault per page, every step).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A failure the command reports on one line; `code` is the exit status.
 #[derive(Debug)]
 pub struct Failure {

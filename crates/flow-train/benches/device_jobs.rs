@@ -19,6 +19,10 @@ use flow_realnvp::{Activation, CouplingKind, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
+/// The allocator the `flow` binary uses (see its `main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Timed repeats per figure; the median is reported.
 const REPEATS: usize = 3;
 /// Optimizer steps per timed repeat.

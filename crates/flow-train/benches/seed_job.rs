@@ -15,6 +15,10 @@ use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
 
+/// The allocator the `flow` binary uses (see its `main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The device benchmarked: `FLOWS_BENCH_DEVICE` (`cpu`, `cuda`, `metal`; default the
 /// CPU).
 fn device() -> &'static Device {

@@ -170,6 +170,91 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
     }
 }
 
+// ---- Networks of any depth and width, plain or residual: one kernel per linear layer
+// and pass, one thread per output element. The host runs them layer by layer
+// (cuda.rs); parameters are packed per layer as above, p = [W | b] (n, k + 1). A null
+// pointer leaves out the optional inputs. ----
+
+// z (rows x n) = h (rows x k) . W^T + b (+ add); with y given, also y = act(z).
+template <typename T>
+__device__ void linear_fwd(const T *h, const T *p, const T *add, T *z, T *y, int rows, int k,
+                           int n, int kind, T c) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)rows * n) {
+        return;
+    }
+    const long r = idx / n;
+    const int j = idx % n;
+    const T *w = p + (long)j * (k + 1);
+    const T *hr = h + r * k;
+    T acc = w[k];
+    for (int i = 0; i < k; ++i) {
+        acc += w[i] * hr[i];
+    }
+    if (add) {
+        acc += add[idx];
+    }
+    z[idx] = acc;
+    if (y) {
+        y[idx] = act(acc, kind, c);
+    }
+}
+
+// g (rows x k) = dz (rows x n) . W; with z given, times act'(z) (y = act(z)); plus
+// `add` if given (which may be g itself: each thread reads and writes one element).
+template <typename T>
+__device__ void linear_bwd_input(const T *dz, const T *p, const T *z, const T *y, const T *add,
+                                 T *g, int rows, int k, int n, int kind, T c) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)rows * k) {
+        return;
+    }
+    const long r = idx / k;
+    const int i = idx % k;
+    const T *dr = dz + r * n;
+    T acc = T(0);
+    for (int j = 0; j < n; ++j) {
+        acc += dr[j] * p[(long)j * (k + 1) + i];
+    }
+    if (z) {
+        acc *= act_grad(z[idx], y[idx], kind, c);
+    }
+    if (add) {
+        acc += add[idx];
+    }
+    g[idx] = acc;
+}
+
+// gp[j (k + 1) + i] += sum over rows of dz[r, j] h[r, i], with h[r, k] = 1 (the bias):
+// one thread per parameter (grid x) and one block row per chunk of `chunk` rows
+// (grid y), whose sums are added atomically.
+template <typename T>
+__device__ void linear_bwd_weights(const T *dz, const T *h, T *gp, int rows, int k, int n,
+                                   int chunk) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)n * (k + 1)) {
+        return;
+    }
+    const int j = idx / (k + 1);
+    const int i = idx % (k + 1);
+    const int r0 = blockIdx.y * chunk;
+    const int r1 = min(rows, r0 + chunk);
+    T acc = T(0);
+    for (int r = r0; r < r1; ++r) {
+        acc += dz[(long)r * n + j] * (i < k ? h[(long)r * k + i] : T(1));
+    }
+    atomicAdd(gp + idx, acc);
+}
+
+// y = act(z), element by element.
+template <typename T>
+__device__ void activate(const T *z, T *y, long len, int kind, T c) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < len) {
+        y[idx] = act(z[idx], kind, c);
+    }
+}
+
 #define INSTANTIATE(T, NAME)                                                            \
     extern "C" __global__ void fused_mlp_fwd_##NAME(                                   \
         const T *x, const T *p1, const T *p2, T *out, int batch, int in, int hidden,   \
@@ -181,6 +266,24 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
         int hidden, int out_dim, int kind, T c, int chunk) {                           \
         mlp_backward<T>(x, p1, p2, g, grad, batch, in, hidden, out_dim, kind, c,       \
                         chunk);                                                        \
+    }                                                                                  \
+    extern "C" __global__ void fused_linear_fwd_##NAME(                                \
+        const T *h, const T *p, const T *add, T *z, T *y, int rows, int k, int n,      \
+        int kind, T c) {                                                               \
+        linear_fwd<T>(h, p, add, z, y, rows, k, n, kind, c);                           \
+    }                                                                                  \
+    extern "C" __global__ void fused_linear_bwd_input_##NAME(                          \
+        const T *dz, const T *p, const T *z, const T *y, const T *add, T *g, int rows, \
+        int k, int n, int kind, T c) {                                                 \
+        linear_bwd_input<T>(dz, p, z, y, add, g, rows, k, n, kind, c);                 \
+    }                                                                                  \
+    extern "C" __global__ void fused_linear_bwd_weights_##NAME(                        \
+        const T *dz, const T *h, T *gp, int rows, int k, int n, int chunk) {           \
+        linear_bwd_weights<T>(dz, h, gp, rows, k, n, chunk);                           \
+    }                                                                                  \
+    extern "C" __global__ void fused_activate_##NAME(const T *z, T *y, long len,       \
+                                                     int kind, T c) {                  \
+        activate<T>(z, y, len, kind, c);                                               \
     }
 
 INSTANTIATE(float, f32)

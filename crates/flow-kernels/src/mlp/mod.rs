@@ -173,10 +173,14 @@ pub fn forward(
         _ => Tensor::cat(&packed, 0)?,
     };
     let batch = x.dim(0)?;
-    // Where a backward pass will follow, the general kernel keeps what it needs from
-    // the forward pass (in the op's output, after the network's outputs).
+    // Where a backward pass may follow, the general kernel keeps what it needs from the
+    // forward pass (in the op's output, after the network's outputs), up to a bound:
+    // large batches (evaluation, mostly) recompute it if a backward pass comes.
+    let tracks = x.track_op() || layers.iter().any(|(w, b)| w.track_op() || b.track_op());
     let keep = arch.narrow().is_none()
-        && (x.track_op() || layers.iter().any(|(w, b)| w.track_op() || b.track_op()));
+        && x.device().is_cpu()
+        && tracks
+        && batch * arch.trace_width() <= TRACE_BUDGET;
     let op = FusedMlp {
         arch: arch.clone(),
         activation,
@@ -191,6 +195,9 @@ pub fn forward(
         Ok(out)
     }
 }
+
+/// Most values the general kernel keeps from a forward pass for the backward pass.
+const TRACE_BUDGET: usize = 1 << 20;
 
 /// Samples per parallel task of the narrow kernels.
 const CHUNK: usize = 64;

@@ -145,6 +145,121 @@ static double check(int batch, int in, int hidden, int out, int kind, double c) 
                      rel_err(gd.data() + n0, ref_g1), rel_err(gd.data() + n0 + n1, ref_g2)});
 }
 
+static double act_ref(double z, int kind, double c) {
+    return kind == 1 ? std::tanh(z) : (z > 0 ? z : c * z);
+}
+
+static double act_grad_ref(double z, int kind, double c) {
+    return kind == 1 ? 1 - std::tanh(z) * std::tanh(z) : (z > 0 ? 1 : c);
+}
+
+template <typename T>
+static std::vector<T> random(size_t n, std::mt19937 &rng) {
+    std::normal_distribution<double> normal(0, 1);
+    std::vector<T> v(n);
+    for (auto &e : v) {
+        e = static_cast<T>(normal(rng));
+    }
+    return v;
+}
+
+static std::vector<double> widen(const std::vector<float> &v) { return {v.begin(), v.end()}; }
+static std::vector<double> widen(const std::vector<double> &v) { return v; }
+
+// The kernels for networks of any shape, each against a double-precision reference:
+// the forward product with and without a residual input and an activation, the input
+// gradient with and without the activation's derivative and an added (aliased)
+// gradient, the weight gradient over partial chunks of rows, and the activation.
+template <typename T>
+static double check_layers(int rows, int k, int n, int kind, double c) {
+    std::mt19937 rng(11 + rows + k + n);
+    const unsigned threads = 128;
+    const T tc = T(c);
+    auto h = random<T>((size_t)rows * k, rng), p = random<T>((size_t)n * (k + 1), rng);
+    auto add = random<T>((size_t)rows * n, rng), dz = random<T>((size_t)rows * n, rng);
+    auto zin = random<T>((size_t)rows * k, rng);
+    double worst = 0;
+    auto grid = [&](long total) { return dim3{unsigned((total + threads - 1) / threads), 1}; };
+
+    // Forward, with and without `add` and `y`.
+    for (int with = 0; with < 2; ++with) {
+        std::vector<double> zr((size_t)rows * n), yr((size_t)rows * n);
+        for (int r = 0; r < rows; ++r) {
+            for (int j = 0; j < n; ++j) {
+                double acc = p[(size_t)j * (k + 1) + k];
+                for (int i = 0; i < k; ++i) {
+                    acc += double(p[(size_t)j * (k + 1) + i]) * h[(size_t)r * k + i];
+                }
+                acc += with ? double(add[(size_t)r * n + j]) : 0;
+                zr[(size_t)r * n + j] = acc;
+                yr[(size_t)r * n + j] = act_ref(acc, kind, c);
+            }
+        }
+        std::vector<T> z((size_t)rows * n, T(-999)), y((size_t)rows * n, T(-999));
+        launch(grid((long)rows * n), {threads, 1}, [&] {
+            linear_fwd<T>(h.data(), p.data(), with ? add.data() : nullptr, z.data(),
+                          with ? y.data() : nullptr, rows, k, n, kind, tc);
+        });
+        worst = std::max(worst, rel_err(widen(z).data(), zr));
+        if (with) {
+            worst = std::max(worst, rel_err(widen(y).data(), yr));
+        }
+    }
+
+    // Input gradient: plain, and times act'(z) plus an aliased addend.
+    for (int with = 0; with < 2; ++with) {
+        std::vector<T> yin(zin.size());
+        for (size_t e = 0; e < zin.size(); ++e) {
+            yin[e] = T(act_ref(zin[e], kind, c));
+        }
+        std::vector<double> gr((size_t)rows * k);
+        std::vector<T> g = with ? random<T>((size_t)rows * k, rng) : std::vector<T>((size_t)rows * k, T(-999));
+        for (int r = 0; r < rows; ++r) {
+            for (int i = 0; i < k; ++i) {
+                double acc = 0;
+                for (int j = 0; j < n; ++j) {
+                    acc += double(dz[(size_t)r * n + j]) * p[(size_t)j * (k + 1) + i];
+                }
+                const size_t e = (size_t)r * k + i;
+                gr[e] = with ? acc * act_grad_ref(zin[e], kind, c) + double(g[e]) : acc;
+            }
+        }
+        launch(grid((long)rows * k), {threads, 1}, [&] {
+            linear_bwd_input<T>(dz.data(), p.data(), with ? zin.data() : nullptr,
+                                with ? yin.data() : nullptr, with ? g.data() : nullptr, g.data(),
+                                rows, k, n, kind, tc);
+        });
+        worst = std::max(worst, rel_err(widen(g).data(), gr));
+    }
+
+    // Weight gradient, added to what is there, rows in chunks (the last one partial).
+    const int chunk = 64;
+    auto gp = random<T>((size_t)n * (k + 1), rng);
+    std::vector<double> gpr = widen(gp);
+    for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < n; ++j) {
+            for (int i = 0; i <= k; ++i) {
+                gpr[(size_t)j * (k + 1) + i] +=
+                    double(dz[(size_t)r * n + j]) * (i < k ? double(h[(size_t)r * k + i]) : 1.0);
+            }
+        }
+    }
+    launch({unsigned(((long)n * (k + 1) + threads - 1) / threads), unsigned((rows + chunk - 1) / chunk)},
+           {threads, 1}, [&] { linear_bwd_weights<T>(dz.data(), h.data(), gp.data(), rows, k, n, chunk); });
+    worst = std::max(worst, rel_err(widen(gp).data(), gpr));
+
+    // The activation alone.
+    std::vector<T> ya(zin.size(), T(-999));
+    std::vector<double> yar(zin.size());
+    for (size_t e = 0; e < zin.size(); ++e) {
+        yar[e] = act_ref(zin[e], kind, c);
+    }
+    launch(grid((long)zin.size()), {threads, 1}, [&] {
+        activate<T>(zin.data(), ya.data(), (long)zin.size(), kind, tc);
+    });
+    return std::max(worst, rel_err(widen(ya).data(), yar));
+}
+
 int main() {
     // (in, hidden, out, batch): partial blocks of threads and of sample chunks, one
     // sample, the widest inputs and outputs the kernels take.
@@ -159,6 +274,21 @@ int main() {
             ok = ok && pass;
             std::printf("%s in %d hidden %d out %d batch %d %s: f32 %.1e, f64 %.1e\n",
                         pass ? "ok  " : "FAIL", k[0], k[1], k[2], k[3],
+                        kind == 0 ? "leaky-relu" : "tanh", e32, e64);
+        }
+    }
+    // (rows, k, n) of single layers of any shape: thin and wide inputs and outputs,
+    // partial blocks and chunks, one row.
+    const int layers[][3] = {{1, 1, 64}, {70, 40, 24}, {9, 300, 3}, {5, 4, 300}, {130, 17, 9}};
+    for (const auto &l : layers) {
+        for (int kind = 0; kind < 2; ++kind) {
+            const double c = kind == 0 ? 0.01 : 0.0;
+            const double e32 = check_layers<float>(l[0], l[1], l[2], kind, c);
+            const double e64 = check_layers<double>(l[0], l[1], l[2], kind, c);
+            const bool pass = e32 < 1e-5 && e64 < 1e-12;
+            ok = ok && pass;
+            std::printf("%s layer rows %d in %d out %d %s: f32 %.1e, f64 %.1e\n",
+                        pass ? "ok  " : "FAIL", l[0], l[1], l[2],
                         kind == 0 ? "leaky-relu" : "tanh", e32, e64);
         }
     }
