@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use candle::{DType, Tensor};
 
-use crate::{Activation, CUDA_MAX_IO};
+use crate::Activation;
 
 /// Unset until first read, then from `FLOWS_FUSION`.
 static FUSION: OnceLock<AtomicBool> = OnceLock::new();
@@ -34,14 +34,8 @@ pub fn fusion_enabled() -> bool {
 /// An op that has a fused kernel, with what decides whether the kernel takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// A conditioner network.
-    Mlp {
-        activation: Activation,
-        hidden_layers: usize,
-        residual: bool,
-        inputs: usize,
-        outputs: usize,
-    },
+    /// A conditioner network (of any shape) with this activation.
+    Mlp { activation: Activation },
     /// The element-wise part of an affine coupling.
     AffineCoupling,
     /// Adam's update of one variable.
@@ -52,28 +46,22 @@ pub enum Op {
 /// as a fused kernel: fusion is on, `x` is f32 or f64, and a kernel exists for the op's
 /// shape on `x`'s device. The CPU has them all (networks of any depth and width, plain
 /// or residual, with a piecewise-linear or tanh activation); with the `cuda` feature,
-/// CUDA has the network kernel for one hidden layer and at most [`CUDA_MAX_IO`]
-/// inputs and outputs.
+/// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
+/// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
+/// other shape),
+/// while the coupling and Adam kernels are the CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
     }
     let dev = x.device();
     match op {
-        Op::Mlp {
-            activation,
-            hidden_layers,
-            residual,
-            inputs,
-            outputs,
-        } => {
+        Op::Mlp { activation } => {
             let act = matches!(
                 activation,
                 Activation::LeakyRelu | Activation::Relu | Activation::Tanh
             );
-            let narrow =
-                !residual && hidden_layers == 1 && inputs <= CUDA_MAX_IO && outputs <= CUDA_MAX_IO;
-            act && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda() && narrow))
+            act && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
         }
         Op::AffineCoupling | Op::Adam => dev.is_cpu(),
     }

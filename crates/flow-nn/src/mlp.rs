@@ -118,15 +118,8 @@ impl Mlp {
     /// Whether [`forward`](Module::forward) takes a fused kernel for `x` (decided by
     /// [`flow_kernels::fused`]).
     pub fn uses_fused(&self, x: &Tensor) -> bool {
-        let (Ok(inputs), Some(last)) = (x.dim(1), self.layers.last()) else {
-            return false;
-        };
         let op = Op::Mlp {
             activation: self.activation,
-            hidden_layers: self.layers.len() - 1,
-            residual: self.residual,
-            inputs,
-            outputs: last.weight().dims()[0],
         };
         fused(op, x) && self.layers.iter().all(|l| l.bias().is_some())
     }

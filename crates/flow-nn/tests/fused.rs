@@ -40,8 +40,8 @@ fn fused_cuda_mlp_matches_reference_values_and_gradients() -> Result<()> {
 }
 
 /// The networks compared: every kernel's shapes. Narrow one-hidden-layer networks
-/// (the AVX2 and portable kernels, and CUDA's), then the general kernel's: depths 1 to
-/// 4, widths up to 1 024, inputs and outputs up to 300, residual networks.
+/// (the AVX2 and portable kernels, and CUDA's narrow kernel), then the general kernels':
+/// depths 1 to 4, widths up to 1 024, inputs and outputs up to 300, residual networks.
 fn networks(activation: Activation) -> Vec<(NetConfig, usize, usize, usize)> {
     let mlp = |hidden: &[usize]| NetConfig::Mlp {
         hidden: hidden.to_vec(),

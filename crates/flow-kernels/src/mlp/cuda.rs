@@ -1,12 +1,13 @@
 //! Launching the CUDA kernels of `mlp.cu` on candle's device buffers.
 
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle::cuda_backend::{Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
-use super::Dims;
+use super::{Arch, Dims};
 use crate::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_mlp.ptx"));
@@ -206,4 +207,430 @@ pub(super) fn backward(
     d: Dims,
 ) -> Result<CudaStorage> {
     run(&Backward { a, d }, x, p, g)
+}
+
+/// Launches of the kernels for networks of any shape, in one dtype.
+struct Layers<'a, T> {
+    dev: &'a CudaDevice,
+    kind: i32,
+    c: T,
+}
+
+/// The null pointer for the kernels' optional inputs.
+static NULL: u64 = 0;
+
+fn grid(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (blocks(n, THREADS as usize)?, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
+    fn new(dev: &'a CudaDevice, a: Activation) -> Result<Self> {
+        let (kind, c) = activation(a)?;
+        Ok(Self {
+            dev,
+            kind,
+            c: T::from_f64(c),
+        })
+    }
+
+    /// The kernel `name` for `T`.
+    fn name(name: &str) -> String {
+        format!("fused_{name}_{}", T::DTYPE.as_str())
+    }
+
+    /// `z = h · Wᵀ + b (+ add)` `(rows, n)`, and `act(z)` when `activate`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        h: &CudaView<T>,
+        p: &CudaView<T>,
+        add: Option<&CudaView<T>>,
+        rows: usize,
+        k: usize,
+        n: usize,
+        activate: bool,
+    ) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
+        let func = self
+            .dev
+            .get_or_load_custom_func(&Self::name("linear_fwd"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of `z` (and of `y`).
+        let z = unsafe { self.dev.alloc::<T>(rows * n)? };
+        // SAFETY: as above.
+        let y = if activate {
+            Some(unsafe { self.dev.alloc::<T>(rows * n)? })
+        } else {
+            None
+        };
+        let sizes = [int(rows)?, int(k)?, int(n)?, self.kind];
+        let mut b = func.builder();
+        b.arg(h);
+        b.arg(p);
+        match add {
+            Some(a) => b.arg(a),
+            None => b.arg(&NULL),
+        };
+        b.arg(&z);
+        match &y {
+            Some(y) => b.arg(y),
+            None => b.arg(&NULL),
+        };
+        for v in &sizes {
+            b.arg(v);
+        }
+        b.arg(&self.c);
+        // SAFETY: the arguments match `fused_linear_fwd` in mlp.cu; `h` holds rows × k,
+        // `p` n × (k + 1), `add`, `z` and `y` rows × n elements.
+        unsafe { b.launch(grid(rows * n)?) }.w()?;
+        Ok((z, y))
+    }
+
+    /// `dz · W` `(rows, k)`, times `act'(z)` at `(z, y)` when given, plus `add`.
+    #[allow(clippy::too_many_arguments)]
+    fn input(
+        &self,
+        dz: &CudaView<T>,
+        p: &CudaView<T>,
+        zy: Option<(&CudaView<T>, &CudaView<T>)>,
+        add: Option<&CudaView<T>>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        let func =
+            self.dev
+                .get_or_load_custom_func(&Self::name("linear_bwd_input"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element.
+        let g = unsafe { self.dev.alloc::<T>(rows * k)? };
+        let sizes = [int(rows)?, int(k)?, int(n)?, self.kind];
+        let mut b = func.builder();
+        b.arg(dz);
+        b.arg(p);
+        match zy {
+            Some((z, y)) => {
+                b.arg(z);
+                b.arg(y);
+            }
+            None => {
+                b.arg(&NULL);
+                b.arg(&NULL);
+            }
+        }
+        match add {
+            Some(a) => b.arg(a),
+            None => b.arg(&NULL),
+        };
+        b.arg(&g);
+        for v in &sizes {
+            b.arg(v);
+        }
+        b.arg(&self.c);
+        // SAFETY: the arguments match `fused_linear_bwd_input` in mlp.cu; `dz` holds
+        // rows × n, `p` n × (k + 1), `z`, `y`, `add` and `g` rows × k elements.
+        unsafe { b.launch(grid(rows * k)?) }.w()?;
+        Ok(g)
+    }
+
+    /// `gp += [dzᵀ · h | Σ_rows dz]` into the layer's part of the parameter gradient.
+    fn weights(
+        &self,
+        dz: &CudaView<T>,
+        h: &CudaView<T>,
+        gp: &mut CudaViewMut<T>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let func =
+            self.dev
+                .get_or_load_custom_func(&Self::name("linear_bwd_weights"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                blocks(n * (k + 1), THREADS as usize)?,
+                blocks(rows, CHUNK)?,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let sizes = [int(rows)?, int(k)?, int(n)?, int(CHUNK)?];
+        let mut b = func.builder();
+        b.arg(dz);
+        b.arg(h);
+        b.arg(gp);
+        for v in &sizes {
+            b.arg(v);
+        }
+        // SAFETY: the arguments match `fused_linear_bwd_weights` in mlp.cu; `dz` holds
+        // rows × n, `h` rows × k and `gp` n × (k + 1) elements, which the kernel adds to.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// `act(z)`.
+    fn activate(&self, z: &CudaView<T>, len: usize) -> Result<CudaSlice<T>> {
+        let func = self
+            .dev
+            .get_or_load_custom_func(&Self::name("activate"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { self.dev.alloc::<T>(len)? };
+        let n = i64::try_from(len)
+            .map_err(|_| candle::Error::Msg(format!("{len} is too large for the kernel")))?;
+        let mut b = func.builder();
+        b.arg(z);
+        b.arg(&y);
+        b.arg(&n);
+        b.arg(&self.kind);
+        b.arg(&self.c);
+        // SAFETY: the arguments match `fused_activate` in mlp.cu; `z` and `y` hold `len`
+        // elements.
+        unsafe { b.launch(grid(len)?) }.w()?;
+        Ok(y)
+    }
+}
+
+/// What the forward pass of a network of any shape leaves for its backward pass: for a
+/// plain network each hidden layer's pre-activation and activation; for a residual one
+/// the stream entering each block, its activation, the block's inner pre-activation and
+/// activation, then the final stream.
+struct Trace<T> {
+    z: Vec<CudaSlice<T>>,
+    y: Vec<CudaSlice<T>>,
+    u: Vec<CudaSlice<T>>,
+    v: Vec<CudaSlice<T>>,
+    out: CudaSlice<T>,
+}
+
+/// Runs a network of any shape forward over `x` `(rows, in)`.
+fn run_general<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+    l: &Layers<T>,
+    arch: &Arch,
+    x: &CudaView<T>,
+    p: &CudaView<T>,
+) -> Result<Trace<T>> {
+    let shapes = arch.linear_shapes();
+    let mut at = vec![0];
+    for &(k, n) in &shapes {
+        at.push(at[at.len() - 1] + n * (k + 1));
+    }
+    let rows = x.len() / arch.input().max(1);
+    let param = |i: usize| p.slice(at[i]..at[i + 1]);
+    let mut t = Trace {
+        z: Vec::new(),
+        y: Vec::new(),
+        u: Vec::new(),
+        v: Vec::new(),
+        out: l.dev.alloc_zeros::<T>(0)?,
+    };
+    match arch {
+        Arch::Plain { .. } => {
+            for (i, &(k, n)) in shapes.iter().enumerate() {
+                let last = i + 1 == shapes.len();
+                let (z, y) = {
+                    let input = match t.y.last() {
+                        Some(y) if i > 0 => y.slice(..),
+                        _ => x.slice(..),
+                    };
+                    l.forward(&input, &param(i), None, rows, k, n, !last)?
+                };
+                if last {
+                    t.out = z;
+                } else {
+                    t.z.push(z);
+                    t.y.extend(y);
+                }
+            }
+        }
+        Arch::Residual { hidden, .. } => {
+            let h = *hidden;
+            let (k, n) = shapes[0];
+            let (mut stream, _) = l.forward(x, &param(0), None, rows, k, n, false)?;
+            for b in 0..(shapes.len() - 2) / 2 {
+                let (i0, i1) = (1 + 2 * b, 2 + 2 * b);
+                let y = l.activate(&stream.slice(..), rows * h)?;
+                let (u, v) = l.forward(&y.slice(..), &param(i0), None, rows, h, h, true)?;
+                let v = v.ok_or_else(|| candle::Error::Msg("no activation".into()))?;
+                let (next, _) = l.forward(
+                    &v.slice(..),
+                    &param(i1),
+                    Some(&stream.slice(..)),
+                    rows,
+                    h,
+                    h,
+                    false,
+                )?;
+                t.z.push(std::mem::replace(&mut stream, next));
+                t.y.push(y);
+                t.u.push(u);
+                t.v.push(v);
+            }
+            let (k, n) = shapes[shapes.len() - 1];
+            let (out, _) = l.forward(
+                &stream.slice(..),
+                &param(shapes.len() - 1),
+                None,
+                rows,
+                k,
+                n,
+                false,
+            )?;
+            t.z.push(stream);
+            t.out = out;
+        }
+    }
+    Ok(t)
+}
+
+/// Forward pass of a network of any shape: `(x, p)` to the outputs `(batch, out)`.
+struct GeneralForward<'a> {
+    arch: &'a Arch,
+    a: Activation,
+}
+
+impl candle::cuda_backend::Map2 for GeneralForward<'_> {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        l1: &Layout,
+        p: &CudaSlice<T>,
+        l2: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let l = Layers::<T>::new(dev, self.a)?;
+        Ok(run_general(&l, self.arch, &view(x, l1)?, &view(p, l2)?)?.out)
+    }
+}
+
+/// Backward pass of a network of any shape: `(x, p, g)` to `[∂x | ∂p]`.
+struct GeneralBackward<'a> {
+    arch: &'a Arch,
+    a: Activation,
+}
+
+impl Map3 for GeneralBackward<'_> {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        l1: &Layout,
+        p: &CudaSlice<T>,
+        l2: &Layout,
+        g: &CudaSlice<T>,
+        l3: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let l = Layers::<T>::new(dev, self.a)?;
+        let (x, p, g) = (view(x, l1)?, view(p, l2)?, view(g, l3)?);
+        let t = run_general(&l, self.arch, &x, &p)?;
+        let shapes = self.arch.linear_shapes();
+        let mut at = vec![0];
+        for &(k, n) in &shapes {
+            at.push(at[at.len() - 1] + n * (k + 1));
+        }
+        let rows = x.len() / self.arch.input().max(1);
+        let nx = rows * self.arch.input();
+        let mut grad = dev.alloc_zeros::<T>(nx + p.len())?;
+        let param = |i: usize| p.slice(at[i]..at[i + 1]);
+        let last = shapes.len() - 1;
+        let gx = match self.arch {
+            Arch::Plain { .. } => {
+                let mut dz: Option<CudaSlice<T>> = None;
+                let mut gx = None;
+                for i in (0..shapes.len()).rev() {
+                    let (k, n) = shapes[i];
+                    let dzv = match &dz {
+                        Some(d) => d.slice(..),
+                        None => g.slice(..),
+                    };
+                    let input = if i == 0 {
+                        x.slice(..)
+                    } else {
+                        t.y[i - 1].slice(..)
+                    };
+                    let mut gp = grad.slice_mut(nx + at[i]..nx + at[i + 1]);
+                    l.weights(&dzv, &input, &mut gp, rows, k, n)?;
+                    let zy = (i > 0).then(|| (t.z[i - 1].slice(..), t.y[i - 1].slice(..)));
+                    let zy = zy.as_ref().map(|(z, y)| (z, y));
+                    let next = l.input(&dzv, &param(i), zy, None, rows, k, n)?;
+                    if i == 0 {
+                        gx = Some(next);
+                    } else {
+                        dz = Some(next);
+                    }
+                }
+                gx
+            }
+            Arch::Residual { hidden, .. } => {
+                let h = *hidden;
+                let stream = &t.z[t.z.len() - 1];
+                let (k, n) = shapes[last];
+                let mut gp = grad.slice_mut(nx + at[last]..nx + at[last + 1]);
+                l.weights(&g, &stream.slice(..), &mut gp, rows, k, n)?;
+                let mut gh = l.input(&g, &param(last), None, None, rows, k, n)?;
+                for b in (0..(shapes.len() - 2) / 2).rev() {
+                    let (i0, i1) = (1 + 2 * b, 2 + 2 * b);
+                    let mut gp = grad.slice_mut(nx + at[i1]..nx + at[i1 + 1]);
+                    l.weights(&gh.slice(..), &t.v[b].slice(..), &mut gp, rows, h, h)?;
+                    let (u, v) = (t.u[b].slice(..), t.v[b].slice(..));
+                    let gu =
+                        l.input(&gh.slice(..), &param(i1), Some((&u, &v)), None, rows, h, h)?;
+                    let mut gp = grad.slice_mut(nx + at[i0]..nx + at[i0 + 1]);
+                    l.weights(&gu.slice(..), &t.y[b].slice(..), &mut gp, rows, h, h)?;
+                    let (z, y) = (t.z[b].slice(..), t.y[b].slice(..));
+                    gh = l.input(
+                        &gu.slice(..),
+                        &param(i0),
+                        Some((&z, &y)),
+                        Some(&gh.slice(..)),
+                        rows,
+                        h,
+                        h,
+                    )?;
+                }
+                let (k, n) = shapes[0];
+                let mut gp = grad.slice_mut(nx..nx + at[1]);
+                l.weights(&gh.slice(..), &x, &mut gp, rows, k, n)?;
+                Some(l.input(&gh.slice(..), &param(0), None, None, rows, k, n)?)
+            }
+        };
+        if let Some(gx) = gx {
+            dev.memcpy_dtod(&gx, &mut grad.slice_mut(..nx))?;
+        }
+        Ok(grad)
+    }
+}
+
+/// The outputs `(batch, out)` of a network of any shape on the GPU.
+pub(super) fn forward_general(
+    arch: &Arch,
+    a: Activation,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let slice = candle::cuda_backend::Map2::map(
+        &GeneralForward { arch, a },
+        &s1.slice,
+        l1,
+        &s2.slice,
+        l2,
+        dev,
+    )?;
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
+    })
+}
+
+/// The gradients packed as `[∂x | ∂p]` of a network of any shape on the GPU.
+pub(super) fn backward_general(
+    arch: &Arch,
+    a: Activation,
+    x: (&CudaStorage, &Layout),
+    p: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    run(&GeneralBackward { arch, a }, x, p, g)
 }

@@ -451,7 +451,8 @@ impl CustomOp2 for FusedMlp {
     ) -> Result<(candle::CudaStorage, Shape)> {
         let batch = self.batch(l1, l2)?;
         let Some(d) = self.narrow(batch).filter(|_| self.arch.on_cuda()) else {
-            candle::bail!("no fused CUDA kernel for {:?}", self.arch);
+            let out = cuda::forward_general(&self.arch, self.activation, (s1, l1), (s2, l2))?;
+            return Ok((out, Shape::from((batch, self.arch.output()))));
         };
         let Some((start, _)) = l2.contiguous_offsets() else {
             candle::bail!("fused mlp expects contiguous parameters");
@@ -472,11 +473,12 @@ impl CustomOp2 for FusedMlp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let batch = x.dim(0)?;
-            let Some(d) = self.narrow(batch) else {
-                candle::bail!("no fused CUDA kernel for {:?}", self.arch);
+            let op = FusedMlpGrad {
+                arch: self.arch.clone(),
+                activation: self.activation,
+                batch: x.dim(0)?,
             };
-            let (gx, gp) = FusedMlpGrad::apply(self.activation, x, p, grad, d)?;
+            let (gx, gp) = op.apply(x, p, grad)?;
             return Ok((Some(gx), Some(gp)));
         }
         let (gx, gp) = match x.dtype() {
@@ -492,43 +494,34 @@ impl CustomOp2 for FusedMlp {
 /// `x`, the packed parameters and the output gradient; output the gradients flattened
 /// and concatenated `[∂x | ∂p]`.
 #[cfg(feature = "cuda")]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct FusedMlpGrad {
+    arch: Arch,
     activation: Activation,
-    d: Dims,
+    batch: usize,
 }
 
 #[cfg(feature = "cuda")]
 impl FusedMlpGrad {
-    fn apply(
-        activation: Activation,
-        x: &Tensor,
-        p: &Tensor,
-        grad: &Tensor,
-        d: Dims,
-    ) -> Result<(Tensor, Tensor)> {
-        let packed = x.contiguous()?.apply_op3_no_bwd(
-            &p.contiguous()?,
-            &grad.contiguous()?,
-            &Self { activation, d },
-        )?;
-        let n0 = d.batch * d.input;
-        let np = p.elem_count();
+    fn apply(&self, x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let packed =
+            x.contiguous()?
+                .apply_op3_no_bwd(&p.contiguous()?, &grad.contiguous()?, self)?;
+        let n0 = self.batch * self.arch.input();
         Ok((
             packed.narrow(0, 0, n0)?.reshape(x.shape())?,
-            packed.narrow(0, n0, np)?.reshape(p.shape())?,
+            packed.narrow(0, n0, p.elem_count())?.reshape(p.shape())?,
         ))
     }
 
     fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<()> {
-        let d = self.d;
-        let params = d.hidden * (d.input + 1) + d.output * (d.hidden + 1);
-        if l1.shape().dims() != [d.batch, d.input]
-            || l2.shape().elem_count() != params
-            || l3.shape().dims() != [d.batch, d.output]
+        let a = &self.arch;
+        if l1.shape().dims() != [self.batch, a.input()]
+            || l2.shape().elem_count() != a.n_params()
+            || l3.shape().dims() != [self.batch, a.output()]
         {
             candle::bail!(
-                "fused mlp backward: shapes {:?} {:?} {:?} do not match {d:?}",
+                "fused mlp backward: shapes {:?} {:?} {:?} do not match {a:?}",
                 l1.shape(),
                 l2.shape(),
                 l3.shape()
@@ -567,9 +560,21 @@ impl candle::CustomOp3 for FusedMlpGrad {
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        let d = self.d;
-        let out = cuda::backward(self.activation, (s1, l1), (s2, l2), (s3, l3), d)?;
-        let n = d.batch * d.input + d.hidden * (d.input + 1) + d.output * (d.hidden + 1);
+        let n = self.batch * self.arch.input() + self.arch.n_params();
+        let out = match self.arch.narrow().filter(|_| self.arch.on_cuda()) {
+            Some((input, hidden, output)) => {
+                let d = Dims {
+                    batch: self.batch,
+                    input,
+                    hidden,
+                    output,
+                };
+                cuda::backward(self.activation, (s1, l1), (s2, l2), (s3, l3), d)?
+            }
+            None => {
+                cuda::backward_general(&self.arch, self.activation, (s1, l1), (s2, l2), (s3, l3))?
+            }
+        };
         Ok((out, Shape::from(n)))
     }
 }
