@@ -238,6 +238,44 @@ fn bench(args: &[String]) -> Result<()> {
         .find(|l| l.starts_with("trained"))
         .unwrap_or("(flow train failed)")
         .to_string();
+    // The same with one joint conditioner per coupling, as zuko's and normflows' are.
+    let joint_model = out
+        .join("zuko-joint.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let joint_log = flow(
+        &features,
+        &[
+            "train",
+            "--data",
+            "moons",
+            "--hidden",
+            "64",
+            "--hidden-layers",
+            "2",
+            "--layers",
+            "6",
+            "--batch",
+            "256",
+            "--activation",
+            "relu",
+            "--steps",
+            "1000",
+            "--nets",
+            "joint",
+            "--device",
+            &device,
+            "--out",
+            &joint_model,
+        ],
+    )
+    .output()
+    .map_err(|e| e.to_string())?;
+    let joint_trained = String::from_utf8_lossy(&joint_log.stderr)
+        .lines()
+        .find(|l| l.starts_with("trained"))
+        .unwrap_or("(flow train failed)")
+        .to_string();
     let points = out.join("points.csv").to_string_lossy().into_owned();
     run(flow(
         &features,
@@ -292,6 +330,7 @@ fn bench(args: &[String]) -> Result<()> {
     let runs = Runs {
         trained: &trained,
         zuko_trained: &zuko_trained,
+        joint_trained: &joint_trained,
         log_prob: &log_prob_line,
         pytorch: pytorch.as_deref(),
         peers: peers.as_deref(),
@@ -370,6 +409,8 @@ struct Runs<'a> {
     trained: &'a str,
     /// The same for zuko's default architecture.
     zuko_trained: &'a str,
+    /// And with one joint conditioner per coupling (`--nets joint`).
+    joint_trained: &'a str,
     /// `flow log-prob` of 100 000 points, timed as a process.
     log_prob: &'a str,
     /// `benches/pytorch_seed_job.py`'s JSON.
@@ -559,7 +600,12 @@ fn report(runs: &Runs) -> Result<String> {
     ));
     line(String::new());
     line(format!(
-        "`flow log-prob` of that model on 100 000 points from CSV, as a whole process: {}",
+        "With one joint conditioner per coupling, as zuko's and normflows' are (`--nets joint`, half the arithmetic): {}",
+        runs.joint_trained
+    ));
+    line(String::new());
+    line(format!(
+        "`flow log-prob` of the separate-network model on 100 000 points from CSV, as a whole process: {}",
         runs.log_prob
     ));
     line(String::new());

@@ -140,6 +140,14 @@ pub enum CouplingArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NetsArg {
+    /// One network per parameter.
+    Separate,
+    /// One network for all parameters.
+    Joint,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ScaleArg {
     /// `s / (1 + |s| / clamp)`.
     SoftClamp,
@@ -203,6 +211,10 @@ pub struct TrainArgs {
     /// How an affine coupling's raw log-scale is bounded.
     #[arg(long, value_enum, default_value = "soft-clamp")]
     pub scale: ScaleArg,
+    /// Conditioner networks: one per parameter (scale and shift: the original RealNVP)
+    /// or one joint network for both (zuko's and normflows' layout, half the arithmetic).
+    #[arg(long, value_enum, default_value = "separate")]
+    pub nets: NetsArg,
     /// Bound of the soft-clamp and tanh log-scale maps.
     #[arg(long, default_value_t = 3.0)]
     pub clamp: f64,

@@ -5,7 +5,7 @@ use std::{
 };
 
 use flow_models::Registry;
-use flow_realnvp::{CouplingKind, RealNvpConfig, ScaleMap};
+use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
 use flow_train::{
     data::{generate, generate_labeled, load_path, Dataset, Toy},
     Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
@@ -13,7 +13,7 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{CouplingArg, ScaleArg, ScheduleArg, TrainArgs},
+    cli::{CouplingArg, NetsArg, ScaleArg, ScheduleArg, TrainArgs},
     commands::{device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
@@ -60,6 +60,10 @@ pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConf
         .with_activation(activation)
         .with_coupling(coupling)
         .with_scale(scale)
+        .with_nets(match a.nets {
+            NetsArg::Separate => Nets::Separate,
+            NetsArg::Joint => Nets::Joint,
+        })
         .with_context_dim(context_dim);
     let duration = duration(a)?.unwrap_or(Duration::Steps(1000));
     let schedule = match a.schedule {
