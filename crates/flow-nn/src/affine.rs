@@ -30,8 +30,8 @@ fn two(theta: &[Tensor]) -> Result<(&Tensor, &Tensor)> {
 }
 
 impl Transform for Affine {
-    fn params(&self) -> &'static [&'static str] {
-        &["s", "t"]
+    fn params(&self) -> Vec<String> {
+        ["s", "t"].map(String::from).to_vec()
     }
 
     fn apply(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {

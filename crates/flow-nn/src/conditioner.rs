@@ -29,6 +29,9 @@ pub enum OutputLayout {
     ShiftScale,
     /// Feature by feature, the parameters in reverse order: `t₀, s₀, t₁, s₁, …`.
     Interleaved,
+    /// Feature by feature, the parameters in the transform's order (nflows' and zuko's
+    /// layout for splines).
+    ByFeature,
 }
 
 /// The networks of a coupling layer.
@@ -67,7 +70,7 @@ impl Conditioner {
         cfg: &ConditionerConfig,
         in_dim: usize,
         out_dim: usize,
-        names: &[&str],
+        names: &[String],
         vb: VarBuilder,
     ) -> Result<Self> {
         let zero = cfg.zero_init;
@@ -75,7 +78,7 @@ impl Conditioner {
             Nets::Separate => Self::Separate(
                 names
                     .iter()
-                    .map(|name| Mlp::new(&cfg.net, in_dim, out_dim, zero, vb.pp(*name)))
+                    .map(|name| Mlp::new(&cfg.net, in_dim, out_dim, zero, vb.pp(name)))
                     .collect::<Result<_>>()?,
             ),
             Nets::Joint => Self::Joint {
@@ -102,6 +105,23 @@ impl Conditioner {
             } => split(&net.forward(h)?, *layout, *params),
         }
     }
+
+    /// `h: (batch, in_dim)` → the parameters stacked `(batch, n, P)`, in the
+    /// transform's order.
+    pub fn params_stacked(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Joint {
+                net,
+                layout: OutputLayout::ByFeature,
+                params,
+            } => {
+                let out = net.forward(h)?;
+                let (b, w) = out.dims2()?;
+                out.reshape((b, w / params, *params))
+            }
+            _ => Tensor::stack(&self.params(h)?, 2),
+        }
+    }
 }
 
 /// A joint network's output `(batch, p·n)` as `p` tensors `(batch, n)`.
@@ -115,7 +135,7 @@ fn split(out: &Tensor, layout: OutputLayout, p: usize) -> Result<Vec<Tensor>> {
         OutputLayout::ScaleShift | OutputLayout::ShiftScale => (0..p)
             .map(|k| out.narrow(1, k * n, n))
             .collect::<Result<Vec<_>>>()?,
-        OutputLayout::Interleaved => {
+        OutputLayout::Interleaved | OutputLayout::ByFeature => {
             let grouped = out.reshape((b, n, p))?;
             (0..p)
                 .map(|k| grouped.narrow(2, k, 1)?.reshape((b, n)))
@@ -123,7 +143,7 @@ fn split(out: &Tensor, layout: OutputLayout, p: usize) -> Result<Vec<Tensor>> {
         }
     };
     // `ShiftScale` and `Interleaved` hold the parameters in reverse order.
-    if layout != OutputLayout::ScaleShift {
+    if matches!(layout, OutputLayout::ShiftScale | OutputLayout::Interleaved) {
         parts.reverse();
     }
     Ok(parts)

@@ -50,7 +50,7 @@ impl<T: Transform> Coupling<T> {
             &cfg.conditioner,
             in_dim,
             mask.n_transformed(),
-            cfg.transform.params(),
+            &cfg.transform.params(),
             vb,
         )?;
         Ok(Self {
@@ -78,7 +78,11 @@ impl<T: Transform> Coupling<T> {
     ) -> Result<(Tensor, Tensor)> {
         let xa = self.mask.kept_input(x)?;
         let h = conditioner_input(&xa, context, self.context_dim)?;
-        let theta = self.conditioner.params(&h)?;
+        let theta = if self.transform.stacked() {
+            vec![self.conditioner.params_stacked(&h)?]
+        } else {
+            self.conditioner.params(&h)?
+        };
         let transformed = self.mask.transformed();
         if let Some(fused) = self.transform.apply_fused(x, transformed, &theta, inverse) {
             return fused;

@@ -1,6 +1,6 @@
 //! Building blocks shared by flow families, on candle-nn: conditioner networks
 //! ([`Mlp`], residual MLPs), [`Mask`]s, the general [`Coupling`] layer and the
-//! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`]).
+//! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`], [`Spline`]).
 //!
 //! A family is a few lines over these: RealNVP is `Coupling<Affine>`, NICE is
 //! `Coupling<Shift>`; a spline transform plugs into the same coupling. Networks and
@@ -12,6 +12,7 @@ mod coupling;
 mod mask;
 mod mlp;
 mod shift;
+mod spline;
 mod transform;
 
 pub use affine::Affine;
@@ -21,4 +22,5 @@ pub use flow_kernels::{Activation, ScaleMap};
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
 pub use shift::Shift;
+pub use spline::{Knots, Spline, SplineStyle};
 pub use transform::Transform;

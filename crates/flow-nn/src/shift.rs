@@ -9,8 +9,8 @@ use crate::Transform;
 pub struct Shift {}
 
 impl Transform for Shift {
-    fn params(&self) -> &'static [&'static str] {
-        &["t"]
+    fn params(&self) -> Vec<String> {
+        ["t"].map(String::from).to_vec()
     }
 
     fn apply(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {

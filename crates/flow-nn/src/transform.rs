@@ -11,11 +11,18 @@ use candle::{Result, Tensor};
 pub trait Transform: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// Its parameters' names, in the order the conditioner outputs them; separate
     /// conditioner networks are stored under these names.
-    fn params(&self) -> &'static [&'static str];
+    fn params(&self) -> Vec<String>;
+
+    /// Whether [`apply`](Transform::apply) takes the parameters stacked as one tensor
+    /// `(batch, n, P)` (a spline's many), rather than as `P` tensors `(batch, n)`.
+    fn stacked(&self) -> bool {
+        false
+    }
 
     /// `(y, log|det ∂y/∂x|)` for features `x` `(batch, n)` and parameters
-    /// `theta[p]` `(batch, n)`: the map, or its inverse when `inverse` is set. The
-    /// log-det is `(batch,)`, summed over the features.
+    /// `theta[p]` `(batch, n)` (or `theta[0]` `(batch, n, P)` when
+    /// [`stacked`](Transform::stacked)): the map, or its inverse when `inverse` is set.
+    /// The log-det is `(batch,)`, summed over the features.
     fn apply(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)>;
 
     /// The same step over a whole input `x` `(batch, dim)` whose features

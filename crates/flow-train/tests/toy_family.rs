@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 struct ScaleOnly {}
 
 impl Transform for ScaleOnly {
-    fn params(&self) -> &'static [&'static str] {
-        &["s"]
+    fn params(&self) -> Vec<String> {
+        vec!["s".into()]
     }
 
     fn apply(
