@@ -3,12 +3,15 @@
 //! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`], [`Spline`]).
 //!
 //! A family is a few lines over these: RealNVP is `Coupling<Affine>`, NICE is
-//! `Coupling<Shift>`; a spline transform plugs into the same coupling. Networks and
+//! `Coupling<Shift>`, NSF is `Coupling<Spline>`; MAF is [`Autoregressive`]`<Affine>` over
+//! a MADE network (a masked [`Mlp`]), autoregressive NSF `Autoregressive<Spline>`. Networks and
 //! transforms take the fused kernels of `flow-kernels` where those apply.
 
 mod affine;
+mod autoregressive;
 mod conditioner;
 mod coupling;
+mod made;
 mod mask;
 mod mlp;
 mod shift;
@@ -16,9 +19,11 @@ mod spline;
 mod transform;
 
 pub use affine::Affine;
+pub use autoregressive::{Autoregressive, AutoregressiveConfig};
 pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
 pub use flow_kernels::{Activation, ScaleMap};
+pub use made::made_masks;
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
 pub use shift::Shift;

@@ -39,6 +39,9 @@ pub struct Mlp {
     layers: Vec<Linear>,
     residual: bool,
     activation: Activation,
+    /// A masked network's (MADE's) 0/1 masks, one per layer, `(out, in)`: the
+    /// weights used are `W ⊙ M`.
+    masks: Option<Vec<Tensor>>,
 }
 
 /// A `Linear(in, out)` initialised like PyTorch's (`U(±1/√in)` for weight and bias), or
@@ -85,6 +88,7 @@ impl Mlp {
                     layers,
                     residual: false,
                     activation: *activation,
+                    masks: None,
                 })
             }
             NetConfig::Residual {
@@ -104,6 +108,7 @@ impl Mlp {
                     layers,
                     residual: true,
                     activation: *activation,
+                    masks: None,
                 })
             }
         }
@@ -111,6 +116,38 @@ impl Mlp {
 
     pub fn layers(&self) -> &[Linear] {
         &self.layers
+    }
+
+    /// The network with its layers' weights masked (MADE): `masks[l]` `(out, in)` of
+    /// 0/1 values for layer `l`, on the network's device and dtype.
+    pub fn with_masks(mut self, masks: Vec<Tensor>) -> Result<Self> {
+        if masks.len() != self.layers.len() {
+            bail!(
+                "{} masks for a network of {} layers",
+                masks.len(),
+                self.layers.len()
+            );
+        }
+        for (m, l) in masks.iter().zip(&self.layers) {
+            if m.dims() != l.weight().dims() {
+                bail!("mask {:?} for weights {:?}", m.dims(), l.weight().dims());
+            }
+        }
+        self.masks = Some(masks);
+        Ok(self)
+    }
+
+    /// The layers as computed: masked weights where the network is masked.
+    fn effective(&self) -> Result<Vec<Linear>> {
+        match &self.masks {
+            None => Ok(self.layers.clone()),
+            Some(masks) => self
+                .layers
+                .iter()
+                .zip(masks)
+                .map(|(l, m)| Ok(Linear::new((l.weight() * m)?, l.bias().cloned())))
+                .collect(),
+        }
     }
 }
 
@@ -147,8 +184,8 @@ impl Mlp {
     }
 
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        let layers = self
-            .layers
+        let effective = self.effective()?;
+        let layers = effective
             .iter()
             .map(|l| match l.bias() {
                 Some(b) => Ok((l.weight(), b)),
@@ -162,7 +199,8 @@ impl Mlp {
     /// tested against.
     pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
         let act = self.activation;
-        let Some((last, rest)) = self.layers.split_last() else {
+        let effective = self.effective()?;
+        let Some((last, rest)) = effective.split_last() else {
             bail!("empty network");
         };
         if !self.residual {
