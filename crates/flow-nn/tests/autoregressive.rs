@@ -1,7 +1,7 @@
 //! Autoregressive layers (MAF's affine, autoregressive NSF's spline; IAF as their
-//! inverse): the Jacobian is triangular in the layer's order, its log-det matches a
-//! numerical Jacobian, the `d`-pass inverse inverts the one-pass forward map, the MADE
-//! network runs fused as it does plain, and a flow of them integrates to one.
+//! inverse): the Jacobian is triangular in the layer's order, the `d`-pass inverse
+//! inverts the one-pass forward map, the MADE network runs fused as it does plain, and a
+//! flow of them integrates to one.
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Module, Tensor};
@@ -85,45 +85,18 @@ fn jacobian(b: &dyn Bijector, x: &[f64]) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
-/// `log|det a|` by Gaussian elimination with partial pivoting.
-fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
-    let n = a.len();
-    let mut total = 0.0;
-    for c in 0..n {
-        let p = (c..n)
-            .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
-            .unwrap_or(c);
-        a.swap(c, p);
-        let pivot = a[c][c];
-        total += pivot.abs().ln();
-        for r in c + 1..n {
-            let f = a[r][c] / pivot;
-            for k in c..n {
-                a[r][k] -= f * a[c][k];
-            }
-        }
-    }
-    total
-}
-
+/// (The log-dets against numerical Jacobians: the bijector zoo in flow-realnvp's tests.)
 #[test]
-fn jacobians_are_triangular_in_the_order_and_log_dets_match() -> Result<()> {
+fn jacobians_are_triangular_in_the_order() -> Result<()> {
     let dim = 4;
     let rng = &mut StdRng::seed_from_u64(3);
     let points = (randn(3, dim, DType::F64, &DEV, rng)? * 1.2)?.to_vec2::<f64>()?;
     for (name, layer) in layers(dim, 1)? {
         for x in &points {
-            let jac = jacobian(layer.as_ref(), x)?;
-            let (_, ld) = layer.forward(&Tensor::from_vec(x.clone(), (1, dim), &DEV)?)?;
-            let ld = ld.to_vec1::<f64>()?[0];
-            let numeric = log_abs_det(jac.clone());
-            ensure!(
-                (ld - numeric).abs() < 1e-5,
-                "{name}: log-det {ld} against numerical {numeric}"
-            );
             if name.starts_with("iaf") {
-                continue; // the inverse of a triangular map: triangular, checked by the det
+                continue; // the inverse of a triangular map
             }
+            let jac = jacobian(layer.as_ref(), x)?;
             // z_i depends on x_j only where j comes before i in the order.
             let order: Vec<usize> = if name.contains("[3, 2") {
                 (0..dim).rev().collect()
@@ -131,14 +104,10 @@ fn jacobians_are_triangular_in_the_order_and_log_dets_match() -> Result<()> {
                 (0..dim).collect()
             };
             let rank = |f: usize| order.iter().position(|&o| o == f).unwrap_or(0);
-            for i in 0..dim {
-                for j in 0..dim {
+            for (i, row) in jac.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
                     if i != j && rank(j) > rank(i) {
-                        ensure!(
-                            jac[i][j].abs() < 1e-8,
-                            "{name}: ∂z{i}/∂x{j} = {}",
-                            jac[i][j]
-                        );
+                        ensure!(v.abs() < 1e-8, "{name}: ∂z{i}/∂x{j} = {v}");
                     }
                 }
             }

@@ -9,6 +9,7 @@ use flow_core::{
     Standardize,
 };
 use flow_models::{BaseConfig, ModelConfig};
+use flow_nn::{Autoregressive, AutoregressiveConfig, Coupling, Spline, SplineStyle};
 use flow_realnvp::{
     Activation, AdditiveCoupling, Affine, AffineCoupling, ConditionerConfig, CouplingConfig,
     CouplingKind, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap, Shift,
