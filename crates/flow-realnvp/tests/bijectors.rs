@@ -148,6 +148,69 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
             )?),
         ));
     }
+    for (m, mask) in masks(dim).into_iter().enumerate().step_by(2) {
+        for style in [SplineStyle::Durkan, SplineStyle::Zuko] {
+            let c = coupling(
+                mask.clone(),
+                Nets::Joint,
+                OutputLayout::ByFeature,
+                ScaleMap::Exp,
+            );
+            let spline = Spline {
+                style,
+                ..Spline::new(5, 2.5)
+            };
+            let c = CouplingConfig {
+                mask: c.mask,
+                conditioner: c.conditioner,
+                transform: spline,
+                inverted: false,
+                context_dim: 0,
+            };
+            out.push((
+                format!("spline {mask:?} {style:?}"),
+                Box::new(Coupling::new(&c, vb.pp(format!("spline{m}_{style:?}")))?),
+            ));
+        }
+    }
+    let forward: Vec<usize> = (0..dim).collect();
+    let backward: Vec<usize> = (0..dim).rev().collect();
+    for (o, order) in [forward, backward].into_iter().enumerate() {
+        let ar = |transform| AutoregressiveConfig {
+            order: order.clone(),
+            hidden: vec![16, 16],
+            activation: Activation::Tanh,
+            transform,
+            inverted: false,
+            context_dim: 0,
+            zero_init: false,
+        };
+        let maf = ar(Affine::new(ScaleMap::SoftClamp { clamp: 3.0 }));
+        out.push((
+            format!("maf {order:?}"),
+            Box::new(Autoregressive::new(&maf, vb.pp(format!("maf{o}")))?),
+        ));
+        out.push((
+            format!("iaf {order:?}"),
+            Box::new(Inverse(Autoregressive::new(
+                &maf,
+                vb.pp(format!("iaf{o}")),
+            )?)),
+        ));
+        let nsf = AutoregressiveConfig {
+            order: order.clone(),
+            hidden: vec![16, 16],
+            activation: Activation::Tanh,
+            transform: Spline::new(6, 3.0),
+            inverted: false,
+            context_dim: 0,
+            zero_init: false,
+        };
+        out.push((
+            format!("nsf-ar {order:?}"),
+            Box::new(Autoregressive::new(&nsf, vb.pp(format!("nsfar{o}")))?),
+        ));
+    }
     out.push(("reverse".into(), Box::new(Reverse::new(dim, &DEV)?)));
     let mut perm: Vec<usize> = (0..dim).collect();
     perm.rotate_left(1);
