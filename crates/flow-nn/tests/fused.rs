@@ -41,7 +41,7 @@ fn fused_cuda_mlp_matches_reference_values_and_gradients() -> Result<()> {
 
 /// The networks compared: every kernel's shapes. Narrow one-hidden-layer networks
 /// (the AVX2 and portable kernels, and CUDA's narrow kernel), then the general kernels':
-/// depths 1 to 4, widths up to 1 024, inputs and outputs up to 300, residual networks.
+/// depths 0 (a linear map) to 4, widths up to 1 024, inputs and outputs up to 300, residual networks.
 fn networks(activation: Activation) -> Vec<(NetConfig, usize, usize, usize)> {
     let mlp = |hidden: &[usize]| NetConfig::Mlp {
         hidden: hidden.to_vec(),
@@ -55,6 +55,7 @@ fn networks(activation: Activation) -> Vec<(NetConfig, usize, usize, usize)> {
     vec![
         // (network, inputs, outputs, batch)
         (mlp(&[512]), 1, 1, 512),
+        (mlp(&[]), 3, 4, 50),
         (mlp(&[37]), 3, 5, 130),
         (mlp(&[64]), 2, 4, 1),
         (mlp(&[9]), 4, 2, 700),

@@ -461,7 +461,8 @@ pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -
     let batch = x.len() / input.max(1);
     let net = Prepared::new(net);
     let mut out = vec![T::zero(); batch * output];
-    if !keep {
+    // A network without hidden layers has no trace to keep.
+    if !keep || width == 0 {
         out.par_chunks_mut(rows * output)
             .zip(x.par_chunks(rows * input))
             .for_each(|(out, x)| {
