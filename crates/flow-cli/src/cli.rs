@@ -34,7 +34,7 @@ pub struct Cli {
 pub enum Command {
     /// Write a built-in 2-D data set to CSV.
     Data(DataArgs),
-    /// Train a model (RealNVP or NICE) on a data set; conditional with --context-dim.
+    /// Train a flow (RealNVP, NICE, NSF, NSF-AR, MAF or IAF) on a data set; conditional with --context-dim.
     Train(Box<TrainArgs>),
     /// One log p(x) in nats per input row; prints mean log-prob, NLL and bits/dim.
     LogProb(LogProbArgs),
@@ -139,6 +139,30 @@ pub enum CouplingArg {
     Additive,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowArg {
+    /// Affine couplings (the default).
+    Realnvp,
+    /// Additive couplings.
+    Nice,
+    /// Rational-quadratic spline couplings.
+    Nsf,
+    /// Autoregressive rational-quadratic splines.
+    NsfAr,
+    /// Masked autoregressive flow.
+    Maf,
+    /// Inverse autoregressive flow.
+    Iaf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    /// Alternate forward and reversed.
+    Alternate,
+    /// A seeded random permutation per layer.
+    Random,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum NetsArg {
     /// One network per parameter.
@@ -193,18 +217,38 @@ pub struct TrainArgs {
     /// Validation file, scored during training; the best weights are kept.
     #[arg(long)]
     pub val: Option<PathBuf>,
-    /// Coupling layers.
+    /// The flow family: RealNVP, NICE, spline coupling (NSF), autoregressive spline
+    /// (NSF-AR), masked autoregressive (MAF) or inverse autoregressive (IAF).
+    #[arg(long, value_enum, default_value = "realnvp")]
+    pub flow: FlowArg,
+    /// Layers (couplings or autoregressive layers).
     #[arg(long, default_value_t = 5)]
     pub layers: usize,
-    /// Width of each hidden layer of the conditioner networks.
-    #[arg(long, default_value_t = 512)]
-    pub hidden: usize,
-    /// Hidden layers of each conditioner network.
-    #[arg(long, default_value_t = 1)]
-    pub hidden_layers: usize,
-    /// Hidden-layer activation of the conditioner networks.
-    #[arg(long, value_parser = activation_parser(), default_value = "leaky-relu")]
-    pub activation: Activation,
+    /// Width of each hidden layer of the conditioner networks (default: 512; MAF and
+    /// IAF 64).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Hidden layers of each conditioner network (default: 1; MAF and IAF 2).
+    #[arg(long)]
+    pub hidden_layers: Option<usize>,
+    /// Hidden-layer activation of the conditioner networks (default: leaky-relu for
+    /// RealNVP and NICE, relu for the others).
+    #[arg(long, value_parser = activation_parser())]
+    pub activation: Option<Activation>,
+    /// Spline bins (NSF, NSF-AR).
+    #[arg(long, default_value_t = 8)]
+    pub bins: usize,
+    /// Splines act on [−B, B] and are the identity outside (NSF, NSF-AR).
+    #[arg(long, default_value_t = 5.0)]
+    pub tail_bound: f64,
+    /// Feature orders of autoregressive layers: alternating, or a seeded random
+    /// permutation per layer (NSF-AR, MAF, IAF).
+    #[arg(long, value_enum, default_value = "alternate")]
+    pub order: OrderArg,
+    /// Base distribution: normal (N(0, I)), diag (a trainable diagonal Gaussian) or
+    /// mixture:K (a trainable mixture of K diagonal Gaussians).
+    #[arg(long, default_value = "normal")]
+    pub base: String,
     /// Coupling layer: affine (RealNVP) or additive (NICE).
     #[arg(long, value_enum, default_value = "affine")]
     pub coupling: CouplingArg,

@@ -103,6 +103,40 @@ fn save_then_load_is_bit_identical() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn every_family_saves_and_loads_bit_identically() -> Result<()> {
+    use flow_maf::MafConfig;
+    use flow_nsf::{NsfConfig, NsfKind};
+    let dir = tempdir()?;
+    let nsf = NsfConfig::new(3).with_layers(2).with_hidden(16);
+    let maf = MafConfig::new(3).with_layers(2).with_hidden(16);
+    for cfg in [
+        ModelConfig::nsf(&nsf),
+        ModelConfig::nsf(&nsf.clone().with_kind(NsfKind::Autoregressive)),
+        ModelConfig::maf(&maf),
+        ModelConfig::maf(&maf.clone().with_inverse(true)),
+    ] {
+        let cfg = cfg.with_base(BaseConfig::Mixture { components: 3 });
+        let varmap = VarMap::new();
+        let flow = cfg.build(seeded_var_builder(&varmap, 2, DType::F32, &Device::Cpu))?;
+        let path = dir.join("family.safetensors");
+        save(&path, &cfg, &tensors(&varmap), None, &BTreeMap::new())?;
+        let loaded = load_model(&path, DType::F32, &Device::Cpu)?;
+        ensure!(loaded.checkpoint.config == cfg);
+        let a = flow.log_prob(&probe()?)?.to_vec1::<f32>()?;
+        let b = loaded.flow.log_prob(&probe()?)?.to_vec1::<f32>()?;
+        ensure!(
+            a.iter().all(|v| v.is_finite())
+                && a.iter()
+                    .map(|v| v.to_bits())
+                    .eq(b.iter().map(|v| v.to_bits())),
+            "{:?}: {a:?} vs {b:?}",
+            cfg.recipe
+        );
+    }
+    Ok(())
+}
+
 fn tempdir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("flows-io-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&d)?;

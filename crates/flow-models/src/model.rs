@@ -1,7 +1,8 @@
 use candle::{bail, DType, Result};
 use candle_nn::VarBuilder;
 use flow_core::{
-    Bijector, Chain, DiagNormal, Distribution, Flow, LayerSpec, StandardNormal, Standardize,
+    Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, LayerSpec, StandardNormal,
+    Standardize,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,9 @@ pub enum BaseConfig {
     /// `N(loc, diag(exp(log_scale))²)`, stored as `base.loc` and `base.log_scale`;
     /// trained only when `trainable` (otherwise they are buffers).
     DiagNormal { trainable: bool },
+    /// A trainable mixture of `components` diagonal Gaussians, stored as
+    /// `base.logits`, `base.loc` and `base.log_scale`.
+    Mixture { components: usize },
 }
 
 /// Everything needed to rebuild a flow from its tensors: optional standardisation, the
@@ -99,23 +103,55 @@ impl ModelConfig {
         }
     }
 
+    /// A family's stack as a model: its layers, with the description kept as the
+    /// recipe under the family's name.
+    fn from_recipe<L: serde::Serialize>(
+        family: &str,
+        recipe: &impl serde::Serialize,
+        dim: usize,
+        context_dim: usize,
+        layers: &[L],
+    ) -> Self {
+        let layers = layers
+            .iter()
+            .map(|l| LayerSpec::tagged(l).expect("a family's layer serialises to an object"))
+            .collect();
+        let mut recipe = serde_json::to_value(recipe).ok();
+        if let Some(serde_json::Value::Object(m)) = &mut recipe {
+            m.insert("family".into(), family.into());
+        }
+        Self {
+            context_dim,
+            recipe,
+            ..Self::new(dim, layers)
+        }
+    }
+
     /// A RealNVP (or NICE) stack as a model, with the description kept as its recipe.
     #[cfg(feature = "realnvp")]
     pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
-        let layers = cfg
-            .layers()
-            .iter()
-            .map(|l| LayerSpec::tagged(l).expect("a coupling layer serialises to an object"))
-            .collect();
-        let mut recipe = serde_json::to_value(cfg).ok();
-        if let Some(serde_json::Value::Object(m)) = &mut recipe {
-            m.insert("family".into(), "realnvp".into());
-        }
-        Self {
-            context_dim: cfg.context_dim,
-            recipe,
-            ..Self::new(cfg.dim, layers)
-        }
+        let family = match cfg.coupling {
+            flow_realnvp::CouplingKind::Affine => "realnvp",
+            flow_realnvp::CouplingKind::Additive => "nice",
+        };
+        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+    }
+
+    /// A neural spline flow (coupling or autoregressive) as a model.
+    #[cfg(feature = "nsf")]
+    pub fn nsf(cfg: &flow_nsf::NsfConfig) -> Self {
+        let family = match cfg.kind {
+            flow_nsf::NsfKind::Coupling => "nsf",
+            flow_nsf::NsfKind::Autoregressive => "nsf-ar",
+        };
+        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+    }
+
+    /// A MAF (or IAF) as a model.
+    #[cfg(feature = "maf")]
+    pub fn maf(cfg: &flow_maf::MafConfig) -> Self {
+        let family = if cfg.inverse { "iaf" } else { "maf" };
+        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
 
     flow_core::with_setters! {
@@ -134,6 +170,9 @@ impl ModelConfig {
     pub fn validate_with(&self, registry: &Registry) -> std::result::Result<(), String> {
         if self.dim == 0 {
             return Err("a model needs at least one feature".into());
+        }
+        if self.base == (BaseConfig::Mixture { components: 0 }) {
+            return Err("a mixture base needs at least one component".into());
         }
         for (i, layer) in self.layers.iter().enumerate() {
             registry
@@ -174,6 +213,9 @@ impl ModelConfig {
                 let base = DiagNormal::new(self.dim, vb.pp("base"))?;
                 Box::new(if trainable { base } else { base.frozen() })
             }
+            BaseConfig::Mixture { components } => {
+                Box::new(GaussianMixture::new(components, self.dim, vb.pp("base"))?)
+            }
         };
         let bijector: Box<dyn Bijector> = Box::new(chain);
         Ok(Flow::from_boxed(bijector, base))
@@ -182,6 +224,20 @@ impl ModelConfig {
     /// Float types the layers support.
     pub fn supports(dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::F64)
+    }
+}
+
+#[cfg(feature = "nsf")]
+impl From<flow_nsf::NsfConfig> for ModelConfig {
+    fn from(cfg: flow_nsf::NsfConfig) -> Self {
+        Self::nsf(&cfg)
+    }
+}
+
+#[cfg(feature = "maf")]
+impl From<flow_maf::MafConfig> for ModelConfig {
+    fn from(cfg: flow_maf::MafConfig) -> Self {
+        Self::maf(&cfg)
     }
 }
 

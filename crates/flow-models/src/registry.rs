@@ -31,6 +31,10 @@ impl Registry {
         };
         #[cfg(feature = "realnvp")]
         let registry = registry.with(flow_realnvp::RealNvpFamily);
+        #[cfg(feature = "nsf")]
+        let registry = registry.with(flow_nsf::NsfFamily);
+        #[cfg(feature = "maf")]
+        let registry = registry.with(flow_maf::MafFamily);
         registry
     }
 

@@ -163,3 +163,34 @@ impl<T: Transform> Bijector for Autoregressive<T> {
         self.inverse_pass(z, Some(context))
     }
 }
+
+/// How a stack of autoregressive layers orders its features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Order {
+    /// `0, 1, …, d − 1` in even layers, reversed in odd ones.
+    #[default]
+    Alternate,
+    /// A permutation per layer, drawn from a generator seeded with `seed` and the layer.
+    Random { seed: u64 },
+}
+
+impl Order {
+    /// The order of layer `i` over `dim` features.
+    pub fn of(&self, i: usize, dim: usize) -> Vec<usize> {
+        use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+        let mut order: Vec<usize> = (0..dim).collect();
+        match *self {
+            Order::Alternate if i % 2 == 1 => order.reverse(),
+            Order::Alternate => {}
+            Order::Random { seed } => {
+                let mix = seed
+                    ^ (i as u64)
+                        .wrapping_add(1)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                order.shuffle(&mut StdRng::seed_from_u64(mix));
+            }
+        }
+        order
+    }
+}

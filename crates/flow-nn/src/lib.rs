@@ -19,7 +19,7 @@ mod spline;
 mod transform;
 
 pub use affine::Affine;
-pub use autoregressive::{Autoregressive, AutoregressiveConfig};
+pub use autoregressive::{Autoregressive, AutoregressiveConfig, Order};
 pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
 pub use flow_kernels::{Activation, ScaleMap};

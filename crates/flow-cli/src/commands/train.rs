@@ -4,7 +4,10 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use flow_models::Registry;
+use flow_maf::MafConfig;
+use flow_models::{BaseConfig, ModelConfig, Registry};
+use flow_nn::{Activation, Order, Spline};
+use flow_nsf::{NsfConfig, NsfKind};
 use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
 use flow_train::{
     data::{generate, generate_labeled, load_path, Dataset, Toy},
@@ -13,7 +16,7 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{CouplingArg, NetsArg, ScaleArg, ScheduleArg, TrainArgs},
+    cli::{CouplingArg, FlowArg, NetsArg, OrderArg, ScaleArg, ScheduleArg, TrainArgs},
     commands::{device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
@@ -25,6 +28,19 @@ fn positive(name: &str, v: usize) -> Result<usize, Failure> {
         return Err(format!("--{name} must be at least 1").into());
     }
     Ok(v)
+}
+
+/// The base distribution `--base` names.
+fn base(text: &str) -> Result<BaseConfig, Failure> {
+    match text.trim() {
+        "normal" => Ok(BaseConfig::StandardNormal),
+        "diag" => Ok(BaseConfig::DiagNormal { trainable: true }),
+        other => match other.strip_prefix("mixture:").map(str::parse::<usize>) {
+            Some(Ok(k)) if k > 0 => Ok(BaseConfig::Mixture { components: k }),
+            Some(Ok(_)) => Err("--base mixture:K needs at least 1 component".into()),
+            _ => Err(format!("--base `{other}`: expected normal, diag or mixture:K").into()),
+        },
+    }
 }
 
 /// The training run's length the flags give, if they give one.
@@ -40,7 +56,6 @@ fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
 /// `context_dim` context features; every value is checked here, before any work
 /// starts.
 pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConfig, Failure> {
-    let activation = a.activation;
     if !(a.clamp.is_finite() && a.clamp > 0.0) {
         return Err(format!("--clamp must be positive, got {}", a.clamp).into());
     }
@@ -49,22 +64,82 @@ pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConf
         ScaleArg::Exp => ScaleMap::Exp,
         ScaleArg::Tanh => ScaleMap::Tanh { clamp: a.clamp },
     };
-    let coupling = match a.coupling {
-        CouplingArg::Affine => CouplingKind::Affine,
-        CouplingArg::Additive => CouplingKind::Additive,
+    let layers = positive("layers", a.layers)?;
+    let autoregressive = matches!(a.flow, FlowArg::NsfAr | FlowArg::Maf | FlowArg::Iaf);
+    let (hidden, hidden_layers) = if matches!(a.flow, FlowArg::Maf | FlowArg::Iaf) {
+        (a.hidden.unwrap_or(64), a.hidden_layers.unwrap_or(2))
+    } else {
+        (a.hidden.unwrap_or(512), a.hidden_layers.unwrap_or(1))
     };
-    let model = RealNvpConfig::new(dim)
-        .with_layers(positive("layers", a.layers)?)
-        .with_hidden(positive("hidden", a.hidden)?)
-        .with_hidden_layers(a.hidden_layers)
-        .with_activation(activation)
-        .with_coupling(coupling)
-        .with_scale(scale)
-        .with_nets(match a.nets {
-            NetsArg::Separate => Nets::Separate,
-            NetsArg::Joint => Nets::Joint,
-        })
-        .with_context_dim(context_dim);
+    let hidden = positive("hidden", hidden)?;
+    if autoregressive && hidden < dim {
+        return Err(format!(
+            "--hidden {hidden}: an autoregressive network over {dim} features needs at least {dim} hidden units"
+        )
+        .into());
+    }
+    let order = match a.order {
+        OrderArg::Alternate => Order::Alternate,
+        OrderArg::Random => Order::Random { seed: a.seed },
+    };
+    let spline = Spline::new(a.bins, a.tail_bound);
+    if matches!(a.flow, FlowArg::Nsf | FlowArg::NsfAr) {
+        spline.check().map_err(|e| {
+            let flag = if e.contains("tail bound") {
+                "--tail-bound"
+            } else {
+                "--bins"
+            };
+            Failure::from(format!("{flag}: {e}"))
+        })?;
+    }
+    let base = base(&a.base)?;
+    let model: ModelConfig = match a.flow {
+        FlowArg::Realnvp | FlowArg::Nice => {
+            let coupling = match (a.flow, a.coupling) {
+                (FlowArg::Nice, _) | (_, CouplingArg::Additive) => CouplingKind::Additive,
+                _ => CouplingKind::Affine,
+            };
+            RealNvpConfig::new(dim)
+                .with_layers(layers)
+                .with_hidden(hidden)
+                .with_hidden_layers(hidden_layers)
+                .with_activation(a.activation.unwrap_or(Activation::LeakyRelu))
+                .with_coupling(coupling)
+                .with_scale(scale)
+                .with_nets(match a.nets {
+                    NetsArg::Separate => Nets::Separate,
+                    NetsArg::Joint => Nets::Joint,
+                })
+                .with_context_dim(context_dim)
+                .into()
+        }
+        FlowArg::Nsf | FlowArg::NsfAr => NsfConfig::new(dim)
+            .with_kind(if a.flow == FlowArg::Nsf {
+                NsfKind::Coupling
+            } else {
+                NsfKind::Autoregressive
+            })
+            .with_layers(layers)
+            .with_hidden(hidden)
+            .with_hidden_layers(hidden_layers)
+            .with_activation(a.activation.unwrap_or(Activation::Relu))
+            .with_spline(spline)
+            .with_order(order)
+            .with_context_dim(context_dim)
+            .into(),
+        FlowArg::Maf | FlowArg::Iaf => MafConfig::new(dim)
+            .with_layers(layers)
+            .with_hidden(hidden)
+            .with_hidden_layers(hidden_layers)
+            .with_activation(a.activation.unwrap_or(Activation::Relu))
+            .with_scale(scale)
+            .with_order(order)
+            .with_inverse(a.flow == FlowArg::Iaf)
+            .with_context_dim(context_dim)
+            .into(),
+    };
+    let model = model.with_base(base);
     let duration = duration(a)?.unwrap_or(Duration::Steps(1000));
     let schedule = match a.schedule {
         ScheduleArg::Constant => Schedule::Constant,

@@ -1,9 +1,11 @@
 //! Base distributions of flows.
 
 mod diag_normal;
+mod mixture;
 mod standard_normal;
 
 pub use diag_normal::DiagNormal;
+pub use mixture::GaussianMixture;
 pub use standard_normal::StandardNormal;
 
 use candle::{Result, Tensor};

@@ -1,0 +1,138 @@
+use candle::Result;
+use candle_nn::VarBuilder;
+use flow_core::{Bijector, Inverse};
+use flow_nn::{
+    Activation, Autoregressive, AutoregressiveConfig, ConditionerConfig, Coupling, CouplingConfig,
+    NetConfig, Nets, Order, OutputLayout, Spline,
+};
+use serde::{Deserialize, Serialize};
+
+/// One layer of a spline flow, fully specified; its JSON form names its kind under
+/// `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SplineLayer {
+    /// NSF-C: a coupling whose transform is a spline.
+    SplineCoupling(CouplingConfig<Spline>),
+    /// NSF-AR: an autoregressive layer whose transform is a spline.
+    SplineAutoregressive(AutoregressiveConfig<Spline>),
+}
+
+impl SplineLayer {
+    /// Builds the layer; its parameters live under `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        fn maybe_inverted(b: impl Bijector + 'static, inverted: bool) -> Box<dyn Bijector> {
+            if inverted {
+                Box::new(Inverse(b))
+            } else {
+                Box::new(b)
+            }
+        }
+        Ok(match self {
+            Self::SplineCoupling(c) => maybe_inverted(Coupling::new(c, vb)?, c.inverted),
+            Self::SplineAutoregressive(c) => {
+                maybe_inverted(Autoregressive::new(c, vb)?, c.inverted)
+            }
+        })
+    }
+}
+
+/// Coupling or autoregressive layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NsfKind {
+    #[default]
+    Coupling,
+    Autoregressive,
+}
+
+/// A stack of spline layers. Defaults: 5 layers, one hidden layer of 512 ReLU units
+/// (zuko's `NSF(hidden_features=(512,))` width), 8 bins on `[−5, 5]` (data
+/// standardised), coupling layers that alternate halves, or autoregressive layers that
+/// alternate orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NsfConfig {
+    pub dim: usize,
+    pub kind: NsfKind,
+    pub layers: usize,
+    pub hidden: usize,
+    pub hidden_layers: usize,
+    pub activation: Activation,
+    pub spline: Spline,
+    /// The autoregressive layers' orders.
+    pub order: Order,
+    pub context_dim: usize,
+}
+
+impl Default for NsfConfig {
+    fn default() -> Self {
+        Self {
+            dim: 2,
+            kind: NsfKind::Coupling,
+            layers: 5,
+            hidden: 512,
+            hidden_layers: 1,
+            activation: Activation::Relu,
+            spline: Spline::default(),
+            order: Order::Alternate,
+            context_dim: 0,
+        }
+    }
+}
+
+impl NsfConfig {
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            ..Self::default()
+        }
+    }
+
+    flow_core::with_setters! {
+        with_kind: kind: NsfKind,
+        with_layers: layers: usize,
+        with_hidden: hidden: usize,
+        with_hidden_layers: hidden_layers: usize,
+        with_activation: activation: Activation,
+        with_spline: spline: Spline,
+        with_order: order: Order,
+        with_context_dim: context_dim: usize,
+    }
+
+    /// The stack spelled out layer by layer.
+    pub fn layers(&self) -> Vec<SplineLayer> {
+        let d = self.dim;
+        let hidden = vec![self.hidden; self.hidden_layers];
+        (0..self.layers)
+            .map(|i| match self.kind {
+                NsfKind::Coupling => SplineLayer::SplineCoupling(CouplingConfig {
+                    mask: (0..d).map(|j| (j < d / 2) == (i % 2 == 0)).collect(),
+                    conditioner: ConditionerConfig {
+                        nets: Nets::Joint,
+                        layout: OutputLayout::ByFeature,
+                        net: NetConfig::Mlp {
+                            hidden: hidden.clone(),
+                            activation: self.activation,
+                        },
+                        zero_init: false,
+                    },
+                    transform: self.spline,
+                    inverted: false,
+                    context_dim: self.context_dim,
+                }),
+                NsfKind::Autoregressive => {
+                    SplineLayer::SplineAutoregressive(AutoregressiveConfig {
+                        order: self.order.of(i, d),
+                        hidden: hidden.clone(),
+                        activation: self.activation,
+                        transform: self.spline,
+                        inverted: false,
+                        context_dim: self.context_dim,
+                        zero_init: false,
+                    })
+                }
+            })
+            .collect()
+    }
+}

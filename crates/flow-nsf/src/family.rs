@@ -1,0 +1,51 @@
+use candle_nn::VarBuilder;
+use flow_core::{Bijector, LayerFamily, LayerSpec};
+
+use crate::SplineLayer;
+
+/// The spline flows' layers of a model configuration: kinds `spline-coupling` and
+/// `spline-autoregressive`, each a [`SplineLayer`] in JSON.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NsfFamily;
+
+impl LayerFamily for NsfFamily {
+    fn kinds(&self) -> &[&'static str] {
+        &["spline-coupling", "spline-autoregressive"]
+    }
+
+    fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
+        let (spline, context) = match spec.tagged_as::<SplineLayer>()? {
+            SplineLayer::SplineCoupling(c) => {
+                if c.mask.len() != dim {
+                    return Err(format!(
+                        "mask of {} features in a model of {dim}",
+                        c.mask.len()
+                    ));
+                }
+                if !c.mask.contains(&true) || !c.mask.contains(&false) {
+                    return Err(format!(
+                        "a coupling mask must keep at least one feature and transform at least one, got {:?}",
+                        c.mask
+                    ));
+                }
+                (c.transform, c.context_dim)
+            }
+            SplineLayer::SplineAutoregressive(c) => {
+                c.check(dim)?;
+                (c.transform, c.context_dim)
+            }
+        };
+        if context != context_dim {
+            return Err(format!(
+                "a layer of {context} context features in a model of {context_dim}"
+            ));
+        }
+        spline.check()
+    }
+
+    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        spec.tagged_as::<SplineLayer>()
+            .map_err(candle::Error::Msg)?
+            .build(vb)
+    }
+}

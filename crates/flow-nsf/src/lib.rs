@@ -1,0 +1,13 @@
+//! Neural spline flows (Durkan et al. 2019): rational-quadratic splines
+//! ([`flow_nn::Spline`]) as the element-wise transform of a coupling layer (NSF-C,
+//! `Coupling<Spline>`) or of an autoregressive layer (NSF-AR,
+//! `Autoregressive<Spline>`). [`NsfConfig`] describes a stack; [`NsfFamily`] builds its
+//! layers from a model configuration (kinds `spline-coupling` and
+//! `spline-autoregressive`).
+
+mod config;
+mod family;
+
+pub use config::{NsfConfig, NsfKind, SplineLayer};
+pub use family::NsfFamily;
+pub use flow_nn::{Spline, SplineStyle};
