@@ -90,6 +90,8 @@ impl MafConfig {
                     inverted: self.inverse,
                     context_dim: self.context_dim,
                     zero_init: false,
+                    residual_blocks: 0,
+                    stored_masks: false,
                 })
             })
             .collect()

@@ -1,9 +1,9 @@
 use candle::{bail, Result, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::{init::Init, Module, VarBuilder};
 use flow_core::Bijector;
 use serde::{Deserialize, Serialize};
 
-use crate::{made_masks, Activation, Mlp, NetConfig, Transform};
+use crate::{made::check_made_masks, made_masks, Activation, Mlp, NetConfig, Transform};
 
 /// One autoregressive layer, fully specified: the order of its features, its MADE
 /// network and the element-wise transform's own settings (flattened beside the others
@@ -29,6 +29,26 @@ pub struct AutoregressiveConfig<T> {
     /// Start the output layer at zero, so the layer starts as the identity.
     #[serde(default)]
     pub zero_init: bool,
+    /// A residual MADE of this many blocks (nflows' default network): `Linear(in, h)`,
+    /// blocks `u + L₁(act(L₀(act(u))))`, `Linear(h, out)`, with `hidden` holding the
+    /// one width `h`. 0: a plain MLP through the `hidden` widths.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub residual_blocks: usize,
+    /// The MADE masks are tensors of the layer (`made.{layer}.mask`, buffers that
+    /// checkpoints keep) instead of following from `order`: weights imported from a
+    /// library that assigns MADE degrees its own way only work with that library's
+    /// masks. They are checked against `order` when the layer is built; a fresh layer
+    /// starts with the masks `order` gives.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stored_masks: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl<T> AutoregressiveConfig<T> {
@@ -49,7 +69,53 @@ impl<T> AutoregressiveConfig<T> {
         if self.hidden.contains(&0) {
             return Err("a hidden layer of width 0".into());
         }
+        if self.residual_blocks > 0 && self.hidden.len() != 1 {
+            return Err(format!(
+                "a residual MADE has one hidden width, got {:?}",
+                self.hidden
+            ));
+        }
         Ok(())
+    }
+
+    /// The network: a plain MLP, or a residual one.
+    fn net(&self) -> NetConfig {
+        match (self.residual_blocks, self.hidden.first()) {
+            (blocks, Some(&hidden)) if blocks > 0 => NetConfig::Residual {
+                hidden,
+                blocks,
+                activation: self.activation,
+            },
+            _ => NetConfig::Mlp {
+                hidden: self.hidden.clone(),
+                activation: self.activation,
+            },
+        }
+    }
+
+    /// The widths of the network's hidden layers, one per masked layer but the last.
+    fn hidden_widths(&self) -> Vec<usize> {
+        match (self.residual_blocks, self.hidden.first()) {
+            (blocks, Some(&h)) if blocks > 0 => vec![h; 1 + 2 * blocks],
+            _ => self.hidden.clone(),
+        }
+    }
+
+    /// The network's layers' names under `made` (as [`Mlp`] stores them).
+    fn layer_names(&self) -> Vec<String> {
+        if self.residual_blocks > 0 {
+            std::iter::once("input".to_string())
+                .chain(
+                    (0..self.residual_blocks)
+                        .flat_map(|b| [format!("blocks.{b}.0"), format!("blocks.{b}.1")]),
+                )
+                .chain(std::iter::once("output".to_string()))
+                .collect()
+        } else {
+            (0..=self.hidden.len())
+                .map(|i| (2 * i).to_string())
+                .collect()
+        }
     }
 }
 
@@ -59,14 +125,18 @@ impl<T> AutoregressiveConfig<T> {
 /// - forward (data → latent, the density): `z = f(x; θ(x))` in one pass;
 /// - inverse: `x = f⁻¹(z; θ(x))`, feature by feature: `d` passes.
 ///
-/// The MADE network is stored under `made.*` (as a plain MLP: `made.0`, `made.2`, …);
-/// its masks follow from the order and are not stored.
+/// The MADE network is stored under `made.*` (as a plain MLP: `made.0`, `made.2`, …, or
+/// a residual one: `made.input`, `made.blocks.{b}.{0,1}`, `made.output`); its masks
+/// follow from the order and are not stored, unless the configuration says they are
+/// (`made.{layer}.mask`).
 #[derive(Debug, Clone)]
 pub struct Autoregressive<T> {
     made: Mlp,
     transform: T,
     dim: usize,
     context_dim: usize,
+    /// Stored masks: the layer's buffers.
+    stored: Vec<Tensor>,
 }
 
 impl<T: Transform> Autoregressive<T> {
@@ -80,27 +150,41 @@ impl<T: Transform> Autoregressive<T> {
             rank[i] = k + 1;
         }
         let params = cfg.transform.params().len();
-        let net = NetConfig::Mlp {
-            hidden: cfg.hidden.clone(),
-            activation: cfg.activation,
-        };
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let made = Mlp::new(
-            &net,
+            &cfg.net(),
             dim + cfg.context_dim,
             dim * params,
             cfg.zero_init,
             vb.pp("made"),
         )?;
-        let masks = made_masks(&rank, cfg.context_dim, &cfg.hidden, params, &device)?
+        let widths = cfg.hidden_widths();
+        let mut masks = made_masks(&rank, cfg.context_dim, &widths, params, &device)?
             .into_iter()
             .map(|m| m.to_dtype(dtype))
             .collect::<Result<Vec<_>>>()?;
+        let mut stored = Vec::new();
+        if cfg.stored_masks {
+            for (name, computed) in cfg.layer_names().iter().zip(&masks) {
+                let vb = vb.pp("made").pp(name);
+                let fresh = !vb.contains_tensor("mask");
+                let mask = vb.get_with_hints(computed.dims(), "mask", Init::Const(0.0))?;
+                if fresh {
+                    // A new layer starts from the masks its order gives (written into the
+                    // variable just created, so that it is saved with them).
+                    mask.slice_set(computed, 0, 0)?;
+                }
+                stored.push(mask);
+            }
+            check_made_masks(&stored, &rank, cfg.context_dim, params, cfg.residual_blocks)?;
+            masks = stored.clone();
+        }
         Ok(Self {
             made: made.with_masks(masks)?,
             transform: cfg.transform.clone(),
             dim,
             context_dim: cfg.context_dim,
+            stored,
         })
     }
 
@@ -161,6 +245,10 @@ impl<T: Transform> Bijector for Autoregressive<T> {
     }
     fn inverse_with_context(&self, z: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
         self.inverse_pass(z, Some(context))
+    }
+    /// Stored masks are fixed: training must not make the network see the future.
+    fn buffers(&self) -> Vec<Tensor> {
+        self.stored.clone()
     }
 }
 

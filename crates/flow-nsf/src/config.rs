@@ -130,6 +130,8 @@ impl NsfConfig {
                         inverted: false,
                         context_dim: self.context_dim,
                         zero_init: false,
+                        residual_blocks: 0,
+                        stored_masks: false,
                     })
                 }
             })

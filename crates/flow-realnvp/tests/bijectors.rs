@@ -184,6 +184,8 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
             inverted: false,
             context_dim: 0,
             zero_init: false,
+            residual_blocks: 0,
+            stored_masks: false,
         };
         let maf = ar(Affine::new(ScaleMap::SoftClamp { clamp: 3.0 }));
         out.push((
@@ -205,6 +207,8 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
             inverted: false,
             context_dim: 0,
             zero_init: false,
+            residual_blocks: 0,
+            stored_masks: false,
         };
         out.push((
             format!("nsf-ar {order:?}"),
