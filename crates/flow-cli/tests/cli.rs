@@ -400,9 +400,15 @@ fn imported_models_work_with_every_command() {
         ("nflows", "nflows_SimpleRealNVP_f2_h32_L4_B2"),
         ("zuko", "zuko_RealNVP_f2_T4_h64x2"),
         ("freia", "freia_GLOW_x3_clamp2"),
+        ("zuko", "zuko_NSF_f2_T3_K8_h64x2"),
+        ("zuko", "zuko_MAF_f3_T3_h64x2"),
+        ("nflows", "nflows_RQcoupling_f2_L4_K8_h32_B2"),
+        ("normflows", "normflows_CoupledRQS_f3_L4_K8_h32_B2"),
+        ("normflows", "normflows_ARQS_f3_L3_K8_h32_B2"),
+        ("normflows", "normflows_MAF_f3_L4_h32_B2"),
     ] {
         let weights = fixtures.join(format!("{stem}.safetensors"));
-        let m = path(&format!("{source}.safetensors"));
+        let m = path(&format!("{stem}.safetensors"));
         ok(&[
             "import",
             "--from",
@@ -412,10 +418,29 @@ fn imported_models_work_with_every_command() {
             "--out",
             &m,
         ]);
-        let x = path(&format!("{source}_x.csv"));
+        let x = path(&format!("{stem}_x.csv"));
         ok(&["sample", "--model", &m, "--n", "50", "--out", &x]);
         ok(&["log-prob", "--model", &m, "--input", &x]);
         ok(&["inspect", "--model", &m]);
+        // Decode and encode moderate latents (samples may hold the seed model's
+        // explosions, which encode to NaN).
+        let sampled = std::fs::read_to_string(&x).expect("samples");
+        let dim = sampled.lines().last().map_or(0, |l| l.split(',').count());
+        let latents: String = (0..20)
+            .map(|i| {
+                let row: Vec<String> = (0..dim)
+                    .map(|j| format!("{}", ((i * 7 + j * 3) % 11) as f64 / 5.0 - 1.0))
+                    .collect();
+                row.join(",") + "\n"
+            })
+            .collect();
+        let (z, back) = (
+            path(&format!("{stem}_z.csv")),
+            path(&format!("{stem}_back.csv")),
+        );
+        std::fs::write(&z, latents).expect("latents");
+        ok(&["decode", "--model", &m, "--input", &z, "--out", &back]);
+        ok(&["encode", "--model", &m, "--input", &back, "--out", &z]);
     }
     // The seed model exports back to the seed layout; the trained reference model,
     // which standardises its input, cannot and says why.
@@ -425,7 +450,7 @@ fn imported_models_work_with_every_command() {
         "--to",
         "seed",
         "--model",
-        &path("seed.safetensors"),
+        &path("seed_stacked3.safetensors"),
         "--out",
         &back,
     ]);

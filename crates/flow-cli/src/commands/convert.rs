@@ -25,6 +25,8 @@ pub fn import(a: ImportArgs) -> CmdResult {
     let opts = ImportOptions {
         activation: a.activation,
         clamp: a.clamp,
+        // The source library's own default (there is no flag for it yet).
+        tail_bound: None,
     };
     let imported = flow_io::import(source, &a.input, &opts)?;
     let mut extra = BTreeMap::new();

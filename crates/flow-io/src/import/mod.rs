@@ -1,12 +1,15 @@
-//! Importing RealNVP-family weights saved by other tools
-//! (`safetensors.torch.save_file(model.state_dict())`).
+//! Importing weights saved by other tools
+//! (`safetensors.torch.save_file(model.state_dict())`): RealNVP-family couplings, and
+//! from zuko, nflows and normflows also spline couplings, masked autoregressive flows
+//! and autoregressive splines.
 //!
 //! The architecture is inferred from tensor names and shapes: layer count, dimension,
-//! split, hidden widths and depth, permutations and masks from integer and boolean
-//! buffers. What the weights cannot tell (activation, clamp) takes the source library's
-//! default unless overridden in [`ImportOptions`].
+//! split, hidden widths and depth, spline bins, permutations, masks and MADE degrees from
+//! integer and boolean buffers. What the weights cannot tell (activation, clamp, tail
+//! bound) takes the source library's default unless overridden in [`ImportOptions`].
 
 mod freia;
+mod nets;
 mod nflows;
 mod normflows;
 mod seed;
@@ -17,6 +20,7 @@ use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
 use flow_models::{BaseConfig, LayerSpec, ModelConfig};
+use flow_nn::{AutoregressiveConfig, Spline};
 use flow_realnvp::{
     Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
@@ -27,16 +31,19 @@ pub(crate) use weights::Weights;
 
 use crate::IoError;
 
-/// Tools whose RealNVP checkpoints can be imported.
+/// Tools whose checkpoints can be imported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// The reference `stacked_NVP` code (`bijectors.{i}.sig_net` / `mu_net`).
     Seed,
-    /// normflows: `NormalizingFlow` of `AffineCouplingBlock` + `Permute`.
+    /// normflows: `NormalizingFlow` of `AffineCouplingBlock`,
+    /// `CoupledRationalQuadraticSpline`, `AutoregressiveRationalQuadraticSpline` or
+    /// `MaskedAffineAutoregressive`, and `Permute`.
     Normflows,
-    /// nflows: `SimpleRealNVP`.
+    /// nflows: `SimpleRealNVP`, or a flow of `PiecewiseRationalQuadraticCouplingTransform`,
+    /// `MaskedAffineAutoregressiveTransform` and permutations.
     Nflows,
-    /// zuko: `zuko.flows.RealNVP`.
+    /// zuko: `zuko.flows.RealNVP`, `NSF` and `MAF`.
     Zuko,
     /// FrEIA: `SequenceINN` of `GLOWCouplingBlock` + `PermuteRandom`.
     Freia,
@@ -73,6 +80,9 @@ pub struct ImportOptions {
     pub activation: Option<Activation>,
     /// Log-scale clamp for sources that clamp (FrEIA: 2.0).
     pub clamp: Option<f64>,
+    /// Spline tail bound, a setting of the source's layers (nflows: 1.0, its default;
+    /// normflows: 3.0; zuko: 5.0).
+    pub tail_bound: Option<f64>,
 }
 
 /// An imported model: its configuration and tensors, named as this crate's checkpoints
@@ -84,12 +94,16 @@ pub struct Imported {
 }
 
 /// A layer as the importers produce it; its JSON form is the registry's (kinds
-/// `affine` and `permute`).
+/// `affine`, `permute`, `spline-coupling`, `spline-autoregressive` and
+/// `affine-autoregressive`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub(crate) enum LayerConfig {
     Affine(CouplingConfig<Affine>),
     Permute { perm: Vec<usize> },
+    SplineCoupling(CouplingConfig<Spline>),
+    SplineAutoregressive(AutoregressiveConfig<Spline>),
+    AffineAutoregressive(AutoregressiveConfig<Affine>),
 }
 
 /// An affine coupling as the importers produce it: explicit mask, no context.
@@ -113,6 +127,47 @@ pub(crate) fn affine(
         inverted,
         context_dim: 0,
     })
+}
+
+/// A spline coupling as the importers produce it: explicit mask (true = kept), one
+/// network whose output holds each transformed feature's parameters in turn, no context.
+pub(crate) fn spline_coupling(mask: Vec<bool>, net: NetConfig, spline: Spline) -> LayerConfig {
+    LayerConfig::SplineCoupling(CouplingConfig {
+        mask,
+        conditioner: ConditionerConfig {
+            nets: Nets::Joint,
+            layout: OutputLayout::ByFeature,
+            net,
+            zero_init: false,
+        },
+        transform: spline,
+        inverted: false,
+        context_dim: 0,
+    })
+}
+
+/// An autoregressive layer with the source's MADE masks (stored beside the weights:
+/// every library assigns MADE degrees its own way): plain hidden widths, or one width
+/// and `residual_blocks` blocks.
+pub(crate) fn autoregressive<T>(
+    order: Vec<usize>,
+    hidden: Vec<usize>,
+    residual_blocks: usize,
+    activation: Activation,
+    transform: T,
+    inverted: bool,
+) -> AutoregressiveConfig<T> {
+    AutoregressiveConfig {
+        order,
+        hidden,
+        activation,
+        transform,
+        inverted,
+        context_dim: 0,
+        zero_init: false,
+        residual_blocks,
+        stored_masks: true,
+    }
 }
 
 /// The model around imported layers: no standardisation.

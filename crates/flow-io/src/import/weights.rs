@@ -149,6 +149,36 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// A MADE mask `(out, in)` (boolean, integer 0/1 or float 0/1, as the libraries save
+    /// them) as an f32 tensor of zeros and ones.
+    pub fn mask(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, IoError> {
+        let found = self.shape(name)?;
+        if found != shape {
+            return Err(IoError::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let values: Vec<f32> = match self.st.tensor(name).map(|v| v.dtype()) {
+            Ok(Dtype::BOOL | Dtype::U8) => self
+                .bools(name)?
+                .into_iter()
+                .map(|b| f32::from(u8::from(b)))
+                .collect(),
+            _ => self
+                .float_any(name)?
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(IoError::candle(&self.path))?,
+        };
+        if values.iter().any(|v| *v != 0.0 && *v != 1.0) {
+            return Err(self.invalid(format!("`{name}` is not a mask of zeros and ones")));
+        }
+        Tensor::from_vec(values, shape, &candle::Device::Cpu).map_err(IoError::candle(&self.path))
+    }
+
     /// Marks a tensor as read without using it (buffers that are derived data).
     pub fn skip(&mut self, name: &str) {
         self.unused.remove(name);

@@ -1,0 +1,377 @@
+//! Spline couplings, masked autoregressive flows and autoregressive splines saved by
+//! zuko, nflows and normflows import and reproduce the libraries' own numbers
+//! (`tests/fixtures/interop`: weights plus `*_io` files with inputs `x`, the source's
+//! `log_prob` and `z = f(x)`; the splines' first row lies in their linear tails); they
+//! survive a checkpoint, masks included; damaged or mixed state dicts are one-line
+//! errors naming a tensor.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use candle::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use flow_core::seeded_var_builder;
+use flow_io::{import, import_bytes, ImportOptions, Imported, Source};
+use rand::{rngs::StdRng, SeedableRng};
+use safetensors::tensor::TensorView;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/interop")
+        .join(name)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flows-import-families-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+/// The fixtures that import: source, stem, the tail bound the source used where it is
+/// not the library's default.
+const FIXTURES: [(Source, &str, Option<f64>); 6] = [
+    (Source::Zuko, "zuko_NSF_f2_T3_K8_h64x2", None),
+    (Source::Zuko, "zuko_MAF_f3_T3_h64x2", None),
+    (
+        Source::Nflows,
+        "nflows_RQcoupling_f2_L4_K8_h32_B2",
+        Some(3.0),
+    ),
+    (
+        Source::Normflows,
+        "normflows_CoupledRQS_f3_L4_K8_h32_B2",
+        None,
+    ),
+    (Source::Normflows, "normflows_ARQS_f3_L3_K8_h32_B2", None),
+    (Source::Normflows, "normflows_MAF_f3_L4_h32_B2", None),
+];
+
+/// nflows' MAF: its MADE reads like the others, but its scale map is not one of ours.
+const NFLOWS_MAF: (Source, &str, Option<f64>) = (Source::Nflows, "nflows_MAF_f2_L4_h32", None);
+
+fn options(tail_bound: Option<f64>) -> ImportOptions {
+    ImportOptions {
+        tail_bound,
+        ..ImportOptions::default()
+    }
+}
+
+/// The imported model, built with exactly the imported tensors.
+fn build(imported: &Imported, dtype: DType) -> Result<flow_core::Flow> {
+    let varmap = VarMap::new();
+    let flow = imported
+        .config
+        .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
+    let vars = varmap.data().lock().expect("lock").clone();
+    ensure!(
+        vars.len() == imported.tensors.len(),
+        "{} variables, {} tensors",
+        vars.len(),
+        imported.tensors.len()
+    );
+    for (name, var) in &vars {
+        let t = imported
+            .tensors
+            .get(name)
+            .with_context(|| format!("no tensor {name}"))?;
+        var.set(&t.to_dtype(dtype)?)?;
+    }
+    // Built again over the imported values, so that construction-time checks (the
+    // masks against the order) see them, as loading a checkpoint does.
+    let flow2 = imported
+        .config
+        .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
+    drop(flow);
+    Ok(flow2)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// Imports `stem` and compares log-probs and latents with the source's to 1e-4, in f32
+/// and f64; returns the f32 errors.
+fn check(source: Source, stem: &str, tail_bound: Option<f64>) -> Result<(f64, f64)> {
+    let imported = import(
+        source,
+        &fixture(&format!("{stem}.safetensors")),
+        &options(tail_bound),
+    )?;
+    let io = candle::safetensors::load(fixture(&format!("{stem}_io.safetensors")), &Device::Cpu)?;
+    let x = &io["x"];
+    let mut errors = (0.0, 0.0);
+    for dtype in [DType::F64, DType::F32] {
+        let flow = build(&imported, dtype)?;
+        let x = x.to_dtype(dtype)?;
+        let lp = max_abs(&flow.log_prob(&x)?, &io["log_prob"])?;
+        let z = max_abs(&flow.encode(&x)?, &io["z"])?;
+        eprintln!("{stem} {dtype:?}: log_prob off by {lp:.2e}, z by {z:.2e}");
+        ensure!(lp <= 1e-4, "{stem} {dtype:?}: log_prob off by {lp}");
+        ensure!(z <= 1e-4, "{stem} {dtype:?}: z off by {z}");
+        // The inverse (d passes for the autoregressive layers) gives x back.
+        let back = max_abs(&flow.decode(&flow.encode(&x)?)?, &x)?;
+        ensure!(back <= 1e-3, "{stem} {dtype:?}: round trip off by {back}");
+        let s = flow.sample(64, &mut StdRng::seed_from_u64(0))?;
+        ensure!(s.dims() == [64, imported.config.dim]);
+        errors = (lp, z);
+    }
+    Ok(errors)
+}
+
+#[test]
+fn zuko_nsf() -> Result<()> {
+    check(Source::Zuko, "zuko_NSF_f2_T3_K8_h64x2", None).map(drop)
+}
+
+#[test]
+fn zuko_maf() -> Result<()> {
+    check(Source::Zuko, "zuko_MAF_f3_T3_h64x2", None).map(drop)
+}
+
+#[test]
+fn nflows_rational_quadratic_coupling() -> Result<()> {
+    check(
+        Source::Nflows,
+        "nflows_RQcoupling_f2_L4_K8_h32_B2",
+        Some(3.0),
+    )
+    .map(drop)
+}
+
+/// nflows 0.14's `MaskedAffineAutoregressiveTransform` scales by `softplus(raw) + 1e-3`
+/// (normflows' copy by `sigmoid(raw + 2) + 1e-3`, which imports): no scale map here
+/// computes it, so the import says so instead of producing other numbers.
+#[test]
+fn nflows_maf_is_refused_for_its_scale_map() -> Result<()> {
+    let (source, stem, _) = NFLOWS_MAF;
+    let e = import(
+        source,
+        &fixture(&format!("{stem}.safetensors")),
+        &ImportOptions::default(),
+    )
+    .expect_err("nflows MAF");
+    let msg = e.to_string();
+    ensure!(
+        msg.contains("softplus") && msg.contains("final_layer") && !msg.contains('\n'),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn normflows_coupled_rational_quadratic_spline() -> Result<()> {
+    check(
+        Source::Normflows,
+        "normflows_CoupledRQS_f3_L4_K8_h32_B2",
+        None,
+    )
+    .map(drop)
+}
+
+#[test]
+fn normflows_autoregressive_rational_quadratic_spline() -> Result<()> {
+    check(Source::Normflows, "normflows_ARQS_f3_L3_K8_h32_B2", None).map(drop)
+}
+
+#[test]
+fn normflows_masked_affine_autoregressive() -> Result<()> {
+    check(Source::Normflows, "normflows_MAF_f3_L4_h32_B2", None).map(drop)
+}
+
+#[test]
+fn imported_models_survive_a_checkpoint_with_their_masks() -> Result<()> {
+    for (source, stem, bound) in FIXTURES {
+        let imported = import(
+            source,
+            &fixture(&format!("{stem}.safetensors")),
+            &options(bound),
+        )?;
+        let path = tmp(&format!("{stem}.safetensors"));
+        flow_io::save(
+            &path,
+            &imported.config,
+            &imported.tensors,
+            None,
+            &Default::default(),
+        )?;
+        let loaded = flow_io::load_model(&path, DType::F32, &Device::Cpu)?;
+        let io =
+            candle::safetensors::load(fixture(&format!("{stem}_io.safetensors")), &Device::Cpu)?;
+        let err = max_abs(&loaded.flow.log_prob(&io["x"])?, &io["log_prob"])?;
+        ensure!(err <= 1e-4, "{stem}: reloaded log_prob off by {err}");
+        // Masks are the model's buffers: a trainer leaves them alone.
+        let masks = imported
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with(".mask"))
+            .count();
+        ensure!(
+            loaded.flow.buffers().len() >= masks,
+            "{stem}: {} buffers for {masks} masks",
+            loaded.flow.buffers().len()
+        );
+    }
+    Ok(())
+}
+
+/// The state dict of `stem` as raw tensors (dtype, shape, bytes).
+type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+fn raw(stem: &str) -> Result<HashMap<String, Raw>> {
+    let bytes = std::fs::read(fixture(&format!("{stem}.safetensors")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect())
+}
+
+fn serialize(tensors: &HashMap<String, Raw>) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, (d, s, b))| Ok((k.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Imports `tensors` as `source`: an error must be one line naming a tensor (in
+/// backticks).
+fn import_raw(source: Source, tensors: &HashMap<String, Raw>, what: &str) -> Result<bool> {
+    let bytes = serialize(tensors)?;
+    let path = PathBuf::from(format!("{what}.safetensors"));
+    match import_bytes(source, &path, &bytes, &ImportOptions::default()) {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{what}: {msg}");
+            ensure!(
+                !msg.contains('\n') && msg.contains('`'),
+                "{what}: the error does not name a tensor on one line: {msg}"
+            );
+            Ok(false)
+        }
+    }
+}
+
+#[test]
+fn truncated_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
+    for (source, stem, _) in FIXTURES.into_iter().chain([NFLOWS_MAF]) {
+        let full = raw(stem)?;
+        let mut names: Vec<&String> = full.keys().collect();
+        names.sort();
+        for name in names {
+            let mut t = full.clone();
+            t.remove(name);
+            let ok = import_raw(source, &t, &format!("{stem} without {name}"))?;
+            // Only buffers derived from others may go missing: the hidden layers'
+            // MADE degrees (the masks say it all) and a permutation's inverse.
+            let derived = (name.ends_with(".degrees") && !name.contains("final_layer"))
+                || name.ends_with("inv_perm");
+            ensure!(
+                !ok || derived,
+                "{stem} without `{name}` imported without an error"
+            );
+        }
+        // A file cut short is an error too.
+        let bytes = std::fs::read(fixture(&format!("{stem}.safetensors")))?;
+        for cut in [bytes.len() / 3, bytes.len() - 1] {
+            let r = import_bytes(
+                source,
+                &PathBuf::from("cut.safetensors"),
+                &bytes[..cut],
+                &ImportOptions::default(),
+            );
+            ensure!(r.is_err(), "{stem} cut at {cut} imported");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
+    // A zuko NSF transform among MAF ones (other width, other dimension).
+    let mut zuko = raw("zuko_MAF_f3_T3_h64x2")?;
+    for (name, t) in raw("zuko_NSF_f2_T3_K8_h64x2")? {
+        if name.starts_with("transform.transforms.1.") {
+            zuko.insert(name, t);
+        }
+    }
+    ensure!(!import_raw(Source::Zuko, &zuko, "zuko mixed")?);
+
+    // A MADE beside an nflows coupling's network.
+    let mut nflows = raw("nflows_RQcoupling_f2_L4_K8_h32_B2")?;
+    for (name, t) in raw("nflows_MAF_f2_L4_h32")? {
+        if let Some(rest) = name.strip_prefix("_transform._transforms.0.") {
+            nflows.insert(format!("_transform._transforms.1.{rest}"), t);
+        }
+    }
+    ensure!(!import_raw(Source::Nflows, &nflows, "nflows mixed")?);
+
+    // normflows: a MAF's network under a spline coupling's index, and a block of each.
+    let mut normflows = raw("normflows_CoupledRQS_f3_L4_K8_h32_B2")?;
+    for (name, t) in raw("normflows_MAF_f3_L4_h32_B2")? {
+        if name.starts_with("flows.0.") {
+            normflows.insert(name, t);
+        }
+    }
+    ensure!(!import_raw(
+        Source::Normflows,
+        &normflows,
+        "normflows mixed"
+    )?);
+    let mut swapped = raw("normflows_ARQS_f3_L3_K8_h32_B2")?;
+    swapped.retain(|k, _| !k.starts_with("flows.2."));
+    for (name, t) in raw("normflows_MAF_f3_L4_h32_B2")? {
+        if name.starts_with("flows.2.") {
+            swapped.insert(name, t);
+        }
+    }
+    // A MAF block in place of a spline one is a valid flow: it imports.
+    ensure!(import_raw(
+        Source::Normflows,
+        &swapped,
+        "normflows MAF among splines"
+    )?);
+
+    // The wrong importer for a file says what it expected.
+    for (source, stem) in [
+        (Source::Zuko, "nflows_MAF_f2_L4_h32"),
+        (Source::Nflows, "zuko_NSF_f2_T3_K8_h64x2"),
+        (Source::Normflows, "zuko_MAF_f3_T3_h64x2"),
+    ] {
+        ensure!(!import_raw(source, &raw(stem)?, stem)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn masks_that_break_the_order_do_not_load() -> Result<()> {
+    // A MADE mask opened up: the import succeeds (the weights are all there), but the
+    // model does not build, and says why.
+    let mut t = raw("zuko_MAF_f3_T3_h64x2")?;
+    let name = "transform.transforms.1.hyper.4.mask";
+    let (dtype, shape, bytes) = t[name].clone();
+    t.insert(name.into(), (dtype, shape, vec![1; bytes.len()]));
+    let path = tmp("broken_mask.safetensors");
+    std::fs::write(&path, serialize(&t)?)?;
+    let imported = import(Source::Zuko, &path, &ImportOptions::default())?;
+    let out = tmp("broken_mask_model.safetensors");
+    flow_io::save(
+        &out,
+        &imported.config,
+        &imported.tensors,
+        None,
+        &Default::default(),
+    )?;
+    let e = flow_io::load_model(&out, DType::F32, &Device::Cpu).expect_err("broken mask");
+    let msg = e.to_string();
+    // (Only the first line: with RUST_BACKTRACE set, candle appends a backtrace.)
+    let first = msg.lines().next().unwrap_or_default();
+    ensure!(first.contains("does not come before"), "{msg}");
+    Ok(())
+}
