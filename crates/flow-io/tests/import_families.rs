@@ -375,3 +375,22 @@ fn masks_that_break_the_order_do_not_load() -> Result<()> {
     ensure!(first.contains("does not come before"), "{msg}");
     Ok(())
 }
+
+#[test]
+fn the_tail_bound_is_a_setting_and_must_be_positive() -> Result<()> {
+    let path = fixture("nflows_RQcoupling_f2_L4_K8_h32_B2.safetensors");
+    // nflows' own default bound, 1, unless told: the weights cannot say.
+    let default = import(Source::Nflows, &path, &ImportOptions::default())?;
+    let told = import(Source::Nflows, &path, &options(Some(3.0)))?;
+    let bound = |i: &Imported| -> Result<f64> {
+        let spec = &i.config.layers[0];
+        let spline: flow_nn::Spline = spec.settings().map_err(anyhow::Error::msg)?;
+        Ok(spline.bound)
+    };
+    ensure!(bound(&default)? == 1.0 && bound(&told)? == 3.0);
+    for bad in [0.0, -1.0, f64::NAN] {
+        let e = import(Source::Nflows, &path, &options(Some(bad))).expect_err("bad bound");
+        ensure!(e.to_string().contains("tail bound"), "{e}");
+    }
+    Ok(())
+}

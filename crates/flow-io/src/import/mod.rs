@@ -192,6 +192,9 @@ pub fn import_bytes(
     opts: &ImportOptions,
 ) -> Result<Imported, IoError> {
     let mut w = Weights::parse(path, bytes)?;
+    if let Some(b) = opts.tail_bound.filter(|b| !(b.is_finite() && *b > 0.0)) {
+        return Err(w.invalid(format!("the tail bound must be positive, got {b}")));
+    }
     let imported = match source {
         Source::Seed => seed::import(&mut w, opts)?,
         Source::Normflows => normflows::import(&mut w, opts)?,
