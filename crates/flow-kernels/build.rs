@@ -1,5 +1,5 @@
-//! With the `cuda` feature, compiles the fused kernels (`src/mlp/mlp.cu`) to PTX with
-//! `nvcc`, as candle's own kernels are. `CUDA_COMPUTE_CAP` (e.g. `90`) picks the
+//! With the `cuda` feature, compiles the fused kernels (`src/mlp/mlp.cu`,
+//! `src/spline/spline.cu`) to PTX with `nvcc`, as candle's own kernels are. `CUDA_COMPUTE_CAP` (e.g. `90`) picks the
 //! virtual architecture; the default, 7.5, is the oldest CUDA 13 supports, and newer
 //! GPUs compile the PTX for themselves when it loads.
 
@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/limits.rs");
     println!("cargo:rerun-if-changed=src/mlp/mlp.cu");
+    println!("cargo:rerun-if-changed=src/spline/spline.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -23,17 +24,25 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".into());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
     let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg(format!("-DMAX_IO={}", limits::CUDA_MAX_IO))
-        .arg("-o")
-        .arg(out.join("fused_mlp.ptx"))
-        .arg("src/mlp/mlp.cu")
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc failed on src/mlp/mlp.cu ({s})"),
-        Err(e) => panic!("the cuda feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e}"),
+    for (source, ptx) in [
+        ("src/mlp/mlp.cu", "fused_mlp.ptx"),
+        ("src/spline/spline.cu", "fused_spline.ptx"),
+    ] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(format!("-DMAX_IO={}", limits::CUDA_MAX_IO))
+            .arg(format!("-DMAX_BINS={}", limits::CUDA_MAX_BINS))
+            .arg("-o")
+            .arg(out.join(ptx))
+            .arg(source)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("nvcc failed on {source} ({s})"),
+            Err(e) => {
+                panic!("the cuda feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e}")
+            }
+        }
     }
 }

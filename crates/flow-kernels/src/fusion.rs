@@ -38,6 +38,8 @@ pub enum Op {
     Mlp { activation: Activation },
     /// The element-wise part of an affine coupling.
     AffineCoupling,
+    /// A rational-quadratic spline per element, with this many bins.
+    Spline { bins: usize },
     /// Adam's update of one variable.
     Adam,
 }
@@ -62,6 +64,10 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
                 Activation::LeakyRelu | Activation::Relu | Activation::Tanh
             );
             act && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
+        }
+        Op::Spline { bins } => {
+            dev.is_cpu()
+                || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
         Op::AffineCoupling | Op::Adam => dev.is_cpu(),
     }

@@ -7,6 +7,7 @@
 //!   one over matrix products, CUDA kernels in `mlp/mlp.cu`), with [`pack_linear`]
 //!   laying out its parameters;
 //! - [`affine`]: the element-wise part of an affine coupling (update and log-det);
+//! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place.
 //!
 //! [`fusion`] holds the one switch and the one decision, per op, between a kernel and
@@ -20,12 +21,14 @@ mod limits;
 pub mod mlp;
 mod pack;
 pub mod scale;
+pub mod spline;
 
 pub use activation::Activation;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};
-pub use limits::CUDA_MAX_IO;
+pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
 pub use scale::ScaleMap;
+pub use spline::{SplineShape, SplineStyle};
 
 /// The contiguous part of a storage that `l` describes (the fused ops take contiguous
 /// inputs).

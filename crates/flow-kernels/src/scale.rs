@@ -18,6 +18,8 @@ pub enum ScaleMap {
     Atan { clamp: f64 },
     /// `log(sigmoid(s + 2) + 1e-3)` (as in nflows' affine coupling).
     Sigmoid,
+    /// `log(softplus(s) + 1e-3)` (as in nflows' masked affine autoregressive layer).
+    Softplus,
 }
 
 impl Default for ScaleMap {
@@ -35,6 +37,10 @@ impl ScaleMap {
             Self::Tanh { clamp } => s.affine(1.0 / clamp, 0.0)?.tanh()?.affine(clamp, 0.0),
             Self::Atan { clamp } => s.apply(&atan)?.affine(clamp * 0.636, 0.0),
             Self::Sigmoid => candle_nn::ops::sigmoid(&s.affine(1.0, 2.0)?)?
+                .affine(1.0, 1e-3)?
+                .log(),
+            // softplus(s) = max(s, 0) + log(1 + e^{−|s|}), stable for large |s|.
+            Self::Softplus => (s.relu()? + s.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?
                 .affine(1.0, 1e-3)?
                 .log(),
         }
@@ -63,6 +69,12 @@ impl ScaleMap {
                 let p = one / (one + (-(s + c(2.0))).exp());
                 let q = p + c(1e-3);
                 (q.ln(), p * (one - p) / q)
+            }
+            Self::Softplus => {
+                let softplus = s.max(T::zero()) + (-s.abs()).exp().ln_1p();
+                let q = softplus + c(1e-3);
+                let sigmoid = one / (one + (-s).exp());
+                (q.ln(), sigmoid / q)
             }
         }
     }

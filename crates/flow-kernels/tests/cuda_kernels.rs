@@ -1,7 +1,10 @@
-//! The CUDA kernels (`src/mlp/mlp.cu`) checked without a GPU: `cuda_emulation/
-//! harness.cpp` compiles them as C++ against an emulation of CUDA's threads, warps,
-//! shuffles and atomics, runs forward and backward passes, and compares values and
-//! gradients with a plain implementation (f32 within 1e-5, f64 within 1e-12). On a GPU,
+//! The CUDA kernels checked without a GPU. `cuda_emulation/harness.cpp` compiles the
+//! network kernels (`src/mlp/mlp.cu`) as C++ against an emulation of CUDA's threads,
+//! warps, shuffles and atomics, runs forward and backward passes, and compares values
+//! and gradients with a plain implementation (f32 within 1e-5, f64 within 1e-12).
+//! `cuda_emulation/spline_harness.cpp` runs the spline kernels (`src/spline/spline.cu`)
+//! against the spline written from its definition, its inverse by bisection and
+//! gradients by central differences. On a GPU,
 //! `flow-nn`'s `tests/fused.rs` with `--features cuda` compares the real thing with
 //! candle's ops.
 //!
@@ -13,17 +16,19 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-#[test]
-fn cuda_kernels_match_reference_under_emulation() -> Result<()> {
+/// Compiles `harness` (in `tests/cuda_emulation/`) against the kernels in `src/{dir}`
+/// and runs it: `Ok(None)` when there is no compiler outside CI, else its report.
+fn emulate(harness: &str, dir: &str) -> Result<Option<String>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emulation");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(harness.trim_end_matches(".cpp"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let build = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-pthread"])
         .arg(format!("-DMAX_IO={}", flow_kernels::CUDA_MAX_IO))
+        .arg(format!("-DMAX_BINS={}", flow_kernels::CUDA_MAX_BINS))
         .arg("-I")
-        .arg(root.join("src/mlp"))
-        .arg(root.join("tests/cuda_emulation/harness.cpp"))
+        .arg(root.join("src").join(dir))
+        .arg(root.join("tests/cuda_emulation").join(harness))
         .arg("-o")
         .arg(&exe)
         .output();
@@ -34,22 +39,32 @@ fn cuda_kernels_match_reference_under_emulation() -> Result<()> {
         }
         Err(e) => {
             eprintln!("no C++ compiler ({cxx}: {e}): CUDA kernel emulation not run");
-            return Ok(());
+            return Ok(None);
         }
     };
     if !build.status.success() {
         bail!(
-            "compiling the emulation failed:\n{}",
+            "compiling {harness} failed:\n{}",
             String::from_utf8_lossy(&build.stderr)
         );
     }
     let run = Command::new(&exe)
         .output()
-        .context("running the emulation")?;
-    let report = String::from_utf8_lossy(&run.stdout);
+        .with_context(|| format!("running {harness}"))?;
+    let report = String::from_utf8_lossy(&run.stdout).into_owned();
     eprintln!("{report}");
     if !run.status.success() {
         bail!("CUDA kernels differ from the reference:\n{report}");
     }
-    Ok(())
+    Ok(Some(report))
+}
+
+#[test]
+fn cuda_network_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("harness.cpp", "mlp").map(|_| ())
+}
+
+#[test]
+fn cuda_spline_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("spline_harness.cpp", "spline").map(|_| ())
 }

@@ -2,20 +2,7 @@ use candle::{bail, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::Transform;
-
-/// How a conditioner's raw outputs become a spline's bin widths, heights and knot
-/// derivatives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum SplineStyle {
-    /// Durkan et al. (2019) as nflows writes it: widths and heights a softmax with a
-    /// minimum bin size, derivatives a softplus with a minimum.
-    #[default]
-    Durkan,
-    /// zuko's: each raw value soft-clipped to `±|ln slope|`, widths and heights a
-    /// softmax, derivatives an exponential (at least the slope `min_derivative`).
-    Zuko,
-}
+use flow_kernels::{fused, Op, SplineShape, SplineStyle};
 
 /// A monotone rational-quadratic spline (Durkan et al. 2019, "Neural Spline Flows"):
 /// `bins` bins between knots on `[−bound, bound]` in both directions, the identity (a
@@ -219,6 +206,35 @@ impl Transform for Spline {
         let [theta] = theta else {
             bail!("a spline takes its parameters stacked as one tensor");
         };
+        if x.rank() == 2 && fused(Op::Spline { bins: self.bins }, x) {
+            flow_kernels::spline::spline(x, theta, self.shape(), inverse)
+        } else {
+            self.apply_reference(x, theta, inverse)
+        }
+    }
+}
+
+impl Spline {
+    /// The settings as the fused kernel takes them.
+    fn shape(&self) -> SplineShape {
+        SplineShape {
+            bins: self.bins,
+            bound: self.bound,
+            style: self.style,
+            min_bin_width: self.min_bin_width,
+            min_bin_height: self.min_bin_height,
+            min_derivative: self.min_derivative,
+        }
+    }
+
+    /// The spline as plain candle ops: the reference the fused kernel is tested
+    /// against.
+    pub fn apply_reference(
+        &self,
+        x: &Tensor,
+        theta: &Tensor,
+        inverse: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let knots = self.knots(theta)?;
         let k = self.bins;
         let b = self.bound;
