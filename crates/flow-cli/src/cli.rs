@@ -48,7 +48,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Plot a 2-D model's density, with data points if given.
     Plot(PlotArgs),
-    /// Convert another tool's RealNVP weights (a safetensors state dict) to a model.
+    /// Convert another tool's weights (a safetensors state dict) to a model: RealNVP,
+    /// spline (NSF) and autoregressive (MAF) flows.
     Import(ImportArgs),
     /// Write a model in another tool's layout.
     Export(ExportArgs),
@@ -58,11 +59,12 @@ pub enum Command {
 pub enum SourceArg {
     /// The reference RealNVP code (`bijectors.{i}.sig_net` / `mu_net`).
     Seed,
-    /// normflows' `NormalizingFlow` of affine coupling blocks.
+    /// normflows' `NormalizingFlow` of affine couplings, spline couplings,
+    /// autoregressive splines or MAF layers, with their permutations.
     Normflows,
-    /// nflows' `SimpleRealNVP`.
+    /// nflows' `SimpleRealNVP`, rational-quadratic couplings and MAF.
     Nflows,
-    /// zuko's `RealNVP`.
+    /// zuko's `RealNVP`, `NSF` and `MAF`.
     Zuko,
     /// FrEIA's `SequenceINN` of Glow coupling blocks.
     Freia,
@@ -86,6 +88,10 @@ pub struct ImportArgs {
     /// Log-scale clamp (FrEIA's `clamp`, zuko's bound).
     #[arg(long)]
     pub clamp: Option<f64>,
+    /// The splines' tail bound, which the weights do not record (default: the source
+    /// library's, nflows 1, normflows 3, zuko 5).
+    #[arg(long)]
+    pub tail_bound: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -394,30 +394,34 @@ fn every_family_trains_and_serves_every_command() {
 #[test]
 fn imported_models_work_with_every_command() {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/interop");
-    for (source, stem) in [
-        ("seed", "seed_stacked3"),
-        ("normflows", "normflows_readme_realnvp_K4"),
-        ("nflows", "nflows_SimpleRealNVP_f2_h32_L4_B2"),
-        ("zuko", "zuko_RealNVP_f2_T4_h64x2"),
-        ("freia", "freia_GLOW_x3_clamp2"),
-        ("zuko", "zuko_NSF_f2_T3_K8_h64x2"),
-        ("zuko", "zuko_MAF_f3_T3_h64x2"),
-        ("nflows", "nflows_RQcoupling_f2_L4_K8_h32_B2"),
-        ("normflows", "normflows_CoupledRQS_f3_L4_K8_h32_B2"),
-        ("normflows", "normflows_ARQS_f3_L3_K8_h32_B2"),
-        ("normflows", "normflows_MAF_f3_L4_h32_B2"),
+    for (source, stem, bound) in [
+        ("seed", "seed_stacked3", None),
+        ("normflows", "normflows_readme_realnvp_K4", None),
+        ("nflows", "nflows_SimpleRealNVP_f2_h32_L4_B2", None),
+        ("zuko", "zuko_RealNVP_f2_T4_h64x2", None),
+        ("freia", "freia_GLOW_x3_clamp2", None),
+        ("zuko", "zuko_NSF_f2_T3_K8_h64x2", None),
+        ("zuko", "zuko_MAF_f3_T3_h64x2", None),
+        ("nflows", "nflows_RQcoupling_f2_L4_K8_h32_B2", Some("3")),
+        ("nflows", "nflows_MAF_f2_L4_h32", None),
+        ("normflows", "normflows_CoupledRQS_f3_L4_K8_h32_B2", None),
+        ("normflows", "normflows_ARQS_f3_L3_K8_h32_B2", None),
+        ("normflows", "normflows_MAF_f3_L4_h32_B2", None),
     ] {
         let weights = fixtures.join(format!("{stem}.safetensors"));
+        let weights = weights.to_string_lossy();
         let m = path(&format!("{stem}.safetensors"));
-        ok(&[
-            "import",
-            "--from",
-            source,
-            "--input",
-            &weights.to_string_lossy(),
-            "--out",
-            &m,
-        ]);
+        let mut import = vec!["import", "--from", source, "--input", &weights, "--out", &m];
+        if let Some(b) = bound {
+            // Not in the weights: the bound the source was built with.
+            import.extend(["--tail-bound", b]);
+            let mut bad = import.clone();
+            if let Some(last) = bad.last_mut() {
+                *last = "-1";
+            }
+            fails(&bad, "tail bound must be positive");
+        }
+        ok(&import);
         let x = path(&format!("{stem}_x.csv"));
         ok(&["sample", "--model", &m, "--n", "50", "--out", &x]);
         ok(&["log-prob", "--model", &m, "--input", &x]);

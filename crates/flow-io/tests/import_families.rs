@@ -29,7 +29,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// The fixtures that import: source, stem, the tail bound the source used where it is
 /// not the library's default.
-const FIXTURES: [(Source, &str, Option<f64>); 6] = [
+const FIXTURES: [(Source, &str, Option<f64>); 7] = [
     (Source::Zuko, "zuko_NSF_f2_T3_K8_h64x2", None),
     (Source::Zuko, "zuko_MAF_f3_T3_h64x2", None),
     (
@@ -44,10 +44,8 @@ const FIXTURES: [(Source, &str, Option<f64>); 6] = [
     ),
     (Source::Normflows, "normflows_ARQS_f3_L3_K8_h32_B2", None),
     (Source::Normflows, "normflows_MAF_f3_L4_h32_B2", None),
+    (Source::Nflows, "nflows_MAF_f2_L4_h32", None),
 ];
-
-/// nflows' MAF: its MADE reads like the others, but its scale map is not one of ours.
-const NFLOWS_MAF: (Source, &str, Option<f64>) = (Source::Nflows, "nflows_MAF_f2_L4_h32", None);
 
 fn options(tail_bound: Option<f64>) -> ImportOptions {
     ImportOptions {
@@ -143,23 +141,10 @@ fn nflows_rational_quadratic_coupling() -> Result<()> {
 }
 
 /// nflows 0.14's `MaskedAffineAutoregressiveTransform` scales by `softplus(raw) + 1e-3`
-/// (normflows' copy by `sigmoid(raw + 2) + 1e-3`, which imports): no scale map here
-/// computes it, so the import says so instead of producing other numbers.
+/// (normflows' copy by `sigmoid(raw + 2) + 1e-3`).
 #[test]
-fn nflows_maf_is_refused_for_its_scale_map() -> Result<()> {
-    let (source, stem, _) = NFLOWS_MAF;
-    let e = import(
-        source,
-        &fixture(&format!("{stem}.safetensors")),
-        &ImportOptions::default(),
-    )
-    .expect_err("nflows MAF");
-    let msg = e.to_string();
-    ensure!(
-        msg.contains("softplus") && msg.contains("final_layer") && !msg.contains('\n'),
-        "{msg}"
-    );
-    Ok(())
+fn nflows_masked_affine_autoregressive() -> Result<()> {
+    check(Source::Nflows, "nflows_MAF_f2_L4_h32", None).map(drop)
 }
 
 #[test]
@@ -258,9 +243,15 @@ fn import_raw(source: Source, tensors: &HashMap<String, Raw>, what: &str) -> Res
     }
 }
 
+/// The layer index in a tensor name (`…_transforms.{l}.…`), if any.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.split("_transforms.").nth(1)?;
+    rest.split('.').next()?.parse().ok()
+}
+
 #[test]
 fn truncated_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
-    for (source, stem, _) in FIXTURES.into_iter().chain([NFLOWS_MAF]) {
+    for (source, stem, _) in FIXTURES {
         let full = raw(stem)?;
         let mut names: Vec<&String> = full.keys().collect();
         names.sort();
@@ -269,11 +260,19 @@ fn truncated_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
             t.remove(name);
             let ok = import_raw(source, &t, &format!("{stem} without {name}"))?;
             // Only buffers derived from others may go missing: the hidden layers'
-            // MADE degrees (the masks say it all) and a permutation's inverse.
+            // MADE degrees (the masks say it all) and a permutation's inverse. A last
+            // layer held in one tensor (a permutation) leaves a valid, shorter flow.
             let derived = (name.ends_with(".degrees") && !name.contains("final_layer"))
                 || name.ends_with("inv_perm");
+            let whole_last_layer = name.ends_with("._permutation")
+                && full.keys().all(|k| layer_of(k) <= layer_of(name))
+                && full
+                    .keys()
+                    .filter(|k| layer_of(k) == layer_of(name))
+                    .count()
+                    == 1;
             ensure!(
-                !ok || derived,
+                !ok || derived || whole_last_layer,
                 "{stem} without `{name}` imported without an error"
             );
         }

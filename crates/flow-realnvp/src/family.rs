@@ -51,7 +51,7 @@ impl LayerFamily for RealNvpFamily {
                     ScaleMap::SoftClamp { clamp }
                     | ScaleMap::Tanh { clamp }
                     | ScaleMap::Atan { clamp } => clamp,
-                    ScaleMap::Exp | ScaleMap::Sigmoid => 1.0,
+                    ScaleMap::Exp | ScaleMap::Sigmoid | ScaleMap::Softplus => 1.0,
                 };
                 if !(clamp.is_finite() && clamp > 0.0) {
                     return Err(format!("clamp must be positive, got {clamp}"));

@@ -255,6 +255,18 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
         chain.push(Reverse::new(dim, &DEV)?);
     }
     out.push(("mixed chain".into(), Box::new(chain)));
+    for (m, mask) in masks(dim).into_iter().enumerate() {
+        let c = coupling(
+            mask.clone(),
+            Nets::Joint,
+            OutputLayout::Interleaved,
+            ScaleMap::Softplus,
+        );
+        out.push((
+            format!("softplus {mask:?}"),
+            Box::new(AffineCoupling::new(&c, vb.pp(format!("softplus{m}")))?),
+        ));
+    }
     Ok(out)
 }
 

@@ -121,6 +121,7 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
         ScaleMap::Tanh { clamp: 2.0 },
         ScaleMap::Atan { clamp: 1.5 },
         ScaleMap::Sigmoid,
+        ScaleMap::Softplus,
     ];
     // (features, mask, layers, hidden units, batch); the last is the reference job's
     // network at a batch the kernels split across threads.

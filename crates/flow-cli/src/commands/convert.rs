@@ -25,8 +25,7 @@ pub fn import(a: ImportArgs) -> CmdResult {
     let opts = ImportOptions {
         activation: a.activation,
         clamp: a.clamp,
-        // The source library's own default (there is no flag for it yet).
-        tail_bound: None,
+        tail_bound: a.tail_bound,
     };
     let imported = flow_io::import(source, &a.input, &opts)?;
     let mut extra = BTreeMap::new();

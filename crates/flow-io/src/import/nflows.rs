@@ -10,8 +10,8 @@
 //! - `MaskedPiecewiseRationalQuadraticAutoregressiveTransform` over a residual `MADE`
 //!   `autoregressive_net` (see `nets`) whose output holds each feature's spline
 //!   parameters (not rescaled). `MaskedAffineAutoregressiveTransform`'s MADE reads the
-//!   same way, `(raw scale, shift)` per feature, but nflows 0.14 maps the raw scale
-//!   through `softplus(raw) + 1e-3`, which no scale map here computes: refused;
+//!   same way, `(raw scale, shift)` per feature, the scale `softplus(raw) + 1e-3`
+//!   (nflows 0.14);
 //! - permutations (`ReversePermutation`, `RandomPermutation`): `_permutation`,
 //!   `z = x[:, perm]`.
 //!
@@ -60,15 +60,17 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             let (layer, d) = coupling(w, &p, l, n, activation, bound, &mut tensors)?;
             (layer, d, "identity_features")
         } else if w.contains(&format!("{made}.initial_layer.weight")) {
-            let (layer, d) = masked_autoregressive(w, &p, n, activation, bound, &mut tensors)?;
-            if let LayerConfig::AffineAutoregressive(_) = layer {
-                // nflows 0.14 scales by softplus(raw) + 1e-3 (normflows' copy of the
-                // class keeps the older sigmoid(raw + 2) + 1e-3), and no scale map here
-                // computes that.
-                return Err(w.invalid(format!(
-                    "`{made}.final_layer.weight`: nflows' MaskedAffineAutoregressiveTransform scales by softplus(raw) + 1e-3, which this build cannot express yet"
-                )));
-            }
+            // nflows 0.14 scales by softplus(raw) + 1e-3 (normflows' copy of the class
+            // keeps the older sigmoid(raw + 2) + 1e-3).
+            let (layer, d) = masked_autoregressive(
+                w,
+                &p,
+                n,
+                activation,
+                bound,
+                ScaleMap::Softplus,
+                &mut tensors,
+            )?;
             (layer, d, "autoregressive_net.initial_layer.weight")
         } else {
             return Err(w.unsupported(
@@ -174,6 +176,7 @@ pub(crate) fn masked_autoregressive(
     n: usize,
     activation: Activation,
     bound: f64,
+    scale: ScaleMap,
     tensors: &mut HashMap<String, Tensor>,
 ) -> Result<(LayerConfig, usize), IoError> {
     let net = format!("{p}.autoregressive_net");
@@ -197,13 +200,13 @@ pub(crate) fn masked_autoregressive(
     let per_feature = r.out / d;
     let order = nets::made_order(w, &net, d, per_feature)?;
     let layer = if per_feature == 2 {
-        // (raw scale, shift) per feature: our (s, t), with nflows' sigmoid scale.
+        // (raw scale, shift) per feature: our (s, t), with the source's scale map.
         LayerConfig::AffineAutoregressive(autoregressive(
             order,
             vec![r.hidden],
             r.blocks,
             activation,
-            Affine::new(ScaleMap::Sigmoid),
+            Affine::new(scale),
             false,
         ))
     } else {

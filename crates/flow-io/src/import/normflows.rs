@@ -135,13 +135,22 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
                 n,
                 activation,
                 bound,
+                ScaleMap::Sigmoid,
                 &mut tensors,
             )?;
             forward.push(layer);
             layer_dim = d;
         } else if has(w, "autoregressive_net.") {
-            let (layer, d) =
-                nflows::masked_autoregressive(w, &p, n, activation, bound, &mut tensors)?;
+            // normflows' copy of nflows' class scales by sigmoid(raw + 2) + 1e-3.
+            let (layer, d) = nflows::masked_autoregressive(
+                w,
+                &p,
+                n,
+                activation,
+                bound,
+                ScaleMap::Sigmoid,
+                &mut tensors,
+            )?;
             let LayerConfig::AffineAutoregressive(mut c) = layer else {
                 return Err(w.unsupported(
                     &p,
