@@ -1,4 +1,9 @@
 //! Seeded 2-D toy distributions used to demonstrate and test density estimation.
+//!
+//! At their default noise, eight Gaussians, checkerboard, pinwheel and two spirals are
+//! the toy sets of FFJORD (Grathwohl et al., 2019, `lib/toy_data.py`), the ones flow
+//! papers report NLLs on. Their entropies, the lowest NLL any model can reach, are
+//! [`Toy::entropy`].
 
 use std::f64::consts::PI;
 
@@ -15,13 +20,21 @@ pub enum Toy {
     Moons,
     /// Two concentric circles of radius 1 and 0.5 (noise: jitter, default 0.05).
     Circles,
-    /// Eight Gaussians on a circle of radius 2 (noise: their std, default 0.1).
+    /// FFJORD's eight Gaussians: `(4·c + noise·ε) / 1.414` for `c` one of the eight
+    /// points `(cos kπ/4, sin kπ/4)` of the unit circle, chosen uniformly, and `ε`
+    /// standard normal. The default noise, 0.5, gives centres on a circle of radius
+    /// 2.83 and a std of 0.354 each.
     EightGaussians,
-    /// A 4 × 4 checkerboard of uniform squares over [-4, 4]² (noise: jitter, default 0).
+    /// FFJORD's checkerboard: uniform on the 8 black squares of side 2 of a 4 × 4
+    /// board over [-4, 4]², a density of 1/32 (noise: jitter, default 0).
     Checkerboard,
-    /// Two interleaved spirals (noise: jitter, default 0.1).
+    /// FFJORD's two spirals: `n = 3π·√U`, one arm `(−n·cos n + U′/2, n·sin n + U″/2) / 3`
+    /// and the other its mirror image through the origin, half the points each, plus
+    /// Gaussian jitter (noise: its std, default 0.1); `U`, `U′`, `U″` uniform on [0, 1).
     Spirals,
-    /// Five curved arms (noise: tangential std, default 0.1).
+    /// FFJORD's pinwheel: five arms, `2·R(−θ)·(r, t)` with `r ~ N(1, 0.3²)`,
+    /// `t ~ N(0, noise²)` (tangential std, default 0.1), `R(−θ)` the clockwise
+    /// rotation by `θ = 2πk/5 + 0.25·exp(r)` for arm `k`; a fifth of the points each.
     Pinwheel,
 }
 
@@ -53,11 +66,32 @@ impl Toy {
     pub fn default_noise(self) -> f64 {
         match self {
             Toy::Moons | Toy::Circles => 0.05,
-            Toy::EightGaussians | Toy::Spirals | Toy::Pinwheel => 0.1,
+            Toy::EightGaussians => 0.5,
+            Toy::Spirals | Toy::Pinwheel => 0.1,
             Toy::Checkerboard => 0.0,
         }
     }
+
+    /// The differential entropy in nats of the set at its default noise, `−∫ p log p`:
+    /// the lowest mean NLL any model can reach on it. Checkerboard `ln 32` = 3.466
+    /// (uniform on an area of 32); eight Gaussians 2.832, pinwheel 2.318 and two
+    /// spirals 2.645 from their exact densities (the Gaussian mixture; the arms'
+    /// change of variables; a quadrature over the spiral), integrated on a grid, to
+    /// the digits given. The tests check each against the mean `−log p` of generated
+    /// points. `None` for moons and circles, whose noiseless points lie on curves.
+    pub fn entropy(self) -> Option<f64> {
+        match self {
+            Toy::Moons | Toy::Circles => None,
+            Toy::EightGaussians => Some(2.832),
+            Toy::Checkerboard => Some(32f64.ln()),
+            Toy::Pinwheel => Some(2.318),
+            Toy::Spirals => Some(2.645),
+        }
+    }
 }
+
+/// FFJORD divides its eight Gaussians by this (nearly `√2`, not quite).
+const EIGHT_GAUSSIANS_DIVISOR: f64 = 1.414;
 
 fn normal(rng: &mut StdRng) -> f64 {
     StandardNormal.sample(rng)
@@ -142,8 +176,8 @@ pub fn generate_labeled(
                 let k = rng.random_range(0..8) as f64;
                 let a = k * PI / 4.0;
                 let p = [
-                    2.0 * a.cos() + noise * normal(rng),
-                    2.0 * a.sin() + noise * normal(rng),
+                    (4.0 * a.cos() + noise * normal(rng)) / EIGHT_GAUSSIANS_DIVISOR,
+                    (4.0 * a.sin() + noise * normal(rng)) / EIGHT_GAUSSIANS_DIVISOR,
                 ];
                 (p, k)
             })
@@ -174,9 +208,11 @@ pub fn generate_labeled(
                 let tangential = noise * normal(rng);
                 let angle = arm + 0.25 * radial.exp();
                 let (s, c) = angle.sin_cos();
+                // The row vector (r, t) times the rotation matrix by `angle`: a
+                // clockwise turn, as FFJORD's `einsum("ti,tij->tj", …)` makes it.
                 let p = [
-                    2.0 * (radial * c - tangential * s),
-                    2.0 * (radial * s + tangential * c),
+                    2.0 * (radial * c + tangential * s),
+                    2.0 * (tangential * c - radial * s),
                 ];
                 (p, (i % 5) as f64)
             })
@@ -234,7 +270,11 @@ mod tests {
         let g = generate_labeled(Toy::EightGaussians, 500, Some(0.01), 2).unwrap();
         for row in g.values.chunks(3) {
             let a = row[2] as f64 * PI / 4.0;
-            let (dx, dy) = (row[0] as f64 - 2.0 * a.cos(), row[1] as f64 - 2.0 * a.sin());
+            let radius = 4.0 / EIGHT_GAUSSIANS_DIVISOR;
+            let (dx, dy) = (
+                row[0] as f64 - radius * a.cos(),
+                row[1] as f64 - radius * a.sin(),
+            );
             assert!(dx.hypot(dy) < 0.1, "{row:?}");
         }
     }
@@ -251,5 +291,312 @@ mod tests {
                 "({x}, {y})"
             );
         }
+    }
+
+    // The entropies of FFJORD's sets, checked against their exact densities: the mean
+    // of −log p over points drawn by the generators is a Monte-Carlo estimate of the
+    // entropy, and must meet `Toy::entropy` within a few standard errors.
+
+    /// `(point, label)` rows of `toy` at its default noise.
+    fn labeled(toy: Toy, n: usize, seed: u64) -> Vec<([f64; 2], usize)> {
+        generate_labeled(toy, n, None, seed)
+            .unwrap()
+            .values
+            .chunks(3)
+            .map(|r| ([r[0] as f64, r[1] as f64], r[2] as usize))
+            .collect()
+    }
+
+    /// Mean and standard error of the mean.
+    fn mean_se(v: &[f64]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (mean, (var / n).sqrt())
+    }
+
+    fn gauss(x: f64, std: f64) -> f64 {
+        (-0.5 * (x / std).powi(2)).exp() / (std * (2.0 * PI).sqrt())
+    }
+
+    /// `erfc`, to a fractional error below 1.2e-7 (Numerical Recipes' Chebyshev fit).
+    fn erfc(x: f64) -> f64 {
+        let z = x.abs();
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let poly = [
+            -1.265_512_23,
+            1.000_023_68,
+            0.374_091_96,
+            0.096_784_18,
+            -0.186_288_06,
+            0.278_868_07,
+            -1.135_203_98,
+            1.488_515_87,
+            -0.822_152_23,
+            0.170_872_77,
+        ]
+        .iter()
+        .rev()
+        .fold(0.0, |acc, c| c + t * acc);
+        let r = t * (-z * z + poly).exp();
+        if x >= 0.0 {
+            r
+        } else {
+            2.0 - r
+        }
+    }
+
+    /// The standard normal distribution function.
+    fn normal_cdf(z: f64) -> f64 {
+        0.5 * erfc(-z / std::f64::consts::SQRT_2)
+    }
+
+    /// Eight Gaussians: the mixture of eight isotropic normals of std 0.5/1.414.
+    fn eight_gaussians_density(x: [f64; 2]) -> f64 {
+        let std = 0.5 / EIGHT_GAUSSIANS_DIVISOR;
+        let radius = 4.0 / EIGHT_GAUSSIANS_DIVISOR;
+        (0..8)
+            .map(|k| {
+                let (s, c) = (k as f64 * PI / 4.0).sin_cos();
+                gauss(x[0] - radius * c, std) * gauss(x[1] - radius * s, std) / 8.0
+            })
+            .sum()
+    }
+
+    /// Checkerboard: 1/32 on the squares `⌊x/2⌋ + ⌊y/2⌋` even of [-4, 4]², else 0.
+    fn checkerboard_density(x: [f64; 2]) -> f64 {
+        let inside = x.iter().all(|v| v.abs() < 4.0);
+        let (i, j) = ((x[0] / 2.0).floor(), (x[1] / 2.0).floor());
+        if inside && (i + j).rem_euclid(2.0) == 0.0 {
+            1.0 / 32.0
+        } else {
+            0.0
+        }
+    }
+
+    /// Pinwheel: each arm pushes the normal `(r, t)` forward through
+    /// `2·R(−θ(r))·(r, t)`, `θ(r) = θ_k + 0.25·e^r`, whose Jacobian determinant is
+    /// `4·(1 + 0.25·e^r·t)`. The preimages of a point `2·(ρ cos β, ρ sin β)` are
+    /// `(r, t) = ρ·(cos γ, sin γ)` with `γ − θ(ρ cos γ) = β` modulo 2π: found by a scan
+    /// over γ and bisection, all of them summed.
+    fn pinwheel_density(x: [f64; 2]) -> f64 {
+        const STEPS: usize = 512;
+        static GRID: std::sync::OnceLock<Vec<(f64, f64)>> = std::sync::OnceLock::new();
+        let grid = GRID.get_or_init(|| {
+            (0..=STEPS)
+                .map(|j| {
+                    let g = -PI + 2.0 * PI * j as f64 / STEPS as f64;
+                    (g, g.cos())
+                })
+                .collect()
+        });
+        let noise = Toy::Pinwheel.default_noise();
+        let (qx, qy) = (x[0] / 2.0, x[1] / 2.0);
+        let (rho, beta) = (qx.hypot(qy), qy.atan2(qx));
+        // `γ − 0.25·e^(ρ cos γ) − β` along the scan, shared by the five arms.
+        let phase = |g: f64| g - 0.25 * (rho * g.cos()).exp() - beta;
+        let scan: Vec<f64> = grid
+            .iter()
+            .map(|&(g, c)| g - 0.25 * (rho * c).exp() - beta)
+            .collect();
+        let mut p = 0.0;
+        for k in 0..5 {
+            let arm = 2.0 * PI * k as f64 / 5.0;
+            // In turns: a preimage wherever this crosses an integer.
+            let turns = |phase: f64| (phase - arm) / (2.0 * PI);
+            for j in 0..STEPS {
+                let (a, b) = (turns(scan[j]), turns(scan[j + 1]));
+                if a.floor() == b.floor() {
+                    continue;
+                }
+                let level = a.floor().max(b.floor());
+                let (mut lo, mut hi) = (grid[j].0, grid[j + 1].0);
+                let rising = a < b;
+                for _ in 0..60 {
+                    let mid = 0.5 * (lo + hi);
+                    if (turns(phase(mid)) < level) == rising {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let (s, c) = (0.5 * (lo + hi)).sin_cos();
+                let (r, t) = (rho * c, rho * s);
+                let det = 4.0 * (1.0 + 0.25 * r.exp() * t).abs();
+                p += gauss(r - 1.0, 0.3) * gauss(t, noise) / det / 5.0;
+            }
+        }
+        p
+    }
+
+    /// Two spirals: with `y = 3x`, an arm is the law of `c(n) + u/2 + 3·noise·ε`,
+    /// `c(n) = (−n cos n, n sin n)`, `n` of density `2n/(3π)²` on [0, 3π], `u` uniform
+    /// on [0, 1)²: an integral over `n` (midpoint rule) of a box convolved with a
+    /// normal in each coordinate. The other arm is its mirror image; `9` is `|∂y/∂x|`.
+    fn spirals_density(x: [f64; 2]) -> f64 {
+        const NODES: usize = 1500;
+        let h = 3.0 * PI / NODES as f64;
+        // Per node: `c(n)` and the weight `h·2n/(3π)²`.
+        static NODE: std::sync::OnceLock<Vec<[f64; 3]>> = std::sync::OnceLock::new();
+        let nodes = NODE.get_or_init(|| {
+            (0..NODES)
+                .map(|i| {
+                    let n = (i as f64 + 0.5) * h;
+                    let (sin, cos) = n.sin_cos();
+                    [-n * cos, n * sin, h * 2.0 * n / (9.0 * PI * PI)]
+                })
+                .collect()
+        });
+        let s = 3.0 * Toy::Spirals.default_noise();
+        let box_normal = |v: f64| 2.0 * (normal_cdf(v / s) - normal_cdf((v - 0.5) / s));
+        let reach = |v: f64| (-8.0 * s..=0.5 + 8.0 * s).contains(&v);
+        let arm = |y: [f64; 2]| {
+            nodes
+                .iter()
+                .filter(|[cx, cy, _]| reach(y[0] - cx) && reach(y[1] - cy))
+                .map(|[cx, cy, w]| w * box_normal(y[0] - cx) * box_normal(y[1] - cy))
+                .sum::<f64>()
+        };
+        let y = [3.0 * x[0], 3.0 * x[1]];
+        9.0 * 0.5 * (arm(y) + arm([-y[0], -y[1]]))
+    }
+
+    /// `∫ density` over [-r, r]² by the midpoint rule with step `h`.
+    fn mass(density: fn([f64; 2]) -> f64, r: f64, h: f64) -> f64 {
+        let k = (2.0 * r / h).round() as usize;
+        let at = |i: usize| -r + (i as f64 + 0.5) * h;
+        (0..k)
+            .flat_map(|i| (0..k).map(move |j| [at(i), at(j)]))
+            .map(density)
+            .sum::<f64>()
+            * h
+            * h
+    }
+
+    /// Checks the Monte-Carlo entropy of `n` points of `toy` under `density` against
+    /// `Toy::entropy`, within four standard errors (and the stated value's rounding).
+    fn check_entropy(toy: Toy, density: fn([f64; 2]) -> f64, n: usize) {
+        let nll: Vec<f64> = labeled(toy, n, 17)
+            .iter()
+            .map(|(x, _)| -density(*x).ln())
+            .collect();
+        let (h, se) = mean_se(&nll);
+        let stated = toy.entropy().unwrap();
+        assert!(
+            (h - stated).abs() <= 4.0 * se + 5e-4,
+            "{toy:?}: Monte-Carlo entropy {h:.4} ± {se:.4}, stated {stated}"
+        );
+    }
+
+    #[test]
+    fn eight_gaussians_have_the_mixture_entropy() {
+        assert!((mass(eight_gaussians_density, 6.0, 0.05) - 1.0).abs() < 1e-6);
+        check_entropy(Toy::EightGaussians, eight_gaussians_density, 100_000);
+        // Each point sits near the centre its label names, with FFJORD's spread.
+        let pts = labeled(Toy::EightGaussians, 50_000, 5);
+        let radius = 4.0 / EIGHT_GAUSSIANS_DIVISOR;
+        let offsets: Vec<f64> = pts
+            .iter()
+            .flat_map(|(x, k)| {
+                let (s, c) = (*k as f64 * PI / 4.0).sin_cos();
+                [x[0] - radius * c, x[1] - radius * s]
+            })
+            .collect();
+        let (mean, _) = mean_se(&offsets);
+        let var = offsets.iter().map(|d| d * d).sum::<f64>() / offsets.len() as f64;
+        assert!(mean.abs() < 0.01, "mean offset {mean}");
+        let std = 0.5 / EIGHT_GAUSSIANS_DIVISOR;
+        assert!((var.sqrt() / std - 1.0).abs() < 0.02, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn checkerboard_is_uniform_on_eight_squares() {
+        let pts = labeled(Toy::Checkerboard, 80_000, 5);
+        let mut counts = [0usize; 8];
+        for (x, label) in &pts {
+            assert_eq!(checkerboard_density(*x), 1.0 / 32.0, "{x:?} off the board");
+            assert_eq!(*label as f64, (x[0] / 2.0).floor() + 2.0);
+            // Column 0–3, then which of the column's two squares.
+            let (i, j) = ((x[0] / 2.0).floor() + 2.0, (x[1] / 2.0).floor() + 2.0);
+            let square = i * 2.0 + (j / 2.0).floor();
+            counts[square as usize] += 1;
+        }
+        // Every point has density 1/32, so −E log p is ln 32 exactly; the squares are
+        // equally likely (binomial counts within five standard deviations).
+        let (n, p) = (pts.len() as f64, 1.0 / 8.0);
+        for c in counts {
+            assert!(
+                (c as f64 - n * p).abs() < 5.0 * (n * p * (1.0 - p)).sqrt(),
+                "{counts:?}"
+            );
+        }
+        assert_eq!(Toy::Checkerboard.entropy(), Some(32f64.ln()));
+        assert!((mass(checkerboard_density, 4.0, 0.1) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pinwheel_has_its_entropy_and_turns_clockwise() {
+        assert!((mass(pinwheel_density, 6.0, 0.1) - 1.0).abs() < 1e-3);
+        check_entropy(Toy::Pinwheel, pinwheel_density, 10_000);
+        let pts = labeled(Toy::Pinwheel, 50_000, 5);
+        // E|x|² = 4·(E r² + E t²) = 4·(1 + 0.3² + 0.1²).
+        let sq: Vec<f64> = pts.iter().map(|(x, _)| x[0] * x[0] + x[1] * x[1]).collect();
+        let (m, se) = mean_se(&sq);
+        assert!((m - 4.4).abs() < 4.0 * se, "E|x|² = {m} ± {se}");
+        // Turned back by its arm's angle, a point lies at angle −0.25·e^r (plus the
+        // small atan(t/r)): on average −0.25·e^(1 + 0.3²/2), clockwise.
+        let offsets: Vec<f64> = pts
+            .iter()
+            .map(|(x, k)| {
+                let (s, c) = (2.0 * PI * *k as f64 / 5.0).sin_cos();
+                (x[1] * c + x[0] * s).atan2(x[0] * c - x[1] * s)
+            })
+            .collect();
+        let (m, se) = mean_se(&offsets);
+        let expected = -0.25 * (1.0f64 + 0.045).exp();
+        assert!((m - expected).abs() < 4.0 * se, "{m} ± {se}, {expected}");
+    }
+
+    #[test]
+    fn spirals_have_their_entropy_and_moments() {
+        assert!((mass(spirals_density, 4.5, 0.05) - 1.0).abs() < 1e-4);
+        check_entropy(Toy::Spirals, spirals_density, 20_000);
+        // Arm 0's mean: E[−n cos n] = 4/(3π) and E[n sin n] = 2 − 8/(3π)², plus the
+        // uniform offsets' 1/4, all over 3; arm 1 is its mirror image.
+        let pts = labeled(Toy::Spirals, 50_000, 5);
+        let e_cos = 4.0 / (3.0 * PI);
+        let e_sin = 2.0 - 8.0 / (9.0 * PI * PI);
+        let expected = [(e_cos + 0.25) / 3.0, (e_sin + 0.25) / 3.0];
+        for arm in 0..2 {
+            let sign = if arm == 0 { 1.0 } else { -1.0 };
+            for j in 0..2 {
+                let v: Vec<f64> = pts
+                    .iter()
+                    .filter(|(_, k)| *k == arm)
+                    .map(|(x, _)| x[j])
+                    .collect();
+                let (m, se) = mean_se(&v);
+                assert!(
+                    (m - sign * expected[j]).abs() < 4.0 * se,
+                    "arm {arm}, coordinate {j}: {m} ± {se}, {}",
+                    sign * expected[j]
+                );
+            }
+        }
+        // E|3x|² = E n² + E[c(n)·u] + E|u|²/4 + 2·(3·0.1)² with E n² = (3π)²/2.
+        let sq: Vec<f64> = pts.iter().map(|(x, _)| x[0] * x[0] + x[1] * x[1]).collect();
+        let (m, se) = mean_se(&sq);
+        let expected = (4.5 * PI * PI + 0.5 * (e_cos + e_sin) + 1.0 / 6.0 + 0.18) / 9.0;
+        assert!(
+            (m - expected).abs() < 4.0 * se,
+            "E|x|² = {m} ± {se}, {expected}"
+        );
+        // Without noise every point is within the spiral's reach: |3x| ≤ 3π + √2/2.
+        let bare = generate(Toy::Spirals, 20_000, Some(0.0), 5).unwrap();
+        let reach = (3.0 * PI + 0.5f64.sqrt()) / 3.0;
+        assert!(bare
+            .values
+            .chunks(2)
+            .all(|p| (p[0] as f64).hypot(p[1] as f64) <= reach + 1e-6));
     }
 }
