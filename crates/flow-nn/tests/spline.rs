@@ -233,3 +233,67 @@ fn fused_kernel_matches_reference_values_and_gradients() -> Result<()> {
     }
     Ok(())
 }
+
+/// The CUDA kernel against the CPU's plain-ops reference, values and gradients, on
+/// every spline above. Without a GPU this is skipped, unless `FLOWS_REQUIRE_CUDA=1`
+/// (set by `scripts/gpu-check.sh`) makes that a failure.
+#[cfg(feature = "cuda")]
+#[test]
+fn fused_cuda_spline_matches_reference() -> Result<()> {
+    let Some(gpu) = flow_core::cuda_if_present()? else {
+        return Ok(());
+    };
+    for s in splines() {
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
+            let (rows, n) = (500, 3);
+            let theta = params(&s, rows, n, 11)?.to_dtype(dtype)?;
+            let rng = &mut StdRng::seed_from_u64(12);
+            let x = (randn(rows, n, DType::F64, &DEV, rng)? * s.bound)?.to_dtype(dtype)?;
+            let wy = randn(rows, n, dtype, &DEV, rng)?;
+            let wl = randn(rows, 1, dtype, &DEV, rng)?.squeeze(1)?;
+            for inverse in [false, true] {
+                let what = format!("{s:?} {dtype:?} inverse {inverse}");
+                let run = |dev: &Device, reference: bool| -> Result<Vec<Tensor>> {
+                    let xv = candle::Var::from_tensor(&x.to_device(dev)?)?;
+                    let tv = candle::Var::from_tensor(&theta.to_device(dev)?)?;
+                    let (y, ld) = if reference {
+                        s.apply_reference(xv.as_tensor(), tv.as_tensor(), inverse)?
+                    } else {
+                        s.apply(
+                            xv.as_tensor(),
+                            std::slice::from_ref(tv.as_tensor()),
+                            inverse,
+                        )?
+                    };
+                    let loss = ((&y * wy.to_device(dev)?)?.sum_all()?
+                        + (&ld * wl.to_device(dev)?)?.sum_all()?)?;
+                    let g = loss.backward()?;
+                    let grad = |v: &candle::Var| -> Result<Tensor> {
+                        Ok(g.get(v.as_tensor())
+                            .ok_or_else(|| anyhow::anyhow!("{what}: no gradient"))?
+                            .to_device(&DEV)?)
+                    };
+                    Ok(vec![
+                        y.to_device(&DEV)?,
+                        ld.to_device(&DEV)?,
+                        grad(&xv)?,
+                        grad(&tv)?,
+                    ])
+                };
+                let on_gpu = x.to_device(&gpu)?;
+                ensure!(
+                    flow_kernels::fused(flow_kernels::Op::Spline { bins: s.bins }, &on_gpu),
+                    "{what}: the CUDA kernel is not taken"
+                );
+                let (gpu_out, cpu_out) = (run(&gpu, false)?, run(&DEV, true)?);
+                for (i, (a, b)) in gpu_out.iter().zip(&cpu_out).enumerate() {
+                    let e = rel(a, b)?;
+                    let bound = if i < 2 { tol } else { 20.0 * tol };
+                    ensure!(e < bound, "{what}: output {i} differs by {e:e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
