@@ -245,7 +245,9 @@ fn fused_cuda_spline_matches_reference() -> Result<()> {
     };
     for s in splines() {
         for dtype in [DType::F32, DType::F64] {
-            let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
+            // The GPU's f32 exp and log round differently from the CPU's; the inverse's
+            // root and log-slope carry that to a few 1e-5.
+            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-11 };
             let (rows, n) = (500, 3);
             let theta = params(&s, rows, n, 11)?.to_dtype(dtype)?;
             let rng = &mut StdRng::seed_from_u64(12);
