@@ -1,0 +1,190 @@
+//! The batch-normalisation flow layer (RealNVP §3.7).
+
+use candle::{Result, Tensor};
+use candle_nn::VarBuilder;
+use flow_core::Bijector;
+use serde::{Deserialize, Serialize};
+
+use crate::actnorm::channel_moments;
+use crate::shape::{assign, per_row, ImageShape};
+
+fn default_momentum() -> f64 {
+    0.1
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// A [`BatchNorm`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BatchNormConfig {
+    /// The images it normalises per channel; flat data of `D` features is
+    /// [`ImageShape::flat`]`(D)` (per-feature statistics).
+    pub shape: ImageShape,
+    /// Weight of a new batch in the running averages:
+    /// `running = (1 − momentum)·running + momentum·batch`.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Added to the variance before its square root.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+}
+
+impl BatchNormConfig {
+    pub fn new(shape: ImageShape) -> Self {
+        Self {
+            shape,
+            momentum: default_momentum(),
+            eps: default_eps(),
+        }
+    }
+
+    flow_core::with_setters! {
+        with_momentum: momentum: f64,
+        with_eps: eps: f64,
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.shape.validate()?;
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(format!(
+                "batch-norm momentum must lie in [0, 1], got {}",
+                self.momentum
+            ));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(format!("batch-norm eps must be positive, got {}", self.eps));
+        }
+        Ok(())
+    }
+}
+
+/// Batch normalisation as a bijection, data to latent, per channel:
+///
+/// `z = (x − μ) / sqrt(σ² + eps) · exp(γ) + β`,
+/// `log|det ∂z/∂x| = H·W·Σ_c (γ_c − ½·log(σ_c² + eps))`,
+///
+/// where `(μ, σ²)` are the statistics the map used. In training mode
+/// ([`Bijector::set_training`]`(true)`) `forward` uses the batch's own per-channel mean
+/// and (population) variance over the batch and the pixels — gradients flow through
+/// them — and moves the running averages towards them; in evaluation mode (the default,
+/// so that a built or loaded model is a fixed bijection) it uses the running averages.
+/// `inverse` always uses the running averages: it inverts the evaluation-mode map.
+///
+/// Tensors: `log_gamma` and `beta` (`(C,)`, trainable, starting at 0: the identity on
+/// standardised data), `running_mean` and `running_var` (`(C,)`, starting at 0 and 1;
+/// buffers, updated in place by training-mode forward passes and saved with the
+/// weights).
+#[derive(Debug)]
+pub struct BatchNorm {
+    shape: ImageShape,
+    momentum: f64,
+    eps: f64,
+    log_gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+}
+
+impl BatchNorm {
+    /// Reads (or creates) its tensors under `vb`; the layer starts in evaluation mode.
+    pub fn new(cfg: &BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle::Error::Msg)?;
+        let c = cfg.shape.channels;
+        Ok(Self {
+            shape: cfg.shape,
+            momentum: cfg.momentum,
+            eps: cfg.eps,
+            log_gamma: vb.get_with_hints(c, "log_gamma", candle_nn::init::ZERO)?,
+            beta: vb.get_with_hints(c, "beta", candle_nn::init::ZERO)?,
+            running_mean: vb.get_with_hints(c, "running_mean", candle_nn::init::ZERO)?,
+            running_var: vb.get_with_hints(c, "running_var", candle_nn::init::ONE)?,
+            training: false,
+        })
+    }
+
+    pub fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// `(running_mean, running_var)`, each `(C,)`.
+    pub fn running_stats(&self) -> (&Tensor, &Tensor) {
+        (&self.running_mean, &self.running_var)
+    }
+
+    fn per_channel(&self, t: &Tensor) -> Result<Tensor> {
+        t.reshape((1, self.shape.channels, 1, 1))
+    }
+
+    /// `sign·H·W·Σ(γ − ½ log(σ² + eps))` for every row.
+    fn log_det(&self, var: &Tensor, batch: usize, sign: f64) -> Result<Tensor> {
+        let per_channel =
+            (&self.log_gamma - var.affine(1.0, self.eps)?.log()?.affine(0.5, 0.0)?)?;
+        let total = per_channel
+            .sum_all()?
+            .affine(sign * self.shape.pixels() as f64, 0.0)?;
+        per_row(&total, batch)
+    }
+
+    /// Moves the running averages towards the batch's `(mean, var)`.
+    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+        let m = self.momentum;
+        let blend = |running: &Tensor, batch: &Tensor| -> Result<Tensor> {
+            running.affine(1.0 - m, 0.0)? + batch.detach().affine(m, 0.0)?
+        };
+        assign(&self.running_mean, &blend(&self.running_mean, mean)?)?;
+        assign(&self.running_var, &blend(&self.running_var, var)?)
+    }
+}
+
+impl Bijector for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let img = self.shape.to_image(x, "batch-norm")?;
+        let (mean, var) = if self.is_training() {
+            let (mean, var) = channel_moments(&img)?;
+            self.update_running(&mean, &var)?;
+            (mean, var)
+        } else {
+            (self.running_mean.clone(), self.running_var.clone())
+        };
+        // exp(γ) / sqrt(σ² + eps), per channel.
+        let gain = (self.log_gamma.exp()? / var.affine(1.0, self.eps)?.sqrt()?)?;
+        let z = img
+            .broadcast_sub(&self.per_channel(&mean)?)?
+            .broadcast_mul(&self.per_channel(&gain)?)?
+            .broadcast_add(&self.per_channel(&self.beta)?)?;
+        Ok((
+            ImageShape::to_rows(&z)?,
+            self.log_det(&var, x.dim(0)?, 1.0)?,
+        ))
+    }
+
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let img = self.shape.to_image(z, "batch-norm")?;
+        let var = &self.running_var;
+        // sqrt(σ² + eps) / exp(γ), per channel.
+        let spread = (var.affine(1.0, self.eps)?.sqrt()? * self.log_gamma.neg()?.exp()?)?;
+        let x = img
+            .broadcast_sub(&self.per_channel(&self.beta)?)?
+            .broadcast_mul(&self.per_channel(&spread)?)?
+            .broadcast_add(&self.per_channel(&self.running_mean)?)?;
+        Ok((
+            ImageShape::to_rows(&x)?,
+            self.log_det(var, z.dim(0)?, -1.0)?,
+        ))
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// `running_mean` and `running_var`.
+    fn buffers(&self) -> Vec<Tensor> {
+        vec![self.running_mean.clone(), self.running_var.clone()]
+    }
+}

@@ -1,0 +1,330 @@
+//! The affine coupling layer with a convolutional conditioner (RealNVP §3.3–3.4, Glow
+//! §3.3).
+
+use candle::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use flow_core::Bijector;
+use flow_nn::{Activation, ScaleMap};
+use serde::{Deserialize, Serialize};
+
+use crate::shape::ImageShape;
+
+/// Which part of the image a [`ConvCoupling`] keeps (and conditions on) and which it
+/// transforms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CouplingMask {
+    /// RealNVP's spatial checkerboard: keeps the pixels with `h + w` even (all their
+    /// channels), transforms those with `h + w` odd.
+    Checkerboard,
+    /// The other colour: keeps `h + w` odd, transforms `h + w` even.
+    CheckerboardInv,
+    /// Keeps the first `⌈C/2⌉` channels and transforms the other `⌊C/2⌋` (Glow's
+    /// split, and RealNVP's channel-wise mask).
+    Channel,
+    /// Keeps the last `⌊C/2⌋` channels and transforms the first `⌈C/2⌉`.
+    ChannelInv,
+}
+
+impl CouplingMask {
+    /// The mask that transforms what this one keeps.
+    pub fn flipped(self) -> Self {
+        match self {
+            Self::Checkerboard => Self::CheckerboardInv,
+            Self::CheckerboardInv => Self::Checkerboard,
+            Self::Channel => Self::ChannelInv,
+            Self::ChannelInv => Self::Channel,
+        }
+    }
+
+    /// Whether it splits channels (rather than pixels).
+    pub fn is_channel(self) -> bool {
+        matches!(self, Self::Channel | Self::ChannelInv)
+    }
+
+    /// `(kept, transformed)` channel counts as the conditioner sees them: its input and
+    /// half its output.
+    fn channels(self, c: usize) -> (usize, usize) {
+        match self {
+            Self::Checkerboard | Self::CheckerboardInv => (c, c),
+            Self::Channel => (c.div_ceil(2), c / 2),
+            Self::ChannelInv => (c / 2, c.div_ceil(2)),
+        }
+    }
+}
+
+fn default_hidden() -> usize {
+    512
+}
+fn default_activation() -> Activation {
+    Activation::Relu
+}
+fn default_scale() -> ScaleMap {
+    ScaleMap::Sigmoid
+}
+fn default_zero_init() -> bool {
+    true
+}
+
+/// A [`ConvCoupling`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConvCouplingConfig {
+    pub shape: ImageShape,
+    pub mask: CouplingMask,
+    /// Channels of the two hidden feature maps.
+    #[serde(default = "default_hidden")]
+    pub hidden_channels: usize,
+    #[serde(default = "default_activation")]
+    pub activation: Activation,
+    /// Raw scale output to log-scale: `sigmoid` (Glow's `σ(s + 2)`, here as
+    /// `log(σ(s + 2) + 1e-3)`), `tanh` (RealNVP's bounded scale), …
+    #[serde(default = "default_scale")]
+    pub scale: ScaleMap,
+    /// Start the last convolution at zero, so the layer starts as the identity (Glow).
+    #[serde(default = "default_zero_init")]
+    pub zero_init: bool,
+}
+
+impl ConvCouplingConfig {
+    /// Glow's defaults: 512 hidden channels, ReLU, sigmoid scale, zero-initialised
+    /// output.
+    pub fn new(shape: ImageShape, mask: CouplingMask) -> Self {
+        Self {
+            shape,
+            mask,
+            hidden_channels: default_hidden(),
+            activation: default_activation(),
+            scale: default_scale(),
+            zero_init: default_zero_init(),
+        }
+    }
+
+    flow_core::with_setters! {
+        with_hidden_channels: hidden_channels: usize,
+        with_activation: activation: Activation,
+        with_scale: scale: ScaleMap,
+        with_zero_init: zero_init: bool,
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.shape.validate()?;
+        if self.hidden_channels == 0 {
+            return Err("a coupling needs at least one hidden channel".into());
+        }
+        if self.mask.is_channel() && self.shape.channels < 2 {
+            return Err(format!(
+                "a channel-wise coupling needs at least 2 channels, got a {} image",
+                self.shape
+            ));
+        }
+        if !self.mask.is_channel() && self.shape.pixels() < 2 {
+            return Err(format!(
+                "a checkerboard coupling needs at least 2 pixels, got a {} image",
+                self.shape
+            ));
+        }
+        let clamp = match self.scale {
+            ScaleMap::SoftClamp { clamp } | ScaleMap::Tanh { clamp } | ScaleMap::Atan { clamp } => {
+                clamp
+            }
+            ScaleMap::Exp | ScaleMap::Sigmoid | ScaleMap::Softplus => 1.0,
+        };
+        if !(clamp.is_finite() && clamp > 0.0) {
+            return Err(format!("clamp must be positive, got {clamp}"));
+        }
+        Ok(())
+    }
+}
+
+/// An affine coupling over images with a convolutional conditioner, data to latent:
+/// with `x_a` the part the mask keeps and `x_b` the part it transforms,
+///
+/// `z_a = x_a`, `z_b = (x_b + t(x_a)) ⊙ exp(ls(x_a))`, `ls = scale_map(s)`,
+///
+/// and `log|det ∂z/∂x| = Σ ls` over the transformed elements. The inverse is
+/// `x_b = z_b ⊙ exp(−ls) − t` with the negated log-det. (Shift before scale is Glow's
+/// order, `(x + t)·σ(s + 2)`.) Rows are `(batch, C·H·W)`.
+///
+/// The conditioner (`t` and `s` from `x_a`) is
+/// `conv 3×3 → act → conv 1×1 → act → conv 3×3` (padding 1 for the 3×3 ones), whose
+/// last convolution starts at zero when `zero_init`. Its input and output:
+/// - channel masks: `x_a` is the kept channels, the output has `2·C_b` channels for the
+///   `C_b` transformed ones;
+/// - checkerboard masks: `x_a` is the whole image with the transformed pixels zeroed
+///   (`C` channels), the output has `2·C` channels, of which only the transformed
+///   pixels are used.
+///
+/// Output layout, interleaved as Glow's `h[:, 0::2], h[:, 1::2]`: channel `2k` is the
+/// shift `t` and channel `2k + 1` the raw scale `s` of transformed channel `k`.
+///
+/// Tensors: `conv_in`, `conv_hidden`, `conv_out`, each with `weight`
+/// `(out, in, k, k)` and `bias` `(out,)`.
+#[derive(Debug, Clone)]
+pub struct ConvCoupling {
+    shape: ImageShape,
+    mask: CouplingMask,
+    activation: Activation,
+    scale: ScaleMap,
+    conv_in: Conv2d,
+    conv_hidden: Conv2d,
+    conv_out: Conv2d,
+    /// `(1, 1, H, W)`, 1 on the kept pixels, for checkerboard masks.
+    pixel_mask: Option<Tensor>,
+}
+
+/// `(1, 1, H, W)` with 1 where `(h + w) % 2 == parity`.
+fn checkerboard(shape: ImageShape, parity: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v: Vec<f64> = (0..shape.pixels())
+        .map(|k| {
+            let (h, w) = (k / shape.width, k % shape.width);
+            if (h + w) % 2 == parity {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (1, 1, shape.height, shape.width), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+impl ConvCoupling {
+    /// Reads (or creates) the conditioner's tensors under `vb`.
+    pub fn new(cfg: &ConvCouplingConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle::Error::Msg)?;
+        let (kept, transformed) = cfg.mask.channels(cfg.shape.channels);
+        let hidden = cfg.hidden_channels;
+        let padded = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_in = candle_nn::conv2d(kept, hidden, 3, padded, vb.pp("conv_in"))?;
+        let conv_hidden = candle_nn::conv2d(
+            hidden,
+            hidden,
+            1,
+            Conv2dConfig::default(),
+            vb.pp("conv_hidden"),
+        )?;
+        let conv_out = if cfg.zero_init {
+            let vb = vb.pp("conv_out");
+            let weight = vb.get_with_hints(
+                (2 * transformed, hidden, 3, 3),
+                "weight",
+                candle_nn::init::ZERO,
+            )?;
+            let bias = vb.get_with_hints(2 * transformed, "bias", candle_nn::init::ZERO)?;
+            Conv2d::new(weight, Some(bias), padded)
+        } else {
+            candle_nn::conv2d(hidden, 2 * transformed, 3, padded, vb.pp("conv_out"))?
+        };
+        let pixel_mask = match cfg.mask {
+            CouplingMask::Checkerboard => Some(0),
+            CouplingMask::CheckerboardInv => Some(1),
+            _ => None,
+        }
+        .map(|parity| checkerboard(cfg.shape, parity, vb.dtype(), vb.device()))
+        .transpose()?;
+        Ok(Self {
+            shape: cfg.shape,
+            mask: cfg.mask,
+            activation: cfg.activation,
+            scale: cfg.scale,
+            conv_in,
+            conv_hidden,
+            conv_out,
+            pixel_mask,
+        })
+    }
+
+    pub fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    pub fn mask(&self) -> CouplingMask {
+        self.mask
+    }
+
+    /// The three convolutions, input first.
+    pub fn convs(&self) -> [&Conv2d; 3] {
+        [&self.conv_in, &self.conv_hidden, &self.conv_out]
+    }
+
+    /// `(t, ls)` from the conditioner's input, each `(batch, C_b, H, W)`.
+    fn shift_and_log_scale(&self, kept: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.activation.apply(&self.conv_in.forward(kept)?)?;
+        let h = self.activation.apply(&self.conv_hidden.forward(&h)?)?;
+        let h = self.conv_out.forward(&h)?;
+        let (b, two_cb, height, width) = h.dims4()?;
+        let h = h.reshape((b, two_cb / 2, 2, height, width))?;
+        let t = h.narrow(2, 0, 1)?.squeeze(2)?;
+        let s = h.narrow(2, 1, 1)?.squeeze(2)?;
+        Ok((t, self.scale.log_scale(&s)?))
+    }
+
+    /// Splits an image by channels into `(kept, transformed)`.
+    fn split_channels(&self, img: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = self.shape.channels;
+        let (kept, transformed) = self.mask.channels(c);
+        Ok(match self.mask {
+            CouplingMask::Channel => (img.narrow(1, 0, kept)?, img.narrow(1, kept, transformed)?),
+            _ => (
+                img.narrow(1, transformed, kept)?,
+                img.narrow(1, 0, transformed)?,
+            ),
+        })
+    }
+
+    /// Joins `(kept, transformed)` channels back in the image's order.
+    fn join_channels(&self, kept: &Tensor, transformed: &Tensor) -> Result<Tensor> {
+        match self.mask {
+            CouplingMask::Channel => Tensor::cat(&[kept, transformed], 1),
+            _ => Tensor::cat(&[transformed, kept], 1),
+        }
+    }
+
+    fn run(&self, x: &Tensor, inverse: bool) -> Result<(Tensor, Tensor)> {
+        let img = self.shape.to_image(x, "conv-coupling")?;
+        let b = img.dim(0)?;
+        let step = |xb: &Tensor, t: &Tensor, ls: &Tensor| -> Result<Tensor> {
+            if inverse {
+                xb.mul(&ls.neg()?.exp()?)?.sub(t)
+            } else {
+                xb.add(t)?.mul(&ls.exp()?)
+            }
+        };
+        let (out, ls) = match &self.pixel_mask {
+            None => {
+                let (kept, xb) = self.split_channels(&img)?;
+                let (t, ls) = self.shift_and_log_scale(&kept.contiguous()?)?;
+                let zb = step(&xb, &t, &ls)?;
+                (self.join_channels(&kept, &zb)?, ls)
+            }
+            Some(m) => {
+                // z = m⊙x + (1 − m)⊙step(x): the kept pixels pass unchanged, and the
+                // conditioner sees only them (the transformed ones zeroed), so it reads
+                // the same values going either way.
+                let kept = img.broadcast_mul(m)?;
+                let (t, ls) = self.shift_and_log_scale(&kept)?;
+                let free = m.affine(-1.0, 1.0)?;
+                let ls = ls.broadcast_mul(&free)?;
+                let moved = step(&img, &t, &ls)?.broadcast_mul(&free)?;
+                (kept.add(&moved)?, ls)
+            }
+        };
+        let log_det = ls.reshape((b, ()))?.sum(1)?;
+        let log_det = if inverse { log_det.neg()? } else { log_det };
+        Ok((ImageShape::to_rows(&out)?, log_det))
+    }
+}
+
+impl Bijector for ConvCoupling {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.run(x, false)
+    }
+
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.run(z, true)
+    }
+}

@@ -1,0 +1,264 @@
+//! The invertible 1×1 convolution (Kingma & Dhariwal 2018, Glow §3.2), plain and
+//! LU-parametrised.
+
+use candle::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use flow_core::Bijector;
+use serde::{Deserialize, Serialize};
+
+use crate::linalg::{self, Lu};
+use crate::shape::{assign, per_row, ImageShape};
+
+fn default_lu() -> bool {
+    true
+}
+
+/// An [`InvConv1x1`] layer: its image shape and parametrisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvConv1x1Config {
+    pub shape: ImageShape,
+    /// `W = P·L·(U + diag(sign(s)·exp(log|s|)))` (the default, Glow's faster form)
+    /// rather than a free `W`.
+    #[serde(default = "default_lu")]
+    pub lu: bool,
+}
+
+impl InvConv1x1Config {
+    pub fn new(shape: ImageShape) -> Self {
+        Self { shape, lu: true }
+    }
+
+    flow_core::with_setters! { with_lu: lu: bool }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.shape.validate()
+    }
+}
+
+/// How `W` is held.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `weight`, `(C, C)`, trainable.
+    Plain {
+        weight: Tensor,
+    },
+    Lu(LuWeight),
+}
+
+/// `W = P·L·(U + diag(sign_s·exp(log_s)))`.
+#[derive(Debug, Clone)]
+struct LuWeight {
+    /// `(C, C)` permutation matrix, a buffer.
+    p: Tensor,
+    /// `(C, C)`, trainable; only the strictly lower triangle is used (`L` has a unit
+    /// diagonal).
+    l: Tensor,
+    /// `(C, C)`, trainable; only the strictly upper triangle is used.
+    u: Tensor,
+    /// `(C,)`, trainable: `log|s|`.
+    log_s: Tensor,
+    /// `(C,)`, ±1, a buffer.
+    sign_s: Tensor,
+    /// Constant masks (not stored): strictly lower, strictly upper, identity.
+    lower: Tensor,
+    upper: Tensor,
+    eye: Tensor,
+}
+
+impl LuWeight {
+    /// `L` (unit lower) and `U + diag(sign_s·exp(log_s))`.
+    fn triangles(&self) -> Result<(Tensor, Tensor)> {
+        let lt = (self.l.mul(&self.lower)? + &self.eye)?;
+        let diag = self
+            .eye
+            .broadcast_mul(&self.sign_s.mul(&self.log_s.exp()?)?.unsqueeze(0)?)?;
+        let ut = (self.u.mul(&self.upper)? + diag)?;
+        Ok((lt, ut))
+    }
+}
+
+/// A learned channel-mixing matrix applied at every pixel, data to latent
+/// `z[:, h, w] = W · x[:, h, w]` with `W` a `C×C` matrix, on rows `(batch, C·H·W)`.
+///
+/// `log|det ∂z/∂x| = H·W·log|det W|`; the inverse applies `W⁻¹` with the negated
+/// log-det.
+///
+/// - Plain (`lu: false`): tensor `weight` `(C, C)`, initialised as a random rotation
+///   (Gram–Schmidt on a Gaussian draw from the `VarBuilder`'s initialiser);
+///   `log|det W|` and `W⁻¹` come from an LU decomposition on the host
+///   ([`linalg::log_abs_det`], [`linalg::inverse`], both differentiable: the gradient
+///   of `log|det W|` is `W⁻ᵀ`).
+/// - LU (`lu: true`): `W = P·L·(U + diag(sign_s · exp(log_s)))` with tensors `p`
+///   (`(C, C)` permutation, buffer), `l` and `u` (`(C, C)`, trainable, masked to their
+///   strict lower and upper triangles; `L` has a unit diagonal), `log_s` (`(C,)`,
+///   trainable) and `sign_s` (`(C,)`, ±1, buffer), initialised as the LU factors of a
+///   random rotation. `log|det W| = Σ log_s`; `W⁻¹ = (U + diag)⁻¹·L⁻¹·Pᵀ` with the
+///   triangular inverses computed on the host each call.
+///
+/// The random initialisation happens only when the tensors are created (a fresh model);
+/// tensors already in the `VarBuilder` (a loaded one) are used as they are.
+#[derive(Debug, Clone)]
+pub struct InvConv1x1 {
+    shape: ImageShape,
+    weight: Weight,
+}
+
+/// A row-major `n×n` host matrix as a tensor of `dtype` on `device`.
+fn matrix(values: Vec<f64>, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    Tensor::from_vec(values, (n, n), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+impl InvConv1x1 {
+    /// Reads (or creates, as a random rotation) the weight under `vb`.
+    pub fn new(cfg: &InvConv1x1Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle::Error::Msg)?;
+        let c = cfg.shape.channels;
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let gaussian = candle_nn::init::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        let weight = if cfg.lu {
+            // The draw for the rotation is taken from the variable `u` itself, so that a
+            // seeded VarBuilder makes it reproducible without a tensor of its own.
+            let fresh = !vb.contains_tensor("u");
+            let p = vb.get_with_hints((c, c), "p", candle_nn::init::ZERO)?;
+            let l = vb.get_with_hints((c, c), "l", candle_nn::init::ZERO)?;
+            let u = vb.get_with_hints((c, c), "u", gaussian)?;
+            let log_s = vb.get_with_hints(c, "log_s", candle_nn::init::ZERO)?;
+            let sign_s = vb.get_with_hints(c, "sign_s", candle_nn::init::ONE)?;
+            if fresh {
+                let draw = u.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let q = linalg::orthogonal(&draw, c);
+                let [pm, lm, um] = Lu::new(&q, c).map_err(candle::Error::Msg)?.factors();
+                let diag: Vec<f64> = (0..c).map(|i| um[i * c + i]).collect();
+                let strict_u: Vec<f64> = (0..c * c)
+                    .map(|k| if k % c > k / c { um[k] } else { 0.0 })
+                    .collect();
+                let strict_l: Vec<f64> = (0..c * c)
+                    .map(|k| if k % c < k / c { lm[k] } else { 0.0 })
+                    .collect();
+                let vector = |v: Vec<f64>| {
+                    Tensor::from_vec(v, c, &Device::Cpu)?
+                        .to_dtype(dtype)?
+                        .to_device(&device)
+                };
+                assign(&p, &matrix(pm, c, dtype, &device)?)?;
+                assign(&l, &matrix(strict_l, c, dtype, &device)?)?;
+                assign(&u, &matrix(strict_u, c, dtype, &device)?)?;
+                assign(
+                    &log_s,
+                    &vector(diag.iter().map(|d| d.abs().ln()).collect())?,
+                )?;
+                assign(&sign_s, &vector(diag.iter().map(|d| d.signum()).collect())?)?;
+            }
+            let mask = |keep: fn(usize, usize) -> bool| {
+                let v = (0..c * c)
+                    .map(|k| if keep(k / c, k % c) { 1.0 } else { 0.0 })
+                    .collect();
+                matrix(v, c, dtype, &device)
+            };
+            Weight::Lu(LuWeight {
+                p,
+                l,
+                u,
+                log_s,
+                sign_s,
+                lower: mask(|i, j| i > j)?,
+                upper: mask(|i, j| i < j)?,
+                eye: mask(|i, j| i == j)?,
+            })
+        } else {
+            let fresh = !vb.contains_tensor("weight");
+            let weight = vb.get_with_hints((c, c), "weight", gaussian)?;
+            if fresh {
+                let draw = weight
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                let q = linalg::orthogonal(&draw, c);
+                assign(&weight, &matrix(q, c, dtype, &device)?)?;
+            }
+            Weight::Plain { weight }
+        };
+        Ok(Self {
+            shape: cfg.shape,
+            weight,
+        })
+    }
+
+    pub fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    /// Whether `W` is LU-parametrised.
+    pub fn is_lu(&self) -> bool {
+        matches!(self.weight, Weight::Lu(_))
+    }
+
+    /// `W`, `(C, C)`: row `i` gives output channel `i`.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Plain { weight } => Ok(weight.clone()),
+            Weight::Lu(w) => {
+                let (lt, ut) = w.triangles()?;
+                w.p.matmul(&lt)?.matmul(&ut)
+            }
+        }
+    }
+
+    /// `W⁻¹`, `(C, C)`, computed on the host (from the triangular factors in the LU
+    /// form); differentiable.
+    pub fn inverse_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Plain { weight } => linalg::inverse(weight),
+            Weight::Lu(w) => {
+                let (lt, ut) = w.triangles()?;
+                // W⁻¹ = U⁻¹·L⁻¹·P⁻¹ and a permutation's inverse is its transpose.
+                linalg::inverse(&ut)?
+                    .matmul(&linalg::inverse(&lt)?)?
+                    .matmul(&w.p.t()?)
+            }
+        }
+    }
+
+    /// `log|det W|`, a scalar.
+    pub fn log_abs_det(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Plain { weight } => linalg::log_abs_det(weight),
+            Weight::Lu(w) => w.log_s.sum_all(),
+        }
+    }
+
+    /// `m · x` at every pixel of rows `x`, with log-det `sign·H·W·log|det W|`.
+    fn apply(&self, m: &Tensor, x: &Tensor, sign: f64) -> Result<(Tensor, Tensor)> {
+        let img = self.shape.to_image(x, "inv-conv1x1")?;
+        let (b, c) = (img.dim(0)?, self.shape.channels);
+        let cols = img.reshape((b, c, self.shape.pixels()))?;
+        let out = m.broadcast_matmul(&cols)?.reshape((b, ()))?;
+        let log_det = self
+            .log_abs_det()?
+            .affine(sign * self.shape.pixels() as f64, 0.0)?;
+        Ok((out, per_row(&log_det, b)?))
+    }
+}
+
+impl Bijector for InvConv1x1 {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.apply(&self.weight()?, x, 1.0)
+    }
+
+    fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.apply(&self.inverse_weight()?, z, -1.0)
+    }
+
+    /// `p` and `sign_s` of the LU form; none for the plain one.
+    fn buffers(&self) -> Vec<Tensor> {
+        match &self.weight {
+            Weight::Plain { .. } => Vec::new(),
+            Weight::Lu(w) => vec![w.p.clone(), w.sign_s.clone()],
+        }
+    }
+}

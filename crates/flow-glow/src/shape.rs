@@ -1,0 +1,146 @@
+//! The shape of the images a layer sees, and the reshaping between flat rows and
+//! images that every layer of this crate does at its edges.
+
+use std::fmt;
+
+use candle::{bail, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The shape `(channels, height, width)` of one image.
+///
+/// Every layer of this crate takes flat rows `(batch, C·H·W)` — so that `Flow`, `Chain`,
+/// checkpoints and training work on images unchanged — and reads each row in
+/// `(C, H, W)` order, the order of a contiguous NCHW tensor: feature
+/// `c·H·W + h·W + w` is pixel `(h, w)` of channel `c`.
+///
+/// Flat, non-image data fit the same layers as `C = D, H = W = 1` ([`ImageShape::flat`]):
+/// per-channel statistics are then per-feature ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl fmt::Display for ImageShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}×{}×{}", self.channels, self.height, self.width)
+    }
+}
+
+impl ImageShape {
+    pub fn new(channels: usize, height: usize, width: usize) -> Self {
+        Self {
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// `dim` features seen as `dim` channels of one pixel.
+    pub fn flat(dim: usize) -> Self {
+        Self::new(dim, 1, 1)
+    }
+
+    /// Features per image, `C·H·W`.
+    pub fn dim(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Pixels per channel, `H·W`: the factor by which a per-channel log-scale enters a
+    /// log-determinant.
+    pub fn pixels(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// Checks that no side is zero.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.dim() == 0 {
+            return Err(format!("an image needs non-zero sides, got {self}"));
+        }
+        Ok(())
+    }
+
+    /// The shape after a squeeze, `(4C, H/2, W/2)`; odd sides are an error.
+    pub fn squeezed(&self) -> std::result::Result<Self, String> {
+        self.validate()?;
+        if !self.height.is_multiple_of(2) || !self.width.is_multiple_of(2) {
+            return Err(format!(
+                "squeezing a {self} image needs an even height and width"
+            ));
+        }
+        Ok(Self::new(
+            4 * self.channels,
+            self.height / 2,
+            self.width / 2,
+        ))
+    }
+
+    /// The shape after an unsqueeze, `(C/4, 2H, 2W)`; channels not a multiple of 4 are
+    /// an error.
+    pub fn unsqueezed(&self) -> std::result::Result<Self, String> {
+        self.validate()?;
+        if !self.channels.is_multiple_of(4) {
+            return Err(format!(
+                "unsqueezing a {self} image needs a multiple of 4 channels"
+            ));
+        }
+        Ok(Self::new(
+            self.channels / 4,
+            2 * self.height,
+            2 * self.width,
+        ))
+    }
+
+    /// The same pixels with `channels` channels.
+    pub fn with_channels(&self, channels: usize) -> Self {
+        Self::new(channels, self.height, self.width)
+    }
+
+    /// Flat rows `(batch, C·H·W)` as images `(batch, C, H, W)`; any other shape is an
+    /// error naming `what`.
+    pub fn to_image(&self, x: &Tensor, what: &str) -> Result<Tensor> {
+        let (b, d) = match x.dims() {
+            [b, d] => (*b, *d),
+            dims => bail!("{what} takes rows (batch, {}), got {dims:?}", self.dim()),
+        };
+        if d != self.dim() {
+            bail!(
+                "{what} of a {self} image takes rows of {} features, got {d}",
+                self.dim()
+            );
+        }
+        x.reshape((b, self.channels, self.height, self.width))
+    }
+
+    /// Images `(batch, C, H, W)` back to flat rows `(batch, C·H·W)`.
+    pub fn to_rows(x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        x.contiguous()?.reshape((b, ()))
+    }
+}
+
+/// A per-image log-determinant, the same for every row: `total` (a scalar) as `(batch,)`.
+pub(crate) fn per_row(total: &Tensor, batch: usize) -> Result<Tensor> {
+    total.broadcast_as(batch)?.contiguous()
+}
+
+/// Writes `value` into `dst` in place, keeping `dst`'s storage (and so the variable, or
+/// the buffer, a checkpoint and an optimizer see). `value` is detached first: a written
+/// state is a new starting point, not a function of the batch it came from.
+pub(crate) fn assign(dst: &Tensor, value: &Tensor) -> Result<()> {
+    let value = value
+        .detach()
+        .to_dtype(dst.dtype())?
+        .to_device(dst.device())?
+        .reshape(dst.shape())?
+        .contiguous()?;
+    if dst.is_variable() {
+        // A variable handed out by a VarBuilder shares its storage with the VarMap's
+        // `Var`: `from_tensor` wraps that same storage, and `set` copies into it.
+        candle::Var::from_tensor(dst)?.set(&value)
+    } else {
+        // Tensors read from a file (not variables) are written through their storage.
+        dst.slice_set(&value, 0, 0)
+    }
+}
