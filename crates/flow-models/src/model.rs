@@ -154,6 +154,22 @@ impl ModelConfig {
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
 
+    /// A Glow image flow as a model: its `[logit?, multiscale]` layers, a trainable
+    /// diagonal Gaussian base over the latent when `learn_base` (one per level, per
+    /// element), and the configuration (image shape, pixel levels) as the recipe.
+    #[cfg(feature = "glow")]
+    pub fn glow(cfg: &flow_glow::GlowConfig) -> Self {
+        let model = Self::from_recipe("glow", cfg, cfg.dim(), 0, &cfg.layers());
+        model.with_base(image_base(cfg.learn_base))
+    }
+
+    /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
+    #[cfg(feature = "glow")]
+    pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
+        let model = Self::from_recipe("realnvp-image", cfg, cfg.dim(), 0, &cfg.layers());
+        model.with_base(image_base(cfg.learn_base))
+    }
+
     flow_core::with_setters! {
         with_context_dim: context_dim: usize,
         with_standardize: standardize: bool,
@@ -224,6 +240,16 @@ impl ModelConfig {
     /// Float types the layers support.
     pub fn supports(dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::F64)
+    }
+}
+
+/// An image architecture's base: trainable per-element Gaussians or `N(0, I)`.
+#[cfg(feature = "glow")]
+fn image_base(learn: bool) -> BaseConfig {
+    if learn {
+        BaseConfig::DiagNormal { trainable: true }
+    } else {
+        BaseConfig::StandardNormal
     }
 }
 

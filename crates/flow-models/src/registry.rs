@@ -35,6 +35,8 @@ impl Registry {
         let registry = registry.with(flow_nsf::NsfFamily);
         #[cfg(feature = "maf")]
         let registry = registry.with(flow_maf::MafFamily);
+        #[cfg(feature = "glow")]
+        let registry = registry.with(flow_glow::GlowFamily);
         registry
     }
 
