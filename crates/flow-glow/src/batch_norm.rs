@@ -150,7 +150,8 @@ impl Bijector for BatchNorm {
             self.update_running(&mean, &var)?;
             (mean, var)
         } else {
-            (self.running_mean.clone(), self.running_var.clone())
+            // The running statistics are buffers: constants to the gradient.
+            (self.running_mean.detach(), self.running_var.detach())
         };
         // exp(γ) / sqrt(σ² + eps), per channel.
         let gain = (self.log_gamma.exp()? / var.affine(1.0, self.eps)?.sqrt()?)?;
@@ -166,13 +167,13 @@ impl Bijector for BatchNorm {
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let img = self.shape.to_image(z, "batch-norm")?;
-        let var = &self.running_var;
+        let var = &self.running_var.detach();
         // sqrt(σ² + eps) / exp(γ), per channel.
         let spread = (var.affine(1.0, self.eps)?.sqrt()? * self.log_gamma.neg()?.exp()?)?;
         let x = img
             .broadcast_sub(&self.per_channel(&self.beta)?)?
             .broadcast_mul(&self.per_channel(&spread)?)?
-            .broadcast_add(&self.per_channel(&self.running_mean)?)?;
+            .broadcast_add(&self.per_channel(&self.running_mean.detach())?)?;
         Ok((
             ImageShape::to_rows(&x)?,
             self.log_det(var, z.dim(0)?, -1.0)?,

@@ -71,7 +71,7 @@ impl LuWeight {
         let lt = (self.l.mul(&self.lower)? + &self.eye)?;
         let diag = self
             .eye
-            .broadcast_mul(&self.sign_s.mul(&self.log_s.exp()?)?.unsqueeze(0)?)?;
+            .broadcast_mul(&self.sign_s.detach().mul(&self.log_s.exp()?)?.unsqueeze(0)?)?;
         let ut = (self.u.mul(&self.upper)? + diag)?;
         Ok((lt, ut))
     }
@@ -204,7 +204,8 @@ impl InvConv1x1 {
             Weight::Plain { weight } => Ok(weight.clone()),
             Weight::Lu(w) => {
                 let (lt, ut) = w.triangles()?;
-                w.p.matmul(&lt)?.matmul(&ut)
+                // Buffers enter detached: constants, with no gradient to compute.
+                w.p.detach().matmul(&lt)?.matmul(&ut)
             }
         }
     }
@@ -219,7 +220,7 @@ impl InvConv1x1 {
                 // W⁻¹ = U⁻¹·L⁻¹·P⁻¹ and a permutation's inverse is its transpose.
                 linalg::inverse(&ut)?
                     .matmul(&linalg::inverse(&lt)?)?
-                    .matmul(&w.p.t()?)
+                    .matmul(&w.p.detach().t()?)
             }
         }
     }
