@@ -4,7 +4,14 @@
 //! - `train [--features cuda|metal] [-- FLOW TRAIN ARGS]`: the reference job on two
 //!   moons, writing `runs/moons/`;
 //! - `bench [--features cuda|metal]`: the benchmarks, on the device that
-//!   `FLOWS_BENCH_DEVICE` names (default `cpu`).
+//!   `FLOWS_BENCH_DEVICE` names (default `cpu`), written to BENCHMARKS.md;
+//! - `bench quality [--steps N] [--threads N]`: only the comparison with zuko on
+//!   FFJORD's toy sets and the autoregressive directions (see `quality.rs`), written
+//!   to `target/bench-quality/report.md` (the whole `bench` runs it too).
+//!
+//! Python (the peers' side) is `python3`, or the interpreter `FLOWS_PYTHON` names.
+
+mod quality;
 
 use std::{
     env,
@@ -19,11 +26,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("train") => train(&args[1..]),
+        Some("bench") if args.get(1).is_some_and(|a| a == "quality") => {
+            quality::command(&args[2..])
+        }
         Some("bench") => bench(&args[1..]),
-        _ => Err(
-            "usage: cargo xtask <test | train [--features F] [-- ARGS] | bench [--features F]>"
-                .into(),
-        ),
+        _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
+             | bench [--features F] | bench quality [--steps N] [--threads N]>"
+            .into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -311,7 +320,7 @@ fn bench(args: &[String]) -> Result<()> {
     );
 
     let python = |script: &str, extra: &[&str]| -> Option<String> {
-        Command::new("python3")
+        Command::new(python_program())
             .current_dir(root())
             .arg(script)
             .args(["--threads", &threads().to_string()])
@@ -326,6 +335,14 @@ fn bench(args: &[String]) -> Result<()> {
         &["--device", &pytorch_device()],
     );
     let peers = python("benches/zuko_jobs.py", &[]);
+    // FFJORD's toy sets and the autoregressive directions against zuko, on the CPU.
+    let quality = quality::run(&quality::Options {
+        threads: threads(),
+        ..quality::Options::default()
+    })
+    .unwrap_or_else(|e| {
+        format!("## Density quality and autoregressive directions\n\nNot measured: {e}\n")
+    });
 
     let runs = Runs {
         trained: &trained,
@@ -334,6 +351,7 @@ fn bench(args: &[String]) -> Result<()> {
         log_prob: &log_prob_line,
         pytorch: pytorch.as_deref(),
         peers: peers.as_deref(),
+        quality: &quality,
     };
     let mut report = report(&runs)?;
     let path = root().join("BENCHMARKS.md");
@@ -355,6 +373,11 @@ const GPU_HEADING: &str = "\n# GPU\n";
 /// The device the benchmarks run on (read by the criterion benches too).
 fn bench_device() -> String {
     env::var("FLOWS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// The Python interpreter that runs the peers' side: `FLOWS_PYTHON`, else `python3`.
+fn python_program() -> String {
+    env::var("FLOWS_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// The same device as PyTorch names it.
@@ -417,6 +440,8 @@ struct Runs<'a> {
     pytorch: Option<&'a str>,
     /// `benches/zuko_jobs.py`'s JSON.
     peers: Option<&'a str>,
+    /// The sections of `bench quality`, as markdown.
+    quality: &'a str,
 }
 
 /// A number in a flat JSON object, by key.
@@ -647,6 +672,8 @@ fn report(runs: &Runs) -> Result<String> {
         line("The peers were not measured: `python3 benches/zuko_jobs.py` failed (`pip install torch zuko normflows`).".into());
     }
     line(String::new());
+    line(runs.quality.trim_end().to_string());
+    line(String::new());
     line("## PyTorch, same machine, same threads".into());
     line(String::new());
     match pytorch {
@@ -678,6 +705,10 @@ const NOTES: &str = "
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
 - The PyTorch numbers come from `benches/pytorch_seed_job.py`, and zuko's and normflows'
   from `benches/zuko_jobs.py`, run in the same session with the same thread count.
+- The density-quality and autoregressive sections: our side is `xtask/src/quality_job.rs`
+  (the library, in release), zuko's `benches/zuko_quality.py` on the same points;
+  `cargo xtask bench quality [--steps N]` reruns them alone, into
+  `target/bench-quality/report.md`.
 - GPU: the section below comes from `scripts/gpu-check.sh` on a GPU machine (build its
   binaries with `scripts/gpu-build.sh`); `cargo xtask bench` keeps it as it is.
   `FLOWS_BENCH_DEVICE=cuda cargo xtask bench --features cuda` runs this page's
