@@ -407,6 +407,7 @@ fn imported_models_work_with_every_command() {
         ("normflows", "normflows_CoupledRQS_f3_L4_K8_h32_B2", None),
         ("normflows", "normflows_ARQS_f3_L3_K8_h32_B2", None),
         ("normflows", "normflows_MAF_f3_L4_h32_B2", None),
+        ("normflows", "normflows_Glow_L2_K2_c1_8x8_h16", None),
     ] {
         let weights = fixtures.join(format!("{stem}.safetensors"));
         let weights = weights.to_string_lossy();

@@ -84,6 +84,11 @@ pub struct GlowConfig {
     /// A trainable diagonal Gaussian base over the latent (one per level, per element),
     /// rather than `N(0, I)`.
     pub learn_base: bool,
+    /// The couplings' `sigmoid` scale as `log σ(s + 2)` exactly (normflows' Glow), not
+    /// `log(σ(s + 2) + 1e-3)`; see [`ConvCouplingConfig`]. Omitted from the JSON when
+    /// false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exact_sigmoid: bool,
 }
 
 impl Default for GlowConfig {
@@ -100,6 +105,7 @@ impl Default for GlowConfig {
             logit: None,
             pixel_levels: 256,
             learn_base: true,
+            exact_sigmoid: false,
         }
     }
 }
@@ -124,6 +130,7 @@ impl GlowConfig {
         with_logit: logit: Option<f64>,
         with_pixel_levels: pixel_levels: u32,
         with_learn_base: learn_base: bool,
+        with_exact_sigmoid: exact_sigmoid: bool,
     }
 
     /// Features per image.
@@ -170,7 +177,8 @@ impl GlowConfig {
                     .with_hidden_channels(self.hidden_channels)
                     .with_activation(self.activation)
                     .with_scale(self.scale)
-                    .with_zero_init(self.zero_init);
+                    .with_zero_init(self.zero_init)
+                    .with_exact_sigmoid(self.exact_sigmoid);
                 level.push(GlowLayer::ConvCoupling(coupling).spec());
             }
             levels.push(level);

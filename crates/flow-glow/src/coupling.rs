@@ -83,6 +83,12 @@ pub struct ConvCouplingConfig {
     /// Start the last convolution at zero, so the layer starts as the identity (Glow).
     #[serde(default = "default_zero_init")]
     pub zero_init: bool,
+    /// With the `sigmoid` scale: `log σ(s + 2)` itself, without the `1e-3` that
+    /// [`ScaleMap::Sigmoid`] adds inside the log — normflows' Glow coupling has none,
+    /// and the `1e-3` alone moves an imported model's log-probs by ~1e-2. Omitted from
+    /// the JSON when false, so existing configurations read and write unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exact_sigmoid: bool,
 }
 
 impl ConvCouplingConfig {
@@ -96,6 +102,7 @@ impl ConvCouplingConfig {
             activation: default_activation(),
             scale: default_scale(),
             zero_init: default_zero_init(),
+            exact_sigmoid: false,
         }
     }
 
@@ -104,6 +111,7 @@ impl ConvCouplingConfig {
         with_activation: activation: Activation,
         with_scale: scale: ScaleMap,
         with_zero_init: zero_init: bool,
+        with_exact_sigmoid: exact_sigmoid: bool,
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -131,6 +139,12 @@ impl ConvCouplingConfig {
         };
         if !(clamp.is_finite() && clamp > 0.0) {
             return Err(format!("clamp must be positive, got {clamp}"));
+        }
+        if self.exact_sigmoid && self.scale != ScaleMap::Sigmoid {
+            return Err(format!(
+                "`exact_sigmoid` needs the sigmoid scale, got {:?}",
+                self.scale
+            ));
         }
         Ok(())
     }
@@ -165,6 +179,7 @@ pub struct ConvCoupling {
     mask: CouplingMask,
     activation: Activation,
     scale: ScaleMap,
+    exact_sigmoid: bool,
     conv_in: Conv2d,
     conv_hidden: Conv2d,
     conv_out: Conv2d,
@@ -231,6 +246,7 @@ impl ConvCoupling {
             mask: cfg.mask,
             activation: cfg.activation,
             scale: cfg.scale,
+            exact_sigmoid: cfg.exact_sigmoid,
             conv_in,
             conv_hidden,
             conv_out,
@@ -260,7 +276,15 @@ impl ConvCoupling {
         let h = h.reshape((b, two_cb / 2, 2, height, width))?;
         let t = h.narrow(2, 0, 1)?.squeeze(2)?;
         let s = h.narrow(2, 1, 1)?.squeeze(2)?;
-        Ok((t, self.scale.log_scale(&s)?))
+        let ls = if self.exact_sigmoid {
+            // log σ(y) = −softplus(−y) = min(y, 0) − log(1 + e^{−|y|}), y = s + 2: no
+            // overflow for large |s|.
+            let y = s.affine(1.0, 2.0)?;
+            (y.minimum(0.0)? - y.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?
+        } else {
+            self.scale.log_scale(&s)?
+        };
+        Ok((t, ls))
     }
 
     /// Splits an image by channels into `(kept, transformed)`.

@@ -18,7 +18,7 @@ use crate::{
 /// | --- | --- |
 /// | `actnorm` | [`ActNormConfig`]: `shape`, `eps` |
 /// | `inv-conv1x1` | [`InvConv1x1Config`]: `shape`, `lu` |
-/// | `conv-coupling` | [`ConvCouplingConfig`]: `shape`, `mask`, `hidden_channels`, `activation`, `scale`, `zero_init` |
+/// | `conv-coupling` | [`ConvCouplingConfig`]: `shape`, `mask`, `hidden_channels`, `activation`, `scale`, `zero_init`, `exact_sigmoid` |
 /// | `squeeze`, `unsqueeze` | [`SqueezeConfig`]: `shape` (the input's) |
 /// | `batch-norm` | [`BatchNormConfig`]: `shape`, `momentum`, `eps` |
 /// | `logit` | [`LogitConfig`]: `dim`, `alpha` |

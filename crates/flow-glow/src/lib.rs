@@ -59,7 +59,8 @@
 //! `Invertible1x1Conv` weight is this `W` (its `P`, `L`, `U`, `log_S`, `sign_S` map to
 //! `p`, `l`, `u`, `log_s`, `sign_s`, `L` and `U` masked the same way), its `ActNorm`
 //! `(s, t)` is `(log_scale, bias) = (−s, −t)`, its coupling's `sigmoid` scale is
-//! `σ(s + 2)` where [`ScaleMap::Sigmoid`] adds `1e-3` inside the log, and its shift
+//! `σ(s + 2)` where [`ScaleMap::Sigmoid`] adds `1e-3` inside the log (the couplings'
+//! `exact_sigmoid`, and [`GlowConfig`]'s, drop it), and its shift
 //! enters as `(x − t)·σ` where this crate has `(x + t)·exp(ls)` (negate the shift rows
 //! of the last convolution). Its squeeze and channel split order match this crate's.
 

@@ -12,6 +12,7 @@ mod freia;
 mod nets;
 mod nflows;
 mod normflows;
+mod normflows_glow;
 mod seed;
 mod weights;
 mod zuko;
@@ -38,7 +39,8 @@ pub enum Source {
     Seed,
     /// normflows: `NormalizingFlow` of `AffineCouplingBlock`,
     /// `CoupledRationalQuadraticSpline`, `AutoregressiveRationalQuadraticSpline` or
-    /// `MaskedAffineAutoregressive`, and `Permute`.
+    /// `MaskedAffineAutoregressive`, and `Permute`; or its Glow, a `MultiscaleFlow` of
+    /// `GlowBlock`s, `Squeeze`, `Merge` and per-level `DiagGaussian` bases.
     Normflows,
     /// nflows: `SimpleRealNVP`, or a flow of `PiecewiseRationalQuadraticCouplingTransform`,
     /// `MaskedAffineAutoregressiveTransform` and permutations.

@@ -39,6 +39,11 @@ use super::{
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
+    // A MultiscaleFlow (Glow) has a base per level, `q0.{i}.…`, where a NormalizingFlow
+    // has one, `q0.…`.
+    if super::normflows_glow::detect(w) {
+        return super::normflows_glow::import(w, opts);
+    }
     let loc_shape = w.shape("q0.loc")?;
     let dim = *loc_shape.last().unwrap_or(&0);
     if dim < 2 {
