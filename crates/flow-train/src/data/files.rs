@@ -153,6 +153,172 @@ pub fn load_csv(path: &Path) -> Result<Dataset, DataError> {
     gather(chunks(path, 1 << 16)?)
 }
 
+/// An opened `.npy` array: its shape and its elements as f32 in storage order.
+pub(crate) struct NpyArray {
+    pub shape: Vec<usize>,
+    pub values: Box<dyn Iterator<Item = std::io::Result<f32>>>,
+}
+
+/// Opens a `.npy` array from `reader`, whose whole length is `len` bytes, called
+/// `name` in errors. Supported elements: f4, f8, i8, i4, i2, i1, u1 (either byte
+/// order), C order (Fortran order only where at most one dimension exceeds 1, which
+/// is the same layout).
+///
+/// npyz parses the header, but it trusts it: it allocates the header length the
+/// file states (up to 4 GiB) and multiplies the shape without overflow checks. So
+/// the preamble and the shape are checked against `len` here first (see
+/// [`check_npy_header`]); after that every size is bounded by the file.
+pub(crate) fn open_npy(
+    mut reader: impl Read + 'static,
+    len: u64,
+    name: &str,
+) -> Result<NpyArray, DataError> {
+    let fail = |m: String| DataError::new(name, None, m);
+    let truncated = |_| fail("truncated: the file ends inside the .npy header".into());
+    // Magic (6 bytes) and version (2), then the header length: u16 in version 1,
+    // u32 in versions 2 and 3.
+    let mut head = vec![0u8; 8];
+    reader.read_exact(&mut head).map_err(truncated)?;
+    if &head[..6] != b"\x93NUMPY" {
+        return Err(fail("not a .npy array: bad magic".into()));
+    }
+    let size_bytes = match head[6] {
+        1 => 2,
+        2 | 3 => 4,
+        v => return Err(fail(format!("unsupported .npy format version {v}"))),
+    };
+    let mut size = [0u8; 4];
+    reader
+        .read_exact(&mut size[..size_bytes])
+        .map_err(truncated)?;
+    let header_len = u64::from(u32::from_le_bytes(size));
+    head.extend_from_slice(&size[..size_bytes]);
+    let prefix = head.len() as u64;
+    let Some(data_bytes) = len
+        .checked_sub(prefix)
+        .and_then(|rest| rest.checked_sub(header_len))
+    else {
+        return Err(fail(format!(
+            "truncated: the .npy header claims {header_len} bytes, the file holds {len} in all"
+        )));
+    };
+    let start = head.len();
+    head.resize(start + header_len as usize, 0);
+    reader.read_exact(&mut head[start..]).map_err(truncated)?;
+    check_npy_header(&head[start..], data_bytes).map_err(fail)?;
+
+    let npy = npyz::NpyFile::new(std::io::Cursor::new(head).chain(reader))
+        .map_err(|e| fail(format!("not a readable .npy array: {e}")))?;
+    // The guard bounded every dimension by the file length.
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let count: usize = shape.iter().product();
+    let dtype = npy.dtype();
+    let item = dtype.num_bytes().unwrap_or(usize::MAX) as u64;
+    if item.checked_mul(count as u64) != Some(data_bytes) {
+        return Err(fail(format!(
+            "shape {shape:?} of {item}-byte elements needs {} data bytes, the file holds {data_bytes}",
+            (count as u64).saturating_mul(item)
+        )));
+    }
+    if npy.order() != npyz::Order::C && shape.iter().filter(|&&d| d > 1).count() > 1 {
+        return Err(fail("Fortran-ordered arrays are not supported".into()));
+    }
+    let descr = dtype.descr();
+    let unsupported = |e: npyz::DTypeError| fail(format!("unsupported array: {e}"));
+    fn widen<T: Into<f64>>(
+        r: impl Iterator<Item = std::io::Result<T>> + 'static,
+    ) -> Box<dyn Iterator<Item = std::io::Result<f32>>> {
+        Box::new(r.map(|v| v.map(|v| v.into() as f32)))
+    }
+    // `descr()` is the Python literal, quotes included (`'<f4'`); past the quote
+    // and the byte order mark comes the kind and size.
+    let values: Box<dyn Iterator<Item = std::io::Result<f32>>> = match descr
+        .strip_prefix('\'')
+        .and_then(|d| d.strip_suffix('\''))
+        .and_then(|d| d.get(1..))
+    {
+        Some("f4") => Box::new(npy.data::<f32>().map_err(unsupported)?),
+        Some("f8") => widen(npy.data::<f64>().map_err(unsupported)?),
+        Some("i8") => Box::new(
+            npy.data::<i64>()
+                .map_err(unsupported)?
+                .map(|v| v.map(|v| v as f32)),
+        ),
+        Some("i4") => widen(npy.data::<i32>().map_err(unsupported)?),
+        Some("i2") => widen(npy.data::<i16>().map_err(unsupported)?),
+        Some("i1") => widen(npy.data::<i8>().map_err(unsupported)?),
+        Some("u1") => widen(npy.data::<u8>().map_err(unsupported)?),
+        _ => {
+            let descr: String = descr.chars().take(40).collect();
+            return Err(fail(format!("unsupported array: element type `{descr}`")));
+        }
+    };
+    Ok(NpyArray { shape, values })
+}
+
+/// Checks a `.npy` header text before npyz parses it: plain ASCII without escapes,
+/// brackets nested at most 4 deep (numpy writes 2; this bounds the parser's
+/// recursion), exactly one `shape` entry, and a shape whose non-zero dimensions
+/// multiply to at most `data_bytes` (every element takes at least one byte). The
+/// last check keeps npyz's unchecked products of the shape from overflowing.
+fn check_npy_header(text: &[u8], data_bytes: u64) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("unsupported .npy header: {why}"));
+    if !text.iter().all(|&b| b.is_ascii() && b != b'\\') {
+        return bad("not plain ASCII");
+    }
+    let mut depth = 0usize;
+    for &b in text {
+        match b {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > 4 {
+            return bad("nested too deeply");
+        }
+    }
+    // ASCII was checked above, so this cannot fail.
+    let text = std::str::from_utf8(text).map_err(|e| e.to_string())?;
+    let mut found = text.match_indices("shape");
+    let (Some((at, _)), None) = (found.next(), found.next()) else {
+        return bad("expected exactly one `shape` entry");
+    };
+    let rest = text[at + 5..].trim_start_matches(['\'', '"']).trim_start();
+    let Some(rest) = rest.strip_prefix(':') else {
+        return bad("unreadable shape");
+    };
+    let rest = rest.trim_start();
+    let Some(rest) = rest.strip_prefix(['(', '[']) else {
+        return bad("unreadable shape");
+    };
+    let Some(end) = rest.find([')', ']']) else {
+        return bad("unreadable shape");
+    };
+    let mut elements: u64 = 1;
+    for cell in rest[..end]
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        if !cell.bytes().all(|b| b.is_ascii_digit()) {
+            return bad("unreadable shape");
+        }
+        let Ok(d) = cell.parse::<u64>() else {
+            return bad("a dimension beyond 64 bits");
+        };
+        if d > 0 {
+            elements = elements.saturating_mul(d);
+        }
+    }
+    if elements > data_bytes {
+        let shape = &rest[..end];
+        return Err(format!(
+            "the shape ({shape}) needs more elements than the file's {data_bytes} data bytes can hold"
+        ));
+    }
+    Ok(())
+}
+
 /// Rows of a `.npy` array of shape `(n, dim)` (or `(n,)`, one feature), C order, of
 /// floats or integers, read a chunk at a time as f32.
 pub struct NpyChunks {
@@ -160,6 +326,8 @@ pub struct NpyChunks {
     name: String,
     dim: usize,
     rows: usize,
+    /// Rows the array holds, to size the chunks' buffers by what remains.
+    total: usize,
     chunk: usize,
     done: bool,
 }
@@ -178,9 +346,9 @@ impl NpyChunks {
         let name = path.display().to_string();
         let fail = |m: String| DataError::new(&name, None, m);
         let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
-        let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
-            .map_err(|e| fail(format!("not a readable .npy array: {e}")))?;
-        let (n, dim) = match *npy.shape() {
+        let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+        let array = open_npy(std::io::BufReader::new(file), len, &name)?;
+        let (n, dim) = match *array.shape {
             [n] => (n, 1),
             [n, d] => (n, d),
             ref s => {
@@ -193,40 +361,12 @@ impl NpyChunks {
         if n == 0 || dim == 0 {
             return Err(fail("the array is empty".into()));
         }
-        if npy.order() != npyz::Order::C && dim > 1 {
-            return Err(fail("Fortran-ordered arrays are not supported".into()));
-        }
-        let descr = npy.dtype().descr();
-        let unsupported = |e: npyz::DTypeError| fail(format!("unsupported array: {e}"));
-        let values: Box<dyn Iterator<Item = std::io::Result<f32>>> = match &descr[1..] {
-            "f4" => Box::new(npy.data::<f32>().map_err(unsupported)?),
-            "f8" => Box::new(
-                npy.data::<f64>()
-                    .map_err(unsupported)?
-                    .map(|v| v.map(|v| v as f32)),
-            ),
-            "i8" => Box::new(
-                npy.data::<i64>()
-                    .map_err(unsupported)?
-                    .map(|v| v.map(|v| v as f32)),
-            ),
-            "i4" => Box::new(
-                npy.data::<i32>()
-                    .map_err(unsupported)?
-                    .map(|v| v.map(|v| v as f32)),
-            ),
-            "u1" => Box::new(
-                npy.data::<u8>()
-                    .map_err(unsupported)?
-                    .map(|v| v.map(f32::from)),
-            ),
-            other => return Err(fail(format!("unsupported array: element type `{other}`"))),
-        };
         Ok(Self {
-            values,
+            values: array.values,
             name,
-            dim: dim as usize,
+            dim,
             rows: 0,
+            total: n,
             chunk: chunk.max(1),
             done: false,
         })
@@ -240,8 +380,15 @@ impl Iterator for NpyChunks {
         if self.done {
             return None;
         }
-        let mut values = Vec::with_capacity(self.chunk * self.dim);
-        for v in self.values.by_ref().take(self.chunk * self.dim) {
+        // Sized by the rows left, not the chunk: one wide row with a large chunk
+        // must not reserve chunk × dim values.
+        let rows = self.chunk.min(self.total.saturating_sub(self.rows));
+        let mut values = Vec::with_capacity(rows * self.dim);
+        for v in self
+            .values
+            .by_ref()
+            .take(self.chunk.saturating_mul(self.dim))
+        {
             let fail = |m: String| DataError::new(&self.name, None, m);
             match v {
                 Ok(v) if v.is_finite() => values.push(v),

@@ -1,9 +1,13 @@
-//! Training data: built-in 2-D generators and files.
+//! Training data: built-in 2-D generators, files, and images.
 
 mod files;
+mod images;
 mod toy;
 
 pub use files::{chunks, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks};
+pub use images::{
+    check_pixels, digits, digits_labels, load_images, ImageDims, Images, DIGITS_LEVELS,
+};
 pub use toy::{generate, generate_labeled, Toy};
 
 use crate::DataError;
