@@ -169,7 +169,7 @@ pub fn report(ours: &str, zuko: Option<&str>, o: &Options) -> String {
     line(String::new());
     line(format!(
         "Ours: `flow train --flow nsf` at its defaults (5 spline couplings, conditioners \
-         of one hidden layer of 512 ReLU units, 8 bins, tail bound 5, data standardised) \
+         of one hidden layer of 512 ReLU units, 8 bins, tail bound 3, last layers starting at zero, data standardised) \
          through the library. zuko {}: `NSF(2, transforms=5, hidden_features=(512,))` \
          (8 bins; on 2 features its layers are autoregressive, which also gives the first \
          feature an unconditional spline) on the same points, standardised the same way, \

@@ -37,6 +37,11 @@ impl SplineLayer {
     }
 }
 
+/// The spline bins of [`NsfConfig::default`].
+pub const DEFAULT_BINS: usize = 8;
+/// The tail bound of [`NsfConfig::default`], in standard deviations of standardised data.
+pub const DEFAULT_TAIL_BOUND: f64 = 3.0;
+
 /// Coupling or autoregressive layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -47,9 +52,11 @@ pub enum NsfKind {
 }
 
 /// A stack of spline layers. Defaults: 5 layers, one hidden layer of 512 ReLU units
-/// (zuko's `NSF(hidden_features=(512,))` width), 8 bins on `[−5, 5]` (data
-/// standardised), coupling layers that alternate halves, or autoregressive layers that
-/// alternate orders.
+/// (zuko's `NSF(hidden_features=(512,))` width), 8 bins on `[−3, 3]` (data
+/// standardised, so the bins cover three standard deviations rather than being spent
+/// where there is little data), conditioners whose last layer starts at zero (every
+/// layer starts as the identity, which trains deep stacks more steadily), coupling
+/// layers that alternate halves, or autoregressive layers that alternate orders.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct NsfConfig {
@@ -63,6 +70,9 @@ pub struct NsfConfig {
     /// The autoregressive layers' orders.
     pub order: Order,
     pub context_dim: usize,
+    /// Start each conditioner's last layer at zero, so that each layer starts as the
+    /// identity.
+    pub zero_init: bool,
 }
 
 impl Default for NsfConfig {
@@ -74,9 +84,10 @@ impl Default for NsfConfig {
             hidden: 512,
             hidden_layers: 1,
             activation: Activation::Relu,
-            spline: Spline::default(),
+            spline: Spline::new(DEFAULT_BINS, DEFAULT_TAIL_BOUND),
             order: Order::Alternate,
             context_dim: 0,
+            zero_init: true,
         }
     }
 }
@@ -98,6 +109,7 @@ impl NsfConfig {
         with_spline: spline: Spline,
         with_order: order: Order,
         with_context_dim: context_dim: usize,
+        with_zero_init: zero_init: bool,
     }
 
     /// The stack spelled out layer by layer.
@@ -115,7 +127,7 @@ impl NsfConfig {
                             hidden: hidden.clone(),
                             activation: self.activation,
                         },
-                        zero_init: false,
+                        zero_init: self.zero_init,
                     },
                     transform: self.spline,
                     inverted: false,
@@ -129,7 +141,7 @@ impl NsfConfig {
                         transform: self.spline,
                         inverted: false,
                         context_dim: self.context_dim,
-                        zero_init: false,
+                        zero_init: self.zero_init,
                         residual_blocks: 0,
                         stored_masks: false,
                     })

@@ -8,6 +8,6 @@
 mod config;
 mod family;
 
-pub use config::{NsfConfig, NsfKind, SplineLayer};
+pub use config::{NsfConfig, NsfKind, SplineLayer, DEFAULT_BINS, DEFAULT_TAIL_BOUND};
 pub use family::NsfFamily;
 pub use flow_nn::{Spline, SplineStyle};
