@@ -42,6 +42,7 @@ pub fn print_out(text: &str) {
 }
 
 fn main() -> ExitCode {
+    flow_nn::pin_thread_count();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

@@ -8,7 +8,8 @@
 //!   laying out its parameters;
 //! - [`affine`]: the element-wise part of an affine coupling (update and log-det);
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
-//! - [`adam`]: Adam's update in place.
+//! - [`adam`]: Adam's update in place;
+//! - [`pin_thread_count`]: the thread count candle reads, fixed once per process.
 //!
 //! [`fusion`] holds the one switch and the one decision, per op, between a kernel and
 //! the reference path. Unsafe code lives in this crate only, in the kernel modules.
@@ -22,6 +23,7 @@ pub mod mlp;
 mod pack;
 pub mod scale;
 pub mod spline;
+mod threads;
 
 pub use activation::Activation;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};
@@ -29,6 +31,7 @@ pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
 pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
+pub use threads::pin_thread_count;
 
 /// The contiguous part of a storage that `l` describes (the fused ops take contiguous
 /// inputs).

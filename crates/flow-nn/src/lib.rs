@@ -22,7 +22,9 @@ pub use affine::Affine;
 pub use autoregressive::{Autoregressive, AutoregressiveConfig, Order};
 pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
-pub use flow_kernels::{Activation, ScaleMap, SplineStyle};
+pub use flow_kernels::{
+    fusion_enabled, pin_thread_count, set_fusion, Activation, ScaleMap, SplineStyle,
+};
 pub use made::made_masks;
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
