@@ -75,6 +75,11 @@ pub struct TrainConfig {
     pub standardize: bool,
     /// Report progress every this many steps.
     pub report_every: usize,
+    /// `Some(L)`: the data are pixel values, whole numbers in `[0, L)`, and every batch
+    /// the model sees is uniformly dequantised, `x = (pixel + u) / L` with
+    /// `u ~ U[0, 1)` drawn afresh at every step (see [`dequantize`](crate::dequantize)).
+    #[serde(default)]
+    pub dequantize: Option<u32>,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +96,7 @@ impl Default for TrainConfig {
             patience: None,
             standardize: true,
             report_every: 10,
+            dequantize: None,
         }
     }
 }
@@ -116,6 +122,7 @@ impl TrainConfig {
         with_patience: patience: Option<usize>,
         with_standardize: standardize: bool,
         with_report_every: report_every: usize,
+        with_dequantize: dequantize: Option<u32>,
     }
 
     /// Checks every setting, naming the first that is out of range, with the built-in
@@ -160,6 +167,12 @@ impl TrainConfig {
         }
         if self.val_every == 0 || self.report_every == 0 {
             return Err("`val_every` and `report_every` must be at least 1".into());
+        }
+        if self.dequantize.is_some_and(|l| l < 2) {
+            return Err("dequantisation needs at least 2 pixel levels".into());
+        }
+        if self.dequantize.is_some() && self.standardize {
+            return Err("dequantised pixel data are not standardised".into());
         }
         Ok(())
     }

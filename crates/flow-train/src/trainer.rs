@@ -4,7 +4,7 @@ use candle::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow};
 use flow_models::{ModelConfig, Registry};
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -132,6 +132,25 @@ pub(crate) fn mean_nll(flow: &Flow, x: &Tensor, context: Option<&Tensor>) -> can
         start += len;
     }
     Ok(-total / n as f64)
+}
+
+/// Uniform dequantisation of pixel values, whole numbers in `[0, levels)`:
+/// `(pixel + u) / levels` with `u ~ U[0, 1)` per value, drawn from `seed`. The result
+/// lies in `[0, 1)`; for a density `p` there, `log P(pixels) ≥ E_u[log p(x)] −
+/// D·ln(levels)` (Theis et al. 2016), the bound that bits per dimension report.
+pub fn dequantize(pixels: &Tensor, levels: u32, seed: u64) -> candle::Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let u: Vec<f32> = (0..pixels.elem_count())
+        .map(|_| rng.random::<f32>())
+        .collect();
+    let u = Tensor::from_vec(u, pixels.shape(), pixels.device())?.to_dtype(pixels.dtype())?;
+    (pixels + u)?.affine(1.0 / f64::from(levels), 0.0)
+}
+
+/// The seed of step `step`'s dequantisation noise in a run seeded with `seed`; the
+/// validation set's one draw uses `step = u64::MAX`.
+fn noise_seed(seed: u64, step: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_add(1)
 }
 
 /// Per-feature mean and (population) standard deviation; constant features get 1.
@@ -290,6 +309,12 @@ impl Trainer {
         if let Some(v) = val {
             self.check_data(v, "validation data")?;
         }
+        if let Some(levels) = cfg.dequantize {
+            crate::data::check_pixels(train, levels, "training data")?;
+            if let Some(v) = val {
+                crate::data::check_pixels(v, levels, "validation data")?;
+            }
+        }
         let data_fingerprint = fingerprint(train);
         let resume = control.resume.take();
         let total = self.total_steps(train.len());
@@ -310,7 +335,7 @@ impl Trainer {
             varmap.set_one("standardize.mean", &mean)?;
             varmap.set_one("standardize.std", &std)?;
         }
-        let flow = model.build_with(&self.registry, vb)?;
+        let mut flow = model.build_with(&self.registry, vb)?;
         // Trainable: every variable the model created except the buffers it declares.
         let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
         let mut named: Vec<(String, Var)> = varmap
@@ -348,7 +373,13 @@ impl Trainer {
             .map(|c| c.to_dtype(self.dtype))
             .transpose()?;
         let x_val = val
-            .map(|v| v.to_tensor(&self.device)?.to_dtype(self.dtype))
+            .map(|v| {
+                let x = v.to_tensor(&self.device)?.to_dtype(self.dtype)?;
+                match cfg.dequantize {
+                    Some(levels) => dequantize(&x, levels, noise_seed(cfg.seed, u64::MAX)),
+                    None => Ok(x),
+                }
+            })
             .transpose()?;
         let c_val = match val {
             Some(v) => v
@@ -358,7 +389,11 @@ impl Trainer {
             None => None,
         };
         let mut order = epoch_order(n, cfg.seed, st.epoch);
-        let rows = |order: &[usize], from: usize| -> candle::Result<(Tensor, Option<Tensor>)> {
+        // The batch of `step` (dequantised with that step's noise for pixel data).
+        let rows = |order: &[usize],
+                    from: usize,
+                    step: usize|
+         -> candle::Result<(Tensor, Option<Tensor>)> {
             let idx: Vec<u32> = order[from..from + batch]
                 .iter()
                 .map(|&i| i as u32)
@@ -368,7 +403,12 @@ impl Trainer {
                 .as_ref()
                 .map(|c| c.index_select(&idx, 0))
                 .transpose()?;
-            Ok((x_train.index_select(&idx, 0)?, c))
+            let x = x_train.index_select(&idx, 0)?;
+            let x = match cfg.dequantize {
+                Some(levels) => dequantize(&x, levels, noise_seed(cfg.seed, step as u64))?,
+                None => x,
+            };
+            Ok((x, c))
         };
         match resume {
             Some(r) => {
@@ -415,7 +455,7 @@ impl Trainer {
                 order = epoch_order(n, cfg.seed, st.epoch);
             }
             None => {
-                let (x, c) = rows(&order, 0)?;
+                let (x, c) = rows(&order, 0, 0)?;
                 flow.initialize(&x, c.as_ref())?;
             }
         }
@@ -427,6 +467,9 @@ impl Trainer {
         let mut stopped = None;
         let mut interrupted = false;
         let last_good = snapshot(&vars)?;
+        // Layers with a training mode (batch norm) train on batch statistics and are
+        // scored, saved and returned in evaluation mode.
+        flow.set_training(true);
         reporter.start(total);
         while st.step < total {
             let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
@@ -441,7 +484,7 @@ impl Trainer {
                 st.pos = 0;
                 order = epoch_order(n, cfg.seed, st.epoch);
             }
-            let (x, c) = rows(&order, st.pos)?;
+            let (x, c) = rows(&order, st.pos, st.step)?;
             st.pos += batch;
             let loss = flow
                 .log_prob_with_context(&x, c.as_ref())?
@@ -494,7 +537,9 @@ impl Trainer {
             let mut val_nll = None;
             if let Some(xv) = &x_val {
                 if scheduled || last {
+                    flow.set_training(false);
                     let v = mean_nll(&flow, xv, c_val.as_ref())?;
+                    flow.set_training(true);
                     val_nll = Some(v);
                     // An evaluation off the schedule (the end of a run whose length is
                     // not a multiple of `val_every`) chooses the returned weights but
@@ -553,6 +598,7 @@ impl Trainer {
                 }
             }
         }
+        flow.set_training(false);
         if let Some(msg) = &stopped {
             reporter.message(msg);
         }
