@@ -7,10 +7,32 @@ use clap::{
 use flow_realnvp::Activation;
 use flow_train::data::Toy;
 
-/// The built-in data sets, by the names flow-train gives them.
-fn toy_parser() -> impl TypedValueParser<Value = Toy> {
-    PossibleValuesParser::new(Toy::ALL.map(Toy::name))
-        .try_map(|s| Toy::from_name(&s).ok_or_else(|| format!("unknown data set `{s}`")))
+/// A data set `flow data` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataName {
+    Toy(Toy),
+    Digits,
+}
+
+/// The built-in data sets and `digits`.
+fn data_name_parser() -> impl TypedValueParser<Value = DataName> {
+    let mut names: Vec<&'static str> = Toy::ALL.map(Toy::name).to_vec();
+    names.push("digits");
+    PossibleValuesParser::new(names).try_map(|s| match Toy::from_name(&s) {
+        Some(t) => Ok(DataName::Toy(t)),
+        None if s == "digits" => Ok(DataName::Digits),
+        None => Err(format!("unknown data set `{s}`")),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    /// The first 1 500 digits.
+    Train,
+    /// The last 297 digits.
+    Test,
+    /// All 1 797.
+    All,
 }
 
 /// The activations, by the names flow-realnvp gives them.
@@ -116,12 +138,17 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct DataArgs {
-    /// The data set.
-    #[arg(value_parser = toy_parser())]
-    pub name: Toy,
-    /// Number of points.
+    /// The data set: a 2-D generator, or `digits` (scikit-learn's 8×8 digits, rows of
+    /// 64 pixel values in 0..=16).
+    #[arg(value_parser = data_name_parser())]
+    pub name: DataName,
+    /// Number of points (2-D generators).
     #[arg(long)]
-    pub n: usize,
+    pub n: Option<usize>,
+    /// Which digits: the first 1 500 (`train`, what `flow train --data digits` uses),
+    /// the last 297 (`test`) or all 1 797.
+    #[arg(long, value_enum, default_value = "all")]
+    pub split: SplitArg,
     /// Noise level (default depends on the data set).
     #[arg(long)]
     pub noise: Option<f64>,
@@ -159,6 +186,12 @@ pub enum FlowArg {
     Maf,
     /// Inverse autoregressive flow.
     Iaf,
+    /// Glow (Kingma & Dhariwal 2018): multi-scale, each step ActNorm, an invertible
+    /// 1×1 convolution and a convolutional affine coupling (images).
+    Glow,
+    /// RealNVP's multi-scale image architecture (Dinh et al. 2016): checkerboard and
+    /// channel-wise convolutional couplings with batch norm (images).
+    RealnvpImage,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -200,7 +233,9 @@ pub enum ScheduleArg {
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
-    /// A built-in data set name, or a CSV / .npy file.
+    /// A built-in data set name (`digits`: the first 1 500 of scikit-learn's 8×8
+    /// digits, an image set), or a file: CSV, .npy, or for images also IDX (MNIST's
+    /// format, plain or gzipped).
     #[arg(long)]
     pub data: String,
     /// The model file to write (and, with --checkpoint-every, the checkpoints).
@@ -230,6 +265,26 @@ pub struct TrainArgs {
     /// Layers (couplings or autoregressive layers).
     #[arg(long, default_value_t = 5)]
     pub layers: usize,
+    /// Image shape HxWxC of an image flow's data: each row holds C·H·W pixel values in
+    /// (C, H, W) order. .npy (N, H, W) or (N, C, H, W), IDX files and `digits` bring
+    /// their own.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Values a pixel takes (image flows): pixels are whole numbers in [0, L), and
+    /// training sees them dequantised, (pixel + u) / L with u ~ U[0, 1) (default: 256;
+    /// 17 for `digits`).
+    #[arg(long)]
+    pub pixel_levels: Option<u32>,
+    /// Scales (levels) of an image flow; each squeezes once and all but the last
+    /// factor half the channels out.
+    #[arg(long, default_value_t = 2)]
+    pub scales: usize,
+    /// Flow steps per scale of Glow (K).
+    #[arg(long, default_value_t = 8)]
+    pub depth: usize,
+    /// Hidden channels of an image flow's convolutional conditioners.
+    #[arg(long, default_value_t = 64)]
+    pub channels: usize,
     /// Width of each hidden layer of the conditioner networks (default: 512; MAF and
     /// IAF 64).
     #[arg(long)]
@@ -242,10 +297,10 @@ pub struct TrainArgs {
     #[arg(long, value_parser = activation_parser())]
     pub activation: Option<Activation>,
     /// Spline bins (NSF, NSF-AR).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = flow_nsf::DEFAULT_BINS)]
     pub bins: usize,
     /// Splines act on [−B, B] and are the identity outside (NSF, NSF-AR).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = flow_nsf::DEFAULT_TAIL_BOUND)]
     pub tail_bound: f64,
     /// Feature orders of autoregressive layers: alternating, or a seeded random
     /// permutation per layer (NSF-AR, MAF, IAF).
@@ -336,10 +391,12 @@ pub struct LogProbArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Data rows (CSV or .npy); for a conditional model the condition fills the last
-    /// columns.
+    /// columns. An image model reads pixel values (CSV, .npy or IDX) and reports
+    /// bits/dim on their discrete scale.
     #[arg(long)]
     pub input: PathBuf,
-    /// Write the per-row log-probs here (CSV).
+    /// Write the per-row log-probs here (CSV; for an image model the dequantised
+    /// log-likelihood of the pixels in nats).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
@@ -369,7 +426,8 @@ pub struct SampleArgs {
     #[arg(long)]
     pub context_file: Option<PathBuf>,
     /// The CSV file to write (a conditional model's condition follows in the last
-    /// columns, as `flow log-prob` reads it).
+    /// columns, as `flow log-prob` reads it). An image model writes pixel values, or
+    /// with a name ending in `.png` a grid of the images.
     #[arg(long)]
     pub out: PathBuf,
     /// Also draw the samples (2-D models) to this PNG.

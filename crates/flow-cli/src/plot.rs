@@ -68,6 +68,14 @@ fn draw(
     path: &Path,
     paint: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<(), String>,
 ) -> Result<(), Failure> {
+    draw_sized(path, (SIZE, SIZE), paint)
+}
+
+fn draw_sized(
+    path: &Path,
+    size: (u32, u32),
+    paint: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<(), String>,
+) -> Result<(), Failure> {
     // Draw into a temporary file beside the target, then rename: never a partial PNG.
     let name = path
         .file_name()
@@ -75,7 +83,7 @@ fn draw(
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
     let result = (|| {
-        let root = BitMapBackend::new(&tmp, (SIZE, SIZE)).into_drawing_area();
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         paint(&root)?;
         root.present().map_err(|e| e.to_string())
@@ -99,6 +107,52 @@ fn dots(
         root.draw(&c).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Images as a grid, as near square as their number allows, one pixel a `scale`×`scale`
+/// block with a one-block gap between images: `pixels` holds one image per row of
+/// `channels·height·width` values in `(C, H, W)` order, each a pixel value in
+/// `[0, levels)`. One channel is drawn grey, three as RGB; otherwise the first channel.
+pub fn image_grid(
+    path: &Path,
+    pixels: &[f32],
+    (channels, height, width): (usize, usize, usize),
+    levels: u32,
+) -> Result<(), Failure> {
+    let per_image = channels * height * width;
+    let n = pixels.len() / per_image.max(1);
+    let cols = (n as f64).sqrt().ceil().max(1.0) as usize;
+    let rows = n.div_ceil(cols).max(1);
+    // About 512 pixels across, at least one per image pixel.
+    let scale = (512 / (cols * (width + 1))).max(1);
+    let size = (
+        ((cols * (width + 1) + 1) * scale) as u32,
+        ((rows * (height + 1) + 1) * scale) as u32,
+    );
+    let top = (levels.max(2) - 1) as f32;
+    let level = |v: f32| (v.clamp(0.0, top) / top * 255.0).round() as u8;
+    draw_sized(path, size, |root| {
+        root.fill(&RGBColor(40, 40, 40))
+            .map_err(|e| e.to_string())?;
+        for (k, img) in pixels.chunks_exact(per_image).enumerate() {
+            let (gx, gy) = ((k % cols) * (width + 1) + 1, (k / cols) * (height + 1) + 1);
+            for i in 0..height {
+                for j in 0..width {
+                    let at = |c: usize| level(img[(c * height + i) * width + j]);
+                    let color = if channels == 3 {
+                        RGBColor(at(0), at(1), at(2))
+                    } else {
+                        RGBColor(at(0), at(0), at(0))
+                    };
+                    let (x, y) = (((gx + j) * scale) as i32, ((gy + i) * scale) as i32);
+                    let s = scale as i32;
+                    root.draw(&Rectangle::new([(x, y), (x + s, y + s)], color.filled()))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The points as a scatter plot.

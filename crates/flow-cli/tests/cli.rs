@@ -300,7 +300,8 @@ fn bad_input_is_one_clear_line() {
             &["--flow", "maf", "--hidden", "1"],
             "at least 2 hidden units",
         ),
-        (&["--flow", "glow"], "invalid value 'glow'"),
+        (&["--flow", "glow"], "needs the image shape"),
+        (&["--flow", "flowplusplus"], "invalid value 'flowplusplus'"),
     ] {
         let args = train(extra);
         fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);

@@ -536,6 +536,77 @@ fn thirty_and_more_hostile_inputs() {
         "not a safetensors file",
     ));
 
+    // Image flows.
+    let never = path("never.safetensors");
+    let digits_rows = file(
+        "pixels.csv",
+        b"0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15\n16,15,14,13,12,11,10,9,8,7,6,5,4,3,2,1\n",
+    );
+    let train_image = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--flow", "glow", "--steps", "1", "--out", &never]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut image_case = |what: &'static str, extra: &[&str], expect: &'static str| {
+        let mut c = case(what, &[], expect);
+        c.args = train_image(extra);
+        cases.push(c);
+    };
+    image_case(
+        "an image shape that does not match the rows",
+        &["--data", &digits_rows, "--image", "3x3x1"],
+        "has 9 values per image, but the rows",
+    );
+    image_case(
+        "a malformed image shape",
+        &["--data", &digits_rows, "--image", "4by4"],
+        "expected HxWxC",
+    );
+    image_case(
+        "a pixel value outside [0, L)",
+        &[
+            "--data",
+            &digits_rows,
+            "--image",
+            "4x4x1",
+            "--pixel-levels",
+            "16",
+        ],
+        "16 is not a pixel value",
+    );
+    image_case(
+        "a squeeze on odd sizes",
+        &[
+            "--data",
+            &file("odd.csv", b"0,1,2,3,4,5,6,7,8\n"),
+            "--image",
+            "3x3x1",
+            "--scales",
+            "1",
+        ],
+        "divisible by 2",
+    );
+    image_case(
+        "more scales than the image allows",
+        &["--data", "digits", "--scales", "4"],
+        "--scales 4 on 8x8x1 images",
+    );
+    image_case(
+        "one pixel level",
+        &["--data", "digits", "--pixel-levels", "1"],
+        "at least 2",
+    );
+    cases.push(case(
+        "an image shape for a flow of points",
+        &[
+            "train", "--data", "moons", "--flow", "nsf", "--image", "2x1x1", "--out", &never,
+        ],
+        "describe the data of an image flow",
+    ));
+
     assert!(cases.len() >= 30, "only {} cases", cases.len());
     let mut failures = Vec::new();
     for c in &cases {

@@ -163,6 +163,18 @@ impl ModelConfig {
         model.with_base(image_base(cfg.learn_base))
     }
 
+    /// The image shape and pixel levels of an image model (family `glow` or
+    /// `realnvp-image`), from its recipe; `None` for other models.
+    #[cfg(feature = "glow")]
+    pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
+        let recipe = self.recipe.as_ref()?;
+        let family = recipe.get("family")?.as_str()?;
+        if !matches!(family, "glow" | "realnvp-image") {
+            return None;
+        }
+        serde_json::from_value(recipe.clone()).ok()
+    }
+
     /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
     #[cfg(feature = "glow")]
     pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {

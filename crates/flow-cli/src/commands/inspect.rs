@@ -26,6 +26,14 @@ pub fn run(a: InspectArgs) -> CmdResult {
     let _ = writeln!(out, "family: {family}");
     let _ = writeln!(out, "features: {}", ck.config.dim);
     let _ = writeln!(out, "context features: {}", ck.config.context_dim);
+    if let Some(image) = ck.config.image_info() {
+        let s = image.shape;
+        let _ = writeln!(
+            out,
+            "images: {}x{}x{} (HxWxC), {} pixel levels",
+            s.height, s.width, s.channels, image.pixel_levels
+        );
+    }
     let _ = writeln!(
         out,
         "layers: {} ({})",

@@ -1,11 +1,20 @@
 use std::f64::consts::LN_2;
 
+use candle::{Device, Tensor};
+use flow_glow::ImageInfo;
+use flow_io::LoadedModel;
+use flow_train::data::{check_pixels, load_images};
+
 use crate::{
     cli::LogProbArgs,
-    commands::{device, host_values, input_chunks, load_model, peak_memory_mib},
+    commands::{device, host_values, input_chunks, load_model, peak_memory_mib, CHUNK_ROWS},
     output::{check_writable, CsvWriter},
     print_out, CmdResult,
 };
+
+/// The seed of the dequantisation noise `flow log-prob` adds to pixel values: the same
+/// file always gives the same numbers.
+const NOISE_SEED: u64 = 0;
 
 pub fn run(a: LogProbArgs) -> CmdResult {
     if let Some(out) = &a.out {
@@ -18,6 +27,13 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         Some(p) => Some(CsvWriter::create(p, &["log_prob".to_string()])?),
         None => None,
     };
+    if let Some(image) = model.checkpoint.config.image_info() {
+        let (rows, sum) = images(&a, &model, image, &device, out.as_mut())?;
+        if let Some(out) = out {
+            out.commit()?;
+        }
+        return report(rows, sum, dim);
+    }
     let (mut rows, mut sum) = (0usize, 0f64);
     for input in input_chunks(&a.input, dim, model.checkpoint.config.context_dim)? {
         let input = input?;
@@ -34,6 +50,11 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     if let Some(out) = out {
         out.commit()?;
     }
+    report(rows, sum, dim)
+}
+
+/// Prints the mean log-prob of `rows` rows whose log-probs add up to `sum`.
+fn report(rows: usize, sum: f64, dim: usize) -> CmdResult {
     let mean = sum / rows as f64;
     print_out(&format!(
         "{rows} rows  mean log-prob {mean:.4} nats  NLL {:.4} nats  {:.4} bits/dim\n",
@@ -44,4 +65,63 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         eprintln!("peak memory {mib:.0} MiB");
     }
     Ok(())
+}
+
+/// An image model on pixel values: each row dequantised once, `x = (pixel + u) / L`,
+/// and scored on the pixels' discrete scale, `log p(x) − D·ln L` (a lower bound on
+/// the pixels' log-probability in nats, whose negative mean over `D·ln 2` is bits per
+/// dimension). Returns the rows and the sum of their scores.
+fn images(
+    a: &LogProbArgs,
+    model: &LoadedModel,
+    image: ImageInfo,
+    device: &Device,
+    mut out: Option<&mut CsvWriter>,
+) -> Result<(usize, f64), crate::Failure> {
+    let what = a.input.display().to_string();
+    let loaded = load_images(&a.input)?;
+    let shape = image.shape;
+    if let Some(d) = loaded.dims {
+        if (d.channels, d.height, d.width) != (shape.channels, shape.height, shape.width) {
+            return Err(format!(
+                "{what} holds {}x{}x{} images, the model takes {}x{}x{}",
+                d.height, d.width, d.channels, shape.height, shape.width, shape.channels
+            )
+            .into());
+        }
+    }
+    let data = loaded.data;
+    if data.dim != shape.dim() {
+        return Err(format!(
+            "{what}: {} values per row, but the model takes {}x{}x{} images ({} values)",
+            data.dim,
+            shape.height,
+            shape.width,
+            shape.channels,
+            shape.dim()
+        )
+        .into());
+    }
+    check_pixels(&data, image.pixel_levels, &what)?;
+    let discrete = shape.dim() as f64 * f64::from(image.pixel_levels).ln();
+    let (mut rows, mut sum) = (0usize, 0f64);
+    for (k, chunk) in data.values.chunks(CHUNK_ROWS * data.dim).enumerate() {
+        let n = chunk.len() / data.dim;
+        let pixels = Tensor::from_slice(chunk, (n, data.dim), &Device::Cpu)?;
+        let x = flow_train::dequantize(&pixels, image.pixel_levels, NOISE_SEED + k as u64)?;
+        let lp = model.flow.log_prob(&x.to_device(device)?)?;
+        let values: Vec<f32> = host_values(&lp.detach().unsqueeze(1)?)?
+            .into_iter()
+            .map(|v| (f64::from(v) - discrete) as f32)
+            .collect();
+        rows += values.len();
+        sum += values.iter().map(|v| *v as f64).sum::<f64>();
+        if let Some(out) = out.as_deref_mut() {
+            out.rows(&values)?;
+        }
+    }
+    if rows == 0 {
+        return Err(format!("{what}: no rows").into());
+    }
+    Ok((rows, sum))
 }

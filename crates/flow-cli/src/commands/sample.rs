@@ -1,3 +1,5 @@
+use flow_glow::ImageInfo;
+use flow_io::LoadedModel;
 use flow_train::data::{chunks, Dataset};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -68,6 +70,9 @@ pub fn run(a: SampleArgs) -> CmdResult {
     }
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
+    if let Some(image) = model.checkpoint.config.image_info() {
+        return images(&a, &model, image);
+    }
     let dim = model.flow.dim();
     if a.plot.is_some() && dim != 2 {
         return Err(format!("--plot draws 2-D models; this one has {dim} features").into());
@@ -107,5 +112,83 @@ pub fn run(a: SampleArgs) -> CmdResult {
         plot::scatter(p, &plotted)?;
     }
     eprintln!("wrote {n} samples to {}", a.out.display());
+    Ok(())
+}
+
+/// The most images a PNG grid draws.
+const MAX_GRID: usize = 1024;
+
+/// An image model's samples: pixel values `⌊x·L⌋` of draws `x ∈ [0, 1)` (clamped to
+/// `[0, L − 1]`), as CSV rows or, for a `.png` name, a grid.
+fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo) -> CmdResult {
+    if a.context.is_some() || a.context_file.is_some() {
+        return Err(
+            "image models are unconditional: --context and --context-file do not apply".into(),
+        );
+    }
+    if a.plot.is_some() {
+        return Err(
+            "--plot draws 2-D models; an image model draws a grid with --out FILE.png".into(),
+        );
+    }
+    let n = a.n.ok_or("--n is required")?;
+    if n == 0 {
+        return Err("--n must be at least 1".into());
+    }
+    let png = a
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if png && n > MAX_GRID {
+        return Err(format!("--n {n}: a PNG grid holds at most {MAX_GRID} images").into());
+    }
+    let dim = image.shape.dim();
+    let levels = image.pixel_levels as f32;
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let mut out = if png {
+        None
+    } else {
+        Some(CsvWriter::create(&a.out, &header("p", dim))?)
+    };
+    let (mut grid, mut bad) = (Vec::new(), 0usize);
+    let mut left = n;
+    while left > 0 {
+        let rows = CHUNK_ROWS.min(left);
+        let x = model
+            .flow
+            .sample_with_context(rows, a.temperature, None, &mut rng)?;
+        let pixels: Vec<f32> = host_values(&x)?
+            .into_iter()
+            .map(|v| {
+                if v.is_finite() {
+                    (v * levels).floor().clamp(0.0, levels - 1.0)
+                } else {
+                    bad += 1;
+                    0.0
+                }
+            })
+            .collect();
+        match out.as_mut() {
+            Some(out) => out.rows(&pixels)?,
+            None => grid.extend(pixels),
+        }
+        left -= rows;
+    }
+    if bad > 0 {
+        eprintln!("warning: {bad} sample values were not finite (drawn as 0)");
+    }
+    match out {
+        Some(out) => out.commit()?,
+        None => {
+            let s = image.shape;
+            plot::image_grid(
+                &a.out,
+                &grid,
+                (s.channels, s.height, s.width),
+                image.pixel_levels,
+            )?
+        }
+    }
+    eprintln!("wrote {n} images to {}", a.out.display());
     Ok(())
 }

@@ -4,20 +4,24 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
 use flow_models::{BaseConfig, ModelConfig, Registry};
 use flow_nn::{Activation, Order, Spline};
 use flow_nsf::{NsfConfig, NsfKind};
 use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
 use flow_train::{
-    data::{generate, generate_labeled, load_path, Dataset, Toy},
+    data::{
+        check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
+        DIGITS_LEVELS,
+    },
     Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
     Schedule, TrainCheckpoint, TrainConfig, Trainer,
 };
 
 use crate::{
-    cli::{CouplingArg, FlowArg, NetsArg, OrderArg, ScaleArg, ScheduleArg, TrainArgs},
-    commands::{device, peak_memory_mib},
+    cli::{CouplingArg, FlowArg, NetsArg, OrderArg, ScaleArg, ScheduleArg, SplitArg, TrainArgs},
+    commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
     CmdResult, Failure,
@@ -52,10 +56,128 @@ fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
     })
 }
 
+/// Whether `--flow` names an image flow.
+fn image_flow(flow: FlowArg) -> bool {
+    matches!(flow, FlowArg::Glow | FlowArg::RealnvpImage)
+}
+
+/// `--image HxWxC`.
+fn parse_image(text: &str) -> Result<ImageShape, Failure> {
+    let parts: Vec<usize> = text
+        .split(['x', 'X'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("--image `{text}`: expected HxWxC, e.g. 28x28x1"))?;
+    match parts[..] {
+        [h, w, c] if h > 0 && w > 0 && c > 0 => Ok(ImageShape::new(c, h, w)),
+        _ => Err(
+            format!("--image `{text}`: expected HxWxC with each at least 1, e.g. 28x28x1").into(),
+        ),
+    }
+}
+
+/// The images an image flow trains on: their shape (from `--image`, else the file's)
+/// and pixel levels (`--pixel-levels`, else the data set's, else 256), checked
+/// against the rows. `None` for other flows, which take neither flag.
+fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<Option<ImageInfo>, Failure> {
+    if !image_flow(a.flow) {
+        if a.image.is_some() || a.pixel_levels.is_some() {
+            return Err("--image and --pixel-levels describe the data of an image flow (--flow glow or realnvp-image)".into());
+        }
+        return Ok(None);
+    }
+    if a.context_dim > 0 {
+        return Err("image flows are unconditional: --context-dim is not available".into());
+    }
+    let recorded = data
+        .dims
+        .map(|d| ImageShape::new(d.channels, d.height, d.width));
+    let shape = match (a.image.as_deref().map(parse_image).transpose()?, recorded) {
+        (Some(given), Some(file)) if given != file => {
+            return Err(format!(
+                "--image {}x{}x{}, but {} holds {}x{}x{} images",
+                given.height,
+                given.width,
+                given.channels,
+                a.data,
+                file.height,
+                file.width,
+                file.channels
+            )
+            .into())
+        }
+        (Some(shape), _) | (None, Some(shape)) => shape,
+        (None, None) => {
+            return Err(format!(
+                "an image flow needs the image shape: --image HxWxC ({} has {} values per row)",
+                a.data, data.data.dim
+            )
+            .into())
+        }
+    };
+    if shape.dim() != data.data.dim {
+        return Err(format!(
+            "--image {}x{}x{} has {} values per image, but the rows of {} have {}",
+            shape.height,
+            shape.width,
+            shape.channels,
+            shape.dim(),
+            a.data,
+            data.data.dim
+        )
+        .into());
+    }
+    let pixel_levels = a.pixel_levels.or(data.levels).unwrap_or(256);
+    if pixel_levels < 2 {
+        return Err(format!("--pixel-levels must be at least 2, got {pixel_levels}").into());
+    }
+    check_pixels(&data.data, pixel_levels, &a.data)?;
+    Ok(Some(ImageInfo {
+        shape,
+        pixel_levels,
+    }))
+}
+
+/// The image flow `--flow` names, over `image`, checked.
+fn image_model(a: &TrainArgs, image: ImageInfo) -> Result<ModelConfig, Failure> {
+    let scales = positive("scales", a.scales)?;
+    let channels = positive("channels", a.channels)?;
+    let shape = image.shape;
+    let (model, checked) = match a.flow {
+        FlowArg::Glow => {
+            let cfg = GlowConfig::new(shape)
+                .with_levels(scales)
+                .with_depth(positive("depth", a.depth)?)
+                .with_hidden_channels(channels)
+                .with_pixel_levels(image.pixel_levels);
+            (ModelConfig::glow(&cfg), cfg.validate())
+        }
+        _ => {
+            let cfg = RealNvpImageConfig::new(shape)
+                .with_scales(scales)
+                .with_hidden_channels(channels)
+                .with_pixel_levels(image.pixel_levels);
+            (ModelConfig::realnvp_image(&cfg), cfg.validate())
+        }
+    };
+    checked.map_err(|e| {
+        format!(
+            "--scales {scales} on {}x{}x{} images: {e}",
+            shape.height, shape.width, shape.channels
+        )
+    })?;
+    Ok(model)
+}
+
 /// The training configuration the flags describe for data of `dim` features and
-/// `context_dim` context features; every value is checked here, before any work
-/// starts.
-pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConfig, Failure> {
+/// `context_dim` context features (images: `image`); every value is checked here,
+/// before any work starts.
+pub fn config(
+    a: &TrainArgs,
+    dim: usize,
+    context_dim: usize,
+    image: Option<ImageInfo>,
+) -> Result<TrainConfig, Failure> {
     if !(a.clamp.is_finite() && a.clamp > 0.0) {
         return Err(format!("--clamp must be positive, got {}", a.clamp).into());
     }
@@ -94,7 +216,14 @@ pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConf
         })?;
     }
     let base = base(&a.base)?;
+    if image.is_some() && a.base != "normal" {
+        return Err("--base: image flows keep one trainable Gaussian per scale".into());
+    }
     let model: ModelConfig = match a.flow {
+        FlowArg::Glow | FlowArg::RealnvpImage => {
+            let image = image.ok_or("an image flow needs --image HxWxC")?;
+            image_model(a, image)?
+        }
         FlowArg::Realnvp | FlowArg::Nice => {
             let coupling = match (a.flow, a.coupling) {
                 (FlowArg::Nice, _) | (_, CouplingArg::Additive) => CouplingKind::Additive,
@@ -139,7 +268,11 @@ pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConf
             .with_context_dim(context_dim)
             .into(),
     };
-    let model = model.with_base(base);
+    let model = if image.is_some() {
+        model
+    } else {
+        model.with_base(base)
+    };
     let duration = duration(a)?.unwrap_or(Duration::Steps(1000));
     let schedule = match a.schedule {
         ScheduleArg::Constant => Schedule::Constant,
@@ -165,14 +298,49 @@ pub fn config(a: &TrainArgs, dim: usize, context_dim: usize) -> Result<TrainConf
         .with_seed(a.seed)
         .with_val_every(positive("val-every", a.val_every)?)
         .with_patience(a.patience)
-        .with_standardize(!a.no_standardize);
+        .with_standardize(image.is_none() && !a.no_standardize)
+        .with_dequantize(image.map(|i| i.pixel_levels));
     cfg.validate()
         .map_err(|e| Failure::from(format!("invalid settings: {e}")))?;
     Ok(cfg)
 }
 
-/// The training data, its last `context_dim` columns split off as the context.
-fn training_data(a: &TrainArgs, seed: u64, context_dim: usize) -> Result<Dataset, Failure> {
+/// Training rows, with what an image file or data set records about them.
+struct TrainingData {
+    data: Dataset,
+    /// The images' shape, if the file records it.
+    dims: Option<ImageDims>,
+    /// The data set's pixel levels, if it has its own.
+    levels: Option<u32>,
+}
+
+/// The training data, its last `context_dim` columns split off as the context. An
+/// image flow's files are read as images (`.npy` and IDX record their shape).
+fn training_data(
+    a: &TrainArgs,
+    seed: u64,
+    context_dim: usize,
+    images: bool,
+) -> Result<TrainingData, Failure> {
+    let plain = |data| TrainingData {
+        data,
+        dims: None,
+        levels: None,
+    };
+    if a.data == "digits" {
+        if context_dim > 0 || a.with_labels {
+            return Err("digits train an unconditional image flow".into());
+        }
+        return Ok(TrainingData {
+            data: digits_split(SplitArg::Train),
+            dims: Some(ImageDims {
+                channels: 1,
+                height: 8,
+                width: 8,
+            }),
+            levels: Some(DIGITS_LEVELS),
+        });
+    }
     let data = if let Some(toy) = Toy::from_name(&a.data) {
         positive("n", a.n)?;
         if a.with_labels {
@@ -199,9 +367,17 @@ fn training_data(a: &TrainArgs, seed: u64, context_dim: usize) -> Result<Dataset
                 "--with-labels labels a built-in data set; a file brings its own columns".into(),
             );
         }
+        if images {
+            let images = load_images(path)?;
+            return Ok(TrainingData {
+                data: images.data,
+                dims: images.dims,
+                levels: None,
+            });
+        }
         load_path(path)?
     };
-    Ok(data.split_context(context_dim, &a.data)?)
+    Ok(plain(data.split_context(context_dim, &a.data)?))
 }
 
 /// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
@@ -236,18 +412,29 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let context_dim = resume
         .as_ref()
         .map_or(a.context_dim, |r| r.config.model.context_dim);
-    let train = training_data(&a, seed, context_dim)?;
+    let resumed_image = resume.as_ref().and_then(|r| r.config.model.image_info());
+    let images = resumed_image.is_some() || (resume.is_none() && image_flow(a.flow));
+    let train = training_data(&a, seed, context_dim, images)?;
     let cfg = match &resume {
         Some(r) => TrainConfig {
             duration: duration(&a)?.unwrap_or(r.config.duration),
             ..r.config.clone()
         },
-        None => config(&a, train.dim, context_dim)?,
+        None => {
+            let image = image_info(&a, &train)?;
+            config(&a, train.data.dim, context_dim, image)?
+        }
     };
+    let train = train.data;
     let val = a
         .val
         .as_deref()
-        .map(|p| load_path(p)?.split_context(context_dim, &p.display().to_string()))
+        .map(|p| -> Result<Dataset, Failure> {
+            if images {
+                return Ok(load_images(p)?.data);
+            }
+            Ok(load_path(p)?.split_context(context_dim, &p.display().to_string())?)
+        })
         .transpose()?;
     if let Some(v) = &val {
         if v.dim != train.dim {
