@@ -7,10 +7,16 @@
 //!   `FLOWS_BENCH_DEVICE` names (default `cpu`), written to BENCHMARKS.md;
 //! - `bench quality [--steps N] [--threads N]`: only the comparison with zuko on
 //!   FFJORD's toy sets and the autoregressive directions (see `quality.rs`), written
-//!   to `target/bench-quality/report.md` (the whole `bench` runs it too).
+//!   to `target/bench-quality/report.md` (the whole `bench` runs it too);
+//! - `bench digits [--steps N] [--threads N]`: only Glow against normflows' Glow on
+//!   the 8×8 digits (see `images.rs`), written to `target/bench-digits/report.md`
+//!   (the whole `bench` runs it too);
+//! - `fashion-mnist [--features cuda|metal] [-- FLOW TRAIN ARGS]`: Glow on
+//!   Fashion-MNIST, test bits/dim and samples in `runs/fashion-mnist/`.
 //!
 //! Python (the peers' side) is `python3`, or the interpreter `FLOWS_PYTHON` names.
 
+mod images;
 mod quality;
 
 use std::{
@@ -29,9 +35,15 @@ fn main() -> ExitCode {
         Some("bench") if args.get(1).is_some_and(|a| a == "quality") => {
             quality::command(&args[2..])
         }
+        Some("bench") if args.get(1).is_some_and(|a| a == "digits") => {
+            images::digits_command(&args[2..])
+        }
+        Some("fashion-mnist") => images::fashion_mnist(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
-             | bench [--features F] | bench quality [--steps N] [--threads N]>"
+             | bench [--features F] | bench quality [--steps N] [--threads N] \
+             | bench digits [--steps N] [--threads N] \
+             | fashion-mnist [--features F] [-- ARGS]>"
             .into()),
     };
     match result {
@@ -343,6 +355,12 @@ fn bench(args: &[String]) -> Result<()> {
     .unwrap_or_else(|e| {
         format!("## Density quality and autoregressive directions\n\nNot measured: {e}\n")
     });
+    // Glow on the digits against normflows', on the CPU.
+    let digits = images::digits(&images::DigitsOptions {
+        threads: threads(),
+        ..images::DigitsOptions::default()
+    })
+    .unwrap_or_else(|e| format!("## Glow on scikit-learn's digits\n\nNot measured: {e}\n"));
 
     let runs = Runs {
         trained: &trained,
@@ -352,6 +370,7 @@ fn bench(args: &[String]) -> Result<()> {
         pytorch: pytorch.as_deref(),
         peers: peers.as_deref(),
         quality: &quality,
+        digits: &digits,
     };
     let mut report = report(&runs)?;
     let path = root().join("BENCHMARKS.md");
@@ -442,6 +461,8 @@ struct Runs<'a> {
     peers: Option<&'a str>,
     /// The sections of `bench quality`, as markdown.
     quality: &'a str,
+    /// The section of `bench digits`, as markdown.
+    digits: &'a str,
 }
 
 /// A number in a flat JSON object, by key.
@@ -673,6 +694,8 @@ fn report(runs: &Runs) -> Result<String> {
     }
     line(String::new());
     line(runs.quality.trim_end().to_string());
+    line(String::new());
+    line(runs.digits.trim_end().to_string());
     line(String::new());
     line("## PyTorch, same machine, same threads".into());
     line(String::new());

@@ -1,0 +1,347 @@
+//! Image flows: `cargo xtask bench digits` (Glow against normflows' Glow on
+//! scikit-learn's digits) and `cargo xtask fashion-mnist` (Glow on Fashion-MNIST).
+//! Both drive the `flow` command as a user would and read its reports.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use crate::{flow, json_number, python_program, ratio, root, split_args, Result};
+
+/// The comparison's settings: the architecture and training of the issue that set it.
+const DIGITS_ARCH: [&str; 8] = [
+    "--scales",
+    "2",
+    "--depth",
+    "8",
+    "--channels",
+    "64",
+    "--batch",
+    "64",
+];
+/// The checks the digits comparison sets (reported, never asserted).
+const DIGITS_SPEEDUP: f64 = 2.0;
+
+/// Where Debian's `dataset-fashion-mnist` puts the IDX files.
+const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Runs `cmd`, passing its stderr through and keeping a copy; returns (stdout, stderr).
+fn capture(mut cmd: Command) -> Result<(String, String)> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprint!("{stderr}");
+    if !out.status.success() {
+        return Err(format!("{shown} failed ({})", out.status));
+    }
+    Ok((stdout, stderr))
+}
+
+/// The number just before `label` in `text` (`… 10.7 steps/s`, `2.36 bits/dim`).
+fn number_before(text: &str, label: &str) -> Option<f64> {
+    let at = text.rfind(label)?;
+    text[..at]
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// `flow train` then `flow log-prob` on `test` and `flow sample` into `out`: returns
+/// (steps/s, test bits/dim).
+fn train_and_score(
+    features: &Option<String>,
+    threads: usize,
+    train: &[&str],
+    test: &str,
+    out: &Path,
+) -> Result<(Option<f64>, Option<f64>)> {
+    let p = |name: &str| out.join(name).to_string_lossy().into_owned();
+    let model = p("model.safetensors");
+    let mut args = vec!["train"];
+    args.extend_from_slice(train);
+    args.extend(["--out", &model]);
+    let mut cmd = flow(features, &args);
+    cmd.env("RAYON_NUM_THREADS", threads.to_string());
+    let (_, log) = capture(cmd)?;
+    let rate = number_before(&log, "steps/s)");
+    let (scores, _) = capture(flow(
+        features,
+        &["log-prob", "--model", &model, "--input", test],
+    ))?;
+    print!("{scores}");
+    let bpd = number_before(&scores, "bits/dim");
+    let samples = p("samples.png");
+    capture(flow(
+        features,
+        &["sample", "--model", &model, "--n", "64", "--out", &samples],
+    ))?;
+    Ok((rate, bpd))
+}
+
+#[derive(Debug, Clone)]
+pub struct DigitsOptions {
+    pub steps: usize,
+    pub threads: usize,
+}
+
+impl Default for DigitsOptions {
+    fn default() -> Self {
+        Self {
+            steps: 3000,
+            threads: 2,
+        }
+    }
+}
+
+fn parse_digits(args: &[String]) -> Result<DigitsOptions> {
+    let mut o = DigitsOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut number = |name: &str| -> Result<usize> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .ok_or_else(|| format!("{name} needs a positive whole number"))
+        };
+        match a.as_str() {
+            "--steps" => o.steps = number("--steps")?,
+            "--threads" => o.threads = number("--threads")?,
+            other => {
+                return Err(format!(
+                    "unexpected argument `{other}` (bench digits [--steps N] [--threads N])"
+                ))
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// `cargo xtask bench digits`: runs both sides, prints the report and writes it.
+pub fn digits_command(args: &[String]) -> Result<()> {
+    let o = parse_digits(args)?;
+    let md = digits(&o)?;
+    println!("{md}");
+    println!(
+        "wrote {}",
+        root().join("target/bench-digits/report.md").display()
+    );
+    Ok(())
+}
+
+/// Glow on the digits, ours then normflows', and the report section.
+pub fn digits(o: &DigitsOptions) -> Result<String> {
+    let out = root().join("target").join("bench-digits");
+    let ours = out.join("ours");
+    std::fs::create_dir_all(&ours)
+        .map_err(|e| format!("cannot create {}: {e}", ours.display()))?;
+    let test = out.join("test.csv").to_string_lossy().into_owned();
+    capture(flow(
+        &None,
+        &["data", "digits", "--split", "test", "--out", &test],
+    ))?;
+    let steps = o.steps.to_string();
+    let mut train = vec![
+        "--data",
+        "digits",
+        "--flow",
+        "glow",
+        "--steps",
+        &steps,
+        "--seed",
+        "0",
+    ];
+    train.extend_from_slice(&DIGITS_ARCH);
+    let (rate, bpd) = train_and_score(&None, o.threads, &train, &test, &ours)?;
+
+    let theirs_png = out.join("normflows_samples.png");
+    let mut py = Command::new(python_program());
+    py.current_dir(root())
+        .arg("benches/normflows_glow_digits.py")
+        .args(["--steps", &steps, "--threads", &o.threads.to_string()])
+        .arg("--samples")
+        .arg(&theirs_png)
+        // PyTorch's waiting threads sleep rather than spin: on a busy machine
+        // spinning costs it more than it saves.
+        .env("OMP_WAIT_POLICY", "PASSIVE");
+    let theirs = match capture(py) {
+        Ok((json, _)) => json.lines().last().map(str::to_string),
+        Err(e) => {
+            eprintln!("xtask: normflows' side failed: {e}");
+            None
+        }
+    };
+    if let Some(json) = &theirs {
+        std::fs::write(out.join("normflows.json"), json)
+            .map_err(|e| format!("cannot write normflows.json: {e}"))?;
+    }
+    let md = digits_report(rate, bpd, theirs.as_deref(), o);
+    std::fs::write(out.join("report.md"), &md)
+        .map_err(|e| format!("cannot write the report: {e}"))?;
+    Ok(md)
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The digits section: the table and the checks, PASS or FAIL per line.
+pub fn digits_report(
+    rate: Option<f64>,
+    bpd: Option<f64>,
+    normflows: Option<&str>,
+    o: &DigitsOptions,
+) -> String {
+    let (their_bpd, their_rate) = (
+        normflows.and_then(|j| json_number(j, "test_bpd")),
+        normflows.and_then(|j| json_number(j, "steps_per_s")),
+    );
+    let mut md = String::new();
+    let mut line = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    line("## Glow on scikit-learn's digits against normflows".into());
+    line(String::new());
+    line(format!(
+        "8×8 digits, 17 pixel levels, uniform dequantisation; trained on the first 1 500 \
+         images, tested on the last 297 (one fixed noise draw). Ours: `flow train --data \
+         digits --flow glow {} --steps {}` (Adam 1e-3 decayed 0.999 per step, its \
+         defaults), then `flow log-prob` on the test rows. normflows: \
+         `benches/normflows_glow_digits.py`, its multi-scale Glow of the same shape \
+         (L = 2, K = 8, 64 hidden channels), Adamax 1e-3, batch 64, the same steps. \
+         {} threads each side, CPU. bits/dim = (−log p(x) + D·ln 17) / (D·ln 2).",
+        DIGITS_ARCH.join(" "),
+        o.steps,
+        o.threads
+    ));
+    line(String::new());
+    line("| | test bits/dim | training steps/s |".into());
+    line("| --- | --- | --- |".into());
+    line(format!("| ours | {} | {} |", num(bpd, 3), num(rate, 1)));
+    line(format!(
+        "| normflows | {} | {} |",
+        num(their_bpd, 3),
+        num(their_rate, 1)
+    ));
+    line(format!("| ours / normflows | | {} |", ratio(rate, their_rate)));
+    line(String::new());
+    line("Checks:".into());
+    line(String::new());
+    let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
+    line(match (bpd, their_bpd) {
+        (Some(a), Some(b)) => format!(
+            "- {} test bits/dim: ours {a:.3} ≤ normflows {b:.3}",
+            verdict(a <= b)
+        ),
+        _ => "- SKIP test bits/dim: ours ≤ normflows (not measured)".into(),
+    });
+    line(match (rate, their_rate) {
+        (Some(a), Some(b)) if b > 0.0 => format!(
+            "- {} training rate: ours {:.2}× normflows' ≥ {DIGITS_SPEEDUP}×",
+            verdict(a >= DIGITS_SPEEDUP * b),
+            a / b
+        ),
+        _ => format!("- SKIP training rate ≥ {DIGITS_SPEEDUP}× normflows' (not measured)"),
+    });
+    line(String::new());
+    line(
+        "Samples: `target/bench-digits/ours/samples.png` and \
+         `target/bench-digits/normflows_samples.png`."
+            .into(),
+    );
+    md
+}
+
+/// `cargo xtask fashion-mnist [--features F] [-- FLOW TRAIN ARGS]`: Glow on
+/// Fashion-MNIST (60 000 training and 10 000 test images, 28×28, 256 levels) from
+/// Debian's `dataset-fashion-mnist` (or the folder `FASHION_MNIST_DIR` names), into
+/// `runs/fashion-mnist/`: test bits/dim and a grid of 64 samples.
+pub fn fashion_mnist(args: &[String]) -> Result<()> {
+    let (features, extra) = split_args(args)?;
+    let dir = std::env::var("FASHION_MNIST_DIR").unwrap_or_else(|_| FASHION_MNIST_DIR.into());
+    let file = |name: &str| -> Result<String> {
+        let p = PathBuf::from(&dir).join(name);
+        if p.exists() {
+            Ok(p.to_string_lossy().into_owned())
+        } else {
+            Err(format!(
+                "{} not found: install Debian's dataset-fashion-mnist or set FASHION_MNIST_DIR",
+                p.display()
+            ))
+        }
+    };
+    let (train_file, test_file) = (
+        file("train-images-idx3-ubyte.gz")?,
+        file("t10k-images-idx3-ubyte.gz")?,
+    );
+    let out = root().join("runs").join("fashion-mnist");
+    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    // 28×28 halves twice; the flags after `--` come last and override these.
+    let mut train = vec![
+        "--data",
+        &train_file,
+        "--flow",
+        "glow",
+        "--scales",
+        "2",
+        "--depth",
+        "8",
+        "--channels",
+        "64",
+        "--batch",
+        "64",
+        "--steps",
+        "2000",
+        "--metrics",
+    ];
+    let metrics = out.join("metrics.jsonl").to_string_lossy().into_owned();
+    train.push(&metrics);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    train.extend_from_slice(&extra);
+    let threads = crate::threads();
+    let (rate, bpd) = train_and_score(&features, threads, &train, &test_file, &out)?;
+    println!(
+        "Fashion-MNIST: test bits/dim {} ({} training steps/s); model, samples.png and metrics in {}",
+        num(bpd, 3),
+        num(rate, 2),
+        out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_from_flow_reports() {
+        let train = "step 10/10\ntrained 10 steps in 1.0s (10.7 steps/s), last batch NLL -5\n";
+        assert_eq!(number_before(train, "steps/s)"), Some(10.7));
+        let lp = "297 rows  mean log-prob -120.0 nats  NLL 120.0 nats  2.7046 bits/dim\n";
+        assert_eq!(number_before(lp, "bits/dim"), Some(2.7046));
+        assert_eq!(number_before("nothing here", "bits/dim"), None);
+    }
+
+    #[test]
+    fn the_digits_report_judges_each_check() {
+        let o = DigitsOptions::default();
+        let theirs = r#"{"test_bpd": 2.35, "steps_per_s": 19.0}"#;
+        let md = digits_report(Some(40.0), Some(2.30), Some(theirs), &o);
+        assert!(md.contains("PASS test bits/dim: ours 2.300 ≤ normflows 2.350"), "{md}");
+        assert!(md.contains("PASS training rate: ours 2.11×"), "{md}");
+        let md = digits_report(Some(10.0), Some(2.40), Some(theirs), &o);
+        assert!(md.contains("FAIL test bits/dim"), "{md}");
+        assert!(md.contains("FAIL training rate: ours 0.53×"), "{md}");
+        let md = digits_report(Some(10.0), Some(2.40), None, &o);
+        assert!(md.contains("SKIP test bits/dim"), "{md}");
+    }
+}
