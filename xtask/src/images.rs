@@ -103,26 +103,9 @@ impl Default for DigitsOptions {
 }
 
 fn parse_digits(args: &[String]) -> Result<DigitsOptions> {
-    let mut o = DigitsOptions::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut number = |name: &str| -> Result<usize> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| v > 0)
-                .ok_or_else(|| format!("{name} needs a positive whole number"))
-        };
-        match a.as_str() {
-            "--steps" => o.steps = number("--steps")?,
-            "--threads" => o.threads = number("--threads")?,
-            other => {
-                return Err(format!(
-                    "unexpected argument `{other}` (bench digits [--steps N] [--threads N])"
-                ))
-            }
-        }
-    }
-    Ok(o)
+    let d = DigitsOptions::default();
+    let (steps, threads) = crate::steps_and_threads(args, d.steps, d.threads, "bench digits")?;
+    Ok(DigitsOptions { steps, threads })
 }
 
 /// `cargo xtask bench digits`: runs both sides, prints the report and writes it.
@@ -141,8 +124,7 @@ pub fn digits_command(args: &[String]) -> Result<()> {
 pub fn digits(o: &DigitsOptions) -> Result<String> {
     let out = root().join("target").join("bench-digits");
     let ours = out.join("ours");
-    std::fs::create_dir_all(&ours)
-        .map_err(|e| format!("cannot create {}: {e}", ours.display()))?;
+    std::fs::create_dir_all(&ours).map_err(|e| format!("cannot create {}: {e}", ours.display()))?;
     let test = out.join("test.csv").to_string_lossy().into_owned();
     capture(flow(
         &None,
@@ -150,14 +132,7 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
     ))?;
     let steps = o.steps.to_string();
     let mut train = vec![
-        "--data",
-        "digits",
-        "--flow",
-        "glow",
-        "--steps",
-        &steps,
-        "--seed",
-        "0",
+        "--data", "digits", "--flow", "glow", "--steps", &steps, "--seed", "0",
     ];
     train.extend_from_slice(&DIGITS_ARCH);
     let (rate, bpd) = train_and_score(&None, o.threads, &train, &test, &ours)?;
@@ -232,7 +207,10 @@ pub fn digits_report(
         num(their_bpd, 3),
         num(their_rate, 1)
     ));
-    line(format!("| ours / normflows | | {} |", ratio(rate, their_rate)));
+    line(format!(
+        "| ours / normflows | | {} |",
+        ratio(rate, their_rate)
+    ));
     line(String::new());
     line("Checks:".into());
     line(String::new());
@@ -336,7 +314,10 @@ mod tests {
         let o = DigitsOptions::default();
         let theirs = r#"{"test_bpd": 2.35, "steps_per_s": 19.0}"#;
         let md = digits_report(Some(40.0), Some(2.30), Some(theirs), &o);
-        assert!(md.contains("PASS test bits/dim: ours 2.300 ≤ normflows 2.350"), "{md}");
+        assert!(
+            md.contains("PASS test bits/dim: ours 2.300 ≤ normflows 2.350"),
+            "{md}"
+        );
         assert!(md.contains("PASS training rate: ours 2.11×"), "{md}");
         let md = digits_report(Some(10.0), Some(2.40), Some(theirs), &o);
         assert!(md.contains("FAIL test bits/dim"), "{md}");

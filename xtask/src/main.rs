@@ -81,6 +81,35 @@ fn run(mut cmd: Command) -> Result<()> {
     }
 }
 
+/// `[--steps N] [--threads N]` of the `bench` subcommands, over the defaults given;
+/// `command` names the subcommand in the error.
+fn steps_and_threads(
+    args: &[String],
+    mut steps: usize,
+    mut threads: usize,
+    command: &str,
+) -> Result<(usize, usize)> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut number = |name: &str| -> Result<usize> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .ok_or_else(|| format!("{name} needs a positive whole number"))
+        };
+        match a.as_str() {
+            "--steps" => steps = number("--steps")?,
+            "--threads" => threads = number("--threads")?,
+            other => {
+                return Err(format!(
+                    "unexpected argument `{other}` ({command} [--steps N] [--threads N])"
+                ))
+            }
+        }
+    }
+    Ok((steps, threads))
+}
+
 /// Splits `[--features F] [-- rest]` into the features and the pass-through arguments.
 fn split_args(args: &[String]) -> Result<(Option<String>, Vec<String>)> {
     let (ours, rest) = match args.iter().position(|a| a == "--") {

@@ -35,26 +35,9 @@ impl Default for Options {
 }
 
 pub fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut number = |name: &str| -> Result<usize> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| v > 0)
-                .ok_or_else(|| format!("{name} needs a positive whole number"))
-        };
-        match a.as_str() {
-            "--steps" => o.steps = number("--steps")?,
-            "--threads" => o.threads = number("--threads")?,
-            other => {
-                return Err(format!(
-                    "unexpected argument `{other}` (bench quality [--steps N] [--threads N])"
-                ))
-            }
-        }
-    }
-    Ok(o)
+    let d = Options::default();
+    let (steps, threads) = crate::steps_and_threads(args, d.steps, d.threads, "bench quality")?;
+    Ok(Options { steps, threads })
 }
 
 /// `cargo xtask bench quality`: runs both sides, prints the report and writes it.
