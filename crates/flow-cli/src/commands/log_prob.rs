@@ -7,7 +7,7 @@ use flow_train::data::{check_pixels, load_images};
 
 use crate::{
     cli::LogProbArgs,
-    commands::{device, host_values, input_chunks, load_model, peak_memory_mib, CHUNK_ROWS},
+    commands::{device, host_values, image_chunk_rows, input_chunks, load_model, peak_memory_mib},
     output::{check_writable, CsvWriter},
     print_out, CmdResult,
 };
@@ -105,7 +105,11 @@ fn images(
     check_pixels(&data, image.pixel_levels, &what)?;
     let discrete = shape.dim() as f64 * f64::from(image.pixel_levels).ln();
     let (mut rows, mut sum) = (0usize, 0f64);
-    for (k, chunk) in data.values.chunks(CHUNK_ROWS * data.dim).enumerate() {
+    for (k, chunk) in data
+        .values
+        .chunks(image_chunk_rows(data.dim) * data.dim)
+        .enumerate()
+    {
         let n = chunk.len() / data.dim;
         let pixels = Tensor::from_slice(chunk, (n, data.dim), &Device::Cpu)?;
         let x = flow_train::dequantize(&pixels, image.pixel_levels, NOISE_SEED + k as u64)?;

@@ -44,6 +44,12 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Failure> 
 /// with the number of rows.
 pub const CHUNK_ROWS: usize = 16_384;
 
+/// Rows per chunk for an image model with `dim` pixels per image: about 256k input
+/// values, since its convolutions hold tens of values per pixel and channel.
+pub fn image_chunk_rows(dim: usize) -> usize {
+    ((1 << 18) / dim.max(1)).clamp(1, CHUNK_ROWS)
+}
+
 /// What a model reads from a data file: its features, then (a conditional model) its
 /// context features, row by row.
 pub struct Input {

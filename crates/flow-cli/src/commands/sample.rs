@@ -5,7 +5,9 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use crate::{
     cli::SampleArgs,
-    commands::{device, host_values, load_model, parse_context, with_context, CHUNK_ROWS},
+    commands::{
+        device, host_values, image_chunk_rows, load_model, parse_context, with_context, CHUNK_ROWS,
+    },
     output::{check_writable, header, CsvWriter},
     plot, CmdResult, Failure,
 };
@@ -153,7 +155,7 @@ fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo) -> CmdResult {
     let (mut grid, mut bad) = (Vec::new(), 0usize);
     let mut left = n;
     while left > 0 {
-        let rows = CHUNK_ROWS.min(left);
+        let rows = image_chunk_rows(dim).min(left);
         let x = model
             .flow
             .sample_with_context(rows, a.temperature, None, &mut rng)?;
