@@ -1,21 +1,29 @@
-//! The thread count candle's CPU matrix products ask for.
+//! The thread counts candle reads.
 
-/// candle asks for its thread count at every CPU matrix product and, when
-/// `RAYON_NUM_THREADS` is unset, counts the physical cores by parsing `/proc/cpuinfo`
-/// each time: on the small products of flow layers that costs as much as the product
-/// (half of a small Glow's training step). Setting the variable once, to the count
-/// candle would find, turns every later ask into a lookup. A set variable is left
-/// alone.
+/// Fixes, once per process, the two thread counts candle's CPU backend reads:
 ///
-/// Call it first thing in `main`, before the process has started other threads: it
-/// changes the environment.
+/// - `RAYON_NUM_THREADS`: candle asks for it at every matrix product and, when it is
+///   unset, counts the physical cores by parsing `/proc/cpuinfo` each time; on the
+///   small products of flow layers that costs as much as the product (half of a small
+///   Glow's training step). It is set to the count candle would find, so every later
+///   ask is a lookup.
+/// - `CANDLE_NUM_THREADS`: the workers of candle's pool for element-wise ops, which spin
+///   while they wait. Beside the rayon pool that the matrix products and this crate's
+///   kernels run on, they take cores the other pool's threads need (a quarter of an
+///   NSF training step went to waiting at that pool's barrier); set to 1, element-wise
+///   ops run on the calling thread.
+///
+/// A variable already set is left alone. Call it first thing in `main`, before the
+/// process has started other threads: it changes the environment.
 #[allow(unsafe_code)]
 pub fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
-    }
-    let n = candle::utils::get_num_threads();
-    // SAFETY: the caller runs this at the start of `main`, while the process has one
-    // thread, so no other thread reads or writes the environment concurrently.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    let set = |name: &str, value: String| {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: the caller runs this at the start of `main`, while the process
+            // has one thread, so no other thread reads or writes the environment.
+            unsafe { std::env::set_var(name, value) };
+        }
+    };
+    set("RAYON_NUM_THREADS", candle::utils::get_num_threads().to_string());
+    set("CANDLE_NUM_THREADS", "1".to_string());
 }
