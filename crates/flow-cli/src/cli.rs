@@ -220,6 +220,14 @@ pub enum ScaleArg {
     Tanh,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// Adam (Kingma & Ba 2015).
+    Adam,
+    /// Adamax: Adam with an infinity-norm second moment.
+    Adamax,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ScheduleArg {
     /// The same learning rate throughout.
@@ -332,7 +340,11 @@ pub struct TrainArgs {
     /// Samples per optimizer step.
     #[arg(long, default_value_t = 512)]
     pub batch: usize,
-    /// Adam's learning rate.
+    /// The optimizer: Adam (with --weight-decay, AdamW), or Adamax (its weight decay an
+    /// L2 penalty, as PyTorch's).
+    #[arg(long, value_enum, default_value = "adam")]
+    pub optimizer: OptimizerArg,
+    /// The optimizer's learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Per-step exponential decay of the learning rate (with `--schedule exp`).
@@ -344,7 +356,7 @@ pub struct TrainArgs {
     /// Warm-up steps of the cosine schedule.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
-    /// Use AdamW with this decoupled weight decay.
+    /// Weight decay: decoupled with Adam (AdamW), an L2 penalty with Adamax.
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Rescale gradients whose global L2 norm exceeds this.

@@ -24,6 +24,9 @@ pub fn pin_thread_count() {
             unsafe { std::env::set_var(name, value) };
         }
     };
-    set("RAYON_NUM_THREADS", candle::utils::get_num_threads().to_string());
+    set(
+        "RAYON_NUM_THREADS",
+        candle::utils::get_num_threads().to_string(),
+    );
     set("CANDLE_NUM_THREADS", "1".to_string());
 }

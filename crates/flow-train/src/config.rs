@@ -11,9 +11,13 @@ pub enum OptimizerKind {
     Adam,
     /// Adam with decoupled weight decay.
     AdamW,
+    /// Adamax (Kingma & Ba 2015, §7.1): Adam with the second moment replaced by an
+    /// exponentially weighted infinity norm, `u = max(β₂·u, |g| + eps)`, and the step
+    /// `lr / (1 − β₁ᵗ) · m / u`; a non-zero weight decay is an L2 penalty, as in Adam.
+    Adamax,
 }
 
-/// Adam/AdamW hyper-parameters (PyTorch's defaults, weight decay 0).
+/// Adam/AdamW/Adamax hyper-parameters (PyTorch's defaults, weight decay 0).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct OptimizerConfig {

@@ -98,19 +98,25 @@ fn in_place_steps_match_the_tensor_ops() -> Result<()> {
     Ok(())
 }
 
-/// PyTorch's Adam / AdamW for one scalar, as its documentation writes it.
+/// PyTorch's Adam / AdamW / Adamax for one scalar, as its documentation writes it.
 fn by_hand(kind: OptimizerKind, wd: f64, theta0: f64, g: &[f64], lr: f64) -> f64 {
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
     let (mut theta, mut m, mut v) = (theta0, 0.0, 0.0);
     for (t, &g) in g.iter().enumerate() {
         let t = t as i32 + 1;
         let g = match kind {
-            OptimizerKind::Adam => g + wd * theta,
+            OptimizerKind::Adam | OptimizerKind::Adamax => g + wd * theta,
             OptimizerKind::AdamW => {
                 theta *= 1.0 - lr * wd;
                 g
             }
         };
+        if kind == OptimizerKind::Adamax {
+            m = b1 * m + (1.0 - b1) * g;
+            v = f64::max(b2 * v, g.abs() + eps);
+            theta -= lr / (1.0 - b1.powi(t)) * m / v;
+            continue;
+        }
         m = b1 * m + (1.0 - b1) * g;
         v = b2 * v + (1.0 - b2) * g * g;
         let (m_hat, v_hat) = (m / (1.0 - b1.powi(t)), v / (1.0 - b2.powi(t)));
@@ -127,6 +133,8 @@ fn both_forms_follow_the_documented_update() -> Result<()> {
             (OptimizerKind::Adam, 0.0),
             (OptimizerKind::Adam, 0.05),
             (OptimizerKind::AdamW, 0.05),
+            (OptimizerKind::Adamax, 0.0),
+            (OptimizerKind::Adamax, 0.05),
         ] {
             let var = Var::new(&[0.8f64], &Device::Cpu)?;
             let mut adam = Adam::new(vec![var.clone()], config(kind, wd))?.with_in_place(in_place);

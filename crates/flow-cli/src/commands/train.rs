@@ -20,7 +20,10 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{CouplingArg, FlowArg, NetsArg, OrderArg, ScaleArg, ScheduleArg, SplitArg, TrainArgs},
+    cli::{
+        CouplingArg, FlowArg, NetsArg, OptimizerArg, OrderArg, ScaleArg, ScheduleArg, SplitArg,
+        TrainArgs,
+    },
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
@@ -280,10 +283,10 @@ pub fn config(
         ScheduleArg::Cosine => Schedule::Cosine { warmup: a.warmup },
     };
     let optimizer = OptimizerConfig {
-        kind: if a.weight_decay.is_some() {
-            OptimizerKind::AdamW
-        } else {
-            OptimizerKind::Adam
+        kind: match (a.optimizer, a.weight_decay) {
+            (OptimizerArg::Adamax, _) => OptimizerKind::Adamax,
+            (OptimizerArg::Adam, Some(_)) => OptimizerKind::AdamW,
+            (OptimizerArg::Adam, None) => OptimizerKind::Adam,
         },
         lr: a.lr,
         weight_decay: a.weight_decay.unwrap_or(0.0),

@@ -4,10 +4,11 @@ use flow_kernels::{fused, Op};
 
 use crate::{OptimizerConfig, OptimizerKind};
 
-/// Adam / AdamW over a fixed, ordered list of variables.
+/// Adam / AdamW / Adamax over a fixed, ordered list of variables.
 ///
 /// Its state (step count and both moment estimates) is exposed so that it can be saved
-/// with a checkpoint and restored to resume a run exactly.
+/// with a checkpoint and restored to resume a run exactly. For Adamax the second
+/// "moment" is the infinity norm `u`.
 ///
 /// Where `flow-kernels` has the in-place kernels (the CPU, f32/f64, fusion on: see
 /// [`flow_kernels::fused`]), a step updates moments and parameters in place, allocating
@@ -121,7 +122,11 @@ impl Adam {
         self.step += 1;
         let t = self.step as i32;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let l2 = if kind == OptimizerKind::Adam { wd } else { 0.0 };
+        let l2 = if kind == OptimizerKind::AdamW {
+            0.0
+        } else {
+            wd
+        };
         let update = Update {
             alpha: lr / c1,
             kappa: 1.0 / c2,
@@ -136,7 +141,20 @@ impl Adam {
             let Some(g) = &grads[i] else { continue };
             let theta = var.as_tensor();
             let in_place = self.in_place && fused(Op::Adam, theta);
-            if in_place {
+            if kind == OptimizerKind::Adamax {
+                // No kernel: image flows, its users, spend their time elsewhere.
+                let g = if l2 != 0.0 {
+                    (g + theta.affine(l2, 0.0)?)?
+                } else {
+                    g.clone()
+                };
+                self.m[i] = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+                self.v[i] = self.v[i]
+                    .affine(b2, 0.0)?
+                    .maximum(&g.abs()?.affine(1.0, eps)?)?;
+                let step = self.m[i].affine(lr / c1, 0.0)?.div(&self.v[i])?;
+                var.set(&(theta - step)?)?;
+            } else if in_place {
                 let g = g.contiguous()?;
                 let (m, v) = (&self.m[i], &self.v[i]);
                 m.inplace_op3(
