@@ -187,6 +187,28 @@ pub struct ConvCoupling {
     pixel_mask: Option<Tensor>,
 }
 
+/// A `k×k` convolution initialised as PyTorch's `Conv2d` (and so normflows' and
+/// nflows' conditioners): weight and bias `U(±1/√(C_in·k²))`. candle's own `conv2d`
+/// draws the weight from a Kaiming normal about 2.4 times wider and the bias over
+/// `±1/√C_in`; with those starts a digits Glow fit its training images as well but
+/// scored 0.24 bits/dim worse on held-out ones (2.59 against 2.36).
+fn torch_conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let bound = 1.0 / ((in_channels * k * k) as f64).sqrt();
+    let init = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let weight = vb.get_with_hints((out_channels, in_channels, k, k), "weight", init)?;
+    let bias = vb.get_with_hints(out_channels, "bias", init)?;
+    Ok(Conv2d::new(weight, Some(bias), cfg))
+}
+
 /// `(1, 1, H, W)` with 1 where `(h + w) % 2 == parity`.
 fn checkerboard(shape: ImageShape, parity: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let v: Vec<f64> = (0..shape.pixels())
@@ -214,8 +236,8 @@ impl ConvCoupling {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = candle_nn::conv2d(kept, hidden, 3, padded, vb.pp("conv_in"))?;
-        let conv_hidden = candle_nn::conv2d(
+        let conv_in = torch_conv2d(kept, hidden, 3, padded, vb.pp("conv_in"))?;
+        let conv_hidden = torch_conv2d(
             hidden,
             hidden,
             1,
@@ -232,7 +254,7 @@ impl ConvCoupling {
             let bias = vb.get_with_hints(2 * transformed, "bias", candle_nn::init::ZERO)?;
             Conv2d::new(weight, Some(bias), padded)
         } else {
-            candle_nn::conv2d(hidden, 2 * transformed, 3, padded, vb.pp("conv_out"))?
+            torch_conv2d(hidden, 2 * transformed, 3, padded, vb.pp("conv_out"))?
         };
         let pixel_mask = match cfg.mask {
             CouplingMask::Checkerboard => Some(0),
