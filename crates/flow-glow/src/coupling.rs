@@ -187,6 +187,23 @@ pub struct ConvCoupling {
     pixel_mask: Option<Tensor>,
 }
 
+/// `act(conv(x))` for a same-padded stride-1 convolution of the conditioner (`act`
+/// none for the last): the fused kernel, activation included, where
+/// [`flow_kernels::fused`] allows it (the same values and gradients up to rounding,
+/// without candle's per-element convolution backward and the activation's own graph
+/// node), else `candle_nn`'s convolution and the activation's candle ops.
+fn conv(layer: &Conv2d, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+    if flow_kernels::fused(flow_kernels::Op::Conv, x) {
+        flow_kernels::conv::conv2d_fused(x, layer.weight(), layer.bias(), act)
+    } else {
+        let y = layer.forward(x)?;
+        match act {
+            Some(a) => a.apply(&y),
+            None => Ok(y),
+        }
+    }
+}
+
 /// A `k×k` convolution initialised as PyTorch's `Conv2d` (and so normflows' and
 /// nflows' conditioners): weight and bias `U(±1/√(C_in·k²))`. candle's own `conv2d`
 /// draws the weight from a Kaiming normal about 2.4 times wider and the bias over
@@ -291,9 +308,9 @@ impl ConvCoupling {
 
     /// `(t, ls)` from the conditioner's input, each `(batch, C_b, H, W)`.
     fn shift_and_log_scale(&self, kept: &Tensor) -> Result<(Tensor, Tensor)> {
-        let h = self.activation.apply(&self.conv_in.forward(kept)?)?;
-        let h = self.activation.apply(&self.conv_hidden.forward(&h)?)?;
-        let h = self.conv_out.forward(&h)?;
+        let h = conv(&self.conv_in, kept, Some(self.activation))?;
+        let h = conv(&self.conv_hidden, &h, Some(self.activation))?;
+        let h = conv(&self.conv_out, &h, None)?;
         let (b, two_cb, height, width) = h.dims4()?;
         let h = h.reshape((b, two_cb / 2, 2, height, width))?;
         let t = h.narrow(2, 0, 1)?.squeeze(2)?;

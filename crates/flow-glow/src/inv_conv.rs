@@ -237,8 +237,15 @@ impl InvConv1x1 {
     fn apply(&self, m: &Tensor, x: &Tensor, sign: f64) -> Result<(Tensor, Tensor)> {
         let img = self.shape.to_image(x, "inv-conv1x1")?;
         let (b, c) = (img.dim(0)?, self.shape.channels);
-        let cols = img.reshape((b, c, self.shape.pixels()))?;
-        let out = m.broadcast_matmul(&cols)?.reshape((b, ()))?;
+        let out = if flow_kernels::fused(flow_kernels::Op::Conv, &img) {
+            // A 1×1 convolution: one matrix product over the whole batch, where the
+            // batched product below runs one small product per image.
+            flow_kernels::conv::conv2d_fused(&img, &m.reshape((c, c, 1, 1))?, None, None)?
+                .reshape((b, ()))?
+        } else {
+            let cols = img.reshape((b, c, self.shape.pixels()))?;
+            m.broadcast_matmul(&cols)?.reshape((b, ()))?
+        };
         let log_det = self
             .log_abs_det()?
             .affine(sign * self.shape.pixels() as f64, 0.0)?;

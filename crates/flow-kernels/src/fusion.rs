@@ -42,6 +42,8 @@ pub enum Op {
     Spline { bins: usize },
     /// Adam's update of one variable.
     Adam,
+    /// A same-padded stride-1 image convolution (odd square kernel), bias or none.
+    Conv,
 }
 
 /// Whether `op` on the tensor `x` (its input, or the variable for [`Op::Adam`]) runs
@@ -51,7 +53,7 @@ pub enum Op {
 /// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
 /// other shape),
-/// while the coupling and Adam kernels are the CPU's.
+/// while the coupling, convolution and Adam kernels are the CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -69,6 +71,6 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
             dev.is_cpu()
                 || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
-        Op::AffineCoupling | Op::Adam => dev.is_cpu(),
+        Op::AffineCoupling | Op::Adam | Op::Conv => dev.is_cpu(),
     }
 }

@@ -7,6 +7,8 @@
 //!   one over matrix products, CUDA kernels in `mlp/mlp.cu`), with [`pack_linear`]
 //!   laying out its parameters;
 //! - [`affine`]: the element-wise part of an affine coupling (update and log-det);
+//! - [`conv`]: a same-padded stride-1 image convolution as im2col and one matrix
+//!   product, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
 //! - [`pin_thread_count`]: the thread count candle reads, fixed once per process.
@@ -17,6 +19,7 @@
 pub mod activation;
 pub mod adam;
 pub mod affine;
+pub mod conv;
 pub mod fusion;
 mod limits;
 pub mod mlp;
