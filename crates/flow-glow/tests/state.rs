@@ -143,10 +143,10 @@ fn lu_inverse_is_the_true_inverse() -> Result<()> {
     // and `sign_s` themselves.
     let vars = tensors(&varmap);
     let p = vars["p"].to_vec2::<f64>()?;
-    for i in 0..8 {
-        let ones_row = p[i].iter().filter(|v| **v == 1.0).count();
-        let ones_col = (0..8).filter(|j| p[*j][i] == 1.0).count();
-        ensure!(ones_row == 1 && ones_col == 1 && p[i].iter().all(|v| *v == 0.0 || *v == 1.0));
+    for (i, row) in p.iter().enumerate() {
+        let ones_row = row.iter().filter(|v| **v == 1.0).count();
+        let ones_col = p.iter().filter(|r| r[i] == 1.0).count();
+        ensure!(ones_row == 1 && ones_col == 1 && row.iter().all(|v| *v == 0.0 || *v == 1.0));
     }
     ensure!(vars["sign_s"]
         .to_vec1::<f64>()?
@@ -190,16 +190,12 @@ fn plain_log_det_and_inverse_have_the_right_gradients() -> Result<()> {
         .expect("gradient")
         .flatten_all()?
         .to_vec1::<f64>()?;
-    for k in 0..n * n {
+    for (k, gk) in g.iter().enumerate() {
         let f = |s: f64| -> Result<f64> {
             Ok(linalg::log_abs_det(&moved(&a, n, k, s)?)?.to_scalar::<f64>()?)
         };
         let numeric = (f(h)? - f(-h)?) / (2.0 * h);
-        ensure!(
-            (g[k] - numeric).abs() < 1e-6,
-            "entry {k}: {} vs {numeric}",
-            g[k]
-        );
+        ensure!((gk - numeric).abs() < 1e-6, "entry {k}: {gk} vs {numeric}");
     }
     // The inverse: the gradient of ⟨R, A⁻¹⟩ for a fixed R.
     let r = inputs(n, n, 0.0, 1.0, DType::F64, 9)?;
@@ -210,7 +206,7 @@ fn plain_log_det_and_inverse_have_the_right_gradients() -> Result<()> {
         .expect("gradient")
         .flatten_all()?
         .to_vec1::<f64>()?;
-    for k in 0..n * n {
+    for (k, gk) in g.iter().enumerate() {
         let f = |s: f64| -> Result<f64> {
             Ok(linalg::inverse(&moved(&a, n, k, s)?)?
                 .mul(&r)?
@@ -219,9 +215,8 @@ fn plain_log_det_and_inverse_have_the_right_gradients() -> Result<()> {
         };
         let numeric = (f(h)? - f(-h)?) / (2.0 * h);
         ensure!(
-            (g[k] - numeric).abs() < 1e-5 * (1.0 + numeric.abs()),
-            "entry {k}: {} vs {numeric}",
-            g[k]
+            (gk - numeric).abs() < 1e-5 * (1.0 + numeric.abs()),
+            "entry {k}: {gk} vs {numeric}"
         );
     }
     // f32 in, f32 out.
