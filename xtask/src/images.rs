@@ -143,10 +143,7 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
         .arg("benches/normflows_glow_digits.py")
         .args(["--steps", &steps, "--threads", &o.threads.to_string()])
         .arg("--samples")
-        .arg(&theirs_png)
-        // PyTorch's waiting threads sleep rather than spin: on a busy machine
-        // spinning costs it more than it saves.
-        .env("OMP_WAIT_POLICY", "PASSIVE");
+        .arg(&theirs_png);
     let theirs = match capture(py) {
         Ok((json, _)) => json.lines().last().map(str::to_string),
         Err(e) => {
