@@ -407,6 +407,10 @@ pub struct LogProbArgs {
     /// bits/dim on their discrete scale.
     #[arg(long)]
     pub input: PathBuf,
+    /// Seed of an image model's dequantisation noise: the same seed gives the same
+    /// numbers; average over seeds for a less noisy bits/dim.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Write the per-row log-probs here (CSV; for an image model the dequantised
     /// log-likelihood of the pixels in nats).
     #[arg(long)]

@@ -123,6 +123,18 @@ fn glow_on_digits_trains_resumes_scores_and_samples() {
     );
     // 200 steps already beat the uniform distribution's log2(17) = 4.09 bits/dim.
     assert!(bpd < 17f64.log2(), "{bpd} bits/dim");
+    // Another noise draw (`--seed`) moves the estimate a little, not the model.
+    let (other, _) = flow(&[
+        "log-prob",
+        "--model",
+        &p("straight.safetensors"),
+        "--input",
+        &p("test.csv"),
+        "--seed",
+        "7",
+    ]);
+    let bpd7 = number_after(&other, "bits/dim");
+    assert!(bpd7 != bpd && (bpd7 - bpd).abs() < 0.05, "{bpd} vs {bpd7}");
 
     let (info, _) = flow(&["inspect", "--model", &p("straight.safetensors")]);
     assert!(

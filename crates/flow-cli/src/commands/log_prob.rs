@@ -12,10 +12,6 @@ use crate::{
     print_out, CmdResult,
 };
 
-/// The seed of the dequantisation noise `flow log-prob` adds to pixel values: the same
-/// file always gives the same numbers.
-const NOISE_SEED: u64 = 0;
-
 pub fn run(a: LogProbArgs) -> CmdResult {
     if let Some(out) = &a.out {
         check_writable(out)?;
@@ -67,6 +63,10 @@ fn report(rows: usize, sum: f64, dim: usize) -> CmdResult {
     Ok(())
 }
 
+/// Chunk seeds per `--seed`: chunk `k` of seed `s` draws its noise from `s·CHUNK_SEEDS + k`,
+/// so different seeds never share a chunk's noise.
+const CHUNK_SEEDS: u64 = 1 << 32;
+
 /// An image model on pixel values: each row dequantised once, `x = (pixel + u) / L`,
 /// and scored on the pixels' discrete scale, `log p(x) − D·ln L` (a lower bound on
 /// the pixels' log-probability in nats, whose negative mean over `D·ln 2` is bits per
@@ -112,7 +112,11 @@ fn images(
     {
         let n = chunk.len() / data.dim;
         let pixels = Tensor::from_slice(chunk, (n, data.dim), &Device::Cpu)?;
-        let x = flow_train::dequantize(&pixels, image.pixel_levels, NOISE_SEED + k as u64)?;
+        let x = flow_train::dequantize(
+            &pixels,
+            image.pixel_levels,
+            a.seed.wrapping_mul(CHUNK_SEEDS).wrapping_add(k as u64),
+        )?;
         let lp = model.flow.log_prob(&x.to_device(device)?)?;
         let values: Vec<f32> = host_values(&lp.detach().unsqueeze(1)?)?
             .into_iter()
