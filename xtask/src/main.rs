@@ -81,6 +81,16 @@ fn run(mut cmd: Command) -> Result<()> {
     }
 }
 
+/// Runs `flow args` (a training run) and returns the `trained …` line it reports.
+fn trained_line(features: &Option<String>, args: &[&str]) -> Result<String> {
+    let output = flow(features, args).output().map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .find(|l| l.starts_with("trained"))
+        .unwrap_or("(flow train failed)")
+        .to_string())
+}
+
 /// `[--steps N] [--threads N]` of the `bench` subcommands, over the defaults given;
 /// `command` names the subcommand in the error.
 fn steps_and_threads(
@@ -240,92 +250,49 @@ fn bench(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     let model = out.join("model.safetensors").to_string_lossy().into_owned();
     let device = bench_device();
-    let mut train = flow(
+    let trained = trained_line(
         &features,
         &[
             "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--device", &device,
             "--out", &model,
         ],
-    );
-    let output = train.output().map_err(|e| e.to_string())?;
-    let log = String::from_utf8_lossy(&output.stderr).into_owned();
-    let trained = log
-        .lines()
-        .find(|l| l.starts_with("trained"))
-        .unwrap_or("(flow train failed)")
-        .to_string();
+    )?;
 
     // zuko's default architecture through the binary, and the log-prob of 100 000
     // points read from CSV, timed as a whole process.
     let zuko_model = out.join("zuko.safetensors").to_string_lossy().into_owned();
-    let mut zuko_train = flow(
+    let zuko_arch = [
+        "train",
+        "--data",
+        "moons",
+        "--hidden",
+        "64",
+        "--hidden-layers",
+        "2",
+        "--layers",
+        "6",
+        "--batch",
+        "256",
+        "--activation",
+        "relu",
+        "--steps",
+        "1000",
+        "--device",
+        &device,
+    ];
+    let zuko_trained = trained_line(
         &features,
-        &[
-            "train",
-            "--data",
-            "moons",
-            "--hidden",
-            "64",
-            "--hidden-layers",
-            "2",
-            "--layers",
-            "6",
-            "--batch",
-            "256",
-            "--activation",
-            "relu",
-            "--steps",
-            "1000",
-            "--device",
-            &device,
-            "--out",
-            &zuko_model,
-        ],
-    );
-    let zuko_log = zuko_train.output().map_err(|e| e.to_string())?;
-    let zuko_trained = String::from_utf8_lossy(&zuko_log.stderr)
-        .lines()
-        .find(|l| l.starts_with("trained"))
-        .unwrap_or("(flow train failed)")
-        .to_string();
+        &[&zuko_arch[..], &["--out", &zuko_model]].concat(),
+    )?;
     // The same with one joint conditioner per coupling, as zuko's and normflows' are.
     let joint_model = out
         .join("zuko-joint.safetensors")
         .to_string_lossy()
         .into_owned();
-    let joint_log = flow(
+    let joint_trained = trained_line(
         &features,
-        &[
-            "train",
-            "--data",
-            "moons",
-            "--hidden",
-            "64",
-            "--hidden-layers",
-            "2",
-            "--layers",
-            "6",
-            "--batch",
-            "256",
-            "--activation",
-            "relu",
-            "--steps",
-            "1000",
-            "--nets",
-            "joint",
-            "--device",
-            &device,
-            "--out",
-            &joint_model,
-        ],
-    )
-    .output()
-    .map_err(|e| e.to_string())?;
-    let joint_trained = String::from_utf8_lossy(&joint_log.stderr)
-        .lines()
-        .find(|l| l.starts_with("trained"))
-        .unwrap_or("(flow train failed)")
-        .to_string();
+        &[&zuko_arch[..], &["--nets", "joint", "--out", &joint_model]].concat(),
+    )?;
     let points = out.join("points.csv").to_string_lossy().into_owned();
     run(flow(
         &features,
