@@ -5,27 +5,18 @@
 //! survive a checkpoint, masks included; damaged or mixed state dicts are one-line
 //! errors naming a tensor.
 
+mod common;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle::{DType, Device, Tensor};
+use candle::{DType, Device};
 use candle_nn::VarMap;
 use flow_core::seeded_var_builder;
 use flow_io::{import, import_bytes, ImportOptions, Imported, Source};
 use rand::{rngs::StdRng, SeedableRng};
-use safetensors::tensor::TensorView;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/interop")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flows-import-families-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d.join(name)
-}
+use common::*;
 
 /// The fixtures that import: source, stem, the tail bound the source used where it is
 /// not the library's default.
@@ -81,14 +72,6 @@ fn build(imported: &Imported, dtype: DType) -> Result<flow_core::Flow> {
         .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
     drop(flow);
     Ok(flow2)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?)
 }
 
 /// Imports `stem` and compares log-probs and latents with the source's to 1e-4, in f32
@@ -203,44 +186,9 @@ fn imported_models_survive_a_checkpoint_with_their_masks() -> Result<()> {
     Ok(())
 }
 
-/// The state dict of `stem` as raw tensors (dtype, shape, bytes).
-type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
-
-fn raw(stem: &str) -> Result<HashMap<String, Raw>> {
-    let bytes = std::fs::read(fixture(&format!("{stem}.safetensors")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect())
-}
-
-fn serialize(tensors: &HashMap<String, Raw>) -> Result<Vec<u8>> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, (d, s, b))| Ok((k.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    Ok(safetensors::serialize(views, None)?)
-}
-
-/// Imports `tensors` as `source`: an error must be one line naming a tensor (in
-/// backticks).
-fn import_raw(source: Source, tensors: &HashMap<String, Raw>, what: &str) -> Result<bool> {
-    let bytes = serialize(tensors)?;
-    let path = PathBuf::from(format!("{what}.safetensors"));
-    match import_bytes(source, &path, &bytes, &ImportOptions::default()) {
-        Ok(_) => Ok(true),
-        Err(e) => {
-            let msg = e.to_string();
-            eprintln!("{what}: {msg}");
-            ensure!(
-                !msg.contains('\n') && msg.contains('`'),
-                "{what}: the error does not name a tensor on one line: {msg}"
-            );
-            Ok(false)
-        }
-    }
+/// Whether `tensors` import as `source` (a failure must name a tensor on one line).
+fn ok_import(source: Source, tensors: &HashMap<String, Raw>, what: &str) -> Result<bool> {
+    Ok(import_raw(source, tensors, what)?.is_none())
 }
 
 /// The layer index in a tensor name (`…_transforms.{l}.…`), if any.
@@ -258,7 +206,7 @@ fn truncated_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
         for name in names {
             let mut t = full.clone();
             t.remove(name);
-            let ok = import_raw(source, &t, &format!("{stem} without {name}"))?;
+            let ok = ok_import(source, &t, &format!("{stem} without {name}"))?;
             // Only buffers derived from others may go missing: the hidden layers'
             // MADE degrees (the masks say it all) and a permutation's inverse. A last
             // layer held in one tensor (a permutation) leaves a valid, shorter flow.
@@ -300,7 +248,7 @@ fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
             zuko.insert(name, t);
         }
     }
-    ensure!(!import_raw(Source::Zuko, &zuko, "zuko mixed")?);
+    ensure!(!ok_import(Source::Zuko, &zuko, "zuko mixed")?);
 
     // A MADE beside an nflows coupling's network.
     let mut nflows = raw("nflows_RQcoupling_f2_L4_K8_h32_B2")?;
@@ -309,7 +257,7 @@ fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
             nflows.insert(format!("_transform._transforms.1.{rest}"), t);
         }
     }
-    ensure!(!import_raw(Source::Nflows, &nflows, "nflows mixed")?);
+    ensure!(!ok_import(Source::Nflows, &nflows, "nflows mixed")?);
 
     // normflows: a MAF's network under a spline coupling's index, and a block of each.
     let mut normflows = raw("normflows_CoupledRQS_f3_L4_K8_h32_B2")?;
@@ -318,7 +266,7 @@ fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
             normflows.insert(name, t);
         }
     }
-    ensure!(!import_raw(
+    ensure!(!ok_import(
         Source::Normflows,
         &normflows,
         "normflows mixed"
@@ -331,7 +279,7 @@ fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
         }
     }
     // A MAF block in place of a spline one is a valid flow: it imports.
-    ensure!(import_raw(
+    ensure!(ok_import(
         Source::Normflows,
         &swapped,
         "normflows MAF among splines"
@@ -343,7 +291,7 @@ fn mixed_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
         (Source::Nflows, "zuko_NSF_f2_T3_K8_h64x2"),
         (Source::Normflows, "zuko_MAF_f3_T3_h64x2"),
     ] {
-        ensure!(!import_raw(source, &raw(stem)?, stem)?);
+        ensure!(!ok_import(source, &raw(stem)?, stem)?);
     }
     Ok(())
 }

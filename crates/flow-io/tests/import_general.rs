@@ -2,6 +2,8 @@
 //! every float dtype, other dimensions, widths, depths and layer counts, and
 //! malformed state dicts are errors naming the key.
 
+mod common;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{ensure, Context, Result};
@@ -13,29 +15,12 @@ use flow_models::LayerSpec;
 use flow_realnvp::{CouplingLayer, NetConfig};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use safetensors::{tensor::TensorView, Dtype};
+use safetensors::Dtype;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/interop")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flows-import-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d.join(name)
-}
-
-/// A raw tensor to write: dtype, shape, little-endian bytes.
-type Raw = (Dtype, Vec<usize>, Vec<u8>);
+use common::*;
 
 fn write(path: &PathBuf, tensors: &HashMap<String, Raw>) -> Result<()> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, (d, s, b))| Ok((k.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    std::fs::write(path, safetensors::serialize(views, None)?)?;
+    std::fs::write(path, serialize(tensors)?)?;
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //! inverts, survives a checkpoint, and a damaged state dict is a one-line error naming
 //! a tensor.
 
+mod common;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{ensure, Context, Result};
@@ -16,21 +18,10 @@ use flow_glow::{ImageInfo, ImageShape};
 use flow_io::{import, import_bytes, ImportOptions, Imported, Source};
 use flow_models::ModelConfig;
 use rand::{rngs::StdRng, SeedableRng};
-use safetensors::tensor::TensorView;
+
+use common::*;
 
 const STEM: &str = "normflows_Glow_L2_K2_c1_8x8_h16";
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/interop")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flows-import-glow-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d.join(name)
-}
 
 fn imported() -> Result<Imported> {
     Ok(import(
@@ -69,14 +60,6 @@ fn build(
         var.set(&t.to_dtype(dtype)?)?;
     }
     Ok(flow)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?)
 }
 
 #[test]
@@ -164,40 +147,9 @@ fn the_imported_model_inverts_samples_and_survives_a_checkpoint() -> Result<()> 
     Ok(())
 }
 
-/// The state dict as raw tensors (dtype, shape, bytes).
-type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
-
-fn raw() -> Result<HashMap<String, Raw>> {
-    let bytes = std::fs::read(fixture(&format!("{STEM}.safetensors")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect())
-}
-
-/// Imports `tensors`: `Ok(None)` if they import, `Ok(Some(message))` for an error on
-/// one line naming a tensor (in backticks), an error otherwise.
+/// Imports `tensors` as normflows' (see [`common::import_raw`]).
 fn import_raw(tensors: &HashMap<String, Raw>, what: &str) -> Result<Option<String>> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, (d, s, b))| Ok((k.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)?;
-    let path = PathBuf::from(format!("{what}.safetensors"));
-    match import_bytes(Source::Normflows, &path, &bytes, &ImportOptions::default()) {
-        Ok(_) => Ok(None),
-        Err(e) => {
-            let msg = e.to_string();
-            eprintln!("{what}: {msg}");
-            ensure!(
-                !msg.contains('\n') && msg.contains('`'),
-                "{what}: the error does not name a tensor on one line: {msg}"
-            );
-            Ok(Some(msg))
-        }
-    }
+    common::import_raw(Source::Normflows, tensors, what)
 }
 
 /// f32 `values` as raw bytes of `shape`.
@@ -208,7 +160,7 @@ fn f32_raw(shape: &[usize], values: &[f32]) -> Raw {
 
 #[test]
 fn a_missing_tensor_is_an_error_naming_it() -> Result<()> {
-    let full = raw()?;
+    let full = raw(STEM)?;
     ensure!(import_raw(&full, "the fixture")?.is_none());
     let mut names: Vec<&String> = full.keys().collect();
     names.sort();
@@ -234,7 +186,7 @@ fn a_missing_tensor_is_an_error_naming_it() -> Result<()> {
 
 #[test]
 fn a_wrong_shape_is_an_error_naming_the_tensor() -> Result<()> {
-    let full = raw()?;
+    let full = raw(STEM)?;
     for (name, shape) in [
         ("q0.0.loc", vec![1, 8, 4, 1]),
         ("q0.1.log_scale", vec![1, 2, 2, 8]),
@@ -276,7 +228,7 @@ fn a_wrong_shape_is_an_error_naming_the_tensor() -> Result<()> {
 
 #[test]
 fn an_uninitialised_actnorm_and_a_cut_file_are_errors() -> Result<()> {
-    let mut t = raw()?;
+    let mut t = raw(STEM)?;
     let name = "flows.1.0.flows.2.data_dep_init_done";
     t.insert(name.into(), f32_raw(&[], &[0.0]));
     let msg = import_raw(&t, "uninitialised ActNorm")?.context("imported")?;

@@ -1,0 +1,80 @@
+//! Helpers shared by the import tests: fixtures, temporary files, raw state dicts and
+//! imports that must fail on one line naming a tensor.
+
+#![allow(dead_code)]
+
+use std::{collections::HashMap, path::PathBuf};
+
+use anyhow::{ensure, Result};
+use candle::{DType, Tensor};
+use flow_io::{import_bytes, ImportOptions, Source};
+use safetensors::tensor::TensorView;
+
+/// A fixture file of `tests/fixtures/interop`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/interop")
+        .join(name)
+}
+
+/// A file in this test process's own temporary folder.
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flows-import-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+/// `max |a − b|`, in f64.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// A raw tensor: dtype, shape, little-endian bytes.
+pub type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// The fixture `{stem}.safetensors` as raw tensors.
+pub fn raw(stem: &str) -> Result<HashMap<String, Raw>> {
+    let bytes = std::fs::read(fixture(&format!("{stem}.safetensors")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect())
+}
+
+/// `tensors` as a safetensors file's bytes.
+pub fn serialize(tensors: &HashMap<String, Raw>) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, (d, s, b))| Ok((k.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Imports `tensors` as `source`: `Ok(None)` if they import, `Ok(Some(message))` for an
+/// error on one line naming a tensor (in backticks), an error otherwise.
+pub fn import_raw(
+    source: Source,
+    tensors: &HashMap<String, Raw>,
+    what: &str,
+) -> Result<Option<String>> {
+    let bytes = serialize(tensors)?;
+    let path = PathBuf::from(format!("{what}.safetensors"));
+    match import_bytes(source, &path, &bytes, &ImportOptions::default()) {
+        Ok(_) => Ok(None),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{what}: {msg}");
+            ensure!(
+                !msg.contains('\n') && msg.contains('`'),
+                "{what}: the error does not name a tensor on one line: {msg}"
+            );
+            Ok(Some(msg))
+        }
+    }
+}
