@@ -25,6 +25,14 @@ fn squeezed(s: ImageShape) -> ImageShape {
     ImageShape::new(s.channels.saturating_mul(4), s.height / 2, s.width / 2)
 }
 
+/// The first of the named counts that is 0, as an error.
+fn at_least_one(counts: &[(&str, usize)]) -> Result<(), String> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(format!("`{name}` must be at least 1")),
+        None => Ok(()),
+    }
+}
+
 fn check_common(
     shape: ImageShape,
     squeezes: usize,
@@ -149,15 +157,11 @@ impl GlowConfig {
     /// Checks the sizes: at least one level and step, and an image that `levels`
     /// squeezes fit.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
+        at_least_one(&[
             ("levels", self.levels),
             ("depth", self.depth),
             ("hidden_channels", self.hidden_channels),
-        ] {
-            if v == 0 {
-                return Err(format!("`{name}` must be at least 1"));
-            }
-        }
+        ])?;
         check_common(self.shape, self.levels, self.pixel_levels, self.logit)?;
         self.multiscale().latent_shapes().map(|_| ())
     }
@@ -291,14 +295,10 @@ impl RealNvpImageConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
+        at_least_one(&[
             ("scales", self.scales),
             ("hidden_channels", self.hidden_channels),
-        ] {
-            if v == 0 {
-                return Err(format!("`{name}` must be at least 1"));
-            }
-        }
+        ])?;
         check_common(self.shape, self.scales - 1, self.pixel_levels, self.logit)?;
         self.multiscale().latent_shapes().map(|_| ())
     }
