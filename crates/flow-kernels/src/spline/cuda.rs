@@ -1,7 +1,7 @@
 //! Launching the CUDA kernels of `spline.cu` on candle's device buffers.
 
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle::cuda_backend::{Map2, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
@@ -65,6 +65,17 @@ impl Args {
         })
     }
 
+    /// Pushes the arguments, in the kernels' order, after the buffers already pushed.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        for v in &self.ints {
+            b.arg(v);
+        }
+        for v in &self.reals {
+            b.arg(v);
+        }
+        b.arg(&self.inverse);
+    }
+
     fn config(&self) -> Result<LaunchConfig> {
         let rows = self.ints[0].max(1) as u32;
         Ok(LaunchConfig {
@@ -98,13 +109,7 @@ impl Map2 for Forward<'_> {
         b.arg(&x);
         b.arg(&theta);
         b.arg(&out);
-        for v in &self.args.ints {
-            b.arg(v);
-        }
-        for v in &self.args.reals {
-            b.arg(v);
-        }
-        b.arg(&self.args.inverse);
+        self.args.push(&mut b);
         // SAFETY: the arguments match `fused_spline_fwd_*` in spline.cu; the buffers hold
         // the sizes the caller checked against the layouts.
         unsafe { b.launch(self.args.config()?) }.w()?;
@@ -138,13 +143,7 @@ impl Map3 for Backward<'_> {
         b.arg(&theta);
         b.arg(&g);
         b.arg(&grad);
-        for v in &self.args.ints {
-            b.arg(v);
-        }
-        for v in &self.args.reals {
-            b.arg(v);
-        }
-        b.arg(&self.args.inverse);
+        self.args.push(&mut b);
         // SAFETY: the arguments match `fused_spline_bwd_*` in spline.cu; `grad` is zeroed
         // and sized `(batch, n + n·P)` as the kernel expects.
         unsafe { b.launch(self.args.config()?) }.w()?;
