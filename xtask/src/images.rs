@@ -7,7 +7,11 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::{flow, json_number, python_program, ratio, root, split_args, Result};
+use crate::{
+    flow, json_number, python_program,
+    quality::{num, verdict},
+    ratio, root, split_args, Result,
+};
 
 /// The comparison's settings: the architecture and training of the issue that set it.
 const DIGITS_ARCH: [&str; 8] = [
@@ -161,10 +165,6 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
     Ok(md)
 }
 
-fn num(v: Option<f64>, digits: usize) -> String {
-    v.map_or("–".into(), |v| format!("{v:.digits$}"))
-}
-
 /// The digits section: the table and the checks, PASS or FAIL per line.
 pub fn digits_report(
     rate: Option<f64>,
@@ -211,7 +211,6 @@ pub fn digits_report(
     line(String::new());
     line("Checks:".into());
     line(String::new());
-    let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
     line(match (bpd, their_bpd) {
         (Some(a), Some(b)) => format!(
             "- {} test bits/dim: ours {a:.3} ≤ normflows {b:.3}",

@@ -123,7 +123,8 @@ fn stdout_of(mut cmd: Command) -> Result<String> {
         .ok_or_else(|| format!("{shown} printed nothing"))
 }
 
-fn num(v: Option<f64>, digits: usize) -> String {
+/// `v` with `digits` decimals, or a dash when not measured.
+pub fn num(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
@@ -131,7 +132,7 @@ fn signed(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:+.3}"))
 }
 
-fn verdict(pass: bool) -> &'static str {
+pub fn verdict(pass: bool) -> &'static str {
     if pass {
         "PASS"
     } else {
