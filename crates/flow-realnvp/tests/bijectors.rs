@@ -14,13 +14,13 @@ use flow_realnvp::{
     Activation, AdditiveCoupling, Affine, AffineCoupling, ConditionerConfig, CouplingConfig,
     CouplingKind, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap, Shift,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
 const DEV: Device = Device::Cpu;
 
-#[path = "../../../tests/support/jacobian.rs"]
-mod jacobian;
-use jacobian::numerical_log_det;
+#[path = "../../../tests/support/bijector_checks.rs"]
+mod bijector_checks;
+use bijector_checks::{inputs, numerical_log_det};
 
 fn net(hidden: usize, activation: Activation) -> NetConfig {
     NetConfig::Mlp {
@@ -272,21 +272,6 @@ fn zoo(dim: usize, dtype: DType, seed: u64) -> Result<Vec<(String, Box<dyn Bijec
         ));
     }
     Ok(out)
-}
-
-fn inputs(
-    n: usize,
-    dim: usize,
-    offset: f64,
-    spread: f64,
-    dtype: DType,
-    seed: u64,
-) -> Result<Tensor> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..n * dim)
-        .map(|_| offset + spread * (rng.random::<f64>() * 2.0 - 1.0))
-        .collect();
-    Ok(Tensor::from_vec(v, (n, dim), &DEV)?.to_dtype(dtype)?)
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {

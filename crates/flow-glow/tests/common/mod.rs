@@ -2,11 +2,11 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../../tests/support/jacobian.rs"]
-mod jacobian;
+#[path = "../../../../tests/support/bijector_checks.rs"]
+mod bijector_checks;
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use jacobian::{log_abs_det, numerical_log_det};
+pub use bijector_checks::{inputs, log_abs_det, numerical_log_det};
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Tensor};
@@ -15,22 +15,6 @@ use flow_core::Bijector;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 pub const DEV: Device = Device::Cpu;
-
-/// `(n, dim)` uniform in `[offset − spread, offset + spread]`.
-pub fn inputs(
-    n: usize,
-    dim: usize,
-    offset: f64,
-    spread: f64,
-    dtype: DType,
-    seed: u64,
-) -> Result<Tensor> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..n * dim)
-        .map(|_| offset + spread * (rng.random::<f64>() * 2.0 - 1.0))
-        .collect();
-    Ok(Tensor::from_vec(v, (n, dim), &DEV)?.to_dtype(dtype)?)
-}
 
 pub fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(t.abs()?

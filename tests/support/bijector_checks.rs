@@ -1,8 +1,26 @@
-//! Numerical Jacobians for the bijector tests of several crates (each includes this
-//! file with `#[path]`): central differences, and `log|det|` by elimination.
+//! Helpers for the bijector tests of several crates (each includes this file with
+//! `#[path]`): seeded inputs, and numerical Jacobians by central differences with
+//! `log|det|` by elimination.
 
 use anyhow::Result;
-use candle::{Device, Tensor};
+use candle::{DType, Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// `(n, dim)` uniform in `[offset − spread, offset + spread]`, drawn from `seed`.
+pub fn inputs(
+    n: usize,
+    dim: usize,
+    offset: f64,
+    spread: f64,
+    dtype: DType,
+    seed: u64,
+) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<f64> = (0..n * dim)
+        .map(|_| offset + spread * (rng.random::<f64>() * 2.0 - 1.0))
+        .collect();
+    Ok(Tensor::from_vec(v, (n, dim), &Device::Cpu)?.to_dtype(dtype)?)
+}
 
 /// `log|det a|` by Gaussian elimination with partial pivoting.
 pub fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
