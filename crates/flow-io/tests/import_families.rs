@@ -9,10 +9,8 @@ mod common;
 
 use std::{collections::HashMap, path::PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle::{DType, Device};
-use candle_nn::VarMap;
-use flow_core::seeded_var_builder;
 use flow_io::{import, import_bytes, ImportOptions, Imported, Source};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -45,35 +43,6 @@ fn options(tail_bound: Option<f64>) -> ImportOptions {
     }
 }
 
-/// The imported model, built with exactly the imported tensors.
-fn build(imported: &Imported, dtype: DType) -> Result<flow_core::Flow> {
-    let varmap = VarMap::new();
-    let flow = imported
-        .config
-        .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
-    let vars = varmap.data().lock().expect("lock").clone();
-    ensure!(
-        vars.len() == imported.tensors.len(),
-        "{} variables, {} tensors",
-        vars.len(),
-        imported.tensors.len()
-    );
-    for (name, var) in &vars {
-        let t = imported
-            .tensors
-            .get(name)
-            .with_context(|| format!("no tensor {name}"))?;
-        var.set(&t.to_dtype(dtype)?)?;
-    }
-    // Built again over the imported values, so that construction-time checks (the
-    // masks against the order) see them, as loading a checkpoint does.
-    let flow2 = imported
-        .config
-        .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
-    drop(flow);
-    Ok(flow2)
-}
-
 /// Imports `stem` and compares log-probs and latents with the source's to 1e-4, in f32
 /// and f64; returns the f32 errors.
 fn check(source: Source, stem: &str, tail_bound: Option<f64>) -> Result<(f64, f64)> {
@@ -86,7 +55,7 @@ fn check(source: Source, stem: &str, tail_bound: Option<f64>) -> Result<(f64, f6
     let x = &io["x"];
     let mut errors = (0.0, 0.0);
     for dtype in [DType::F64, DType::F32] {
-        let flow = build(&imported, dtype)?;
+        let flow = build(&imported.config, &imported.tensors, dtype)?;
         let x = x.to_dtype(dtype)?;
         let lp = max_abs(&flow.log_prob(&x)?, &io["log_prob"])?;
         let z = max_abs(&flow.encode(&x)?, &io["z"])?;

@@ -12,8 +12,6 @@ use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle::{DType, Device, Tensor};
-use candle_nn::VarMap;
-use flow_core::seeded_var_builder;
 use flow_glow::{ImageInfo, ImageShape};
 use flow_io::{import, import_bytes, ImportOptions, Imported, Source};
 use flow_models::ModelConfig;
@@ -36,30 +34,6 @@ fn io() -> Result<HashMap<String, Tensor>> {
         fixture(&format!("{STEM}_io.safetensors")),
         &Device::Cpu,
     )?)
-}
-
-/// `config` built over exactly `tensors` (every variable must be one of them).
-fn build(
-    config: &ModelConfig,
-    tensors: &HashMap<String, Tensor>,
-    dtype: DType,
-) -> Result<flow_core::Flow> {
-    let varmap = VarMap::new();
-    let flow = config.build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
-    let vars = varmap.data().lock().expect("lock").clone();
-    ensure!(
-        vars.len() == tensors.len(),
-        "{} variables, {} tensors",
-        vars.len(),
-        tensors.len()
-    );
-    for (name, var) in &vars {
-        let t = tensors
-            .get(name)
-            .with_context(|| format!("no tensor {name}"))?;
-        var.set(&t.to_dtype(dtype)?)?;
-    }
-    Ok(flow)
 }
 
 #[test]

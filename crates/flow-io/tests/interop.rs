@@ -2,42 +2,14 @@
 //! (`tests/fixtures/interop`: weights plus `*_io` files with inputs `x`, the source's
 //! `log_prob` and, where it has one, `z = f(x)`).
 
-use std::path::PathBuf;
+mod common;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle::{DType, Device};
-use candle_nn::VarMap;
-use flow_core::seeded_var_builder;
-use flow_io::{import, ImportOptions, Imported, Source};
+use flow_io::{import, ImportOptions, Source};
 use rand::{rngs::StdRng, SeedableRng};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/interop")
-        .join(name)
-}
-
-fn build(imported: &Imported, dtype: DType) -> Result<flow_core::Flow> {
-    let varmap = VarMap::new();
-    let flow = imported
-        .config
-        .build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?;
-    let vars = varmap.data().lock().expect("lock").clone();
-    ensure!(
-        vars.len() == imported.tensors.len(),
-        "{} variables, {} tensors",
-        vars.len(),
-        imported.tensors.len()
-    );
-    for (name, var) in vars {
-        let t = imported
-            .tensors
-            .get(&name)
-            .with_context(|| format!("no tensor {name}"))?;
-        var.set(&t.to_dtype(dtype)?)?;
-    }
-    Ok(flow)
-}
+use common::*;
 
 /// Imports `stem` from `source` and compares log-probs (1e-4 absolute or 1e-5
 /// relative) and latents (1e-4) with the source's.
@@ -51,7 +23,7 @@ fn check(source: Source, stem: &str, has_z: bool) -> Result<()> {
     let x = io["x"].to_dtype(DType::F64)?;
     let expected = io["log_prob"].to_dtype(DType::F64)?.to_vec1::<f64>()?;
     for dtype in [DType::F32, DType::F64] {
-        let flow = build(&imported, dtype)?;
+        let flow = build(&imported.config, &imported.tensors, dtype)?;
         let lp = flow
             .log_prob(&x.to_dtype(dtype)?)?
             .to_dtype(DType::F64)?

@@ -5,9 +5,12 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use anyhow::{ensure, Result};
-use candle::{DType, Tensor};
+use anyhow::{ensure, Context, Result};
+use candle::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use flow_core::{seeded_var_builder, Flow};
 use flow_io::{import_bytes, ImportOptions, Source};
+use flow_models::ModelConfig;
 use safetensors::tensor::TensorView;
 
 /// A fixture file of `tests/fixtures/interop`.
@@ -77,4 +80,31 @@ pub fn import_raw(
             Ok(Some(msg))
         }
     }
+}
+
+/// `config` built over exactly `tensors` in `dtype`: every variable must be one of them.
+/// It is built a second time over the set values, so that construction-time checks (an
+/// autoregressive layer's masks against its order) see them, as loading a checkpoint
+/// does.
+pub fn build(
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> Result<Flow> {
+    let varmap = VarMap::new();
+    drop(config.build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?);
+    let vars = varmap.data().lock().expect("lock").clone();
+    ensure!(
+        vars.len() == tensors.len(),
+        "{} variables, {} tensors",
+        vars.len(),
+        tensors.len()
+    );
+    for (name, var) in &vars {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("no tensor {name}"))?;
+        var.set(&t.to_dtype(dtype)?)?;
+    }
+    Ok(config.build(seeded_var_builder(&varmap, 0, dtype, &Device::Cpu))?)
 }
