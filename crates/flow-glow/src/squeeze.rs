@@ -94,8 +94,8 @@ impl Bijector for Squeeze {
 /// only for a multiple of 4 channels.
 #[derive(Debug, Clone, Copy)]
 pub struct Unsqueeze {
-    shape: ImageShape,
-    out: ImageShape,
+    /// The squeeze it undoes: of the `(C/4, 2H, 2W)` images this layer gives.
+    squeeze: Squeeze,
 }
 
 impl Unsqueeze {
@@ -103,27 +103,26 @@ impl Unsqueeze {
     pub fn new(cfg: &SqueezeConfig) -> Result<Self> {
         let out = cfg.shape.unsqueezed().map_err(candle::Error::Msg)?;
         Ok(Self {
-            shape: cfg.shape,
-            out,
+            squeeze: Squeeze::new(&SqueezeConfig::new(out))?,
         })
     }
 
     pub fn shape(&self) -> ImageShape {
-        self.shape
+        self.squeeze.output_shape()
     }
 
     /// The shape it gives, `(C/4, 2H, 2W)`.
     pub fn output_shape(&self) -> ImageShape {
-        self.out
+        self.squeeze.shape()
     }
 }
 
 impl Bijector for Unsqueeze {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((unsqueeze(x, self.out, self.shape)?, zeros(x)?))
+        self.squeeze.inverse(x)
     }
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((squeeze(z, self.out)?, zeros(z)?))
+        self.squeeze.forward(z)
     }
 }
