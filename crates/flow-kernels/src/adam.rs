@@ -1,28 +1,42 @@
-//! Adam's update as in-place CPU kernels: moments and parameters are rewritten where
-//! they lie, so a step allocates nothing (the tensor-op form allocates about ten
-//! tensors per variable). Each kernel is one pass over contiguous `f32`/`f64` slices.
+//! Adam's and Adamax's updates as in-place CPU kernels: moments and parameters are
+//! rewritten where they lie, so a step allocates nothing (the tensor-op form allocates
+//! about ten tensors per variable). Each kernel is one pass over contiguous
+//! `f32`/`f64` slices.
 
 use candle::{bail, CpuStorage, InplaceOp3, Layout, Result};
 use num_traits::Float;
 
-/// A moment estimate `m ← β·m + (1 − β)·u` with `u = g + λ·θ` (L2 weight decay; `λ` is
-/// zero otherwise), or `u²` for the second moment. Applied to `m` with `(g, θ)`.
+/// Which running statistic of `u = g + λ·θ` (L2 weight decay; `λ` is zero otherwise) a
+/// [`Moment`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Statistic {
+    /// `m ← β·m + (1 − β)·u`: Adam's and Adamax's first moment.
+    Mean,
+    /// `v ← β·v + (1 − β)·u²`: Adam's second moment.
+    MeanSquare,
+    /// `u ← max(β·u, |u| + ε)`: Adamax's infinity norm (PyTorch's form, with `ε` inside).
+    MaxAbs { eps: f64 },
+}
+
+/// A moment estimate of the gradient, applied to `m` with `(g, θ)`.
 #[derive(Debug, Clone, Copy)]
 pub struct Moment {
     pub beta: f64,
     pub l2: f64,
-    pub square: bool,
+    pub statistic: Statistic,
 }
 
-/// The parameter update `θ ← (1 − δ)·θ − α·m / (√(v·κ) + ε)`, with `α = lr / (1 − β₁ᵗ)`,
-/// `κ = 1 / (1 − β₂ᵗ)` and `δ = lr·λ` for decoupled weight decay (else zero). Applied
-/// to `θ` with `(m, v)`.
+/// The parameter update, applied to `θ` with `(m, v)`: Adam's
+/// `θ ← (1 − δ)·θ − α·m / (√(v·κ) + ε)`, or with `infinity_norm` Adamax's
+/// `θ ← θ − α·m / v`; `α = lr / (1 − β₁ᵗ)`, `κ = 1 / (1 − β₂ᵗ)` and `δ = lr·λ` for
+/// decoupled weight decay (else zero).
 #[derive(Debug, Clone, Copy)]
 pub struct Update {
     pub alpha: f64,
     pub kappa: f64,
     pub eps: f64,
     pub decay: f64,
+    pub infinity_norm: bool,
 }
 
 /// The contiguous part of `s` that `l` describes.
@@ -63,10 +77,19 @@ impl Moment {
             cast::<T>(1.0 - self.beta)?,
             cast::<T>(self.l2)?,
         );
-        for ((m, &g), &th) in m.iter_mut().zip(g).zip(theta) {
-            let u = g + l2 * th;
-            let u = if self.square { u * u } else { u };
-            *m = beta * *m + rest * u;
+        let terms = m.iter_mut().zip(g).zip(theta);
+        match self.statistic {
+            Statistic::Mean => {
+                terms.for_each(|((m, &g), &th)| *m = beta * *m + rest * (g + l2 * th))
+            }
+            Statistic::MeanSquare => terms.for_each(|((m, &g), &th)| {
+                let u = g + l2 * th;
+                *m = beta * *m + rest * u * u
+            }),
+            Statistic::MaxAbs { eps } => {
+                let eps = cast::<T>(eps)?;
+                terms.for_each(|((m, &g), &th)| *m = (beta * *m).max((g + l2 * th).abs() + eps))
+            }
         }
         Ok(())
     }
@@ -81,8 +104,13 @@ impl Update {
             cast::<T>(self.eps)?,
             cast::<T>(1.0 - self.decay)?,
         );
-        for ((th, &m), &v) in theta.iter_mut().zip(m).zip(v) {
-            *th = keep * *th - alpha * m / ((v * kappa).sqrt() + eps);
+        let terms = theta.iter_mut().zip(m).zip(v);
+        if self.infinity_norm {
+            terms.for_each(|((th, &m), &v)| *th = keep * *th - alpha * m / v);
+        } else {
+            terms.for_each(|((th, &m), &v)| {
+                *th = keep * *th - alpha * m / ((v * kappa).sqrt() + eps)
+            });
         }
         Ok(())
     }

@@ -71,6 +71,8 @@ fn in_place_steps_match_the_tensor_ops() -> Result<()> {
             (OptimizerKind::Adam, 0.0),
             (OptimizerKind::Adam, 0.1),
             (OptimizerKind::AdamW, 0.1),
+            (OptimizerKind::Adamax, 0.0),
+            (OptimizerKind::Adamax, 0.1),
         ] {
             let (fast_vars, slow_vars) = (vars(dtype)?, vars(dtype)?);
             let mut fast = Adam::new(fast_vars.clone(), config(kind, wd))?;

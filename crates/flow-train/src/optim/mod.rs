@@ -1,5 +1,5 @@
 use candle::{Result, Tensor, Var};
-use flow_kernels::adam::{Moment, Update};
+use flow_kernels::adam::{Moment, Statistic, Update};
 use flow_kernels::{fused, Op};
 
 use crate::{OptimizerConfig, OptimizerKind};
@@ -136,25 +136,18 @@ impl Adam {
             } else {
                 0.0
             },
+            infinity_norm: kind == OptimizerKind::Adamax,
+        };
+        let second = if kind == OptimizerKind::Adamax {
+            Statistic::MaxAbs { eps }
+        } else {
+            Statistic::MeanSquare
         };
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
             let theta = var.as_tensor();
             let in_place = self.in_place && fused(Op::Adam, theta);
-            if kind == OptimizerKind::Adamax {
-                // No kernel: image flows, its users, spend their time elsewhere.
-                let g = if l2 != 0.0 {
-                    (g + theta.affine(l2, 0.0)?)?
-                } else {
-                    g.clone()
-                };
-                self.m[i] = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
-                self.v[i] = self.v[i]
-                    .affine(b2, 0.0)?
-                    .maximum(&g.abs()?.affine(1.0, eps)?)?;
-                let step = self.m[i].affine(lr / c1, 0.0)?.div(&self.v[i])?;
-                var.set(&(theta - step)?)?;
-            } else if in_place {
+            if in_place {
                 let g = g.contiguous()?;
                 let (m, v) = (&self.m[i], &self.v[i]);
                 m.inplace_op3(
@@ -163,7 +156,7 @@ impl Adam {
                     &Moment {
                         beta: b1,
                         l2,
-                        square: false,
+                        statistic: Statistic::Mean,
                     },
                 )?;
                 v.inplace_op3(
@@ -172,7 +165,7 @@ impl Adam {
                     &Moment {
                         beta: b2,
                         l2,
-                        square: true,
+                        statistic: second,
                     },
                 )?;
                 theta.inplace_op3(m, v, &update)?;
@@ -183,6 +176,14 @@ impl Adam {
                     g.clone()
                 };
                 self.m[i] = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+                if kind == OptimizerKind::Adamax {
+                    self.v[i] = self.v[i]
+                        .affine(b2, 0.0)?
+                        .maximum(&g.abs()?.affine(1.0, eps)?)?;
+                    let step = self.m[i].affine(update.alpha, 0.0)?.div(&self.v[i])?;
+                    var.set(&(theta - step)?)?;
+                    continue;
+                }
                 self.v[i] = (self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
                 let denom = self.v[i]
                     .affine(update.kappa, 0.0)?
