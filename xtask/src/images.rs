@@ -26,6 +26,10 @@ const DIGITS_ARCH: [&str; 8] = [
 ];
 /// The checks the digits comparison sets (reported, never asserted).
 const DIGITS_SPEEDUP: f64 = 2.0;
+/// Dequantisation draws of the test set a bits/dim averages on each side (the spread
+/// of one draw, about 0.01 bits/dim on 297 images, is the size of the differences
+/// compared).
+const TEST_DRAWS: u64 = 10;
 
 /// Where Debian's `dataset-fashion-mnist` puts the IDX files.
 const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -67,6 +71,7 @@ fn train_and_score(
     train: &[&str],
     test: &str,
     out: &Path,
+    draws: u64,
 ) -> Result<(Option<f64>, Option<f64>)> {
     let p = |name: &str| out.join(name).to_string_lossy().into_owned();
     let model = p("model.safetensors");
@@ -77,12 +82,22 @@ fn train_and_score(
     cmd.env("RAYON_NUM_THREADS", threads.to_string());
     let (_, log) = capture(cmd)?;
     let rate = number_before(&log, "steps/s)");
-    let (scores, _) = capture(flow(
-        features,
-        &["log-prob", "--model", &model, "--input", test],
-    ))?;
-    print!("{scores}");
-    let bpd = number_before(&scores, "bits/dim");
+    // The mean over `draws` dequantisations of the test set (seeds 0, 1, …).
+    let mut sum = Some(0.0);
+    for seed in 0..draws.max(1) {
+        let seed = seed.to_string();
+        let (scores, _) = capture(flow(
+            features,
+            &[
+                "log-prob", "--model", &model, "--input", test, "--seed", &seed,
+            ],
+        ))?;
+        print!("{scores}");
+        sum = sum
+            .zip(number_before(&scores, "bits/dim"))
+            .map(|(s, b)| s + b);
+    }
+    let bpd = sum.map(|s| s / draws.max(1) as f64);
     let samples = p("samples.png");
     capture(flow(
         features,
@@ -95,6 +110,8 @@ fn train_and_score(
 pub struct DigitsOptions {
     pub steps: usize,
     pub threads: usize,
+    /// Model seeds per side (0, 1, …); the check compares the means.
+    pub seeds: u64,
 }
 
 impl Default for DigitsOptions {
@@ -102,14 +119,33 @@ impl Default for DigitsOptions {
         Self {
             steps: 3000,
             threads: 2,
+            seeds: 1,
         }
     }
 }
 
 fn parse_digits(args: &[String]) -> Result<DigitsOptions> {
     let d = DigitsOptions::default();
-    let (steps, threads) = crate::steps_and_threads(args, d.steps, d.threads, "bench digits")?;
-    Ok(DigitsOptions { steps, threads })
+    let (mut seeds, mut rest) = (d.seeds, Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--seeds" {
+            seeds = it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &u64| v > 0)
+                .ok_or("--seeds needs a positive whole number")?;
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let (steps, threads) =
+        crate::steps_and_threads(&rest, d.steps, d.threads, "bench digits [--seeds N]")?;
+    Ok(DigitsOptions {
+        steps,
+        threads,
+        seeds,
+    })
 }
 
 /// `cargo xtask bench digits`: runs both sides, prints the report and writes it.
@@ -124,58 +160,86 @@ pub fn digits_command(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Glow on the digits, ours then normflows', and the report section.
+/// One model seed's result on one side: test bits/dim and training steps/s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DigitsRun {
+    pub bpd: Option<f64>,
+    pub rate: Option<f64>,
+}
+
+/// Glow on the digits, ours then normflows', for each model seed, and the report
+/// section. Seed 0's files are `ours/` and `normflows.json`, later seeds' carry the
+/// seed in their names.
 pub fn digits(o: &DigitsOptions) -> Result<String> {
     let out = root().join("target").join("bench-digits");
-    let ours = out.join("ours");
-    std::fs::create_dir_all(&ours).map_err(|e| format!("cannot create {}: {e}", ours.display()))?;
     let test = out.join("test.csv").to_string_lossy().into_owned();
+    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     capture(flow(
         &None,
         &["data", "digits", "--split", "test", "--out", &test],
     ))?;
     let steps = o.steps.to_string();
-    let mut train = vec![
-        "--data", "digits", "--flow", "glow", "--steps", &steps, "--seed", "0",
-    ];
-    train.extend_from_slice(&DIGITS_ARCH);
-    let (rate, bpd) = train_and_score(&None, o.threads, &train, &test, &ours)?;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for seed in 0..o.seeds {
+        let tag = |name: &str, ext: &str| match seed {
+            0 => format!("{name}{ext}"),
+            s => format!("{name}-seed{s}{ext}"),
+        };
+        let dir = out.join(tag("ours", ""));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let seed_arg = seed.to_string();
+        let mut train = vec![
+            "--data", "digits", "--flow", "glow", "--steps", &steps, "--seed", &seed_arg,
+        ];
+        train.extend_from_slice(&DIGITS_ARCH);
+        let (rate, bpd) = train_and_score(&None, o.threads, &train, &test, &dir, TEST_DRAWS)?;
+        ours.push(DigitsRun { bpd, rate });
 
-    let theirs_png = out.join("normflows_samples.png");
-    let mut py = Command::new(python_program());
-    py.current_dir(root())
-        .arg("benches/normflows_glow_digits.py")
-        .args(["--steps", &steps, "--threads", &o.threads.to_string()])
-        .arg("--samples")
-        .arg(&theirs_png);
-    let theirs = match capture(py) {
-        Ok((json, _)) => json.lines().last().map(str::to_string),
-        Err(e) => {
-            eprintln!("xtask: normflows' side failed: {e}");
-            None
+        let mut py = Command::new(python_program());
+        py.current_dir(root())
+            .arg("benches/normflows_glow_digits.py")
+            .args(["--steps", &steps, "--threads", &o.threads.to_string()])
+            .args(["--seed", &seed_arg])
+            .arg("--samples")
+            .arg(out.join(tag("normflows_samples", ".png")));
+        let json = match capture(py) {
+            Ok((json, _)) => json.lines().last().map(str::to_string),
+            Err(e) => {
+                eprintln!("xtask: normflows' side failed: {e}");
+                None
+            }
+        };
+        if let Some(json) = &json {
+            std::fs::write(out.join(tag("normflows", ".json")), json)
+                .map_err(|e| format!("cannot write normflows.json: {e}"))?;
         }
-    };
-    if let Some(json) = &theirs {
-        std::fs::write(out.join("normflows.json"), json)
-            .map_err(|e| format!("cannot write normflows.json: {e}"))?;
+        theirs.push(DigitsRun {
+            bpd: json
+                .as_deref()
+                .and_then(|j| json_number(j, "test_bpd_10draws")),
+            rate: json.as_deref().and_then(|j| json_number(j, "steps_per_s")),
+        });
     }
-    let md = digits_report(rate, bpd, theirs.as_deref(), o);
+    let md = digits_report(&ours, &theirs, o);
     std::fs::write(out.join("report.md"), &md)
         .map_err(|e| format!("cannot write the report: {e}"))?;
     Ok(md)
 }
 
-/// The digits section: the table and the checks, PASS or FAIL per line.
-pub fn digits_report(
-    rate: Option<f64>,
-    bpd: Option<f64>,
-    normflows: Option<&str>,
-    o: &DigitsOptions,
-) -> String {
-    let (their_bpd, their_rate) = (
-        normflows.and_then(|j| json_number(j, "test_bpd")),
-        normflows.and_then(|j| json_number(j, "steps_per_s")),
-    );
+/// The mean of the values, when every run has one.
+fn mean_of(runs: &[DigitsRun], value: impl Fn(&DigitsRun) -> Option<f64>) -> Option<f64> {
+    let values: Option<Vec<f64>> = runs.iter().map(value).collect();
+    values
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The digits section: the table (a row per seed and side, and the means) and the
+/// checks, PASS or FAIL per line.
+pub fn digits_report(ours: &[DigitsRun], theirs: &[DigitsRun], o: &DigitsOptions) -> String {
+    let (bpd, rate) = (mean_of(ours, |r| r.bpd), mean_of(ours, |r| r.rate));
+    let (their_bpd, their_rate) = (mean_of(theirs, |r| r.bpd), mean_of(theirs, |r| r.rate));
     let mut md = String::new();
     let mut line = |s: String| {
         md.push_str(&s);
@@ -185,42 +249,62 @@ pub fn digits_report(
     line(String::new());
     line(format!(
         "8×8 digits, 17 pixel levels, uniform dequantisation; trained on the first 1 500 \
-         images, tested on the last 297 (one fixed noise draw). Ours: `flow train --data \
-         digits --flow glow {} --steps {}` (Adam 1e-3 decayed 0.999 per step, its \
-         defaults), then `flow log-prob` on the test rows. normflows: \
-         `benches/normflows_glow_digits.py`, its multi-scale Glow of the same shape \
-         (L = 2, K = 8, 64 hidden channels), Adamax 1e-3, batch 64, the same steps. \
-         {} threads each side, CPU. bits/dim = (−log p(x) + D·ln 17) / (D·ln 2).",
+         images, tested on the last 297 (each model's bits/dim is the mean over \
+         {TEST_DRAWS} dequantisations of the test set). Ours: `flow train --data digits \
+         --flow glow {} --steps {} --seed S` (Adam 1e-3 decayed 0.999 per step, its \
+         defaults), then `flow log-prob --seed 0…{}` on the test rows. normflows: \
+         `benches/normflows_glow_digits.py --seed S`, its multi-scale Glow of the same \
+         shape (L = 2, K = 8, 64 hidden channels), Adamax 1e-3, batch 64, the same steps. \
+         Model seeds S = 0…{} on each side; {} threads each side, CPU. bits/dim = \
+         (−log p(x) + D·ln 17) / (D·ln 2).",
         DIGITS_ARCH.join(" "),
         o.steps,
+        TEST_DRAWS - 1,
+        o.seeds.saturating_sub(1),
         o.threads
     ));
     line(String::new());
-    line("| | test bits/dim | training steps/s |".into());
-    line("| --- | --- | --- |".into());
-    line(format!("| ours | {} | {} |", num(bpd, 3), num(rate, 1)));
+    line("| | seed | test bits/dim | training steps/s |".into());
+    line("| --- | --- | --- | --- |".into());
+    for (side, runs) in [("ours", ours), ("normflows", theirs)] {
+        for (seed, r) in runs.iter().enumerate() {
+            line(format!(
+                "| {side} | {seed} | {} | {} |",
+                num(r.bpd, 3),
+                num(r.rate, 1)
+            ));
+        }
+    }
+    if ours.len() > 1 {
+        line(format!(
+            "| ours | mean | {} | {} |",
+            num(bpd, 3),
+            num(rate, 1)
+        ));
+        line(format!(
+            "| normflows | mean | {} | {} |",
+            num(their_bpd, 3),
+            num(their_rate, 1)
+        ));
+    }
     line(format!(
-        "| normflows | {} | {} |",
-        num(their_bpd, 3),
-        num(their_rate, 1)
-    ));
-    line(format!(
-        "| ours / normflows | | {} |",
+        "| ours / normflows | | | {} |",
         ratio(rate, their_rate)
     ));
     line(String::new());
     line("Checks:".into());
     line(String::new());
+    let what = if ours.len() > 1 { " (means)" } else { "" };
     line(match (bpd, their_bpd) {
         (Some(a), Some(b)) => format!(
-            "- {} test bits/dim: ours {a:.3} ≤ normflows {b:.3}",
+            "- {} test bits/dim{what}: ours {a:.3} ≤ normflows {b:.3}",
             verdict(a <= b)
         ),
         _ => "- SKIP test bits/dim: ours ≤ normflows (not measured)".into(),
     });
     line(match (rate, their_rate) {
         (Some(a), Some(b)) if b > 0.0 => format!(
-            "- {} training rate: ours {:.2}× normflows' ≥ {DIGITS_SPEEDUP}×",
+            "- {} training rate{what}: ours {:.2}× normflows' ≥ {DIGITS_SPEEDUP}×",
             verdict(a >= DIGITS_SPEEDUP * b),
             a / b
         ),
@@ -228,7 +312,7 @@ pub fn digits_report(
     });
     line(String::new());
     line(
-        "Samples: `target/bench-digits/ours/samples.png` and \
+        "Samples (seed 0): `target/bench-digits/ours/samples.png` and \
          `target/bench-digits/normflows_samples.png`."
             .into(),
     );
@@ -282,7 +366,7 @@ pub fn fashion_mnist(args: &[String]) -> Result<()> {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     train.extend_from_slice(&extra);
     let threads = crate::threads();
-    let (rate, bpd) = train_and_score(&features, threads, &train, &test_file, &out)?;
+    let (rate, bpd) = train_and_score(&features, threads, &train, &test_file, &out, 1)?;
     println!(
         "Fashion-MNIST: test bits/dim {} ({} training steps/s); model, samples.png and metrics in {}",
         num(bpd, 3),
@@ -308,17 +392,33 @@ mod tests {
     #[test]
     fn the_digits_report_judges_each_check() {
         let o = DigitsOptions::default();
-        let theirs = r#"{"test_bpd": 2.35, "steps_per_s": 19.0}"#;
-        let md = digits_report(Some(40.0), Some(2.30), Some(theirs), &o);
+        let run = |bpd: f64, rate: f64| DigitsRun {
+            bpd: Some(bpd),
+            rate: Some(rate),
+        };
+        let theirs = [run(2.35, 19.0)];
+        let md = digits_report(&[run(2.30, 40.0)], &theirs, &o);
         assert!(
             md.contains("PASS test bits/dim: ours 2.300 ≤ normflows 2.350"),
             "{md}"
         );
         assert!(md.contains("PASS training rate: ours 2.11×"), "{md}");
-        let md = digits_report(Some(10.0), Some(2.40), Some(theirs), &o);
+        let md = digits_report(&[run(2.40, 10.0)], &theirs, &o);
         assert!(md.contains("FAIL test bits/dim"), "{md}");
         assert!(md.contains("FAIL training rate: ours 0.53×"), "{md}");
-        let md = digits_report(Some(10.0), Some(2.40), None, &o);
+        let md = digits_report(&[run(2.40, 10.0)], &[DigitsRun::default()], &o);
         assert!(md.contains("SKIP test bits/dim"), "{md}");
+        // Several seeds: the means are compared, not the best or the first.
+        let o = DigitsOptions { seeds: 2, ..o };
+        let md = digits_report(
+            &[run(2.30, 40.0), run(2.42, 40.0)],
+            &[run(2.35, 19.0), run(2.36, 21.0)],
+            &o,
+        );
+        assert!(
+            md.contains("FAIL test bits/dim (means): ours 2.360 ≤ normflows 2.355"),
+            "{md}"
+        );
+        assert!(md.contains("| normflows | mean | 2.355 | 20.0 |"), "{md}");
     }
 }
