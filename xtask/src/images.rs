@@ -251,8 +251,8 @@ pub fn digits_report(ours: &[DigitsRun], theirs: &[DigitsRun], o: &DigitsOptions
         "8×8 digits, 17 pixel levels, uniform dequantisation; trained on the first 1 500 \
          images, tested on the last 297 (each model's bits/dim is the mean over \
          {TEST_DRAWS} dequantisations of the test set). Ours: `flow train --data digits \
-         --flow glow {} --steps {} --seed S` (Adam 1e-3 decayed 0.999 per step, its \
-         defaults), then `flow log-prob --seed 0…{}` on the test rows. normflows: \
+         --flow glow {} --steps {} --seed S` (its defaults for Glow: Adam 1e-3 decayed \
+         0.999 per step, decoupled weight decay 0.1), then `flow log-prob --seed 0…{}` on the test rows. normflows: \
          `benches/normflows_glow_digits.py --seed S`, its multi-scale Glow of the same \
          shape (L = 2, K = 8, 64 hidden channels), Adamax 1e-3, batch 64, the same steps. \
          Model seeds S = 0…{} on each side; {} threads each side, CPU. bits/dim = \

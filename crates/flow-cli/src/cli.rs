@@ -356,7 +356,8 @@ pub struct TrainArgs {
     /// Warm-up steps of the cosine schedule.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
-    /// Weight decay: decoupled with Adam (AdamW), an L2 penalty with Adamax.
+    /// Weight decay: decoupled with Adam (AdamW), an L2 penalty with Adamax (default:
+    /// none; 0.1 for Glow).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Rescale gradients whose global L2 norm exceeds this.

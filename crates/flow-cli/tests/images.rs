@@ -44,6 +44,19 @@ fn csv_values(path: &PathBuf) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The training settings a model file records.
+fn train_config(model: &PathBuf) -> serde_json::Value {
+    let bytes = std::fs::read(model).expect("model");
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("train_config"))
+        .expect("train_config in the metadata")
+        .clone();
+    serde_json::from_str(&text).expect("train_config JSON")
+}
+
 #[test]
 fn glow_on_digits_trains_resumes_scores_and_samples() {
     let d = dir("glow");
@@ -135,6 +148,11 @@ fn glow_on_digits_trains_resumes_scores_and_samples() {
     ]);
     let bpd7 = number_after(&other, "bits/dim");
     assert!(bpd7 != bpd && (bpd7 - bpd).abs() < 0.05, "{bpd} vs {bpd7}");
+
+    // Glow's defaults regularise: Adam with decoupled weight decay 0.1 (AdamW).
+    let optimizer = &train_config(&d.join("straight.safetensors"))["optimizer"];
+    assert_eq!(optimizer["kind"], "adam-w", "{optimizer}");
+    assert_eq!(optimizer["weight_decay"], 0.1, "{optimizer}");
 
     let (info, _) = flow(&["inspect", "--model", &p("straight.safetensors")]);
     assert!(
