@@ -453,30 +453,32 @@ impl<'a, T: Elem> Prepared<'a, T> {
 }
 
 /// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`, in chunks of
-/// `rows`, and with `keep` the trace the backward pass reads (`batch × trace_width`,
-/// chunk by chunk); without it the trace is dropped chunk by chunk.
-pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> (Vec<T>, Vec<T>) {
+/// `rows`, followed, with `keep`, by the trace the backward pass reads
+/// (`batch × trace_width`, chunk by chunk), in one buffer; without it the trace is
+/// dropped chunk by chunk.
+pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> Vec<T> {
     let (input, output) = (net.arch.input(), net.arch.output());
     let width = net.arch.trace_width();
     let batch = x.len() / input.max(1);
     let net = Prepared::new(net);
-    let mut out = vec![T::zero(); batch * output];
     // A network without hidden layers has no trace to keep.
-    if !keep || width == 0 {
+    let kept = if keep { batch * width } else { 0 };
+    let mut buf = vec![T::zero(); batch * output + kept];
+    let (out, trace) = buf.split_at_mut(batch * output);
+    if kept == 0 {
         out.par_chunks_mut(rows * output)
             .zip(x.par_chunks(rows * input))
             .for_each(|(out, x)| {
                 let mut trace = vec![T::zero(); out.len() / output.max(1) * width];
                 net.run(x, out, &mut trace);
             });
-        return (out, Vec::new());
+    } else {
+        out.par_chunks_mut(rows * output)
+            .zip(x.par_chunks(rows * input))
+            .zip(trace.par_chunks_mut(rows * width))
+            .for_each(|((out, x), trace)| net.run(x, out, trace));
     }
-    let mut trace = vec![T::zero(); batch * width];
-    out.par_chunks_mut(rows * output)
-        .zip(x.par_chunks(rows * input))
-        .zip(trace.par_chunks_mut(rows * width))
-        .for_each(|((out, x), trace)| net.run(x, out, trace));
-    (out, trace)
+    buf
 }
 
 /// `(∂x, ∂p)` for inputs `x` `(batch, in)` and output gradient `g_out` `(batch, out)`,

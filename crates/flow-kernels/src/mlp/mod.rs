@@ -348,11 +348,7 @@ impl FusedMlp {
                 let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
                 T::forward(self.activation, x, p1, p2, d)
             }
-            None => {
-                let (mut out, trace) = deep::forward(&self.net(p), x, self.rows, self.keep);
-                out.extend(trace);
-                out
-            }
+            None => deep::forward(&self.net(p), x, self.rows, self.keep),
         }
     }
 
@@ -384,8 +380,9 @@ impl FusedMlp {
         }
     }
 
-    /// The backward pass on host copies of the tensors, returned as tensors; `res` and
-    /// `grad` are the op's output and its gradient (with the trace, when kept).
+    /// The backward pass on the tensors' host values (borrowed where they lie),
+    /// returned as tensors; `res` and `grad` are the op's output and its gradient (with
+    /// the trace, when kept).
     fn gradients<T: Kernel>(
         &self,
         x: &Tensor,
@@ -393,22 +390,44 @@ impl FusedMlp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
         let batch = x.dim(0)?;
         let outputs = batch * self.arch.output();
         let (trace, grad) = if self.keep {
-            let trace = res.narrow(0, outputs, res.dim(0)? - outputs)?;
-            (flat(&trace)?, flat(&grad.narrow(0, 0, outputs)?)?)
+            (
+                res.narrow(0, outputs, res.dim(0)? - outputs)?,
+                grad.narrow(0, 0, outputs)?,
+            )
         } else {
-            (Vec::new(), flat(grad)?)
+            (
+                Tensor::zeros(0, x.dtype(), &candle::Device::Cpu)?,
+                grad.clone(),
+            )
         };
-        let (gx, gp) = self.backward(&flat(x)?, &flat(p)?, &trace, &grad, batch);
+        let (gx, gp) = on_host(x, |x: &[T]| {
+            on_host(p, |p: &[T]| {
+                on_host(&trace, |trace: &[T]| {
+                    on_host(&grad, |g: &[T]| Ok(self.backward(x, p, trace, g, batch)))
+                })
+            })
+        })?;
         let dev = x.device();
         Ok((
             Tensor::from_vec(gx, x.shape(), dev)?,
             Tensor::from_vec(gp, p.shape(), dev)?,
         ))
     }
+}
+
+/// Runs `f` on a CPU tensor's values in row-major order: borrowed from its storage when
+/// they lie there contiguously, else a copy.
+fn on_host<T: candle::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle::Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&T::cpu_storage_as_slice(s)?[a..b]);
+        }
+    }
+    f(&t.flatten_all()?.to_vec1::<T>()?)
 }
 
 impl CustomOp2 for FusedMlp {
