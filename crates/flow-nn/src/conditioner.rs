@@ -96,7 +96,7 @@ impl Conditioner {
             Self::Separate(nets) => {
                 // Laid out once for every network (the fused kernels read it in place).
                 let h = &h.contiguous()?;
-                nets.iter().map(|net| net.forward(h)).collect()
+                Mlp::forward_all(nets, h)
             }
             Self::Joint {
                 net,

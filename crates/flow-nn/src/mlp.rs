@@ -183,6 +183,46 @@ impl Mlp {
         })
     }
 
+    /// Several networks over the same input `x`, one output each. Networks of one
+    /// shape and activation that all take the fused kernel go to
+    /// [`flow_kernels::mlp::forward_many`] together (one op where the CPU runs them side
+    /// by side); otherwise each runs its own [`forward`](Module::forward).
+    pub fn forward_all(nets: &[Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
+        let shared = match nets {
+            [first, rest @ ..] if !rest.is_empty() && first.uses_fused(x) => {
+                let arch = first.arch()?;
+                let same = |n: &Mlp| -> Result<bool> {
+                    Ok(n.activation == first.activation && n.uses_fused(x) && n.arch()? == arch)
+                };
+                rest.iter()
+                    .try_fold(true, |all, n| Ok::<_, candle::Error>(all && same(n)?))?
+                    .then_some((arch, first.activation))
+            }
+            _ => None,
+        };
+        let Some((arch, activation)) =
+            shared.filter(|(a, _)| flow_kernels::mlp::runs_many(x, a, nets.len()))
+        else {
+            return nets.iter().map(|n| n.forward(x)).collect();
+        };
+        let effective = nets
+            .iter()
+            .map(Mlp::effective)
+            .collect::<Result<Vec<_>>>()?;
+        let layers = effective
+            .iter()
+            .map(|net| {
+                net.iter()
+                    .map(|l| match l.bias() {
+                        Some(b) => Ok((l.weight(), b)),
+                        None => bail!("fused networks need biases"),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        flow_kernels::mlp::forward_many(x, &layers, &arch, activation)
+    }
+
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         let effective = self.effective()?;
         let layers = effective

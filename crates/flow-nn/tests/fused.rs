@@ -139,3 +139,78 @@ fn matches_reference_on(dev: &Device) -> Result<()> {
     }
     Ok(())
 }
+
+/// Networks of one shape over the same input (a coupling's separate scale and shift
+/// networks) run as one op when there are at least as many as threads: on a pool of two
+/// threads, three networks of the general kernel's shapes against each network's
+/// reference, for values and the gradients of the input and every parameter, and with
+/// no gradients to follow.
+#[test]
+fn networks_sharing_an_input_run_as_one_op() -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+    pool.install(|| -> Result<()> {
+        let dev = Device::Cpu;
+        let rng = &mut StdRng::seed_from_u64(5);
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            for (hidden, input, output, batch) in [
+                (vec![64, 64], 1, 1, 256),
+                (vec![40, 24, 16], 7, 5, 90),
+                (vec![300], 20, 20, 33),
+            ] {
+                let cfg = NetConfig::Mlp {
+                    hidden: hidden.clone(),
+                    activation: Activation::Relu,
+                };
+                let varmap = VarMap::new();
+                let vb = seeded_var_builder(&varmap, 8, dtype, &dev);
+                let nets = (0..3)
+                    .map(|i| Mlp::new(&cfg, input, output, false, vb.pp(format!("n{i}"))))
+                    .collect::<candle::Result<Vec<_>>>()?;
+                let x = Var::from_tensor(&randn(batch, input, dtype, &dev, rng)?)?;
+                let widths = std::iter::once(input)
+                    .chain(hidden.iter().copied())
+                    .chain(std::iter::once(output))
+                    .collect();
+                let arch = flow_kernels::mlp::Arch::Plain { widths };
+                ensure!(
+                    flow_kernels::mlp::runs_many(x.as_tensor(), &arch, nets.len()),
+                    "{hidden:?}: the networks did not run as one op"
+                );
+                let what = format!("{dtype:?} {hidden:?} {input}→{output}");
+                let together = Mlp::forward_all(&nets, x.as_tensor())?;
+                let alone = nets
+                    .iter()
+                    .map(|n| n.forward_reference(x.as_tensor()))
+                    .collect::<candle::Result<Vec<_>>>()?;
+                let detached = x.as_tensor().detach();
+                let frozen = Mlp::forward_all(&nets, &detached)?;
+                let mut loss_t = Tensor::zeros((), dtype, &dev)?;
+                let mut loss_a = Tensor::zeros((), dtype, &dev)?;
+                for ((t, a), f) in together.iter().zip(&alone).zip(&frozen) {
+                    ensure!(t.dims() == [batch, output], "{what}: shape {:?}", t.dims());
+                    let e = rel_err(t, a)?;
+                    ensure!(e < tol, "{what}: values differ by {e}");
+                    let e = rel_err(f, a)?;
+                    ensure!(e < tol, "{what}: values without gradients differ by {e}");
+                    let w = randn(batch, output, dtype, &dev, rng)?;
+                    loss_t = (loss_t + (t * &w)?.sum_all()?)?;
+                    loss_a = (loss_a + (a * &w)?.sum_all()?)?;
+                }
+                let (gt, ga) = (loss_t.backward()?, loss_a.backward()?);
+                let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
+                for (name, v) in varmap.data().lock().expect("lock").iter() {
+                    tensors.push((name.clone(), v.as_tensor().clone()));
+                }
+                for (name, t) in tensors {
+                    let (Some(a), Some(b)) = (gt.get(&t), ga.get(&t)) else {
+                        anyhow::bail!("{what}: missing gradient for {name}");
+                    };
+                    let e = rel_err(a, b)?;
+                    ensure!(e < tol * 10.0, "{what}: gradient of {name} differs by {e}");
+                }
+            }
+        }
+        Ok(())
+    })
+}

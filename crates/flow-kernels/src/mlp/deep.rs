@@ -457,15 +457,32 @@ impl<'a, T: Elem> Prepared<'a, T> {
 /// (`batch × trace_width`, chunk by chunk), in one buffer; without it the trace is
 /// dropped chunk by chunk.
 pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> Vec<T> {
+    let batch = x.len() / net.arch.input().max(1);
+    let kept = if keep {
+        batch * net.arch.trace_width()
+    } else {
+        0
+    };
+    let mut buf = vec![T::zero(); batch * net.arch.output() + kept];
+    let (out, trace) = buf.split_at_mut(batch * net.arch.output());
+    forward_into(net, x, rows, out, trace);
+    buf
+}
+
+/// [`forward`] into `out` `(batch, out)` and `trace` (`batch × trace_width`, or empty
+/// to drop it).
+pub(super) fn forward_into<T: Elem>(
+    net: &Net<T>,
+    x: &[T],
+    rows: usize,
+    out: &mut [T],
+    trace: &mut [T],
+) {
     let (input, output) = (net.arch.input(), net.arch.output());
     let width = net.arch.trace_width();
-    let batch = x.len() / input.max(1);
     let net = Prepared::new(net);
     // A network without hidden layers has no trace to keep.
-    let kept = if keep { batch * width } else { 0 };
-    let mut buf = vec![T::zero(); batch * output + kept];
-    let (out, trace) = buf.split_at_mut(batch * output);
-    if kept == 0 {
+    if trace.is_empty() {
         out.par_chunks_mut(rows * output)
             .zip(x.par_chunks(rows * input))
             .for_each(|(out, x)| {
@@ -478,7 +495,6 @@ pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -
             .zip(trace.par_chunks_mut(rows * width))
             .for_each(|((out, x), trace)| net.run(x, out, trace));
     }
-    buf
 }
 
 /// `(∂x, ∂p)` for inputs `x` `(batch, in)` and output gradient `g_out` `(batch, out)`,

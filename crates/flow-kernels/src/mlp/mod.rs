@@ -164,8 +164,53 @@ pub fn forward(
     arch: &Arch,
     activation: Activation,
 ) -> Result<Tensor> {
-    let packed = layers
+    let mut out = forward_op(x, &[layers], arch, activation)?;
+    Ok(out.remove(0))
+}
+
+/// Whether [`forward_many`] runs `copies` networks of shape `arch` on `x` as one op:
+/// on the CPU, for the general kernel's shapes, when there are at least as many
+/// networks as threads. Each network then runs on a thread of its own, so a coupling's
+/// separate scale and shift networks cost one parallel section instead of two (on a
+/// few cores, waking the pool's threads for every small product costs more than they
+/// save).
+pub fn runs_many(x: &Tensor, arch: &Arch, copies: usize) -> bool {
+    copies > 1
+        && x.device().is_cpu()
+        && arch.narrow().is_none()
+        && copies >= rayon::current_num_threads()
+}
+
+/// Several networks of one shape `arch` over the same `x` `(batch, in)`, one output
+/// `(batch, out)` each. Where [`runs_many`] says so they run as one op (and one op for
+/// their backward), else as one op each. As [`forward`], the caller decides that a
+/// kernel applies.
+pub fn forward_many(
+    x: &Tensor,
+    nets: &[Vec<(&Tensor, &Tensor)>],
+    arch: &Arch,
+    activation: Activation,
+) -> Result<Vec<Tensor>> {
+    if runs_many(x, arch, nets.len()) {
+        let nets: Vec<&[(&Tensor, &Tensor)]> = nets.iter().map(Vec::as_slice).collect();
+        forward_op(x, &nets, arch, activation)
+    } else {
+        nets.iter()
+            .map(|layers| forward(x, layers, arch, activation))
+            .collect()
+    }
+}
+
+/// One op for every network in `nets` (each its `(weight, bias)` pairs in order).
+fn forward_op(
+    x: &Tensor,
+    nets: &[&[(&Tensor, &Tensor)]],
+    arch: &Arch,
+    activation: Activation,
+) -> Result<Vec<Tensor>> {
+    let packed = nets
         .iter()
+        .flat_map(|layers| layers.iter())
         .map(|(w, b)| pack_linear(w, b)?.flatten_all())
         .collect::<Result<Vec<_>>>()?;
     let params = match &packed[..] {
@@ -173,27 +218,39 @@ pub fn forward(
         _ => Tensor::cat(&packed, 0)?,
     };
     let batch = x.dim(0)?;
+    let copies = nets.len();
     // Where a backward pass may follow, the general kernel keeps what it needs from the
-    // forward pass (in the op's output, after the network's outputs), up to a bound:
+    // forward pass (in the op's output, after the networks' outputs), up to a bound:
     // large batches (evaluation, mostly) recompute it if a backward pass comes.
-    let tracks = x.track_op() || layers.iter().any(|(w, b)| w.track_op() || b.track_op());
+    let tracks = x.track_op()
+        || nets
+            .iter()
+            .flat_map(|layers| layers.iter())
+            .any(|(w, b)| w.track_op() || b.track_op());
     let keep = arch.narrow().is_none()
         && x.device().is_cpu()
         && tracks
-        && batch * arch.trace_width() <= TRACE_BUDGET;
+        && copies * batch * arch.trace_width() <= TRACE_BUDGET;
     let op = FusedMlp {
         arch: arch.clone(),
         activation,
         rows: deep::chunk_rows(batch, arch.widest()),
         keep,
+        copies,
     };
     let out = x.contiguous()?.apply_op2(&params, op)?;
-    if keep {
-        out.narrow(0, 0, batch * arch.output())?
-            .reshape((batch, arch.output()))
+    let out = if keep {
+        out.narrow(0, 0, copies * batch * arch.output())?
+            .reshape((copies * batch, arch.output()))?
     } else {
-        Ok(out)
+        out
+    };
+    if copies == 1 {
+        return Ok(vec![out]);
     }
+    (0..copies)
+        .map(|c| out.narrow(0, c * batch, batch))
+        .collect()
 }
 
 /// Most values the general kernel keeps from a forward pass for the backward pass.
@@ -210,6 +267,10 @@ struct FusedMlp {
     rows: usize,
     /// Output the general kernel's trace after the network's outputs, flattened.
     keep: bool,
+    /// Networks of this shape, their parameters one after the other and their outputs
+    /// `(copies, batch, out)` (then their traces, in the same order); more than one
+    /// only on the CPU's general kernel, each network on a thread of its own.
+    copies: usize,
 }
 
 /// Dimensions of one call of the narrow kernels.
@@ -320,7 +381,9 @@ impl FusedMlp {
     /// Checks the shapes of `x` `(batch, in)` and the packed parameters; the batch.
     fn batch(&self, x: &Layout, p: &Layout) -> Result<usize> {
         let (batch, input) = x.shape().dims2()?;
-        if input != self.arch.input() || p.shape().elem_count() != self.arch.n_params() {
+        if input != self.arch.input()
+            || p.shape().elem_count() != self.copies * self.arch.n_params()
+        {
             candle::bail!(
                 "fused mlp: input {:?} and {} parameters do not fit {:?}",
                 x.shape(),
@@ -343,6 +406,9 @@ impl FusedMlp {
 
     /// The outputs, followed by the trace when it is kept.
     fn forward<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
+        if self.copies > 1 {
+            return self.forward_copies(x, p, batch);
+        }
         match self.narrow(batch) {
             Some(d) => {
                 let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
@@ -350,6 +416,31 @@ impl FusedMlp {
             }
             None => deep::forward(&self.net(p), x, self.rows, self.keep),
         }
+    }
+
+    /// Every network's outputs, then (when kept) every network's trace, each network on
+    /// a thread of its own.
+    fn forward_copies<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
+        let (n_out, n_params) = (batch * self.arch.output(), self.arch.n_params());
+        let n_trace = if self.keep {
+            batch * self.arch.trace_width()
+        } else {
+            0
+        };
+        let mut buf = vec![T::zero(); self.copies * (n_out + n_trace)];
+        let (outs, traces) = buf.split_at_mut(self.copies * n_out);
+        let traces: Vec<&mut [T]> = if n_trace == 0 {
+            (0..self.copies).map(|_| <&mut [T]>::default()).collect()
+        } else {
+            traces.chunks_mut(n_trace).collect()
+        };
+        outs.par_chunks_mut(n_out.max(1))
+            .zip(traces)
+            .zip(p.par_chunks(n_params.max(1)))
+            .for_each(|((out, trace), p)| {
+                deep::forward_into(&self.net(p), x, self.rows, out, trace)
+            });
+        buf
     }
 
     /// `(∂x, ∂p)` on host slices, from the trace the forward pass kept (if any).
@@ -372,6 +463,40 @@ impl FusedMlp {
         }
     }
 
+    /// [`backward`](Self::backward) of every network, each on a thread of its own:
+    /// `∂x` sums the networks' in their order, `∂p` is theirs one after the other.
+    fn backward_copies<T: Kernel>(
+        &self,
+        x: &[T],
+        p: &[T],
+        trace: &[T],
+        g: &[T],
+        batch: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        if self.copies == 1 {
+            return self.backward(x, p, trace, g, batch);
+        }
+        let n_params = self.arch.n_params().max(1);
+        let n_out = (batch * self.arch.output()).max(1);
+        let n_trace = trace.len() / self.copies;
+        let parts: Vec<(Vec<T>, Vec<T>)> = p
+            .par_chunks(n_params)
+            .zip(g.par_chunks(n_out))
+            .enumerate()
+            .map(|(c, (p, g))| {
+                let trace = &trace[c * n_trace..(c + 1) * n_trace];
+                self.backward(x, p, trace, g, batch)
+            })
+            .collect();
+        let mut gx = vec![T::zero(); x.len()];
+        let mut gp = Vec::with_capacity(p.len());
+        for (gx_c, gp_c) in parts {
+            gx.iter_mut().zip(gx_c).for_each(|(s, v)| *s += v);
+            gp.extend(gp_c);
+        }
+        (gx, gp)
+    }
+
     fn net<'a, T>(&'a self, params: &'a [T]) -> Net<'a, T> {
         Net {
             arch: &self.arch,
@@ -391,7 +516,7 @@ impl FusedMlp {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let batch = x.dim(0)?;
-        let outputs = batch * self.arch.output();
+        let outputs = self.copies * batch * self.arch.output();
         let (trace, grad) = if self.keep {
             (
                 res.narrow(0, outputs, res.dim(0)? - outputs)?,
@@ -406,7 +531,9 @@ impl FusedMlp {
         let (gx, gp) = on_host(x, |x: &[T]| {
             on_host(p, |p: &[T]| {
                 on_host(&trace, |trace: &[T]| {
-                    on_host(&grad, |g: &[T]| Ok(self.backward(x, p, trace, g, batch)))
+                    on_host(&grad, |g: &[T]| {
+                        Ok(self.backward_copies(x, p, trace, g, batch))
+                    })
                 })
             })
         })?;
@@ -453,9 +580,9 @@ impl CustomOp2 for FusedMlp {
             _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
         };
         let shape = if self.keep {
-            Shape::from(batch * (self.arch.output() + self.arch.trace_width()))
+            Shape::from(self.copies * batch * (self.arch.output() + self.arch.trace_width()))
         } else {
-            Shape::from((batch, self.arch.output()))
+            Shape::from((self.copies * batch, self.arch.output()))
         };
         Ok((out, shape))
     }
@@ -469,6 +596,9 @@ impl CustomOp2 for FusedMlp {
         l2: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         let batch = self.batch(l1, l2)?;
+        if self.copies > 1 {
+            candle::bail!("fused mlp: several networks in one op run on the CPU only");
+        }
         let Some(d) = self.narrow(batch).filter(|_| self.arch.on_cuda()) else {
             let out = cuda::forward_general(&self.arch, self.activation, (s1, l1), (s2, l2))?;
             return Ok((out, Shape::from((batch, self.arch.output()))));
