@@ -255,12 +255,15 @@ pub fn digits_report(ours: &[DigitsRun], theirs: &[DigitsRun], o: &DigitsOptions
          0.999 per step, decoupled weight decay 0.1), then `flow log-prob --seed 0…{}` on the test rows. normflows: \
          `benches/normflows_glow_digits.py --seed S`, its multi-scale Glow of the same \
          shape (L = 2, K = 8, 64 hidden channels), Adamax 1e-3, batch 64, the same steps. \
-         Model seeds S = 0…{} on each side; {} threads each side, CPU. bits/dim = \
+         Model seeds S = {} on each side; {} threads each side, CPU. bits/dim = \
          (−log p(x) + D·ln 17) / (D·ln 2).",
         DIGITS_ARCH.join(" "),
         o.steps,
         TEST_DRAWS - 1,
-        o.seeds.saturating_sub(1),
+        match o.seeds {
+            0 | 1 => "0".to_string(),
+            n => format!("0…{}", n - 1),
+        },
         o.threads
     ));
     line(String::new());
