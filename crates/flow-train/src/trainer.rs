@@ -88,12 +88,27 @@ fn host_squared_norm(g: &Tensor) -> Option<f64> {
     use candle::{CpuStorage, Storage};
     let (storage, layout) = g.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()?) {
-        (Storage::Cpu(CpuStorage::F32(v)), (a, b)) => {
-            Some(v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum())
-        }
-        (Storage::Cpu(CpuStorage::F64(v)), (a, b)) => Some(v[a..b].iter().map(|x| x * x).sum()),
+        (Storage::Cpu(CpuStorage::F32(v)), (a, b)) => Some(sum_of_squares(&v[a..b], f64::from)),
+        (Storage::Cpu(CpuStorage::F64(v)), (a, b)) => Some(sum_of_squares(&v[a..b], |x| x)),
         _ => None,
     }
+}
+
+/// `Σ x²` in f64, in eight running sums so that the loop vectorises.
+fn sum_of_squares<T: Copy>(v: &[T], to_f64: impl Fn(T) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| to_f64(x) * to_f64(x))
+        .sum();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += to_f64(x) * to_f64(x);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// `Σ ‖g‖²` over the gradients: read in place where [`host_squared_norm`] can, the
@@ -741,8 +756,11 @@ mod tests {
             Some(a.to_dtype(DType::F64)?),       // f64: 16.5
             Some(a.to_dtype(DType::BF16)?),      // through tensor ops: 16.5
             Some(Tensor::new(&[2.0f64], &dev)?), // 4
+            // Longer than the eight running sums: 1² + … + 21² = 3311, in both dtypes.
+            Some(Tensor::arange(1f32, 22., &dev)?),
+            Some(Tensor::arange(1f64, 22., &dev)?),
         ];
-        let want = 16.5 * 4.0 + 15.25 + 4.0;
+        let want = 16.5 * 4.0 + 15.25 + 4.0 + 2.0 * 3311.0;
         let got = squared_norm(&grads, &dev)?;
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         Ok(())
