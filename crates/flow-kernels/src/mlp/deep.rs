@@ -280,6 +280,18 @@ impl<T: Elem> Act<T> {
         }
     }
 
+    /// `act(z)` as a new buffer (written once, never zeroed first).
+    fn applied(&self, z: &[T]) -> Vec<T> {
+        match self.a {
+            Activation::Tanh => z.iter().map(|z| z.tanh()).collect(),
+            Activation::LeakyRelu => {
+                let s = self.slope;
+                z.iter().map(|&z| z.max(z * s)).collect()
+            }
+            _ => z.iter().map(|&z| z.max(T::zero())).collect(),
+        }
+    }
+
     fn apply(&self, z: &[T], y: &mut [T]) {
         match self.a {
             Activation::Tanh => y.iter_mut().zip(z).for_each(|(y, z)| *y = z.tanh()),
@@ -355,9 +367,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
                     }
                     let (z, tail) = rest.split_at_mut(rows * layer.n);
                     layer.forward(input, z);
-                    let mut y = vec![T::zero(); rows * layer.n];
-                    act.apply(z, &mut y);
-                    h = y;
+                    h = act.applied(z);
                     rest = tail;
                 }
             }
@@ -393,11 +403,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
         let layers = &self.layers;
         let span = |l: usize| self.offsets[l]..self.offsets[l + 1];
         let rows = g_out.len() / self.arch.output().max(1);
-        let activated = |z: &[T]| {
-            let mut y = vec![T::zero(); z.len()];
-            act.apply(z, &mut y);
-            y
-        };
+        let activated = |z: &[T]| act.applied(z);
         match *self.arch {
             Arch::Plain { .. } => {
                 // Each hidden layer's pre-activation, from the trace.
