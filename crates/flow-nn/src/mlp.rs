@@ -185,53 +185,36 @@ impl Mlp {
 
     /// Several networks over the same input `x`, one output each. Networks of one
     /// shape and activation that all take the fused kernel go to
-    /// [`flow_kernels::mlp::forward_many`] together (one op where the CPU runs them side
-    /// by side); otherwise each runs its own [`forward`](Module::forward).
+    /// [`flow_kernels::mlp::forward_many`] together (which runs them as one op where
+    /// the CPU can run them side by side); otherwise each runs its own
+    /// [`forward`](Module::forward).
     pub fn forward_all(nets: &[Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
-        let shared = match nets {
-            [first, rest @ ..] if !rest.is_empty() && first.uses_fused(x) => {
-                let arch = first.arch()?;
-                let same = |n: &Mlp| -> Result<bool> {
-                    Ok(n.activation == first.activation && n.uses_fused(x) && n.arch()? == arch)
-                };
-                rest.iter()
-                    .try_fold(true, |all, n| Ok::<_, candle::Error>(all && same(n)?))?
-                    .then_some((arch, first.activation))
-            }
-            _ => None,
+        let Some(first) = nets.first() else {
+            return Ok(Vec::new());
         };
-        let Some((arch, activation)) =
-            shared.filter(|(a, _)| flow_kernels::mlp::runs_many(x, a, nets.len()))
-        else {
+        let arch = first.arch()?;
+        let mut shared = nets.len() > 1;
+        for n in nets {
+            shared = shared && n.activation == first.activation && n.uses_fused(x);
+            shared = shared && n.arch()? == arch;
+        }
+        if !shared {
             return nets.iter().map(|n| n.forward(x)).collect();
-        };
+        }
         let effective = nets
             .iter()
             .map(Mlp::effective)
             .collect::<Result<Vec<_>>>()?;
         let layers = effective
             .iter()
-            .map(|net| {
-                net.iter()
-                    .map(|l| match l.bias() {
-                        Some(b) => Ok((l.weight(), b)),
-                        None => bail!("fused networks need biases"),
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
+            .map(|layers| with_biases(layers))
             .collect::<Result<Vec<_>>>()?;
-        flow_kernels::mlp::forward_many(x, &layers, &arch, activation)
+        flow_kernels::mlp::forward_many(x, &layers, &arch, first.activation)
     }
 
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         let effective = self.effective()?;
-        let layers = effective
-            .iter()
-            .map(|l| match l.bias() {
-                Some(b) => Ok((l.weight(), b)),
-                None => bail!("fused networks need biases"),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = with_biases(&effective)?;
         flow_kernels::mlp::forward(x, &layers, &self.arch()?, self.activation)
     }
 
@@ -261,6 +244,17 @@ impl Mlp {
         }
         last.forward(&h)
     }
+}
+
+/// `(weight, bias)` of each layer, as the fused kernels take them.
+fn with_biases(layers: &[Linear]) -> Result<Vec<(&Tensor, &Tensor)>> {
+    layers
+        .iter()
+        .map(|l| match l.bias() {
+            Some(b) => Ok((l.weight(), b)),
+            None => bail!("fused networks need biases"),
+        })
+        .collect()
 }
 
 impl Module for Mlp {
