@@ -127,14 +127,7 @@ fn imported_models_survive_a_checkpoint_with_their_masks() -> Result<()> {
             &fixture(&format!("{stem}.safetensors")),
             &options(bound),
         )?;
-        let path = tmp(&format!("{stem}.safetensors"));
-        flow_io::save(
-            &path,
-            &imported.config,
-            &imported.tensors,
-            None,
-            &Default::default(),
-        )?;
+        let path = save_imported(&imported, &format!("{stem}.safetensors"))?;
         let loaded = flow_io::load_model(&path, DType::F32, &Device::Cpu)?;
         let io =
             candle::safetensors::load(fixture(&format!("{stem}_io.safetensors")), &Device::Cpu)?;
@@ -276,14 +269,7 @@ fn masks_that_break_the_order_do_not_load() -> Result<()> {
     let path = tmp("broken_mask.safetensors");
     std::fs::write(&path, serialize(&t)?)?;
     let imported = import(Source::Zuko, &path, &ImportOptions::default())?;
-    let out = tmp("broken_mask_model.safetensors");
-    flow_io::save(
-        &out,
-        &imported.config,
-        &imported.tensors,
-        None,
-        &Default::default(),
-    )?;
+    let out = save_imported(&imported, "broken_mask_model.safetensors")?;
     let e = flow_io::load_model(&out, DType::F32, &Device::Cpu).expect_err("broken mask");
     let msg = e.to_string();
     // (Only the first line: with RUST_BACKTRACE set, candle appends a backtrace.)

@@ -107,14 +107,7 @@ fn the_imported_model_inverts_samples_and_survives_a_checkpoint() -> Result<()> 
         let s = flow.sample(8, &mut StdRng::seed_from_u64(0))?;
         ensure!(s.dims() == [8, 64]);
     }
-    let path = tmp(&format!("{STEM}.safetensors"));
-    flow_io::save(
-        &path,
-        &imported.config,
-        &imported.tensors,
-        None,
-        &Default::default(),
-    )?;
+    let path = save_imported(&imported, &format!("{STEM}.safetensors"))?;
     let loaded = flow_io::load_model(&path, DType::F32, &Device::Cpu)?;
     let err = max_abs(&loaded.flow.log_prob(&io["x"])?, &io["log_prob"])?;
     ensure!(err <= 1e-4, "reloaded log_prob off by {err}");

@@ -36,6 +36,19 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
+/// `imported` written as a model file `name` in the temporary folder; its path.
+pub fn save_imported(imported: &flow_io::Imported, name: &str) -> Result<PathBuf> {
+    let path = tmp(name);
+    flow_io::save(
+        &path,
+        &imported.config,
+        &imported.tensors,
+        None,
+        &Default::default(),
+    )?;
+    Ok(path)
+}
+
 /// A raw tensor: dtype, shape, little-endian bytes.
 pub type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
 
