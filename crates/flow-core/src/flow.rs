@@ -181,6 +181,12 @@ impl Flow {
         Ok((x, log_p))
     }
 
+    /// Whether a layer, in its current mode, uses statistics of the whole batch (batch
+    /// norm while training), so that a batch's rows cannot be evaluated in parts.
+    pub fn batch_statistics(&self) -> bool {
+        self.bijector.batch_statistics()
+    }
+
     pub fn set_training(&mut self, training: bool) {
         self.bijector.set_training(training)
     }

@@ -184,6 +184,10 @@ impl Bijector for BatchNorm {
         self.training = training;
     }
 
+    fn batch_statistics(&self) -> bool {
+        self.training
+    }
+
     /// `running_mean` and `running_var`.
     fn buffers(&self) -> Vec<Tensor> {
         vec![self.running_mean.clone(), self.running_var.clone()]

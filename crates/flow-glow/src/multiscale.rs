@@ -214,6 +214,10 @@ impl Bijector for MultiScale {
         }
     }
 
+    fn batch_statistics(&self) -> bool {
+        self.levels.iter().any(|l| l.chain.batch_statistics())
+    }
+
     fn buffers(&self) -> Vec<Tensor> {
         self.levels.iter().flat_map(|l| l.chain.buffers()).collect()
     }

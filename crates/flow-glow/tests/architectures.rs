@@ -201,7 +201,16 @@ fn gradients_reach_every_trainable_tensor() -> Result<()> {
     let shape = ImageShape::new(2, 4, 4);
     for (name, cfg) in models(shape) {
         let (varmap, mut flow) = build(&cfg, DType::F64, false, 5)?;
+        ensure!(!flow.batch_statistics(), "{name}: batch statistics while evaluating");
         flow.set_training(true);
+        // Only batch norm, while training, computes with the whole batch (so a trainer
+        // must not split it).
+        let batch_norm = name == "realnvp-image";
+        ensure!(
+            flow.batch_statistics() == batch_norm,
+            "{name}: batch statistics {} while training",
+            flow.batch_statistics()
+        );
         let x = inputs(8, shape.dim(), 0.5, 0.4, DType::F64, 6)?;
         let buffers: Vec<_> = flow.buffers().iter().map(Tensor::id).collect();
         let grad_norms = |flow: &Flow| -> Result<Vec<(String, f64)>> {

@@ -110,6 +110,9 @@ impl Bijector for RealNvp {
     fn set_training(&mut self, training: bool) {
         self.chain.set_training(training)
     }
+    fn batch_statistics(&self) -> bool {
+        self.chain.batch_statistics()
+    }
     fn buffers(&self) -> Vec<Tensor> {
         self.chain.buffers()
     }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use flow_core::{seeded_var_builder, Flow};
 use flow_models::ModelConfig;
 use flow_realnvp::{Activation, RealNvpConfig};
-use flow_train::{Adam, OptimizerConfig};
+use flow_train::{batch_parts, nll_and_gradients, Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
 
@@ -52,20 +52,14 @@ fn job(cfg: &RealNvpConfig) -> Job {
     Job { flow, vars, adam }
 }
 
-/// One optimizer step: log-prob, backward, Adam.
+/// One optimizer step as the trainer takes it: log-prob and backward (the batch split
+/// over the threads where [`batch_parts`] allows), then Adam.
 fn step(job: &mut Job, x: &Tensor) {
-    let loss = job
-        .flow
-        .log_prob(x)
-        .and_then(|l| l.mean_all()?.neg())
-        .expect("loss");
-    let grads = loss.backward().expect("backward");
-    let grads: Vec<Option<Tensor>> = job
-        .vars
-        .iter()
-        .map(|v| grads.get(v.as_tensor()).cloned())
-        .collect();
-    job.adam.step(&grads, 1e-4).expect("adam");
+    let parts = batch_parts(x.dims()[0], &job.flow, device());
+    let (_, grads) = nll_and_gradients(&job.flow, &job.vars, x, None, parts).expect("loss");
+    job.adam
+        .step(&grads.expect("a finite loss"), 1e-4)
+        .expect("adam");
     sync();
 }
 
@@ -214,4 +208,10 @@ fn machine(c: &mut Criterion) {
 }
 
 criterion_group!(benches, seed_job, zuko_job, sweeps, machine);
-criterion_main!(benches);
+
+/// criterion's `main`, after fixing candle's thread counts as the `flow` binary does.
+fn main() {
+    flow_kernels::pin_thread_count();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -8,7 +8,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    data::Dataset, fingerprint, Adam, Control, DataError, Duration, Report, Reporter,
+    batch_parts, data::Dataset, fingerprint, nll_and_gradients, Adam, Control, DataError, Duration, Report, Reporter,
     TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
 };
 
@@ -76,11 +76,11 @@ fn snapshot(vars: &[Var]) -> candle::Result<Vec<Tensor>> {
 /// Copies the variables' values into `saved`, a [`snapshot`] of them, without
 /// allocating.
 fn snapshot_into(saved: &[Tensor], vars: &[Var]) -> candle::Result<()> {
-    for (s, v) in saved.iter().zip(vars) {
+    use rayon::prelude::*;
+    saved.par_iter().zip(vars).try_for_each(|(s, v)| {
         s.flatten_all()?
-            .slice_set(&v.as_tensor().flatten_all()?, 0, 0)?;
-    }
-    Ok(())
+            .slice_set(&v.as_tensor().flatten_all()?, 0, 0)
+    })
 }
 
 /// `‖g‖²` read in place from a contiguous f32/f64 CPU tensor; `None` for any other.
@@ -485,6 +485,7 @@ impl Trainer {
         // Layers with a training mode (batch norm) train on batch statistics and are
         // scored, saved and returned in evaluation mode.
         flow.set_training(true);
+        let parts = batch_parts(batch, &flow, &self.device);
         reporter.start(total);
         while st.step < total {
             let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
@@ -501,19 +502,10 @@ impl Trainer {
             }
             let (x, c) = rows(&order, st.pos, st.step)?;
             st.pos += batch;
-            let loss = flow
-                .log_prob_with_context(&x, c.as_ref())?
-                .mean_all()?
-                .neg()?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let mut grads = None;
+            let (loss_value, grads) = nll_and_gradients(&flow, &vars, &x, c.as_ref(), parts)?;
             let mut norm = f64::NAN;
-            if loss_value.is_finite() {
-                let g = loss.backward()?;
-                let g: Vec<Option<Tensor>> =
-                    vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
-                norm = squared_norm(&g, &self.device)?.sqrt();
-                grads = Some(g);
+            if let Some(g) = &grads {
+                norm = squared_norm(g, &self.device)?.sqrt();
             }
             let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, total);
             match grads {

@@ -15,7 +15,9 @@ use candle::{Result, Tensor};
 ///   [`forward_with_context`](Bijector::forward_with_context); layers that ignore context
 ///   keep the default, which calls `forward`;
 /// - layers with a training mode (activation normalisation, batch norm with running
-///   statistics) override [`set_training`](Bijector::set_training).
+///   statistics) override [`set_training`](Bijector::set_training), and those that
+///   then use the batch's statistics say so in
+///   [`batch_statistics`](Bijector::batch_statistics).
 ///
 /// Two more describe a layer's tensors to a trainer:
 /// - [`buffers`](Bijector::buffers) lists the tensors the layer reads but training must
@@ -49,6 +51,14 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
         let _ = training;
     }
 
+    /// Whether the layer, in its current mode, computes with statistics of the whole
+    /// batch (batch norm while training): then a batch's rows cannot be evaluated in
+    /// separate parts without changing the result. False for layers that treat every
+    /// row on its own.
+    fn batch_statistics(&self) -> bool {
+        false
+    }
+
     /// The layer's non-trainable tensors, as the layer holds them (the same tensors as
     /// the variables they were created as, so a trainer can tell them apart by id).
     fn buffers(&self) -> Vec<Tensor> {
@@ -78,6 +88,9 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn set_training(&mut self, training: bool) {
         (**self).set_training(training)
+    }
+    fn batch_statistics(&self) -> bool {
+        (**self).batch_statistics()
     }
     fn buffers(&self) -> Vec<Tensor> {
         (**self).buffers()

@@ -77,6 +77,10 @@ impl Bijector for Chain {
         }
     }
 
+    fn batch_statistics(&self) -> bool {
+        self.layers.iter().any(|l| l.batch_statistics())
+    }
+
     fn buffers(&self) -> Vec<Tensor> {
         self.layers.iter().flat_map(|l| l.buffers()).collect()
     }

@@ -28,6 +28,9 @@ impl<B: Bijector> Bijector for Inverse<B> {
     fn set_training(&mut self, training: bool) {
         self.0.set_training(training)
     }
+    fn batch_statistics(&self) -> bool {
+        self.0.batch_statistics()
+    }
     fn buffers(&self) -> Vec<Tensor> {
         self.0.buffers()
     }

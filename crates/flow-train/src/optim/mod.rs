@@ -1,4 +1,5 @@
 use candle::{Result, Tensor, Var};
+use rayon::prelude::*;
 use flow_kernels::adam::{Moment, Statistic, Update};
 use flow_kernels::{fused, Op};
 
@@ -143,56 +144,67 @@ impl Adam {
         } else {
             Statistic::MeanSquare
         };
+        // The in-place kernels touch only their own variable and moments, so the
+        // variables update in parallel.
+        let kernel: Vec<bool> = (self.vars.iter())
+            .map(|v| self.in_place && fused(Op::Adam, v.as_tensor()))
+            .collect();
+        let fused_step = |i: usize| -> Result<()> {
+            let Some(g) = &grads[i] else { return Ok(()) };
+            let theta = self.vars[i].as_tensor();
+            let g = g.contiguous()?;
+            let (m, v) = (&self.m[i], &self.v[i]);
+            m.inplace_op3(
+                &g,
+                theta,
+                &Moment {
+                    beta: b1,
+                    l2,
+                    statistic: Statistic::Mean,
+                },
+            )?;
+            v.inplace_op3(
+                &g,
+                theta,
+                &Moment {
+                    beta: b2,
+                    l2,
+                    statistic: second,
+                },
+            )?;
+            theta.inplace_op3(m, v, &update)
+        };
+        (0..self.vars.len())
+            .into_par_iter()
+            .filter(|&i| kernel[i])
+            .try_for_each(fused_step)?;
         for (i, var) in self.vars.iter().enumerate() {
-            let Some(g) = &grads[i] else { continue };
+            let Some(g) = grads[i].as_ref().filter(|_| !kernel[i]) else {
+                continue;
+            };
             let theta = var.as_tensor();
-            let in_place = self.in_place && fused(Op::Adam, theta);
-            if in_place {
-                let g = g.contiguous()?;
-                let (m, v) = (&self.m[i], &self.v[i]);
-                m.inplace_op3(
-                    &g,
-                    theta,
-                    &Moment {
-                        beta: b1,
-                        l2,
-                        statistic: Statistic::Mean,
-                    },
-                )?;
-                v.inplace_op3(
-                    &g,
-                    theta,
-                    &Moment {
-                        beta: b2,
-                        l2,
-                        statistic: second,
-                    },
-                )?;
-                theta.inplace_op3(m, v, &update)?;
+            let g = if l2 != 0.0 {
+                (g + theta.affine(l2, 0.0)?)?
             } else {
-                let g = if l2 != 0.0 {
-                    (g + theta.affine(l2, 0.0)?)?
-                } else {
-                    g.clone()
-                };
-                self.m[i] = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
-                if kind == OptimizerKind::Adamax {
-                    self.v[i] = self.v[i]
-                        .affine(b2, 0.0)?
-                        .maximum(&g.abs()?.affine(1.0, eps)?)?;
-                    let step = self.m[i].affine(update.alpha, 0.0)?.div(&self.v[i])?;
-                    var.set(&(theta - step)?)?;
-                    continue;
-                }
-                self.v[i] = (self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
-                let denom = self.v[i]
-                    .affine(update.kappa, 0.0)?
-                    .sqrt()?
-                    .affine(1.0, eps)?;
-                let step = self.m[i].affine(update.alpha, 0.0)?.div(&denom)?;
-                let base = theta.affine(1.0 - update.decay, 0.0)?;
-                var.set(&(base - step)?)?;
+                g.clone()
+            };
+            self.m[i] = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+            if kind == OptimizerKind::Adamax {
+                self.v[i] = self.v[i]
+                    .affine(b2, 0.0)?
+                    .maximum(&g.abs()?.affine(1.0, eps)?)?;
+                let step = self.m[i].affine(update.alpha, 0.0)?.div(&self.v[i])?;
+                var.set(&(theta - step)?)?;
+                continue;
             }
+            self.v[i] = (self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            let denom = self.v[i]
+                .affine(update.kappa, 0.0)?
+                .sqrt()?
+                .affine(1.0, eps)?;
+            let step = self.m[i].affine(update.alpha, 0.0)?.div(&denom)?;
+            let base = theta.affine(1.0 - update.decay, 0.0)?;
+            var.set(&(base - step)?)?;
         }
         Ok(())
     }

@@ -1,0 +1,86 @@
+//! A batch's loss and gradients, with the batch split across the CPU's threads.
+//!
+//! On small batches a training step spends much of its time in work that does not
+//! grow with the batch: building the graph, walking it backwards, launching each
+//! kernel. Split over threads within each op, that work stays serial; split by rows,
+//! each thread builds and walks the graph of its own part, so all of it runs in
+//! parallel.
+
+use candle::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use flow_core::Flow;
+use rayon::prelude::*;
+
+/// Rows below which a part of a batch is not worth a thread of its own.
+pub const MIN_PART_ROWS: usize = 32;
+
+/// Parts a batch of `batch` rows is split into for [`nll_and_gradients`]: one per
+/// thread on the CPU, each of at least [`MIN_PART_ROWS`] rows. A single part:
+/// - on other devices, which run one queue of kernels;
+/// - for flows with a layer that uses the whole batch's statistics;
+/// - while candle runs element-wise ops on a pool of its own, which serves one caller
+///   at a time while the others spin ([`flow_kernels::pin_thread_count`] sets that
+///   pool to the calling thread, as the `flow` binary does).
+pub fn batch_parts(batch: usize, flow: &Flow, device: &Device) -> usize {
+    if !device.is_cpu()
+        || flow.batch_statistics()
+        || candle::utils::barrier_pool().n_workers() > 0
+    {
+        return 1;
+    }
+    rayon::current_num_threads()
+        .min(batch / MIN_PART_ROWS)
+        .max(1)
+}
+
+/// The mean negative log-likelihood of the batch `x` (given its context, if any) and,
+/// when it is finite, the gradient of that mean for each of `vars` (`None` for a
+/// variable it does not depend on).
+///
+/// With `parts > 1` the rows are split into that many consecutive ranges, evaluated
+/// and differentiated in parallel, each part's loss its rows' NLL summed and divided
+/// by the whole batch's size; losses and gradients are then added up part by part, in
+/// order. That is the same sum as a single pass, grouped differently, so the result
+/// agrees with `parts = 1` up to rounding and depends only on the inputs and `parts`.
+pub fn nll_and_gradients(
+    flow: &Flow,
+    vars: &[Var],
+    x: &Tensor,
+    context: Option<&Tensor>,
+    parts: usize,
+) -> Result<(f64, Option<Vec<Option<Tensor>>>)> {
+    let batch = x.dim(0)?;
+    let parts = parts.clamp(1, batch.max(1));
+    let part = |i: usize| -> Result<(f64, Option<GradStore>)> {
+        let (start, end) = (i * batch / parts, (i + 1) * batch / parts);
+        let x = x.narrow(0, start, end - start)?;
+        let c = context.map(|c| c.narrow(0, start, end - start)).transpose()?;
+        let loss = flow
+            .log_prob_with_context(&x, c.as_ref())?
+            .sum_all()?
+            .affine(-1.0 / batch as f64, 0.0)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = value.is_finite().then(|| loss.backward()).transpose()?;
+        Ok((value, grads))
+    };
+    let results: Vec<(f64, Option<GradStore>)> = if parts == 1 {
+        vec![part(0)?]
+    } else {
+        (0..parts).into_par_iter().map(part).collect::<Result<_>>()?
+    };
+    let nll: f64 = results.iter().map(|(v, _)| v).sum();
+    if !nll.is_finite() {
+        return Ok((nll, None));
+    }
+    let stores: Vec<&GradStore> = results.iter().filter_map(|(_, g)| g.as_ref()).collect();
+    let grads = vars
+        .par_iter()
+        .map(|v| {
+            let mut each = stores.iter().filter_map(|g| g.get(v.as_tensor()));
+            let Some(first) = each.next() else {
+                return Ok(None);
+            };
+            each.try_fold(first.clone(), |sum, g| sum + g).map(Some)
+        })
+        .collect::<Result<_>>()?;
+    Ok((nll, Some(grads)))
+}
