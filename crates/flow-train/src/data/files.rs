@@ -12,7 +12,7 @@ use crate::DataError;
 pub struct CsvChunks<R: Read> {
     rdr: csv::Reader<R>,
     name: String,
-    record: csv::StringRecord,
+    record: csv::ByteRecord,
     /// The row width once known (a header's sets it too).
     dim: usize,
     rows: usize,
@@ -40,7 +40,7 @@ impl<R: Read> CsvChunks<R> {
         Self {
             rdr,
             name: source_name.to_string(),
-            record: csv::StringRecord::new(),
+            record: csv::ByteRecord::new(),
             dim: 0,
             rows: 0,
             chunk: chunk.max(1),
@@ -54,10 +54,10 @@ impl<R: Read> CsvChunks<R> {
 
     /// The next chunk's values (row-major), empty at the end.
     fn read_chunk(&mut self) -> Result<Vec<f32>, DataError> {
-        let mut values = Vec::new();
+        let mut values = Vec::with_capacity(self.chunk * self.dim.max(1));
         let mut taken = 0;
         while taken < self.chunk {
-            match self.rdr.read_record(&mut self.record) {
+            match self.rdr.read_byte_record(&mut self.record) {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => {
@@ -73,17 +73,26 @@ impl<R: Read> CsvChunks<R> {
             if record.iter().all(|c| c.is_empty()) {
                 continue; // blank line
             }
-            let parsed: Vec<Result<f32, &str>> = record
-                .iter()
-                .map(|c| c.parse::<f32>().map_err(|_| c))
-                .collect();
-            if self.rows == 0 && self.dim == 0 && parsed.iter().any(|p| p.is_err()) {
-                // A header: remember its width, skip it.
-                self.dim = record.len();
-                continue;
+            // Parsed straight into the chunk, taken back if the row is not all numbers.
+            let start = values.len();
+            let mut bad = None;
+            for cell in record.iter() {
+                match std::str::from_utf8(cell).ok().and_then(|c| c.parse::<f32>().ok()) {
+                    Some(v) => values.push(v),
+                    None => {
+                        bad = Some(cell);
+                        break;
+                    }
+                }
             }
-            if let Some(Err(cell)) = parsed.iter().find(|p| p.is_err()) {
-                let cell: String = cell.chars().take(40).collect();
+            if let Some(cell) = bad {
+                values.truncate(start);
+                if self.rows == 0 && self.dim == 0 {
+                    // A header: remember its width, skip it.
+                    self.dim = record.len();
+                    continue;
+                }
+                let cell: String = String::from_utf8_lossy(cell).chars().take(40).collect();
                 return Err(self.err(Some(line), format!("`{cell}` is not a number")));
             }
             if self.dim == 0 {
@@ -96,13 +105,13 @@ impl<R: Read> CsvChunks<R> {
                 );
                 return Err(self.err(Some(line), msg));
             }
-            for (j, p) in parsed.into_iter().enumerate() {
-                let v = p.unwrap_or(f32::NAN);
-                if !v.is_finite() {
-                    let msg = format!("column {} is {v}: values must be finite", j + 1);
-                    return Err(self.err(Some(line), msg));
-                }
-                values.push(v);
+            if let Some(j) = values[start..].iter().position(|v| !v.is_finite()) {
+                let msg = format!(
+                    "column {} is {}: values must be finite",
+                    j + 1,
+                    values[start + j]
+                );
+                return Err(self.err(Some(line), msg));
             }
             self.rows += 1;
             taken += 1;
