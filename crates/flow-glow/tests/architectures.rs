@@ -201,7 +201,10 @@ fn gradients_reach_every_trainable_tensor() -> Result<()> {
     let shape = ImageShape::new(2, 4, 4);
     for (name, cfg) in models(shape) {
         let (varmap, mut flow) = build(&cfg, DType::F64, false, 5)?;
-        ensure!(!flow.batch_statistics(), "{name}: batch statistics while evaluating");
+        ensure!(
+            !flow.batch_statistics(),
+            "{name}: batch statistics while evaluating"
+        );
         flow.set_training(true);
         // Only batch norm, while training, computes with the whole batch (so a trainer
         // must not split it).

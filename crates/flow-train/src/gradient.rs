@@ -21,9 +21,7 @@ pub const MIN_PART_ROWS: usize = 32;
 ///   at a time while the others spin ([`flow_kernels::pin_thread_count`] sets that
 ///   pool to the calling thread, as the `flow` binary does).
 pub fn batch_parts(batch: usize, flow: &Flow, device: &Device) -> usize {
-    if !device.is_cpu()
-        || flow.batch_statistics()
-        || candle::utils::barrier_pool().n_workers() > 0
+    if !device.is_cpu() || flow.batch_statistics() || candle::utils::barrier_pool().n_workers() > 0
     {
         return 1;
     }
@@ -53,7 +51,9 @@ pub fn nll_and_gradients(
     let part = |i: usize| -> Result<(f64, Option<GradStore>)> {
         let (start, end) = (i * batch / parts, (i + 1) * batch / parts);
         let x = x.narrow(0, start, end - start)?;
-        let c = context.map(|c| c.narrow(0, start, end - start)).transpose()?;
+        let c = context
+            .map(|c| c.narrow(0, start, end - start))
+            .transpose()?;
         let loss = flow
             .log_prob_with_context(&x, c.as_ref())?
             .sum_all()?
@@ -65,7 +65,10 @@ pub fn nll_and_gradients(
     let results: Vec<(f64, Option<GradStore>)> = if parts == 1 {
         vec![part(0)?]
     } else {
-        (0..parts).into_par_iter().map(part).collect::<Result<_>>()?
+        (0..parts)
+            .into_par_iter()
+            .map(part)
+            .collect::<Result<_>>()?
     };
     let nll: f64 = results.iter().map(|(v, _)| v).sum();
     if !nll.is_finite() {

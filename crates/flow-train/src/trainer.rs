@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, nll_and_gradients, Adam, Control, DataError, Duration, Report, Reporter,
-    TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
+    batch_parts, data::Dataset, fingerprint, nll_and_gradients, Adam, Control, DataError, Duration,
+    Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
 };
 
 /// What happened in a training run; saved with the model.

@@ -15,7 +15,13 @@ use flow_train::{batch_parts, nll_and_gradients};
 fn build(model: &ModelConfig) -> Result<(Flow, Vec<Var>)> {
     let varmap = VarMap::new();
     let flow = model.build(seeded_var_builder(&varmap, 3, DType::F64, &Device::Cpu))?;
-    let mut named: Vec<(String, Var)> = varmap.data().lock().unwrap().clone().into_iter().collect();
+    let mut named: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map poisoned"))?
+        .clone()
+        .into_iter()
+        .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((flow, named.into_iter().map(|(_, v)| v).collect()))
 }
@@ -30,7 +36,12 @@ fn values(rows: usize, cols: usize, salt: usize) -> Result<Tensor> {
 
 /// Largest difference between two gradient lists, relative to the largest entry.
 fn max_rel(a: &[Option<Tensor>], b: &[Option<Tensor>]) -> Result<f64> {
-    ensure!(a.len() == b.len(), "{} against {} gradients", a.len(), b.len());
+    ensure!(
+        a.len() == b.len(),
+        "{} against {} gradients",
+        a.len(),
+        b.len()
+    );
     let (mut diff, mut scale) = (0f64, 0f64);
     for (a, b) in a.iter().zip(b) {
         match (a, b) {
@@ -52,7 +63,10 @@ fn max_rel(a: &[Option<Tensor>], b: &[Option<Tensor>]) -> Result<f64> {
 #[test]
 fn parts_add_up_to_the_gradient_of_the_whole_batch() -> Result<()> {
     let models = [
-        ("RealNVP, separate nets", ModelConfig::realnvp(&RealNvpConfig::new(3).with_hidden(16))),
+        (
+            "RealNVP, separate nets",
+            ModelConfig::realnvp(&RealNvpConfig::new(3).with_hidden(16)),
+        ),
         (
             "RealNVP, joint net, two hidden layers",
             ModelConfig::realnvp(
@@ -75,11 +89,23 @@ fn parts_add_up_to_the_gradient_of_the_whole_batch() -> Result<()> {
         let parts = parts.expect("a finite loss");
         // The loss is the batch's mean NLL.
         let direct = -flow.log_prob(&x)?.mean_all()?.to_scalar::<f64>()?;
-        ensure!((nll - direct).abs() < 1e-12, "{name}: {nll} against {direct}");
-        ensure!((nll3 - direct).abs() < 1e-12, "{name}: parts {nll3} against {direct}");
-        ensure!(whole.iter().all(Option::is_some), "{name}: a variable without gradient");
+        ensure!(
+            (nll - direct).abs() < 1e-12,
+            "{name}: {nll} against {direct}"
+        );
+        ensure!(
+            (nll3 - direct).abs() < 1e-12,
+            "{name}: parts {nll3} against {direct}"
+        );
+        ensure!(
+            whole.iter().all(Option::is_some),
+            "{name}: a variable without gradient"
+        );
         let rel = max_rel(&whole, &parts)?;
-        ensure!(rel < 1e-12, "{name}: gradients of the parts differ by {rel:e}");
+        ensure!(
+            rel < 1e-12,
+            "{name}: gradients of the parts differ by {rel:e}"
+        );
     }
     Ok(())
 }
@@ -134,7 +160,10 @@ fn a_layer_with_batch_statistics_keeps_the_batch_whole() -> Result<()> {
         Chain::new(vec![Box::new(BatchWide)]),
         StandardNormal::new(2, DType::F64, &dev),
     );
-    ensure!(flow.batch_statistics(), "the chain hides its layer's batch statistics");
+    ensure!(
+        flow.batch_statistics(),
+        "the chain hides its layer's batch statistics"
+    );
     ensure!(batch_parts(4096, &flow, &dev) == 1);
     Ok(())
 }

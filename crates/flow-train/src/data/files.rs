@@ -77,7 +77,10 @@ impl<R: Read> CsvChunks<R> {
             let start = values.len();
             let mut bad = None;
             for cell in record.iter() {
-                match std::str::from_utf8(cell).ok().and_then(|c| c.parse::<f32>().ok()) {
+                match std::str::from_utf8(cell)
+                    .ok()
+                    .and_then(|c| c.parse::<f32>().ok())
+                {
                     Some(v) => values.push(v),
                     None => {
                         bad = Some(cell);

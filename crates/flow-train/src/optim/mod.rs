@@ -1,7 +1,7 @@
 use candle::{Result, Tensor, Var};
-use rayon::prelude::*;
 use flow_kernels::adam::{Moment, Statistic, Update};
 use flow_kernels::{fused, Op};
+use rayon::prelude::*;
 
 use crate::{OptimizerConfig, OptimizerKind};
 
