@@ -694,7 +694,8 @@ fn report(runs: &Runs) -> Result<String> {
             peer(&format!("zuko_dim_{d}_train_steps_per_s")),
         );
         let step_flops = 3.0 * 5.0 * 512.0 * coupling_flops(&[d / 2, 512, d - d / 2]);
-        let gflops = |steps: Option<f64>| steps.map_or("–".into(), |s| of_peak(step_flops * s / 1e9));
+        let gflops =
+            |steps: Option<f64>| steps.map_or("–".into(), |s| of_peak(step_flops * s / 1e9));
         line(format!(
             "| {d} | {} | {} | {} | {} | {} |",
             rate(ours),

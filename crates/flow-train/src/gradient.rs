@@ -38,7 +38,8 @@ pub fn batch_parts(batch: usize, flow: &Flow, device: &Device) -> usize {
 /// and differentiated in parallel, each part's loss its rows' NLL summed and divided
 /// by the whole batch's size; losses and gradients are then added up part by part, in
 /// order. That is the same sum as a single pass, grouped differently, so the result
-/// agrees with `parts = 1` up to rounding and depends only on the inputs and `parts`.
+/// agrees with `parts = 1` up to rounding and, like the kernels it runs, depends only
+/// on the inputs, `parts` and the thread count.
 pub fn nll_and_gradients(
     flow: &Flow,
     vars: &[Var],

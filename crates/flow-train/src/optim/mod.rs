@@ -146,7 +146,9 @@ impl Adam {
         };
         // The in-place kernels touch only their own variable and moments, so the
         // variables update in parallel.
-        let kernel: Vec<bool> = (self.vars.iter())
+        let kernel: Vec<bool> = self
+            .vars
+            .iter()
             .map(|v| self.in_place && fused(Op::Adam, v.as_tensor()))
             .collect();
         let fused_step = |i: usize| -> Result<()> {
