@@ -754,6 +754,9 @@ const NOTES: &str = "
   GEMM: about what the cores' FMA units attain). The rest of a step is candle's graph
   and autograd overhead around the fused ops (a few small ops per coupling layer, and
   the gradient store's zero-fill and sum for each of them), and the in-place Adam update.
+- Our training steps, criterion's as `flow train`'s, split each batch across the threads
+  (`flow_train::batch_parts`: two parts of 256 rows for the reference job on 2 threads),
+  each part with its own graph; the peers' steps run each op across the threads.
 - On a shared virtual machine, rates move with the host's load: compare rows of one run
   (the matmul row shows the run's conditions).
 - Memory bandwidth does not bound the reference job: one network's parameters (about
