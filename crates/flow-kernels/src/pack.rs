@@ -23,10 +23,12 @@ fn rows_cols(w: &Layout, b: &Layout) -> Result<(usize, usize)> {
 }
 
 fn pack<T: Copy>(w: &[T], b: &[T], cols: usize) -> Vec<T> {
-    w.chunks_exact(cols)
-        .zip(b)
-        .flat_map(|(row, &bias)| row.iter().copied().chain(std::iter::once(bias)))
-        .collect()
+    let mut out = Vec::with_capacity(w.len() + b.len());
+    for (j, &bias) in b.iter().enumerate() {
+        out.extend_from_slice(&w[j * cols..(j + 1) * cols]);
+        out.push(bias);
+    }
+    out
 }
 
 /// `(∂W, ∂b)` from the packed gradient, each laid out contiguously.
@@ -35,8 +37,9 @@ fn unpack<T: WithDType>(grad: &Tensor, rows: usize, cols: usize) -> Result<(Tens
     let mut gw = Vec::with_capacity(rows * cols);
     let mut gb = Vec::with_capacity(rows);
     for row in g.chunks_exact(cols + 1) {
-        gw.extend_from_slice(&row[..cols]);
-        gb.push(row[cols]);
+        let (weights, bias) = row.split_at(cols);
+        gw.extend_from_slice(weights);
+        gb.push(bias[0]);
     }
     let dev = grad.device();
     Ok((
