@@ -120,19 +120,27 @@ fn matches_reference_on(dev: &Device) -> Result<()> {
 
                 // A non-uniform upstream gradient.
                 let w = randn(batch, output, dtype, &dev, rng)?;
-                let gf = (fused * &w)?.sum_all()?.backward()?;
+                let gf = (&fused * &w)?.sum_all()?.backward()?;
                 let gr = (reference * &w)?.sum_all()?.backward()?;
+                // A second backward pass through the same graph: the first took the
+                // kept activations, so this one recomputes them.
+                let again = (fused * &w)?.sum_all()?.backward()?;
                 let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
                 for (name, v) in varmap.data().lock().expect("lock").iter() {
                     tensors.push((name.clone(), v.as_tensor().clone()));
                 }
                 for (name, t) in tensors {
-                    let (a, b) = (gf.get(&t), gr.get(&t));
-                    let (Some(a), Some(b)) = (a, b) else {
+                    let (Some(a), Some(b), Some(c)) = (gf.get(&t), gr.get(&t), again.get(&t))
+                    else {
                         anyhow::bail!("{what}: missing gradient for {name}");
                     };
                     let e = rel_err(a, b)?;
                     ensure!(e < tol * 10.0, "{what}: gradient of {name} differs by {e}");
+                    let e = rel_err(c, b)?;
+                    ensure!(
+                        e < tol * 10.0,
+                        "{what}: second backward pass, gradient of {name} differs by {e}"
+                    );
                 }
             }
         }
@@ -198,16 +206,24 @@ fn networks_sharing_an_input_run_as_one_op() -> Result<()> {
                     loss_a = (loss_a + (a * &w)?.sum_all()?)?;
                 }
                 let (gt, ga) = (loss_t.backward()?, loss_a.backward()?);
+                // Again through the same graph, the activations recomputed.
+                let again = loss_t.backward()?;
                 let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
                 for (name, v) in varmap.data().lock().expect("lock").iter() {
                     tensors.push((name.clone(), v.as_tensor().clone()));
                 }
                 for (name, t) in tensors {
-                    let (Some(a), Some(b)) = (gt.get(&t), ga.get(&t)) else {
+                    let (Some(a), Some(b), Some(c)) = (gt.get(&t), ga.get(&t), again.get(&t))
+                    else {
                         anyhow::bail!("{what}: missing gradient for {name}");
                     };
                     let e = rel_err(a, b)?;
                     ensure!(e < tol * 10.0, "{what}: gradient of {name} differs by {e}");
+                    let e = rel_err(c, b)?;
+                    ensure!(
+                        e < tol * 10.0,
+                        "{what}: second backward pass, gradient of {name} differs by {e}"
+                    );
                 }
             }
         }

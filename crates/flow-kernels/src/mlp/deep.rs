@@ -459,20 +459,21 @@ impl<'a, T: Elem> Prepared<'a, T> {
 }
 
 /// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`, in chunks of
-/// `rows`, followed, with `keep`, by the trace the backward pass reads
-/// (`batch × trace_width`, chunk by chunk), in one buffer; without it the trace is
-/// dropped chunk by chunk.
-pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> Vec<T> {
+/// `rows`, and, with `keep`, the trace the backward pass reads (`batch × trace_width`,
+/// chunk by chunk; empty without it, the trace then dropped chunk by chunk).
+pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> (Vec<T>, Vec<T>) {
     let batch = x.len() / net.arch.input().max(1);
-    let kept = if keep {
-        batch * net.arch.trace_width()
-    } else {
-        0
-    };
-    let mut buf = vec![T::zero(); batch * net.arch.output() + kept];
-    let (out, trace) = buf.split_at_mut(batch * net.arch.output());
-    forward_into(net, x, rows, out, trace);
-    buf
+    let mut out = vec![T::zero(); batch * net.arch.output()];
+    let mut trace = vec![
+        T::zero();
+        if keep {
+            batch * net.arch.trace_width()
+        } else {
+            0
+        }
+    ];
+    forward_into(net, x, rows, &mut out, &mut trace);
+    (out, trace)
 }
 
 /// [`forward`] into `out` `(batch, out)` and `trace` (`batch × trace_width`, or empty

@@ -20,6 +20,8 @@
 //! then `[W₂ | b₂]`, and so on in layer order, each built by
 //! [`pack_linear`](crate::pack_linear).
 
+use std::sync::{Arc, Mutex};
+
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -237,14 +239,9 @@ fn forward_op(
         rows: deep::chunk_rows(batch, arch.widest()),
         keep,
         copies,
+        trace: Arc::default(),
     };
     let out = x.contiguous()?.apply_op2(&params, op)?;
-    let out = if keep {
-        out.narrow(0, 0, copies * batch * arch.output())?
-            .reshape((copies * batch, arch.output()))?
-    } else {
-        out
-    };
     if copies == 1 {
         return Ok(vec![out]);
     }
@@ -268,9 +265,14 @@ struct FusedMlp {
     /// Output the general kernel's trace after the network's outputs, flattened.
     keep: bool,
     /// Networks of this shape, their parameters one after the other and their outputs
-    /// `(copies, batch, out)` (then their traces, in the same order); more than one
-    /// only on the CPU's general kernel, each network on a thread of its own.
+    /// `(copies, batch, out)` (their traces in the same order); more than one only on
+    /// the CPU's general kernel, each network on a thread of its own.
     copies: usize,
+    /// The trace a forward pass kept, held here for the backward pass rather than in
+    /// the op's output: a gradient for that part of the output would be materialised
+    /// as zeros and copied at every step. Taken by the first backward pass; a later one
+    /// recomputes it.
+    trace: Arc<Mutex<Option<CpuStorage>>>,
 }
 
 /// Dimensions of one call of the narrow kernels.
@@ -404,35 +406,35 @@ impl FusedMlp {
         })
     }
 
-    /// The outputs, followed by the trace when it is kept.
-    fn forward<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
+    /// The outputs and, when it is kept, the trace (else empty).
+    fn forward<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> (Vec<T>, Vec<T>) {
         if self.copies > 1 {
             return self.forward_copies(x, p, batch);
         }
         match self.narrow(batch) {
             Some(d) => {
                 let (p1, p2) = p.split_at(d.hidden * (d.input + 1));
-                T::forward(self.activation, x, p1, p2, d)
+                (T::forward(self.activation, x, p1, p2, d), Vec::new())
             }
             None => deep::forward(&self.net(p), x, self.rows, self.keep),
         }
     }
 
-    /// Every network's outputs, then (when kept) every network's trace, each network on
-    /// a thread of its own.
-    fn forward_copies<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> Vec<T> {
+    /// Every network's outputs and (when kept) every network's trace, each network on a
+    /// thread of its own.
+    fn forward_copies<T: Kernel>(&self, x: &[T], p: &[T], batch: usize) -> (Vec<T>, Vec<T>) {
         let (n_out, n_params) = (batch * self.arch.output(), self.arch.n_params());
         let n_trace = if self.keep {
             batch * self.arch.trace_width()
         } else {
             0
         };
-        let mut buf = vec![T::zero(); self.copies * (n_out + n_trace)];
-        let (outs, traces) = buf.split_at_mut(self.copies * n_out);
+        let mut outs = vec![T::zero(); self.copies * n_out];
+        let mut kept = vec![T::zero(); self.copies * n_trace];
         let traces: Vec<&mut [T]> = if n_trace == 0 {
             (0..self.copies).map(|_| <&mut [T]>::default()).collect()
         } else {
-            traces.chunks_mut(n_trace).collect()
+            kept.chunks_mut(n_trace).collect()
         };
         outs.par_chunks_mut(n_out.max(1))
             .zip(traces)
@@ -440,7 +442,7 @@ impl FusedMlp {
             .for_each(|((out, trace), p)| {
                 deep::forward_into(&self.net(p), x, self.rows, out, trace)
             });
-        buf
+        (outs, kept)
     }
 
     /// `(∂x, ∂p)` on host slices, from the trace the forward pass kept (if any).
@@ -506,34 +508,28 @@ impl FusedMlp {
     }
 
     /// The backward pass on the tensors' host values (borrowed where they lie),
-    /// returned as tensors; `res` and `grad` are the op's output and its gradient (with
-    /// the trace, when kept).
+    /// returned as tensors; `grad` is the gradient of the op's output.
     fn gradients<T: Kernel>(
         &self,
         x: &Tensor,
         p: &Tensor,
-        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let batch = x.dim(0)?;
-        let outputs = self.copies * batch * self.arch.output();
-        let (trace, grad) = if self.keep {
-            (
-                res.narrow(0, outputs, res.dim(0)? - outputs)?,
-                grad.narrow(0, 0, outputs)?,
-            )
-        } else {
-            (
-                Tensor::zeros(0, x.dtype(), &candle::Device::Cpu)?,
-                grad.clone(),
-            )
+        let kept = self
+            .trace
+            .lock()
+            .map_err(|_| candle::Error::Msg("fused mlp: trace lock poisoned".into()))?
+            .take();
+        // Without a kept trace (a second backward pass) the kernel recomputes it.
+        let trace: &[T] = match &kept {
+            Some(storage) => T::cpu_storage_as_slice(storage)?,
+            None => &[],
         };
         let (gx, gp) = on_host(x, |x: &[T]| {
             on_host(p, |p: &[T]| {
-                on_host(&trace, |trace: &[T]| {
-                    on_host(&grad, |g: &[T]| {
-                        Ok(self.backward_copies(x, p, trace, g, batch))
-                    })
+                on_host(grad, |g: &[T]| {
+                    Ok(self.backward_copies(x, p, trace, g, batch))
                 })
             })
         })?;
@@ -570,21 +566,25 @@ impl CustomOp2 for FusedMlp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let batch = self.batch(l1, l2)?;
-        let out = match (s1, s2) {
+        let (out, trace) = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(p)) => {
-                CpuStorage::F32(self.forward(slice(x, l1)?, slice(p, l2)?, batch))
+                let (out, trace) = self.forward(slice(x, l1)?, slice(p, l2)?, batch);
+                (CpuStorage::F32(out), CpuStorage::F32(trace))
             }
             (CpuStorage::F64(x), CpuStorage::F64(p)) => {
-                CpuStorage::F64(self.forward(slice(x, l1)?, slice(p, l2)?, batch))
+                let (out, trace) = self.forward(slice(x, l1)?, slice(p, l2)?, batch);
+                (CpuStorage::F64(out), CpuStorage::F64(trace))
             }
             _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
         };
-        let shape = if self.keep {
-            Shape::from(self.copies * batch * (self.arch.output() + self.arch.trace_width()))
-        } else {
-            Shape::from((self.copies * batch, self.arch.output()))
-        };
-        Ok((out, shape))
+        if self.keep {
+            *self
+                .trace
+                .lock()
+                .map_err(|_| candle::Error::Msg("fused mlp: trace lock poisoned".into()))? =
+                Some(trace);
+        }
+        Ok((out, Shape::from((self.copies * batch, self.arch.output()))))
     }
 
     #[cfg(feature = "cuda")]
@@ -617,7 +617,7 @@ impl CustomOp2 for FusedMlp {
         &self,
         x: &Tensor,
         p: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
@@ -631,8 +631,8 @@ impl CustomOp2 for FusedMlp {
             return Ok((Some(gx), Some(gp)));
         }
         let (gx, gp) = match x.dtype() {
-            DType::F32 => self.gradients::<f32>(x, p, res, grad)?,
-            DType::F64 => self.gradients::<f64>(x, p, res, grad)?,
+            DType::F32 => self.gradients::<f32>(x, p, grad)?,
+            DType::F64 => self.gradients::<f64>(x, p, grad)?,
             other => candle::bail!("fused mlp has no backward for {other:?}"),
         };
         Ok((Some(gx), Some(gp)))
