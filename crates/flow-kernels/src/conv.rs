@@ -105,7 +105,7 @@ impl Dims {
 }
 
 fn threads() -> usize {
-    rayon::current_num_threads().max(1)
+    crate::threads::planned()
 }
 
 /// `dst (m×n, row-major) = [dst +] a · b`, with `a` (`m×k`) and `b` (`k×n`) given by

@@ -11,7 +11,8 @@
 //!   product, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
-//! - [`pin_thread_count`]: the thread count candle reads, fixed once per process.
+//! - [`pin_thread_count`]: the thread count candle reads, fixed once per process;
+//!   [`on_this_thread`]: kernels planned for the calling thread alone.
 //!
 //! [`fusion`] holds the one switch and the one decision, per op, between a kernel and
 //! the reference path. Unsafe code lives in this crate only, in the kernel modules.
@@ -34,7 +35,7 @@ pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
 pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
-pub use threads::pin_thread_count;
+pub use threads::{on_this_thread, pin_thread_count};
 
 /// The contiguous part of a storage that `l` describes (the fused ops take contiguous
 /// inputs).

@@ -1,4 +1,6 @@
-//! The thread counts candle reads.
+//! The thread counts candle reads, and the one the kernels plan their work for.
+
+use std::cell::Cell;
 
 /// Fixes, once per process, the two thread counts candle's CPU backend reads:
 ///
@@ -29,4 +31,35 @@ pub fn pin_thread_count() {
         candle::utils::get_num_threads().to_string(),
     );
     set("CANDLE_NUM_THREADS", "1".to_string());
+}
+
+thread_local! {
+    /// Set while the calling thread runs [`on_this_thread`]'s closure.
+    static ALONE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every kernel it calls planning its work for the calling thread
+/// alone: one batch chunk where the cache allows, no split of a product across
+/// threads. For work that already keeps every thread busy with parts of its own (a
+/// training batch split across the threads): splitting each op again only adds
+/// overhead, and chunks sized for many threads are too small for one.
+pub fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the flag even if `f` unwinds.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.set(self.0);
+        }
+    }
+    let _restore = Restore(ALONE.replace(true));
+    f()
+}
+
+/// The threads a kernel plans for: rayon's, or one inside [`on_this_thread`].
+pub(crate) fn planned() -> usize {
+    if ALONE.get() {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
 }

@@ -66,9 +66,10 @@ pub fn nll_and_gradients(
     let results: Vec<(f64, Option<GradStore>)> = if parts == 1 {
         vec![part(0)?]
     } else {
+        // Every thread has a part: the kernels of each plan for its thread alone.
         (0..parts)
             .into_par_iter()
-            .map(part)
+            .map(|i| flow_kernels::on_this_thread(|| part(i)))
             .collect::<Result<_>>()?
     };
     let nll: f64 = results.iter().map(|(v, _)| v).sum();

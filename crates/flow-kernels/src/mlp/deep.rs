@@ -5,7 +5,7 @@
 //! while it is in cache. The backward pass recomputes a chunk's activations, keeps them
 //! in buffers of its own, and accumulates the parameter gradients of a group of chunks
 //! in one partial sum; partial sums add up in group order, so the result depends only on
-//! the batch, the network and the thread count.
+//! the batch, the network and the thread count planned when the op was built.
 
 use gemm::{gemm, Parallelism};
 use num_traits::Float;
@@ -29,13 +29,17 @@ pub(super) trait Elem: Float + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
-/// Rows per chunk for a batch: cache-sized, but small enough that every thread gets
-/// two chunks when the batch allows.
-pub(super) fn chunk_rows(batch: usize, widest: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+/// Rows per chunk for a batch on `threads` threads: cache-sized, but small enough
+/// that every thread gets two chunks when the batch allows (a single thread takes the
+/// batch whole where the cache allows).
+pub(super) fn chunk_rows(batch: usize, widest: usize, threads: usize) -> usize {
     let cache = (CHUNK_ELEMS / widest.max(1)).clamp(MIN_ROWS, MAX_ROWS);
-    let spread = batch.div_ceil(2 * threads).next_multiple_of(8).max(8);
-    cache.min(spread)
+    let share = if threads > 1 {
+        batch.div_ceil(2 * threads)
+    } else {
+        batch
+    };
+    cache.min(share.next_multiple_of(8).max(8))
 }
 
 /// Widths up to which a layer's products run as plain loops (vectorised over the other
@@ -505,21 +509,21 @@ pub(super) fn forward_into<T: Elem>(
 }
 
 /// `(∂x, ∂p)` for inputs `x` `(batch, in)` and output gradient `g_out` `(batch, out)`,
-/// in the chunks of `rows` that [`forward`] used; `trace` is what it kept (recomputed
-/// here when empty).
+/// in the chunks of `rows` that [`forward`] used, planned for `threads` threads;
+/// `trace` is what it kept (recomputed here when empty).
 pub(super) fn backward<T: Elem>(
     net: &Net<T>,
     x: &[T],
     trace: &[T],
     g_out: &[T],
     rows: usize,
+    threads: usize,
 ) -> (Vec<T>, Vec<T>) {
     let (input, output) = (net.arch.input(), net.arch.output());
     let width = net.arch.trace_width();
     let batch = x.len() / input.max(1);
     let n_params = net.params.len();
     let chunks = batch.div_ceil(rows).max(1);
-    let threads = rayon::current_num_threads().max(1);
     let groups = chunks
         .min(2 * threads)
         .min((PARTIAL_BUDGET / n_params.max(1)).max(1));

@@ -180,7 +180,7 @@ pub fn runs_many(x: &Tensor, arch: &Arch, copies: usize) -> bool {
     copies > 1
         && x.device().is_cpu()
         && arch.narrow().is_none()
-        && copies >= rayon::current_num_threads()
+        && copies >= crate::threads::planned()
 }
 
 /// Several networks of one shape `arch` over the same `x` `(batch, in)`, one output
@@ -233,10 +233,12 @@ fn forward_op(
         && x.device().is_cpu()
         && tracks
         && copies * batch * arch.trace_width() <= TRACE_BUDGET;
+    let threads = crate::threads::planned();
     let op = FusedMlp {
         arch: arch.clone(),
         activation,
-        rows: deep::chunk_rows(batch, arch.widest()),
+        rows: deep::chunk_rows(batch, arch.widest(), threads),
+        threads,
         keep,
         copies,
         trace: Arc::default(),
@@ -262,6 +264,10 @@ struct FusedMlp {
     activation: Activation,
     /// Rows per chunk of the general kernel, the same forward and backward.
     rows: usize,
+    /// The threads the general kernel's backward pass plans its partial sums for,
+    /// fixed when the op is built (so that the result does not depend on the thread
+    /// that runs the backward pass).
+    threads: usize,
     /// Output the general kernel's trace after the network's outputs, flattened.
     keep: bool,
     /// Networks of this shape, their parameters one after the other and their outputs
@@ -461,7 +467,7 @@ impl FusedMlp {
                 g1.extend(g2);
                 (gx, g1)
             }
-            None => deep::backward(&self.net(p), x, trace, g, self.rows),
+            None => deep::backward(&self.net(p), x, trace, g, self.rows, self.threads),
         }
     }
 
