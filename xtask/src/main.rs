@@ -320,6 +320,12 @@ fn bench(args: &[String]) -> Result<()> {
             .output()
             .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
         times.push(started.elapsed().as_secs_f64());
+        if !log_prob.status.success() {
+            return Err(format!(
+                "flow log-prob failed: {}",
+                String::from_utf8_lossy(&log_prob.stderr).trim()
+            ));
+        }
         peak = String::from_utf8_lossy(&log_prob.stderr)
             .lines()
             .find(|l| l.starts_with("peak memory"))
@@ -438,22 +444,22 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Floating-point operations of the conditioners' forward pass over `batch` samples
-/// (they dominate): per `Linear(1, H) → act → Linear(H, 1)` network and sample `2·H`
-/// for each linear layer plus `H` for the activation, two networks per layer. A
-/// training step costs about three times this: the backward pass recomputes the hidden
-/// layer and does twice the forward's work.
-/// Flops of one forward pass of a coupling's separate networks (one per parameter of
-/// an affine transform, so two) of layer widths `widths`, per sample: the products'
 /// Runs of the timed `flow log-prob` process; the report gives their median.
 const LOG_PROB_RUNS: usize = 5;
 
+/// Flops of one forward pass of a coupling's separate networks (one per parameter of
+/// an affine transform, so two) of layer widths `widths`, per sample: the products'
 /// multiply-adds, twice each. A training step is about three forward passes.
 fn coupling_flops(widths: &[usize]) -> f64 {
     let macs: usize = widths.windows(2).map(|w| w[0] * w[1]).sum();
     2.0 * 2.0 * macs as f64
 }
 
+/// Floating-point operations of the conditioners' forward pass over `batch` samples
+/// (they dominate): per `Linear(1, H) → act → Linear(H, 1)` network and sample `2·H`
+/// for each linear layer plus `H` for the activation, two networks per layer. A
+/// training step costs about three times this: the backward pass recomputes the hidden
+/// layer and does twice the forward's work.
 fn net_flops(batch: f64, layers: f64, hidden: f64) -> f64 {
     let per_net = 2.0 * hidden * 2.0 + hidden;
     batch * layers * 2.0 * per_net
@@ -755,8 +761,9 @@ const NOTES: &str = "
   and autograd overhead around the fused ops (a few small ops per coupling layer, and
   the gradient store's zero-fill and sum for each of them), and the in-place Adam update.
 - Our training steps, criterion's as `flow train`'s, split each batch across the threads
-  (`flow_train::batch_parts`: two parts of 256 rows for the reference job on 2 threads),
-  each part with its own graph; the peers' steps run each op across the threads.
+  (`flow_train::batch_parts`: one part per thread, so two of 256 rows for the reference
+  job on 2 threads), each part with its own graph; the peers' steps run each op across
+  the threads.
 - On a shared virtual machine, rates move with the host's load: compare rows of one run
   (the matmul row shows the run's conditions).
 - Memory bandwidth does not bound the reference job: one network's parameters (about

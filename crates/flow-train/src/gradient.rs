@@ -13,21 +13,27 @@ use rayon::prelude::*;
 /// Rows below which a part of a batch is not worth a thread of its own.
 pub const MIN_PART_ROWS: usize = 32;
 
-/// Parts a batch of `batch` rows is split into for [`nll_and_gradients`]: one per
-/// thread on the CPU, each of at least [`MIN_PART_ROWS`] rows. A single part:
+/// Parts a batch of `batch` rows is split into for [`nll_and_gradients`]: on the CPU,
+/// [`parts_of`] the batch on rayon's threads. A single part:
 /// - on other devices, which run one queue of kernels;
 /// - for flows with a layer that uses the whole batch's statistics;
 /// - while candle runs element-wise ops on a pool of its own, which serves one caller
 ///   at a time while the others spin ([`flow_kernels::pin_thread_count`] sets that
 ///   pool to the calling thread, as the `flow` binary does).
 pub fn batch_parts(batch: usize, flow: &Flow, device: &Device) -> usize {
-    if !device.is_cpu() || flow.batch_statistics() || candle::utils::barrier_pool().n_workers() > 0
-    {
+    // Asking for the pool's size creates the pool, as candle's first element-wise op
+    // would.
+    let own_pool = candle::utils::barrier_pool().n_workers() > 0;
+    if !device.is_cpu() || flow.batch_statistics() || own_pool {
         return 1;
     }
-    rayon::current_num_threads()
-        .min(batch / MIN_PART_ROWS)
-        .max(1)
+    parts_of(batch, rayon::current_num_threads())
+}
+
+/// Parts of a batch of `batch` rows on `threads` threads: one per thread, each of at
+/// least [`MIN_PART_ROWS`] rows, and at least one.
+pub fn parts_of(batch: usize, threads: usize) -> usize {
+    threads.min(batch / MIN_PART_ROWS).max(1)
 }
 
 /// The mean negative log-likelihood of the batch `x` (given its context, if any) and,

@@ -16,7 +16,7 @@ mod trainer;
 pub use config::{Duration, OptimizerConfig, OptimizerKind, TrainConfig};
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};
-pub use gradient::{batch_parts, nll_and_gradients, MIN_PART_ROWS};
+pub use gradient::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};
 pub use optim::Adam;
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;

@@ -9,7 +9,7 @@ use flow_maf::MafConfig;
 use flow_models::ModelConfig;
 use flow_nsf::NsfConfig;
 use flow_realnvp::{Nets, RealNvpConfig};
-use flow_train::{batch_parts, nll_and_gradients};
+use flow_train::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};
 
 /// The model's flow in f64 and its variables, in a fixed order.
 fn build(model: &ModelConfig) -> Result<(Flow, Vec<Var>)> {
@@ -165,5 +165,31 @@ fn a_layer_with_batch_statistics_keeps_the_batch_whole() -> Result<()> {
         "the chain hides its layer's batch statistics"
     );
     ensure!(batch_parts(4096, &flow, &dev) == 1);
+    Ok(())
+}
+
+/// One part per thread, each of at least `MIN_PART_ROWS` rows. (The split itself runs
+/// end to end in the `flow` binary's tests, which pin candle's threads as the binary
+/// does; a test process leaves candle its own pool, and [`batch_parts`] then keeps a
+/// batch whole.)
+#[test]
+fn parts_follow_the_threads_and_the_rows() -> Result<()> {
+    let m = MIN_PART_ROWS;
+    for (batch, threads, parts) in [
+        (512, 2, 2),
+        (512, 8, 8),
+        (2 * m, 2, 2),
+        (2 * m - 1, 2, 1),
+        (3 * m + 5, 8, 3),
+        (m - 1, 4, 1),
+        (0, 4, 1),
+        (4096, 1, 1),
+    ] {
+        let got = parts_of(batch, threads);
+        ensure!(
+            got == parts,
+            "{batch} rows on {threads} threads: {got} parts, expected {parts}"
+        );
+    }
     Ok(())
 }

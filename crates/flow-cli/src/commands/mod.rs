@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle::{DType, Device, Tensor};
 use flow_io::LoadedModel;
-use flow_train::data::{chunks_ahead, load_path, Dataset};
+use flow_train::data::{chunks, load_path, Dataset};
 
 use crate::{cli::Cli, cli::Command, CmdResult, Failure};
 
@@ -87,7 +87,7 @@ pub fn input_chunks(
     dim: usize,
     context_dim: usize,
 ) -> Result<impl Iterator<Item = Result<Input, Failure>> + '_, Failure> {
-    Ok(chunks_ahead(path, CHUNK_ROWS)?
+    Ok(chunks(path, CHUNK_ROWS)?
         .map(move |c| split(path, c.map_err(Failure::from)?, dim, context_dim)))
 }
 

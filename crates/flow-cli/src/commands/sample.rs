@@ -1,6 +1,6 @@
 use flow_glow::ImageInfo;
 use flow_io::LoadedModel;
-use flow_train::data::{chunks_ahead, Dataset};
+use flow_train::data::{chunks, Dataset};
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::{
@@ -47,7 +47,7 @@ fn conditions(a: &SampleArgs, context_dim: usize) -> Result<Conditions<'_>, Fail
     if context_dim == 0 {
         return Err("--context-file: the model is not conditional".into());
     }
-    let rows = chunks_ahead(path, CHUNK_ROWS)?.map(move |c| {
+    let rows = chunks(path, CHUNK_ROWS)?.map(move |c| {
         let c = c?;
         if c.dim != context_dim {
             return Err(format!(

@@ -20,7 +20,7 @@
 //! then `[W₂ | b₂]`, and so on in layer order, each built by
 //! [`pack_linear`](crate::pack_linear).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, PoisonError};
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
@@ -172,10 +172,12 @@ pub fn forward(
 
 /// Whether [`forward_many`] runs `copies` networks of shape `arch` on `x` as one op:
 /// on the CPU, for the general kernel's shapes, when there are at least as many
-/// networks as threads. Each network then runs on a thread of its own, so a coupling's
-/// separate scale and shift networks cost one parallel section instead of two (on a
-/// few cores, waking the pool's threads for every small product costs more than they
-/// save).
+/// networks as threads planned for. Each network then runs as a task of its own, so a
+/// coupling's separate scale and shift networks cost one parallel section instead of
+/// two (on a few cores, waking the pool's threads for every small product costs more
+/// than they save). Planned for one thread (inside
+/// [`on_this_thread`](crate::on_this_thread)), that is always one op; an idle thread
+/// may still take one of its networks, which changes no result.
 pub fn runs_many(x: &Tensor, arch: &Arch, copies: usize) -> bool {
     copies > 1
         && x.device().is_cpu()
@@ -222,8 +224,8 @@ fn forward_op(
     let batch = x.dim(0)?;
     let copies = nets.len();
     // Where a backward pass may follow, the general kernel keeps what it needs from the
-    // forward pass (in the op's output, after the networks' outputs), up to a bound:
-    // large batches (evaluation, mostly) recompute it if a backward pass comes.
+    // forward pass (in the op, beside its output), up to a bound: large batches
+    // (evaluation, mostly) recompute it if a backward pass comes.
     let tracks = x.track_op()
         || nets
             .iter()
@@ -241,7 +243,7 @@ fn forward_op(
         threads,
         keep,
         copies,
-        trace: Arc::default(),
+        trace: KeptTrace::default(),
     };
     let out = x.contiguous()?.apply_op2(&params, op)?;
     if copies == 1 {
@@ -258,7 +260,7 @@ const TRACE_BUDGET: usize = 1 << 20;
 /// Samples per parallel task of the narrow kernels.
 const CHUNK: usize = 64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct FusedMlp {
     arch: Arch,
     activation: Activation,
@@ -268,17 +270,37 @@ struct FusedMlp {
     /// fixed when the op is built (so that the result does not depend on the thread
     /// that runs the backward pass).
     threads: usize,
-    /// Output the general kernel's trace after the network's outputs, flattened.
+    /// Keep the general kernel's trace for the backward pass.
     keep: bool,
     /// Networks of this shape, their parameters one after the other and their outputs
     /// `(copies, batch, out)` (their traces in the same order); more than one only on
     /// the CPU's general kernel, each network on a thread of its own.
     copies: usize,
-    /// The trace a forward pass kept, held here for the backward pass rather than in
-    /// the op's output: a gradient for that part of the output would be materialised
-    /// as zeros and copied at every step. Taken by the first backward pass; a later one
-    /// recomputes it.
-    trace: Arc<Mutex<Option<CpuStorage>>>,
+    /// The trace a forward pass kept.
+    trace: KeptTrace,
+}
+
+/// The trace a forward pass kept, held beside the op's output rather than in it (a
+/// gradient for that part of the output would be materialised as zeros and copied at
+/// every step). Taken by the first backward pass; a later one recomputes it.
+#[derive(Default)]
+struct KeptTrace(Mutex<Option<CpuStorage>>);
+
+impl KeptTrace {
+    fn put(&self, trace: CpuStorage) {
+        // The slot is a plain value: a panic elsewhere leaves nothing half-written.
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(trace);
+    }
+
+    fn take(&self) -> Option<CpuStorage> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+impl std::fmt::Debug for KeptTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeptTrace")
+    }
 }
 
 /// Dimensions of one call of the narrow kernels.
@@ -522,11 +544,7 @@ impl FusedMlp {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let batch = x.dim(0)?;
-        let kept = self
-            .trace
-            .lock()
-            .map_err(|_| candle::Error::Msg("fused mlp: trace lock poisoned".into()))?
-            .take();
+        let kept = self.trace.take();
         // Without a kept trace (a second backward pass) the kernel recomputes it.
         let trace: &[T] = match &kept {
             Some(storage) => T::cpu_storage_as_slice(storage)?,
@@ -584,11 +602,7 @@ impl CustomOp2 for FusedMlp {
             _ => candle::bail!("fused mlp supports f32 and f64 inputs of one dtype"),
         };
         if self.keep {
-            *self
-                .trace
-                .lock()
-                .map_err(|_| candle::Error::Msg("fused mlp: trace lock poisoned".into()))? =
-                Some(trace);
+            self.trace.put(trace);
         }
         Ok((out, Shape::from((self.copies * batch, self.arch.output()))))
     }

@@ -17,7 +17,15 @@ pub struct CsvChunks<R: Read> {
     dim: usize,
     rows: usize,
     chunk: usize,
+    /// Values in the last chunk read (0 before the first).
+    last: usize,
     done: bool,
+}
+
+/// A CSV cell as text, trimmed of any Unicode whitespace (spreadsheets write
+/// non-breaking spaces); `None` for bytes that are not UTF-8.
+fn text(cell: &[u8]) -> Option<&str> {
+    std::str::from_utf8(cell).ok().map(str::trim)
 }
 
 impl<R: Read> std::fmt::Debug for CsvChunks<R> {
@@ -44,6 +52,7 @@ impl<R: Read> CsvChunks<R> {
             dim: 0,
             rows: 0,
             chunk: chunk.max(1),
+            last: 0,
             done: false,
         }
     }
@@ -54,7 +63,12 @@ impl<R: Read> CsvChunks<R> {
 
     /// The next chunk's values (row-major), empty at the end.
     fn read_chunk(&mut self) -> Result<Vec<f32>, DataError> {
-        let mut values = Vec::with_capacity(self.chunk * self.dim.max(1));
+        // Sized like the last chunk, which was held already; the first by a bound, since
+        // one wide first row must not reserve chunk × width values.
+        let mut values = Vec::with_capacity(match self.last {
+            0 => self.chunk.saturating_mul(self.dim).min(1 << 16),
+            last => last,
+        });
         let mut taken = 0;
         while taken < self.chunk {
             match self.rdr.read_byte_record(&mut self.record) {
@@ -70,17 +84,14 @@ impl<R: Read> CsvChunks<R> {
                 .position()
                 .map(|p| p.line() as usize)
                 .unwrap_or(self.rows + 1);
-            if record.iter().all(|c| c.is_empty()) {
+            if record.iter().all(|c| text(c).is_some_and(str::is_empty)) {
                 continue; // blank line
             }
             // Parsed straight into the chunk, taken back if the row is not all numbers.
             let start = values.len();
             let mut bad = None;
             for cell in record.iter() {
-                match std::str::from_utf8(cell)
-                    .ok()
-                    .and_then(|c| c.parse::<f32>().ok())
-                {
+                match text(cell).and_then(|c| c.parse::<f32>().ok()) {
                     Some(v) => values.push(v),
                     None => {
                         bad = Some(cell);
@@ -119,6 +130,7 @@ impl<R: Read> CsvChunks<R> {
             self.rows += 1;
             taken += 1;
         }
+        self.last = values.len();
         Ok(values)
     }
 }
@@ -455,32 +467,6 @@ pub fn chunks(
             )))
         }
     }
-}
-
-/// [`chunks`], read on a thread of its own one chunk ahead of the caller: the next
-/// chunk is parsed while the caller works on this one. At most three chunks exist at
-/// once (the caller's, one waiting, one being read); reading stops at the first error.
-pub fn chunks_ahead(
-    path: &Path,
-    rows: usize,
-) -> Result<impl Iterator<Item = Result<Dataset, DataError>>, DataError> {
-    let inner = chunks(path, rows)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("data-reader".into())
-        .spawn(move || {
-            for chunk in inner {
-                let failed = chunk.is_err();
-                if tx.send(chunk).is_err() || failed {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| {
-            let name = path.display().to_string();
-            DataError::new(&name, None, format!("cannot start a reading thread: {e}"))
-        })?;
-    Ok(rx.into_iter())
 }
 
 /// Reads `.npy` files by their extension, anything else as CSV.
