@@ -3,7 +3,7 @@
 //! float rounding), for every supported activation and dtype.
 
 use anyhow::{ensure, Result};
-use candle::{DType, Device, Module, Tensor, Var};
+use candle::{backprop::GradStore, DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
 
 use candle_nn::{VarBuilder, VarMap};
@@ -21,6 +21,39 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
     Ok(diff / scale)
+}
+
+/// The gradients of `x` and of every variable in `varmap`: each of `fused` (the first
+/// backward pass, then a second through the same graph, which recomputes the kept
+/// activations) against `reference`, to `tol`.
+fn same_gradients(
+    what: &str,
+    x: &Var,
+    varmap: &VarMap,
+    fused: [&GradStore; 2],
+    reference: &GradStore,
+    tol: f64,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
+    for (name, v) in varmap.data().lock().expect("lock").iter() {
+        tensors.push((name.clone(), v.as_tensor().clone()));
+    }
+    for (name, t) in tensors {
+        let Some(r) = reference.get(&t) else {
+            anyhow::bail!("{what}: missing reference gradient for {name}");
+        };
+        for (pass, grads) in ["first", "second"].into_iter().zip(fused) {
+            let Some(g) = grads.get(&t) else {
+                anyhow::bail!("{what}: missing gradient for {name}");
+            };
+            let e = rel_err(g, r)?;
+            ensure!(
+                e < tol,
+                "{what}: {pass} backward pass, gradient of {name} differs by {e}"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[test]
@@ -125,23 +158,7 @@ fn matches_reference_on(dev: &Device) -> Result<()> {
                 // A second backward pass through the same graph: the first took the
                 // kept activations, so this one recomputes them.
                 let again = (fused * &w)?.sum_all()?.backward()?;
-                let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
-                for (name, v) in varmap.data().lock().expect("lock").iter() {
-                    tensors.push((name.clone(), v.as_tensor().clone()));
-                }
-                for (name, t) in tensors {
-                    let (Some(a), Some(b), Some(c)) = (gf.get(&t), gr.get(&t), again.get(&t))
-                    else {
-                        anyhow::bail!("{what}: missing gradient for {name}");
-                    };
-                    let e = rel_err(a, b)?;
-                    ensure!(e < tol * 10.0, "{what}: gradient of {name} differs by {e}");
-                    let e = rel_err(c, b)?;
-                    ensure!(
-                        e < tol * 10.0,
-                        "{what}: second backward pass, gradient of {name} differs by {e}"
-                    );
-                }
+                same_gradients(&what, &x, &varmap, [&gf, &again], &gr, tol * 10.0)?;
             }
         }
     }
@@ -208,23 +225,7 @@ fn networks_sharing_an_input_run_as_one_op() -> Result<()> {
                 let (gt, ga) = (loss_t.backward()?, loss_a.backward()?);
                 // Again through the same graph, the activations recomputed.
                 let again = loss_t.backward()?;
-                let mut tensors: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone())];
-                for (name, v) in varmap.data().lock().expect("lock").iter() {
-                    tensors.push((name.clone(), v.as_tensor().clone()));
-                }
-                for (name, t) in tensors {
-                    let (Some(a), Some(b), Some(c)) = (gt.get(&t), ga.get(&t), again.get(&t))
-                    else {
-                        anyhow::bail!("{what}: missing gradient for {name}");
-                    };
-                    let e = rel_err(a, b)?;
-                    ensure!(e < tol * 10.0, "{what}: gradient of {name} differs by {e}");
-                    let e = rel_err(c, b)?;
-                    ensure!(
-                        e < tol * 10.0,
-                        "{what}: second backward pass, gradient of {name} differs by {e}"
-                    );
-                }
+                same_gradients(&what, &x, &varmap, [&gt, &again], &ga, tol * 10.0)?;
             }
         }
         Ok(())

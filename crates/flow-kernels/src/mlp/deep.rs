@@ -468,14 +468,12 @@ impl<'a, T: Elem> Prepared<'a, T> {
 pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> (Vec<T>, Vec<T>) {
     let batch = x.len() / net.arch.input().max(1);
     let mut out = vec![T::zero(); batch * net.arch.output()];
-    let mut trace = vec![
-        T::zero();
-        if keep {
-            batch * net.arch.trace_width()
-        } else {
-            0
-        }
-    ];
+    let kept = if keep {
+        batch * net.arch.trace_width()
+    } else {
+        0
+    };
+    let mut trace = vec![T::zero(); kept];
     forward_into(net, x, rows, &mut out, &mut trace);
     (out, trace)
 }

@@ -180,7 +180,7 @@ pub fn load_csv(path: &Path) -> Result<Dataset, DataError> {
 /// An opened `.npy` array: its shape and its elements as f32 in storage order.
 pub(crate) struct NpyArray {
     pub shape: Vec<usize>,
-    pub values: Box<dyn Iterator<Item = std::io::Result<f32>> + Send>,
+    pub values: Box<dyn Iterator<Item = std::io::Result<f32>>>,
 }
 
 /// Opens a `.npy` array from `reader`, whose whole length is `len` bytes, called
@@ -193,7 +193,7 @@ pub(crate) struct NpyArray {
 /// the preamble and the shape are checked against `len` here first (see
 /// [`check_npy_header`]); after that every size is bounded by the file.
 pub(crate) fn open_npy(
-    mut reader: impl Read + Send + 'static,
+    mut reader: impl Read + 'static,
     len: u64,
     name: &str,
 ) -> Result<NpyArray, DataError> {
@@ -250,13 +250,13 @@ pub(crate) fn open_npy(
     let descr = dtype.descr();
     let unsupported = |e: npyz::DTypeError| fail(format!("unsupported array: {e}"));
     fn widen<T: Into<f64>>(
-        r: impl Iterator<Item = std::io::Result<T>> + Send + 'static,
-    ) -> Box<dyn Iterator<Item = std::io::Result<f32>> + Send> {
+        r: impl Iterator<Item = std::io::Result<T>> + 'static,
+    ) -> Box<dyn Iterator<Item = std::io::Result<f32>>> {
         Box::new(r.map(|v| v.map(|v| v.into() as f32)))
     }
     // `descr()` is the Python literal, quotes included (`'<f4'`); past the quote
     // and the byte order mark comes the kind and size.
-    let values: Box<dyn Iterator<Item = std::io::Result<f32>> + Send> = match descr
+    let values: Box<dyn Iterator<Item = std::io::Result<f32>>> = match descr
         .strip_prefix('\'')
         .and_then(|d| d.strip_suffix('\''))
         .and_then(|d| d.get(1..))
@@ -346,7 +346,7 @@ fn check_npy_header(text: &[u8], data_bytes: u64) -> Result<(), String> {
 /// Rows of a `.npy` array of shape `(n, dim)` (or `(n,)`, one feature), C order, of
 /// floats or integers, read a chunk at a time as f32.
 pub struct NpyChunks {
-    values: Box<dyn Iterator<Item = std::io::Result<f32>> + Send>,
+    values: Box<dyn Iterator<Item = std::io::Result<f32>>>,
     name: String,
     dim: usize,
     rows: usize,
@@ -453,7 +453,7 @@ pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
 pub fn chunks(
     path: &Path,
     rows: usize,
-) -> Result<Box<dyn Iterator<Item = Result<Dataset, DataError>> + Send>, DataError> {
+) -> Result<Box<dyn Iterator<Item = Result<Dataset, DataError>>>, DataError> {
     match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("npy") => Ok(Box::new(NpyChunks::open(path, rows)?)),
         _ => {
