@@ -77,30 +77,54 @@ impl<'a, T: Elem> Layer<'a, T> {
 
     /// `out (rows × n) = h (rows × k) · Wᵀ + b`.
     fn forward(&self, h: &[T], out: &mut [T]) {
+        self.forward_rows(h, out, |_| {});
+    }
+
+    /// `z = h · Wᵀ + b` as [`forward`](Self::forward), and `act(z)` as a new buffer,
+    /// each row activated while it is still in cache.
+    fn forward_act(&self, h: &[T], z: &mut [T], act: &Act<T>) -> Vec<T> {
+        let mut y = Vec::with_capacity(z.len());
+        self.forward_rows(h, z, |row| act.extend(&mut y, row));
+        y
+    }
+
+    /// `out = h · Wᵀ + b`, handing each finished row to `then` in order. Each row is
+    /// written once with its bias (no separate broadcast of `b` first): thin products
+    /// start from it, and a `gemm` product overwrites `out` and gets the bias added
+    /// row by row just before `then`.
+    fn forward_rows(&self, h: &[T], out: &mut [T], mut then: impl FnMut(&mut [T])) {
         let (k, n) = (self.k, self.n);
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(&self.bias);
-        }
         if k == 0 {
-            return;
-        }
-        let rows = h.len() / k;
-        if k <= THIN {
+            for row in out.chunks_exact_mut(n) {
+                row.copy_from_slice(&self.bias);
+                then(row);
+            }
+        } else if k <= THIN {
             for (o, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(k)) {
-                for (w, &hi) in self.wt.chunks_exact(n).zip(h) {
+                let mut w = self.wt.chunks_exact(n);
+                if let Some(w0) = w.next() {
+                    o.iter_mut()
+                        .zip(&self.bias)
+                        .zip(w0)
+                        .for_each(|((o, &b), &w)| *o = b + h[0] * w);
+                }
+                for (w, &hi) in w.zip(&h[1..]) {
                     axpy(o, hi, w);
                 }
+                then(o);
             }
         } else if n <= THIN {
             for (o, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(k)) {
                 for (j, o) in o.iter_mut().enumerate() {
-                    *o = *o + dot(h, self.w_row(j));
+                    *o = self.bias[j] + dot(h, self.w_row(j));
                 }
+                then(o);
             }
         } else {
+            let rows = h.len() / k;
             // SAFETY: `out` holds rows × n, `h` rows × k and `p` n × (k + 1) elements;
             // the strides address exactly those (rhs(i, j) = W[j, i] = p[j (k + 1) + i]),
-            // and `out` does not alias the inputs.
+            // and `out` does not alias the inputs; it is overwritten (read_dst = false).
             #[allow(unsafe_code)]
             unsafe {
                 gemm(
@@ -110,20 +134,26 @@ impl<'a, T: Elem> Layer<'a, T> {
                     out.as_mut_ptr(),
                     1,
                     n as isize,
-                    true,
+                    false,
                     h.as_ptr(),
                     1,
                     k as isize,
                     self.p.as_ptr(),
                     (k + 1) as isize,
                     1,
-                    T::one(),
+                    T::zero(),
                     T::one(),
                     false,
                     false,
                     false,
                     Parallelism::None,
                 );
+            }
+            for row in out.chunks_exact_mut(n) {
+                row.iter_mut()
+                    .zip(&self.bias)
+                    .for_each(|(o, &b)| *o = *o + b);
+                then(row);
             }
         }
     }
@@ -296,6 +326,18 @@ impl<T: Elem> Act<T> {
         }
     }
 
+    /// Appends `act(z)` to `y`.
+    fn extend(&self, y: &mut Vec<T>, z: &[T]) {
+        match self.a {
+            Activation::Tanh => y.extend(z.iter().map(|z| z.tanh())),
+            Activation::LeakyRelu => {
+                let s = self.slope;
+                y.extend(z.iter().map(|&z| z.max(z * s)))
+            }
+            _ => y.extend(z.iter().map(|&z| z.max(T::zero()))),
+        }
+    }
+
     fn apply(&self, z: &[T], y: &mut [T]) {
         match self.a {
             Activation::Tanh => y.iter_mut().zip(z).for_each(|(y, z)| *y = z.tanh()),
@@ -370,8 +412,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
                         break;
                     }
                     let (z, tail) = rest.split_at_mut(rows * layer.n);
-                    layer.forward(input, z);
-                    h = act.applied(z);
+                    h = layer.forward_act(input, z, &act);
                     rest = tail;
                 }
             }
@@ -494,9 +535,10 @@ pub(super) fn forward_into<T: Elem>(
     if trace.is_empty() {
         out.par_chunks_mut(rows * output)
             .zip(x.par_chunks(rows * input))
-            .for_each(|(out, x)| {
-                let mut trace = vec![T::zero(); out.len() / output.max(1) * width];
-                net.run(x, out, &mut trace);
+            .for_each_init(Vec::new, |trace, (out, x)| {
+                // One scratch trace per task, not per chunk.
+                trace.resize(out.len() / output.max(1) * width, T::zero());
+                net.run(x, out, trace);
             });
     } else {
         out.par_chunks_mut(rows * output)
