@@ -771,7 +771,7 @@ const NOTES: &str = "
   streaming over large data would meet.
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
 - The PyTorch numbers come from `benches/pytorch_seed_job.py`, and zuko's and normflows'
-  from `benches/zuko_jobs.py`, run in the same session with the same thread count.
+  from `benches/zuko_jobs.py`, run in the same bench run with the same thread count.
 - The density-quality and autoregressive sections: our side is `xtask/src/quality_job.rs`
   (the library, in release), zuko's `benches/zuko_quality.py` on the same points;
   `cargo xtask bench quality [--steps N]` reruns them alone, into
