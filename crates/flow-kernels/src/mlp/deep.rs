@@ -1,8 +1,7 @@
 //! The general CPU kernel: networks of any depth and width, plain or residual, in f32
 //! and f64. Each linear layer of a batch chunk is one matrix product (the `gemm` crate,
-//! which picks AVX2/FMA or AVX-512 at run time and has a portable fallback) into a
-//! buffer that already holds the bias, and the activation runs over the chunk's product
-//! while it is in cache. The backward pass recomputes a chunk's activations, keeps them
+//! which picks AVX2/FMA or AVX-512 at run time and has a portable fallback); each row of
+//! the product then gets its bias and activation while it is in cache. The backward pass recomputes a chunk's activations, keeps them
 //! in buffers of its own, and accumulates the parameter gradients of a group of chunks
 //! in one partial sum; partial sums add up in group order, so the result depends only on
 //! the batch, the network and the thread count planned when the op was built.
@@ -514,16 +513,16 @@ impl<'a, T: Elem> Prepared<'a, T> {
     }
 }
 
-/// The per-chunk passes compiled a second time for AVX2 and FMA and chosen at run time,
-/// so that binaries stay portable: the element-wise work around the products (bias,
-/// activations, thin layers, bias gradients) then runs eight f32 lanes wide instead of
-/// the x86-64 baseline's four. The products themselves are `gemm`'s, which dispatches on
+/// The per-chunk passes compiled a second time for AVX2 and chosen at run time, so that
+/// binaries stay portable: the element-wise work around the products (bias, activations,
+/// thin layers, bias gradients) then runs twice as wide as on the x86-64 baseline (eight
+/// f32 lanes instead of four). The products themselves are `gemm`'s, which dispatches on
 /// its own.
 impl<T: Elem> Prepared<'_, T> {
     fn run_chunk(&self, x: &[T], out: &mut [T], trace: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        if super::has_avx2() {
+            // SAFETY: the CPU has AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { self.run_avx2(x, out, trace) };
         }
@@ -532,8 +531,8 @@ impl<T: Elem> Prepared<'_, T> {
 
     fn backward_of_chunk(&self, x: &[T], trace: &[T], g_out: &[T], gx: &mut [T], gp: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        if super::has_avx2() {
+            // SAFETY: the CPU has AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { self.backward_avx2(x, trace, g_out, gx, gp) };
         }
@@ -541,22 +540,16 @@ impl<T: Elem> Prepared<'_, T> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     fn run_avx2(&self, x: &[T], out: &mut [T], trace: &mut [T]) {
         self.run(x, out, trace)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     fn backward_avx2(&self, x: &[T], trace: &[T], g_out: &[T], gx: &mut [T], gp: &mut [T]) {
         self.backward_chunk(x, trace, g_out, gx, gp)
     }
-}
-
-/// Whether this CPU runs the AVX2 versions (the answer is cached by std).
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// The network's outputs `(batch, out)` for inputs `x` `(batch, in)`, in chunks of

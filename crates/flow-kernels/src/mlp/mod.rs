@@ -41,6 +41,13 @@ mod portable;
 /// (`avx2`, `portable`): they keep a sample's inputs and outputs in registers.
 pub const NARROW: usize = 16;
 
+/// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`); the answer is
+/// cached by std.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
 /// How a network's linear layers connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Arch {

@@ -215,18 +215,6 @@ mod simd {
 
     use super::Net;
 
-    /// Whether this CPU runs the AVX2 versions (the answer is cached by std).
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn forward_avx2<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
@@ -241,7 +229,7 @@ mod simd {
 
     pub fn forward_chunk<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if available() {
+        if super::super::has_avx2() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { forward_avx2(net, x, out) };
@@ -256,7 +244,7 @@ mod simd {
         gx: &mut [T],
     ) -> (Vec<T>, Vec<T>) {
         #[cfg(target_arch = "x86_64")]
-        if available() {
+        if super::super::has_avx2() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { backward_avx2(net, x, g, gx) };
