@@ -447,12 +447,17 @@ fn cpu_model() -> String {
 /// Runs of the timed `flow log-prob` process; the report gives their median.
 const LOG_PROB_RUNS: usize = 5;
 
-/// Flops of one forward pass of a coupling's separate networks (one per parameter of
-/// an affine transform, so two) of layer widths `widths`, per sample: the products'
-/// multiply-adds, twice each. A training step is about three forward passes.
-fn coupling_flops(widths: &[usize]) -> f64 {
+/// Flops of one forward pass of a network of layer widths `widths`, per sample: the
+/// products' multiply-adds, twice each. A training step is about three forward passes.
+fn network_flops(widths: &[usize]) -> f64 {
     let macs: usize = widths.windows(2).map(|w| w[0] * w[1]).sum();
-    2.0 * 2.0 * macs as f64
+    2.0 * macs as f64
+}
+
+/// [`network_flops`] of a coupling's separate networks (one per parameter of an affine
+/// transform, so two).
+fn coupling_flops(widths: &[usize]) -> f64 {
+    2.0 * network_flops(widths)
 }
 
 /// Floating-point operations of the conditioners' forward pass over `batch` samples
@@ -678,7 +683,7 @@ fn report(runs: &Runs) -> Result<String> {
     // Forward flops per point: 6 couplings of networks 1 → 64 → 64 → 1, ours two per
     // coupling, zuko's one joint network (half of ours, up to its wider output layer).
     let ours_point = 6.0 * coupling_flops(&[1, 64, 64, 1]);
-    let joint_point = 6.0 * 2.0 * (64.0 + 64.0 * 64.0 + 64.0 * 2.0);
+    let joint_point = 6.0 * network_flops(&[1, 64, 64, 2]);
     if let Some(z) = peer("zuko_default_log_prob_points_per_s") {
         line(format!(
             "Arithmetic: a point's log-prob takes {:.1} kflop in our networks and {:.1} kflop in zuko's joint ones; 5× zuko's in-process rate ({:.0} points/s) would take {} with ours, {} with the joint layout.",
@@ -771,7 +776,7 @@ const NOTES: &str = "
   streaming over large data would meet.
 - Peak memory is the `flow train` process's resident high-water mark (`VmHWM`).
 - The PyTorch numbers come from `benches/pytorch_seed_job.py`, and zuko's and normflows'
-  from `benches/zuko_jobs.py`, run in the same bench run with the same thread count.
+  from `benches/zuko_jobs.py`, run by the same `cargo xtask bench` with the same thread count.
 - The density-quality and autoregressive sections: our side is `xtask/src/quality_job.rs`
   (the library, in release), zuko's `benches/zuko_quality.py` on the same points;
   `cargo xtask bench quality [--steps N]` reruns them alone, into

@@ -189,14 +189,14 @@ impl Mlp {
     /// the CPU can run them side by side); otherwise each runs its own
     /// [`forward`](Module::forward).
     pub fn forward_all(nets: &[Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(first) = nets.first() else {
+        let [first, rest @ ..] = nets else {
             return Ok(Vec::new());
         };
         let arch = first.arch()?;
-        let mut shared = nets.len() > 1;
-        for n in nets {
-            shared = shared && n.activation == first.activation && n.uses_fused(x);
-            shared = shared && n.arch()? == arch;
+        let mut shared = !rest.is_empty() && first.uses_fused(x);
+        for n in rest {
+            shared =
+                shared && n.activation == first.activation && n.uses_fused(x) && n.arch()? == arch;
         }
         if !shared {
             return nets.iter().map(|n| n.forward(x)).collect();

@@ -321,14 +321,9 @@ impl<T: Elem> Act<T> {
     /// `act(z)` as a new buffer (written once, never zeroed first).
     #[inline(always)]
     fn applied(&self, z: &[T]) -> Vec<T> {
-        match self.a {
-            Activation::Tanh => z.iter().map(|z| z.tanh()).collect(),
-            Activation::LeakyRelu => {
-                let s = self.slope;
-                z.iter().map(|&z| z.max(z * s)).collect()
-            }
-            _ => z.iter().map(|&z| z.max(T::zero())).collect(),
-        }
+        let mut y = Vec::with_capacity(z.len());
+        self.extend(&mut y, z);
+        y
     }
 
     /// Appends `act(z)` to `y`.
