@@ -66,7 +66,7 @@ pub enum Command {
     Encode(CodecArgs),
     /// Map latents to data: x = f⁻¹(z).
     Decode(CodecArgs),
-    /// Show a model's configuration, parameter count and tensors.
+    /// Summarise a model on one screen (--json: everything in the file).
     Inspect(InspectArgs),
     /// Plot a 2-D model's density, with data points if given.
     Plot(PlotArgs),
@@ -478,6 +478,10 @@ pub struct InspectArgs {
     /// The model.
     #[arg(long)]
     pub model: PathBuf,
+    /// Print everything as JSON: the full configuration, the training summary, the
+    /// other metadata and every tensor's dtype and shape.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -137,11 +137,41 @@ fn log_prob_sample_inspect_plot_and_metrics() {
     );
     assert_eq!(read_csv(&s).len(), 300);
 
+    // One screen; the whole file with --json.
     let info = ok(&["inspect", "--model", m]);
-    assert!(
-        info.contains("parameters:") && info.contains("layers.3.t.2.weight"),
-        "{info}"
+    assert!(info.lines().count() <= 24, "{info}");
+    assert!(info.contains("layers: 4 (4 affine)"), "{info}");
+    assert!(info.contains("settings: activation leaky-relu"), "{info}");
+    assert!(info.contains("training: 60 of 60 steps"), "{info}");
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--model", m, "--json"])).expect("JSON");
+    assert_eq!(
+        all["tensors"]["layers.3.t.2.weight"]["shape"],
+        serde_json::json!([1, 32])
     );
+    assert_eq!(all["config"]["dim"], 2);
+    assert_eq!(all["training"]["steps"], 60);
+    let params: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("parameters: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a parameter count");
+    let counted: usize = all["tensors"]
+        .as_object()
+        .expect("tensors")
+        .iter()
+        .filter(|(name, _)| !name.starts_with("train_state."))
+        .map(|(_, t)| {
+            t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("size") as usize)
+                .product::<usize>()
+        })
+        .sum();
+    assert_eq!(params, counted, "{info}");
 
     ok(&[
         "plot",
