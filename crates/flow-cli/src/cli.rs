@@ -7,6 +7,8 @@ use clap::{
 use flow_realnvp::Activation;
 use flow_train::data::Toy;
 
+use crate::plot::Bounds;
+
 /// A data set `flow data` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataName {
@@ -68,7 +70,7 @@ pub enum Command {
     Decode(CodecArgs),
     /// Show a model's configuration, parameter count and tensors.
     Inspect(InspectArgs),
-    /// Plot a 2-D model's density, with data points if given.
+    /// Plot a 2-D model's density (log p(x), with a colour bar), with data points if given.
     Plot(PlotArgs),
     /// Convert another tool's weights (a safetensors state dict) to a model: RealNVP,
     /// spline (NSF) and autoregressive (MAF) flows.
@@ -450,6 +452,10 @@ pub struct SampleArgs {
     /// Also draw the samples (2-D models) to this PNG.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The plotted range of a 2-D picture (--plot, or --out FILE.png): the same range
+    /// makes pictures comparable (default: the samples' middle 99%, with a margin).
+    #[arg(long, value_name = "XMIN,XMAX,YMIN,YMAX", value_parser = Bounds::parse, allow_hyphen_values = true)]
+    pub range: Option<Bounds>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -495,6 +501,10 @@ pub struct PlotArgs {
     /// Condition of a conditional model, as comma-separated values.
     #[arg(long, allow_hyphen_values = true)]
     pub context: Option<String>,
+    /// The plotted range: the same range makes plots comparable, say of two conditions
+    /// (default: the middle 99% of the data, or of the model's samples, with a margin).
+    #[arg(long, value_name = "XMIN,XMAX,YMIN,YMAX", value_parser = Bounds::parse, allow_hyphen_values = true)]
+    pub range: Option<Bounds>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
