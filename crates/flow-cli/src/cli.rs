@@ -407,13 +407,19 @@ pub struct LogProbArgs {
     pub model: PathBuf,
     /// Data rows (CSV or .npy); for a conditional model the condition fills the last
     /// columns. An image model reads pixel values (CSV, .npy or IDX) and reports
-    /// bits/dim on their discrete scale.
+    /// bits/dim on their discrete scale (see --dequantized for continuous rows).
     #[arg(long)]
     pub input: PathBuf,
-    /// Seed of an image model's dequantisation noise: the same seed gives the same
-    /// numbers; average over seeds for a less noisy bits/dim.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Image models: the rows are continuous values in [0, 1), the model's own input
+    /// space (what other libraries' `log_prob` takes; a pixel p is (p + u) / L there),
+    /// scored as they are: log p(x) in nats and bits/dim on that continuous scale,
+    /// without dequantisation noise or the −D·ln L of the pixels' discrete scale.
+    #[arg(long)]
+    pub dequantized: bool,
+    /// Seed of an image model's dequantisation noise (default 0): the same seed gives
+    /// the same numbers; average over seeds for a less noisy bits/dim.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Write the per-row log-probs here (CSV; for an image model the dequantised
     /// log-likelihood of the pixels in nats).
     #[arg(long)]
@@ -467,13 +473,19 @@ pub struct CodecArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Rows to map (CSV or .npy); for a conditional model the condition fills the last
-    /// columns.
+    /// columns. An image model's data rows are continuous values in its input space
+    /// [0, 1), not pixel values (see --dequantized).
     #[arg(long)]
     pub input: PathBuf,
     /// The CSV file to write (a conditional model's condition follows in the last
     /// columns).
     #[arg(long)]
     pub out: PathBuf,
+    /// Image models: the data side (what encode reads, what decode writes) is
+    /// continuous values in [0, 1), the space `flow log-prob --dequantized` scores;
+    /// every value is checked to lie there.
+    #[arg(long)]
+    pub dequantized: bool,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
