@@ -226,6 +226,23 @@ fn draw_sized(
     Ok(())
 }
 
+/// A tick label on an axis spanning `span`: enough decimals for ticks a tenth of the
+/// span apart, trailing zeros dropped, and no `-0` for a tick that is zero up to
+/// rounding.
+fn tick_label(value: f64, span: f64) -> String {
+    let decimals = (3.0 - span.abs().log10().floor()).clamp(0.0, 9.0) as usize;
+    let text = format!("{value:.decimals$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &text
+    };
+    match text {
+        "-0" => "0".to_string(),
+        t => t.to_string(),
+    }
+}
+
 type Chart<'a, 'b> =
     ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
@@ -242,9 +259,12 @@ fn frame<'a, 'b>(
         .y_label_area_size(64)
         .build_cartesian_2d(bounds.x.0..bounds.x.1, bounds.y.0..bounds.y.1)
         .map_err(|e| e.to_string())?;
+    let (x_span, y_span) = (bounds.x.1 - bounds.x.0, bounds.y.1 - bounds.y.0);
     chart
         .configure_mesh()
         .disable_mesh()
+        .x_label_formatter(&|v| tick_label(*v, x_span))
+        .y_label_formatter(&|v| tick_label(*v, y_span))
         .x_desc(&options.axes[0])
         .y_desc(&options.axes[1])
         .label_style((FONT_FAMILY, LABEL_SIZE))
@@ -379,6 +399,7 @@ fn colour_bar(area: &Area, scale: (f64, f64)) -> Result<(), String> {
     bar.configure_mesh()
         .disable_mesh()
         .disable_x_axis()
+        .y_label_formatter(&|v| tick_label(*v, scale.1 - scale.0))
         .y_desc("log p(x), nats")
         .label_style((FONT_FAMILY, LABEL_SIZE))
         .axis_desc_style((FONT_FAMILY, LABEL_SIZE))
@@ -524,6 +545,16 @@ mod tests {
         assert_eq!(o.bounds(&bulk_with_outliers()), fixed);
         let unnamed = PlotOptions::new("t").with_axes(&[]);
         assert_eq!(unnamed.axes, ["x0", "x1"]);
+    }
+
+    #[test]
+    fn tick_labels_have_the_decimals_their_span_needs() {
+        assert_eq!(tick_label(-1e-17, 2.0), "0");
+        assert_eq!(tick_label(0.4, 2.0), "0.4");
+        assert_eq!(tick_label(-1.5, 4.0), "-1.5");
+        assert_eq!(tick_label(2000.0, 1e4), "2000");
+        assert_eq!(tick_label(0.0025, 0.01), "0.0025");
+        assert_eq!(tick_label(-3.0, 10.0), "-3");
     }
 
     #[test]
