@@ -33,6 +33,11 @@ const MARGIN: f64 = 0.1;
 
 const TITLE_SIZE: u32 = 22;
 const LABEL_SIZE: u32 = 16;
+/// Pixels around a plot, and the heights of the areas below and left of it that hold
+/// the tick labels and axis names.
+const PAD: u32 = 12;
+const X_LABEL_AREA: u32 = 48;
+const Y_LABEL_AREA: u32 = 64;
 
 /// A rectangle of the plane: `[x.0, x.1] × [y.0, y.1]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,15 +47,17 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    /// `xmin,xmax,ymin,ymax`: four finite numbers, each min below its max.
+    /// `xmin,xmax,ymin,ymax`: four numbers finite as f32 (the points' type), each min
+    /// below its max.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let values: Vec<f64> = text
+        let values: Vec<(&str, f64)> = text
             .split(',')
             .map(|v| {
                 let v = v.trim();
-                v.parse::<f64>()
+                v.parse::<f32>()
                     .ok()
                     .filter(|v| v.is_finite())
+                    .map(|x| (v, f64::from(x)))
                     .ok_or_else(|| format!("`{v}` is not a finite number"))
             })
             .collect::<Result<_, _>>()?;
@@ -61,13 +68,16 @@ impl Bounds {
             ));
         };
         for (axis, lo, hi) in [("x", x0, x1), ("y", y0, y1)] {
-            if lo >= hi {
-                return Err(format!("{axis}min {lo} must be below {axis}max {hi}"));
+            if lo.1 >= hi.1 {
+                return Err(format!(
+                    "{axis}min {} must be below {axis}max {}",
+                    lo.0, hi.0
+                ));
             }
         }
         Ok(Self {
-            x: (x0, x1),
-            y: (y0, y1),
+            x: (x0.1, x1.1),
+            y: (y0.1, y1.1),
         })
     }
 
@@ -254,9 +264,9 @@ fn frame<'a, 'b>(
 ) -> Result<Chart<'a, 'b>, String> {
     let mut chart = ChartBuilder::on(area)
         .caption(&options.title, (FONT_FAMILY, TITLE_SIZE))
-        .margin(12)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
+        .margin(PAD)
+        .x_label_area_size(X_LABEL_AREA)
+        .y_label_area_size(Y_LABEL_AREA)
         .build_cartesian_2d(bounds.x.0..bounds.x.1, bounds.y.0..bounds.y.1)
         .map_err(|e| e.to_string())?;
     let (x_span, y_span) = (bounds.x.1 - bounds.x.0, bounds.y.1 - bounds.y.0);
@@ -320,7 +330,8 @@ fn paint_scatter(
 
 /// The density of a 2-D `flow` (given `context`, one row, for a conditional flow) as a
 /// heat map of log p(x) with a colour bar, and `points` over it, if given. The range
-/// is the options' or the robust range of `frame` (the data, or the model's samples).
+/// is the options' or the robust range of `frame_points` (the data, or the model's
+/// samples).
 pub fn density(
     path: &Path,
     flow: &Flow,
@@ -390,7 +401,7 @@ pub fn density(
 fn colour_bar(area: &Area, scale: (f64, f64)) -> Result<(), String> {
     const STEPS: usize = 200;
     // Top and bottom as the plot beside it, so that the two line up.
-    let area = area.margin(12 + TITLE_SIZE + 14, 12 + 48, 8, 8);
+    let area = area.margin(PAD + TITLE_SIZE + 5, PAD + X_LABEL_AREA, 8, 8);
     let mut bar = ChartBuilder::on(&area)
         .y_label_area_size(0)
         .right_y_label_area_size(70)
@@ -532,6 +543,12 @@ mod tests {
         assert_eq!(err("0,1,a,2"), "`a` is not a finite number");
         assert_eq!(err("2,1,0,1"), "xmin 2 must be below xmax 1");
         assert_eq!(err("0,1,1,1"), "ymin 1 must be below ymax 1");
+        // As f32, as the points are: beyond its range, or a span it cannot resolve.
+        assert_eq!(err("-1e308,1e308,0,1"), "`-1e308` is not a finite number");
+        assert_eq!(
+            err("1e15,1.00000001e15,0,1"),
+            "xmin 1e15 must be below xmax 1.00000001e15"
+        );
     }
 
     #[test]
@@ -611,14 +628,14 @@ mod tests {
         let titled = frame_pixels(&PlotOptions::new("model.safetensors — context 1"));
         let untitled = frame_pixels(&PlotOptions::new(""));
         // The middle of the top rows: where a title goes, away from the y axis.
-        let (top, middle) = (0..12 + TITLE_SIZE, SIZE.0 / 4..SIZE.0 * 3 / 4);
+        let (top, middle) = (0..PAD + TITLE_SIZE, SIZE.0 / 4..SIZE.0 * 3 / 4);
         assert!(
             ink(&titled, top.clone(), middle.clone()) > 100,
             "no title drawn"
         );
         assert_eq!(ink(&untitled, top, middle), 0);
         // Below the x axis line: its tick marks, tick labels and name.
-        let below_axis = SIZE.1 - 12 - 40..SIZE.1 - 12;
+        let below_axis = SIZE.1 - PAD - X_LABEL_AREA + 8..SIZE.1 - PAD;
         assert!(
             ink(&titled, below_axis, 0..SIZE.0) > 200,
             "no tick labels drawn"
