@@ -468,3 +468,22 @@ fn dequantized_is_refused_on_a_2d_model() {
     }
     assert!(!Path::new(&out).exists());
 }
+
+#[test]
+fn a_range_is_refused_on_an_image_model() {
+    let grid = path("grid_never.png");
+    fails(
+        &[
+            "sample",
+            "--model",
+            glow(),
+            "--n",
+            "4",
+            "--out",
+            &grid,
+            "--range=0,1,0,1",
+        ],
+        "--range applies to 2-D pictures, not to an image model's grid",
+    );
+    assert!(!Path::new(&grid).exists());
+}
