@@ -7,6 +7,8 @@ use clap::{
 use flow_realnvp::Activation;
 use flow_train::data::Toy;
 
+use crate::plot::Bounds;
+
 /// A data set `flow data` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataName {
@@ -68,7 +70,7 @@ pub enum Command {
     Decode(CodecArgs),
     /// Summarise a model on one screen (--json: everything in the file).
     Inspect(InspectArgs),
-    /// Plot a 2-D model's density, with data points if given.
+    /// Plot a 2-D model's density (log p(x), with a colour bar), with data points if given.
     Plot(PlotArgs),
     /// Convert another tool's weights (a safetensors state dict) to a model: RealNVP,
     /// spline (NSF) and autoregressive (MAF) flows.
@@ -405,13 +407,19 @@ pub struct LogProbArgs {
     pub model: PathBuf,
     /// Data rows (CSV or .npy); for a conditional model the condition fills the last
     /// columns. An image model reads pixel values (CSV, .npy or IDX) and reports
-    /// bits/dim on their discrete scale.
+    /// bits/dim on their discrete scale (see --dequantized for continuous rows).
     #[arg(long)]
     pub input: PathBuf,
-    /// Seed of an image model's dequantisation noise: the same seed gives the same
-    /// numbers; average over seeds for a less noisy bits/dim.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Image models: the rows are continuous values in [0, 1), the model's own input
+    /// space (what other libraries' `log_prob` takes; a pixel p is (p + u) / L there),
+    /// scored as they are: log p(x) in nats and bits/dim on that continuous scale,
+    /// without dequantisation noise or the −D·ln L of the pixels' discrete scale.
+    #[arg(long)]
+    pub dequantized: bool,
+    /// Seed of an image model's dequantisation noise (default 0): the same seed gives
+    /// the same numbers; average over seeds for a less noisy bits/dim.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Write the per-row log-probs here (CSV; for an image model the dequantised
     /// log-likelihood of the pixels in nats).
     #[arg(long)]
@@ -450,6 +458,10 @@ pub struct SampleArgs {
     /// Also draw the samples (2-D models) to this PNG.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The plotted range of a 2-D picture (--plot, or --out FILE.png): the same range
+    /// makes pictures comparable (default: the samples' middle 99%, with a margin).
+    #[arg(long, value_name = "XMIN,XMAX,YMIN,YMAX", value_parser = Bounds::parse, allow_hyphen_values = true)]
+    pub range: Option<Bounds>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -461,13 +473,19 @@ pub struct CodecArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Rows to map (CSV or .npy); for a conditional model the condition fills the last
-    /// columns.
+    /// columns. An image model's data rows are continuous values in its input space
+    /// [0, 1), not pixel values (see --dequantized).
     #[arg(long)]
     pub input: PathBuf,
     /// The CSV file to write (a conditional model's condition follows in the last
     /// columns).
     #[arg(long)]
     pub out: PathBuf,
+    /// Image models: the data side (what encode reads, what decode writes) is
+    /// continuous values in [0, 1), the space `flow log-prob --dequantized` scores;
+    /// every value is checked to lie there.
+    #[arg(long)]
+    pub dequantized: bool,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -499,6 +517,10 @@ pub struct PlotArgs {
     /// Condition of a conditional model, as comma-separated values.
     #[arg(long, allow_hyphen_values = true)]
     pub context: Option<String>,
+    /// The plotted range: the same range makes plots comparable, say of two conditions
+    /// (default: the middle 99% of the data, or of the model's samples, with a margin).
+    #[arg(long, value_name = "XMIN,XMAX,YMIN,YMAX", value_parser = Bounds::parse, allow_hyphen_values = true)]
+    pub range: Option<Bounds>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -1,6 +1,8 @@
 use crate::{
     cli::CodecArgs,
-    commands::{device, host_values, input_chunks, load_model, peak_memory_mib, with_context},
+    commands::{
+        dequantized, device, host_values, input_chunks, load_model, peak_memory_mib, with_context,
+    },
     output::{check_writable, header, CsvWriter},
     CmdResult,
 };
@@ -19,6 +21,10 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
     let context_dim = model.checkpoint.config.context_dim;
+    // An image model's data side is always its continuous space [0, 1); the flag
+    // checks that every value lies there.
+    dequantized::applies(a.dequantized, model.checkpoint.config.image_info())?;
+    let what = a.input.display().to_string();
     let prefix = match direction {
         Direction::Encode => "z",
         Direction::Decode => "x",
@@ -32,12 +38,24 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
         let x = input.x.to_device(&device)?;
         let context = input.context.map(|c| c.to_device(&device)).transpose()?;
         let c = context.as_ref();
+        if a.dequantized && matches!(direction, Direction::Encode) {
+            dequantized::check_rows(&input.data.values, dim, rows, &what)?;
+        }
         let y = match direction {
             Direction::Encode => model.flow.encode_with_context(&x, c)?,
             Direction::Decode => model.flow.decode_with_context(&x, c)?,
         };
-        let (values, _, _) =
-            with_context(host_values(&y.detach())?, header(prefix, dim), &input.data);
+        let y = host_values(&y.detach())?;
+        if a.dequantized && matches!(direction, Direction::Decode) {
+            if let Some((row, col, v)) = dequantized::outside(&y, dim) {
+                return Err(format!(
+                    "{what}: row {}: decodes to {v} in column {col}, outside [0, 1), the space --dequantized writes",
+                    rows + row
+                )
+                .into());
+            }
+        }
+        let (values, _, _) = with_context(y, header(prefix, dim), &input.data);
         out.rows(&values)?;
         rows += input.data.len();
     }

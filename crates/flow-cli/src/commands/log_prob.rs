@@ -7,7 +7,10 @@ use flow_train::data::{check_pixels, load_images};
 
 use crate::{
     cli::LogProbArgs,
-    commands::{device, host_values, image_chunk_rows, input_chunks, load_model, peak_memory_mib},
+    commands::{
+        dequantized, device, host_values, image_chunk_rows, input_chunks, load_model,
+        peak_memory_mib,
+    },
     output::{check_writable, CsvWriter},
     print_out, CmdResult,
 };
@@ -19,6 +22,13 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
+    dequantized::applies(a.dequantized, model.checkpoint.config.image_info())?;
+    if a.dequantized && a.seed.is_some() {
+        return Err(
+            "--seed draws the dequantisation noise of pixel values; --dequantized rows take none"
+                .into(),
+        );
+    }
     let mut out = match &a.out {
         Some(p) => Some(CsvWriter::create(p, &["log_prob".to_string()])?),
         None => None,
@@ -70,7 +80,8 @@ const CHUNK_SEEDS: u64 = 1 << 32;
 /// An image model on pixel values: each row dequantised once, `x = (pixel + u) / L`,
 /// and scored on the pixels' discrete scale, `log p(x) − D·ln L` (a lower bound on
 /// the pixels' log-probability in nats, whose negative mean over `D·ln 2` is bits per
-/// dimension). Returns the rows and the sum of their scores.
+/// dimension). With `--dequantized`, rows already in [0, 1) scored as they are,
+/// `log p(x)`. Returns the rows and the sum of their scores.
 fn images(
     a: &LogProbArgs,
     model: &LoadedModel,
@@ -102,8 +113,14 @@ fn images(
         )
         .into());
     }
-    check_pixels(&data, image.pixel_levels, &what)?;
-    let discrete = shape.dim() as f64 * f64::from(image.pixel_levels).ln();
+    let discrete = if a.dequantized {
+        dequantized::check_rows(&data.values, data.dim, 0, &what)?;
+        0.0
+    } else {
+        check_pixels(&data, image.pixel_levels, &what)?;
+        shape.dim() as f64 * f64::from(image.pixel_levels).ln()
+    };
+    let seed = a.seed.unwrap_or(0);
     let (mut rows, mut sum) = (0usize, 0f64);
     for (k, chunk) in data
         .values
@@ -111,12 +128,16 @@ fn images(
         .enumerate()
     {
         let n = chunk.len() / data.dim;
-        let pixels = Tensor::from_slice(chunk, (n, data.dim), &Device::Cpu)?;
-        let x = flow_train::dequantize(
-            &pixels,
-            image.pixel_levels,
-            a.seed.wrapping_mul(CHUNK_SEEDS).wrapping_add(k as u64),
-        )?;
+        let rows_in = Tensor::from_slice(chunk, (n, data.dim), &Device::Cpu)?;
+        let x = if a.dequantized {
+            rows_in
+        } else {
+            flow_train::dequantize(
+                &rows_in,
+                image.pixel_levels,
+                seed.wrapping_mul(CHUNK_SEEDS).wrapping_add(k as u64),
+            )?
+        };
         let lp = model.flow.log_prob(&x.to_device(device)?)?;
         let values: Vec<f32> = host_values(&lp.detach().unsqueeze(1)?)?
             .into_iter()

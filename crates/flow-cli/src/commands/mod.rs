@@ -3,6 +3,7 @@
 mod codec;
 mod convert;
 mod data;
+mod dequantized;
 mod inspect;
 mod log_prob;
 mod plot;

@@ -3,10 +3,13 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::{
     cli::PlotArgs,
     commands::{device, host_values, load_input, load_model, parse_context},
-    output::check_writable,
-    plot::{density, Bounds},
+    output::{check_writable, header},
+    plot::{density, title, PlotOptions},
     CmdResult,
 };
+
+/// Draws of the model that frame its density when neither `--range` nor `--data` does.
+const FRAME_SAMPLES: usize = 5000;
 
 pub fn run(a: PlotArgs) -> CmdResult {
     check_writable(&a.out)?;
@@ -22,29 +25,29 @@ pub fn run(a: PlotArgs) -> CmdResult {
         Some(p) => Some(load_input(p, dim, context_dim)?.data.values),
         None => None,
     };
-    // Frame the data, or the model's own samples.
-    let frame = match &points {
-        Some(p) => p.clone(),
-        None => {
+    // The range: the one given, or the data's, or the model's own samples'.
+    let samples = match (&points, a.range) {
+        (None, None) => {
             let rng = &mut StdRng::seed_from_u64(0);
             let s = model
                 .flow
-                .sample_with_context(5000, 1.0, context.as_ref(), rng)?;
+                .sample_with_context(FRAME_SAMPLES, 1.0, context.as_ref(), rng)?;
             host_values(&s)?
-                .chunks(2)
-                .filter(|r| r.iter().all(|v| v.is_finite()))
-                .flatten()
-                .copied()
-                .collect()
         }
+        _ => Vec::new(),
     };
+    let condition = a.context.as_deref().map(|c| format!("context {c}"));
+    let options = PlotOptions::new(title(&a.model, condition.as_deref()))
+        .with_axes(&header("x", dim))
+        .with_range(a.range);
     density(
         &a.out,
         &model.flow,
         context.as_ref(),
         &device,
-        Bounds::around(&frame),
+        points.as_deref().unwrap_or(&samples),
         points.as_deref(),
+        &options,
     )?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

@@ -9,7 +9,8 @@ use crate::{
         device, host_values, image_chunk_rows, load_model, parse_context, with_context, CHUNK_ROWS,
     },
     output::{check_writable, header, CsvWriter},
-    plot, CmdResult, Failure,
+    plot::{self, PlotOptions},
+    CmdResult, Failure,
 };
 
 /// A chunk's condition: `rows` samples, each with its context row (none for an
@@ -79,6 +80,13 @@ pub fn run(a: SampleArgs) -> CmdResult {
     if a.plot.is_some() && dim != 2 {
         return Err(format!("--plot draws 2-D models; this one has {dim} features").into());
     }
+    let png = a
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if a.range.is_some() && a.plot.is_none() && !png {
+        return Err("--range applies to a picture: --plot FILE.png, or --out FILE.png".into());
+    }
     let context_dim = model.checkpoint.config.context_dim;
     let mut names = header("x", dim);
     names.extend((0..context_dim).map(|j| format!("c{j}")));
@@ -111,10 +119,22 @@ pub fn run(a: SampleArgs) -> CmdResult {
     }
     out.commit()?;
     if let Some(p) = &a.plot {
-        plot::scatter(p, &plotted)?;
+        plot::scatter(p, &plotted, &picture_options(&a, n))?;
     }
     eprintln!("wrote {n} samples to {}", a.out.display());
     Ok(())
+}
+
+/// The title and range of a picture of `n` samples.
+fn picture_options(a: &SampleArgs, n: usize) -> PlotOptions {
+    let condition = match (&a.context, &a.context_file) {
+        (Some(c), _) => format!("{n} samples, context {c}"),
+        (None, Some(f)) => format!("{n} samples, contexts from {}", f.display()),
+        (None, None) => format!("{n} samples"),
+    };
+    PlotOptions::new(plot::title(&a.model, Some(&condition)))
+        .with_axes(&header("x", 2))
+        .with_range(a.range)
 }
 
 /// The most images a PNG grid draws.
@@ -132,6 +152,9 @@ fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo) -> CmdResult {
         return Err(
             "--plot draws 2-D models; an image model draws a grid with --out FILE.png".into(),
         );
+    }
+    if a.range.is_some() {
+        return Err("--range applies to 2-D pictures, not to an image model's grid".into());
     }
     let n = a.n.ok_or("--n is required")?;
     if n == 0 {
