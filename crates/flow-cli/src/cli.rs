@@ -419,8 +419,7 @@ pub struct TrainArgs {
     pub nets: Option<NetsArg>,
     #[arg(long, help = family_help("clamp", "Bound of the soft-clamp and tanh log-scale maps"))]
     pub clamp: Option<f64>,
-    /// Optimizer steps (default 1000); with --resume, the total to continue to.
-    #[arg(long, conflicts_with = "epochs")]
+    #[arg(long, conflicts_with = "epochs", help = run_help("Optimizer steps; with --resume, the total to continue to", crate::commands::train::default_duration()))]
     pub steps: Option<usize>,
     /// Passes over the training data, instead of --steps.
     #[arg(long)]

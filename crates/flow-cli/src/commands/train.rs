@@ -53,6 +53,14 @@ pub fn default_lr_decay() -> f64 {
     }
 }
 
+/// The length of a run unless `--steps` or `--epochs` say, for `--help`.
+pub fn default_duration() -> String {
+    match TrainConfig::default().duration {
+        Duration::Steps(s) => format!("{s}"),
+        Duration::Epochs(e) => format!("{e} epochs"),
+    }
+}
+
 /// `--{flag} v`, checked to lie in `[min, max]` before anything of that size is made.
 fn count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure> {
     if v < min {
@@ -67,6 +75,11 @@ fn count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure>
 /// `--{flag} v`, checked to be positive and finite as the `f32` it becomes.
 fn real(flag: &str, v: f64) -> Result<f64, Failure> {
     if !positive_f32(v) {
+        let v = if v.abs() >= 1e6 {
+            format!("{v:e}")
+        } else {
+            v.to_string()
+        };
         return Err(format!(
             "--{flag} must be positive and finite in f32 (below {:e}), got {v}",
             f32::MAX
