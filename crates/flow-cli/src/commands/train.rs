@@ -630,7 +630,7 @@ impl RunFlag {
             }
             Self::LrDecay(d) => match &mut cfg.schedule {
                 Schedule::Exp { decay } => {
-                    if !(real("lr-decay", d)? <= 1.0) {
+                    if real("lr-decay", d)? > 1.0 {
                         return Err(format!("--lr-decay must lie in (0, 1], got {d}").into());
                     }
                     *decay = d;
