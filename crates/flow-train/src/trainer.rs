@@ -807,6 +807,75 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        data::{generate, Toy},
+        OptimizerConfig,
+    };
+
+    struct Silent;
+    impl Reporter for Silent {
+        fn report(&mut self, _: &Report) {}
+    }
+
+    fn small(lr: f64, steps: usize) -> TrainConfig {
+        let model = flow_realnvp::RealNvpConfig::new(2)
+            .with_layers(2)
+            .with_hidden(8);
+        TrainConfig::new(model)
+            .with_optimizer(OptimizerConfig {
+                lr,
+                ..OptimizerConfig::default()
+            })
+            .with_duration(Duration::Steps(steps))
+    }
+
+    #[test]
+    fn a_run_that_diverges_at_once_says_it_kept_the_weights_it_started_with(
+    ) -> Result<(), TrainError> {
+        let train = generate(Toy::Moons, 200, None, 1)?;
+        // Adam moves every weight by about the learning rate: after the first step at
+        // 1e30 the loss overflows, and the only finite weights are the initial ones.
+        let t = Trainer::new(small(1e30, 20), &Device::Cpu)?.fit(&train, None, &mut Silent)?;
+        assert_eq!(t.summary.kept_step, Some(0), "{:?}", t.summary);
+        let reason = t.summary.stopped.unwrap_or_default();
+        assert!(
+            reason.contains("the loss became non-finite at step"),
+            "{reason}"
+        );
+        // A healthy run stops for no such reason.
+        let t = Trainer::new(small(1e-3, 3), &Device::Cpu)?.fit(&train, None, &mut Silent)?;
+        assert_eq!((t.summary.kept_step, t.summary.steps), (None, 3));
+        Ok(())
+    }
+
+    #[test]
+    fn degenerate_data_are_refused_or_warned_about() -> Result<(), TrainError> {
+        let trainer = Trainer::new(small(1e-3, 3), &Device::Cpu)?;
+        let error = |values: Vec<f32>| match trainer.data_warnings(&Dataset::new(2, values), "d") {
+            Err(e) => e.to_string(),
+            Ok(w) => panic!("accepted, with warnings {w:?}"),
+        };
+        assert_eq!(
+            error(vec![1.0, 2.0]),
+            "d: 1 row: a density cannot be fitted to a single point"
+        );
+        assert_eq!(
+            error(vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0]),
+            "d: all 3 rows are the same point: there is no density to fit"
+        );
+        let warnings =
+            trainer.data_warnings(&Dataset::new(2, vec![1.0, 5.0, 2.0, 5.0, 3.0, 5.0]), "d")?;
+        assert_eq!(
+            warnings,
+            [
+                "d: column 2 is constant: standardised with a standard deviation of 1 in place of 0, and the density collapses onto the constant as training goes on",
+                "d: 3 rows, fewer than a batch of 512: every step trains on all 3",
+            ]
+        );
+        let moons = generate(Toy::Moons, 600, None, 2)?;
+        assert!(trainer.data_warnings(&moons, "moons")?.is_empty());
+        Ok(())
+    }
 
     #[test]
     fn squared_norm_reads_every_layout_and_dtype() -> candle::Result<()> {
