@@ -166,7 +166,7 @@ pub struct DataArgs {
     pub out: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CouplingArg {
     /// RealNVP: scale and shift.
     Affine,
@@ -196,7 +196,123 @@ pub enum FlowArg {
     RealnvpImage,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+use FlowArg::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, Realnvp, RealnvpImage};
+
+/// The families over rows of features.
+const VECTOR: &[FlowArg] = &[Realnvp, Nice, Nsf, NsfAr, Maf, Iaf];
+/// The image families.
+const IMAGE: &[FlowArg] = &[Glow, RealnvpImage];
+/// Every family.
+const ALL: &[FlowArg] = &[Realnvp, Nice, Nsf, NsfAr, Maf, Iaf, Glow, RealnvpImage];
+
+/// Which families take which of `flow train`'s model flags: the one table that decides
+/// whether a flag applies. A flag given for a family not listed is refused.
+pub const FAMILY_FLAGS: &[(&str, &[FlowArg])] = &[
+    ("layers", VECTOR),
+    ("hidden", VECTOR),
+    ("hidden-layers", VECTOR),
+    ("activation", ALL),
+    ("bins", &[Nsf, NsfAr]),
+    ("tail-bound", &[Nsf, NsfAr]),
+    ("order", &[NsfAr, Maf, Iaf]),
+    ("coupling", &[Realnvp]),
+    ("scale", &[Realnvp, Maf, Iaf]),
+    ("clamp", &[Realnvp, Maf, Iaf]),
+    ("nets", &[Realnvp, Nice]),
+    ("base", VECTOR),
+    ("context-dim", VECTOR),
+    ("no-standardize", VECTOR),
+    ("image", IMAGE),
+    ("pixel-levels", IMAGE),
+    ("scales", IMAGE),
+    ("depth", &[Glow]),
+    ("channels", IMAGE),
+];
+
+impl FlowArg {
+    /// The name `--flow` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Realnvp => "realnvp",
+            Nice => "nice",
+            Nsf => "nsf",
+            NsfAr => "nsf-ar",
+            Maf => "maf",
+            Iaf => "iaf",
+            Glow => "glow",
+            RealnvpImage => "realnvp-image",
+        }
+    }
+
+    /// The families that take the model flag `--{flag}` ([`FAMILY_FLAGS`]); every
+    /// family for a flag the table does not list.
+    pub fn taking(flag: &str) -> &'static [FlowArg] {
+        FAMILY_FLAGS
+            .iter()
+            .find(|(name, _)| *name == flag)
+            .map_or(ALL, |(_, families)| families)
+    }
+
+    /// Whether this family takes the model flag `--{flag}`.
+    pub fn takes(self, flag: &str) -> bool {
+        Self::taking(flag).contains(&self)
+    }
+
+    /// Whether this family models images.
+    pub fn is_image(self) -> bool {
+        IMAGE.contains(&self)
+    }
+
+    /// Whether this family couples one part of a row to the rest, and so needs at
+    /// least two features.
+    pub fn couples(self) -> bool {
+        matches!(self, Realnvp | Nice | Nsf)
+    }
+
+    /// The families that model rows of a single feature.
+    pub fn one_dimensional() -> Vec<FlowArg> {
+        VECTOR.iter().copied().filter(|f| !f.couples()).collect()
+    }
+}
+
+/// `a, b and c`.
+pub fn listed(families: &[FlowArg]) -> String {
+    let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.concat(),
+    }
+}
+
+/// A model flag's help line: `text`, the families that take it, and each family's
+/// default as its configuration defines it.
+fn family_help(flag: &str, text: &str) -> String {
+    let families = FlowArg::taking(flag);
+    let mut line = format!("{text} [{}", listed(families));
+    let defaults = crate::commands::train::family_defaults(flag);
+    if !defaults.is_empty() {
+        let parts: Vec<String> = defaults
+            .iter()
+            .map(|(value, fams)| {
+                if fams.len() == families.len() {
+                    value.clone()
+                } else {
+                    format!("{value} for {}", listed(fams))
+                }
+            })
+            .collect();
+        line.push_str(&format!("; default {}", parts.join(", ")));
+    }
+    line.push(']');
+    line
+}
+
+/// A run flag's help line, with its default.
+fn run_help(text: &str, default: impl std::fmt::Display) -> String {
+    format!("{text} [default {default}]")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OrderArg {
     /// Alternate forward and reversed.
     Alternate,
@@ -204,7 +320,7 @@ pub enum OrderArg {
     Random,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NetsArg {
     /// One network per parameter.
     Separate,
@@ -212,7 +328,7 @@ pub enum NetsArg {
     Joint,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScaleArg {
     /// `s / (1 + |s| / clamp)`.
     SoftClamp,
@@ -230,7 +346,7 @@ pub enum OptimizerArg {
     Adamax,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScheduleArg {
     /// The same learning rate throughout.
     Constant,
@@ -240,6 +356,9 @@ pub enum ScheduleArg {
     Cosine,
 }
 
+/// `flow train`'s flags. The model flags (in brackets, the families that take them)
+/// and the run flags are `None` unless given: the families' configurations and
+/// `TrainConfig` hold the defaults, and a flag only overrides.
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
@@ -251,145 +370,105 @@ pub struct TrainArgs {
     /// The model file to write (and, with --checkpoint-every, the checkpoints).
     #[arg(long)]
     pub out: PathBuf,
-    /// Points to generate for a built-in data set.
-    #[arg(long, default_value_t = 20_000)]
-    pub n: usize,
-    /// Noise of a built-in data set (default depends on the data set).
+    #[arg(long, help = run_help("Points to generate for a built-in 2-D data set", crate::commands::train::DEFAULT_POINTS))]
+    pub n: Option<usize>,
+    /// Noise of a built-in 2-D data set (default depends on the data set).
     #[arg(long)]
     pub noise: Option<f64>,
     /// Give a built-in data set's points their labels as a last column (see
     /// --context-dim).
     #[arg(long)]
     pub with_labels: bool,
-    /// Train a conditional flow: the last N columns of every data row are the
-    /// condition, the others the data.
-    #[arg(long, default_value_t = 0)]
-    pub context_dim: usize,
+    #[arg(long, help = family_help("context-dim", "Train a conditional flow: the last N columns of every data row are the condition, the others the data (default 0)"))]
+    pub context_dim: Option<usize>,
     /// Validation file, scored during training; the best weights are kept.
     #[arg(long)]
     pub val: Option<PathBuf>,
-    /// The flow family: RealNVP, NICE, spline coupling (NSF), autoregressive spline
-    /// (NSF-AR), masked autoregressive (MAF) or inverse autoregressive (IAF).
-    #[arg(long, value_enum, default_value = "realnvp")]
-    pub flow: FlowArg,
-    /// Layers (couplings or autoregressive layers).
-    #[arg(long, default_value_t = 5)]
-    pub layers: usize,
-    /// Image shape HxWxC of an image flow's data: each row holds C·H·W pixel values in
-    /// (C, H, W) order. .npy (N, H, W) or (N, C, H, W), IDX files and `digits` bring
-    /// their own.
-    #[arg(long)]
+    /// The flow family (default: realnvp; glow for `--data digits`).
+    #[arg(long, value_enum)]
+    pub flow: Option<FlowArg>,
+    #[arg(long, help = family_help("layers", "Layers (couplings or autoregressive layers)"))]
+    pub layers: Option<usize>,
+    #[arg(long, help = family_help("image", "Image shape HxWxC of an image flow's data: each row holds C·H·W pixel values in (C, H, W) order; .npy (N, H, W) or (N, C, H, W), IDX files and `digits` bring their own"))]
     pub image: Option<String>,
-    /// Values a pixel takes (image flows): pixels are whole numbers in [0, L), and
-    /// training sees them dequantised, (pixel + u) / L with u ~ U[0, 1) (default: 256;
-    /// 17 for `digits`).
-    #[arg(long)]
+    #[arg(long, help = family_help("pixel-levels", "Values a pixel takes: pixels are whole numbers in [0, L), and training sees them dequantised, (pixel + u) / L with u ~ U[0, 1) (default: the data set's, 17 for `digits`, else 256)"))]
     pub pixel_levels: Option<u32>,
-    /// Scales (levels) of an image flow; each squeezes once and all but the last
-    /// factor half the channels out.
-    #[arg(long, default_value_t = 2)]
-    pub scales: usize,
-    /// Flow steps per scale of Glow (K).
-    #[arg(long, default_value_t = 8)]
-    pub depth: usize,
-    /// Hidden channels of an image flow's convolutional conditioners.
-    #[arg(long, default_value_t = 64)]
-    pub channels: usize,
-    /// Width of each hidden layer of the conditioner networks (default: 512; MAF and
-    /// IAF 64).
-    #[arg(long)]
+    #[arg(long, help = family_help("scales", "Scales (levels) of an image flow; each squeezes once and all but the last factor half the channels out"))]
+    pub scales: Option<usize>,
+    #[arg(long, help = family_help("depth", "Flow steps per scale of Glow (K)"))]
+    pub depth: Option<usize>,
+    #[arg(long, help = family_help("channels", "Hidden channels of an image flow's convolutional conditioners"))]
+    pub channels: Option<usize>,
+    #[arg(long, help = family_help("hidden", "Width of each hidden layer of the conditioner networks"))]
     pub hidden: Option<usize>,
-    /// Hidden layers of each conditioner network (default: 1; MAF and IAF 2).
-    #[arg(long)]
+    #[arg(long, help = family_help("hidden-layers", "Hidden layers of each conditioner network"))]
     pub hidden_layers: Option<usize>,
-    /// Hidden-layer activation of the conditioner networks (default: leaky-relu for
-    /// RealNVP and NICE, relu for the others).
-    #[arg(long, value_parser = activation_parser())]
+    #[arg(long, value_parser = activation_parser(), help = family_help("activation", "Hidden-layer activation of the conditioner networks"))]
     pub activation: Option<Activation>,
-    /// Spline bins (NSF, NSF-AR).
-    #[arg(long, default_value_t = flow_nsf::DEFAULT_BINS)]
-    pub bins: usize,
-    /// Splines act on [−B, B] and are the identity outside (NSF, NSF-AR).
-    #[arg(long, default_value_t = flow_nsf::DEFAULT_TAIL_BOUND)]
-    pub tail_bound: f64,
-    /// Feature orders of autoregressive layers: alternating, or a seeded random
-    /// permutation per layer (NSF-AR, MAF, IAF).
-    #[arg(long, value_enum, default_value = "alternate")]
-    pub order: OrderArg,
-    /// Base distribution: normal (N(0, I)), diag (a trainable diagonal Gaussian) or
-    /// mixture:K (a trainable mixture of K diagonal Gaussians).
-    #[arg(long, default_value = "normal")]
-    pub base: String,
-    /// Coupling layer: affine (RealNVP) or additive (NICE).
-    #[arg(long, value_enum, default_value = "affine")]
-    pub coupling: CouplingArg,
-    /// How an affine coupling's raw log-scale is bounded.
-    #[arg(long, value_enum, default_value = "soft-clamp")]
-    pub scale: ScaleArg,
-    /// Conditioner networks: one per parameter (scale and shift: the original RealNVP)
-    /// or one joint network for both (zuko's and normflows' layout, half the arithmetic).
-    #[arg(long, value_enum, default_value = "separate")]
-    pub nets: NetsArg,
-    /// Bound of the soft-clamp and tanh log-scale maps.
-    #[arg(long, default_value_t = 3.0)]
-    pub clamp: f64,
-    /// Optimizer steps (default 1000); with --resume, the total to continue to.
-    #[arg(long, conflicts_with = "epochs")]
+    #[arg(long, help = family_help("bins", "Spline bins"))]
+    pub bins: Option<usize>,
+    #[arg(long, help = family_help("tail-bound", "Splines act on [−B, B] and are the identity outside"))]
+    pub tail_bound: Option<f64>,
+    #[arg(long, value_enum, help = family_help("order", "Feature orders of autoregressive layers: alternating, or a seeded random permutation per layer"))]
+    pub order: Option<OrderArg>,
+    #[arg(long, help = family_help("base", "Base distribution: normal (N(0, I)), diag (a trainable diagonal Gaussian) or mixture:K (a trainable mixture of K diagonal Gaussians) (default normal)"))]
+    pub base: Option<String>,
+    #[arg(long, value_enum, help = family_help("coupling", "Coupling layer: affine (RealNVP) or additive (NICE, as --flow nice)"))]
+    pub coupling: Option<CouplingArg>,
+    #[arg(long, value_enum, help = family_help("scale", "How an affine layer's raw log-scale is bounded"))]
+    pub scale: Option<ScaleArg>,
+    #[arg(long, value_enum, help = family_help("nets", "Conditioner networks: one per parameter (scale and shift: the original RealNVP) or one joint network for both (zuko's and normflows' layout, half the arithmetic)"))]
+    pub nets: Option<NetsArg>,
+    #[arg(long, help = family_help("clamp", "Bound of the soft-clamp and tanh log-scale maps"))]
+    pub clamp: Option<f64>,
+    #[arg(long, conflicts_with = "epochs", help = run_help("Optimizer steps; with --resume, the total to continue to", crate::commands::train::default_duration()))]
     pub steps: Option<usize>,
     /// Passes over the training data, instead of --steps.
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Samples per optimizer step.
-    #[arg(long, default_value_t = 512)]
-    pub batch: usize,
+    #[arg(long, help = run_help("Samples per optimizer step", flow_train::TrainConfig::default().batch_size))]
+    pub batch: Option<usize>,
     /// The optimizer: Adam (with --weight-decay, AdamW), or Adamax (its weight decay an
-    /// L2 penalty, as PyTorch's).
-    #[arg(long, value_enum, default_value = "adam")]
-    pub optimizer: OptimizerArg,
-    /// The optimizer's learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Per-step exponential decay of the learning rate (with `--schedule exp`).
-    #[arg(long, default_value_t = 0.999)]
-    pub lr_decay: f64,
-    /// Learning-rate schedule.
-    #[arg(long, value_enum, default_value = "exp")]
-    pub schedule: ScheduleArg,
-    /// Warm-up steps of the cosine schedule.
-    #[arg(long, default_value_t = 0)]
-    pub warmup: usize,
-    /// Weight decay: decoupled with Adam (AdamW), an L2 penalty with Adamax (default:
-    /// none; 0.1 for Glow).
+    /// L2 penalty, as PyTorch's) [default adam].
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    #[arg(long, help = run_help("The optimizer's learning rate", flow_train::OptimizerConfig::default().lr))]
+    pub lr: Option<f64>,
+    #[arg(long, help = run_help("Per-step exponential decay of the learning rate (with --schedule exp)", crate::commands::train::default_lr_decay()))]
+    pub lr_decay: Option<f64>,
+    /// Learning-rate schedule [default exp].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    /// Warm-up steps of the cosine schedule [default 0].
     #[arg(long)]
+    pub warmup: Option<usize>,
+    #[arg(long, help = run_help("Weight decay: decoupled with Adam (AdamW), an L2 penalty with Adamax", crate::commands::train::weight_decay_defaults()))]
     pub weight_decay: Option<f64>,
     /// Rescale gradients whose global L2 norm exceeds this.
     #[arg(long)]
     pub clip_grad: Option<f64>,
-    /// Seed of initialisation and batch order (and of a built-in data set).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long, help = run_help("Seed of initialisation and batch order (and of a built-in data set)", flow_train::TrainConfig::default().seed))]
+    pub seed: Option<u64>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Write one JSON line per progress report here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
-    /// Score the validation file every this many steps.
-    #[arg(long, default_value_t = 100)]
-    pub val_every: usize,
+    #[arg(long, help = run_help("Score the validation file every this many steps", flow_train::TrainConfig::default().val_every))]
+    pub val_every: Option<usize>,
     /// Stop after this many validation scores without improvement.
     #[arg(long)]
     pub patience: Option<usize>,
-    /// Train on the data as it is, without standardising it.
-    #[arg(long)]
+    #[arg(long, help = family_help("no-standardize", "Train on the data as it is, without standardising it"))]
     pub no_standardize: bool,
     /// Every this many steps, write a resumable checkpoint (weights, optimizer state,
     /// position in the data) to --out.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
     /// Continue the run saved in this file: a checkpoint, an interrupted run, or a
-    /// finished model that `flow train` wrote (its settings are used; give the same data
-    /// flags, and a larger --steps to go on past its end).
+    /// finished model that `flow train` wrote. Its settings stand: give the same data
+    /// flags; model and run flags may only repeat them; --steps or --epochs may grow.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Skip batches whose loss or gradient is NaN or infinite instead of stopping.

@@ -55,6 +55,14 @@ fn check_common(
     Ok(())
 }
 
+/// Levels (scales) of the small image flows, [`GlowConfig::small`] and
+/// [`RealNvpImageConfig::small`]: two squeezes fit 8×8 digits and 28×28 MNIST alike.
+pub const SMALL_LEVELS: usize = 2;
+/// Flow steps per level of [`GlowConfig::small`].
+pub const SMALL_DEPTH: usize = 8;
+/// Hidden channels of the small image flows' convolutional conditioners.
+pub const SMALL_HIDDEN_CHANNELS: usize = 64;
+
 /// Glow (Kingma & Dhariwal 2018): `levels` (L) levels, each
 ///
 /// `squeeze`, then `depth` (K) steps of `actnorm → inv-conv1x1 → conv-coupling`
@@ -125,6 +133,16 @@ impl GlowConfig {
             shape,
             ..Self::default()
         }
+    }
+
+    /// A small Glow for small images such as the digits: [`SMALL_LEVELS`] levels of
+    /// [`SMALL_DEPTH`] steps with [`SMALL_HIDDEN_CHANNELS`] hidden channels, otherwise
+    /// the paper's settings.
+    pub fn small(shape: ImageShape) -> Self {
+        Self::new(shape)
+            .with_levels(SMALL_LEVELS)
+            .with_depth(SMALL_DEPTH)
+            .with_hidden_channels(SMALL_HIDDEN_CHANNELS)
     }
 
     flow_core::with_setters! {
@@ -269,6 +287,14 @@ impl RealNvpImageConfig {
             shape,
             ..Self::default()
         }
+    }
+
+    /// A small RealNVP image flow: [`SMALL_LEVELS`] scales with
+    /// [`SMALL_HIDDEN_CHANNELS`] hidden channels, otherwise as [`Self::new`].
+    pub fn small(shape: ImageShape) -> Self {
+        Self::new(shape)
+            .with_scales(SMALL_LEVELS)
+            .with_hidden_channels(SMALL_HIDDEN_CHANNELS)
     }
 
     flow_core::with_setters! {

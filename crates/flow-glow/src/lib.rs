@@ -78,7 +78,9 @@ mod shape;
 mod squeeze;
 
 pub use actnorm::{ActNorm, ActNormConfig};
-pub use architecture::{GlowConfig, ImageInfo, RealNvpImageConfig};
+pub use architecture::{
+    GlowConfig, ImageInfo, RealNvpImageConfig, SMALL_DEPTH, SMALL_HIDDEN_CHANNELS, SMALL_LEVELS,
+};
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use coupling::{ConvCoupling, ConvCouplingConfig, CouplingMask};
 pub use family::GlowFamily;

@@ -150,14 +150,20 @@ impl TrainConfig {
             return Err("`batch` must be at least 1".into());
         }
         let o = &self.optimizer;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return Err(format!("`lr` must be positive, got {}", o.lr));
+        if !positive_f32(o.lr) {
+            return Err(format!(
+                "`lr` must be positive and finite in f32, got {}",
+                o.lr
+            ));
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return Err("Adam betas must lie in [0, 1)".into());
         }
-        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return Err("`weight_decay` must be non-negative".into());
+        if !(o.weight_decay == 0.0 || positive_f32(o.weight_decay)) {
+            return Err(format!(
+                "`weight_decay` must be 0, or positive and finite in f32, got {}",
+                o.weight_decay
+            ));
         }
         if let Schedule::Exp { decay } = self.schedule {
             if !(decay.is_finite() && decay > 0.0 && decay <= 1.0) {
@@ -165,8 +171,10 @@ impl TrainConfig {
             }
         }
         if let Some(c) = self.clip_grad {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(format!("`clip-grad` must be positive, got {c}"));
+            if !positive_f32(c) {
+                return Err(format!(
+                    "`clip-grad` must be positive and finite in f32, got {c}"
+                ));
             }
         }
         if self.val_every == 0 || self.report_every == 0 {
@@ -180,6 +188,13 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// Whether `v` is positive and stays a positive, finite number as an `f32`, the type
+/// the tensors it scales are trained in.
+pub fn positive_f32(v: f64) -> bool {
+    let single = v as f32;
+    v > 0.0 && single.is_finite() && single > 0.0
 }
 
 /// A [`ModelConfig`], or the RealNVP description that training configurations held

@@ -13,7 +13,7 @@ mod schedule;
 mod state;
 mod trainer;
 
-pub use config::{Duration, OptimizerConfig, OptimizerKind, TrainConfig};
+pub use config::{positive_f32, Duration, OptimizerConfig, OptimizerKind, TrainConfig};
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};
 pub use gradient::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};

@@ -30,6 +30,12 @@ pub struct TrainSummary {
     pub skipped: usize,
     /// Why training ended before `total_steps`, if it did.
     pub stopped: Option<String>,
+    /// When a non-finite loss or gradient stopped the run: the step whose weights were
+    /// kept, the last with a finite loss. The step the run started from when no step
+    /// moved the weights to finite ones: the weights returned are then those the run
+    /// began with (for a fresh run, untrained).
+    #[serde(default)]
+    pub kept_step: Option<usize>,
     /// Whether the run was interrupted (and can be resumed).
     #[serde(default)]
     pub interrupted: bool,
@@ -291,6 +297,66 @@ impl Trainer {
         Ok(())
     }
 
+    /// What to say before training on `train`: warnings for data that train a
+    /// degenerate model (a constant column, fewer rows than a batch or than features),
+    /// and an error where training cannot mean anything (fewer than 2 rows, every row
+    /// the same point).
+    /// `what` names the data in the messages.
+    pub fn data_warnings(&self, train: &Dataset, what: &str) -> Result<Vec<String>, TrainError> {
+        self.check_data(train, what)?;
+        let (n, d) = (train.len(), train.dim);
+        let error = |msg: String| TrainError::from(DataError::new(what, None, msg));
+        if n < 2 {
+            return Err(error(format!(
+                "{n} row: a density cannot be fitted to a single point"
+            )));
+        }
+        let mut warnings = Vec::new();
+        // Dequantised pixels are never constant: the noise fills each pixel's level.
+        if self.cfg.dequantize.is_none() {
+            let constant: Vec<usize> = (0..d)
+                .filter(|&j| {
+                    let first = train.values[j];
+                    train.values.iter().skip(j).step_by(d).all(|&v| v == first)
+                })
+                .collect();
+            if constant.len() == d {
+                return Err(error(format!(
+                    "all {n} rows are the same point: there is no density to fit"
+                )));
+            }
+            if !constant.is_empty() {
+                let columns: Vec<String> = constant.iter().map(|j| (j + 1).to_string()).collect();
+                let (noun, verb) = if columns.len() == 1 {
+                    ("column", "is")
+                } else {
+                    ("columns", "are")
+                };
+                let standardised = if self.cfg.standardize {
+                    "standardised with a standard deviation of 1 in place of 0, and "
+                } else {
+                    ""
+                };
+                warnings.push(format!(
+                    "{what}: {noun} {} {verb} constant: {standardised}the density collapses onto the constant as training goes on",
+                    columns.join(", ")
+                ));
+            }
+        }
+        if n <= d {
+            warnings.push(format!(
+                "{what}: {n} rows of {d} features lie in a subspace (fewer rows than features + 1), onto which the density can only collapse"
+            ));
+        }
+        if n < self.cfg.batch_size {
+            warnings.push(format!(
+                "{what}: {n} rows, fewer than a batch of {}: every step trains on all {n}",
+                self.cfg.batch_size
+            ));
+        }
+        Ok(warnings)
+    }
+
     /// Builds a fresh model and fits it to `train`, scoring `val` (if any) every
     /// `val_every` steps. With a validation set the returned weights are those with the
     /// best validation NLL. A non-finite loss or gradient stops the run and rolls back
@@ -480,8 +546,11 @@ impl Trainer {
         let elapsed_before = st.elapsed_secs;
         let steps_before = st.step;
         let mut stopped = None;
+        let mut kept_step = None;
         let mut interrupted = false;
         let last_good = snapshot(&vars)?;
+        // The step whose weights `last_good` holds.
+        let mut last_good_step = st.step;
         // Layers with a training mode (batch norm) train on batch statistics and are
         // scored, saved and returned in evaluation mode.
         flow.set_training(true);
@@ -511,6 +580,7 @@ impl Trainer {
             match grads {
                 Some(mut g) if norm.is_finite() => {
                     snapshot_into(&last_good, &vars)?;
+                    last_good_step = st.step;
                     if let Some(max) = cfg.clip_grad {
                         if norm > max {
                             for t in g.iter_mut().flatten() {
@@ -525,6 +595,7 @@ impl Trainer {
                 _ if control.skip_nonfinite => st.skipped += 1,
                 _ => {
                     restore(&vars, &last_good)?;
+                    kept_step = Some(last_good_step);
                     let what = if loss_value.is_finite() {
                         "gradient"
                     } else {
@@ -643,6 +714,7 @@ impl Trainer {
             best_step,
             skipped: st.skipped,
             stopped,
+            kept_step,
             interrupted,
             elapsed_secs: st.elapsed_secs,
             steps_per_sec: (st.step - steps_before) as f64 / run_secs.max(1e-9),
@@ -735,6 +807,75 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        data::{generate, Toy},
+        OptimizerConfig,
+    };
+
+    struct Silent;
+    impl Reporter for Silent {
+        fn report(&mut self, _: &Report) {}
+    }
+
+    fn small(lr: f64, steps: usize) -> TrainConfig {
+        let model = flow_realnvp::RealNvpConfig::new(2)
+            .with_layers(2)
+            .with_hidden(8);
+        TrainConfig::new(model)
+            .with_optimizer(OptimizerConfig {
+                lr,
+                ..OptimizerConfig::default()
+            })
+            .with_duration(Duration::Steps(steps))
+    }
+
+    #[test]
+    fn a_run_that_diverges_at_once_says_it_kept_the_weights_it_started_with(
+    ) -> Result<(), TrainError> {
+        let train = generate(Toy::Moons, 200, None, 1)?;
+        // Adam moves every weight by about the learning rate: after the first step at
+        // 1e30 the loss overflows, and the only finite weights are the initial ones.
+        let t = Trainer::new(small(1e30, 20), &Device::Cpu)?.fit(&train, None, &mut Silent)?;
+        assert_eq!(t.summary.kept_step, Some(0), "{:?}", t.summary);
+        let reason = t.summary.stopped.unwrap_or_default();
+        assert!(
+            reason.contains("the loss became non-finite at step"),
+            "{reason}"
+        );
+        // A healthy run stops for no such reason.
+        let t = Trainer::new(small(1e-3, 3), &Device::Cpu)?.fit(&train, None, &mut Silent)?;
+        assert_eq!((t.summary.kept_step, t.summary.steps), (None, 3));
+        Ok(())
+    }
+
+    #[test]
+    fn degenerate_data_are_refused_or_warned_about() -> Result<(), TrainError> {
+        let trainer = Trainer::new(small(1e-3, 3), &Device::Cpu)?;
+        let error = |values: Vec<f32>| match trainer.data_warnings(&Dataset::new(2, values), "d") {
+            Err(e) => e.to_string(),
+            Ok(w) => panic!("accepted, with warnings {w:?}"),
+        };
+        assert_eq!(
+            error(vec![1.0, 2.0]),
+            "d: 1 row: a density cannot be fitted to a single point"
+        );
+        assert_eq!(
+            error(vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0]),
+            "d: all 3 rows are the same point: there is no density to fit"
+        );
+        let warnings =
+            trainer.data_warnings(&Dataset::new(2, vec![1.0, 5.0, 2.0, 5.0, 3.0, 5.0]), "d")?;
+        assert_eq!(
+            warnings,
+            [
+                "d: column 2 is constant: standardised with a standard deviation of 1 in place of 0, and the density collapses onto the constant as training goes on",
+                "d: 3 rows, fewer than a batch of 512: every step trains on all 3",
+            ]
+        );
+        let moons = generate(Toy::Moons, 600, None, 2)?;
+        assert!(trainer.data_warnings(&moons, "moons")?.is_empty());
+        Ok(())
+    }
 
     #[test]
     fn squared_norm_reads_every_layout_and_dtype() -> candle::Result<()> {

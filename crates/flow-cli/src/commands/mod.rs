@@ -8,7 +8,7 @@ mod inspect;
 mod log_prob;
 mod plot;
 mod sample;
-mod train;
+pub(crate) mod train;
 
 use std::path::Path;
 

@@ -1,41 +1,88 @@
 use std::{
+    f64::consts::LN_2,
     io::IsTerminal,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
-use flow_maf::MafConfig;
-use flow_models::{BaseConfig, ModelConfig, Registry};
-use flow_nn::{Activation, Order, Spline};
-use flow_nsf::{NsfConfig, NsfKind};
-use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
+use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_ROWS};
+use flow_glow::{GlowConfig, ImageInfo, ImageShape};
+use flow_models::{BaseConfig, Registry};
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
         DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, OptimizerConfig, OptimizerKind, PlainReporter, Reporter,
-    Schedule, TrainCheckpoint, TrainConfig, Trainer,
+    positive_f32, Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter,
+    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
 };
 
 use crate::{
-    cli::{
-        CouplingArg, FlowArg, NetsArg, OptimizerArg, OrderArg, ScaleArg, ScheduleArg, SplitArg,
-        TrainArgs,
-    },
+    cli::{listed, FlowArg, SplitArg, TrainArgs},
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
     CmdResult, Failure,
 };
 
+mod recipe;
+mod run_flags;
+
+pub use recipe::family_defaults;
+use recipe::{check_flags_apply, recipe_values, Recipe};
+use run_flags::RunFlag;
+
+/// Points a built-in 2-D data set has unless `--n` says otherwise.
+pub const DEFAULT_POINTS: usize = 20_000;
+
 /// Glow's default weight decay (decoupled, with Adam).
 const GLOW_WEIGHT_DECAY: f64 = 0.1;
 
-fn positive(name: &str, v: usize) -> Result<usize, Failure> {
-    if v == 0 {
-        return Err(format!("--{name} must be at least 1").into());
+/// `--weight-decay`'s defaults, for its help line.
+pub fn weight_decay_defaults() -> String {
+    format!("0; {GLOW_WEIGHT_DECAY} for glow")
+}
+
+/// The decay of the default schedule, the exponential one; that of `--schedule exp`.
+pub fn default_lr_decay() -> f64 {
+    match Schedule::default() {
+        Schedule::Exp { decay } => decay,
+        _ => 1.0,
+    }
+}
+
+/// The length of a run unless `--steps` or `--epochs` say, for `--help`.
+pub fn default_duration() -> String {
+    match TrainConfig::default().duration {
+        Duration::Steps(s) => format!("{s}"),
+        Duration::Epochs(e) => format!("{e} epochs"),
+    }
+}
+
+/// `--{flag} v`, checked to lie in `[min, max]` before anything of that size is made.
+fn count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure> {
+    if v < min {
+        return Err(format!("--{flag} must be at least {min}, got {v}").into());
+    }
+    if v > max {
+        return Err(format!("--{flag} {v} is more than the largest allowed, {max}").into());
+    }
+    Ok(v)
+}
+
+/// `--{flag} v`, checked to be positive and finite as the `f32` it becomes.
+fn real(flag: &str, v: f64) -> Result<f64, Failure> {
+    if !positive_f32(v) {
+        let v = if v.abs() >= 1e6 {
+            format!("{v:e}")
+        } else {
+            v.to_string()
+        };
+        return Err(format!(
+            "--{flag} must be positive and finite in f32 (below {:e}), got {v}",
+            f32::MAX
+        )
+        .into());
     }
     Ok(v)
 }
@@ -46,8 +93,12 @@ fn base(text: &str) -> Result<BaseConfig, Failure> {
         "normal" => Ok(BaseConfig::StandardNormal),
         "diag" => Ok(BaseConfig::DiagNormal { trainable: true }),
         other => match other.strip_prefix("mixture:").map(str::parse::<usize>) {
-            Some(Ok(k)) if k > 0 => Ok(BaseConfig::Mixture { components: k }),
-            Some(Ok(_)) => Err("--base mixture:K needs at least 1 component".into()),
+            Some(Ok(0)) => Err("--base mixture:K needs at least 1 component".into()),
+            Some(Ok(k)) if k > MAX_COMPONENTS => Err(format!(
+                "--base mixture:{k}: more components than the largest allowed, {MAX_COMPONENTS}"
+            )
+            .into()),
+            Some(Ok(k)) => Ok(BaseConfig::Mixture { components: k }),
             _ => Err(format!("--base `{other}`: expected normal, diag or mixture:K").into()),
         },
     }
@@ -56,45 +107,40 @@ fn base(text: &str) -> Result<BaseConfig, Failure> {
 /// The training run's length the flags give, if they give one.
 fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
     Ok(match (a.steps, a.epochs) {
-        (_, Some(e)) => Some(Duration::Epochs(positive("epochs", e)?)),
-        (Some(s), None) => Some(Duration::Steps(positive("steps", s)?)),
+        (_, Some(e)) => Some(Duration::Epochs(count("epochs", e, 1, usize::MAX)?)),
+        (Some(s), None) => Some(Duration::Steps(count("steps", s, 1, usize::MAX)?)),
         (None, None) => None,
     })
 }
 
-/// Whether `--flow` names an image flow.
-fn image_flow(flow: FlowArg) -> bool {
-    matches!(flow, FlowArg::Glow | FlowArg::RealnvpImage)
-}
-
-/// `--image HxWxC`.
+/// `--image HxWxC`, its size computed without overflow and bounded.
 fn parse_image(text: &str) -> Result<ImageShape, Failure> {
     let parts: Vec<usize> = text
         .split(['x', 'X'])
         .map(|p| p.trim().parse::<usize>())
         .collect::<Result<_, _>>()
         .map_err(|_| format!("--image `{text}`: expected HxWxC, e.g. 28x28x1"))?;
-    match parts[..] {
-        [h, w, c] if h > 0 && w > 0 && c > 0 => Ok(ImageShape::new(c, h, w)),
-        _ => Err(
+    let [h, w, c] = parts[..] else {
+        return Err(format!("--image `{text}`: expected HxWxC, e.g. 28x28x1").into());
+    };
+    if h == 0 || w == 0 || c == 0 {
+        return Err(
             format!("--image `{text}`: expected HxWxC with each at least 1, e.g. 28x28x1").into(),
-        ),
+        );
+    }
+    match h.checked_mul(w).and_then(|p| p.checked_mul(c)) {
+        Some(d) if d <= MAX_DIM => Ok(ImageShape::new(c, h, w)),
+        _ => Err(format!(
+            "--image `{text}`: more values per image than the largest allowed, {MAX_DIM}"
+        )
+        .into()),
     }
 }
 
 /// The images an image flow trains on: their shape (from `--image`, else the file's)
-/// and pixel levels (`--pixel-levels`, else the data set's, else 256), checked
-/// against the rows. `None` for other flows, which take neither flag.
-fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<Option<ImageInfo>, Failure> {
-    if !image_flow(a.flow) {
-        if a.image.is_some() || a.pixel_levels.is_some() {
-            return Err("--image and --pixel-levels describe the data of an image flow (--flow glow or realnvp-image)".into());
-        }
-        return Ok(None);
-    }
-    if a.context_dim > 0 {
-        return Err("image flows are unconditional: --context-dim is not available".into());
-    }
+/// and pixel levels (`--pixel-levels`, else the data set's, else the family's),
+/// checked against the rows.
+fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> {
     let recorded = data
         .dims
         .map(|d| ImageShape::new(d.channels, d.height, d.width));
@@ -133,187 +179,154 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<Option<ImageInfo>, F
         )
         .into());
     }
-    let pixel_levels = a.pixel_levels.or(data.levels).unwrap_or(256);
+    // Both image families default to 8-bit pixels.
+    let pixel_levels = a
+        .pixel_levels
+        .or(data.levels)
+        .unwrap_or(GlowConfig::default().pixel_levels);
     if pixel_levels < 2 {
         return Err(format!("--pixel-levels must be at least 2, got {pixel_levels}").into());
     }
     check_pixels(&data.data, pixel_levels, &a.data)?;
-    Ok(Some(ImageInfo {
+    Ok(ImageInfo {
         shape,
         pixel_levels,
-    }))
+    })
 }
 
-/// The image flow `--flow` names, over `image`, checked.
-fn image_model(a: &TrainArgs, image: ImageInfo) -> Result<ModelConfig, Failure> {
-    let scales = positive("scales", a.scales)?;
-    let channels = positive("channels", a.channels)?;
-    let shape = image.shape;
-    let (model, checked) = match a.flow {
-        FlowArg::Glow => {
-            let cfg = GlowConfig::new(shape)
-                .with_levels(scales)
-                .with_depth(positive("depth", a.depth)?)
-                .with_hidden_channels(channels)
-                .with_pixel_levels(image.pixel_levels);
-            (ModelConfig::glow(&cfg), cfg.validate())
-        }
-        _ => {
-            let cfg = RealNvpImageConfig::new(shape)
-                .with_scales(scales)
-                .with_hidden_channels(channels)
-                .with_pixel_levels(image.pixel_levels);
-            (ModelConfig::realnvp_image(&cfg), cfg.validate())
-        }
-    };
-    checked.map_err(|e| {
-        format!(
-            "--scales {scales} on {}x{}x{} images: {e}",
-            shape.height, shape.width, shape.channels
-        )
-    })?;
-    Ok(model)
+/// The family `--flow` names, or the one that suits the data: Glow for the digits, an
+/// image set, and RealNVP otherwise.
+fn family(a: &TrainArgs) -> FlowArg {
+    a.flow.unwrap_or(if a.data == "digits" {
+        FlowArg::Glow
+    } else {
+        FlowArg::Realnvp
+    })
 }
 
-/// The training configuration the flags describe for data of `dim` features and
-/// `context_dim` context features (images: `image`); every value is checked here,
-/// before any work starts.
-pub fn config(
+/// The training configuration the flags describe for a fresh run of `flow` on data of
+/// `dim` features and `context_dim` context features (images: `image`). Every value
+/// is the family's or [`TrainConfig`]'s default unless a flag gives it, and is checked
+/// here, before any work starts.
+fn config(
     a: &TrainArgs,
+    flow: FlowArg,
     dim: usize,
     context_dim: usize,
     image: Option<ImageInfo>,
 ) -> Result<TrainConfig, Failure> {
-    if !(a.clamp.is_finite() && a.clamp > 0.0) {
-        return Err(format!("--clamp must be positive, got {}", a.clamp).into());
-    }
-    let scale = match a.scale {
-        ScaleArg::SoftClamp => ScaleMap::SoftClamp { clamp: a.clamp },
-        ScaleArg::Exp => ScaleMap::Exp,
-        ScaleArg::Tanh => ScaleMap::Tanh { clamp: a.clamp },
-    };
-    let layers = positive("layers", a.layers)?;
-    let autoregressive = matches!(a.flow, FlowArg::NsfAr | FlowArg::Maf | FlowArg::Iaf);
-    let (hidden, hidden_layers) = if matches!(a.flow, FlowArg::Maf | FlowArg::Iaf) {
-        (a.hidden.unwrap_or(64), a.hidden_layers.unwrap_or(2))
-    } else {
-        (a.hidden.unwrap_or(512), a.hidden_layers.unwrap_or(1))
-    };
-    let hidden = positive("hidden", hidden)?;
-    if autoregressive && hidden < dim {
+    if flow.couples() && dim < 2 {
         return Err(format!(
-            "--hidden {hidden}: an autoregressive network over {dim} features needs at least {dim} hidden units"
+            "--flow {} couples one part of each row to the other and needs at least 2 features, but {} has {dim}: in one dimension use {}",
+            flow.name(),
+            a.data,
+            listed(&FlowArg::one_dimensional()).replacen(" and ", " or ", 1)
         )
         .into());
     }
-    let order = match a.order {
-        OrderArg::Alternate => Order::Alternate,
-        OrderArg::Random => Order::Random { seed: a.seed },
-    };
-    let spline = Spline::new(a.bins, a.tail_bound);
-    if matches!(a.flow, FlowArg::Nsf | FlowArg::NsfAr) {
-        spline.check().map_err(|e| {
-            let flag = if e.contains("tail bound") {
-                "--tail-bound"
-            } else {
-                "--bins"
-            };
-            Failure::from(format!("{flag}: {e}"))
-        })?;
+    let seed = a.seed.unwrap_or(TrainConfig::default().seed);
+    let mut recipe = Recipe::defaults(flow, dim, image);
+    for (flag, value) in recipe_values(a, seed)? {
+        recipe.field(flag)?.set(value)?;
     }
-    let base = base(&a.base)?;
-    if image.is_some() && a.base != "normal" {
-        return Err("--base: image flows keep one trainable Gaussian per scale".into());
+    recipe.check()?;
+    let mut model = recipe.model(context_dim);
+    if let Some(b) = &a.base {
+        model = model.with_base(base(b)?);
     }
-    let model: ModelConfig = match a.flow {
-        FlowArg::Glow | FlowArg::RealnvpImage => {
-            let image = image.ok_or("an image flow needs --image HxWxC")?;
-            image_model(a, image)?
-        }
-        FlowArg::Realnvp | FlowArg::Nice => {
-            let coupling = match (a.flow, a.coupling) {
-                (FlowArg::Nice, _) | (_, CouplingArg::Additive) => CouplingKind::Additive,
-                _ => CouplingKind::Affine,
-            };
-            RealNvpConfig::new(dim)
-                .with_layers(layers)
-                .with_hidden(hidden)
-                .with_hidden_layers(hidden_layers)
-                .with_activation(a.activation.unwrap_or(Activation::LeakyRelu))
-                .with_coupling(coupling)
-                .with_scale(scale)
-                .with_nets(match a.nets {
-                    NetsArg::Separate => Nets::Separate,
-                    NetsArg::Joint => Nets::Joint,
-                })
-                .with_context_dim(context_dim)
-                .into()
-        }
-        FlowArg::Nsf | FlowArg::NsfAr => NsfConfig::new(dim)
-            .with_kind(if a.flow == FlowArg::Nsf {
-                NsfKind::Coupling
-            } else {
-                NsfKind::Autoregressive
-            })
-            .with_layers(layers)
-            .with_hidden(hidden)
-            .with_hidden_layers(hidden_layers)
-            .with_activation(a.activation.unwrap_or(Activation::Relu))
-            .with_spline(spline)
-            .with_order(order)
-            .with_context_dim(context_dim)
-            .into(),
-        FlowArg::Maf | FlowArg::Iaf => MafConfig::new(dim)
-            .with_layers(layers)
-            .with_hidden(hidden)
-            .with_hidden_layers(hidden_layers)
-            .with_activation(a.activation.unwrap_or(Activation::Relu))
-            .with_scale(scale)
-            .with_order(order)
-            .with_inverse(a.flow == FlowArg::Iaf)
-            .with_context_dim(context_dim)
-            .into(),
-    };
-    let model = if image.is_some() {
-        model
-    } else {
-        model.with_base(base)
-    };
-    let duration = duration(a)?.unwrap_or(Duration::Steps(1000));
-    let schedule = match a.schedule {
-        ScheduleArg::Constant => Schedule::Constant,
-        ScheduleArg::Exp => Schedule::Exp { decay: a.lr_decay },
-        ScheduleArg::Cosine => Schedule::Cosine { warmup: a.warmup },
-    };
-    // Glow fits a small image set far better than it generalises: decoupled weight
-    // decay takes about 0.02 bits/dim off its test score on the digits.
-    let weight_decay = a
-        .weight_decay
-        .or((a.flow == FlowArg::Glow).then_some(GLOW_WEIGHT_DECAY));
-    let optimizer = OptimizerConfig {
-        kind: match (a.optimizer, weight_decay) {
-            (OptimizerArg::Adamax, _) => OptimizerKind::Adamax,
-            (OptimizerArg::Adam, Some(_)) => OptimizerKind::AdamW,
-            (OptimizerArg::Adam, None) => OptimizerKind::Adam,
-        },
-        lr: a.lr,
-        weight_decay: weight_decay.unwrap_or(0.0),
-        ..OptimizerConfig::default()
-    };
-    let cfg = TrainConfig::new(model)
-        .with_optimizer(optimizer)
-        .with_schedule(schedule)
-        .with_duration(duration)
-        .with_batch_size(positive("batch", a.batch)?)
-        .with_clip_grad(a.clip_grad)
-        .with_seed(a.seed)
-        .with_val_every(positive("val-every", a.val_every)?)
-        .with_patience(a.patience)
+    let mut cfg = TrainConfig::new(model)
         .with_standardize(image.is_none() && !a.no_standardize)
         .with_dequantize(image.map(|i| i.pixel_levels));
+    if flow == FlowArg::Glow {
+        // Glow fits a small image set far better than it generalises: decoupled weight
+        // decay takes about 0.02 bits/dim off its test score on the digits.
+        cfg.optimizer.kind = OptimizerKind::AdamW;
+        cfg.optimizer.weight_decay = GLOW_WEIGHT_DECAY;
+    }
+    if let Some(d) = duration(a)? {
+        cfg.duration = d;
+    }
+    for flag in RunFlag::given(a)? {
+        flag.apply(&mut cfg)?;
+    }
     cfg.validate()
         .map_err(|e| Failure::from(format!("invalid settings: {e}")))?;
     Ok(cfg)
+}
+
+/// The settings of a resumed run. The checkpoint's settings stand, since its weights,
+/// optimizer state and place in the data belong to them: a model or run flag may
+/// repeat them, and one that would change them is refused. Only the length may change
+/// (`--steps` or `--epochs`), and the saved run records the new one.
+fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Failure> {
+    let was = &r.config;
+    let refuse = |flag: &str| -> Failure {
+        format!(
+            "--{flag} would change the resumed run, which keeps its own settings; on --resume only --steps, --epochs, --stop-at and --checkpoint-every may change"
+        )
+        .into()
+    };
+    let recorded = Recipe::of(&was.model);
+    let recorded_flow = recorded.as_ref().map(|(flow, _)| *flow);
+    if a.flow.is_some() && a.flow != recorded_flow {
+        return Err(refuse("flow"));
+    }
+    if let Some(flow) = recorded_flow {
+        check_flags_apply(a, flow)?;
+    }
+    for (flag, value) in recipe_values(a, was.seed)? {
+        let Some((_, recipe)) = &recorded else {
+            return Err(refuse(flag));
+        };
+        let mut asked = recipe.clone();
+        asked.field(flag)?.set(value)?;
+        if asked != *recipe {
+            return Err(refuse(flag));
+        }
+    }
+    let recorded_image = was.model.image_info();
+    let unchanged = [
+        (
+            "base",
+            a.base
+                .as_deref()
+                .map(base)
+                .transpose()?
+                .is_none_or(|b| b == was.model.base),
+        ),
+        (
+            "context-dim",
+            a.context_dim.is_none_or(|c| c == was.model.context_dim),
+        ),
+        ("no-standardize", !(a.no_standardize && was.standardize)),
+        (
+            "image",
+            a.image
+                .as_deref()
+                .map(parse_image)
+                .transpose()?
+                .is_none_or(|s| Some(s) == recorded_image.map(|i| i.shape)),
+        ),
+        (
+            "pixel-levels",
+            a.pixel_levels
+                .is_none_or(|l| Some(l) == recorded_image.map(|i| i.pixel_levels)),
+        ),
+    ];
+    if let Some((flag, _)) = unchanged.iter().find(|(_, same)| !same) {
+        return Err(refuse(flag));
+    }
+    for flag in RunFlag::given(a)? {
+        let mut asked = was.clone();
+        flag.apply(&mut asked)?;
+        if asked != *was {
+            return Err(refuse(flag.name()));
+        }
+    }
+    Ok(TrainConfig {
+        duration: duration(a)?.unwrap_or(was.duration),
+        ..was.clone()
+    })
 }
 
 /// Training rows, with what an image file or data set records about them.
@@ -338,6 +351,15 @@ fn training_data(
         dims: None,
         levels: None,
     };
+    if Toy::from_name(&a.data).is_none() && (a.n.is_some() || a.noise.is_some()) {
+        let names: Vec<_> = Toy::ALL.iter().map(|t| t.name()).collect();
+        return Err(format!(
+            "--n and --noise apply to the built-in 2-D data sets ({}), not {}",
+            names.join(", "),
+            a.data
+        )
+        .into());
+    }
     if a.data == "digits" {
         if context_dim > 0 || a.with_labels {
             return Err("digits train an unconditional image flow".into());
@@ -353,14 +375,14 @@ fn training_data(
         });
     }
     let data = if let Some(toy) = Toy::from_name(&a.data) {
-        positive("n", a.n)?;
+        let n = count("n", a.n.unwrap_or(DEFAULT_POINTS), 1, MAX_ROWS)?;
         if a.with_labels {
             if context_dim == 0 {
                 return Err("--with-labels gives each point its label as a condition: train a conditional flow with --context-dim 1".into());
             }
-            generate_labeled(toy, a.n, a.noise, seed)?
+            generate_labeled(toy, n, a.noise, seed)?
         } else {
-            generate(toy, a.n, a.noise, seed)?
+            generate(toy, n, a.noise, seed)?
         }
     } else {
         let path = Path::new(&a.data);
@@ -405,6 +427,32 @@ fn install_signal_handler() {
     });
 }
 
+/// Reports an image model's losses in the units `flow log-prob` reports: the
+/// pixels' negative log-likelihood in nats per image, which is the dequantised
+/// density's plus `D·ln L` (D values per image, L levels per value).
+struct PixelUnits {
+    inner: Vec<Box<dyn Reporter>>,
+    offset: f64,
+}
+
+impl Reporter for PixelUnits {
+    fn start(&mut self, total_steps: usize) {
+        self.inner.start(total_steps);
+    }
+    fn report(&mut self, report: &Report) {
+        let mut r = report.clone();
+        r.loss += self.offset;
+        r.val_nll = r.val_nll.map(|v| v + self.offset);
+        self.inner.report(&r);
+    }
+    fn message(&mut self, message: &str) {
+        self.inner.message(message);
+    }
+    fn finish(&mut self, summary: &TrainSummary) {
+        self.inner.finish(summary);
+    }
+}
+
 pub fn run(a: TrainArgs) -> CmdResult {
     check_writable(&a.out)?;
     if let Some(m) = &a.metrics {
@@ -419,23 +467,29 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .as_deref()
         .map(|p| TrainCheckpoint::load(p, &Registry::builtin()))
         .transpose()?;
-    let seed = resume.as_ref().map_or(a.seed, |r| r.config.seed);
+    let flow = family(&a);
+    if resume.is_none() {
+        check_flags_apply(&a, flow)?;
+    }
+    let seed = resume
+        .as_ref()
+        .map_or(a.seed.unwrap_or(TrainConfig::default().seed), |r| {
+            r.config.seed
+        });
     let context_dim = resume
         .as_ref()
-        .map_or(a.context_dim, |r| r.config.model.context_dim);
+        .map_or(a.context_dim.unwrap_or(0), |r| r.config.model.context_dim);
     let resumed_image = resume.as_ref().and_then(|r| r.config.model.image_info());
-    let images = resumed_image.is_some() || (resume.is_none() && image_flow(a.flow));
+    let images = resumed_image.is_some() || (resume.is_none() && flow.is_image());
     let train = training_data(&a, seed, context_dim, images)?;
     let cfg = match &resume {
-        Some(r) => TrainConfig {
-            duration: duration(&a)?.unwrap_or(r.config.duration),
-            ..r.config.clone()
-        },
+        Some(r) => resumed_config(&a, r)?,
         None => {
-            let image = image_info(&a, &train)?;
-            config(&a, train.data.dim, context_dim, image)?
+            let image = images.then(|| image_info(&a, &train)).transpose()?;
+            config(&a, flow, train.data.dim, context_dim, image)?
         }
     };
+    let image = cfg.model.image_info();
     let train = train.data;
     let val = a
         .val
@@ -462,6 +516,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .check_resume(r, &train)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    for warning in trainer.data_warnings(&train, &a.data)? {
+        eprintln!("warning: {warning}");
+    }
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
     if std::io::stderr().is_terminal() {
@@ -479,6 +536,15 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .map_err(|e| format!("{}: {e}", m.display()))?;
         reporters.push(Box::new(JsonlReporter::new(std::io::BufWriter::new(f))));
     }
+    // An image model's losses in `flow log-prob`'s units; 0 for other models.
+    let offset = image.map_or(0.0, |i| {
+        i.shape.dim() as f64 * f64::from(i.pixel_levels).ln()
+    });
+    let mut reporter = PixelUnits {
+        inner: reporters,
+        offset,
+    };
+    let start_step = resume.as_ref().map_or(0, |r| r.state.step);
     match &resume {
         Some(r) => eprintln!(
             "resuming at step {} of {}",
@@ -486,11 +552,26 @@ pub fn run(a: TrainArgs) -> CmdResult {
             trainer.total_steps(train.len())
         ),
         None => eprintln!(
-            "training on {} samples of {} features for {} steps",
+            "training {} on {} samples of {} features for {} steps",
+            trainer
+                .config()
+                .model
+                .recipe
+                .as_ref()
+                .and_then(|r| r.get("family"))
+                .and_then(|f| f.as_str())
+                .unwrap_or("a flow"),
             train.len(),
             train.dim,
             trainer.total_steps(train.len())
         ),
+    }
+    if let Some(i) = image {
+        eprintln!(
+            "losses are the pixels' NLL in nats per image, as flow log-prob reports: the dequantised density's NLL + {}·ln {} ({offset:.2})",
+            i.shape.dim(),
+            i.pixel_levels
+        );
     }
     install_signal_handler();
     let out = a.out.clone();
@@ -503,11 +584,23 @@ pub fn run(a: TrainArgs) -> CmdResult {
         skip_nonfinite: a.skip_nonfinite,
         resume,
     };
-    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporters, control)?;
-    drop(reporters);
+    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporter, control)?;
+    drop(reporter);
 
-    // The model, with everything needed to continue the run.
     let s = &trained.summary;
+    if s.kept_step == Some(start_step) {
+        // The weights kept are those the run began with: nothing worth writing.
+        let reason = s.stopped.as_deref().unwrap_or("a non-finite step");
+        let reason = reason.split(';').next().unwrap_or(reason);
+        return Err(Failure {
+            message: format!(
+                "training failed: {reason}, and no step before it trained finite weights; {} was not written (a lower --lr or a --clip-grad may help)",
+                a.out.display()
+            ),
+            code: 1,
+        });
+    }
+    // The model, with everything needed to continue the run.
     trained.checkpoint.save(&a.out, Some(s))?;
     if s.interrupted {
         let msg = format!(
@@ -528,12 +621,24 @@ pub fn run(a: TrainArgs) -> CmdResult {
         return Ok(());
     }
 
+    let bits = |nll: f64| match image {
+        Some(i) => format!(" ({:.4} bits/dim)", nll / (i.shape.dim() as f64 * LN_2)),
+        None => String::new(),
+    };
+    let final_loss = s.final_loss + offset;
     let mut line = format!(
-        "trained {} steps in {:.1}s ({:.1} steps/s), last batch NLL {:.4}",
-        s.steps, s.elapsed_secs, s.steps_per_sec, s.final_loss
+        "trained {} steps in {:.1}s ({:.1} steps/s), last batch NLL {final_loss:.4} nats{}",
+        s.steps,
+        s.elapsed_secs,
+        s.steps_per_sec,
+        bits(final_loss)
     );
     if let (Some(v), Some(at)) = (s.best_val_nll, s.best_step) {
-        line.push_str(&format!(", best validation NLL {v:.4} nats (step {at})"));
+        let v = v + offset;
+        line.push_str(&format!(
+            ", best validation NLL {v:.4} nats{} (step {at})",
+            bits(v)
+        ));
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
