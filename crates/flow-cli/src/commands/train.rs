@@ -1,8 +1,4 @@
-use std::{
-    io::IsTerminal,
-    path::Path,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::{io::IsTerminal, path::Path, sync::atomic::Ordering};
 
 use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
@@ -27,7 +23,7 @@ use crate::{
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
-    CmdResult, Failure,
+    signals, CmdResult, Failure,
 };
 
 /// Glow's default weight decay (decoupled, with Adam).
@@ -391,20 +387,6 @@ fn training_data(
     Ok(plain(data.split_context(context_dim, &a.data)?))
 }
 
-/// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn install_signal_handler() {
-    // A second signal exits at once; files are only ever replaced by rename, so none
-    // is left half-written.
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: finishing the current step and saving (again to quit at once)");
-    });
-}
-
 pub fn run(a: TrainArgs) -> CmdResult {
     check_writable(&a.out)?;
     if let Some(m) = &a.metrics {
@@ -456,6 +438,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .into());
         }
     }
+    let cfg = TrainConfig {
+        model: crate::columns::recorded(cfg.model, &a.data)?,
+        ..cfg
+    };
     let trainer = Trainer::new(cfg, &device)?;
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
         trainer
@@ -492,13 +478,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
             trainer.total_steps(train.len())
         ),
     }
-    install_signal_handler();
+    // Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
+    let stop = signals::stop_at_safe_point();
     let out = a.out.clone();
     let mut save_periodic = |ck: &TrainCheckpoint| ck.save(&out, None);
     let control = Control {
         checkpoint_every: a.checkpoint_every,
         on_checkpoint: Some(&mut save_periodic),
-        stop: Some(&STOP),
+        stop: Some(stop),
         stop_at: a.stop_at,
         skip_nonfinite: a.skip_nonfinite,
         resume,
@@ -518,11 +505,11 @@ pub fn run(a: TrainArgs) -> CmdResult {
             a.out.display()
         );
         eprintln!("{msg}");
-        if STOP.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             // Interrupted by a signal: the conventional status, nothing more to say.
             return Err(Failure {
                 message: String::new(),
-                code: 130,
+                code: signals::INTERRUPTED,
             });
         }
         return Ok(());
