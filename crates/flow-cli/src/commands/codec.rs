@@ -1,7 +1,7 @@
 use crate::{
     cli::CodecArgs,
     commands::{device, host_values, input_chunks, load_model, peak_memory_mib, with_context},
-    output::{check_writable, header, CsvWriter},
+    output::{check_writable, header, Format, RowWriter},
     CmdResult,
 };
 
@@ -14,18 +14,20 @@ pub enum Direction {
 }
 
 pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
+    let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy])?;
     check_writable(&a.out)?;
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
-    let context_dim = model.checkpoint.config.context_dim;
-    let prefix = match direction {
-        Direction::Encode => "z",
-        Direction::Decode => "x",
+    let config = &model.checkpoint.config;
+    let context_dim = config.context_dim;
+    // Latents are the model's own coordinates, numbered; data columns keep their names.
+    let mut names = match direction {
+        Direction::Encode => header("z", dim),
+        Direction::Decode => config.feature_names(),
     };
-    let mut names = header(prefix, dim);
-    names.extend((0..context_dim).map(|j| format!("c{j}")));
-    let mut out = CsvWriter::create(&a.out, &names)?;
+    names.extend(config.context_names());
+    let mut out = RowWriter::create(&a.out, format, &names)?;
     let mut rows = 0;
     for input in input_chunks(&a.input, dim, context_dim)? {
         let input = input?;
@@ -36,9 +38,7 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
             Direction::Encode => model.flow.encode_with_context(&x, c)?,
             Direction::Decode => model.flow.decode_with_context(&x, c)?,
         };
-        let (values, _, _) =
-            with_context(host_values(&y.detach())?, header(prefix, dim), &input.data);
-        out.rows(&values)?;
+        out.rows(&with_context(host_values(&y.detach())?, dim, &input.data))?;
         rows += input.data.len();
     }
     out.commit()?;
