@@ -504,3 +504,37 @@ fn a_signal_while_sampling_leaves_no_temporary_file() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn names_a_model_cannot_keep_are_numbered_with_a_warning() {
+    let quoted = path("quoted.csv");
+    std::fs::write(&quoted, "\"a,b\",c\n1,2\n2,1\n3,3\n0,1\n").expect("write");
+    let m = path("quoted.safetensors");
+    let out = flow(&[
+        "train", "--data", &quoted, "--steps", "2", "--hidden", "8", "--layers", "2", "--batch",
+        "4", "--out", &m,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("column names not kept (column name `a,b` holds a comma"),
+        "{err}"
+    );
+    let s = path("quoted-samples.csv");
+    ok(&["sample", "--model", &m, "--n", "3", "--out", &s]);
+    assert_eq!(read_csv(&s).0, names(&["x0", "x1"]));
+    fails(
+        &[
+            "sample",
+            "--model",
+            &m,
+            "--n",
+            "3",
+            "--out",
+            &s,
+            "--plot",
+            &path("p.jpg"),
+        ],
+        "p.jpg: unknown extension `.jpg`; the extension names the format: .png",
+    );
+}
