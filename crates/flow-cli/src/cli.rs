@@ -161,7 +161,8 @@ pub struct DataArgs {
     /// condition of a conditional flow (`flow train --context-dim 1`).
     #[arg(long)]
     pub with_labels: bool,
-    /// The CSV file to write.
+    /// The file to write, in the format its extension names: .csv, .npy (f32, shape
+    /// (rows, columns)) or .png (a scatter of the points; the digits as a grid).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -484,8 +485,8 @@ pub struct LogProbArgs {
     /// The model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Data rows (CSV or .npy); for a conditional model the condition fills the last
-    /// columns. An image model reads pixel values (CSV, .npy or IDX) and reports
+    /// Data rows (.csv or .npy); for a conditional model the condition fills the last
+    /// columns. An image model reads pixel values (.csv, .npy or IDX) and reports
     /// bits/dim on their discrete scale (see --dequantized for continuous rows).
     #[arg(long)]
     pub input: PathBuf,
@@ -499,8 +500,9 @@ pub struct LogProbArgs {
     /// the same numbers; average over seeds for a less noisy bits/dim.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Write the per-row log-probs here (CSV; for an image model the dequantised
-    /// log-likelihood of the pixels in nats).
+    /// Write the per-row log-probs here: .csv (one `log_prob` column) or .npy (f32,
+    /// shape (rows,)); for an image model the dequantised log-likelihood of the pixels
+    /// in nats (with --dequantized, log p(x) of the continuous rows).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
@@ -514,7 +516,9 @@ pub struct SampleArgs {
     /// The model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Number of samples (with --context-file, default: one per row).
+    /// Number of samples; with --context-file, samples per condition row, each tagged
+    /// with its row's index (from 0) in a first `row` column (default: one per row,
+    /// untagged).
     #[arg(long)]
     pub n: Option<usize>,
     /// Seed of the draws: the same seed gives the same samples.
@@ -526,12 +530,15 @@ pub struct SampleArgs {
     /// Condition of a conditional model for every sample, as comma-separated values.
     #[arg(long, conflicts_with = "context_file", allow_hyphen_values = true)]
     pub context: Option<String>,
-    /// Condition of a conditional model, one row per sample (CSV or .npy).
+    /// Conditions of a conditional model, one per row (.csv or .npy): one sample per
+    /// row, or --n per row.
     #[arg(long)]
     pub context_file: Option<PathBuf>,
-    /// The CSV file to write (a conditional model's condition follows in the last
-    /// columns, as `flow log-prob` reads it). An image model writes pixel values, or
-    /// with a name ending in `.png` a grid of the images.
+    /// The file to write, in the format its extension names: .csv (headed by the
+    /// training file's column names), .npy (f32, shape (samples, columns)) or .png (a
+    /// scatter of a 2-D model's samples, a grid of an image model's). A conditional
+    /// model's condition follows in the last columns, as `flow log-prob` reads it; an
+    /// image model writes pixel values.
     #[arg(long)]
     pub out: PathBuf,
     /// Also draw the samples (2-D models) to this PNG.
@@ -551,13 +558,13 @@ pub struct CodecArgs {
     /// The model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Rows to map (CSV or .npy); for a conditional model the condition fills the last
+    /// Rows to map (.csv or .npy); for a conditional model the condition fills the last
     /// columns. An image model's data rows are continuous values in its input space
     /// [0, 1), not pixel values (see --dequantized).
     #[arg(long)]
     pub input: PathBuf,
-    /// The CSV file to write (a conditional model's condition follows in the last
-    /// columns).
+    /// The file to write: .csv or .npy (f32, shape (rows, columns)); a conditional
+    /// model's condition follows in the last columns.
     #[arg(long)]
     pub out: PathBuf,
     /// Image models: the data side (what encode reads, what decode writes) is

@@ -1,10 +1,12 @@
 //! `flow`: train, sample, evaluate and convert normalizing flows.
 
 mod cli;
+mod columns;
 mod commands;
 mod output;
 mod plot;
 mod progress;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         }
     };
     flow_core::join_cpu_pool();
+    signals::install();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) if f.message.is_empty() => ExitCode::from(f.code),

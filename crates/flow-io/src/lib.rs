@@ -10,7 +10,7 @@ mod checkpoint;
 mod error;
 pub mod import;
 
-pub use atomic::{write_atomic, AtomicWriter};
+pub use atomic::{remove_temp_files, write_atomic, AtomicWriter};
 pub use checkpoint::{
     build_checked, build_checked_with, load, load_bytes, load_model, save, Checkpoint, LoadedModel,
     FORMAT_VERSION, STATE_PREFIX,

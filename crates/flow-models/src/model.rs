@@ -47,6 +47,11 @@ pub struct ModelConfig {
     /// (for people reading the file; the layers are what is built).
     #[serde(default, alias = "realnvp", skip_serializing_if = "Option::is_none")]
     pub recipe: Option<serde_json::Value>,
+    /// Names of the data columns, then of the context columns, as the training file's
+    /// header gave them; without them, [`feature_names`](Self::feature_names) and
+    /// [`context_names`](Self::context_names) number the columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
 }
 
 /// A [`ModelConfig`] as files hold it. Files from before models had a context
@@ -62,6 +67,8 @@ struct Stored {
     base: BaseConfig,
     #[serde(default, alias = "realnvp")]
     recipe: Option<serde_json::Value>,
+    #[serde(default)]
+    columns: Option<Vec<String>>,
 }
 
 impl From<Stored> for ModelConfig {
@@ -79,8 +86,43 @@ impl From<Stored> for ModelConfig {
             layers: s.layers,
             base: s.base,
             recipe: s.recipe,
+            columns: s.columns,
         }
     }
+}
+
+/// The longest column name a model keeps.
+pub const MAX_COLUMN_NAME: usize = 256;
+
+/// Checks `names` as the names of `width` columns: one each, and each a plain CSV
+/// header cell (not empty, at most [`MAX_COLUMN_NAME`] bytes, no comma, quote or
+/// control character), so that files written with them read back the same.
+fn check_columns(names: &[String], width: usize) -> std::result::Result<(), String> {
+    if names.len() != width {
+        return Err(format!(
+            "{} column names for {width} columns (features, then context features)",
+            names.len()
+        ));
+    }
+    for name in names {
+        let shown: String = name.chars().take(40).collect();
+        if name.is_empty() || name.trim() != name {
+            return Err(format!(
+                "column name `{shown}` is empty or padded with spaces"
+            ));
+        }
+        if name.len() > MAX_COLUMN_NAME {
+            return Err(format!(
+                "column name `{shown}…` is longer than {MAX_COLUMN_NAME} bytes"
+            ));
+        }
+        if name.chars().any(|c| c == ',' || c == '"' || c.is_control()) {
+            return Err(format!(
+                "column name `{shown}` holds a comma, quote or control character"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The context dimension a layer's settings carry, where they carry one.
@@ -100,6 +142,7 @@ impl ModelConfig {
             layers,
             base: BaseConfig::StandardNormal,
             recipe: None,
+            columns: None,
         }
     }
 
@@ -188,6 +231,31 @@ impl ModelConfig {
         with_base: base: BaseConfig,
     }
 
+    /// The model with names for its data columns, then its context columns (checked
+    /// by [`validate`](Self::validate)).
+    pub fn with_columns(self, names: Vec<String>) -> Self {
+        Self {
+            columns: Some(names),
+            ..self
+        }
+    }
+
+    /// The data columns' names: the recorded ones, else `x0, x1, …`.
+    pub fn feature_names(&self) -> Vec<String> {
+        match &self.columns {
+            Some(names) => names[..self.dim.min(names.len())].to_vec(),
+            None => (0..self.dim).map(|j| format!("x{j}")).collect(),
+        }
+    }
+
+    /// The context columns' names: the recorded ones, else `c0, c1, …`.
+    pub fn context_names(&self) -> Vec<String> {
+        match &self.columns {
+            Some(names) => names[self.dim.min(names.len())..].to_vec(),
+            None => (0..self.context_dim).map(|j| format!("c{j}")).collect(),
+        }
+    }
+
     /// Checks that the layers fit together, with the built-in families.
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.validate_with(&Registry::builtin())
@@ -201,6 +269,9 @@ impl ModelConfig {
         }
         if self.base == (BaseConfig::Mixture { components: 0 }) {
             return Err("a mixture base needs at least one component".into());
+        }
+        if let Some(names) = &self.columns {
+            check_columns(names, self.dim + self.context_dim)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
             registry
@@ -310,5 +381,38 @@ mod tests {
         let again: ModelConfig =
             serde_json::from_str(&serde_json::to_string(&cfg).expect("json")).expect("read");
         assert_eq!(again, cfg);
+        assert_eq!(cfg.columns, None);
+        assert_eq!(
+            (cfg.feature_names(), cfg.context_names()),
+            (
+                vec!["x0".to_string(), "x1".to_string()],
+                vec!["c0".to_string()]
+            )
+        );
+    }
+
+    #[test]
+    fn column_names_are_kept_and_checked() {
+        let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
+        let named = cfg
+            .clone()
+            .with_columns(vec!["theta0".into(), "theta1".into(), "obs".into()]);
+        named.validate().expect("valid names");
+        let again: ModelConfig =
+            serde_json::from_str(&serde_json::to_string(&named).expect("json")).expect("read");
+        assert_eq!(again, named);
+        assert_eq!(again.feature_names(), ["theta0", "theta1"]);
+        assert_eq!(again.context_names(), ["obs"]);
+        let cases: [(Vec<&str>, &str); 4] = [
+            (vec!["a", "b"], "2 column names for 3 columns"),
+            (vec!["a", "b,c", "d"], "`b,c` holds a comma"),
+            (vec!["a", "", "d"], "empty"),
+            (vec!["a", "b", "new\nline"], "control character"),
+        ];
+        for (names, want) in cases {
+            let names = names.iter().map(|n| n.to_string()).collect();
+            let e = cfg.clone().with_columns(names).validate().expect_err(want);
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -3,7 +3,7 @@ use crate::{
     commands::{
         dequantized, device, host_values, input_chunks, load_model, peak_memory_mib, with_context,
     },
-    output::{check_writable, header, CsvWriter},
+    output::{check_writable, header, Format, RowWriter},
     CmdResult,
 };
 
@@ -16,22 +16,24 @@ pub enum Direction {
 }
 
 pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
+    let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy])?;
     check_writable(&a.out)?;
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
-    let context_dim = model.checkpoint.config.context_dim;
+    let config = &model.checkpoint.config;
+    let context_dim = config.context_dim;
     // An image model's data side is always its continuous space [0, 1); the flag
     // checks that every value lies there.
-    dequantized::applies(a.dequantized, model.checkpoint.config.image_info())?;
+    dequantized::applies(a.dequantized, config.image_info())?;
     let what = a.input.display().to_string();
-    let prefix = match direction {
-        Direction::Encode => "z",
-        Direction::Decode => "x",
+    // Latents are the model's own coordinates, numbered; data columns keep their names.
+    let mut names = match direction {
+        Direction::Encode => header("z", dim),
+        Direction::Decode => config.feature_names(),
     };
-    let mut names = header(prefix, dim);
-    names.extend((0..context_dim).map(|j| format!("c{j}")));
-    let mut out = CsvWriter::create(&a.out, &names)?;
+    names.extend(config.context_names());
+    let mut out = RowWriter::create(&a.out, format, &names)?;
     let mut rows = 0;
     for input in input_chunks(&a.input, dim, context_dim)? {
         let input = input?;
@@ -55,8 +57,7 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
                 .into());
             }
         }
-        let (values, _, _) = with_context(y, header(prefix, dim), &input.data);
-        out.rows(&values)?;
+        out.rows(&with_context(y, dim, &input.data))?;
         rows += input.data.len();
     }
     out.commit()?;

@@ -1,9 +1,10 @@
-use flow_train::data::{digits, generate, generate_labeled, Dataset};
+use clap::ValueEnum;
+use flow_train::data::{digits, generate, generate_labeled, Dataset, DIGITS_LEVELS};
 
 use crate::{
     cli::{DataArgs, DataName, SplitArg},
-    output::{check_writable, header, write_csv},
-    CmdResult,
+    output::{check_rows, check_writable, header, write_rows, Format, MAX_GRID, MAX_SCATTER},
+    plot, CmdResult,
 };
 
 /// How many of the digits come first as the training split; the rest are the test
@@ -23,6 +24,7 @@ pub fn digits_split(split: SplitArg) -> Dataset {
 }
 
 pub fn run(a: DataArgs) -> CmdResult {
+    let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy, Format::Png])?;
     check_writable(&a.out)?;
     let toy = match a.name {
         DataName::Toy(toy) => toy,
@@ -31,7 +33,19 @@ pub fn run(a: DataArgs) -> CmdResult {
                 return Err("digits take --split, not --n, --noise or --with-labels".into());
             }
             let d = digits_split(a.split);
-            write_csv(&a.out, &header("p", d.dim), &d.values)?;
+            if format == Format::Png {
+                if d.len() > MAX_GRID {
+                    return Err(format!(
+                        "a PNG grid holds at most {MAX_GRID} images; --split {} has {} (write .csv or .npy, or --split test)",
+                        a.split.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+                        d.len()
+                    )
+                    .into());
+                }
+                plot::image_grid(&a.out, &d.values, (1, 8, 8), DIGITS_LEVELS)?;
+            } else {
+                write_rows(&a.out, format, &header("p", d.dim), &d.values)?;
+            }
             eprintln!("wrote {} images to {}", d.len(), a.out.display());
             return Ok(());
         }
@@ -39,7 +53,10 @@ pub fn run(a: DataArgs) -> CmdResult {
     if a.split != SplitArg::All {
         return Err("--split divides the digits; a generator draws --n fresh points".into());
     }
-    let n = a.n.ok_or("--n is required")?;
+    let n = check_rows(a.n.ok_or("--n is required")?)?;
+    if format == Format::Png && n > MAX_SCATTER {
+        return Err(format!("--n {n}: a PNG scatter draws at most {MAX_SCATTER} points").into());
+    }
     let (d, names) = if a.with_labels {
         let d = generate_labeled(toy, n, a.noise, a.seed)?;
         let mut names = header("x", d.dim - 1);
@@ -50,7 +67,21 @@ pub fn run(a: DataArgs) -> CmdResult {
         let names = header("x", d.dim);
         (d, names)
     };
-    write_csv(&a.out, &names, &d.values)?;
+    if format == Format::Png {
+        let points: Vec<f32> = d
+            .values
+            .chunks_exact(d.dim)
+            .flat_map(|row| row[..2].iter().copied())
+            .collect();
+        let title = format!("{} — {} points, seed {}", toy.name(), d.len(), a.seed);
+        plot::scatter(
+            &a.out,
+            &points,
+            &plot::PlotOptions::new(title).with_axes(&names),
+        )?;
+    } else {
+        write_rows(&a.out, format, &names, &d.values)?;
+    }
     eprintln!("wrote {} points to {}", d.len(), a.out.display());
     Ok(())
 }

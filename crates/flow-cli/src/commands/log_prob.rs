@@ -11,11 +11,18 @@ use crate::{
         dequantized, device, host_values, image_chunk_rows, input_chunks, load_model,
         peak_memory_mib,
     },
-    output::{check_writable, CsvWriter},
+    output::{check_writable, Format, RowWriter},
     print_out, CmdResult,
 };
 
+/// The header of a CSV file of log-probs.
+const LOG_PROB_COLUMN: &str = "log_prob";
+
 pub fn run(a: LogProbArgs) -> CmdResult {
+    let format = match &a.out {
+        Some(out) => Some(Format::of(out, "--out", &[Format::Csv, Format::Npy])?),
+        None => None,
+    };
     if let Some(out) = &a.out {
         check_writable(out)?;
     }
@@ -29,9 +36,9 @@ pub fn run(a: LogProbArgs) -> CmdResult {
                 .into(),
         );
     }
-    let mut out = match &a.out {
-        Some(p) => Some(CsvWriter::create(p, &["log_prob".to_string()])?),
-        None => None,
+    let mut out = match (&a.out, format) {
+        (Some(p), Some(format)) => Some(RowWriter::column(p, format, LOG_PROB_COLUMN)?),
+        _ => None,
     };
     if let Some(image) = model.checkpoint.config.image_info() {
         let (rows, sum) = images(&a, &model, image, &device, out.as_mut())?;
@@ -87,7 +94,7 @@ fn images(
     model: &LoadedModel,
     image: ImageInfo,
     device: &Device,
-    mut out: Option<&mut CsvWriter>,
+    mut out: Option<&mut RowWriter>,
 ) -> Result<(usize, f64), crate::Failure> {
     let what = a.input.display().to_string();
     let loaded = load_images(&a.input)?;

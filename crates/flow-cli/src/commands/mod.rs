@@ -158,25 +158,16 @@ pub fn host_values(t: &Tensor) -> Result<Vec<f32>, Failure> {
         .to_vec1::<f32>()?)
 }
 
-/// Rows of `values` (`names.len()` per row) followed by the context columns of `data`
-/// (if any): the layout conditional data files have. Returns the values, the column
-/// names and the row width.
-pub fn with_context(
-    values: Vec<f32>,
-    mut names: Vec<String>,
-    data: &Dataset,
-) -> (Vec<f32>, Vec<String>, usize) {
+/// Rows of `values` (`dim` per row) followed by the context columns of `data` (if
+/// any): the layout conditional data files have.
+pub fn with_context(values: Vec<f32>, dim: usize, data: &Dataset) -> Vec<f32> {
     let c = data.context_dim;
     if c == 0 {
-        let width = names.len();
-        return (values, names, width);
+        return values;
     }
-    let width = names.len() + c;
-    let rows = values
-        .chunks_exact(names.len())
+    values
+        .chunks_exact(dim)
         .zip(data.context.chunks_exact(c))
         .flat_map(|(x, c)| x.iter().chain(c).copied())
-        .collect();
-    names.extend((0..c).map(|j| format!("c{j}")));
-    (rows, names, width)
+        .collect()
 }

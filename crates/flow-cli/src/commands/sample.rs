@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use flow_glow::ImageInfo;
 use flow_io::LoadedModel;
 use flow_train::data::{chunks, Dataset};
@@ -8,10 +10,28 @@ use crate::{
     commands::{
         device, host_values, image_chunk_rows, load_model, parse_context, with_context, CHUNK_ROWS,
     },
-    output::{check_writable, header, CsvWriter},
+    output::{
+        check_rows, check_writable, header, Format, RowWriter, MAX_GRID, MAX_ROWS, MAX_SCATTER,
+    },
     plot::{self, PlotOptions},
     CmdResult, Failure,
 };
+
+/// The name of the column that tags each sample with its condition's row in
+/// `--context-file` (with `--n`, several samples per row).
+const ROW_COLUMN: &str = "row";
+
+/// The most condition rows whose samples are tagged: row indices are written as f32,
+/// which holds every whole number up to 2²⁴ exactly.
+const MAX_TAGGED_ROWS: usize = 1 << 24;
+
+/// A chunk of samples to draw: how many, their conditions, and (with `--context-file`
+/// and `--n`) the condition row each comes from.
+struct Draw {
+    rows: usize,
+    given: Dataset,
+    tags: Option<Vec<f32>>,
+}
 
 /// A chunk's condition: `rows` samples, each with its context row (none for an
 /// unconditional model).
@@ -24,17 +44,14 @@ fn condition(rows: usize, context_dim: usize, context: Vec<f32>) -> Dataset {
     }
 }
 
-/// Chunks of samples to draw: how many, and their conditions.
-type Conditions<'a> = Box<dyn Iterator<Item = Result<(usize, Dataset), Failure>> + 'a>;
+/// Chunks of samples to draw.
+type Draws<'a> = Box<dyn Iterator<Item = Result<Draw, Failure>> + 'a>;
 
-/// The samples' conditions, [`CHUNK_ROWS`] at a time, from the flags.
-fn conditions(a: &SampleArgs, context_dim: usize) -> Result<Conditions<'_>, Failure> {
+/// The samples to draw, [`CHUNK_ROWS`] at a time, from the flags.
+fn draws(a: &SampleArgs, context_dim: usize) -> Result<Draws<'_>, Failure> {
     let Some(path) = &a.context_file else {
         let n =
             a.n.ok_or("--n is required (or --context-file, one sample per row)")?;
-        if n == 0 {
-            return Err("--n must be at least 1".into());
-        }
         let host = candle::Device::Cpu;
         let row = match parse_context(a.context.as_deref(), context_dim, &host)? {
             Some(c) => c.flatten_all()?.to_vec1::<f32>()?,
@@ -42,31 +59,99 @@ fn conditions(a: &SampleArgs, context_dim: usize) -> Result<Conditions<'_>, Fail
         };
         let sizes = (0..n.div_ceil(CHUNK_ROWS)).map(move |i| CHUNK_ROWS.min(n - i * CHUNK_ROWS));
         return Ok(Box::new(sizes.map(move |rows| {
-            Ok((rows, condition(rows, context_dim, row.repeat(rows))))
+            let given = condition(rows, context_dim, row.repeat(rows));
+            Ok(Draw {
+                rows,
+                given,
+                tags: None,
+            })
         })));
     };
     if context_dim == 0 {
         return Err("--context-file: the model is not conditional".into());
     }
-    let rows = chunks(path, CHUNK_ROWS)?.map(move |c| {
+    per_row(path, a.n, context_dim)
+}
+
+/// `per_row` samples (default 1) for every condition row of `path`, in order, in
+/// chunks of at most [`CHUNK_ROWS`] samples; tagged with their row's index when
+/// `per_row` is given.
+fn per_row(path: &Path, per_row: Option<usize>, context_dim: usize) -> Result<Draws<'_>, Failure> {
+    let tagged = per_row.is_some();
+    let k = per_row.unwrap_or(1);
+    let mut before = 0usize;
+    let file = path.display();
+    let rows = chunks(path, (CHUNK_ROWS / k).max(1))?.map(move |c| {
         let c = c?;
         if c.dim != context_dim {
-            return Err(format!(
-                "{}: {} values per row, the model takes {context_dim} context features",
-                path.display(),
+            return Err(Failure::from(format!(
+                "{file}: {} values per row, the model takes {context_dim} context features",
                 c.dim
-            )
-            .into());
+            )));
         }
-        Ok((c.len(), condition(c.len(), context_dim, c.values)))
+        let first = before;
+        before += c.len();
+        let limit = if tagged {
+            MAX_TAGGED_ROWS.min(MAX_ROWS / k)
+        } else {
+            MAX_ROWS
+        };
+        if before > limit {
+            let what = match per_row {
+                Some(k) => format!("--n {k} samples per row: at most {limit} rows"),
+                None => format!("at most {MAX_ROWS} rows"),
+            };
+            return Err(format!("--context-file {file}: more than {limit} rows ({what})").into());
+        }
+        Ok((first, c.values))
     });
-    Ok(Box::new(rows))
+    let draws = rows.flat_map(
+        move |chunk| -> Box<dyn Iterator<Item = Result<Draw, Failure>>> {
+            let (first, context) = match chunk {
+                Ok(c) => c,
+                Err(e) => return Box::new(std::iter::once(Err(e))),
+            };
+            // Sample `s` of this chunk has condition row `s / k`.
+            let samples = context.len() / context_dim * k;
+            let pieces = (0..samples.div_ceil(CHUNK_ROWS)).map(move |p| {
+                let range = p * CHUNK_ROWS..(samples.min((p + 1) * CHUNK_ROWS));
+                let rows = range.len();
+                let mut values = Vec::with_capacity(rows * context_dim);
+                for s in range.clone() {
+                    let r = s / k;
+                    values.extend_from_slice(&context[r * context_dim..(r + 1) * context_dim]);
+                }
+                let tags = tagged.then(|| range.map(|s| (first + s / k) as f32).collect());
+                Ok(Draw {
+                    rows,
+                    given: condition(rows, context_dim, values),
+                    tags,
+                })
+            });
+            Box::new(pieces)
+        },
+    );
+    Ok(Box::new(draws))
+}
+
+/// `values` (`width` per row) with each row's tag in front.
+fn tagged(values: Vec<f32>, width: usize, tags: &[f32]) -> Vec<f32> {
+    values
+        .chunks_exact(width)
+        .zip(tags)
+        .flat_map(|(row, tag)| std::iter::once(*tag).chain(row.iter().copied()))
+        .collect()
 }
 
 pub fn run(a: SampleArgs) -> CmdResult {
+    let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy, Format::Png])?;
     check_writable(&a.out)?;
     if let Some(p) = &a.plot {
+        Format::of(p, "--plot", &[Format::Png])?;
         check_writable(p)?;
+    }
+    if let Some(n) = a.n {
+        check_rows(n)?;
     }
     if !(a.temperature.is_finite() && a.temperature > 0.0) {
         return Err(format!("--temperature must be positive, got {}", a.temperature).into());
@@ -74,75 +159,94 @@ pub fn run(a: SampleArgs) -> CmdResult {
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     if let Some(image) = model.checkpoint.config.image_info() {
-        return images(&a, &model, image);
+        return images(&a, &model, image, format);
     }
     let dim = model.flow.dim();
-    if a.plot.is_some() && dim != 2 {
-        return Err(format!("--plot draws 2-D models; this one has {dim} features").into());
+    let scatter = format == Format::Png || a.plot.is_some();
+    if scatter && dim != 2 {
+        return Err(format!(
+            "a PNG scatter draws 2-D models; this one has {dim} features (write .csv or .npy)"
+        )
+        .into());
     }
-    let png = a
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if a.range.is_some() && a.plot.is_none() && !png {
+    if a.range.is_some() && !scatter {
         return Err("--range applies to a picture: --plot FILE.png, or --out FILE.png".into());
     }
-    let context_dim = model.checkpoint.config.context_dim;
-    let mut names = header("x", dim);
-    names.extend((0..context_dim).map(|j| format!("c{j}")));
-    let mut out = CsvWriter::create(&a.out, &names)?;
+    if let Some(n) =
+        a.n.filter(|&n| scatter && a.context_file.is_none() && n > MAX_SCATTER)
+    {
+        return Err(format!("--n {n}: a PNG scatter draws at most {MAX_SCATTER} points").into());
+    }
+    let config = &model.checkpoint.config;
+    let context_dim = config.context_dim;
+    let tagged_rows = a.context_file.is_some() && a.n.is_some();
+    let mut names = Vec::new();
+    if tagged_rows {
+        names.push(ROW_COLUMN.to_string());
+    }
+    names.extend(config.feature_names());
+    names.extend(config.context_names());
+    let mut out = match format {
+        Format::Png => None,
+        _ => Some(RowWriter::create(&a.out, format, &names)?),
+    };
     let mut rng = StdRng::seed_from_u64(a.seed);
     let (mut n, mut bad) = (0usize, 0usize);
     let mut plotted: Vec<f32> = Vec::new();
-    for chunk in conditions(&a, context_dim)? {
-        let (rows, given) = chunk?;
+    for draw in draws(&a, context_dim)? {
+        let Draw { rows, given, tags } = draw?;
+        if scatter && n + rows > MAX_SCATTER {
+            return Err(format!("a PNG scatter draws at most {MAX_SCATTER} points").into());
+        }
         let context = given.context_tensor(&device)?;
         let x = model
             .flow
             .sample_with_context(rows, a.temperature, context.as_ref(), &mut rng)?;
         let values = host_values(&x)?;
         bad += values.iter().filter(|v| !v.is_finite()).count();
-        if a.plot.is_some() {
+        if scatter {
             let finite = values.chunks(2).filter(|r| r.iter().all(|v| v.is_finite()));
             plotted.extend(finite.flatten());
         }
-        let (rows_out, _, _) = with_context(values, header("x", dim), &given);
-        out.rows(&rows_out)?;
+        if let Some(out) = out.as_mut() {
+            let values = with_context(values, dim, &given);
+            match &tags {
+                Some(tags) => out.rows(&tagged(values, dim + context_dim, tags))?,
+                None => out.rows(&values)?,
+            }
+        }
         n += rows;
-    }
-    if let Some(want) = a.n.filter(|&want| a.context_file.is_some() && want != n) {
-        let file = a.context_file.as_ref().map(|p| p.display().to_string());
-        return Err(format!("--n {want} but {} has {n} rows", file.unwrap_or_default()).into());
     }
     if bad > 0 {
         eprintln!("warning: {bad} sample values are not finite");
     }
-    out.commit()?;
+    let picture = picture_options(&a, n, &config.feature_names());
+    match out {
+        Some(out) => out.commit()?,
+        None => plot::scatter(&a.out, &plotted, &picture)?,
+    }
     if let Some(p) = &a.plot {
-        plot::scatter(p, &plotted, &picture_options(&a, n))?;
+        plot::scatter(p, &plotted, &picture)?;
     }
     eprintln!("wrote {n} samples to {}", a.out.display());
     Ok(())
 }
 
 /// The title and range of a picture of `n` samples.
-fn picture_options(a: &SampleArgs, n: usize) -> PlotOptions {
+fn picture_options(a: &SampleArgs, n: usize, axes: &[String]) -> PlotOptions {
     let condition = match (&a.context, &a.context_file) {
         (Some(c), _) => format!("{n} samples, context {c}"),
         (None, Some(f)) => format!("{n} samples, contexts from {}", f.display()),
         (None, None) => format!("{n} samples"),
     };
     PlotOptions::new(plot::title(&a.model, Some(&condition)))
-        .with_axes(&header("x", 2))
+        .with_axes(axes)
         .with_range(a.range)
 }
 
-/// The most images a PNG grid draws.
-const MAX_GRID: usize = 1024;
-
 /// An image model's samples: pixel values `⌊x·L⌋` of draws `x ∈ [0, 1)` (clamped to
-/// `[0, L − 1]`), as CSV rows or, for a `.png` name, a grid.
-fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo) -> CmdResult {
+/// `[0, L − 1]`), as rows (CSV or `.npy`) or a PNG grid.
+fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo, format: Format) -> CmdResult {
     if a.context.is_some() || a.context_file.is_some() {
         return Err(
             "image models are unconditional: --context and --context-file do not apply".into(),
@@ -157,23 +261,16 @@ fn images(a: &SampleArgs, model: &LoadedModel, image: ImageInfo) -> CmdResult {
         return Err("--range applies to 2-D pictures, not to an image model's grid".into());
     }
     let n = a.n.ok_or("--n is required")?;
-    if n == 0 {
-        return Err("--n must be at least 1".into());
-    }
-    let png = a
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let png = format == Format::Png;
     if png && n > MAX_GRID {
         return Err(format!("--n {n}: a PNG grid holds at most {MAX_GRID} images").into());
     }
     let dim = image.shape.dim();
     let levels = image.pixel_levels as f32;
     let mut rng = StdRng::seed_from_u64(a.seed);
-    let mut out = if png {
-        None
-    } else {
-        Some(CsvWriter::create(&a.out, &header("p", dim))?)
+    let mut out = match format {
+        Format::Png => None,
+        _ => Some(RowWriter::create(&a.out, format, &header("p", dim))?),
     };
     let (mut grid, mut bad) = (Vec::new(), 0usize);
     let mut left = n;

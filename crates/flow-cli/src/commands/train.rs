@@ -1,9 +1,4 @@
-use std::{
-    f64::consts::LN_2,
-    io::IsTerminal,
-    path::Path,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering};
 
 use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_ROWS};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape};
@@ -22,7 +17,7 @@ use crate::{
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
-    CmdResult, Failure,
+    signals, CmdResult, Failure,
 };
 
 mod recipe;
@@ -413,20 +408,6 @@ fn training_data(
     Ok(plain(data.split_context(context_dim, &a.data)?))
 }
 
-/// Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn install_signal_handler() {
-    // A second signal exits at once; files are only ever replaced by rename, so none
-    // is left half-written.
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: finishing the current step and saving (again to quit at once)");
-    });
-}
-
 /// Reports an image model's losses in the units `flow log-prob` reports: the
 /// pixels' negative log-likelihood in nats per image, which is the dequantised
 /// density's plus `D·ln L` (D values per image, L levels per value).
@@ -510,6 +491,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .into());
         }
     }
+    // A resumed run keeps the model it was written with, names and all.
+    let cfg = match &resume {
+        Some(_) => cfg,
+        None => TrainConfig {
+            model: crate::columns::recorded(cfg.model, &a.data)?,
+            ..cfg
+        },
+    };
     let trainer = Trainer::new(cfg, &device)?;
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
         trainer
@@ -573,13 +562,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
             i.pixel_levels
         );
     }
-    install_signal_handler();
+    // Set by the first SIGINT/SIGTERM: training stops after the current step and saves.
+    let stop = signals::stop_at_safe_point();
     let out = a.out.clone();
     let mut save_periodic = |ck: &TrainCheckpoint| ck.save(&out, None);
     let control = Control {
         checkpoint_every: a.checkpoint_every,
         on_checkpoint: Some(&mut save_periodic),
-        stop: Some(&STOP),
+        stop: Some(stop),
         stop_at: a.stop_at,
         skip_nonfinite: a.skip_nonfinite,
         resume,
@@ -611,11 +601,11 @@ pub fn run(a: TrainArgs) -> CmdResult {
             a.out.display()
         );
         eprintln!("{msg}");
-        if STOP.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             // Interrupted by a signal: the conventional status, nothing more to say.
             return Err(Failure {
                 message: String::new(),
-                code: 130,
+                code: signals::INTERRUPTED,
             });
         }
         return Ok(());

@@ -1,5 +1,5 @@
 //! Data files: CSV (comma separated, one sample per row, optional header line) and
-//! NumPy `.npy` arrays of shape `(n, dim)`.
+//! NumPy `.npy` arrays of shape `(n, dim)`, told apart by their extension.
 
 use std::{io::Read, path::Path};
 
@@ -20,6 +20,8 @@ pub struct CsvChunks<R: Read> {
     /// Values in the last chunk read (0 before the first).
     last: usize,
     done: bool,
+    /// The header line's cells, once read, if the file has one.
+    header: Option<Vec<String>>,
 }
 
 /// A CSV cell as text, trimmed of any Unicode whitespace (spreadsheets write
@@ -54,7 +56,14 @@ impl<R: Read> CsvChunks<R> {
             chunk: chunk.max(1),
             last: 0,
             done: false,
+            header: None,
         }
+    }
+
+    /// The header line's cells (trimmed), once the chunk that starts after it was
+    /// read; `None` before, or for a file without a header.
+    pub fn header(&self) -> Option<&[String]> {
+        self.header.as_deref()
     }
 
     fn err(&self, line: Option<usize>, msg: String) -> DataError {
@@ -102,8 +111,12 @@ impl<R: Read> CsvChunks<R> {
             if let Some(cell) = bad {
                 values.truncate(start);
                 if self.rows == 0 && self.dim == 0 {
-                    // A header: remember its width, skip it.
+                    // A header: remember its width and names, skip it.
                     self.dim = record.len();
+                    let names = record
+                        .iter()
+                        .map(|c| String::from_utf8_lossy(c).trim().to_string());
+                    self.header = Some(names.collect());
                     continue;
                 }
                 let cell: String = String::from_utf8_lossy(cell).chars().take(40).collect();
@@ -174,7 +187,7 @@ fn gather(chunks: impl Iterator<Item = Result<Dataset, DataError>>) -> Result<Da
 
 /// Reads a CSV file (see [`CsvChunks`]).
 pub fn load_csv(path: &Path) -> Result<Dataset, DataError> {
-    gather(chunks(path, 1 << 16)?)
+    gather(open_csv(path, 1 << 16)?)
 }
 
 /// An opened `.npy` array: its shape and its elements as f32 in storage order.
@@ -448,33 +461,74 @@ pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
     gather(NpyChunks::open(path, 1 << 16)?)
 }
 
-/// A data file's rows, a chunk of up to `rows` at a time: `.npy` files by their
-/// extension, anything else as CSV. Memory does not grow with the file.
-pub fn chunks(
-    path: &Path,
-    rows: usize,
-) -> Result<Box<dyn Iterator<Item = Result<Dataset, DataError>>>, DataError> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("npy") => Ok(Box::new(NpyChunks::open(path, rows)?)),
+/// The kinds of data file, by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Csv,
+    Npy,
+}
+
+/// What `path`'s extension says it holds: `.csv` or `.npy` (any case); anything else
+/// is an error naming the file.
+fn file_kind(path: &Path) -> Result<FileKind, DataError> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext.to_ascii_lowercase().as_str() {
+        "csv" => Ok(FileKind::Csv),
+        "npy" => Ok(FileKind::Npy),
         _ => {
-            let name = path.display().to_string();
-            let file = std::fs::File::open(path)
-                .map_err(|e| DataError::new(&name, None, e.to_string()))?;
-            Ok(Box::new(CsvChunks::new(
-                std::io::BufReader::new(file),
-                &name,
-                rows,
-            )))
+            let what = if ext.is_empty() {
+                "no extension".to_string()
+            } else {
+                format!("unknown extension `.{ext}`")
+            };
+            Err(DataError::new(
+                path.display().to_string(),
+                None,
+                format!("{what}: data files are .csv or .npy"),
+            ))
         }
     }
 }
 
-/// Reads `.npy` files by their extension, anything else as CSV.
-pub fn load_path(path: &Path) -> Result<Dataset, DataError> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("npy") => load_npy(path),
-        _ => load_csv(path),
+fn open_csv(
+    path: &Path,
+    rows: usize,
+) -> Result<CsvChunks<std::io::BufReader<std::fs::File>>, DataError> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| DataError::new(&name, None, e.to_string()))?;
+    Ok(CsvChunks::new(std::io::BufReader::new(file), &name, rows))
+}
+
+/// A data file's rows, a chunk of up to `rows` at a time: `.csv` or `.npy`, by the
+/// extension. Memory does not grow with the file.
+pub fn chunks(
+    path: &Path,
+    rows: usize,
+) -> Result<Box<dyn Iterator<Item = Result<Dataset, DataError>>>, DataError> {
+    match file_kind(path)? {
+        FileKind::Npy => Ok(Box::new(NpyChunks::open(path, rows)?)),
+        FileKind::Csv => Ok(Box::new(open_csv(path, rows)?)),
     }
+}
+
+/// Reads a `.csv` or `.npy` file whole, by its extension.
+pub fn load_path(path: &Path) -> Result<Dataset, DataError> {
+    match file_kind(path)? {
+        FileKind::Npy => load_npy(path),
+        FileKind::Csv => load_csv(path),
+    }
+}
+
+/// The column names of a data file: a CSV file's header line, if it has one (`None`
+/// for `.npy` files and CSV files that start with numbers). Reads the header and the
+/// first row only.
+pub fn column_names(path: &Path) -> Result<Option<Vec<String>>, DataError> {
+    if file_kind(path)? == FileKind::Npy {
+        return Ok(None);
+    }
+    let mut csv = open_csv(path, 1)?;
+    csv.next().transpose()?;
+    Ok(csv.header.take())
 }
 
 #[cfg(test)]
@@ -491,6 +545,44 @@ mod tests {
         assert_eq!((d.dim, d.len()), (2, 2));
         assert_eq!(d.values, vec![1.0, 2.0, 3.5, -4e-3]);
         assert_eq!(parse("1,2\n3,4").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_header_is_kept() {
+        let mut c = CsvChunks::new("theta0, theta1 ,x\n1,2,3\n".as_bytes(), "t.csv", 1);
+        assert_eq!(c.header(), None);
+        c.next().expect("a chunk").expect("rows");
+        assert_eq!(c.header().expect("header"), ["theta0", "theta1", "x"]);
+        let mut plain = CsvChunks::new("1,2\n".as_bytes(), "t.csv", 1);
+        plain.next().expect("a chunk").expect("rows");
+        assert_eq!(plain.header(), None);
+    }
+
+    #[test]
+    fn the_extension_picks_the_reader() {
+        let dir = std::env::temp_dir().join(format!("flows-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let csv = dir.join("d.CSV");
+        std::fs::write(&csv, "a,b\n1,2\n").expect("write");
+        assert_eq!(load_path(&csv).expect("csv").values, [1.0, 2.0]);
+        assert_eq!(
+            column_names(&csv).expect("names"),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        for (name, want) in [
+            (
+                "d.txt",
+                "d.txt: unknown extension `.txt`: data files are .csv or .npy",
+            ),
+            ("d", "d: no extension: data files are .csv or .npy"),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, "a,b\n1,2\n").expect("write");
+            let e = load_path(&p).expect_err(name).to_string();
+            assert!(e.ends_with(want), "{e}");
+            assert!(chunks(&p, 1).is_err() && column_names(&p).is_err());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -113,7 +113,8 @@ pub fn check_pixels(data: &Dataset, levels: u32, what: &str) -> Result<(), DataE
 /// - IDX (the MNIST format; content starting with two zero bytes, or an extension
 ///   like `idx3-ubyte`): elements u8, i8, i16, i32, f32 or f64, 3 dims `N×H×W` or 4
 ///   dims `N×C×H×W`;
-/// - anything else: CSV rows (see [`parse_csv`]), dims `None`.
+/// - `.csv`: CSV rows (see [`parse_csv`]), dims `None`;
+/// - anything else is an error.
 ///
 /// Any of these may be gzipped: gzip is recognised by its magic bytes, with or
 /// without a `.gz` name. Every malformed file is an error naming it. Memory stays
@@ -144,9 +145,18 @@ pub fn load_images(path: &Path) -> Result<Images, DataError> {
     } else if bytes.starts_with(&[0, 0]) || named_idx {
         // Text never starts with two NUL bytes, so this cannot steal a CSV file.
         idx_images(&bytes, &name)
-    } else {
+    } else if ext == "csv" {
         let data = parse_csv(bytes.as_slice(), &name)?;
         Ok(Images { dims: None, data })
+    } else {
+        let what = if ext.is_empty() {
+            "no extension".to_string()
+        } else {
+            format!("unknown extension `.{ext}`")
+        };
+        Err(fail(format!(
+            "{what}: image files are .csv, .npy or IDX (optionally gzipped)"
+        )))
     }
 }
 

@@ -4,7 +4,9 @@ mod files;
 mod images;
 mod toy;
 
-pub use files::{chunks, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks};
+pub use files::{
+    chunks, column_names, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks,
+};
 pub use images::{
     check_pixels, digits, digits_labels, load_images, ImageDims, Images, DIGITS_LEVELS,
 };
