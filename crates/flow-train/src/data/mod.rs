@@ -6,7 +6,8 @@ mod toy;
 
 pub use files::{chunks, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks};
 pub use images::{
-    check_pixels, digits, digits_labels, load_images, ImageDims, Images, DIGITS_LEVELS,
+    check_pixels, digits, digits_labels, images_from_bytes, load_images, ImageDims, Images,
+    DIGITS_LEVELS,
 };
 pub use toy::{generate, generate_labeled, Toy};
 
