@@ -7,7 +7,7 @@ mod common;
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle::{DType, Device, Tensor};
+use candle::{DType, Device};
 use candle_nn::VarMap;
 use flow_core::{sampling::randn, seeded_var_builder};
 use flow_io::{import, ImportOptions, Imported, IoError, Source};

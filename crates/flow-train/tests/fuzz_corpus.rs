@@ -30,10 +30,12 @@ fn csv_corpus() {
     assert!(seen >= 5);
 }
 
-/// What each seed of `fuzz/corpus/images` gives: `Ok((channels, height, width), rows,
-/// values per row)` (dims `None` for CSV rows, written `(0, 0, 0)`), or the words of
-/// its error.
-const IMAGE_SEEDS: [(&str, Result<((usize, usize, usize), usize, usize), &str>); 20] = [
+/// Images read: `((channels, height, width), rows, values per row)`, the dims written
+/// `(0, 0, 0)` for CSV rows, which record none.
+type ImagesRead = ((usize, usize, usize), usize, usize);
+
+/// What each seed of `fuzz/corpus/images` gives: its images, or the words of its error.
+const IMAGE_SEEDS: [(&str, Result<ImagesRead, &str>); 20] = [
     ("valid_u8.idx3-ubyte", Ok(((1, 2, 3), 2, 6))),
     ("valid_u8.idx3-ubyte.gz", Ok(((1, 2, 3), 2, 6))),
     ("valid_f32.idx4-ubyte", Ok(((2, 2, 2), 1, 8))),

@@ -121,7 +121,7 @@ pub fn check_pixels(data: &Dataset, levels: u32, what: &str) -> Result<(), DataE
 /// against the bytes present before anything is allocated for them.
 pub fn load_images(path: &Path) -> Result<Images, DataError> {
     let bytes = std::fs::read(path)
-        .map_err(|e| DataError::new(&path.display().to_string(), None, e.to_string()))?;
+        .map_err(|e| DataError::new(path.display().to_string(), None, e.to_string()))?;
     images_from_bytes(bytes, path)
 }
 
