@@ -48,7 +48,7 @@ impl LayerFamily for GlowFamily {
             .build(vb)
     }
 
-    /// Tiny images: two channels of one pixel, or one channel of 2×2.
+    /// Images of at most 4 values, small enough for a density integrated on a grid.
     fn sample(&self, kind: &str) -> Option<SampleLayer> {
         let pair = ImageShape::new(2, 1, 1);
         let square = ImageShape::new(1, 2, 2);
