@@ -319,8 +319,13 @@ mod tests {
         let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
         let o = parse(&args("--steps 200 --threads 4")).unwrap_or_default();
         assert_eq!((o.steps, o.threads), (200, 4));
-        assert!(parse(&args("--steps 0")).is_err());
-        assert!(parse(&args("--fast")).is_err());
+        let err = |s: &str| parse(&args(s)).map(|_| ()).unwrap_err();
+        assert_eq!(err("--steps 0"), "--steps needs a positive whole number");
+        assert!(
+            err("--fast").starts_with("unexpected argument `--fast` (bench quality"),
+            "{}",
+            err("--fast")
+        );
         assert_eq!(parse(&[]).map(|o| o.steps), Ok(2000));
     }
 }

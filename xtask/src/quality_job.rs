@@ -28,7 +28,7 @@ use std::{
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use flow_core::{seeded_var_builder, Flow};
+use flow_core::{sampling::randn, seeded_var_builder, Flow};
 use flow_maf::MafConfig;
 use flow_models::ModelConfig;
 use flow_nsf::NsfConfig;
@@ -217,7 +217,14 @@ fn median_secs(mut work: impl FnMut() -> candle::Result<Tensor>) -> Result<f64> 
 
 fn speed(json: &mut String) -> Result<()> {
     let device = Device::Cpu;
-    let x = Tensor::randn(0f32, 1., (AR_POINTS, AR_DIM), &device).map_err(err)?;
+    let x = randn(
+        AR_POINTS,
+        AR_DIM,
+        DType::F32,
+        &device,
+        &mut StdRng::seed_from_u64(TEST_SEED),
+    )
+    .map_err(err)?;
     for (name, inverse) in [("maf", false), ("iaf", true)] {
         let varmap = VarMap::new();
         let model = ModelConfig::maf(&MafConfig::new(AR_DIM).with_inverse(inverse));

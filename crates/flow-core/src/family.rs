@@ -102,6 +102,36 @@ pub trait LayerFamily: Send + Sync {
 
     /// Builds the layer, reading (or creating) its tensors under `vb`.
     fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> Result<Box<dyn Bijector>>;
+
+    /// A small layer of `kind` for the checks every registered kind must pass (round
+    /// trip, log-det, density, fused kernels, save and load). `None`, the default,
+    /// fails those checks, so that no kind goes unchecked.
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let _ = kind;
+        None
+    }
+}
+
+/// A small layer and the rows it takes: [`LayerFamily::sample`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleLayer {
+    pub spec: LayerSpec,
+    /// Features per row.
+    pub dim: usize,
+    /// The interval every feature lies in: the real line for most layers, `[0, 1)`
+    /// for a logit.
+    pub domain: (f64, f64),
+}
+
+impl SampleLayer {
+    /// A layer over `dim` features on the real line.
+    pub fn new(spec: LayerSpec, dim: usize) -> Self {
+        Self {
+            spec,
+            dim,
+            domain: (f64::NEG_INFINITY, f64::INFINITY),
+        }
+    }
 }
 
 /// The fixed layers: `permute` (`{"perm": [..]}`, `z[:, j] = x[:, perm[j]]`) and
@@ -154,5 +184,14 @@ impl LayerFamily for FixedLayers {
                 dev,
             )?),
         })
+    }
+
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let spec = match kind {
+            "permute" => LayerSpec::new(kind, &serde_json::json!({"perm": [1, 0]})),
+            "reverse" => LayerSpec::new(kind, &serde_json::json!({"dim": 2})),
+            _ => return None,
+        };
+        Some(SampleLayer::new(spec.ok()?, 2))
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use flow_core::{seeded_var_builder, DiagNormal, Distribution, GaussianMixture};
+use flow_core::{sampling::randn, seeded_var_builder, DiagNormal, Distribution, GaussianMixture};
 use rand::{rngs::StdRng, SeedableRng};
 
 const DEV: Device = Device::Cpu;
@@ -88,7 +88,7 @@ fn one_component_is_the_diagonal_normal() -> Result<()> {
         .as_tensor()
         .clone();
     let d = DiagNormal::from_tensors(loc.squeeze(0)?, Tensor::zeros(3, DType::F64, &DEV)?)?;
-    let x = (Tensor::randn(0.0, 2.0, (50, 3), &DEV)?).to_dtype(DType::F64)?;
+    let x = (randn(50, 3, DType::F64, &DEV, &mut StdRng::seed_from_u64(11))? * 2.0)?;
     let diff = (m.log_prob(&x)? - d.log_prob(&x)?)?
         .abs()?
         .max_all()?
@@ -142,7 +142,7 @@ fn gradients_reach_weights_means_and_scales() -> Result<()> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 1, DType::F32, &DEV);
     let m = GaussianMixture::new(4, 2, vb)?;
-    let x = Tensor::randn(0f32, 1.5, (64, 2), &DEV)?;
+    let x = (randn(64, 2, DType::F32, &DEV, &mut StdRng::seed_from_u64(12))? * 1.5)?;
     let grads = m.log_prob(&x)?.mean_all()?.backward()?;
     let vars = varmap.data().lock().expect("lock").clone();
     ensure!(vars.len() == 3, "tensors: {:?}", vars.keys());

@@ -1,7 +1,10 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
+use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
 
-use crate::GlowLayer;
+use crate::{
+    ActNormConfig, BatchNormConfig, ConvCouplingConfig, CouplingMask, GlowLayer, ImageShape,
+    InvConv1x1Config, LogitConfig, MultiScaleConfig, SqueezeConfig,
+};
 
 /// The image layers of a model configuration: kinds `actnorm`, `inv-conv1x1`,
 /// `conv-coupling`, `squeeze`, `unsqueeze`, `batch-norm`, `logit` and `multiscale`,
@@ -43,5 +46,41 @@ impl LayerFamily for GlowFamily {
         spec.tagged_as::<GlowLayer>()
             .map_err(candle::Error::Msg)?
             .build(vb)
+    }
+
+    /// Images of at most 4 values, small enough for a density integrated on a grid.
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let pair = ImageShape::new(2, 1, 1);
+        let square = ImageShape::new(1, 2, 2);
+        let coupling = |shape| {
+            ConvCouplingConfig::new(shape, CouplingMask::Channel)
+                .with_hidden_channels(4)
+                .with_zero_init(false)
+        };
+        let layer = match kind {
+            "actnorm" => GlowLayer::ActNorm(ActNormConfig::new(pair)),
+            "inv-conv1x1" => GlowLayer::InvConv1x1(InvConv1x1Config::new(pair)),
+            "conv-coupling" => GlowLayer::ConvCoupling(coupling(ImageShape::new(2, 1, 2))),
+            "squeeze" => GlowLayer::Squeeze(SqueezeConfig::new(square)),
+            "unsqueeze" => GlowLayer::Unsqueeze(SqueezeConfig::new(ImageShape::new(4, 1, 1))),
+            "batch-norm" => GlowLayer::BatchNorm(BatchNormConfig::new(pair)),
+            "logit" => GlowLayer::Logit(LogitConfig::new(2).with_alpha(1e-3)),
+            "multiscale" => GlowLayer::MultiScale(MultiScaleConfig::new(
+                square,
+                vec![
+                    vec![
+                        GlowLayer::Squeeze(SqueezeConfig::new(square)).spec(),
+                        GlowLayer::ConvCoupling(coupling(ImageShape::new(4, 1, 1))).spec(),
+                    ],
+                    vec![GlowLayer::ActNorm(ActNormConfig::new(pair)).spec()],
+                ],
+            )),
+            _ => return None,
+        };
+        let mut sample = SampleLayer::new(layer.spec(), layer.dim());
+        if kind == "logit" {
+            sample.domain = (0.0, 1.0);
+        }
+        Some(sample)
     }
 }

@@ -297,6 +297,7 @@ mod tests {
 
     #[test]
     fn singular_is_an_error() {
-        assert!(Lu::new(&[1.0, 2.0, 2.0, 4.0], 2).is_err());
+        let err = Lu::new(&[1.0, 2.0, 2.0, 4.0], 2).expect_err("singular");
+        assert_eq!(err, "the 2×2 matrix is singular or not finite");
     }
 }

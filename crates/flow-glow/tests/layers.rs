@@ -232,14 +232,33 @@ fn invalid_layers_are_errors_not_panics() -> Result<()> {
         err.to_string() == "squeezing a 1×3×4 image needs an even height and width",
         "{err}"
     );
-    ensure!(Unsqueeze::new(&SqueezeConfig::new(ImageShape::new(3, 2, 2))).is_err());
+    let err =
+        Unsqueeze::new(&SqueezeConfig::new(ImageShape::new(3, 2, 2))).expect_err("three channels");
+    ensure!(
+        err.to_string() == "unsqueezing a 3×2×2 image needs a multiple of 4 channels",
+        "{err}"
+    );
     let one_channel = ConvCouplingConfig::new(ImageShape::new(1, 4, 4), CouplingMask::Channel);
     let err = ConvCoupling::new(&one_channel, vb.pp("c")).expect_err("one channel");
     ensure!(!err.to_string().contains('\n'), "{err}");
     let one_pixel = ConvCouplingConfig::new(ImageShape::new(4, 1, 1), CouplingMask::Checkerboard);
-    ensure!(ConvCoupling::new(&one_pixel, vb.pp("p")).is_err());
-    ensure!(Logit::new(&LogitConfig::new(4).with_alpha(0.5)).is_err());
-    ensure!(ActNorm::new(&ActNormConfig::new(ImageShape::new(0, 2, 2)), vb.pp("a")).is_err());
+    let err = ConvCoupling::new(&one_pixel, vb.pp("p")).expect_err("one pixel");
+    ensure!(
+        err.to_string()
+            .contains("a checkerboard coupling needs at least 2 pixels"),
+        "{err}"
+    );
+    let err = Logit::new(&LogitConfig::new(4).with_alpha(0.5)).expect_err("alpha 0.5");
+    ensure!(
+        err.to_string() == "logit alpha must lie in [0, 0.5), got 0.5",
+        "{err}"
+    );
+    let err = ActNorm::new(&ActNormConfig::new(ImageShape::new(0, 2, 2)), vb.pp("a"))
+        .expect_err("no channels");
+    ensure!(
+        err.to_string() == "an image needs non-zero sides, got 0×2×2",
+        "{err}"
+    );
     // A row of the wrong width is an error naming the layer.
     let act = ActNorm::new(&ActNormConfig::new(ImageShape::new(2, 2, 2)), vb.pp("b"))?;
     let err = act

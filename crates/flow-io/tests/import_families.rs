@@ -195,7 +195,14 @@ fn truncated_state_dicts_are_errors_naming_a_tensor() -> Result<()> {
                 &bytes[..cut],
                 &ImportOptions::default(),
             );
-            ensure!(r.is_err(), "{stem} cut at {cut} imported");
+            let Err(e) = r else {
+                anyhow::bail!("{stem} cut at {cut} imported");
+            };
+            let e = e.to_string();
+            ensure!(
+                e.starts_with("cut.safetensors: not a safetensors file"),
+                "{stem} cut at {cut}: {e}"
+            );
         }
     }
     Ok(())

@@ -212,7 +212,14 @@ fn an_uninitialised_actnorm_and_a_cut_file_are_errors() -> Result<()> {
             &bytes[..cut],
             &ImportOptions::default(),
         );
-        ensure!(r.is_err(), "cut at {cut} imported");
+        let Err(e) = r else {
+            anyhow::bail!("cut at {cut} imported");
+        };
+        let e = e.to_string();
+        ensure!(
+            e.starts_with("cut.safetensors: not a safetensors file"),
+            "cut at {cut}: {e}"
+        );
     }
     Ok(())
 }

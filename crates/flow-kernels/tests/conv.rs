@@ -159,9 +159,18 @@ fn fusion_off_takes_the_reference_path() -> anyhow::Result<()> {
 #[test]
 fn rejects_even_or_mismatched_kernels() -> anyhow::Result<()> {
     let x = tensor(&[2, 3, 4, 4], 1, DType::F64)?;
-    assert!(conv2d_fused(&x, &tensor(&[5, 3, 2, 2], 2, DType::F64)?, None, None).is_err());
-    assert!(conv2d_fused(&x, &tensor(&[5, 4, 3, 3], 2, DType::F64)?, None, None).is_err());
+    let not_same_padded = "are not a same-padded convolution with an odd square kernel";
+    // An even kernel, then a kernel of 4 input channels for an input of 3.
+    for w in [[5, 3, 2, 2], [5, 4, 3, 3]] {
+        let err = conv2d_fused(&x, &tensor(&w, 2, DType::F64)?, None, None)
+            .expect_err("not a same-padded convolution")
+            .to_string();
+        assert!(err.contains(not_same_padded), "{w:?}: {err}");
+    }
     let b = tensor(&[4], 3, DType::F64)?;
-    assert!(conv2d_fused(&x, &tensor(&[5, 3, 3, 3], 2, DType::F64)?, Some(&b), None).is_err());
+    let err = conv2d_fused(&x, &tensor(&[5, 3, 3, 3], 2, DType::F64)?, Some(&b), None)
+        .expect_err("4 biases for 5 outputs")
+        .to_string();
+    assert!(err.contains("fused conv: bias [4] for 5 outputs"), "{err}");
     Ok(())
 }

@@ -1,7 +1,7 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
+use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
 
-use crate::MafLayer;
+use crate::{MafConfig, MafLayer};
 
 /// MAF and IAF layers of a model configuration: kind `affine-autoregressive`, a
 /// [`MafLayer`] in JSON.
@@ -29,5 +29,14 @@ impl LayerFamily for MafFamily {
         spec.tagged_as::<MafLayer>()
             .map_err(candle::Error::Msg)?
             .build(vb)
+    }
+
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        if kind != "affine-autoregressive" {
+            return None;
+        }
+        let cfg = MafConfig::new(2).with_layers(1).with_hidden(8);
+        let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
+        Some(SampleLayer::new(spec, 2))
     }
 }

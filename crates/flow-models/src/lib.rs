@@ -11,6 +11,6 @@
 mod model;
 mod registry;
 
-pub use flow_core::{LayerFamily, LayerSpec};
+pub use flow_core::{LayerFamily, LayerSpec, SampleLayer};
 pub use model::{BaseConfig, ModelConfig};
 pub use registry::Registry;

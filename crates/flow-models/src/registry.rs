@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use candle::Result;
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, FixedLayers, LayerFamily, LayerSpec};
+use flow_core::{Bijector, FixedLayers, LayerFamily, LayerSpec, SampleLayer};
 
 /// The layer families a model configuration may use, looked up by layer kind.
 #[derive(Clone)]
@@ -80,6 +80,11 @@ impl Registry {
         context_dim: usize,
     ) -> std::result::Result<(), String> {
         self.family(spec.kind())?.check(spec, dim, context_dim)
+    }
+
+    /// A small layer of `kind`, from its family ([`LayerFamily::sample`]).
+    pub fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        self.family(kind).ok()?.sample(kind)
     }
 
     /// Builds one layer; its tensors live under `vb`.

@@ -372,9 +372,12 @@ fn residual_made_networks_are_autoregressive() -> Result<()> {
     }
     let mut bad = config(order, Affine::new(ScaleMap::Exp));
     bad.residual_blocks = 1;
+    let err = bad
+        .check(4)
+        .expect_err("two hidden widths in a residual MADE");
     ensure!(
-        bad.check(4).is_err(),
-        "two hidden widths in a residual MADE"
+        err.contains("a residual MADE has one hidden width"),
+        "{err}"
     );
     Ok(())
 }

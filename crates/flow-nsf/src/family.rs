@@ -1,7 +1,7 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
+use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
 
-use crate::SplineLayer;
+use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
 
 /// The spline flows' layers of a model configuration: kinds `spline-coupling` and
 /// `spline-autoregressive`, each a [`SplineLayer`] in JSON.
@@ -47,5 +47,21 @@ impl LayerFamily for NsfFamily {
         spec.tagged_as::<SplineLayer>()
             .map_err(candle::Error::Msg)?
             .build(vb)
+    }
+
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let nsf = match kind {
+            "spline-coupling" => NsfKind::Coupling,
+            "spline-autoregressive" => NsfKind::Autoregressive,
+            _ => return None,
+        };
+        let cfg = NsfConfig::new(2)
+            .with_kind(nsf)
+            .with_layers(1)
+            .with_hidden(8)
+            .with_spline(Spline::new(4, 3.0))
+            .with_zero_init(false);
+        let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
+        Some(SampleLayer::new(spec, 2))
     }
 }

@@ -1,8 +1,8 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
+use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
 use flow_nn::{CouplingConfig, NetConfig, ScaleMap};
 
-use crate::CouplingLayer;
+use crate::{CouplingKind, CouplingLayer, RealNvpConfig};
 
 /// The RealNVP and NICE layers of a model configuration: kinds `affine` and
 /// `additive`, each a [`CouplingLayer`] in JSON.
@@ -66,5 +66,20 @@ impl LayerFamily for RealNvpFamily {
         spec.tagged_as::<CouplingLayer>()
             .map_err(candle::Error::Msg)?
             .build(vb)
+    }
+
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let coupling = match kind {
+            "affine" => CouplingKind::Affine,
+            "additive" => CouplingKind::Additive,
+            _ => return None,
+        };
+        let cfg = RealNvpConfig::new(2)
+            .with_layers(1)
+            .with_hidden(8)
+            .with_coupling(coupling)
+            .with_zero_init(false);
+        let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
+        Some(SampleLayer::new(spec, 2))
     }
 }

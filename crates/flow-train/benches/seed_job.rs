@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use flow_core::{seeded_var_builder, Flow};
+use flow_core::{sampling::randn, seeded_var_builder, Flow};
 use flow_models::ModelConfig;
 use flow_realnvp::{Activation, RealNvpConfig};
 use flow_train::{batch_parts, nll_and_gradients, Adam, OptimizerConfig};
@@ -63,8 +63,16 @@ fn step(job: &mut Job, x: &Tensor) {
     sync();
 }
 
-fn data(n: usize, dim: usize) -> Tensor {
-    Tensor::randn(0f32, 1., (n, dim), device()).expect("data")
+/// `(n, dim)` standard-normal points drawn from `seed`.
+fn data(n: usize, dim: usize, seed: u64) -> Tensor {
+    randn(
+        n,
+        dim,
+        DType::F32,
+        device(),
+        &mut StdRng::seed_from_u64(seed),
+    )
+    .expect("data")
 }
 
 fn seed_job(c: &mut Criterion) {
@@ -74,10 +82,10 @@ fn seed_job(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let cfg = RealNvpConfig::new(2);
     let mut j = job(&cfg);
-    let x = data(512, 2);
+    let x = data(512, 2, 1);
     g.throughput(Throughput::Elements(1));
     g.bench_function("train_step", |b| b.iter(|| step(&mut j, &x)));
-    let big = data(100_000, 2);
+    let big = data(100_000, 2, 2);
     g.throughput(Throughput::Elements(100_000));
     g.bench_function("log_prob_100k", |b| {
         b.iter(|| {
@@ -113,10 +121,10 @@ fn zuko_job(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     let mut j = job(&zuko_default());
-    let x = data(256, 2);
+    let x = data(256, 2, 3);
     g.throughput(Throughput::Elements(1));
     g.bench_function("train_step", |b| b.iter(|| step(&mut j, &x)));
-    let big = data(100_000, 2);
+    let big = data(100_000, 2, 4);
     g.throughput(Throughput::Elements(100_000));
     g.bench_function("log_prob_100k", |b| {
         b.iter(|| {
@@ -141,7 +149,7 @@ fn sweep(
     for &p in points {
         let (cfg, batch) = make(p);
         let mut j = job(&cfg);
-        let x = data(batch, cfg.dim);
+        let x = data(batch, cfg.dim, 5);
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_with_input(BenchmarkId::from_parameter(p), &p, |b, _| {
             b.iter(|| step(&mut j, &x))
@@ -179,7 +187,7 @@ fn machine(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     let n = 1024;
-    let (a, b) = (data(n, n), data(n, n));
+    let (a, b) = (data(n, n, 6), data(n, n, 7));
     g.throughput(Throughput::Elements(2 * (n * n * n) as u64));
     g.bench_function("matmul_1024", |bch| {
         bch.iter(|| {

@@ -180,8 +180,17 @@ fn mismatched_gradients_are_errors() -> Result<()> {
     let var = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
     let mut adam = Adam::new(vec![var], OptimizerConfig::default())?;
     let wrong = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
-    assert!(adam.step(&[Some(wrong)], 0.1).is_err());
-    assert!(adam.step(&[], 0.1).is_err());
+    let err = adam.step(&[Some(wrong)], 0.1).expect_err("wrong shape");
+    assert!(
+        err.to_string()
+            .contains("gradient of shape [3] for a variable of shape [2]"),
+        "{err}"
+    );
+    let err = adam.step(&[], 0.1).expect_err("no gradients");
+    assert!(
+        err.to_string().contains("0 gradients for 1 variables"),
+        "{err}"
+    );
     assert_eq!(adam.step_count(), 0, "a refused step counts");
     Ok(())
 }

@@ -139,19 +139,39 @@ fn a_diverging_run_stops_and_keeps_finite_weights() -> Result<()> {
 
 #[test]
 fn bad_settings_are_rejected_before_training() {
+    // Each with the words that name its fault.
     let bad = [
-        small(0),
-        small(10).with_batch_size(0),
-        small(10).with_optimizer(OptimizerConfig {
-            lr: -1.0,
-            ..OptimizerConfig::default()
-        }),
-        small(10).with_schedule(Schedule::Exp { decay: 1.5 }),
-        small(10).with_clip_grad(Some(0.0)),
-        TrainConfig::new(RealNvpConfig::new(1)),
-        TrainConfig::new(RealNvpConfig::new(2).with_layers(0)),
+        (small(0), "`steps` must be at least 1"),
+        (small(10).with_batch_size(0), "`batch` must be at least 1"),
+        (
+            small(10).with_optimizer(OptimizerConfig {
+                lr: -1.0,
+                ..OptimizerConfig::default()
+            }),
+            "`lr` must be positive, got -1",
+        ),
+        (
+            small(10).with_schedule(Schedule::Exp { decay: 1.5 }),
+            "`lr-decay` must lie in (0, 1], got 1.5",
+        ),
+        (
+            small(10).with_clip_grad(Some(0.0)),
+            "`clip-grad` must be positive, got 0",
+        ),
+        (
+            TrainConfig::new(RealNvpConfig::new(1)),
+            "a coupling mask must keep at least one feature",
+        ),
+        (
+            TrainConfig::new(RealNvpConfig::new(2).with_layers(0)),
+            "a model to train needs at least one layer",
+        ),
     ];
-    for cfg in bad {
-        assert!(Trainer::new(cfg.clone(), &Device::Cpu).is_err(), "{cfg:?}");
+    for (cfg, want) in bad {
+        let err = Trainer::new(cfg.clone(), &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("accepted {cfg:?}"))
+            .to_string();
+        assert!(err.contains(want), "`{err}` lacks `{want}`");
     }
 }

@@ -121,9 +121,16 @@ pub fn check_pixels(data: &Dataset, levels: u32, what: &str) -> Result<(), DataE
 /// within a small multiple of the (decompressed) file: sizes in headers are checked
 /// against the bytes present before anything is allocated for them.
 pub fn load_images(path: &Path) -> Result<Images, DataError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| DataError::new(path.display().to_string(), None, e.to_string()))?;
+    images_from_bytes(bytes, path)
+}
+
+/// [`load_images`] on the bytes of a file already read: `path` names it in errors, and
+/// its extension counts as there.
+pub fn images_from_bytes(mut bytes: Vec<u8>, path: &Path) -> Result<Images, DataError> {
     let name = path.display().to_string();
     let fail = |m: String| DataError::new(&name, None, m);
-    let mut bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     if bytes.starts_with(&[0x1f, 0x8b]) {
         // Multi-member, like gzip itself: concatenated .gz files are one stream.
         let mut plain = Vec::new();

@@ -8,7 +8,8 @@ pub use files::{
     chunks, column_names, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks,
 };
 pub use images::{
-    check_pixels, digits, digits_labels, load_images, ImageDims, Images, DIGITS_LEVELS,
+    check_pixels, digits, digits_labels, images_from_bytes, load_images, ImageDims, Images,
+    DIGITS_LEVELS,
 };
 pub use toy::{generate, generate_labeled, Toy};
 
