@@ -148,7 +148,7 @@ fn bad_settings_are_rejected_before_training() {
                 lr: -1.0,
                 ..OptimizerConfig::default()
             }),
-            "`lr` must be positive, got -1",
+            "`lr` must be positive and finite in f32, got -1",
         ),
         (
             small(10).with_schedule(Schedule::Exp { decay: 1.5 }),
@@ -156,7 +156,7 @@ fn bad_settings_are_rejected_before_training() {
         ),
         (
             small(10).with_clip_grad(Some(0.0)),
-            "`clip-grad` must be positive, got 0",
+            "`clip-grad` must be positive and finite in f32, got 0",
         ),
         (
             TrainConfig::new(RealNvpConfig::new(1)),
