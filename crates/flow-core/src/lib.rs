@@ -12,6 +12,7 @@ pub mod distributions;
 pub mod family;
 pub mod flow;
 pub mod init;
+pub mod limits;
 pub mod sampling;
 mod setters;
 
