@@ -426,6 +426,17 @@ mod tests {
             )
         };
         assert_eq!(glow().validate(), Ok(()));
+        let wide = ModelConfig::glow(
+            &GlowConfig::new(ImageShape::new(1, 8, 8))
+                .with_levels(1)
+                .with_depth(1)
+                .with_hidden_channels(99_999_999_999),
+        );
+        let err = refused(&wide);
+        assert!(
+            err.ends_with("99999999999 hidden channels: more than the limit of 65536"),
+            "{err}"
+        );
         let with_recipe = |key: &str, value: serde_json::Value| {
             let mut cfg = glow();
             if let Some(serde_json::Value::Object(r)) = &mut cfg.recipe {
