@@ -7,7 +7,7 @@ use crate::Failure;
 
 /// The most rows a command generates (`flow sample --n`, `flow data --n`): without a
 /// bound, a typo fills the disk.
-pub const MAX_ROWS: usize = 100_000_000;
+pub use flow_core::limits::MAX_SAMPLES as MAX_ROWS;
 
 /// The most points a PNG scatter draws (the points are held until the end).
 pub const MAX_SCATTER: usize = 1 << 20;

@@ -10,7 +10,7 @@ use std::{
     sync::OnceLock,
 };
 
-use flow_core::limits::{MAX_BINS, MAX_CHANNELS, MAX_COMPONENTS, MAX_DIM, MAX_HIDDEN, MAX_LAYERS};
+use flow_core::limits::{MAX_BINS, MAX_COMPONENTS, MAX_DIM, MAX_HIDDEN, MAX_LAYERS};
 
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -202,7 +202,7 @@ fn sizes_and_values_from_flags_are_bounded() {
     for (flag, v, expect) in [
         over("depth", "99999999999", MAX_LAYERS),
         over("scales", "99999999999", MAX_LAYERS),
-        over("channels", "99999999999", MAX_CHANNELS),
+        over("channels", "99999999999", MAX_HIDDEN),
     ] {
         refused(&digits(&[&flag, &v]), &expect);
     }

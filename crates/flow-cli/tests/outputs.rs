@@ -2,6 +2,7 @@
 //! that write rows, the training file's column names in what comes back, several
 //! samples per condition row, and no temporary file left by a signal.
 
+use flow_core::limits::MAX_SAMPLES;
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -442,23 +443,24 @@ fn context_file_with_n_draws_n_samples_per_row_tagged_with_the_row() {
 #[test]
 fn n_is_bounded() {
     let out = path("huge.csv");
+    let over = (MAX_SAMPLES + 1).to_string();
     fails(
         &[
             "sample",
             "--model",
             model(),
             "--n",
-            "100000001",
+            &over,
             "--context",
             "0,0,0",
             "--out",
             &out,
         ],
-        "--n 100000001: at most 100000000 rows",
+        &format!("--n {over}: at most {MAX_SAMPLES} rows"),
     );
     fails(
-        &["data", "moons", "--n", "100000001", "--out", &out],
-        "--n 100000001: at most 100000000 rows",
+        &["data", "moons", "--n", &over, "--out", &out],
+        &format!("--n {over}: at most {MAX_SAMPLES} rows"),
     );
     assert!(!Path::new(&out).exists());
 }
@@ -470,7 +472,13 @@ fn a_signal_while_sampling_leaves_no_temporary_file() {
     std::fs::create_dir_all(&sub).expect("dir");
     let out = sub.join("big.csv");
     let child = Command::new(env!("CARGO_BIN_EXE_flow"))
-        .args(["sample", "--model", model(), "--n", "100000000"])
+        .args([
+            "sample",
+            "--model",
+            model(),
+            "--n",
+            &MAX_SAMPLES.to_string(),
+        ])
         .args(["--context", "0,0,0", "--out"])
         .arg(&out)
         .stderr(std::process::Stdio::piped())

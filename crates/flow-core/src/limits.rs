@@ -1,34 +1,117 @@
-//! Upper bounds on sizes read from flags and files, checked before anything is
-//! allocated: a size beyond its bound is a mistake or a hostile input, and refusing it
-//! with a message beats an allocator abort. Each bound is far above any model or data
-//! set these crates are meant for, and low enough that one buffer of that many `f32`
-//! values, or one weight matrix at that size, still fits in memory.
+//! Upper bounds on the sizes a model configuration, a file or a command-line flag may
+//! ask for. Each is checked, in checked arithmetic, before anything of that size is
+//! allocated, so that a hostile or mistyped number is a one-line error rather than an
+//! aborted allocation. The bounds are generous: each is far beyond what a model trained
+//! on one machine needs, and small enough that a tensor of that size can be allocated.
 
-/// Most features per row (the dim of a model, the pixels of an image, C·H·W):
-/// 2^26 features, one row of 256 MiB in `f32`; a 4096×4096 image with 4 channels fits.
-pub const MAX_DIM: usize = 1 << 26;
+/// Features of one data point (a model's `dim`, its context features, the pixels times
+/// channels of an image): 2²⁴ = 16 777 216, room for a 2048×2048 RGB image (12.6 M).
+pub const MAX_DIM: usize = 1 << 24;
 
-/// Widest hidden layer of a conditioner network: a square layer of 16384 units holds
-/// 2^28 weights (1 GiB in `f32`), far wider than published flows use (≤ 4096).
-pub const MAX_HIDDEN: usize = 1 << 14;
+/// Width of a hidden layer, or hidden channels of a convolution: 65 536. The widest
+/// published flow conditioners use 512 to 2048; a square weight matrix of this width
+/// is already 16 GiB in f32.
+pub const MAX_HIDDEN: usize = 1 << 16;
 
-/// Most components of a mixture base: each is a Gaussian over every feature, so
-/// 4096 components over a wide row already hold more parameters than the flow.
-pub const MAX_COMPONENTS: usize = 1 << 12;
+/// Components of a mixture base distribution: 65 536 (mixtures of a few hundred are
+/// already slow to fit).
+pub const MAX_COMPONENTS: usize = 1 << 16;
 
-/// Most bins of a rational-quadratic spline: the minimum bin width (1e-3 of the
-/// interval) already rules out 1000 or more; libraries use 4 to 64.
-pub const MAX_BINS: usize = 1 << 10;
+/// Bins of a rational-quadratic spline: 1 000. Splines of 8 to 64 bins are the norm;
+/// with the usual minimum bin width of 1e-3 no more than 999 fit anyway.
+pub const MAX_BINS: usize = 1000;
 
-/// Most layers of a stack (coupling or autoregressive layers, flow steps per level,
-/// image scales): every layer keeps activations for the backward pass, and 1024 is
-/// far deeper than any flow trained in practice (Glow uses 32 per level).
+/// Layers of a stack (coupling or autoregressive layers, hidden layers of a network,
+/// flow steps per level, image scales): 1 024. Every layer keeps activations for the
+/// backward pass, and published flows stay far below this (Glow uses 32 per level).
 pub const MAX_LAYERS: usize = 1 << 10;
 
-/// Most hidden channels of a convolutional conditioner: a 3×3 convolution at 4096
-/// channels already holds 151 million weights.
-pub const MAX_CHANNELS: usize = 1 << 12;
+/// Values a pixel takes: 65 536, a 16-bit image.
+pub const MAX_PIXEL_LEVELS: u32 = 1 << 16;
 
-/// Most rows generated or drawn at once (a built-in data set's points, a batch):
-/// 2^24 rows of a few features stay within a few hundred MiB.
-pub const MAX_ROWS: usize = 1 << 24;
+/// Samples drawn, or rows written, by one command: 2²⁶ = 67 108 864 rows. A CSV of that
+/// many 2-D rows is about 3 GB.
+pub const MAX_SAMPLES: usize = 1 << 26;
+
+/// Rows of a data set: 2³² − 1, beyond what fits in memory at any dimension; it keeps
+/// positions in the data (a training run's, say) far from overflow.
+pub const MAX_ROWS: usize = u32::MAX as usize;
+
+/// Values in one tensor a configuration implies (a weight matrix `in × out`, a
+/// convolution kernel, a mixture's means): 2³⁰, 4 GiB in f32. Each size above may be
+/// within its own bound while their product is not.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 30;
+
+/// An error naming `what` (a plural noun: "features", "spline bins") if `value` is
+/// above `max`.
+pub fn check_at_most(what: &str, value: usize, max: usize) -> Result<(), String> {
+    if value > max {
+        return Err(format!("{value} {what}: more than the limit of {max}"));
+    }
+    Ok(())
+}
+
+/// The product of `factors`, or an error naming `what` if it overflows or exceeds
+/// `max`.
+pub fn checked_product(what: &str, factors: &[usize], max: usize) -> Result<usize, String> {
+    let product = factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&p| p <= max);
+    product.ok_or_else(|| {
+        let spelled: Vec<String> = factors.iter().map(|f| f.to_string()).collect();
+        format!(
+            "{what} of {} values: more than the limit of {max}",
+            spelled.join(" × ")
+        )
+    })
+}
+
+/// Checks a dense network's widths, `[inputs, hidden…, outputs]`: every hidden width at
+/// most [`MAX_HIDDEN`], and every weight matrix at most [`MAX_TENSOR_ELEMENTS`].
+pub fn check_dense(widths: &[usize]) -> Result<(), String> {
+    if let [_, hidden @ .., _] = widths {
+        for &h in hidden {
+            check_at_most("hidden units in a layer", h, MAX_HIDDEN)?;
+        }
+    }
+    for pair in widths.windows(2) {
+        checked_product("a weight matrix", pair, MAX_TENSOR_ELEMENTS)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_that_wrap_are_refused() {
+        // 2305843009213693954 · 8 wraps to 16 in 64 bits.
+        let err = checked_product("an image", &[2_305_843_009_213_693_954, 8, 1], MAX_DIM)
+            .expect_err("wraps");
+        assert_eq!(
+            err,
+            format!(
+                "an image of 2305843009213693954 × 8 × 1 values: more than the limit of {MAX_DIM}"
+            )
+        );
+        assert_eq!(checked_product("an image", &[3, 32, 32], MAX_DIM), Ok(3072));
+    }
+
+    #[test]
+    fn dense_networks_are_bounded_by_width_and_by_matrix() {
+        assert_eq!(check_dense(&[2, 64, 64, 4]), Ok(()));
+        assert_eq!(
+            check_dense(&[2, 99_999_999_999, 4]),
+            Err(format!(
+                "99999999999 hidden units in a layer: more than the limit of {MAX_HIDDEN}"
+            ))
+        );
+        let err = check_dense(&[MAX_DIM, MAX_HIDDEN, 2]).expect_err("too large");
+        assert!(
+            err.starts_with("a weight matrix of 16777216 × 65536 values"),
+            "{err}"
+        );
+    }
+}

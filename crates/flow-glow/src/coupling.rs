@@ -3,7 +3,7 @@
 
 use candle::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
-use flow_core::Bijector;
+use flow_core::{limits, Bijector};
 use flow_nn::{Activation, ScaleMap};
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +119,17 @@ impl ConvCouplingConfig {
         if self.hidden_channels == 0 {
             return Err("a coupling needs at least one hidden channel".into());
         }
+        let h = self.hidden_channels;
+        limits::check_at_most("hidden channels", h, limits::MAX_HIDDEN)?;
+        // The convolutions' kernels: 3×3 between the channels and the hidden ones (at
+        // most twice the channels out), 1×1 from hidden to hidden.
+        let c = self.shape.channels;
+        limits::checked_product(
+            "a convolution kernel",
+            &[2, c, h, 9],
+            limits::MAX_TENSOR_ELEMENTS,
+        )?;
+        limits::checked_product("a convolution kernel", &[h, h], limits::MAX_TENSOR_ELEMENTS)?;
         if self.mask.is_channel() && self.shape.channels < 2 {
             return Err(format!(
                 "a channel-wise coupling needs at least 2 channels, got a {} image",

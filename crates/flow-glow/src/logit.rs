@@ -32,6 +32,7 @@ impl LogitConfig {
         if self.dim == 0 {
             return Err("a logit layer needs at least one feature".into());
         }
+        flow_core::limits::check_at_most("features", self.dim, flow_core::limits::MAX_DIM)?;
         if !(0.0..0.5).contains(&self.alpha) {
             return Err(format!(
                 "logit alpha must lie in [0, 0.5), got {}",

@@ -53,11 +53,15 @@ impl ImageShape {
         self.height * self.width
     }
 
-    /// Checks that no side is zero.
+    /// Checks that no side is zero and that the features, `C·H·W` in checked
+    /// arithmetic, are within [`MAX_DIM`](flow_core::limits::MAX_DIM); after it,
+    /// [`dim`](Self::dim) and [`pixels`](Self::pixels) cannot overflow.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.dim() == 0 {
+        let sides = [self.channels, self.height, self.width];
+        if sides.contains(&0) {
             return Err(format!("an image needs non-zero sides, got {self}"));
         }
+        flow_core::limits::checked_product("an image", &sides, flow_core::limits::MAX_DIM)?;
         Ok(())
     }
 

@@ -46,6 +46,17 @@ pub fn save(
     summary: Option<&serde_json::Value>,
     extra: &BTreeMap<String, String>,
 ) -> Result<(), IoError> {
+    write_atomic(path, &serialize(path, config, tensors, summary, extra)?)
+}
+
+/// The bytes [`save`] writes (errors name `path`).
+pub(crate) fn serialize(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    summary: Option<&serde_json::Value>,
+    extra: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, IoError> {
     let invalid = |message: String| IoError::Invalid {
         path: path.to_path_buf(),
         message,
@@ -72,9 +83,8 @@ pub fn save(
         sorted.push((name, t));
     }
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(|e| invalid(format!("cannot serialise: {e}")))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| invalid(format!("cannot serialise: {e}")))
 }
 
 /// Reads the header and tensors of `bytes` (already read from `path`).
@@ -211,6 +221,14 @@ pub fn build_checked_with(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
+    // Sizes and settings first, before anything is allocated.
+    checkpoint
+        .config
+        .validate_with(registry)
+        .map_err(|reason| IoError::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        })?;
     // Build once with placeholder values to learn the expected names and shapes.
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, dtype, device);

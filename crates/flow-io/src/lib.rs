@@ -9,6 +9,7 @@ mod atomic;
 mod checkpoint;
 mod error;
 pub mod import;
+mod scores;
 
 pub use atomic::{remove_temp_files, write_atomic, AtomicWriter};
 pub use checkpoint::{
@@ -16,4 +17,5 @@ pub use checkpoint::{
     FORMAT_VERSION, STATE_PREFIX,
 };
 pub use error::IoError;
-pub use import::{export_seed, import, import_bytes, ImportOptions, Imported, Source};
+pub use import::{export_seed, import, import_bytes, Assumption, ImportOptions, Imported, Source};
+pub use scores::check_scores;

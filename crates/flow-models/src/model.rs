@@ -1,8 +1,8 @@
 use candle::{bail, DType, Result};
 use candle_nn::VarBuilder;
 use flow_core::{
-    Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, LayerSpec, StandardNormal,
-    Standardize,
+    limits, Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, LayerSpec,
+    StandardNormal, Standardize,
 };
 use serde::{Deserialize, Serialize};
 
@@ -210,12 +210,8 @@ impl ModelConfig {
     /// `realnvp-image`), from its recipe; `None` for other models.
     #[cfg(feature = "glow")]
     pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
-        let recipe = self.recipe.as_ref()?;
-        let family = recipe.get("family")?.as_str()?;
-        if !matches!(family, "glow" | "realnvp-image") {
-            return None;
-        }
-        serde_json::from_value(recipe.clone()).ok()
+        self.image_family()?;
+        serde_json::from_value(self.recipe.clone()?).ok()
     }
 
     /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
@@ -267,8 +263,18 @@ impl ModelConfig {
         if self.dim == 0 {
             return Err("a model needs at least one feature".into());
         }
-        if self.base == (BaseConfig::Mixture { components: 0 }) {
-            return Err("a mixture base needs at least one component".into());
+        limits::check_at_most("features", self.dim, limits::MAX_DIM)?;
+        limits::check_at_most("context features", self.context_dim, limits::MAX_DIM)?;
+        if let BaseConfig::Mixture { components } = self.base {
+            if components == 0 {
+                return Err("a mixture base needs at least one component".into());
+            }
+            limits::check_at_most("mixture components", components, limits::MAX_COMPONENTS)?;
+            limits::checked_product(
+                "a mixture base's means",
+                &[components, self.dim],
+                limits::MAX_TENSOR_ELEMENTS,
+            )?;
         }
         if let Some(names) = &self.columns {
             check_columns(names, self.dim + self.context_dim)?;
@@ -278,7 +284,58 @@ impl ModelConfig {
                 .check(layer, self.dim, self.context_dim)
                 .map_err(|e| format!("layer {i}: {e}"))?;
         }
+        #[cfg(feature = "glow")]
+        self.check_image_recipe()?;
         Ok(())
+    }
+
+    /// Checks an image model's recipe against its layers: the commands that read and
+    /// write images take the shape and pixel levels from it.
+    #[cfg(feature = "glow")]
+    fn check_image_recipe(&self) -> std::result::Result<(), String> {
+        let Some(family) = self.image_family() else {
+            return Ok(());
+        };
+        let recipe = self.recipe.clone().unwrap_or_default();
+        let info: flow_glow::ImageInfo = serde_json::from_value(recipe)
+            .map_err(|e| format!("the `{family}` recipe does not give the images: {e}"))?;
+        info.shape
+            .validate()
+            .map_err(|e| format!("the `{family}` recipe: {e}"))?;
+        let levels = info.pixel_levels;
+        if !(2..=limits::MAX_PIXEL_LEVELS).contains(&levels) {
+            return Err(format!(
+                "the `{family}` recipe gives {levels} pixel levels: they must lie in 2..={}",
+                limits::MAX_PIXEL_LEVELS
+            ));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .filter_map(|l| l.tagged_as::<flow_glow::GlowLayer>().ok());
+        let first_shape = layers.filter_map(|l| l.input_shape()).next();
+        let agrees = match first_shape {
+            Some(shape) => shape == info.shape,
+            None => info.shape.dim() == self.dim,
+        };
+        if !agrees {
+            let layers = match first_shape {
+                Some(shape) => format!("{shape} images"),
+                None => format!("{} features", self.dim),
+            };
+            return Err(format!(
+                "the `{family}` recipe gives {} images, the layers take {layers}",
+                info.shape
+            ));
+        }
+        Ok(())
+    }
+
+    /// The family of an image model, as its recipe names it.
+    #[cfg(feature = "glow")]
+    fn image_family(&self) -> Option<&str> {
+        let family = self.recipe.as_ref()?.get("family")?.as_str()?;
+        matches!(family, "glow" | "realnvp-image").then_some(family)
     }
 
     /// Builds the flow with the built-in families, reading (or creating) its tensors
@@ -371,6 +428,118 @@ mod tests {
     /// A conditional RealNVP's configuration as files held it before models had a
     /// context dimension of their own.
     const OLD: &str = r#"{"dim":2,"standardize":true,"layers":[{"type":"affine","mask":[true,false],"conditioner":{"nets":"separate","layout":"scale-shift","net":{"kind":"mlp","hidden":[4],"activation":"leaky-relu"},"zero_init":false},"scale":{"kind":"soft-clamp","clamp":3.0},"inverted":false,"context_dim":1}],"base":{"kind":"standard-normal"},"realnvp":{"dim":2,"layers":1,"hidden":4,"context_dim":1}}"#;
+
+    /// The message `validate` gives, which must exist.
+    fn refused(cfg: &ModelConfig) -> String {
+        cfg.validate().expect_err("refused")
+    }
+
+    #[test]
+    fn sizes_beyond_the_limits_are_refused_before_anything_is_made() {
+        use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_HIDDEN};
+        let maf = |dim: usize, hidden: usize| {
+            ModelConfig::maf(&flow_maf::MafConfig::new(dim).with_hidden(hidden))
+        };
+        assert_eq!(maf(2, 64).validate(), Ok(()));
+        // The order of a layer lists the features, so the model's size is checked
+        // first: no layer check allocates for 10^12 features.
+        let mut huge = maf(2, 64);
+        huge.dim = 1_000_000_000_000;
+        assert_eq!(
+            refused(&huge),
+            format!("1000000000000 features: more than the limit of {MAX_DIM}")
+        );
+        assert_eq!(
+            refused(&maf(2, 99_999_999_999)),
+            format!(
+                "layer 0: 99999999999 hidden units in a layer: more than the limit of {MAX_HIDDEN}"
+            )
+        );
+        let mixture = maf(2, 64).with_base(BaseConfig::Mixture {
+            components: 99_999_999_999,
+        });
+        assert_eq!(
+            refused(&mixture),
+            format!("99999999999 mixture components: more than the limit of {MAX_COMPONENTS}")
+        );
+        let nsf = |bins| {
+            ModelConfig::nsf(
+                &flow_nsf::NsfConfig::new(2).with_spline(flow_nsf::Spline::new(bins, 5.0)),
+            )
+        };
+        assert_eq!(nsf(64).validate(), Ok(()));
+        assert_eq!(
+            refused(&nsf(1001)),
+            "layer 0: 1001 spline bins: more than the limit of 1000"
+        );
+        // Widths within their bounds whose weight matrix is not.
+        let wide = ModelConfig::realnvp(
+            &flow_realnvp::RealNvpConfig::new(1 << 16)
+                .with_hidden(MAX_HIDDEN)
+                .with_layers(1),
+        );
+        let err = refused(&wide);
+        assert!(
+            err.starts_with("layer 0: a weight matrix of 65536 × 65536 values"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_image_recipe_must_agree_with_the_layers() {
+        use flow_glow::{GlowConfig, ImageShape};
+        let glow = || {
+            ModelConfig::glow(
+                &GlowConfig::new(ImageShape::new(1, 8, 8))
+                    .with_levels(2)
+                    .with_depth(1)
+                    .with_hidden_channels(4),
+            )
+        };
+        assert_eq!(glow().validate(), Ok(()));
+        let wide = ModelConfig::glow(
+            &GlowConfig::new(ImageShape::new(1, 8, 8))
+                .with_levels(1)
+                .with_depth(1)
+                .with_hidden_channels(99_999_999_999),
+        );
+        let err = refused(&wide);
+        assert!(
+            err.ends_with("99999999999 hidden channels: more than the limit of 65536"),
+            "{err}"
+        );
+        let with_recipe = |key: &str, value: serde_json::Value| {
+            let mut cfg = glow();
+            if let Some(serde_json::Value::Object(r)) = &mut cfg.recipe {
+                r.insert(key.into(), value);
+            }
+            cfg
+        };
+        let shape =
+            |c: u64, h: u64, w: u64| serde_json::json!({"channels": c, "height": h, "width": w});
+        assert_eq!(
+            refused(&with_recipe("shape", shape(1, 2, 2))),
+            "the `glow` recipe gives 1×2×2 images, the layers take 1×8×8 images"
+        );
+        // The same number of features in another shape.
+        assert_eq!(
+            refused(&with_recipe("shape", shape(4, 4, 4))),
+            "the `glow` recipe gives 4×4×4 images, the layers take 1×8×8 images"
+        );
+        assert_eq!(
+            refused(&with_recipe("pixel_levels", 0.into())),
+            "the `glow` recipe gives 0 pixel levels: they must lie in 2..=65536"
+        );
+        assert_eq!(
+            refused(&with_recipe("shape", shape(2_305_843_009_213_693_954, 8, 1))),
+            "the `glow` recipe: an image of 2305843009213693954 × 8 × 1 values: more than the limit of 16777216"
+        );
+        let err = refused(&with_recipe("shape", "8x8".into()));
+        assert!(
+            err.starts_with("the `glow` recipe does not give the images: "),
+            "{err}"
+        );
+    }
 
     #[test]
     fn older_files_read_with_the_layers_context() {

@@ -51,23 +51,24 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-impl<T> AutoregressiveConfig<T> {
-    /// Checks the order and the widths against `dim` features.
+impl<T: Transform> AutoregressiveConfig<T> {
+    /// Checks the order and the network's sizes against `dim` features (the
+    /// transform's own settings are checked first, by its family: they decide how many
+    /// parameters the network outputs).
     pub fn check(&self, dim: usize) -> std::result::Result<(), String> {
-        let mut seen = vec![false; dim];
+        // The order's length is that of a list read from a file, so `dim` is bounded
+        // before the `seen` flags are allocated.
         if self.order.len() != dim {
             return Err(format!(
                 "an order of {} features in a model of {dim}",
                 self.order.len()
             ));
         }
+        let mut seen = vec![false; dim];
         for &i in &self.order {
             if i >= dim || std::mem::replace(&mut seen[i], true) {
                 return Err(format!("not an order of 0..{dim}: {:?}", self.order));
             }
-        }
-        if self.hidden.contains(&0) {
-            return Err("a hidden layer of width 0".into());
         }
         if self.residual_blocks > 0 && self.hidden.len() != 1 {
             return Err(format!(
@@ -75,9 +76,13 @@ impl<T> AutoregressiveConfig<T> {
                 self.hidden
             ));
         }
-        Ok(())
+        let outputs = dim.saturating_mul(self.transform.params().len());
+        self.net()
+            .check(dim.saturating_add(self.context_dim), outputs)
     }
+}
 
+impl<T> AutoregressiveConfig<T> {
     /// The network: a plain MLP, or a residual one.
     fn net(&self) -> NetConfig {
         match (self.residual_blocks, self.hidden.first()) {

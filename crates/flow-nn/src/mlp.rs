@@ -1,5 +1,6 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::{init::Init, Linear, Module, VarBuilder};
+use flow_core::limits;
 use flow_kernels::{fused, mlp::Arch, Op};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,31 @@ impl NetConfig {
         match self {
             Self::Mlp { activation, .. } | Self::Residual { activation, .. } => *activation,
         }
+    }
+
+    /// Checks the sizes of a network from `inputs` to `outputs` features before any
+    /// weight is made: no hidden layer of width 0, and every width and weight matrix
+    /// within [`flow_core::limits`].
+    pub fn check(&self, inputs: usize, outputs: usize) -> std::result::Result<(), String> {
+        let hidden = match self {
+            Self::Mlp { hidden, .. } => hidden.clone(),
+            Self::Residual { hidden, blocks, .. } => {
+                limits::checked_product(
+                    "a residual network's blocks",
+                    &[*blocks, *hidden, *hidden],
+                    limits::MAX_TENSOR_ELEMENTS,
+                )?;
+                vec![*hidden]
+            }
+        };
+        if hidden.contains(&0) {
+            return Err("a hidden layer of width 0".into());
+        }
+        let widths: Vec<usize> = std::iter::once(inputs)
+            .chain(hidden)
+            .chain(std::iter::once(outputs))
+            .collect();
+        limits::check_dense(&widths)
     }
 }
 

@@ -65,6 +65,7 @@ impl Spline {
         if self.bins == 0 {
             return Err("a spline needs at least 1 bin".into());
         }
+        flow_core::limits::check_at_most("spline bins", self.bins, flow_core::limits::MAX_BINS)?;
         if !(self.bound.is_finite() && self.bound > 0.0) {
             return Err(format!(
                 "the tail bound must be positive, got {}",

@@ -1,5 +1,6 @@
 use candle_nn::VarBuilder;
 use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
+use flow_nn::Transform;
 
 use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
 
@@ -14,8 +15,10 @@ impl LayerFamily for NsfFamily {
     }
 
     fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
-        let (spline, context) = match spec.tagged_as::<SplineLayer>()? {
+        let context = match spec.tagged_as::<SplineLayer>()? {
             SplineLayer::SplineCoupling(c) => {
+                // The bins are bounded first: they size the network's output.
+                c.transform.check()?;
                 if c.mask.len() != dim {
                     return Err(format!(
                         "mask of {} features in a model of {dim}",
@@ -28,11 +31,16 @@ impl LayerFamily for NsfFamily {
                         c.mask
                     ));
                 }
-                (c.transform, c.context_dim)
+                c.conditioner.net.check(
+                    dim.saturating_add(context_dim),
+                    dim.saturating_mul(c.transform.params().len()),
+                )?;
+                c.context_dim
             }
             SplineLayer::SplineAutoregressive(c) => {
+                c.transform.check()?;
                 c.check(dim)?;
-                (c.transform, c.context_dim)
+                c.context_dim
             }
         };
         if context != context_dim {
@@ -40,7 +48,7 @@ impl LayerFamily for NsfFamily {
                 "a layer of {context} context features in a model of {context_dim}"
             ));
         }
-        spline.check()
+        Ok(())
     }
 
     fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {

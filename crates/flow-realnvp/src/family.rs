@@ -1,6 +1,6 @@
 use candle_nn::VarBuilder;
 use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
-use flow_nn::{CouplingConfig, NetConfig, ScaleMap};
+use flow_nn::{CouplingConfig, ScaleMap};
 
 use crate::{CouplingKind, CouplingLayer, RealNvpConfig};
 
@@ -28,14 +28,11 @@ fn check_coupling<T>(c: &CouplingConfig<T>, dim: usize, context_dim: usize) -> R
             c.context_dim
         ));
     }
-    let widths = match &c.conditioner.net {
-        NetConfig::Mlp { hidden, .. } => hidden.clone(),
-        NetConfig::Residual { hidden, .. } => vec![*hidden],
-    };
-    if widths.contains(&0) {
-        return Err("a hidden layer of width 0".into());
-    }
-    Ok(())
+    // Separate networks each output one parameter per feature; a joint one all of
+    // them: bounded by two per feature.
+    c.conditioner
+        .net
+        .check(dim.saturating_add(context_dim), dim.saturating_mul(2))
 }
 
 impl LayerFamily for RealNvpFamily {

@@ -45,6 +45,59 @@ pub struct TrainState {
     pub data_fingerprint: String,
 }
 
+impl TrainState {
+    /// Checks that the counters agree with one another, whatever the data: a state
+    /// read from a file is trusted with nothing it has not passed.
+    pub fn validate(&self) -> Result<(), String> {
+        // A position is within one epoch of the data, whose rows are bounded like any
+        // other size; the data themselves are checked by `check_rows`.
+        flow_core::limits::check_at_most(
+            "rows into the data (`pos`)",
+            self.pos,
+            flow_core::limits::MAX_ROWS,
+        )?;
+        let after_step = |what: &str, value: usize| {
+            if value > self.step {
+                return Err(format!(
+                    "`{what}` is {value}, after the {} steps taken (`step`)",
+                    self.step
+                ));
+            }
+            Ok(())
+        };
+        after_step("adam_step", self.adam_step)?;
+        after_step("since_best", self.since_best)?;
+        after_step("skipped", self.skipped)?;
+        if let Some(best) = self.best_step {
+            after_step("best_step", best)?;
+        }
+        if self.best_val_nll.is_some() != self.best_step.is_some() {
+            return Err("`best_val_nll` and `best_step` must be given together".into());
+        }
+        if let Some(v) = self.best_val_nll.filter(|v| !v.is_finite()) {
+            return Err(format!("`best_val_nll` must be finite, got {v}"));
+        }
+        if !(self.elapsed_secs.is_finite() && self.elapsed_secs >= 0.0) {
+            return Err(format!(
+                "`elapsed_secs` must be a time, got {}",
+                self.elapsed_secs
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that the position fits data of `rows` rows.
+    pub fn check_rows(&self, rows: usize) -> Result<(), String> {
+        if self.pos > rows {
+            return Err(format!(
+                "the training state is at row {} of the data, which has {rows}",
+                self.pos
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `f64` that writes NaN (which JSON lacks) as `null` and reads it back.
 mod nan_as_null {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -101,6 +154,9 @@ impl TrainCheckpoint {
         })?;
         let state: TrainState = serde_json::from_str(state)
             .map_err(|e| fail(format!("invalid training state: {e}")))?;
+        state
+            .validate()
+            .map_err(|e| fail(format!("invalid training state: {e}")))?;
         let config = ck
             .extra
             .get(META_CONFIG)
@@ -155,6 +211,61 @@ pub fn fingerprint(data: &Dataset) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state() -> TrainState {
+        TrainState {
+            step: 10,
+            adam_step: 9,
+            epoch: 2,
+            pos: 64,
+            best_val_nll: Some(1.5),
+            best_step: Some(10),
+            since_best: 0,
+            last_loss: 1.25,
+            skipped: 1,
+            elapsed_secs: 0.5,
+            data_fingerprint: "00".into(),
+        }
+    }
+
+    #[test]
+    fn counters_out_of_range_are_refused() {
+        assert_eq!(state().validate(), Ok(()));
+        assert_eq!(state().check_rows(64), Ok(()));
+        let refused = |edit: fn(&mut TrainState)| {
+            let mut s = state();
+            edit(&mut s);
+            s.validate().expect_err("refused")
+        };
+        assert_eq!(
+            refused(|s| s.pos = usize::MAX),
+            format!(
+                "{} rows into the data (`pos`): more than the limit of {}",
+                usize::MAX,
+                flow_core::limits::MAX_ROWS
+            )
+        );
+        assert_eq!(
+            refused(|s| s.adam_step = 11),
+            "`adam_step` is 11, after the 10 steps taken (`step`)"
+        );
+        assert_eq!(
+            refused(|s| s.best_step = Some(12)),
+            "`best_step` is 12, after the 10 steps taken (`step`)"
+        );
+        assert_eq!(
+            refused(|s| s.best_step = None),
+            "`best_val_nll` and `best_step` must be given together"
+        );
+        assert_eq!(
+            refused(|s| s.elapsed_secs = -1.0),
+            "`elapsed_secs` must be a time, got -1"
+        );
+        assert_eq!(
+            state().check_rows(63),
+            Err("the training state is at row 64 of the data, which has 63".into())
+        );
+    }
 
     #[test]
     fn a_state_before_any_finite_step_reads_back() {

@@ -749,6 +749,9 @@ impl Trainer {
                 "the training data differ from the data the checkpointed run used".into(),
             ));
         }
+        r.state
+            .check_rows(train.len())
+            .map_err(TrainError::InvalidConfig)?;
         if total < r.state.step {
             return Err(TrainError::InvalidConfig(format!(
                 "the checkpoint is at step {}, past the {total} steps asked for",

@@ -27,12 +27,15 @@ pub fn import(a: ImportArgs) -> CmdResult {
         clamp: a.clamp,
         tail_bound: a.tail_bound,
     };
+    // Built, checked and scored by the importer: nothing reaches `--out` that would
+    // not load, and a failure names the input.
     let imported = flow_io::import(source, &a.input, &opts)?;
+    for assumption in &imported.assumptions {
+        eprintln!("{assumption}");
+    }
     let mut extra = BTreeMap::new();
     extra.insert("imported_from".to_string(), source.name().to_string());
     flow_io::save(&a.out, &imported.config, &imported.tensors, None, &extra)?;
-    // Prove the result loads before reporting success.
-    flow_io::load_model(&a.out, candle::DType::F32, &candle::Device::Cpu)?;
     eprintln!(
         "imported a {}-layer flow over {} features from {} weights into {}",
         imported.config.layers.len(),
@@ -47,6 +50,8 @@ pub fn export(a: ExportArgs) -> CmdResult {
     check_writable(&a.out)?;
     let ck = flow_io::load(&a.model)?;
     let loaded = flow_io::build_checked(&a.model, ck, candle::DType::F32, &candle::Device::Cpu)?;
+    let context_dim = loaded.checkpoint.config.context_dim;
+    flow_io::check_scores(&a.model, &loaded.flow, context_dim)?;
     match a.to {
         TargetArg::Seed => flow_io::export_seed(
             &a.out,

@@ -1,6 +1,6 @@
 use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering};
 
-use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_ROWS};
+use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_SAMPLES};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape};
 use flow_models::{BaseConfig, Registry};
 use flow_train::{
@@ -370,7 +370,7 @@ fn training_data(
         });
     }
     let data = if let Some(toy) = Toy::from_name(&a.data) {
-        let n = count("n", a.n.unwrap_or(DEFAULT_POINTS), 1, MAX_ROWS)?;
+        let n = count("n", a.n.unwrap_or(DEFAULT_POINTS), 1, MAX_SAMPLES)?;
         if a.with_labels {
             if context_dim == 0 {
                 return Err("--with-labels gives each point its label as a condition: train a conditional flow with --context-dim 1".into());

@@ -9,19 +9,24 @@
 use std::collections::HashMap;
 
 use flow_models::BaseConfig;
-use flow_realnvp::{Activation, Nets, OutputLayout, ScaleMap};
+use flow_realnvp::{Nets, OutputLayout, ScaleMap};
 
-use super::{affine, model, ImportOptions, Imported, LayerConfig, Weights};
+use super::{affine, model, ImportOptions, Imported, LayerConfig, Source, Weights};
 use crate::IoError;
+
+/// FrEIA's default clamp of `GLOWCouplingBlock`.
+pub(crate) const DEFAULT_CLAMP: f64 = 2.0;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
     let modules = w.children("module_list");
     if modules.is_empty() {
         return Err(w.invalid("no `module_list.{i}` tensors: not a FrEIA SequenceINN"));
     }
-    let activation = opts.activation.unwrap_or(Activation::Relu);
+    let activation = opts
+        .activation
+        .unwrap_or(Source::Freia.default_activation());
     let scale = ScaleMap::Atan {
-        clamp: opts.clamp.unwrap_or(2.0),
+        clamp: opts.clamp.unwrap_or(DEFAULT_CLAMP),
     };
     let mut tensors = HashMap::new();
     let mut layers = Vec::new();
@@ -88,8 +93,8 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         layers.push(coupling((0..d).map(|j| j >= len1).collect(), net2));
         layers.push(coupling((0..d).map(|j| j < len1).collect(), net1));
     }
-    Ok(Imported {
-        config: model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
+    Ok(Imported::new(
+        model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
         tensors,
-    })
+    ))
 }

@@ -6,7 +6,9 @@
 //! The architecture is inferred from tensor names and shapes: layer count, dimension,
 //! split, hidden widths and depth, spline bins, permutations, masks and MADE degrees from
 //! integer and boolean buffers. What the weights cannot tell (activation, clamp, tail
-//! bound) takes the source library's default unless overridden in [`ImportOptions`].
+//! bound) takes the source library's default unless overridden in [`ImportOptions`];
+//! each default so taken is reported as an [`Assumption`]. An import is built and
+//! scored before it is returned, so that nothing is written that would not load.
 
 mod freia;
 mod nets;
@@ -19,7 +21,7 @@ mod zuko;
 
 use std::{collections::HashMap, path::Path};
 
-use candle::Tensor;
+use candle::{DType, Device, Tensor};
 use flow_models::{BaseConfig, LayerSpec, ModelConfig};
 use flow_nn::{AutoregressiveConfig, Spline};
 use flow_realnvp::{
@@ -73,6 +75,71 @@ impl Source {
     pub fn from_name(name: &str) -> Option<Source> {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
+
+    /// The hidden activation the source's networks use unless built with another.
+    pub fn default_activation(self) -> Activation {
+        match self {
+            Source::Seed => Activation::LeakyRelu,
+            Source::Normflows | Source::Nflows | Source::Zuko | Source::Freia => Activation::Relu,
+        }
+    }
+
+    /// The tail bound of the source's spline layers unless built with another; `None`
+    /// for a source whose layers this crate imports have no splines.
+    pub fn default_tail_bound(self) -> Option<f64> {
+        match self {
+            Source::Nflows => Some(1.0),
+            Source::Normflows => Some(3.0),
+            Source::Zuko => Some(5.0),
+            Source::Seed | Source::Freia => None,
+        }
+    }
+
+    /// The log-scale clamp of the source's affine layers unless built with another;
+    /// `None` for a source whose affine layers do not clamp.
+    pub fn default_clamp(self) -> Option<f64> {
+        match self {
+            Source::Freia => Some(freia::DEFAULT_CLAMP),
+            Source::Zuko => Some(zuko::DEFAULT_CLAMP),
+            Source::Seed | Source::Normflows | Source::Nflows => None,
+        }
+    }
+
+    /// `nflows'`, `zuko's`: the name as a possessive.
+    fn possessive(self) -> String {
+        let name = self.name();
+        if name.ends_with('s') {
+            format!("{name}'")
+        } else {
+            format!("{name}'s")
+        }
+    }
+}
+
+/// A setting the weights cannot carry, taken as the source library's default because
+/// none was given; a model built with another imports with wrong densities, so it is
+/// said out loud.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assumption {
+    pub source: Source,
+    /// What was assumed: `tail bound`, `hidden activation`, `clamp`.
+    pub setting: &'static str,
+    pub value: String,
+    /// The `flow import` flag (the [`ImportOptions`] field) that gives another value.
+    pub flag: &'static str,
+}
+
+impl std::fmt::Display for Assumption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "assumed {} {} ({} default); the weights do not record it: give {} if the model was built with another",
+            self.setting,
+            self.value,
+            self.source.possessive(),
+            self.flag
+        )
+    }
 }
 
 /// Settings the weights cannot carry.
@@ -88,11 +155,71 @@ pub struct ImportOptions {
 }
 
 /// An imported model: its configuration and tensors, named as this crate's checkpoints
-/// name them.
+/// name them, and the settings that were assumed rather than read.
 #[derive(Debug, Clone)]
 pub struct Imported {
     pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
+    pub assumptions: Vec<Assumption>,
+}
+
+impl Imported {
+    pub(crate) fn new(config: ModelConfig, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            config,
+            tensors,
+            assumptions: Vec::new(),
+        }
+    }
+
+    /// Checks that the model is good to write: as a checkpoint it reads back, its
+    /// tensors fit its configuration and are finite, and it scores its own samples
+    /// finite. Errors name `path`, the file the weights came from.
+    pub fn check(&self, path: &Path) -> Result<(), IoError> {
+        let bytes = crate::checkpoint::serialize(
+            path,
+            &self.config,
+            &self.tensors,
+            None,
+            &Default::default(),
+        )?;
+        let checkpoint = crate::checkpoint::load_bytes(path, &bytes)?;
+        let loaded = crate::checkpoint::build_checked(path, checkpoint, DType::F32, &Device::Cpu)?;
+        crate::check_scores(path, &loaded.flow, self.config.context_dim)
+    }
+}
+
+/// The settings of `imported` that `opts` did not give and the weights cannot carry.
+fn assumptions(source: Source, config: &ModelConfig, opts: &ImportOptions) -> Vec<Assumption> {
+    let has = |kinds: &[&str]| config.layers.iter().any(|l| kinds.contains(&l.kind()));
+    let assumed = |setting, value: String, flag| Assumption {
+        source,
+        setting,
+        value,
+        flag,
+    };
+    let mut out = Vec::new();
+    let splines = has(&["spline-coupling", "spline-autoregressive"]);
+    if let Some(bound) = source.default_tail_bound().filter(|_| splines) {
+        if opts.tail_bound.is_none() {
+            out.push(assumed("tail bound", bound.to_string(), "--tail-bound"));
+        }
+    }
+    let networks = config.layers.iter().any(|l| l.kind() != "permute");
+    if networks && opts.activation.is_none() {
+        let activation = serde_json::to_value(source.default_activation())
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| format!("{:?}", source.default_activation()));
+        out.push(assumed("hidden activation", activation, "--activation"));
+    }
+    let affine = has(&["affine", "affine-autoregressive"]);
+    if let Some(clamp) = source.default_clamp().filter(|_| affine) {
+        if opts.clamp.is_none() {
+            out.push(assumed("clamp", clamp.to_string(), "--clamp"));
+        }
+    }
+    out
 }
 
 /// A layer as the importers produce it; its JSON form is the registry's (kinds
@@ -186,7 +313,8 @@ pub fn import(source: Source, path: &Path, opts: &ImportOptions) -> Result<Impor
     import_bytes(source, path, &crate::checkpoint::read_file(path)?, opts)
 }
 
-/// Converts the state dict in `bytes` (errors name `path`).
+/// Converts the state dict in `bytes` (errors name `path`), and checks the result as
+/// [`Imported::check`] does.
 pub fn import_bytes(
     source: Source,
     path: &Path,
@@ -194,10 +322,14 @@ pub fn import_bytes(
     opts: &ImportOptions,
 ) -> Result<Imported, IoError> {
     let mut w = Weights::parse(path, bytes)?;
-    if let Some(b) = opts.tail_bound.filter(|b| !(b.is_finite() && *b > 0.0)) {
-        return Err(w.invalid(format!("the tail bound must be positive, got {b}")));
+    // The bound is used in f32: one beyond f32's range would make the spline infinite.
+    let in_f32 = |b: f64| b > 0.0 && b <= f64::from(f32::MAX);
+    if let Some(b) = opts.tail_bound.filter(|b| !in_f32(*b)) {
+        return Err(w.invalid(format!(
+            "the tail bound must be positive and finite in f32, got {b:?}"
+        )));
     }
-    let imported = match source {
+    let mut imported = match source {
         Source::Seed => seed::import(&mut w, opts)?,
         Source::Normflows => normflows::import(&mut w, opts)?,
         Source::Nflows => nflows::import(&mut w, opts)?,
@@ -205,5 +337,7 @@ pub fn import_bytes(
         Source::Freia => freia::import(&mut w, opts)?,
     };
     w.finish()?;
+    imported.check(path)?;
+    imported.assumptions = assumptions(source, &imported.config, opts);
     Ok(imported)
 }

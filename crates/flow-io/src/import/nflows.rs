@@ -27,7 +27,7 @@ use flow_realnvp::{Activation, Affine, Nets, OutputLayout, ScaleMap};
 
 use super::{
     affine, autoregressive, model, nets, spline_coupling, ImportOptions, Imported, LayerConfig,
-    Weights,
+    Source, Weights,
 };
 use crate::IoError;
 
@@ -44,8 +44,13 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             ids.last().copied().unwrap_or(0)
         )));
     }
-    let activation = opts.activation.unwrap_or(Activation::Relu);
-    let bound = opts.tail_bound.unwrap_or(1.0);
+    let activation = opts
+        .activation
+        .unwrap_or(Source::Nflows.default_activation());
+    let bound = opts
+        .tail_bound
+        .or(Source::Nflows.default_tail_bound())
+        .unwrap_or_default();
     let mut tensors = HashMap::new();
     let mut layers = Vec::new();
     let mut dim = None;
@@ -86,10 +91,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         }
         layers.push(layer);
     }
-    Ok(Imported {
-        config: model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
+    Ok(Imported::new(
+        model(dim.unwrap_or(0), layers, BaseConfig::StandardNormal),
         tensors,
-    })
+    ))
 }
 
 /// An affine or spline coupling at `p` (source layer `l`, our layer `n`); returns it

@@ -34,7 +34,7 @@ use flow_models::BaseConfig;
 use flow_realnvp::{Activation, NetConfig, Nets, OutputLayout, ScaleMap};
 
 use super::{
-    affine, model, nflows, spline_coupling, ImportOptions, Imported, LayerConfig, Weights,
+    affine, model, nflows, spline_coupling, ImportOptions, Imported, LayerConfig, Source, Weights,
 };
 use crate::IoError;
 
@@ -51,7 +51,9 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             "`q0.loc` has shape {loc_shape:?}: expected (1, dim) with dim ≥ 2"
         )));
     }
-    let activation = opts.activation.unwrap_or(Activation::Relu);
+    let activation = opts
+        .activation
+        .unwrap_or(Source::Normflows.default_activation());
     let mut tensors = HashMap::new();
     let loc = w.float_any("q0.loc")?;
     let log_scale = w.float_any("q0.log_scale")?;
@@ -74,7 +76,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     let mut forward: Vec<LayerConfig> = Vec::new();
     let k = dim.div_ceil(2);
     let end = if last % 2 == 0 { last + 1 } else { last };
-    let bound = opts.tail_bound.unwrap_or(3.0);
+    let bound = opts
+        .tail_bound
+        .or(Source::Normflows.default_tail_bound())
+        .unwrap_or_default();
     for i in 0..=end {
         let p = format!("flows.{i}");
         // Whether any tensor of this flow's names starts with `part`.
@@ -223,10 +228,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     {
         renamed.insert(name, t);
     }
-    Ok(Imported {
-        config: model(dim, layers, BaseConfig::DiagNormal { trainable: true }),
-        tensors: renamed,
-    })
+    Ok(Imported::new(
+        model(dim, layers, BaseConfig::DiagNormal { trainable: true }),
+        renamed,
+    ))
 }
 
 /// normflows' `PiecewiseRationalQuadraticCDF` at `prefix` over the features kept by a

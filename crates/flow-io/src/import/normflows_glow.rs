@@ -39,9 +39,8 @@ use std::collections::HashMap;
 use candle::{DType, Device, Tensor};
 use flow_glow::{GlowConfig, ImageShape, ScaleMap};
 use flow_models::ModelConfig;
-use flow_realnvp::Activation;
 
-use super::{ImportOptions, Imported, Weights};
+use super::{ImportOptions, Imported, Source, Weights};
 use crate::IoError;
 
 /// Whether the state dict is a `MultiscaleFlow` (per-level bases `q0.{i}.…`).
@@ -121,7 +120,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         .with_levels(n)
         .with_depth(depth)
         .with_hidden_channels(hidden)
-        .with_activation(opts.activation.unwrap_or(Activation::Relu))
+        .with_activation(
+            opts.activation
+                .unwrap_or(Source::Normflows.default_activation()),
+        )
         .with_scale(ScaleMap::Sigmoid)
         .with_exact_sigmoid(true)
         .with_lu(lu)
@@ -161,10 +163,7 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     let cat = |parts: Vec<Tensor>| Tensor::cat(&parts, 0).map_err(IoError::candle(w.path()));
     tensors.insert("base.loc".into(), cat(locs)?);
     tensors.insert("base.log_scale".into(), cat(log_scales)?);
-    Ok(Imported {
-        config: ModelConfig::glow(&cfg),
-        tensors,
-    })
+    Ok(Imported::new(ModelConfig::glow(&cfg), tensors))
 }
 
 /// A tensor of `shape`, flattened.

@@ -6,9 +6,9 @@ use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
 use flow_models::{BaseConfig, ModelConfig};
-use flow_realnvp::{Activation, CouplingLayer, NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_realnvp::{CouplingLayer, NetConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{affine, model, ImportOptions, Imported, Weights};
+use super::{affine, model, ImportOptions, Imported, Source, Weights};
 use crate::IoError;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
@@ -25,7 +25,7 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             layers.len()
         )));
     }
-    let activation = opts.activation.unwrap_or(Activation::LeakyRelu);
+    let activation = opts.activation.unwrap_or(Source::Seed.default_activation());
     let mut tensors = HashMap::new();
     let mut configs = Vec::new();
     let mut dim = None;
@@ -70,10 +70,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
         ));
     }
     let dim = dim.unwrap_or(0);
-    Ok(Imported {
-        config: model(dim, configs, BaseConfig::StandardNormal),
+    Ok(Imported::new(
+        model(dim, configs, BaseConfig::StandardNormal),
         tensors,
-    })
+    ))
 }
 
 /// Writes `config`'s tensors in the seed code's layout, if the model has that

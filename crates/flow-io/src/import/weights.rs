@@ -86,12 +86,23 @@ impl<'a> Weights<'a> {
         Ok(t)
     }
 
-    /// A float tensor of any shape, as f32.
+    /// A float tensor of any shape, as f32; NaN or infinite values are an error naming
+    /// the tensor.
     pub fn float_any(&mut self, name: &str) -> Result<Tensor, IoError> {
         let v = self.view(name)?;
         let t = to_tensor(&self.path, name, &v)?
             .to_dtype(candle::DType::F32)
             .map_err(crate::IoError::candle(&self.path))?;
+        let values = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(crate::IoError::candle(&self.path))?;
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(IoError::NonFinite {
+                path: self.path.clone(),
+                name: name.to_string(),
+            });
+        }
         Ok(t)
     }
 

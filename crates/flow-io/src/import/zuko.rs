@@ -20,11 +20,13 @@ use flow_models::BaseConfig;
 use flow_nn::{Spline, SplineStyle};
 use flow_realnvp::{Activation, Affine, NetConfig, Nets, OutputLayout, ScaleMap};
 
-use super::{affine, autoregressive, model, nets, ImportOptions, Imported, LayerConfig, Weights};
+use super::{
+    affine, autoregressive, model, nets, ImportOptions, Imported, LayerConfig, Source, Weights,
+};
 use crate::IoError;
 
-/// `|ln(1e-3)|`: zuko's default affine slope bound.
-const ZUKO_BOUND: f64 = 6.907_755_278_982_137;
+/// `|ln(1e-3)|`: zuko's default affine slope bound, as a log-scale clamp.
+pub(crate) const DEFAULT_CLAMP: f64 = 6.907_755_278_982_137;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
     let root = "transform.transforms";
@@ -38,8 +40,8 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
             ids.last().copied().unwrap_or(0)
         )));
     }
-    let activation = opts.activation.unwrap_or(Activation::Relu);
-    let clamp = opts.clamp.unwrap_or(ZUKO_BOUND);
+    let activation = opts.activation.unwrap_or(Source::Zuko.default_activation());
+    let clamp = opts.clamp.unwrap_or(DEFAULT_CLAMP);
     let mut tensors = HashMap::new();
     let mut layers = Vec::new();
     let mut dim = None;
@@ -72,10 +74,10 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     let log_scale = scale.log().map_err(IoError::candle(w.path()))?;
     tensors.insert("base.loc".into(), loc);
     tensors.insert("base.log_scale".into(), log_scale);
-    Ok(Imported {
-        config: model(dim, layers, BaseConfig::DiagNormal { trainable: false }),
+    Ok(Imported::new(
+        model(dim, layers, BaseConfig::DiagNormal { trainable: false }),
         tensors,
-    })
+    ))
 }
 
 /// A RealNVP coupling at `p`, layer `n`; returns it and its dimension.
@@ -167,7 +169,10 @@ fn masked_autoregressive(
         let bins = nets::spline_bins(w, per_feature, &format!("`{p}.hyper`"))?;
         let spline = Spline {
             bins,
-            bound: opts.tail_bound.unwrap_or(5.0),
+            bound: opts
+                .tail_bound
+                .or(Source::Zuko.default_tail_bound())
+                .unwrap_or_default(),
             style: SplineStyle::Zuko,
             min_derivative: 1e-3,
             ..Spline::default()

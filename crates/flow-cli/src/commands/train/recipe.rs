@@ -1,7 +1,7 @@
 //! `flow train`'s model flags: which families take them, and how each sets a
 //! family's configuration.
 
-use flow_core::limits::{MAX_BINS, MAX_CHANNELS, MAX_HIDDEN, MAX_LAYERS};
+use flow_core::limits::{MAX_BINS, MAX_HIDDEN, MAX_LAYERS};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
 use flow_models::ModelConfig;
@@ -315,7 +315,7 @@ pub(super) fn recipe_values(
         ("bins", a.bins, 1, MAX_BINS),
         ("scales", a.scales, 1, MAX_LAYERS),
         ("depth", a.depth, 1, MAX_LAYERS),
-        ("channels", a.channels, 1, MAX_CHANNELS),
+        ("channels", a.channels, 1, MAX_HIDDEN),
     ];
     let mut values = Vec::new();
     for (flag, v, min, max) in counts {

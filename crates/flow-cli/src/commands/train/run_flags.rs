@@ -1,7 +1,7 @@
 //! `flow train`'s run flags: the settings of the optimizer, the schedule and the
 //! batches.
 
-use flow_core::limits::MAX_ROWS;
+use flow_core::limits::MAX_SAMPLES;
 use flow_train::{OptimizerKind, Schedule, TrainConfig};
 
 use super::{count, default_lr_decay, real};
@@ -70,7 +70,7 @@ impl RunFlag {
         let o = &mut cfg.optimizer;
         match self {
             Self::Lr(v) => o.lr = real("lr", v)?,
-            Self::Batch(v) => cfg.batch_size = count("batch", v, 1, MAX_ROWS)?,
+            Self::Batch(v) => cfg.batch_size = count("batch", v, 1, MAX_SAMPLES)?,
             Self::Optimizer(OptimizerArg::Adamax) => o.kind = OptimizerKind::Adamax,
             Self::Optimizer(OptimizerArg::Adam) => {
                 if o.kind == OptimizerKind::Adamax {
