@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, nll_and_gradients, Adam, Control, DataError, Duration,
-    Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
+    batch_parts, data::Dataset, fingerprint, nll_and_gradients, state::StateGroup, Adam, Control,
+    DataError, Duration, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
 };
 
 /// What happened in a training run; saved with the model.
@@ -493,44 +493,20 @@ impl Trainer {
         };
         match resume {
             Some(r) => {
-                let get = |name: &str| -> Result<Tensor, TrainError> {
-                    let t = r.tensors.get(name).ok_or_else(|| {
-                        TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
-                    })?;
-                    Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
-                };
                 for (name, var) in varmap
                     .data()
                     .lock()
                     .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
                     .iter()
                 {
-                    // A finished run saved its best weights as the model; training
-                    // continues from where it stopped.
-                    let current = format!("{STATE_PREFIX}current.{name}");
-                    let source = if r.tensors.contains_key(&current) {
-                        current.as_str()
-                    } else {
-                        name.as_str()
-                    };
-                    var.set(&get(source)?)?;
+                    var.set(&r.resumed_weight(name, self.dtype, &self.device)?)?;
                 }
-                let m = names
-                    .iter()
-                    .map(|k| get(&format!("{STATE_PREFIX}adam.m.{k}")))
-                    .collect::<Result<_, _>>()?;
-                let v = names
-                    .iter()
-                    .map(|k| get(&format!("{STATE_PREFIX}adam.v.{k}")))
-                    .collect::<Result<_, _>>()?;
+                let m = r.group(StateGroup::AdamM, &names, self.dtype, &self.device)?;
+                let v = r.group(StateGroup::AdamV, &names, self.dtype, &self.device)?;
                 adam.set_state(r.state.adam_step, m, v)?;
                 if r.state.best_val_nll.is_some() {
-                    best_weights = Some(
-                        names
-                            .iter()
-                            .map(|k| get(&format!("{STATE_PREFIX}best.{k}")))
-                            .collect::<Result<_, _>>()?,
-                    );
+                    best_weights =
+                        Some(r.group(StateGroup::Best, &names, self.dtype, &self.device)?);
                 }
                 st = r.state;
                 order = epoch_order(n, cfg.seed, st.epoch);
@@ -693,14 +669,7 @@ impl Trainer {
         if let (false, Some(weights)) = (interrupted, &best_weights) {
             // The model becomes the best weights; the weights training stopped at stay
             // in the state, for continuing.
-            for (i, name) in names.iter().enumerate() {
-                let current = checkpoint.tensors.insert(name.clone(), weights[i].copy()?);
-                if let Some(current) = current {
-                    checkpoint
-                        .tensors
-                        .insert(format!("{STATE_PREFIX}current.{name}"), current);
-                }
-            }
+            checkpoint.keep_best_as_model(&names, weights)?;
             restore(&vars, weights)?;
         }
         let run_secs = start.elapsed().as_secs_f64();
@@ -768,27 +737,26 @@ impl Trainer {
         best: Option<&[Tensor]>,
         state: &TrainState,
     ) -> Result<TrainCheckpoint, TrainError> {
-        let mut tensors: HashMap<String, Tensor> = varmap
+        let tensors: HashMap<String, Tensor> = varmap
             .data()
             .lock()
             .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
             .collect::<candle::Result<_>>()?;
-        let (m, v) = adam.moments();
-        for (i, name) in names.iter().enumerate() {
-            tensors.insert(format!("{STATE_PREFIX}adam.m.{name}"), m[i].copy()?);
-            tensors.insert(format!("{STATE_PREFIX}adam.v.{name}"), v[i].copy()?);
-            if let Some(b) = best {
-                tensors.insert(format!("{STATE_PREFIX}best.{name}"), b[i].copy()?);
-            }
-        }
-        Ok(TrainCheckpoint {
+        let mut checkpoint = TrainCheckpoint {
             model: model.clone(),
             config: self.cfg.clone(),
             state: state.clone(),
             tensors,
-        })
+        };
+        let (m, v) = adam.moments();
+        checkpoint.insert_group(StateGroup::AdamM, names, m)?;
+        checkpoint.insert_group(StateGroup::AdamV, names, v)?;
+        if let Some(best) = best {
+            checkpoint.insert_group(StateGroup::Best, names, best)?;
+        }
+        Ok(checkpoint)
     }
 }
 
