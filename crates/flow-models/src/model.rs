@@ -37,7 +37,7 @@ pub struct ModelConfig {
     #[serde(default)]
     pub context_dim: usize,
     /// A fixed `(x − mean) / std` in front of the layers (statistics of the data
-    /// features, not of the context).
+    /// features, not of the context; training sets them from its data).
     #[serde(default)]
     pub standardize: bool,
     pub layers: Vec<LayerSpec>,
@@ -173,6 +173,18 @@ impl ModelConfig {
             return None;
         }
         serde_json::from_value(recipe.clone()).ok()
+    }
+
+    /// The pixel levels `L` of an image model (family `glow` or `realnvp-image`), from
+    /// its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
+    /// `None` for other models.
+    pub fn pixel_levels(&self) -> Option<u32> {
+        let recipe = self.recipe.as_ref()?;
+        let family = recipe.get("family")?.as_str()?;
+        if !matches!(family, "glow" | "realnvp-image") {
+            return None;
+        }
+        recipe.get("pixel_levels")?.as_u64()?.try_into().ok()
     }
 
     /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).

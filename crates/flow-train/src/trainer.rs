@@ -72,6 +72,8 @@ pub struct Trainer {
     device: Device,
     dtype: DType,
     registry: Registry,
+    /// The model's pixel levels, read once: `Some` for pixel data, dequantised.
+    pixel_levels: Option<u32>,
 }
 
 /// Deep copies of the variables' values.
@@ -217,6 +219,7 @@ impl Trainer {
         cfg.validate_with(&registry)
             .map_err(TrainError::InvalidConfig)?;
         Ok(Self {
+            pixel_levels: cfg.model.pixel_levels(),
             cfg,
             device: device.clone(),
             dtype: DType::F32,
@@ -313,7 +316,7 @@ impl Trainer {
         }
         let mut warnings = Vec::new();
         // Dequantised pixels are never constant: the noise fills each pixel's level.
-        if self.cfg.dequantize.is_none() {
+        if self.pixel_levels.is_none() {
             let constant: Vec<usize> = (0..d)
                 .filter(|&j| {
                     let first = train.values[j];
@@ -332,7 +335,7 @@ impl Trainer {
                 } else {
                     ("columns", "are")
                 };
-                let standardised = if self.cfg.standardize {
+                let standardised = if self.cfg.model.standardize {
                     "standardised with a standard deviation of 1 in place of 0, and "
                 } else {
                     ""
@@ -428,7 +431,7 @@ impl Trainer {
         if let Some(v) = val {
             self.check_data(v, "validation data")?;
         }
-        if let Some(levels) = self.cfg.dequantize {
+        if let Some(levels) = self.pixel_levels {
             crate::data::check_pixels(train, levels, "training data")?;
             if let Some(v) = val {
                 crate::data::check_pixels(v, levels, "validation data")?;
@@ -441,10 +444,10 @@ impl Trainer {
     /// standardisation, if any, set to the statistics of `train`.
     fn build_model(&self, train: &Dataset) -> Result<Model, TrainError> {
         let cfg = &self.cfg;
-        let config = cfg.model.clone().with_standardize(cfg.standardize);
+        let config = cfg.model.clone();
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
-        if cfg.standardize {
+        if config.standardize {
             let (mean, std) = moments(train);
             let vb = vb.pp("standardize");
             let mean = Tensor::new(mean.as_slice(), &self.device)?.to_dtype(self.dtype)?;
@@ -489,7 +492,7 @@ impl Trainer {
     /// own.
     fn validation_set(&self, val: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
         let (x, c) = self.tensors(val)?;
-        let x = match self.cfg.dequantize {
+        let x = match self.pixel_levels {
             Some(levels) => dequantize(&x, levels, noise_seed(self.cfg.seed, u64::MAX))?,
             None => x,
         };
@@ -693,9 +696,9 @@ impl<'a> Run<'a> {
             .map(|c| c.index_select(&idx, 0))
             .transpose()?;
         let x = self.x_train.index_select(&idx, 0)?;
-        let cfg = &self.trainer.cfg;
-        let x = match cfg.dequantize {
-            Some(levels) => dequantize(&x, levels, noise_seed(cfg.seed, step as u64))?,
+        let trainer = self.trainer;
+        let x = match trainer.pixel_levels {
+            Some(levels) => dequantize(&x, levels, noise_seed(trainer.cfg.seed, step as u64))?,
             None => x,
         };
         Ok((x, c))

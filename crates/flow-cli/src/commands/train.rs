@@ -234,9 +234,7 @@ fn config(
     if let Some(b) = &a.base {
         model = model.with_base(base(b)?);
     }
-    let mut cfg = TrainConfig::new(model)
-        .with_standardize(image.is_none() && !a.no_standardize)
-        .with_dequantize(image.map(|i| i.pixel_levels));
+    let mut cfg = TrainConfig::new(model).with_standardize(image.is_none() && !a.no_standardize);
     if flow == FlowArg::Glow {
         // Glow fits a small image set far better than it generalises: decoupled weight
         // decay takes about 0.02 bits/dim off its test score on the digits.
@@ -298,7 +296,10 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "context-dim",
             a.context_dim.is_none_or(|c| c == was.model.context_dim),
         ),
-        ("no-standardize", !(a.no_standardize && was.standardize)),
+        (
+            "no-standardize",
+            !(a.no_standardize && was.model.standardize),
+        ),
         (
             "image",
             a.image
