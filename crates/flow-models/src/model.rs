@@ -6,7 +6,7 @@ use flow_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::Registry;
+use crate::{Family, Registry};
 
 /// The base distribution of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -106,7 +106,7 @@ impl ModelConfig {
     /// A family's stack as a model: its layers, with the description kept as the
     /// recipe under the family's name.
     fn from_recipe<L: serde::Serialize>(
-        family: &str,
+        family: Family,
         recipe: &impl serde::Serialize,
         dim: usize,
         context_dim: usize,
@@ -118,7 +118,7 @@ impl ModelConfig {
             .collect();
         let mut recipe = serde_json::to_value(recipe).ok();
         if let Some(serde_json::Value::Object(m)) = &mut recipe {
-            m.insert("family".into(), family.into());
+            m.insert("family".into(), family.name().into());
         }
         Self {
             context_dim,
@@ -131,8 +131,8 @@ impl ModelConfig {
     #[cfg(feature = "realnvp")]
     pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
         let family = match cfg.coupling {
-            flow_realnvp::CouplingKind::Affine => "realnvp",
-            flow_realnvp::CouplingKind::Additive => "nice",
+            flow_realnvp::CouplingKind::Affine => Family::RealNvp,
+            flow_realnvp::CouplingKind::Additive => Family::Nice,
         };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
@@ -141,8 +141,8 @@ impl ModelConfig {
     #[cfg(feature = "nsf")]
     pub fn nsf(cfg: &flow_nsf::NsfConfig) -> Self {
         let family = match cfg.kind {
-            flow_nsf::NsfKind::Coupling => "nsf",
-            flow_nsf::NsfKind::Autoregressive => "nsf-ar",
+            flow_nsf::NsfKind::Coupling => Family::Nsf,
+            flow_nsf::NsfKind::Autoregressive => Family::NsfAr,
         };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
@@ -150,7 +150,11 @@ impl ModelConfig {
     /// A MAF (or IAF) as a model.
     #[cfg(feature = "maf")]
     pub fn maf(cfg: &flow_maf::MafConfig) -> Self {
-        let family = if cfg.inverse { "iaf" } else { "maf" };
+        let family = if cfg.inverse {
+            Family::Iaf
+        } else {
+            Family::Maf
+        };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
 
@@ -159,7 +163,7 @@ impl ModelConfig {
     /// element), and the configuration (image shape, pixel levels) as the recipe.
     #[cfg(feature = "glow")]
     pub fn glow(cfg: &flow_glow::GlowConfig) -> Self {
-        let model = Self::from_recipe("glow", cfg, cfg.dim(), 0, &cfg.layers());
+        let model = Self::from_recipe(Family::Glow, cfg, cfg.dim(), 0, &cfg.layers());
         model.with_base(image_base(cfg.learn_base))
     }
 
@@ -167,30 +171,32 @@ impl ModelConfig {
     /// `realnvp-image`), from its recipe; `None` for other models.
     #[cfg(feature = "glow")]
     pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
-        let recipe = self.recipe.as_ref()?;
-        let family = recipe.get("family")?.as_str()?;
-        if !matches!(family, "glow" | "realnvp-image") {
+        if !self.family()?.is_image() {
             return None;
         }
-        serde_json::from_value(recipe.clone()).ok()
+        serde_json::from_value(self.recipe.clone()?).ok()
+    }
+
+    /// The family the recipe names, if it names one.
+    pub fn family(&self) -> Option<Family> {
+        Family::from_name(self.recipe.as_ref()?.get("family")?.as_str()?)
     }
 
     /// The pixel levels `L` of an image model (family `glow` or `realnvp-image`), from
     /// its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
     /// `None` for other models.
     pub fn pixel_levels(&self) -> Option<u32> {
-        let recipe = self.recipe.as_ref()?;
-        let family = recipe.get("family")?.as_str()?;
-        if !matches!(family, "glow" | "realnvp-image") {
+        if !self.family()?.is_image() {
             return None;
         }
-        recipe.get("pixel_levels")?.as_u64()?.try_into().ok()
+        let levels = self.recipe.as_ref()?.get("pixel_levels")?.as_u64()?;
+        levels.try_into().ok()
     }
 
     /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
     #[cfg(feature = "glow")]
     pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
-        let model = Self::from_recipe("realnvp-image", cfg, cfg.dim(), 0, &cfg.layers());
+        let model = Self::from_recipe(Family::RealNvpImage, cfg, cfg.dim(), 0, &cfg.layers());
         model.with_base(image_base(cfg.learn_base))
     }
 
