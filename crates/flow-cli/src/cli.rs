@@ -1,9 +1,10 @@
 use std::path::PathBuf;
 
 use clap::{
-    builder::{PossibleValuesParser, TypedValueParser},
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
     Args, Parser, Subcommand, ValueEnum,
 };
+use flow_models::Family;
 use flow_realnvp::Activation;
 use flow_train::data::Toy;
 
@@ -175,40 +176,25 @@ pub enum CouplingArg {
     Additive,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FlowArg {
-    /// Affine couplings (the default).
-    Realnvp,
-    /// Additive couplings.
-    Nice,
-    /// Rational-quadratic spline couplings.
-    Nsf,
-    /// Autoregressive rational-quadratic splines.
-    NsfAr,
-    /// Masked autoregressive flow.
-    Maf,
-    /// Inverse autoregressive flow.
-    Iaf,
-    /// Glow (Kingma & Dhariwal 2018): multi-scale, each step ActNorm, an invertible
-    /// 1×1 convolution and a convolutional affine coupling (images).
-    Glow,
-    /// RealNVP's multi-scale image architecture (Dinh et al. 2016): checkerboard and
-    /// channel-wise convolutional couplings with batch norm (images).
-    RealnvpImage,
+use Family::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, RealNvp, RealNvpImage};
+
+/// The families, by the names flow-models gives them, each with its summary.
+fn family_parser() -> impl TypedValueParser<Value = Family> {
+    let values = Family::ALL.map(|f| PossibleValue::new(f.name()).help(f.summary()));
+    PossibleValuesParser::new(values)
+        .try_map(|s| Family::from_name(&s).ok_or_else(|| format!("unknown family `{s}`")))
 }
 
-use FlowArg::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, Realnvp, RealnvpImage};
-
 /// The families over rows of features.
-const VECTOR: &[FlowArg] = &[Realnvp, Nice, Nsf, NsfAr, Maf, Iaf];
+const VECTOR: &[Family] = &[RealNvp, Nice, Nsf, NsfAr, Maf, Iaf];
 /// The image families.
-const IMAGE: &[FlowArg] = &[Glow, RealnvpImage];
+const IMAGE: &[Family] = &[Glow, RealNvpImage];
 /// Every family.
-const ALL: &[FlowArg] = &[Realnvp, Nice, Nsf, NsfAr, Maf, Iaf, Glow, RealnvpImage];
+const ALL: &[Family] = &Family::ALL;
 
 /// Which families take which of `flow train`'s model flags: the one table that decides
 /// whether a flag applies. A flag given for a family not listed is refused.
-pub const FAMILY_FLAGS: &[(&str, &[FlowArg])] = &[
+pub const FAMILY_FLAGS: &[(&str, &[Family])] = &[
     ("layers", VECTOR),
     ("hidden", VECTOR),
     ("hidden-layers", VECTOR),
@@ -216,10 +202,10 @@ pub const FAMILY_FLAGS: &[(&str, &[FlowArg])] = &[
     ("bins", &[Nsf, NsfAr]),
     ("tail-bound", &[Nsf, NsfAr]),
     ("order", &[NsfAr, Maf, Iaf]),
-    ("coupling", &[Realnvp]),
-    ("scale", &[Realnvp, Maf, Iaf]),
-    ("clamp", &[Realnvp, Maf, Iaf]),
-    ("nets", &[Realnvp, Nice]),
+    ("coupling", &[RealNvp]),
+    ("scale", &[RealNvp, Maf, Iaf]),
+    ("clamp", &[RealNvp, Maf, Iaf]),
+    ("nets", &[RealNvp, Nice]),
     ("base", VECTOR),
     ("context-dim", VECTOR),
     ("no-standardize", VECTOR),
@@ -230,54 +216,27 @@ pub const FAMILY_FLAGS: &[(&str, &[FlowArg])] = &[
     ("channels", IMAGE),
 ];
 
-impl FlowArg {
-    /// The name `--flow` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Realnvp => "realnvp",
-            Nice => "nice",
-            Nsf => "nsf",
-            NsfAr => "nsf-ar",
-            Maf => "maf",
-            Iaf => "iaf",
-            Glow => "glow",
-            RealnvpImage => "realnvp-image",
-        }
-    }
+/// The families that take the model flag `--{flag}` ([`FAMILY_FLAGS`]); every family
+/// for a flag the table does not list.
+pub fn taking(flag: &str) -> &'static [Family] {
+    FAMILY_FLAGS
+        .iter()
+        .find(|(name, _)| *name == flag)
+        .map_or(ALL, |(_, families)| families)
+}
 
-    /// The families that take the model flag `--{flag}` ([`FAMILY_FLAGS`]); every
-    /// family for a flag the table does not list.
-    pub fn taking(flag: &str) -> &'static [FlowArg] {
-        FAMILY_FLAGS
-            .iter()
-            .find(|(name, _)| *name == flag)
-            .map_or(ALL, |(_, families)| families)
-    }
+/// Whether `family` takes the model flag `--{flag}`.
+pub fn takes(family: Family, flag: &str) -> bool {
+    taking(flag).contains(&family)
+}
 
-    /// Whether this family takes the model flag `--{flag}`.
-    pub fn takes(self, flag: &str) -> bool {
-        Self::taking(flag).contains(&self)
-    }
-
-    /// Whether this family models images.
-    pub fn is_image(self) -> bool {
-        IMAGE.contains(&self)
-    }
-
-    /// Whether this family couples one part of a row to the rest, and so needs at
-    /// least two features.
-    pub fn couples(self) -> bool {
-        matches!(self, Realnvp | Nice | Nsf)
-    }
-
-    /// The families that model rows of a single feature.
-    pub fn one_dimensional() -> Vec<FlowArg> {
-        VECTOR.iter().copied().filter(|f| !f.couples()).collect()
-    }
+/// The families that model rows of a single feature.
+pub fn one_dimensional() -> Vec<Family> {
+    VECTOR.iter().copied().filter(|f| !f.couples()).collect()
 }
 
 /// `a, b and c`.
-pub fn listed(families: &[FlowArg]) -> String {
+pub fn listed(families: &[Family]) -> String {
     let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
     match names.split_last() {
         Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
@@ -288,7 +247,7 @@ pub fn listed(families: &[FlowArg]) -> String {
 /// A model flag's help line: `text`, the families that take it, and each family's
 /// default as its configuration defines it.
 fn family_help(flag: &str, text: &str) -> String {
-    let families = FlowArg::taking(flag);
+    let families = taking(flag);
     let mut line = format!("{text} [{}", listed(families));
     let defaults = crate::commands::train::family_defaults(flag);
     if !defaults.is_empty() {
@@ -386,8 +345,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val: Option<PathBuf>,
     /// The flow family (default: realnvp; glow for `--data digits`).
-    #[arg(long, value_enum)]
-    pub flow: Option<FlowArg>,
+    #[arg(long, value_parser = family_parser())]
+    pub flow: Option<Family>,
     #[arg(long, help = family_help("layers", "Layers (couplings or autoregressive layers)"))]
     pub layers: Option<usize>,
     #[arg(long, help = family_help("image", "Image shape HxWxC of an image flow's data: each row holds C·H·W pixel values in (C, H, W) order; .npy (N, H, W) or (N, C, H, W), IDX files and `digits` bring their own"))]
@@ -610,4 +569,20 @@ pub struct PlotArgs {
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_table_groups_the_families_as_flow_models_does() {
+        let images: Vec<Family> = Family::ALL.into_iter().filter(|f| f.is_image()).collect();
+        let rows: Vec<Family> = Family::ALL.into_iter().filter(|f| !f.is_image()).collect();
+        assert_eq!(IMAGE, images);
+        assert_eq!(VECTOR, rows);
+        assert_eq!(listed(&one_dimensional()), "nsf-ar, maf and iaf");
+        assert_eq!(listed(taking("bins")), "nsf and nsf-ar");
+        assert!(takes(RealNvpImage, "channels") && !takes(Nice, "coupling"));
+    }
 }

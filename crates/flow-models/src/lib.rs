@@ -6,11 +6,14 @@
 //! behind a cargo feature here, so a user depends only on the families they use. A
 //! family implements [`LayerFamily`](flow_core::LayerFamily) for its kinds of layer and
 //! joins the registry with one line in [`Registry::builtin`]; one defined elsewhere
-//! joins at run time through [`Registry::with`].
+//! joins at run time through [`Registry::with`]. [`Family`] is the one list of the
+//! families' names, which recipes record and the command line takes.
 
+mod family;
 mod model;
 mod registry;
 
+pub use family::Family;
 pub use flow_core::{LayerFamily, LayerSpec, SampleLayer};
 pub use model::{BaseConfig, ModelConfig};
 pub use registry::Registry;

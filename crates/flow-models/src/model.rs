@@ -6,7 +6,7 @@ use flow_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::Registry;
+use crate::{Family, Registry};
 
 /// The base distribution of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -37,7 +37,7 @@ pub struct ModelConfig {
     #[serde(default)]
     pub context_dim: usize,
     /// A fixed `(x − mean) / std` in front of the layers (statistics of the data
-    /// features, not of the context).
+    /// features, not of the context; training sets them from its data).
     #[serde(default)]
     pub standardize: bool,
     pub layers: Vec<LayerSpec>,
@@ -149,7 +149,7 @@ impl ModelConfig {
     /// A family's stack as a model: its layers, with the description kept as the
     /// recipe under the family's name.
     fn from_recipe<L: serde::Serialize>(
-        family: &str,
+        family: Family,
         recipe: &impl serde::Serialize,
         dim: usize,
         context_dim: usize,
@@ -161,7 +161,7 @@ impl ModelConfig {
             .collect();
         let mut recipe = serde_json::to_value(recipe).ok();
         if let Some(serde_json::Value::Object(m)) = &mut recipe {
-            m.insert("family".into(), family.into());
+            m.insert("family".into(), family.name().into());
         }
         Self {
             context_dim,
@@ -174,8 +174,8 @@ impl ModelConfig {
     #[cfg(feature = "realnvp")]
     pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
         let family = match cfg.coupling {
-            flow_realnvp::CouplingKind::Affine => "realnvp",
-            flow_realnvp::CouplingKind::Additive => "nice",
+            flow_realnvp::CouplingKind::Affine => Family::RealNvp,
+            flow_realnvp::CouplingKind::Additive => Family::Nice,
         };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
@@ -184,8 +184,8 @@ impl ModelConfig {
     #[cfg(feature = "nsf")]
     pub fn nsf(cfg: &flow_nsf::NsfConfig) -> Self {
         let family = match cfg.kind {
-            flow_nsf::NsfKind::Coupling => "nsf",
-            flow_nsf::NsfKind::Autoregressive => "nsf-ar",
+            flow_nsf::NsfKind::Coupling => Family::Nsf,
+            flow_nsf::NsfKind::Autoregressive => Family::NsfAr,
         };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
@@ -193,7 +193,11 @@ impl ModelConfig {
     /// A MAF (or IAF) as a model.
     #[cfg(feature = "maf")]
     pub fn maf(cfg: &flow_maf::MafConfig) -> Self {
-        let family = if cfg.inverse { "iaf" } else { "maf" };
+        let family = if cfg.inverse {
+            Family::Iaf
+        } else {
+            Family::Maf
+        };
         Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
     }
 
@@ -202,7 +206,7 @@ impl ModelConfig {
     /// element), and the configuration (image shape, pixel levels) as the recipe.
     #[cfg(feature = "glow")]
     pub fn glow(cfg: &flow_glow::GlowConfig) -> Self {
-        let model = Self::from_recipe("glow", cfg, cfg.dim(), 0, &cfg.layers());
+        let model = Self::from_recipe(Family::Glow, cfg, cfg.dim(), 0, &cfg.layers());
         model.with_base(image_base(cfg.learn_base))
     }
 
@@ -210,14 +214,32 @@ impl ModelConfig {
     /// `realnvp-image`), from its recipe; `None` for other models.
     #[cfg(feature = "glow")]
     pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
-        self.image_family()?;
+        if !self.family()?.is_image() {
+            return None;
+        }
         serde_json::from_value(self.recipe.clone()?).ok()
+    }
+
+    /// The family the recipe names, if it names one.
+    pub fn family(&self) -> Option<Family> {
+        Family::from_name(self.recipe.as_ref()?.get("family")?.as_str()?)
+    }
+
+    /// The pixel levels `L` of an image model (family `glow` or `realnvp-image`), from
+    /// its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
+    /// `None` for other models.
+    pub fn pixel_levels(&self) -> Option<u32> {
+        if !self.family()?.is_image() {
+            return None;
+        }
+        let levels = self.recipe.as_ref()?.get("pixel_levels")?.as_u64()?;
+        levels.try_into().ok()
     }
 
     /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
     #[cfg(feature = "glow")]
     pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
-        let model = Self::from_recipe("realnvp-image", cfg, cfg.dim(), 0, &cfg.layers());
+        let model = Self::from_recipe(Family::RealNvpImage, cfg, cfg.dim(), 0, &cfg.layers());
         model.with_base(image_base(cfg.learn_base))
     }
 
@@ -293,7 +315,7 @@ impl ModelConfig {
     /// write images take the shape and pixel levels from it.
     #[cfg(feature = "glow")]
     fn check_image_recipe(&self) -> std::result::Result<(), String> {
-        let Some(family) = self.image_family() else {
+        let Some(family) = self.family().filter(|f| f.is_image()).map(Family::name) else {
             return Ok(());
         };
         let recipe = self.recipe.clone().unwrap_or_default();
@@ -329,13 +351,6 @@ impl ModelConfig {
             ));
         }
         Ok(())
-    }
-
-    /// The family of an image model, as its recipe names it.
-    #[cfg(feature = "glow")]
-    fn image_family(&self) -> Option<&str> {
-        let family = self.recipe.as_ref()?.get("family")?.as_str()?;
-        matches!(family, "glow" | "realnvp-image").then_some(family)
     }
 
     /// Builds the flow with the built-in families, reading (or creating) its tensors

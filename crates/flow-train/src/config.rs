@@ -54,14 +54,13 @@ pub enum Duration {
 /// Everything a training run depends on. Saved with the model.
 ///
 /// The defaults are the reference job: Adam at 1e-3 decayed by 0.999 per step, batch
-/// 512, 1000 steps, data standardised.
+/// 512, 1000 steps, data standardised. Standardisation and pixel levels are the
+/// model's ([`ModelConfig::standardize`], [`ModelConfig::pixel_levels`]): the trainer
+/// reads them from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(from = "StoredTrainConfig")]
 pub struct TrainConfig {
-    /// The model, of any registered family. (Files written before models were
-    /// registry configurations hold a RealNVP description here; it is read as that
-    /// model.)
-    #[serde(deserialize_with = "model_or_realnvp")]
+    /// The model, of any registered family.
     pub model: ModelConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
@@ -75,21 +74,75 @@ pub struct TrainConfig {
     pub val_every: usize,
     /// Stop after this many validation scores without improvement.
     pub patience: Option<usize>,
-    /// Standardise the data; the statistics become part of the model.
-    pub standardize: bool,
     /// Report progress every this many steps.
     pub report_every: usize,
-    /// `Some(L)`: the data are pixel values, whole numbers in `[0, L)`, and every batch
-    /// the model sees is uniformly dequantised, `x = (pixel + u) / L` with
-    /// `u ~ U[0, 1)` drawn afresh at every step (see [`dequantize`](crate::dequantize)).
-    #[serde(default)]
-    pub dequantize: Option<u32>,
+}
+
+/// A [`TrainConfig`] as files hold it. Files written before the model owned its
+/// standardisation and pixel levels hold them here too: a `standardize` here
+/// standardises the model, and a `dequantize` repeats the image recipe's pixel levels,
+/// which stay the model's.
+#[derive(Deserialize)]
+#[serde(default)]
+struct StoredTrainConfig {
+    /// (Files written before models were registry configurations hold a RealNVP
+    /// description here; it is read as that model.)
+    #[serde(deserialize_with = "model_or_realnvp")]
+    model: ModelConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    duration: Duration,
+    batch_size: usize,
+    clip_grad: Option<f64>,
+    seed: u64,
+    val_every: usize,
+    patience: Option<usize>,
+    standardize: Option<bool>,
+    report_every: usize,
+}
+
+impl Default for StoredTrainConfig {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        Self {
+            model: d.model,
+            optimizer: d.optimizer,
+            schedule: d.schedule,
+            duration: d.duration,
+            batch_size: d.batch_size,
+            clip_grad: d.clip_grad,
+            seed: d.seed,
+            val_every: d.val_every,
+            patience: d.patience,
+            standardize: None,
+            report_every: d.report_every,
+        }
+    }
+}
+
+impl From<StoredTrainConfig> for TrainConfig {
+    fn from(s: StoredTrainConfig) -> Self {
+        let standardize = s.standardize.unwrap_or(s.model.standardize);
+        Self {
+            model: s.model.with_standardize(standardize),
+            optimizer: s.optimizer,
+            schedule: s.schedule,
+            duration: s.duration,
+            batch_size: s.batch_size,
+            clip_grad: s.clip_grad,
+            seed: s.seed,
+            val_every: s.val_every,
+            patience: s.patience,
+            report_every: s.report_every,
+        }
+    }
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: ModelConfig::realnvp(&flow_realnvp::RealNvpConfig::default()),
+            model: ModelConfig::realnvp(&flow_realnvp::RealNvpConfig::default())
+                .with_standardize(true),
             optimizer: OptimizerConfig::default(),
             schedule: Schedule::default(),
             duration: Duration::Steps(1000),
@@ -98,21 +151,28 @@ impl Default for TrainConfig {
             seed: 0,
             val_every: 100,
             patience: None,
-            standardize: true,
             report_every: 10,
-            dequantize: None,
         }
     }
 }
 
 impl TrainConfig {
     /// The reference job's training settings for `model` (a [`ModelConfig`], or a
-    /// family's description that converts into one, such as a `RealNvpConfig`).
+    /// family's description that converts into one, such as a `RealNvpConfig`), which
+    /// is standardised unless it models pixels.
     pub fn new(model: impl Into<ModelConfig>) -> Self {
+        let model = model.into();
+        let standardize = model.pixel_levels().is_none();
         Self {
-            model: model.into(),
+            model: model.with_standardize(standardize),
             ..Self::default()
         }
+    }
+
+    /// Whether the model standardises the data (the statistics become part of it).
+    pub fn with_standardize(mut self, standardize: bool) -> Self {
+        self.model.standardize = standardize;
+        self
     }
 
     flow_core::with_setters! {
@@ -124,9 +184,7 @@ impl TrainConfig {
         with_seed: seed: u64,
         with_val_every: val_every: usize,
         with_patience: patience: Option<usize>,
-        with_standardize: standardize: bool,
         with_report_every: report_every: usize,
-        with_dequantize: dequantize: Option<u32>,
     }
 
     /// Checks every setting, naming the first that is out of range, with the built-in
@@ -180,10 +238,11 @@ impl TrainConfig {
         if self.val_every == 0 || self.report_every == 0 {
             return Err("`val_every` and `report_every` must be at least 1".into());
         }
-        if self.dequantize.is_some_and(|l| l < 2) {
+        let levels = self.model.pixel_levels();
+        if levels.is_some_and(|l| l < 2) {
             return Err("dequantisation needs at least 2 pixel levels".into());
         }
-        if self.dequantize.is_some() && self.standardize {
+        if levels.is_some() && self.model.standardize {
             return Err("dequantised pixel data are not standardised".into());
         }
         Ok(())
@@ -222,10 +281,38 @@ mod tests {
         let want = flow_realnvp::RealNvpConfig::new(2)
             .with_layers(2)
             .with_hidden(4);
-        assert_eq!(cfg.model, ModelConfig::realnvp(&want));
+        // The run's `standardize` was the model's standardisation.
+        assert_eq!(
+            cfg.model,
+            ModelConfig::realnvp(&want).with_standardize(true)
+        );
         assert_eq!(cfg.duration, Duration::Steps(2));
         let again: TrainConfig =
             serde_json::from_str(&serde_json::to_string(&cfg).expect("json")).expect("read");
         assert_eq!(again, cfg);
+        let unstandardised = old.replace(r#""standardize":true"#, r#""standardize":false"#);
+        let cfg: TrainConfig = serde_json::from_str(&unstandardised).expect("old configuration");
+        assert_eq!(cfg.model, ModelConfig::realnvp(&want));
+    }
+
+    #[test]
+    fn the_model_owns_standardisation_and_pixel_levels_in_older_files_too() {
+        // As `flow train` wrote an image run before the model owned both: the run's
+        // own `standardize` and `dequantize` beside the model's recipe.
+        let old = r#"{"model":{"dim":4,"context_dim":0,"standardize":false,"layers":[],"base":{"kind":"standard-normal"},"recipe":{"family":"glow","pixel_levels":4}},"optimizer":{"kind":"adam","lr":0.001,"beta1":0.9,"beta2":0.999,"eps":1e-8,"weight_decay":0.0},"schedule":{"kind":"exp","decay":0.999},"duration":{"steps":2},"batch_size":512,"clip_grad":null,"seed":0,"val_every":100,"patience":null,"standardize":false,"report_every":10,"dequantize":4}"#;
+        let cfg: TrainConfig = serde_json::from_str(old).expect("old configuration");
+        assert_eq!(cfg.model.pixel_levels(), Some(4));
+        assert!(!cfg.model.standardize);
+        let json = serde_json::to_string(&cfg).expect("json");
+        assert!(
+            !json.contains("dequantize") && !json.contains(r#""standardize":false,"report"#),
+            "{json}"
+        );
+        let again: TrainConfig = serde_json::from_str(&json).expect("read");
+        assert_eq!(again, cfg);
+        // A model of pixels is not standardised by default; any other is.
+        assert!(!TrainConfig::new(cfg.model.clone()).model.standardize);
+        let model = ModelConfig::realnvp(&flow_realnvp::RealNvpConfig::new(2));
+        assert!(TrainConfig::new(model).model.standardize);
     }
 }

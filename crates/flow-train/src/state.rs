@@ -19,10 +19,9 @@ pub const STATE_PREFIX: &str = flow_io::STATE_PREFIX;
 const META_CONFIG: &str = "train_config";
 const META_STATE: &str = "train_state";
 
-/// The scalar part of a run's state; the optimizer moments and best weights travel as
-/// tensors named `train_state.adam.{m,v}.{var}` and `train_state.best.{var}`, and the
-/// weights training stopped at, where the model holds the best ones instead, as
-/// `train_state.current.{var}`.
+/// The scalar part of a run's state; the optimizer moments, the best weights and the
+/// weights training stopped at travel as tensors
+/// under [`STATE_PREFIX`], named by `StateGroup`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Optimizer steps completed (the schedule's position).
@@ -185,6 +184,105 @@ fn to_json(path: &Path, value: &impl Serialize) -> Result<String, TrainError> {
     serde_json::to_string(value).map_err(|e| invalid(path, e))
 }
 
+// The training state's tensors. Every name of a state tensor is made here: each
+// group holds one tensor per trainable variable, named `{STATE_PREFIX}{group}.{var}`.
+
+/// A group of state tensors, one tensor per trainable variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateGroup {
+    /// The optimizer's first moments.
+    AdamM,
+    /// The optimizer's second moments.
+    AdamV,
+    /// The weights of the best validation score so far.
+    Best,
+    /// The weights training stopped at, where the model holds the best ones instead.
+    Current,
+}
+
+impl StateGroup {
+    /// The name of this group's tensor for the variable `var`.
+    pub(crate) fn tensor_name(self, var: &str) -> String {
+        let group = match self {
+            Self::AdamM => "adam.m",
+            Self::AdamV => "adam.v",
+            Self::Best => "best",
+            Self::Current => "current",
+        };
+        format!("{STATE_PREFIX}{group}.{var}")
+    }
+}
+
+impl TrainCheckpoint {
+    /// Stores copies of `values`, the tensors of `group` for the variables `names`
+    /// (in the same order).
+    pub(crate) fn insert_group(
+        &mut self,
+        group: StateGroup,
+        names: &[String],
+        values: &[Tensor],
+    ) -> candle::Result<()> {
+        for (name, value) in names.iter().zip(values) {
+            self.tensors.insert(group.tensor_name(name), value.copy()?);
+        }
+        Ok(())
+    }
+
+    /// The tensors of `group` for the variables `names`, in `dtype` on `device`.
+    pub(crate) fn group(
+        &self,
+        group: StateGroup,
+        names: &[String],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        names
+            .iter()
+            .map(|name| self.tensor(&group.tensor_name(name), dtype, device))
+            .collect()
+    }
+
+    /// The value training continues from for the variable `var`: the weights the run
+    /// stopped at, which a finished run keeps in the state while its model holds the
+    /// best weights.
+    pub(crate) fn resumed_weight(
+        &self,
+        var: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, TrainError> {
+        let current = StateGroup::Current.tensor_name(var);
+        if self.tensors.contains_key(&current) {
+            self.tensor(&current, dtype, device)
+        } else {
+            self.tensor(var, dtype, device)
+        }
+    }
+
+    /// Makes `best` (one tensor per variable of `names`) the model's weights, moving
+    /// the weights it held to the state as the ones training continues from.
+    pub(crate) fn keep_best_as_model(
+        &mut self,
+        names: &[String],
+        best: &[Tensor],
+    ) -> candle::Result<()> {
+        for (name, weights) in names.iter().zip(best) {
+            if let Some(current) = self.tensors.insert(name.clone(), weights.copy()?) {
+                self.tensors
+                    .insert(StateGroup::Current.tensor_name(name), current);
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, TrainError> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
+        })?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
 /// A stable 64-bit FNV-1a digest of the data's shape and values (context included).
 pub fn fingerprint(data: &Dataset) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -286,5 +384,44 @@ mod tests {
         assert!(json.contains(r#""last_loss":null"#), "{json}");
         let back: TrainState = serde_json::from_str(&json).expect("read");
         assert!(back.last_loss.is_nan() && back.skipped == 3);
+    }
+
+    #[test]
+    fn the_best_weights_become_the_model_and_training_continues_from_the_current(
+    ) -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let current = Tensor::new(&[1f32, 2.0], &dev)?;
+        let best = Tensor::new(&[3f32, 4.0], &dev)?;
+        let mut ck = TrainCheckpoint {
+            model: ModelConfig::new(2, Vec::new()),
+            config: TrainConfig::default(),
+            state: serde_json::from_str(
+                r#"{"step":0,"adam_step":0,"epoch":0,"pos":0,"best_val_nll":null,"best_step":null,"since_best":0,"last_loss":null,"skipped":0,"elapsed_secs":0.0,"data_fingerprint":"00"}"#,
+            )
+            .expect("state"),
+            tensors: HashMap::from([("w".to_string(), current.clone())]),
+        };
+        let names = ["w".to_string()];
+        ck.insert_group(StateGroup::AdamM, &names, std::slice::from_ref(&best))?;
+        assert_eq!(
+            ck.group(StateGroup::AdamM, &names, DType::F64, &dev)?[0].to_vec1::<f64>()?,
+            [3.0, 4.0]
+        );
+        ck.keep_best_as_model(&names, &[best])?;
+        let mut keys: Vec<&String> = ck.tensors.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["train_state.adam.m.w", "train_state.current.w", "w"]);
+        assert_eq!(ck.tensors["w"].to_vec1::<f32>()?, [3.0, 4.0]);
+        let resumed = ck.resumed_weight("w", DType::F32, &dev)?;
+        assert_eq!(resumed.to_vec1::<f32>()?, [1.0, 2.0]);
+        let missing = ck.group(StateGroup::Best, &names, DType::F32, &dev);
+        assert_eq!(
+            missing.map(|_| ()).map_err(|e| e.to_string()),
+            Err(
+                "invalid training configuration: the checkpoint has no tensor `train_state.best.w`"
+                    .to_string()
+            )
+        );
+        Ok(())
     }
 }

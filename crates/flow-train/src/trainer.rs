@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, nll_and_gradients, Adam, Control, DataError, Duration,
-    Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState, STATE_PREFIX,
+    batch_parts, data::Dataset, fingerprint, nll_and_gradients, state::StateGroup, Adam, Control,
+    DataError, Duration, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
 };
 
 /// What happened in a training run; saved with the model.
@@ -72,6 +72,8 @@ pub struct Trainer {
     device: Device,
     dtype: DType,
     registry: Registry,
+    /// The model's pixel levels, read once: `Some` for pixel data, dequantised.
+    pixel_levels: Option<u32>,
 }
 
 /// Deep copies of the variables' values.
@@ -217,6 +219,7 @@ impl Trainer {
         cfg.validate_with(&registry)
             .map_err(TrainError::InvalidConfig)?;
         Ok(Self {
+            pixel_levels: cfg.model.pixel_levels(),
             cfg,
             device: device.clone(),
             dtype: DType::F32,
@@ -313,7 +316,7 @@ impl Trainer {
         }
         let mut warnings = Vec::new();
         // Dequantised pixels are never constant: the noise fills each pixel's level.
-        if self.cfg.dequantize.is_none() {
+        if self.pixel_levels.is_none() {
             let constant: Vec<usize> = (0..d)
                 .filter(|&j| {
                     let first = train.values[j];
@@ -332,7 +335,7 @@ impl Trainer {
                 } else {
                     ("columns", "are")
                 };
-                let standardised = if self.cfg.standardize {
+                let standardised = if self.cfg.model.standardize {
                     "standardised with a standard deviation of 1 in place of 0, and "
                 } else {
                     ""
@@ -385,27 +388,66 @@ impl Trainer {
         reporter: &mut dyn Reporter,
         mut control: Control,
     ) -> Result<Trained, TrainError> {
-        let cfg = &self.cfg;
+        self.check_inputs(train, val)?;
+        let resume = control.resume.take();
+        if let Some(r) = &resume {
+            self.check_resume(r, train)?;
+        }
+        let mut run = Run::start(self, train, val, resume)?;
+        reporter.start(run.total);
+        let mut end = Ending::default();
+        while run.state.step < run.total {
+            let step = run.state.step;
+            let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
+                || control.stop_at.is_some_and(|at| step >= at);
+            if halt {
+                end.interrupted = true;
+                end.stopped = Some(format!("interrupted after step {step}"));
+                break;
+            }
+            let (loss, lr) = match run.step(control.skip_nonfinite)? {
+                Step::Taken { loss, lr } => (loss, lr),
+                Step::Diverged(reason) => {
+                    end.kept_step = Some(run.last_good_step);
+                    end.stopped = Some(reason);
+                    break;
+                }
+            };
+            let val_nll = run.validate()?;
+            run.report(reporter, loss, lr, val_nll);
+            run.save_periodic(&mut control)?;
+            if let Some(reason) = run.out_of_patience() {
+                end.stopped = Some(reason);
+                break;
+            }
+        }
+        run.finish(end, val.map_or(0, Dataset::len), reporter)
+    }
+
+    /// Checks the data a run is given: their shape against the model, finite values,
+    /// and whole pixel levels for dequantised pixel data.
+    fn check_inputs(&self, train: &Dataset, val: Option<&Dataset>) -> Result<(), TrainError> {
         self.check_data(train, "training data")?;
         if let Some(v) = val {
             self.check_data(v, "validation data")?;
         }
-        if let Some(levels) = cfg.dequantize {
+        if let Some(levels) = self.pixel_levels {
             crate::data::check_pixels(train, levels, "training data")?;
             if let Some(v) = val {
                 crate::data::check_pixels(v, levels, "validation data")?;
             }
         }
-        let data_fingerprint = fingerprint(train);
-        let resume = control.resume.take();
-        let total = self.total_steps(train.len());
-        if let Some(r) = &resume {
-            self.check_resume(r, train)?;
-        }
-        let model = cfg.model.clone().with_standardize(cfg.standardize);
+        Ok(())
+    }
+
+    /// Builds the model with freshly initialised variables (seeded by the run), its
+    /// standardisation, if any, set to the statistics of `train`.
+    fn build_model(&self, train: &Dataset) -> Result<Model, TrainError> {
+        let cfg = &self.cfg;
+        let config = cfg.model.clone();
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
-        if cfg.standardize {
+        if config.standardize {
             let (mean, std) = moments(train);
             let vb = vb.pp("standardize");
             let mean = Tensor::new(mean.as_slice(), &self.device)?.to_dtype(self.dtype)?;
@@ -416,318 +458,45 @@ impl Trainer {
             varmap.set_one("standardize.mean", &mean)?;
             varmap.set_one("standardize.std", &std)?;
         }
-        let mut flow = model.build_with(&self.registry, vb)?;
+        let flow = config.build_with(&self.registry, vb)?;
         // Trainable: every variable the model created except the buffers it declares.
         let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
-        let mut named: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+        let mut named: Vec<(String, Var)> = lock(&varmap)?
             .iter()
             .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-        let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
-        let mut adam = Adam::new(vars.clone(), cfg.optimizer.clone())?;
+        let (names, vars) = named.into_iter().unzip();
+        Ok(Model {
+            config,
+            varmap,
+            flow,
+            names,
+            vars,
+        })
+    }
 
-        let n = train.len();
-        let batch = cfg.batch_size.min(n);
-        let mut st = TrainState {
-            step: 0,
-            adam_step: 0,
-            epoch: 0,
-            pos: 0,
-            best_val_nll: None,
-            best_step: None,
-            since_best: 0,
-            last_loss: f64::NAN,
-            skipped: 0,
-            elapsed_secs: 0.0,
-            data_fingerprint,
-        };
-        let mut best_weights: Option<Vec<Tensor>> = None;
-        let x_train = train.to_tensor(&self.device)?.to_dtype(self.dtype)?;
-        let c_train = train
+    /// A tensor of `data`'s rows, and one of its context if it has one, on the
+    /// training device in the training dtype.
+    fn tensors(&self, data: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
+        let x = data.to_tensor(&self.device)?.to_dtype(self.dtype)?;
+        let c = data
             .context_tensor(&self.device)?
             .map(|c| c.to_dtype(self.dtype))
             .transpose()?;
-        let x_val = val
-            .map(|v| {
-                let x = v.to_tensor(&self.device)?.to_dtype(self.dtype)?;
-                match cfg.dequantize {
-                    Some(levels) => dequantize(&x, levels, noise_seed(cfg.seed, u64::MAX)),
-                    None => Ok(x),
-                }
-            })
-            .transpose()?;
-        let c_val = match val {
-            Some(v) => v
-                .context_tensor(&self.device)?
-                .map(|c| c.to_dtype(self.dtype))
-                .transpose()?,
-            None => None,
-        };
-        let mut order = epoch_order(n, cfg.seed, st.epoch);
-        // The batch of `step` (dequantised with that step's noise for pixel data).
-        let rows = |order: &[usize],
-                    from: usize,
-                    step: usize|
-         -> candle::Result<(Tensor, Option<Tensor>)> {
-            let idx: Vec<u32> = order[from..from + batch]
-                .iter()
-                .map(|&i| i as u32)
-                .collect();
-            let idx = Tensor::from_vec(idx, batch, &self.device)?;
-            let c = c_train
-                .as_ref()
-                .map(|c| c.index_select(&idx, 0))
-                .transpose()?;
-            let x = x_train.index_select(&idx, 0)?;
-            let x = match cfg.dequantize {
-                Some(levels) => dequantize(&x, levels, noise_seed(cfg.seed, step as u64))?,
-                None => x,
-            };
-            Ok((x, c))
-        };
-        match resume {
-            Some(r) => {
-                let get = |name: &str| -> Result<Tensor, TrainError> {
-                    let t = r.tensors.get(name).ok_or_else(|| {
-                        TrainError::InvalidConfig(format!("the checkpoint has no tensor `{name}`"))
-                    })?;
-                    Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
-                };
-                for (name, var) in varmap
-                    .data()
-                    .lock()
-                    .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
-                    .iter()
-                {
-                    // A finished run saved its best weights as the model; training
-                    // continues from where it stopped.
-                    let current = format!("{STATE_PREFIX}current.{name}");
-                    let source = if r.tensors.contains_key(&current) {
-                        current.as_str()
-                    } else {
-                        name.as_str()
-                    };
-                    var.set(&get(source)?)?;
-                }
-                let m = names
-                    .iter()
-                    .map(|k| get(&format!("{STATE_PREFIX}adam.m.{k}")))
-                    .collect::<Result<_, _>>()?;
-                let v = names
-                    .iter()
-                    .map(|k| get(&format!("{STATE_PREFIX}adam.v.{k}")))
-                    .collect::<Result<_, _>>()?;
-                adam.set_state(r.state.adam_step, m, v)?;
-                if r.state.best_val_nll.is_some() {
-                    best_weights = Some(
-                        names
-                            .iter()
-                            .map(|k| get(&format!("{STATE_PREFIX}best.{k}")))
-                            .collect::<Result<_, _>>()?,
-                    );
-                }
-                st = r.state;
-                order = epoch_order(n, cfg.seed, st.epoch);
-            }
-            None => {
-                let (x, c) = rows(&order, 0, 0)?;
-                flow.initialize(&x, c.as_ref())?;
-            }
-        }
+        Ok((x, c))
+    }
 
-        let mut final_val: Option<f64> = None;
-        let start = Instant::now();
-        let elapsed_before = st.elapsed_secs;
-        let steps_before = st.step;
-        let mut stopped = None;
-        let mut kept_step = None;
-        let mut interrupted = false;
-        let last_good = snapshot(&vars)?;
-        // The step whose weights `last_good` holds.
-        let mut last_good_step = st.step;
-        // Layers with a training mode (batch norm) train on batch statistics and are
-        // scored, saved and returned in evaluation mode.
-        flow.set_training(true);
-        let parts = batch_parts(batch, &flow, &self.device);
-        reporter.start(total);
-        while st.step < total {
-            let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
-                || control.stop_at.is_some_and(|at| st.step >= at);
-            if halt {
-                interrupted = true;
-                stopped = Some(format!("interrupted after step {}", st.step));
-                break;
-            }
-            if st.pos + batch > n {
-                st.epoch += 1;
-                st.pos = 0;
-                order = epoch_order(n, cfg.seed, st.epoch);
-            }
-            let (x, c) = rows(&order, st.pos, st.step)?;
-            st.pos += batch;
-            let (loss_value, grads) = nll_and_gradients(&flow, &vars, &x, c.as_ref(), parts)?;
-            let mut norm = f64::NAN;
-            if let Some(g) = &grads {
-                norm = squared_norm(g, &self.device)?.sqrt();
-            }
-            let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, total);
-            match grads {
-                Some(mut g) if norm.is_finite() => {
-                    snapshot_into(&last_good, &vars)?;
-                    last_good_step = st.step;
-                    if let Some(max) = cfg.clip_grad {
-                        if norm > max {
-                            for t in g.iter_mut().flatten() {
-                                *t = t.affine(max / norm, 0.0)?;
-                            }
-                        }
-                    }
-                    adam.step(&g, lr)?;
-                    st.adam_step = adam.step_count();
-                    st.last_loss = loss_value;
-                }
-                _ if control.skip_nonfinite => st.skipped += 1,
-                _ => {
-                    restore(&vars, &last_good)?;
-                    kept_step = Some(last_good_step);
-                    let what = if loss_value.is_finite() {
-                        "gradient"
-                    } else {
-                        "loss"
-                    };
-                    stopped = Some(format!(
-                        "the {what} became non-finite at step {}; kept the weights of the last finite step",
-                        st.step + 1
-                    ));
-                    break;
-                }
-            }
-            st.step += 1;
-
-            let last = st.step == total;
-            let scheduled = st.step.is_multiple_of(cfg.val_every);
-            let mut val_nll = None;
-            if let Some(xv) = &x_val {
-                if scheduled || last {
-                    flow.set_training(false);
-                    let v = mean_nll(&flow, xv, c_val.as_ref())?;
-                    flow.set_training(true);
-                    val_nll = Some(v);
-                    // An evaluation off the schedule (the end of a run whose length is
-                    // not a multiple of `val_every`) chooses the returned weights but
-                    // leaves the state alone, so that a run continued past this end
-                    // evaluates exactly as one that never stopped here.
-                    if !scheduled {
-                        final_val = Some(v);
-                    } else if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
-                        st.best_val_nll = Some(v);
-                        st.best_step = Some(st.step);
-                        best_weights = Some(snapshot(&vars)?);
-                        st.since_best = 0;
-                    } else {
-                        st.since_best += 1;
-                    }
-                }
-            }
-            st.elapsed_secs = elapsed_before + start.elapsed().as_secs_f64();
-            if st.step.is_multiple_of(cfg.report_every) || last || val_nll.is_some() {
-                let rate =
-                    (st.step - steps_before) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                reporter.report(&Report {
-                    step: st.step,
-                    total_steps: total,
-                    loss: loss_value,
-                    val_nll,
-                    lr,
-                    skipped: st.skipped,
-                    steps_per_sec: rate,
-                    elapsed_secs: st.elapsed_secs,
-                    eta_secs: (total - st.step) as f64 / rate.max(1e-9),
-                });
-            }
-            if let (Some(every), Some(save)) =
-                (control.checkpoint_every, control.on_checkpoint.as_mut())
-            {
-                if st.step.is_multiple_of(every) && !last {
-                    let ck = self.checkpoint(
-                        &model,
-                        &varmap,
-                        &names,
-                        &adam,
-                        best_weights.as_deref(),
-                        &st,
-                    )?;
-                    save(&ck)?;
-                }
-            }
-            if let Some(p) = cfg.patience {
-                if st.since_best >= p {
-                    stopped = Some(format!(
-                        "early stop at step {}: no validation improvement in {p} evaluations",
-                        st.step
-                    ));
-                    break;
-                }
-            }
-        }
-        flow.set_training(false);
-        if let Some(msg) = &stopped {
-            reporter.message(msg);
-        }
-        let mut checkpoint =
-            self.checkpoint(&model, &varmap, &names, &adam, best_weights.as_deref(), &st)?;
-        // The final weights stand when their (off-schedule) score beats the best.
-        let (mut best_val_nll, mut best_step) = (st.best_val_nll, st.best_step);
-        if let Some(v) = final_val.filter(|v| v.is_finite()) {
-            if best_val_nll.is_none_or(|b| v < b) {
-                best_weights = None;
-                (best_val_nll, best_step) = (Some(v), Some(st.step));
-            }
-        }
-        if let (false, Some(weights)) = (interrupted, &best_weights) {
-            // The model becomes the best weights; the weights training stopped at stay
-            // in the state, for continuing.
-            for (i, name) in names.iter().enumerate() {
-                let current = checkpoint.tensors.insert(name.clone(), weights[i].copy()?);
-                if let Some(current) = current {
-                    checkpoint
-                        .tensors
-                        .insert(format!("{STATE_PREFIX}current.{name}"), current);
-                }
-            }
-            restore(&vars, weights)?;
-        }
-        let run_secs = start.elapsed().as_secs_f64();
-        let summary = TrainSummary {
-            steps: st.step,
-            total_steps: total,
-            n_train: n,
-            n_val: val.map_or(0, Dataset::len),
-            final_loss: st.last_loss,
-            best_val_nll,
-            best_step,
-            skipped: st.skipped,
-            stopped,
-            kept_step,
-            interrupted,
-            elapsed_secs: st.elapsed_secs,
-            steps_per_sec: (st.step - steps_before) as f64 / run_secs.max(1e-9),
+    /// The validation set as tensors, pixel data dequantised once with noise of its
+    /// own.
+    fn validation_set(&self, val: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
+        let (x, c) = self.tensors(val)?;
+        let x = match self.pixel_levels {
+            Some(levels) => dequantize(&x, levels, noise_seed(self.cfg.seed, u64::MAX))?,
+            None => x,
         };
-        reporter.finish(&summary);
-        Ok(Trained {
-            flow,
-            varmap,
-            model,
-            config: cfg.clone(),
-            summary,
-            checkpoint,
-        })
+        Ok((x, c))
     }
 
     /// Checks that `r` continues this trainer's run on `train`: the same settings but
@@ -760,37 +529,392 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The variables of a variable map, locked.
+fn lock(varmap: &VarMap) -> candle::Result<std::sync::MutexGuard<'_, HashMap<String, Var>>> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| candle::Error::Msg("variable map poisoned".into()))
+}
+
+/// A model in training: its configuration, variables and flow, and the trainable
+/// variables with their names, sorted by name (the order of the optimizer's state).
+struct Model {
+    config: ModelConfig,
+    varmap: VarMap,
+    flow: Flow,
+    names: Vec<String>,
+    vars: Vec<Var>,
+}
+
+/// How the loop of a run ended, where it ended before its last step.
+#[derive(Default)]
+struct Ending {
+    /// Why it stopped early.
+    stopped: Option<String>,
+    /// After a non-finite step: the step whose weights were kept.
+    kept_step: Option<usize>,
+    interrupted: bool,
+}
+
+/// The outcome of one optimisation step.
+enum Step {
+    /// The step was taken (or, when non-finite batches are skipped, counted as
+    /// skipped): the batch's loss and the learning rate.
+    Taken { loss: f64, lr: f64 },
+    /// The loss or gradient was not finite: the weights are back at the last finite
+    /// step, and this says why the run stops.
+    Diverged(String),
+}
+
+/// A run in progress: the model, the data on the device, and where the run stands.
+struct Run<'a> {
+    trainer: &'a Trainer,
+    model: Model,
+    /// The training rows and their context, drawn `batch` at a time in `order`.
+    x_train: Tensor,
+    c_train: Option<Tensor>,
+    batch: usize,
+    order: Vec<usize>,
+    val: Option<(Tensor, Option<Tensor>)>,
+    state: TrainState,
+    adam: Adam,
+    /// The weights of the best scheduled validation score so far.
+    best: Option<Vec<Tensor>>,
+    /// The score of the evaluation off the schedule at the run's last step, if any.
+    final_val: Option<f64>,
+    /// The weights of the last step with a finite loss, and that step: what a
+    /// non-finite step rolls back to.
+    last_good: Vec<Tensor>,
+    last_good_step: usize,
+    total: usize,
+    /// Parts a batch's gradient is computed in.
+    parts: usize,
+    /// When this call began, and the run's time and steps before it.
+    start: Instant,
+    elapsed_before: f64,
+    steps_before: usize,
+}
+
+impl<'a> Run<'a> {
+    /// Builds the model, puts the data on the device and restores the state of
+    /// `resume`, if given; a fresh model is initialised on the first batch.
+    fn start(
+        trainer: &'a Trainer,
+        train: &Dataset,
+        val: Option<&Dataset>,
+        resume: Option<TrainCheckpoint>,
+    ) -> Result<Self, TrainError> {
+        let cfg = &trainer.cfg;
+        let data_fingerprint = fingerprint(train);
+        let total = trainer.total_steps(train.len());
+        let model = trainer.build_model(train)?;
+        let adam = Adam::new(model.vars.clone(), cfg.optimizer.clone())?;
+        let (x_train, c_train) = trainer.tensors(train)?;
+        let val = val.map(|v| trainer.validation_set(v)).transpose()?;
+        let state = TrainState {
+            step: 0,
+            adam_step: 0,
+            epoch: 0,
+            pos: 0,
+            best_val_nll: None,
+            best_step: None,
+            since_best: 0,
+            last_loss: f64::NAN,
+            skipped: 0,
+            elapsed_secs: 0.0,
+            data_fingerprint,
+        };
+        let mut run = Self {
+            trainer,
+            model,
+            x_train,
+            c_train,
+            batch: cfg.batch_size.min(train.len()),
+            order: epoch_order(train.len(), cfg.seed, state.epoch),
+            val,
+            state,
+            adam,
+            best: None,
+            final_val: None,
+            last_good: Vec::new(),
+            last_good_step: 0,
+            total,
+            parts: 1,
+            start: Instant::now(),
+            elapsed_before: 0.0,
+            steps_before: 0,
+        };
+        match resume {
+            Some(r) => run.restore(r)?,
+            None => {
+                let (x, c) = run.rows(0, 0)?;
+                run.model.flow.initialize(&x, c.as_ref())?;
+            }
+        }
+        run.start = Instant::now();
+        run.elapsed_before = run.state.elapsed_secs;
+        run.steps_before = run.state.step;
+        run.last_good = snapshot(&run.model.vars)?;
+        run.last_good_step = run.state.step;
+        // Layers with a training mode (batch norm) train on batch statistics and are
+        // scored, saved and returned in evaluation mode.
+        run.model.flow.set_training(true);
+        run.parts = batch_parts(run.batch, &run.model.flow, &trainer.device);
+        Ok(run)
+    }
+
+    /// Continues from `r`: its weights, optimizer moments, best weights and state.
+    fn restore(&mut self, r: TrainCheckpoint) -> Result<(), TrainError> {
+        let (dtype, device) = (self.trainer.dtype, &self.trainer.device);
+        for (name, var) in lock(&self.model.varmap)?.iter() {
+            var.set(&r.resumed_weight(name, dtype, device)?)?;
+        }
+        let names = &self.model.names;
+        let m = r.group(StateGroup::AdamM, names, dtype, device)?;
+        let v = r.group(StateGroup::AdamV, names, dtype, device)?;
+        self.adam.set_state(r.state.adam_step, m, v)?;
+        if r.state.best_val_nll.is_some() {
+            self.best = Some(r.group(StateGroup::Best, names, dtype, device)?);
+        }
+        self.state = r.state;
+        self.order = epoch_order(self.order.len(), self.trainer.cfg.seed, self.state.epoch);
+        Ok(())
+    }
+
+    /// The batch of `step`: `batch` rows of the epoch's order from `from`
+    /// (dequantised with that step's noise for pixel data).
+    fn rows(&self, from: usize, step: usize) -> candle::Result<(Tensor, Option<Tensor>)> {
+        let device = &self.trainer.device;
+        let idx: Vec<u32> = self.order[from..from + self.batch]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, self.batch, device)?;
+        let c = self
+            .c_train
+            .as_ref()
+            .map(|c| c.index_select(&idx, 0))
+            .transpose()?;
+        let x = self.x_train.index_select(&idx, 0)?;
+        let trainer = self.trainer;
+        let x = match trainer.pixel_levels {
+            Some(levels) => dequantize(&x, levels, noise_seed(trainer.cfg.seed, step as u64))?,
+            None => x,
+        };
+        Ok((x, c))
+    }
+
+    /// One optimisation step on the next batch. A non-finite loss or gradient is
+    /// counted and skipped when `skip_nonfinite`; otherwise it rolls the weights back
+    /// to the last finite step and ends the run.
+    fn step(&mut self, skip_nonfinite: bool) -> Result<Step, TrainError> {
+        let cfg = &self.trainer.cfg;
+        let n = self.order.len();
+        let st = &mut self.state;
+        if st.pos + self.batch > n {
+            st.epoch += 1;
+            st.pos = 0;
+            self.order = epoch_order(n, cfg.seed, st.epoch);
+        }
+        let (x, c) = self.rows(self.state.pos, self.state.step)?;
+        let st = &mut self.state;
+        st.pos += self.batch;
+        let vars = &self.model.vars;
+        let (loss, grads) = nll_and_gradients(&self.model.flow, vars, &x, c.as_ref(), self.parts)?;
+        let mut norm = f64::NAN;
+        if let Some(g) = &grads {
+            norm = squared_norm(g, &self.trainer.device)?.sqrt();
+        }
+        let lr = cfg.schedule.lr(cfg.optimizer.lr, st.step, self.total);
+        match grads {
+            Some(mut g) if norm.is_finite() => {
+                snapshot_into(&self.last_good, vars)?;
+                self.last_good_step = st.step;
+                if let Some(max) = cfg.clip_grad {
+                    if norm > max {
+                        for t in g.iter_mut().flatten() {
+                            *t = t.affine(max / norm, 0.0)?;
+                        }
+                    }
+                }
+                self.adam.step(&g, lr)?;
+                st.adam_step = self.adam.step_count();
+                st.last_loss = loss;
+            }
+            _ if skip_nonfinite => st.skipped += 1,
+            _ => {
+                restore(vars, &self.last_good)?;
+                let what = if loss.is_finite() { "gradient" } else { "loss" };
+                return Ok(Step::Diverged(format!(
+                    "the {what} became non-finite at step {}; kept the weights of the last finite step",
+                    st.step + 1
+                )));
+            }
+        }
+        st.step += 1;
+        Ok(Step::Taken { loss, lr })
+    }
+
+    /// Scores the validation set where the schedule says so, and after the last step;
+    /// a scheduled score that beats the best keeps the weights as the best.
+    fn validate(&mut self) -> Result<Option<f64>, TrainError> {
+        let st = &mut self.state;
+        let last = st.step == self.total;
+        let scheduled = st.step.is_multiple_of(self.trainer.cfg.val_every);
+        let Some((x, c)) = &self.val else {
+            return Ok(None);
+        };
+        if !(scheduled || last) {
+            return Ok(None);
+        }
+        let flow = &mut self.model.flow;
+        flow.set_training(false);
+        let v = mean_nll(flow, x, c.as_ref())?;
+        flow.set_training(true);
+        // An evaluation off the schedule (the end of a run whose length is not a
+        // multiple of `val_every`) chooses the returned weights but leaves the state
+        // alone, so that a run continued past this end evaluates exactly as one that
+        // never stopped here.
+        if !scheduled {
+            self.final_val = Some(v);
+        } else if v.is_finite() && st.best_val_nll.is_none_or(|b| v < b) {
+            st.best_val_nll = Some(v);
+            st.best_step = Some(st.step);
+            self.best = Some(snapshot(&self.model.vars)?);
+            st.since_best = 0;
+        } else {
+            st.since_best += 1;
+        }
+        Ok(Some(v))
+    }
+
+    /// Steps per second in this call so far.
+    fn rate(&self) -> f64 {
+        (self.state.step - self.steps_before) as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Tells `reporter` of the step just taken, every `report_every` steps, at a
+    /// validation score and at the last step.
+    fn report(&mut self, reporter: &mut dyn Reporter, loss: f64, lr: f64, val_nll: Option<f64>) {
+        self.state.elapsed_secs = self.elapsed_before + self.start.elapsed().as_secs_f64();
+        let st = &self.state;
+        let last = st.step == self.total;
+        if st.step.is_multiple_of(self.trainer.cfg.report_every) || last || val_nll.is_some() {
+            let rate = self.rate();
+            reporter.report(&Report {
+                step: st.step,
+                total_steps: self.total,
+                loss,
+                val_nll,
+                lr,
+                skipped: st.skipped,
+                steps_per_sec: rate,
+                elapsed_secs: st.elapsed_secs,
+                eta_secs: (self.total - st.step) as f64 / rate.max(1e-9),
+            });
+        }
+    }
+
+    /// Hands `control` a checkpoint every `checkpoint_every` steps, but at the last.
+    fn save_periodic(&self, control: &mut Control) -> Result<(), TrainError> {
+        if let (Some(every), Some(save)) =
+            (control.checkpoint_every, control.on_checkpoint.as_mut())
+        {
+            let step = self.state.step;
+            if step.is_multiple_of(every) && step != self.total {
+                save(&self.checkpoint()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the run stops early, when `patience` evaluations brought no improvement.
+    fn out_of_patience(&self) -> Option<String> {
+        let p = self.trainer.cfg.patience?;
+        (self.state.since_best >= p).then(|| {
+            format!(
+                "early stop at step {}: no validation improvement in {p} evaluations",
+                self.state.step
+            )
+        })
+    }
 
     /// A resumable checkpoint of the current state.
-    fn checkpoint(
-        &self,
-        model: &ModelConfig,
-        varmap: &VarMap,
-        names: &[String],
-        adam: &Adam,
-        best: Option<&[Tensor]>,
-        state: &TrainState,
-    ) -> Result<TrainCheckpoint, TrainError> {
-        let mut tensors: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+    fn checkpoint(&self) -> Result<TrainCheckpoint, TrainError> {
+        let tensors: HashMap<String, Tensor> = lock(&self.model.varmap)?
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
             .collect::<candle::Result<_>>()?;
-        let (m, v) = adam.moments();
-        for (i, name) in names.iter().enumerate() {
-            tensors.insert(format!("{STATE_PREFIX}adam.m.{name}"), m[i].copy()?);
-            tensors.insert(format!("{STATE_PREFIX}adam.v.{name}"), v[i].copy()?);
-            if let Some(b) = best {
-                tensors.insert(format!("{STATE_PREFIX}best.{name}"), b[i].copy()?);
+        let mut checkpoint = TrainCheckpoint {
+            model: self.model.config.clone(),
+            config: self.trainer.cfg.clone(),
+            state: self.state.clone(),
+            tensors,
+        };
+        let names = &self.model.names;
+        let (m, v) = self.adam.moments();
+        checkpoint.insert_group(StateGroup::AdamM, names, m)?;
+        checkpoint.insert_group(StateGroup::AdamV, names, v)?;
+        if let Some(best) = &self.best {
+            checkpoint.insert_group(StateGroup::Best, names, best)?;
+        }
+        Ok(checkpoint)
+    }
+
+    /// Ends the run: the final checkpoint, the weights returned (with a validation
+    /// set, the best scored, unless the run was interrupted) and the summary.
+    fn finish(
+        mut self,
+        end: Ending,
+        n_val: usize,
+        reporter: &mut dyn Reporter,
+    ) -> Result<Trained, TrainError> {
+        self.model.flow.set_training(false);
+        if let Some(msg) = &end.stopped {
+            reporter.message(msg);
+        }
+        let mut checkpoint = self.checkpoint()?;
+        let st = &self.state;
+        // The final weights stand when their (off-schedule) score beats the best.
+        let (mut best_val_nll, mut best_step) = (st.best_val_nll, st.best_step);
+        if let Some(v) = self.final_val.filter(|v| v.is_finite()) {
+            if best_val_nll.is_none_or(|b| v < b) {
+                self.best = None;
+                (best_val_nll, best_step) = (Some(v), Some(st.step));
             }
         }
-        Ok(TrainCheckpoint {
-            model: model.clone(),
-            config: self.cfg.clone(),
-            state: state.clone(),
-            tensors,
+        if let (false, Some(weights)) = (end.interrupted, &self.best) {
+            // The model becomes the best weights; the weights training stopped at stay
+            // in the state, for continuing.
+            checkpoint.keep_best_as_model(&self.model.names, weights)?;
+            restore(&self.model.vars, weights)?;
+        }
+        let summary = TrainSummary {
+            steps: st.step,
+            total_steps: self.total,
+            n_train: self.order.len(),
+            n_val,
+            final_loss: st.last_loss,
+            best_val_nll,
+            best_step,
+            skipped: st.skipped,
+            stopped: end.stopped,
+            kept_step: end.kept_step,
+            interrupted: end.interrupted,
+            elapsed_secs: st.elapsed_secs,
+            steps_per_sec: self.rate(),
+        };
+        reporter.finish(&summary);
+        Ok(Trained {
+            flow: self.model.flow,
+            varmap: self.model.varmap,
+            model: self.model.config,
+            config: self.trainer.cfg.clone(),
+            summary,
+            checkpoint,
         })
     }
 }

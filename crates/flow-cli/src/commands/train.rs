@@ -2,7 +2,7 @@ use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering}
 
 use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_SAMPLES};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape};
-use flow_models::{BaseConfig, Registry};
+use flow_models::{BaseConfig, Family, Registry};
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
@@ -13,7 +13,7 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{listed, FlowArg, SplitArg, TrainArgs},
+    cli::{listed, one_dimensional, SplitArg, TrainArgs},
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
@@ -191,11 +191,11 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
 
 /// The family `--flow` names, or the one that suits the data: Glow for the digits, an
 /// image set, and RealNVP otherwise.
-fn family(a: &TrainArgs) -> FlowArg {
+fn family(a: &TrainArgs) -> Family {
     a.flow.unwrap_or(if a.data == "digits" {
-        FlowArg::Glow
+        Family::Glow
     } else {
-        FlowArg::Realnvp
+        Family::RealNvp
     })
 }
 
@@ -205,7 +205,7 @@ fn family(a: &TrainArgs) -> FlowArg {
 /// here, before any work starts.
 fn config(
     a: &TrainArgs,
-    flow: FlowArg,
+    flow: Family,
     dim: usize,
     context_dim: usize,
     image: Option<ImageInfo>,
@@ -215,7 +215,7 @@ fn config(
             "--flow {} couples one part of each row to the other and needs at least 2 features, but {} has {dim}: in one dimension use {}",
             flow.name(),
             a.data,
-            listed(&FlowArg::one_dimensional()).replacen(" and ", " or ", 1)
+            listed(&one_dimensional()).replacen(" and ", " or ", 1)
         )
         .into());
     }
@@ -229,10 +229,8 @@ fn config(
     if let Some(b) = &a.base {
         model = model.with_base(base(b)?);
     }
-    let mut cfg = TrainConfig::new(model)
-        .with_standardize(image.is_none() && !a.no_standardize)
-        .with_dequantize(image.map(|i| i.pixel_levels));
-    if flow == FlowArg::Glow {
+    let mut cfg = TrainConfig::new(model).with_standardize(image.is_none() && !a.no_standardize);
+    if flow == Family::Glow {
         // Glow fits a small image set far better than it generalises: decoupled weight
         // decay takes about 0.02 bits/dim off its test score on the digits.
         cfg.optimizer.kind = OptimizerKind::AdamW;
@@ -293,7 +291,10 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "context-dim",
             a.context_dim.is_none_or(|c| c == was.model.context_dim),
         ),
-        ("no-standardize", !(a.no_standardize && was.standardize)),
+        (
+            "no-standardize",
+            !(a.no_standardize && was.model.standardize),
+        ),
         (
             "image",
             a.image
@@ -545,11 +546,8 @@ pub fn run(a: TrainArgs) -> CmdResult {
             trainer
                 .config()
                 .model
-                .recipe
-                .as_ref()
-                .and_then(|r| r.get("family"))
-                .and_then(|f| f.as_str())
-                .unwrap_or("a flow"),
+                .family()
+                .map_or("a flow", Family::name),
             train.len(),
             train.dim,
             trainer.total_steps(train.len())

@@ -4,14 +4,14 @@
 use flow_core::limits::{MAX_BINS, MAX_HIDDEN, MAX_LAYERS};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
-use flow_models::ModelConfig;
+use flow_models::{Family, ModelConfig};
 use flow_nn::{Activation, Order};
 use flow_nsf::{NsfConfig, NsfKind};
 use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
 
 use super::{count, real};
 use crate::{
-    cli::{listed, CouplingArg, FlowArg, NetsArg, OrderArg, ScaleArg, TrainArgs},
+    cli::{listed, takes, taking, CouplingArg, NetsArg, OrderArg, ScaleArg, TrainArgs},
     Failure,
 };
 
@@ -107,24 +107,24 @@ pub(super) enum Recipe {
 
 impl Recipe {
     /// `flow`'s own defaults over `dim` features, or over the images `image` describes.
-    pub(super) fn defaults(flow: FlowArg, dim: usize, image: Option<ImageInfo>) -> Self {
+    pub(super) fn defaults(flow: Family, dim: usize, image: Option<ImageInfo>) -> Self {
         let shape = image.map_or(ImageShape::flat(dim), |i| i.shape);
         let levels = |default: u32| image.map_or(default, |i| i.pixel_levels);
         match flow {
-            FlowArg::Realnvp => Self::RealNvp(RealNvpConfig::new(dim)),
-            FlowArg::Nice => {
+            Family::RealNvp => Self::RealNvp(RealNvpConfig::new(dim)),
+            Family::Nice => {
                 Self::RealNvp(RealNvpConfig::new(dim).with_coupling(CouplingKind::Additive))
             }
-            FlowArg::Nsf => Self::Nsf(NsfConfig::new(dim)),
-            FlowArg::NsfAr => Self::Nsf(NsfConfig::new(dim).with_kind(NsfKind::Autoregressive)),
-            FlowArg::Maf => Self::Maf(MafConfig::new(dim)),
-            FlowArg::Iaf => Self::Maf(MafConfig::new(dim).with_inverse(true)),
-            FlowArg::Glow => {
+            Family::Nsf => Self::Nsf(NsfConfig::new(dim)),
+            Family::NsfAr => Self::Nsf(NsfConfig::new(dim).with_kind(NsfKind::Autoregressive)),
+            Family::Maf => Self::Maf(MafConfig::new(dim)),
+            Family::Iaf => Self::Maf(MafConfig::new(dim).with_inverse(true)),
+            Family::Glow => {
                 let c = GlowConfig::small(shape);
                 let l = levels(c.pixel_levels);
                 Self::Glow(c.with_pixel_levels(l))
             }
-            FlowArg::RealnvpImage => {
+            Family::RealNvpImage => {
                 let c = RealNvpImageConfig::small(shape);
                 let l = levels(c.pixel_levels);
                 Self::RealNvpImage(c.with_pixel_levels(l))
@@ -133,22 +133,20 @@ impl Recipe {
     }
 
     /// The family and configuration a model was generated from, read from its recipe.
-    pub(super) fn of(model: &ModelConfig) -> Option<(FlowArg, Self)> {
-        use clap::ValueEnum;
+    pub(super) fn of(model: &ModelConfig) -> Option<(Family, Self)> {
+        let flow = model.family()?;
         let recipe = model.recipe.clone()?;
-        let family = recipe.get("family")?.as_str()?;
-        let flow = FlowArg::from_str(family, false).ok()?;
         let parsed = match flow {
-            FlowArg::Realnvp | FlowArg::Nice => Self::RealNvp(serde_json::from_value(recipe).ok()?),
-            FlowArg::Nsf | FlowArg::NsfAr => Self::Nsf(serde_json::from_value(recipe).ok()?),
-            FlowArg::Maf | FlowArg::Iaf => Self::Maf(serde_json::from_value(recipe).ok()?),
-            FlowArg::Glow => Self::Glow(serde_json::from_value(recipe).ok()?),
-            FlowArg::RealnvpImage => Self::RealNvpImage(serde_json::from_value(recipe).ok()?),
+            Family::RealNvp | Family::Nice => Self::RealNvp(serde_json::from_value(recipe).ok()?),
+            Family::Nsf | Family::NsfAr => Self::Nsf(serde_json::from_value(recipe).ok()?),
+            Family::Maf | Family::Iaf => Self::Maf(serde_json::from_value(recipe).ok()?),
+            Family::Glow => Self::Glow(serde_json::from_value(recipe).ok()?),
+            Family::RealNvpImage => Self::RealNvpImage(serde_json::from_value(recipe).ok()?),
         };
         Some((flow, parsed))
     }
 
-    /// The setting `--{flag}` gives. The table in [`FlowArg::takes`] has refused the
+    /// The setting `--{flag}` gives. The table in [`takes`] has refused the
     /// flags a family does not take before this is asked.
     pub(super) fn field(&mut self, flag: &str) -> Result<Field<'_>, Failure> {
         use Recipe as R;
@@ -244,9 +242,9 @@ impl Recipe {
 
 /// Each family's default for the model flag `--{flag}`, with the families it is the
 /// default of, as the families' configurations define them (for `--help`).
-pub fn family_defaults(flag: &str) -> Vec<(String, Vec<FlowArg>)> {
-    let mut defaults: Vec<(String, Vec<FlowArg>)> = Vec::new();
-    for &flow in FlowArg::taking(flag) {
+pub fn family_defaults(flag: &str) -> Vec<(String, Vec<Family>)> {
+    let mut defaults: Vec<(String, Vec<Family>)> = Vec::new();
+    for &flow in taking(flag) {
         let mut recipe = Recipe::defaults(flow, 2, None);
         let Ok(field) = recipe.field(flag) else {
             continue;
@@ -289,11 +287,11 @@ pub(super) fn given_model_flags(a: &TrainArgs) -> Vec<&'static str> {
 }
 
 /// Refuses the model flags `flow` does not take, naming the families that do.
-pub(super) fn check_flags_apply(a: &TrainArgs, flow: FlowArg) -> Result<(), Failure> {
-    match given_model_flags(a).into_iter().find(|f| !flow.takes(f)) {
+pub(super) fn check_flags_apply(a: &TrainArgs, flow: Family) -> Result<(), Failure> {
+    match given_model_flags(a).into_iter().find(|f| !takes(flow, f)) {
         Some(flag) => Err(format!(
             "--{flag} applies to {}, not {}",
-            listed(FlowArg::taking(flag)),
+            listed(taking(flag)),
             flow.name()
         )
         .into()),
