@@ -3,7 +3,8 @@ use candle_nn::{init::Init, Module, VarBuilder};
 use flow_core::Bijector;
 use serde::{Deserialize, Serialize};
 
-use crate::{made::check_made_masks, made_masks, Activation, Mlp, NetConfig, Transform};
+use crate::transform::apply_transform;
+use crate::{made::check_made_masks, made_masks, Activation, Features, Mlp, NetConfig, Transform};
 
 /// One autoregressive layer, fully specified: the order of its features, its MADE
 /// network and the element-wise transform's own settings (flattened beside the others
@@ -134,6 +135,8 @@ pub struct Autoregressive<T> {
     made: Mlp,
     transform: T,
     dim: usize,
+    /// `0..dim`: every feature is mapped.
+    features: Vec<usize>,
     context_dim: usize,
     /// Stored masks: the layer's buffers.
     stored: Vec<Tensor>,
@@ -183,6 +186,7 @@ impl<T: Transform> Autoregressive<T> {
             made: made.with_masks(masks)?,
             transform: cfg.transform.clone(),
             dim,
+            features: (0..dim).collect(),
             context_dim: cfg.context_dim,
             stored,
         })
@@ -213,7 +217,15 @@ impl<T: Transform> Autoregressive<T> {
 
     fn forward_pass(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let theta = self.params(x, context)?;
-        self.transform.apply(x, &theta, false)
+        self.step(x, &theta, false)
+    }
+
+    /// The transform over every feature: its kernel or its reference.
+    fn step(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {
+        let features = Features::All {
+            indices: &self.features,
+        };
+        apply_transform(&self.transform, x, features, theta, inverse)
     }
 
     /// `d` passes: after pass `k` the first `k + 1` features of the order are exact.
@@ -222,7 +234,7 @@ impl<T: Transform> Autoregressive<T> {
         let mut log_det = None;
         for _ in 0..self.dim {
             let theta = self.params(&x, context)?;
-            let (next, ld) = self.transform.apply(z, &theta, true)?;
+            let (next, ld) = self.step(z, &theta, true)?;
             x = next;
             log_det = Some(ld);
         }

@@ -3,7 +3,8 @@ use candle_nn::VarBuilder;
 use flow_core::Bijector;
 use serde::{Deserialize, Serialize};
 
-use crate::{Conditioner, ConditionerConfig, Mask, Transform};
+use crate::transform::apply_transform;
+use crate::{Conditioner, ConditionerConfig, Features, Mask, Transform};
 
 /// One coupling layer, fully specified: the mask, the conditioner and the
 /// element-wise transform's own settings (flattened beside the others in JSON).
@@ -83,13 +84,11 @@ impl<T: Transform> Coupling<T> {
         } else {
             self.conditioner.params(&h)?
         };
-        let transformed = self.mask.transformed();
-        if let Some(fused) = self.transform.apply_fused(x, transformed, &theta, inverse) {
-            return fused;
-        }
-        let xb = self.mask.transformed_input(x)?;
-        let (yb, log_det) = self.transform.apply(&xb, &theta, inverse)?;
-        Ok((self.mask.merge(&xa, &yb)?, log_det))
+        let features = Features::Masked {
+            mask: &self.mask,
+            kept: &xa,
+        };
+        apply_transform(&self.transform, x, features, &theta, inverse)
     }
 }
 

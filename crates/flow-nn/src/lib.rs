@@ -30,4 +30,4 @@ pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
 pub use shift::Shift;
 pub use spline::{Knots, Spline};
-pub use transform::Transform;
+pub use transform::{apply_transform, Features, Transform};
