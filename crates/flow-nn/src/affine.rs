@@ -46,6 +46,19 @@ impl Transform for Affine {
         }
     }
 
+    fn check(&self) -> std::result::Result<(), String> {
+        let clamp = match self.scale {
+            ScaleMap::SoftClamp { clamp } | ScaleMap::Tanh { clamp } | ScaleMap::Atan { clamp } => {
+                clamp
+            }
+            ScaleMap::Exp | ScaleMap::Sigmoid | ScaleMap::Softplus => 1.0,
+        };
+        if !(clamp.is_finite() && clamp > 0.0) {
+            return Err(format!("clamp must be positive, got {clamp}"));
+        }
+        Ok(())
+    }
+
     fn kernel(&self) -> Option<Op> {
         Some(Op::AffineCoupling)
     }

@@ -1,8 +1,9 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::{init::Init, Module, VarBuilder};
-use flow_core::Bijector;
+use flow_core::{Bijector, LayerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::layer::{check_context, oriented};
 use crate::transform::apply_transform;
 use crate::{made::check_made_masks, made_masks, Activation, Features, Mlp, NetConfig, Transform};
 
@@ -21,7 +22,7 @@ pub struct AutoregressiveConfig<T> {
     #[serde(flatten)]
     pub transform: T,
     /// Use the layer in the opposite direction (IAF: sampling in one pass, density in
-    /// `d`).
+    /// `d`). Honoured by [`LayerConfig::build`].
     #[serde(default)]
     pub inverted: bool,
     /// Features of the context a conditional layer receives (0: unconditional).
@@ -117,6 +118,20 @@ impl<T> AutoregressiveConfig<T> {
                 .map(|i| (2 * i).to_string())
                 .collect()
         }
+    }
+}
+
+impl<T: Transform> LayerConfig for AutoregressiveConfig<T> {
+    /// The order and widths against `dim` features, the context and the transform's
+    /// settings.
+    fn check(&self, dim: usize, context_dim: usize) -> std::result::Result<(), String> {
+        AutoregressiveConfig::check(self, dim)?;
+        check_context(self.context_dim, context_dim)?;
+        self.transform.check()
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        Ok(oriented(Autoregressive::new(self, vb)?, self.inverted))
     }
 }
 

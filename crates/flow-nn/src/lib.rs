@@ -13,6 +13,7 @@ mod affine;
 mod autoregressive;
 mod conditioner;
 mod coupling;
+mod layer;
 mod made;
 mod mask;
 mod mlp;

@@ -244,6 +244,10 @@ impl Transform for Spline {
         Ok((y, ld.sum(D::Minus1)?))
     }
 
+    fn check(&self) -> std::result::Result<(), String> {
+        Spline::check(self)
+    }
+
     fn kernel(&self) -> Option<Op> {
         Some(Op::Spline { bins: self.bins })
     }

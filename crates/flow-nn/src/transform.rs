@@ -23,6 +23,11 @@ pub trait Transform: std::fmt::Debug + Clone + Send + Sync + 'static {
         false
     }
 
+    /// Checks the settings; the message names the first that is out of range.
+    fn check(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     /// `(y, log|det ∂y/∂x|)` for features `x` `(batch, n)` and parameters
     /// `theta[p]` `(batch, n)` (or `theta[0]` `(batch, n, P)` when
     /// [`stacked`](Transform::stacked)): the map, or its inverse when `inverse` is set.

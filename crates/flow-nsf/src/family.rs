@@ -1,5 +1,5 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
+use flow_core::{Bijector, Family, LayerConfig};
 
 use crate::SplineLayer;
 
@@ -8,44 +8,23 @@ use crate::SplineLayer;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NsfFamily;
 
-impl LayerFamily for NsfFamily {
-    fn kinds(&self) -> &[&'static str] {
-        &["spline-coupling", "spline-autoregressive"]
-    }
+impl Family for NsfFamily {
+    type Layer = SplineLayer;
+    const KINDS: &'static [&'static str] = &["spline-coupling", "spline-autoregressive"];
+}
 
-    fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
-        let (spline, context) = match spec.tagged_as::<SplineLayer>()? {
-            SplineLayer::SplineCoupling(c) => {
-                if c.mask.len() != dim {
-                    return Err(format!(
-                        "mask of {} features in a model of {dim}",
-                        c.mask.len()
-                    ));
-                }
-                if !c.mask.contains(&true) || !c.mask.contains(&false) {
-                    return Err(format!(
-                        "a coupling mask must keep at least one feature and transform at least one, got {:?}",
-                        c.mask
-                    ));
-                }
-                (c.transform, c.context_dim)
-            }
-            SplineLayer::SplineAutoregressive(c) => {
-                c.check(dim)?;
-                (c.transform, c.context_dim)
-            }
-        };
-        if context != context_dim {
-            return Err(format!(
-                "a layer of {context} context features in a model of {context_dim}"
-            ));
+impl LayerConfig for SplineLayer {
+    fn check(&self, dim: usize, context_dim: usize) -> Result<(), String> {
+        match self {
+            Self::SplineCoupling(c) => c.check(dim, context_dim),
+            Self::SplineAutoregressive(c) => LayerConfig::check(c, dim, context_dim),
         }
-        spline.check()
     }
 
-    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
-        spec.tagged_as::<SplineLayer>()
-            .map_err(candle::Error::Msg)?
-            .build(vb)
+    fn build(&self, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        match self {
+            Self::SplineCoupling(c) => c.build(vb),
+            Self::SplineAutoregressive(c) => c.build(vb),
+        }
     }
 }

@@ -1,6 +1,5 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec};
-use flow_nn::{CouplingConfig, NetConfig, ScaleMap};
+use flow_core::{Bijector, Family, LayerConfig};
 
 use crate::CouplingLayer;
 
@@ -9,62 +8,23 @@ use crate::CouplingLayer;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RealNvpFamily;
 
-fn check_coupling<T>(c: &CouplingConfig<T>, dim: usize, context_dim: usize) -> Result<(), String> {
-    if c.mask.len() != dim {
-        return Err(format!(
-            "mask of {} features in a model of {dim}",
-            c.mask.len()
-        ));
-    }
-    if !c.mask.contains(&true) || !c.mask.contains(&false) {
-        return Err(format!(
-            "a coupling mask must keep at least one feature and transform at least one, got {:?}",
-            c.mask
-        ));
-    }
-    if c.context_dim != context_dim {
-        return Err(format!(
-            "a layer of {} context features in a model of {context_dim}",
-            c.context_dim
-        ));
-    }
-    let widths = match &c.conditioner.net {
-        NetConfig::Mlp { hidden, .. } => hidden.clone(),
-        NetConfig::Residual { hidden, .. } => vec![*hidden],
-    };
-    if widths.contains(&0) {
-        return Err("a hidden layer of width 0".into());
-    }
-    Ok(())
+impl Family for RealNvpFamily {
+    type Layer = CouplingLayer;
+    const KINDS: &'static [&'static str] = &["affine", "additive"];
 }
 
-impl LayerFamily for RealNvpFamily {
-    fn kinds(&self) -> &[&'static str] {
-        &["affine", "additive"]
-    }
-
-    fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
-        match spec.tagged_as::<CouplingLayer>()? {
-            CouplingLayer::Affine(c) => {
-                check_coupling(&c, dim, context_dim)?;
-                let clamp = match c.transform.scale {
-                    ScaleMap::SoftClamp { clamp }
-                    | ScaleMap::Tanh { clamp }
-                    | ScaleMap::Atan { clamp } => clamp,
-                    ScaleMap::Exp | ScaleMap::Sigmoid | ScaleMap::Softplus => 1.0,
-                };
-                if !(clamp.is_finite() && clamp > 0.0) {
-                    return Err(format!("clamp must be positive, got {clamp}"));
-                }
-                Ok(())
-            }
-            CouplingLayer::Additive(c) => check_coupling(&c, dim, context_dim),
+impl LayerConfig for CouplingLayer {
+    fn check(&self, dim: usize, context_dim: usize) -> Result<(), String> {
+        match self {
+            Self::Affine(c) => c.check(dim, context_dim),
+            Self::Additive(c) => c.check(dim, context_dim),
         }
     }
 
-    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
-        spec.tagged_as::<CouplingLayer>()
-            .map_err(candle::Error::Msg)?
-            .build(vb)
+    fn build(&self, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        match self {
+            Self::Affine(c) => c.build(vb),
+            Self::Additive(c) => c.build(vb),
+        }
     }
 }
