@@ -8,10 +8,11 @@ use crate::Mask;
 
 /// An element-wise monotone map `y_j = f(x_j; θ_j)` with `P` parameters per feature.
 ///
-/// A transform has two doors, used the same way by every layer through [`apply_transform`]:
-/// [`apply`](Transform::apply) is the reference, from plain candle ops, and
-/// [`apply_fused`](Transform::apply_fused) its fused [`kernel`](Transform::kernel),
-/// taken where [`flow_kernels::fused`] says that kernel runs.
+/// A transform has two doors, which every layer uses the same way, through
+/// [`apply_transform`]: [`apply`](Transform::apply) is the reference, from plain candle
+/// ops, and [`apply_fused`](Transform::apply_fused) its fused
+/// [`kernel`](Transform::kernel), taken where [`flow_kernels::fused`] says that kernel
+/// runs.
 pub trait Transform: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// Its parameters' names, in the order the conditioner outputs them; separate
     /// conditioner networks are stored under these names.
