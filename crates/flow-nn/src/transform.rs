@@ -97,7 +97,7 @@ impl<'a> Features<'a> {
 
 /// The reference step on a layer's whole input: the mapped features through
 /// [`Transform::apply`], merged back with the others.
-fn reference<T: Transform + ?Sized>(
+fn reference<T: Transform>(
     t: &T,
     x: &Tensor,
     features: Features,
