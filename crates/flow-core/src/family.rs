@@ -1,7 +1,8 @@
 //! Layers described by data. A model configuration lists [`LayerSpec`]s; a
 //! [`LayerFamily`] turns the specs of the kinds it knows into bijectors. Families are
 //! gathered in a registry (the `flow-models` crate), so a new family plugs in without
-//! touching the ones before it.
+//! touching the ones before it. A family crate's own part is small: its layer, a serde
+//! enum that is a [`LayerConfig`], named with its kinds in a [`Family`].
 
 use candle::Result;
 use candle_nn::VarBuilder;
@@ -131,6 +132,59 @@ impl SampleLayer {
             dim,
             domain: (f64::NEG_INFINITY, f64::INFINITY),
         }
+    }
+}
+
+/// One layer of a family as a model configuration holds it (a serde enum tagged
+/// `type`, one variant per kind): checked against the model, then built.
+pub trait LayerConfig {
+    /// Checks the layer against the model's features and context features, before any
+    /// tensor is made; the message says what is wrong.
+    fn check(&self, dim: usize, context_dim: usize) -> std::result::Result<(), String>;
+
+    /// Builds the layer, reading (or creating) its tensors under `vb`.
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>>;
+}
+
+/// A family whose specs read as one [`LayerConfig`]: all a family crate writes to be
+/// a [`LayerFamily`] is its layer type and its kinds.
+pub trait Family: Send + Sync {
+    /// The family's layer, tagged `type` with one variant per kind.
+    type Layer: LayerConfig + DeserializeOwned;
+
+    /// The `type`s of the layer's variants.
+    const KINDS: &'static [&'static str];
+
+    /// A small layer of `kind` for the checks every registered kind must pass: see
+    /// [`LayerFamily::sample`].
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        let _ = kind;
+        None
+    }
+}
+
+impl<F: Family> LayerFamily for F {
+    fn kinds(&self) -> &[&'static str] {
+        F::KINDS
+    }
+
+    fn check(
+        &self,
+        spec: &LayerSpec,
+        dim: usize,
+        context_dim: usize,
+    ) -> std::result::Result<(), String> {
+        spec.tagged_as::<F::Layer>()?.check(dim, context_dim)
+    }
+
+    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        spec.tagged_as::<F::Layer>()
+            .map_err(candle::Error::Msg)?
+            .build(vb)
+    }
+
+    fn sample(&self, kind: &str) -> Option<SampleLayer> {
+        Family::sample(self, kind)
     }
 }
 

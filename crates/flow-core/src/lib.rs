@@ -19,6 +19,6 @@ mod setters;
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};
-pub use family::{FixedLayers, LayerFamily, LayerSpec, SampleLayer};
+pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};
 pub use flow::Flow;
 pub use init::seeded_var_builder;

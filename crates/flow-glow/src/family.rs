@@ -1,5 +1,5 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
+use flow_core::{Bijector, Family, LayerConfig, SampleLayer};
 
 use crate::{
     ActNormConfig, BatchNormConfig, ConvCouplingConfig, CouplingMask, GlowLayer, ImageShape,
@@ -13,40 +13,9 @@ use crate::{
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GlowFamily;
 
-impl LayerFamily for GlowFamily {
-    fn kinds(&self) -> &[&'static str] {
-        &GlowLayer::KINDS
-    }
-
-    fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
-        if context_dim != 0 {
-            return Err(format!(
-                "`{}` layers take no context, the model has {context_dim} context features",
-                spec.kind()
-            ));
-        }
-        let layer = spec.tagged_as::<GlowLayer>()?;
-        layer
-            .validate()
-            .map_err(|e| format!("`{}` layer: {e}", spec.kind()))?;
-        if layer.dim() != dim {
-            let what = match layer.input_shape() {
-                Some(shape) => format!("{shape} images ({} features)", shape.dim()),
-                None => format!("{} features", layer.dim()),
-            };
-            return Err(format!(
-                "a `{}` layer of {what} in a model of {dim} features",
-                spec.kind()
-            ));
-        }
-        Ok(())
-    }
-
-    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
-        spec.tagged_as::<GlowLayer>()
-            .map_err(candle::Error::Msg)?
-            .build(vb)
-    }
+impl Family for GlowFamily {
+    type Layer = GlowLayer;
+    const KINDS: &'static [&'static str] = &GlowLayer::KINDS;
 
     /// Images of at most 4 values, small enough for a density integrated on a grid.
     fn sample(&self, kind: &str) -> Option<SampleLayer> {
@@ -82,5 +51,33 @@ impl LayerFamily for GlowFamily {
             sample.domain = (0.0, 1.0);
         }
         Some(sample)
+    }
+}
+
+impl LayerConfig for GlowLayer {
+    fn check(&self, dim: usize, context_dim: usize) -> Result<(), String> {
+        let spec = self.spec();
+        let kind = spec.kind();
+        if context_dim != 0 {
+            return Err(format!(
+                "`{kind}` layers take no context, the model has {context_dim} context features"
+            ));
+        }
+        self.validate()
+            .map_err(|e| format!("`{kind}` layer: {e}"))?;
+        if self.dim() != dim {
+            let what = match self.input_shape() {
+                Some(shape) => format!("{shape} images ({} features)", shape.dim()),
+                None => format!("{} features", self.dim()),
+            };
+            return Err(format!(
+                "a `{kind}` layer of {what} in a model of {dim} features"
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        GlowLayer::build(self, vb)
     }
 }

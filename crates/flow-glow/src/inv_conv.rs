@@ -4,9 +4,9 @@
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use flow_core::Bijector;
+use flow_nn::linalg::{self, Lu};
 use serde::{Deserialize, Serialize};
 
-use crate::linalg::{self, Lu};
 use crate::shape::{assign, per_row, ImageShape};
 
 fn default_lu() -> bool {

@@ -52,8 +52,9 @@
 //! - Batch-norm layers start in evaluation mode (running statistics): call
 //!   `Flow::set_training(true)` for training steps and `false` for evaluation and
 //!   sampling.
-//! - [`linalg::inverse`] and [`linalg::log_abs_det`] are differentiable matrix ops
-//!   that work for `f32` and `f64` on any device (computed on the host).
+//! - [`flow_nn::linalg::inverse`] and [`flow_nn::linalg::log_abs_det`] are
+//!   differentiable matrix ops that work for `f32` and `f64` on any device (computed
+//!   on the host).
 //!
 //! Importing normflows' Glow: its flows run latent to data, so its
 //! `Invertible1x1Conv` weight is this `W` (its `P`, `L`, `U`, `log_S`, `sign_S` map to
@@ -71,7 +72,6 @@ mod coupling;
 mod family;
 mod inv_conv;
 mod layer;
-pub mod linalg;
 mod logit;
 mod multiscale;
 mod shape;

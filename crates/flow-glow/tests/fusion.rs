@@ -10,8 +10,9 @@ use candle::DType;
 use candle_nn::VarMap;
 use common::{inputs, max_abs, max_diff, randomize, tensors, DEV};
 use flow_core::{seeded_var_builder, Flow};
-use flow_glow::{Activation, GlowConfig, ImageShape, RealNvpImageConfig};
+use flow_glow::{GlowConfig, ImageShape, RealNvpImageConfig};
 use flow_models::ModelConfig;
+use flow_nn::Activation;
 
 /// The fusion switch is process-wide: the tests in this file take turns.
 static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());

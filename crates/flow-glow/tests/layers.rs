@@ -12,8 +12,9 @@ use flow_core::{seeded_var_builder, Bijector};
 use flow_glow::{
     bits_per_dim, ActNorm, ActNormConfig, BatchNorm, BatchNormConfig, ConvCoupling,
     ConvCouplingConfig, CouplingMask, ImageShape, InvConv1x1, InvConv1x1Config, Logit, LogitConfig,
-    ScaleMap, Squeeze, SqueezeConfig, Unsqueeze,
+    Squeeze, SqueezeConfig, Unsqueeze,
 };
+use flow_nn::ScaleMap;
 
 const MASKS: [CouplingMask; 4] = [
     CouplingMask::Checkerboard,

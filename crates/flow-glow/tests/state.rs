@@ -12,10 +12,11 @@ use candle_nn::VarMap;
 use common::{inputs, max_abs, max_diff, randomize, temp_path, tensors, DEV};
 use flow_core::{seeded_var_builder, Bijector, Flow};
 use flow_glow::{
-    linalg, ActNorm, ActNormConfig, BatchNorm, BatchNormConfig, GlowLayer, ImageShape, InvConv1x1,
+    ActNorm, ActNormConfig, BatchNorm, BatchNormConfig, GlowLayer, ImageShape, InvConv1x1,
     InvConv1x1Config,
 };
 use flow_models::ModelConfig;
+use flow_nn::linalg;
 
 /// A model of `layers` over `dim` features, built fresh with a seeded initialiser.
 fn build(layers: &[GlowLayer], dim: usize, seed: u64) -> Result<(ModelConfig, VarMap, Flow)> {

@@ -11,6 +11,9 @@
 //!   product, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
+//! - [`linalg`]: a square matrix's inverse and `log|det|` as differentiable ops (an LU
+//!   decomposition on the host, for the small matrices of invertible 1×1
+//!   convolutions);
 //! - [`pin_thread_count`]: the thread count candle reads, fixed once per process;
 //!   [`on_this_thread`]: kernels planned for the calling thread alone.
 //!
@@ -23,6 +26,7 @@ pub mod affine;
 pub mod conv;
 pub mod fusion;
 mod limits;
+pub mod linalg;
 pub mod mlp;
 mod pack;
 pub mod scale;

@@ -1,7 +1,4 @@
-use candle::Result;
-use candle_nn::VarBuilder;
-use flow_core::{Bijector, Inverse};
-use flow_nn::{Activation, Affine, Autoregressive, AutoregressiveConfig, Order, ScaleMap};
+use flow_nn::{Activation, Affine, AutoregressiveConfig, Order, ScaleMap};
 use serde::{Deserialize, Serialize};
 
 /// One MAF layer, fully specified (IAF: `inverted`); its JSON form names its kind,
@@ -10,19 +7,6 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum MafLayer {
     AffineAutoregressive(AutoregressiveConfig<Affine>),
-}
-
-impl MafLayer {
-    /// Builds the layer; its parameters live under `vb`.
-    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
-        let Self::AffineAutoregressive(c) = self;
-        let layer = Autoregressive::new(c, vb)?;
-        Ok(if c.inverted {
-            Box::new(Inverse(layer))
-        } else {
-            Box::new(layer)
-        })
-    }
 }
 
 /// A stack of MAF (or, `inverse`, IAF) layers. Defaults: 5 layers, MADE networks of two

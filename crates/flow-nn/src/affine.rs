@@ -1,8 +1,8 @@
 use candle::{bail, Result, Tensor};
-use flow_kernels::{fused, Op, ScaleMap};
+use flow_kernels::{Op, ScaleMap};
 use serde::{Deserialize, Serialize};
 
-use crate::Transform;
+use crate::{Features, Transform};
 
 /// The affine map `y = x ⊙ exp(ŝ) + t` (inverse `x = (y − t) ⊙ exp(−ŝ)`), with
 /// `log|det| = Σ ŝ`, where `ŝ` is the raw parameter `s` through the [`ScaleMap`].
@@ -46,18 +46,33 @@ impl Transform for Affine {
         }
     }
 
+    fn check(&self) -> std::result::Result<(), String> {
+        let clamp = match self.scale {
+            ScaleMap::SoftClamp { clamp } | ScaleMap::Tanh { clamp } | ScaleMap::Atan { clamp } => {
+                clamp
+            }
+            ScaleMap::Exp | ScaleMap::Sigmoid | ScaleMap::Softplus => 1.0,
+        };
+        if !(clamp.is_finite() && clamp > 0.0) {
+            return Err(format!("clamp must be positive, got {clamp}"));
+        }
+        Ok(())
+    }
+
+    fn kernel(&self) -> Option<Op> {
+        Some(Op::AffineCoupling)
+    }
+
+    /// One op for the update of the mapped features (the others copied through) and
+    /// one for the log-det, in place of the split, the reference's ops and the merge.
     fn apply_fused(
         &self,
         x: &Tensor,
-        transformed: &[usize],
+        features: Features,
         theta: &[Tensor],
         inverse: bool,
-    ) -> Option<Result<(Tensor, Tensor)>> {
-        if !fused(Op::AffineCoupling, x) {
-            return None;
-        }
-        Some(two(theta).and_then(|(s, t)| {
-            flow_kernels::affine::coupling(x, transformed, s, t, self.scale, inverse)
-        }))
+    ) -> Result<(Tensor, Tensor)> {
+        let (s, t) = two(theta)?;
+        flow_kernels::affine::coupling(x, features.indices(), s, t, self.scale, inverse)
     }
 }

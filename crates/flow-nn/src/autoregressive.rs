@@ -1,9 +1,11 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::{init::Init, Module, VarBuilder};
-use flow_core::Bijector;
+use flow_core::{Bijector, LayerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::{made::check_made_masks, made_masks, Activation, Mlp, NetConfig, Transform};
+use crate::layer::{check_context, oriented};
+use crate::transform::apply_transform;
+use crate::{made::check_made_masks, made_masks, Activation, Features, Mlp, NetConfig, Transform};
 
 /// One autoregressive layer, fully specified: the order of its features, its MADE
 /// network and the element-wise transform's own settings (flattened beside the others
@@ -20,7 +22,7 @@ pub struct AutoregressiveConfig<T> {
     #[serde(flatten)]
     pub transform: T,
     /// Use the layer in the opposite direction (IAF: sampling in one pass, density in
-    /// `d`).
+    /// `d`). Honoured by [`LayerConfig::build`].
     #[serde(default)]
     pub inverted: bool,
     /// Features of the context a conditional layer receives (0: unconditional).
@@ -124,6 +126,21 @@ impl<T> AutoregressiveConfig<T> {
     }
 }
 
+impl<T: Transform> LayerConfig for AutoregressiveConfig<T> {
+    /// The order and widths against `dim` features, the context and the transform's
+    /// settings.
+    fn check(&self, dim: usize, context_dim: usize) -> std::result::Result<(), String> {
+        // The transform first: its settings (a spline's bins) size the network's output.
+        self.transform.check()?;
+        AutoregressiveConfig::check(self, dim)?;
+        check_context(self.context_dim, context_dim)
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        Ok(oriented(Autoregressive::new(self, vb)?, self.inverted))
+    }
+}
+
 /// An autoregressive layer (MAF, and with a spline, autoregressive NSF): a MADE network
 /// reads all features `x` (and the context) and outputs the parameters of each feature's
 /// element-wise [`Transform`] from the features before it in the order alone, so
@@ -139,6 +156,8 @@ pub struct Autoregressive<T> {
     made: Mlp,
     transform: T,
     dim: usize,
+    /// `0..dim`: every feature is mapped.
+    features: Vec<usize>,
     context_dim: usize,
     /// Stored masks: the layer's buffers.
     stored: Vec<Tensor>,
@@ -188,6 +207,7 @@ impl<T: Transform> Autoregressive<T> {
             made: made.with_masks(masks)?,
             transform: cfg.transform.clone(),
             dim,
+            features: (0..dim).collect(),
             context_dim: cfg.context_dim,
             stored,
         })
@@ -218,7 +238,15 @@ impl<T: Transform> Autoregressive<T> {
 
     fn forward_pass(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let theta = self.params(x, context)?;
-        self.transform.apply(x, &theta, false)
+        self.step(x, &theta, false)
+    }
+
+    /// The transform over every feature: its kernel or its reference.
+    fn step(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {
+        let features = Features::All {
+            indices: &self.features,
+        };
+        apply_transform(&self.transform, x, features, theta, inverse)
     }
 
     /// `d` passes: after pass `k` the first `k + 1` features of the order are exact.
@@ -227,7 +255,7 @@ impl<T: Transform> Autoregressive<T> {
         let mut log_det = None;
         for _ in 0..self.dim {
             let theta = self.params(&x, context)?;
-            let (next, ld) = self.transform.apply(z, &theta, true)?;
+            let (next, ld) = self.step(z, &theta, true)?;
             x = next;
             log_det = Some(ld);
         }

@@ -1,9 +1,11 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::Bijector;
+use flow_core::{Bijector, LayerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::{Conditioner, ConditionerConfig, Mask, Transform};
+use crate::layer::{check_context, oriented};
+use crate::transform::apply_transform;
+use crate::{Conditioner, ConditionerConfig, Features, Mask, Transform};
 
 /// One coupling layer, fully specified: the mask, the conditioner and the
 /// element-wise transform's own settings (flattened beside the others in JSON).
@@ -16,11 +18,44 @@ pub struct CouplingConfig<T> {
     pub transform: T,
     /// Use the layer in the opposite direction: its `forward` applies the coupling's
     /// inverse formula. For layers defined noise → data, as some libraries do.
+    /// Honoured by [`LayerConfig::build`].
     #[serde(default)]
     pub inverted: bool,
     /// Features of the context a conditional layer receives (0: unconditional).
     #[serde(default)]
     pub context_dim: usize,
+}
+
+impl<T: Transform> LayerConfig for CouplingConfig<T> {
+    /// The mask against `dim` features, the context, the networks' widths and the
+    /// transform's settings.
+    fn check(&self, dim: usize, context_dim: usize) -> std::result::Result<(), String> {
+        if self.mask.len() != dim {
+            return Err(format!(
+                "mask of {} features in a model of {dim}",
+                self.mask.len()
+            ));
+        }
+        if !self.mask.contains(&true) || !self.mask.contains(&false) {
+            return Err(format!(
+                "a coupling mask must keep at least one feature and transform at least one, got {:?}",
+                self.mask
+            ));
+        }
+        check_context(self.context_dim, context_dim)?;
+        // The transform first: its settings (a spline's bins) size the network's output.
+        self.transform.check()?;
+        // Separate networks each output one parameter per feature, a joint one all of
+        // them: bounded by the transform's parameters per feature.
+        self.conditioner.net.check(
+            dim.saturating_add(context_dim),
+            dim.saturating_mul(self.transform.params().len()),
+        )
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
+        Ok(oriented(Coupling::new(self, vb)?, self.inverted))
+    }
 }
 
 /// A coupling layer: a [`Mask`] splits the features into kept `a` and transformed
@@ -83,13 +118,11 @@ impl<T: Transform> Coupling<T> {
         } else {
             self.conditioner.params(&h)?
         };
-        let transformed = self.mask.transformed();
-        if let Some(fused) = self.transform.apply_fused(x, transformed, &theta, inverse) {
-            return fused;
-        }
-        let xb = self.mask.transformed_input(x)?;
-        let (yb, log_det) = self.transform.apply(&xb, &theta, inverse)?;
-        Ok((self.mask.merge(&xa, &yb)?, log_det))
+        let features = Features::Masked {
+            mask: &self.mask,
+            kept: &xa,
+        };
+        apply_transform(&self.transform, x, features, &theta, inverse)
     }
 }
 

@@ -5,12 +5,15 @@
 //! A family is a few lines over these: RealNVP is `Coupling<Affine>`, NICE is
 //! `Coupling<Shift>`, NSF is `Coupling<Spline>`; MAF is [`Autoregressive`]`<Affine>` over
 //! a MADE network (a masked [`Mlp`]), autoregressive NSF `Autoregressive<Spline>`. Networks and
-//! transforms take the fused kernels of `flow-kernels` where those apply.
+//! transforms take the fused kernels of `flow-kernels` where those apply; [`linalg`]
+//! passes on its differentiable matrix inverse and `log|det|` (for invertible 1×1
+//! convolutions).
 
 mod affine;
 mod autoregressive;
 mod conditioner;
 mod coupling;
+mod layer;
 mod made;
 mod mask;
 mod mlp;
@@ -22,6 +25,7 @@ pub use affine::Affine;
 pub use autoregressive::{Autoregressive, AutoregressiveConfig, Order};
 pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
+pub use flow_kernels::linalg;
 pub use flow_kernels::{
     fusion_enabled, pin_thread_count, set_fusion, Activation, ScaleMap, SplineStyle,
 };
@@ -30,4 +34,4 @@ pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
 pub use shift::Shift;
 pub use spline::{Knots, Spline};
-pub use transform::Transform;
+pub use transform::{apply_transform, Features, Transform};

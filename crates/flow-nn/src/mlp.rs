@@ -209,22 +209,14 @@ impl Mlp {
         })
     }
 
-    /// Several networks over the same input `x`, one output each. Networks of one
-    /// shape and activation that all take the fused kernel go to
-    /// [`flow_kernels::mlp::forward_many`] together (which runs them as one op where
-    /// the CPU can run them side by side); otherwise each runs its own
+    /// Several networks over the same input `x`, one output each: as one op where
+    /// [`runs_as_one_op`](Self::runs_as_one_op) says so, otherwise each through its own
     /// [`forward`](Module::forward).
     pub fn forward_all(nets: &[Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
-        let [first, rest @ ..] = nets else {
+        let [first, ..] = nets else {
             return Ok(Vec::new());
         };
-        let arch = first.arch()?;
-        let mut shared = !rest.is_empty() && first.uses_fused(x);
-        for n in rest {
-            shared =
-                shared && n.activation == first.activation && n.uses_fused(x) && n.arch()? == arch;
-        }
-        if !shared {
+        if !Self::runs_as_one_op(nets, x)? {
             return nets.iter().map(|n| n.forward(x)).collect();
         }
         let effective = nets
@@ -235,7 +227,26 @@ impl Mlp {
             .iter()
             .map(|layers| with_biases(layers))
             .collect::<Result<Vec<_>>>()?;
-        flow_kernels::mlp::forward_many(x, &layers, &arch, first.activation)
+        flow_kernels::mlp::forward_many(x, &layers, &first.arch()?, first.activation)
+    }
+
+    /// The one place that groups networks: whether `nets` over `x` run as one op.
+    /// They do when all take the fused kernel, share one shape and activation, and
+    /// [`flow_kernels::mlp::runs_many`] says the CPU runs that many side by side.
+    pub fn runs_as_one_op(nets: &[Mlp], x: &Tensor) -> Result<bool> {
+        let [first, rest @ ..] = nets else {
+            return Ok(false);
+        };
+        if rest.is_empty() || !first.uses_fused(x) {
+            return Ok(false);
+        }
+        let arch = first.arch()?;
+        for n in rest {
+            if n.activation != first.activation || !n.uses_fused(x) || n.arch()? != arch {
+                return Ok(false);
+            }
+        }
+        Ok(flow_kernels::mlp::runs_many(x, &arch, nets.len()))
     }
 
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {

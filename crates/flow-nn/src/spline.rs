@@ -1,8 +1,8 @@
 use candle::{bail, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::Transform;
-use flow_kernels::{fused, Op, SplineShape, SplineStyle};
+use crate::{Features, Transform};
+use flow_kernels::{Op, SplineShape, SplineStyle};
 
 /// A monotone rational-quadratic spline (Durkan et al. 2019, "Neural Spline Flows"):
 /// `bins` bins between knots on `[−bound, bound]` in both directions, the identity (a
@@ -203,39 +203,9 @@ impl Transform for Spline {
         true
     }
 
+    /// The spline as plain candle ops.
     fn apply(&self, x: &Tensor, theta: &[Tensor], inverse: bool) -> Result<(Tensor, Tensor)> {
-        let [theta] = theta else {
-            bail!("a spline takes its parameters stacked as one tensor");
-        };
-        if x.rank() == 2 && fused(Op::Spline { bins: self.bins }, x) {
-            flow_kernels::spline::spline(x, theta, self.shape(), inverse)
-        } else {
-            self.apply_reference(x, theta, inverse)
-        }
-    }
-}
-
-impl Spline {
-    /// The settings as the fused kernel takes them.
-    fn shape(&self) -> SplineShape {
-        SplineShape {
-            bins: self.bins,
-            bound: self.bound,
-            style: self.style,
-            min_bin_width: self.min_bin_width,
-            min_bin_height: self.min_bin_height,
-            min_derivative: self.min_derivative,
-        }
-    }
-
-    /// The spline as plain candle ops: the reference the fused kernel is tested
-    /// against.
-    pub fn apply_reference(
-        &self,
-        x: &Tensor,
-        theta: &Tensor,
-        inverse: bool,
-    ) -> Result<(Tensor, Tensor)> {
+        let theta = one(theta)?;
         let knots = self.knots(theta)?;
         let k = self.bins;
         let b = self.bound;
@@ -273,5 +243,49 @@ impl Spline {
         let y = inside.where_cond(&y, x)?;
         let ld = inside.where_cond(&ld, &ld.zeros_like()?)?;
         Ok((y, ld.sum(D::Minus1)?))
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        Spline::check(self)
+    }
+
+    fn kernel(&self) -> Option<Op> {
+        Some(Op::Spline { bins: self.bins })
+    }
+
+    /// One op over the mapped features, knots to log-slope.
+    fn apply_fused(
+        &self,
+        x: &Tensor,
+        features: Features,
+        theta: &[Tensor],
+        inverse: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let theta = one(theta)?;
+        let (y, log_det) =
+            flow_kernels::spline::spline(&features.select(x)?, theta, self.shape(), inverse)?;
+        Ok((features.merge(y)?, log_det))
+    }
+}
+
+/// The stacked parameters `(batch, n, 3K − 1)`.
+fn one(theta: &[Tensor]) -> Result<&Tensor> {
+    match theta {
+        [theta] => Ok(theta),
+        _ => bail!("a spline takes its parameters stacked as one tensor"),
+    }
+}
+
+impl Spline {
+    /// The settings as the fused kernel takes them.
+    fn shape(&self) -> SplineShape {
+        SplineShape {
+            bins: self.bins,
+            bound: self.bound,
+            style: self.style,
+            min_bin_width: self.min_bin_width,
+            min_bin_height: self.min_bin_height,
+            min_derivative: self.min_derivative,
+        }
     }
 }

@@ -381,3 +381,57 @@ fn residual_made_networks_are_autoregressive() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn configs_check_against_the_model_and_build_inverted_layers_turned_around() -> Result<()> {
+    use flow_core::LayerConfig;
+    let affine = config(vec![1, 0, 2], Affine::new(ScaleMap::Tanh { clamp: 2.0 }));
+    // Checked against the model: its features, its context, the transform's settings.
+    ensure!(LayerConfig::check(&affine, 3, 0).is_ok());
+    let e = LayerConfig::check(&affine, 4, 0).err();
+    ensure!(
+        e.as_deref() == Some("an order of 3 features in a model of 4"),
+        "{e:?}"
+    );
+    let e = LayerConfig::check(&affine, 3, 2).err();
+    ensure!(
+        e.as_deref() == Some("a layer of 0 context features in a model of 2"),
+        "{e:?}"
+    );
+    let bad = config(vec![1, 0, 2], Affine::new(ScaleMap::Tanh { clamp: 0.0 }));
+    let e = LayerConfig::check(&bad, 3, 0).err();
+    ensure!(
+        e.as_deref() == Some("clamp must be positive, got 0"),
+        "{e:?}"
+    );
+    // `inverted` is honoured where the layer is built: the same weights, the directions
+    // swapped.
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 8, DType::F64, &DEV);
+    let plain = affine.build(vb.pp("layer"))?;
+    let inverted = AutoregressiveConfig {
+        inverted: true,
+        ..affine.clone()
+    }
+    .build(vb.pp("layer"))?;
+    let rng = &mut StdRng::seed_from_u64(9);
+    let x = randn(20, 3, DType::F64, &DEV, rng)?;
+    for (a, b) in [
+        (plain.forward(&x)?, inverted.inverse(&x)?),
+        (plain.inverse(&x)?, inverted.forward(&x)?),
+    ] {
+        let e = (&a.0 - &b.0)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let l = (&a.1 - &b.1)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        ensure!(
+            e == 0.0 && l == 0.0,
+            "inverted layer differs by {e:e}, {l:e}"
+        );
+    }
+    let (y, _) = plain.forward(&x)?;
+    let moved = (&y - &x)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    ensure!(
+        moved > 1e-3,
+        "the layer is the identity: the test cannot tell directions"
+    );
+    Ok(())
+}

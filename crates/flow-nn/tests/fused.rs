@@ -193,13 +193,8 @@ fn networks_sharing_an_input_run_as_one_op() -> Result<()> {
                     .map(|i| Mlp::new(&cfg, input, output, false, vb.pp(format!("n{i}"))))
                     .collect::<candle::Result<Vec<_>>>()?;
                 let x = Var::from_tensor(&randn(batch, input, dtype, &dev, rng)?)?;
-                let widths = std::iter::once(input)
-                    .chain(hidden.iter().copied())
-                    .chain(std::iter::once(output))
-                    .collect();
-                let arch = flow_kernels::mlp::Arch::Plain { widths };
                 ensure!(
-                    flow_kernels::mlp::runs_many(x.as_tensor(), &arch, nets.len()),
+                    Mlp::runs_as_one_op(&nets, x.as_tensor())?,
                     "{hidden:?}: the networks did not run as one op"
                 );
                 let what = format!("{dtype:?} {hidden:?} {input}→{output}");

@@ -1,12 +1,13 @@
 //! The rational-quadratic spline's mathematics, in both parametrisations: it inverts
 //! itself, its log-det is the log of its numerical derivative, it passes through its
 //! knots (also for inputs exactly on one), it is the identity in its tails (as far out as
-//! 1e6), and a flow made of it integrates to one.
+//! 1e6), and a flow made of it integrates to one; each through both doors, the
+//! reference and the fused kernel, which agree in values and gradients.
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device, Tensor};
 use flow_core::sampling::randn;
-use flow_nn::{Spline, SplineStyle, Transform};
+use flow_nn::{Features, Spline, SplineStyle, Transform};
 use rand::{rngs::StdRng, SeedableRng};
 
 const DEV: Device = Device::Cpu;
@@ -31,26 +32,44 @@ fn params(s: &Spline, rows: usize, n: usize, seed: u64) -> Result<Tensor> {
     Ok((randn(rows * n, p, DType::F64, &DEV, rng)? * 1.5)?.reshape((rows, n, p))?)
 }
 
+/// The spline over every feature of `x` through one door: the fused kernel
+/// ([`Transform::apply_fused`]) or the reference ([`Transform::apply`]).
+fn map(
+    s: &Spline,
+    fused: bool,
+    x: &Tensor,
+    theta: &Tensor,
+    inverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    let theta = std::slice::from_ref(theta);
+    Ok(if fused {
+        let all: Vec<usize> = (0..x.dim(1)?).collect();
+        s.apply_fused(x, Features::All { indices: &all }, theta, inverse)?
+    } else {
+        s.apply(x, theta, inverse)?
+    })
+}
+
 fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
 #[test]
 fn round_trips_and_log_dets_cancel() -> Result<()> {
-    for s in splines() {
+    for (s, fused) in splines().into_iter().flat_map(|s| [(s, false), (s, true)]) {
         let (rows, n) = (200, 3);
         let theta = params(&s, rows, n, 1)?;
         let rng = &mut StdRng::seed_from_u64(2);
         // Half the points beyond the bound: the tails as well as the bins.
         let x = (randn(rows, n, DType::F64, &DEV, rng)? * s.bound)?;
-        let (y, ld) = s.apply(&x, std::slice::from_ref(&theta), false)?;
-        let (back, ld_inv) = s.apply(&y, std::slice::from_ref(&theta), true)?;
+        let (y, ld) = map(&s, fused, &x, &theta, false)?;
+        let (back, ld_inv) = map(&s, fused, &y, &theta, true)?;
         let err = max_abs(&(&back - &x)?)?;
-        ensure!(err < 1e-9, "{s:?}: round trip off by {err:e}");
+        ensure!(err < 1e-9, "{s:?} fused {fused}: round trip off by {err:e}");
         let sum = max_abs(&(&ld + &ld_inv)?)?;
         ensure!(
             sum < 1e-9,
-            "{s:?}: forward and inverse log-dets differ by {sum:e}"
+            "{s:?} fused {fused}: forward and inverse log-dets differ by {sum:e}"
         );
     }
     Ok(())
@@ -58,21 +77,20 @@ fn round_trips_and_log_dets_cancel() -> Result<()> {
 
 #[test]
 fn log_dets_are_numerical_derivatives() -> Result<()> {
-    for s in splines() {
+    for (s, fused) in splines().into_iter().flat_map(|s| [(s, false), (s, true)]) {
         let (rows, n) = (100, 1);
         let theta = params(&s, rows, n, 3)?;
         let rng = &mut StdRng::seed_from_u64(4);
         let x = (randn(rows, n, DType::F64, &DEV, rng)? * (0.8 * s.bound))?;
         let eps = 1e-6;
-        let th = std::slice::from_ref(&theta);
-        let (y_hi, _) = s.apply(&x.affine(1.0, eps)?, th, false)?;
-        let (y_lo, _) = s.apply(&x.affine(1.0, -eps)?, th, false)?;
+        let (y_hi, _) = map(&s, fused, &x.affine(1.0, eps)?, &theta, false)?;
+        let (y_lo, _) = map(&s, fused, &x.affine(1.0, -eps)?, &theta, false)?;
         let numeric = ((y_hi - y_lo)? / (2.0 * eps))?.log()?.squeeze(1)?;
-        let (_, ld) = s.apply(&x, th, false)?;
+        let (_, ld) = map(&s, fused, &x, &theta, false)?;
         let err = max_abs(&(&ld - &numeric)?)?;
         ensure!(
             err < 1e-5,
-            "{s:?}: log-det off its numerical value by {err:e}"
+            "{s:?} fused {fused}: log-det off its numerical value by {err:e}"
         );
     }
     Ok(())
@@ -80,7 +98,7 @@ fn log_dets_are_numerical_derivatives() -> Result<()> {
 
 #[test]
 fn knots_bounds_and_far_tails() -> Result<()> {
-    for s in splines() {
+    for (s, fused) in splines().into_iter().flat_map(|s| [(s, false), (s, true)]) {
         let theta = params(&s, 1, 1, 5)?;
         let knots = s.knots(&theta)?;
         // Every knot, both ends included, maps to its partner exactly and stays finite.
@@ -89,30 +107,40 @@ fn knots_bounds_and_far_tails() -> Result<()> {
         let theta_k = theta
             .broadcast_as((s.bins + 1, 1, 3 * s.bins - 1))?
             .contiguous()?;
-        let thk = std::slice::from_ref(&theta_k);
-        let (y, ld) = s.apply(&xs, thk, false)?;
-        ensure!(max_abs(&(&y - &ys)?)? < 1e-12, "{s:?}: knots move");
+        let (y, ld) = map(&s, fused, &xs, &theta_k, false)?;
         ensure!(
-            max_abs(&ld)?.is_finite(),
-            "{s:?}: log-det not finite at a knot"
+            max_abs(&(&y - &ys)?)? < 1e-12,
+            "{s:?} fused {fused}: knots move"
         );
-        let (x, ld) = s.apply(&ys, thk, true)?;
-        ensure!(max_abs(&(&x - &xs)?)? < 1e-9, "{s:?}: inverse moves knots");
         ensure!(
             max_abs(&ld)?.is_finite(),
-            "{s:?}: inverse log-det not finite at a knot"
+            "{s:?} fused {fused}: log-det not finite at a knot"
+        );
+        let (x, ld) = map(&s, fused, &ys, &theta_k, true)?;
+        ensure!(
+            max_abs(&(&x - &xs)?)? < 1e-9,
+            "{s:?} fused {fused}: inverse moves knots"
+        );
+        ensure!(
+            max_abs(&ld)?.is_finite(),
+            "{s:?} fused {fused}: inverse log-det not finite at a knot"
         );
         // Ends: the derivative there is 1, so the tails join with slope 1.
         let ends = Tensor::new(&[[-s.bound], [s.bound]], &DEV)?;
         let theta_2 = theta.broadcast_as((2, 1, 3 * s.bins - 1))?.contiguous()?;
-        let th2 = std::slice::from_ref(&theta_2);
-        let (y, ld) = s.apply(&ends, th2, false)?;
-        ensure!(max_abs(&(&y - &ends)?)? < 1e-12 && max_abs(&ld)? < 1e-9);
+        let (y, ld) = map(&s, fused, &ends, &theta_2, false)?;
+        ensure!(
+            max_abs(&(&y - &ends)?)? < 1e-12 && max_abs(&ld)? < 1e-9,
+            "{s:?} fused {fused}: the ends move or their log-det is not 0"
+        );
         // Far out: the identity, log-det 0, in both directions.
         let far = Tensor::new(&[[-1e6], [1e6]], &DEV)?;
         for inverse in [false, true] {
-            let (y, ld) = s.apply(&far, th2, inverse)?;
-            ensure!(max_abs(&(&y - &far)?)? == 0.0 && max_abs(&ld)? == 0.0);
+            let (y, ld) = map(&s, fused, &far, &theta_2, inverse)?;
+            ensure!(
+                max_abs(&(&y - &far)?)? == 0.0 && max_abs(&ld)? == 0.0,
+                "{s:?} fused {fused} inverse {inverse}: the far tails are not the identity"
+            );
         }
     }
     Ok(())
@@ -122,21 +150,24 @@ fn knots_bounds_and_far_tails() -> Result<()> {
 fn a_spline_flow_integrates_to_one() -> Result<()> {
     // One spline on a standard normal: p(x) = φ(f(x)) f'(x), integrated over a grid
     // reaching far into both tails.
-    for s in splines() {
+    for (s, fused) in splines().into_iter().flat_map(|s| [(s, false), (s, true)]) {
         let theta = params(&s, 1, 1, 6)?;
         let (n, half) = (200_000usize, 12.0f64);
         let h = 2.0 * half / n as f64;
         let x: Vec<f64> = (0..n).map(|i| -half + (i as f64 + 0.5) * h).collect();
         let x = Tensor::from_vec(x, (n, 1), &DEV)?;
         let theta = theta.broadcast_as((n, 1, 3 * s.bins - 1))?.contiguous()?;
-        let (z, ld) = s.apply(&x, std::slice::from_ref(&theta), false)?;
+        let (z, ld) = map(&s, fused, &x, &theta, false)?;
         let log_p = (z
             .sqr()?
             .squeeze(1)?
             .affine(-0.5, -0.5 * (std::f64::consts::TAU).ln())?
             + ld)?;
         let mass = log_p.exp()?.sum_all()?.to_scalar::<f64>()? * h;
-        ensure!((mass - 1.0).abs() < 1e-5, "{s:?}: integrates to {mass}");
+        ensure!(
+            (mass - 1.0).abs() < 1e-5,
+            "{s:?} fused {fused}: integrates to {mass}"
+        );
     }
     Ok(())
 }
@@ -169,7 +200,7 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 #[test]
 fn fused_kernel_matches_reference_values_and_gradients() -> Result<()> {
-    // The fused op runs by default; `apply_reference` is the plain-ops path.
+    // `apply_fused` runs the kernel whatever the fusion switch; `apply` is plain ops.
     for s in splines() {
         for dtype in [DType::F32, DType::F64] {
             let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
@@ -191,9 +222,8 @@ fn fused_kernel_matches_reference_values_and_gradients() -> Result<()> {
                 let what = format!("{s:?} {dtype:?} inverse {inverse}");
                 let xv = candle::Var::from_tensor(&x)?;
                 let tv = candle::Var::from_tensor(&theta)?;
-                let th = std::slice::from_ref(tv.as_tensor());
-                let (y, ld) = s.apply(xv.as_tensor(), th, inverse)?;
-                let (y_ref, ld_ref) = s.apply_reference(xv.as_tensor(), tv.as_tensor(), inverse)?;
+                let (y, ld) = map(&s, true, xv.as_tensor(), tv.as_tensor(), inverse)?;
+                let (y_ref, ld_ref) = map(&s, false, xv.as_tensor(), tv.as_tensor(), inverse)?;
                 // On knots and bounds in f32 a rounding error moves a point across a
                 // knot into a narrow neighbouring bin; those rows are compared in f64.
                 let from = if dtype == DType::F32 { 60 } else { 0 };
@@ -259,15 +289,7 @@ fn fused_cuda_spline_matches_reference() -> Result<()> {
                 let run = |dev: &Device, reference: bool| -> Result<Vec<Tensor>> {
                     let xv = candle::Var::from_tensor(&x.to_device(dev)?)?;
                     let tv = candle::Var::from_tensor(&theta.to_device(dev)?)?;
-                    let (y, ld) = if reference {
-                        s.apply_reference(xv.as_tensor(), tv.as_tensor(), inverse)?
-                    } else {
-                        s.apply(
-                            xv.as_tensor(),
-                            std::slice::from_ref(tv.as_tensor()),
-                            inverse,
-                        )?
-                    };
+                    let (y, ld) = map(&s, !reference, xv.as_tensor(), tv.as_tensor(), inverse)?;
                     let loss = ((&y * wy.to_device(dev)?)?.sum_all()?
                         + (&ld * wl.to_device(dev)?)?.sum_all()?)?;
                     let g = loss.backward()?;

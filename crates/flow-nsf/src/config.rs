@@ -1,9 +1,6 @@
-use candle::Result;
-use candle_nn::VarBuilder;
-use flow_core::{Bijector, Inverse};
 use flow_nn::{
-    Activation, Autoregressive, AutoregressiveConfig, ConditionerConfig, Coupling, CouplingConfig,
-    NetConfig, Nets, Order, OutputLayout, Spline,
+    Activation, AutoregressiveConfig, ConditionerConfig, CouplingConfig, NetConfig, Nets, Order,
+    OutputLayout, Spline,
 };
 use serde::{Deserialize, Serialize};
 
@@ -16,25 +13,6 @@ pub enum SplineLayer {
     SplineCoupling(CouplingConfig<Spline>),
     /// NSF-AR: an autoregressive layer whose transform is a spline.
     SplineAutoregressive(AutoregressiveConfig<Spline>),
-}
-
-impl SplineLayer {
-    /// Builds the layer; its parameters live under `vb`.
-    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
-        fn maybe_inverted(b: impl Bijector + 'static, inverted: bool) -> Box<dyn Bijector> {
-            if inverted {
-                Box::new(Inverse(b))
-            } else {
-                Box::new(b)
-            }
-        }
-        Ok(match self {
-            Self::SplineCoupling(c) => maybe_inverted(Coupling::new(c, vb)?, c.inverted),
-            Self::SplineAutoregressive(c) => {
-                maybe_inverted(Autoregressive::new(c, vb)?, c.inverted)
-            }
-        })
-    }
 }
 
 /// The spline bins of [`NsfConfig::default`].

@@ -1,6 +1,5 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, LayerFamily, LayerSpec, SampleLayer};
-use flow_nn::Transform;
+use flow_core::{Bijector, Family, LayerConfig, LayerSpec, SampleLayer};
 
 use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
 
@@ -9,53 +8,9 @@ use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NsfFamily;
 
-impl LayerFamily for NsfFamily {
-    fn kinds(&self) -> &[&'static str] {
-        &["spline-coupling", "spline-autoregressive"]
-    }
-
-    fn check(&self, spec: &LayerSpec, dim: usize, context_dim: usize) -> Result<(), String> {
-        let context = match spec.tagged_as::<SplineLayer>()? {
-            SplineLayer::SplineCoupling(c) => {
-                // The bins are bounded first: they size the network's output.
-                c.transform.check()?;
-                if c.mask.len() != dim {
-                    return Err(format!(
-                        "mask of {} features in a model of {dim}",
-                        c.mask.len()
-                    ));
-                }
-                if !c.mask.contains(&true) || !c.mask.contains(&false) {
-                    return Err(format!(
-                        "a coupling mask must keep at least one feature and transform at least one, got {:?}",
-                        c.mask
-                    ));
-                }
-                c.conditioner.net.check(
-                    dim.saturating_add(context_dim),
-                    dim.saturating_mul(c.transform.params().len()),
-                )?;
-                c.context_dim
-            }
-            SplineLayer::SplineAutoregressive(c) => {
-                c.transform.check()?;
-                c.check(dim)?;
-                c.context_dim
-            }
-        };
-        if context != context_dim {
-            return Err(format!(
-                "a layer of {context} context features in a model of {context_dim}"
-            ));
-        }
-        Ok(())
-    }
-
-    fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
-        spec.tagged_as::<SplineLayer>()
-            .map_err(candle::Error::Msg)?
-            .build(vb)
-    }
+impl Family for NsfFamily {
+    type Layer = SplineLayer;
+    const KINDS: &'static [&'static str] = &["spline-coupling", "spline-autoregressive"];
 
     fn sample(&self, kind: &str) -> Option<SampleLayer> {
         let nsf = match kind {
@@ -71,5 +26,21 @@ impl LayerFamily for NsfFamily {
             .with_zero_init(false);
         let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
         Some(SampleLayer::new(spec, 2))
+    }
+}
+
+impl LayerConfig for SplineLayer {
+    fn check(&self, dim: usize, context_dim: usize) -> Result<(), String> {
+        match self {
+            Self::SplineCoupling(c) => c.check(dim, context_dim),
+            Self::SplineAutoregressive(c) => LayerConfig::check(c, dim, context_dim),
+        }
+    }
+
+    fn build(&self, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        match self {
+            Self::SplineCoupling(c) => c.build(vb),
+            Self::SplineAutoregressive(c) => c.build(vb),
+        }
     }
 }

@@ -1,6 +1,6 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, Inverse};
+use flow_core::{Bijector, Chain, LayerConfig};
 use flow_nn::{Affine, Coupling, Shift};
 
 use crate::{CouplingLayer, RealNvpConfig};
@@ -16,23 +16,6 @@ pub type AffineCoupling = Coupling<Affine>;
 
 /// NICE's additive coupling layer: `z_b = x_b + t(x_a)`, `z_a = x_a`; log-det 0.
 pub type AdditiveCoupling = Coupling<Shift>;
-
-impl CouplingLayer {
-    /// Builds the layer; its parameters live under `vb`.
-    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Bijector>> {
-        fn maybe_inverted(b: impl Bijector + 'static, inverted: bool) -> Box<dyn Bijector> {
-            if inverted {
-                Box::new(Inverse(b))
-            } else {
-                Box::new(b)
-            }
-        }
-        Ok(match self {
-            Self::Affine(c) => maybe_inverted(AffineCoupling::new(c, vb)?, c.inverted),
-            Self::Additive(c) => maybe_inverted(AdditiveCoupling::new(c, vb)?, c.inverted),
-        })
-    }
-}
 
 /// A stack of coupling layers: a [`Chain`] built from a [`RealNvpConfig`] or from an
 /// explicit list of [`CouplingLayer`]s. Layer `i` stores its parameters under

@@ -9,11 +9,11 @@ use flow_core::{
     Standardize,
 };
 use flow_models::{BaseConfig, ModelConfig};
-use flow_nn::{Autoregressive, AutoregressiveConfig, Coupling, Spline, SplineStyle};
-use flow_realnvp::{
-    Activation, AdditiveCoupling, Affine, AffineCoupling, ConditionerConfig, CouplingConfig,
-    CouplingKind, NetConfig, Nets, OutputLayout, RealNvp, RealNvpConfig, ScaleMap, Shift,
+use flow_nn::{
+    Activation, Affine, Autoregressive, AutoregressiveConfig, ConditionerConfig, Coupling,
+    CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap, Shift, Spline, SplineStyle,
 };
+use flow_realnvp::{AdditiveCoupling, AffineCoupling, CouplingKind, RealNvp, RealNvpConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
 const DEV: Device = Device::Cpu;

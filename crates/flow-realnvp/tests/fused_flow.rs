@@ -12,7 +12,8 @@ use candle::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow, StandardNormal};
 use flow_kernels::set_fusion;
-use flow_realnvp::{MaskPattern, RealNvp, RealNvpConfig, ScaleMap};
+use flow_nn::ScaleMap;
+use flow_realnvp::{MaskPattern, RealNvp, RealNvpConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Held by a test while it sets the fusion switch.
@@ -184,7 +185,8 @@ fn fused_flows_match_reference_values_and_gradients() -> Result<()> {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_flows_match_the_cpu() -> Result<()> {
-    use flow_realnvp::{Activation, CouplingKind};
+    use flow_nn::Activation;
+    use flow_realnvp::CouplingKind;
     let Some(gpu) = flow_core::cuda_if_present()? else {
         return Ok(());
     };

@@ -177,7 +177,7 @@ pub fn forward(
     Ok(out.remove(0))
 }
 
-/// Whether [`forward_many`] runs `copies` networks of shape `arch` on `x` as one op:
+/// Whether `copies` networks of shape `arch` on `x` run as one op ([`forward_many`]):
 /// on the CPU, for the general kernel's shapes, when there are at least as many
 /// networks as threads planned for. Each network then runs as a task of its own, so a
 /// coupling's separate scale and shift networks cost one parallel section instead of
@@ -192,24 +192,18 @@ pub fn runs_many(x: &Tensor, arch: &Arch, copies: usize) -> bool {
         && copies >= crate::threads::planned()
 }
 
-/// Several networks of one shape `arch` over the same `x` `(batch, in)`, one output
-/// `(batch, out)` each. Where [`runs_many`] says so they run as one op (and one op for
-/// their backward), else as one op each. As [`forward`], the caller decides that a
-/// kernel applies.
+/// Several networks of one shape `arch` over the same `x` `(batch, in)` as one op (and
+/// one op for their backward), one output `(batch, out)` each. The caller decides that
+/// they run together, through [`runs_many`], and (as for [`forward`]) that a kernel
+/// applies.
 pub fn forward_many(
     x: &Tensor,
     nets: &[Vec<(&Tensor, &Tensor)>],
     arch: &Arch,
     activation: Activation,
 ) -> Result<Vec<Tensor>> {
-    if runs_many(x, arch, nets.len()) {
-        let nets: Vec<&[(&Tensor, &Tensor)]> = nets.iter().map(Vec::as_slice).collect();
-        forward_op(x, &nets, arch, activation)
-    } else {
-        nets.iter()
-            .map(|layers| forward(x, layers, arch, activation))
-            .collect()
-    }
+    let nets: Vec<&[(&Tensor, &Tensor)]> = nets.iter().map(Vec::as_slice).collect();
+    forward_op(x, &nets, arch, activation)
 }
 
 /// One op for every network in `nets` (each its `(weight, bias)` pairs in order).

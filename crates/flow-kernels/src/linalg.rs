@@ -1,4 +1,4 @@
-//! Small dense linear algebra for the invertible 1×1 convolution: an LU decomposition
+//! Small dense linear algebra for invertible 1×1 convolutions: an LU decomposition
 //! with partial pivoting on the host, and from it two differentiable ops candle lacks,
 //! the matrix inverse and `log|det|`.
 //!
@@ -14,7 +14,7 @@ use candle::{
 /// `P·A = L·U` for a square `A`: `lu` holds `L` (unit lower, diagonal implied) below the
 /// diagonal and `U` on and above it; row `i` of `P·A` is row `perm[i]` of `A`.
 #[derive(Debug, Clone)]
-pub(crate) struct Lu {
+pub struct Lu {
     n: usize,
     lu: Vec<f64>,
     perm: Vec<usize>,
@@ -24,7 +24,7 @@ impl Lu {
     /// Factors the row-major `n×n` matrix `a`, choosing at each column the row of the
     /// largest magnitude as the pivot (so every multiplier is at most 1 in magnitude).
     /// A zero pivot, a singular matrix, is an error.
-    pub(crate) fn new(a: &[f64], n: usize) -> std::result::Result<Self, String> {
+    pub fn new(a: &[f64], n: usize) -> std::result::Result<Self, String> {
         if a.len() != n * n {
             return Err(format!("{} values for a {n}×{n} matrix", a.len()));
         }
@@ -56,7 +56,7 @@ impl Lu {
     }
 
     /// `log|det A| = Σ log|U_ii|` (a permutation and a unit triangle have |det| 1).
-    pub(crate) fn log_abs_det(&self) -> f64 {
+    pub fn log_abs_det(&self) -> f64 {
         (0..self.n)
             .map(|i| self.lu[i * (self.n + 1)].abs().ln())
             .sum()
@@ -64,7 +64,7 @@ impl Lu {
 
     /// `A⁻¹`, row-major: each column solves `A·x = e_j` as `L·y = P·e_j` (forward
     /// substitution) then `U·x = y` (back substitution).
-    pub(crate) fn inverse(&self) -> Vec<f64> {
+    pub fn inverse(&self) -> Vec<f64> {
         let n = self.n;
         let mut inv = vec![0.0; n * n];
         let mut x = vec![0.0; n];
@@ -89,7 +89,7 @@ impl Lu {
 
     /// The factors as matrices with `A = P·L·U` (row-major): the permutation matrix
     /// `P` (the transpose of the one applied to the rows), unit lower `L` and upper `U`.
-    pub(crate) fn factors(&self) -> [Vec<f64>; 3] {
+    pub fn factors(&self) -> [Vec<f64>; 3] {
         let n = self.n;
         let mut p = vec![0.0; n * n];
         let mut l = vec![0.0; n * n];
@@ -117,7 +117,7 @@ impl Lu {
 /// reflection, Glow's initial 1×1 convolution. A column that is (numerically) in the
 /// span of the earlier ones is replaced by the first unit vector that is not, so the
 /// result is orthogonal for any input.
-pub(crate) fn orthogonal(a: &[f64], n: usize) -> Vec<f64> {
+pub fn orthogonal(a: &[f64], n: usize) -> Vec<f64> {
     let mut cols: Vec<Vec<f64>> = Vec::with_capacity(n);
     let dot = |u: &[f64], v: &[f64]| -> f64 { u.iter().zip(v).map(|(x, y)| x * y).sum() };
     let reduce = |v: &mut Vec<f64>, basis: &[Vec<f64>]| -> f64 {
