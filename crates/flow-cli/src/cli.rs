@@ -5,7 +5,7 @@ use clap::{
     Args, Parser, Subcommand, ValueEnum,
 };
 use flow_models::Family;
-use flow_realnvp::Activation;
+use flow_nn::Activation;
 use flow_train::data::Toy;
 
 use crate::plot::Bounds;

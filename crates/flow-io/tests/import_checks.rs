@@ -194,7 +194,7 @@ fn settings_taken_as_defaults_are_reported() -> Result<()> {
     let path = fixture("nflows_RQcoupling_f2_L4_K8_h32_B2.safetensors");
     let opts = ImportOptions {
         tail_bound: Some(3.0),
-        activation: Some(flow_realnvp::Activation::Relu),
+        activation: Some(flow_nn::Activation::Relu),
         ..Default::default()
     };
     let imported = import(Source::Nflows, &path, &opts)?;

@@ -15,7 +15,8 @@ use candle_nn::VarMap;
 use flow_core::{sampling::randn, seeded_var_builder, Flow};
 use flow_kernels::set_fusion;
 use flow_models::ModelConfig;
-use flow_realnvp::{Activation, CouplingKind, RealNvpConfig};
+use flow_nn::Activation;
+use flow_realnvp::{CouplingKind, RealNvpConfig};
 use flow_train::{Adam, OptimizerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 

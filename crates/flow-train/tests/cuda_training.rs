@@ -37,7 +37,7 @@ fn cuda_training_matches_the_cpu() -> Result<()> {
             .with_layers(6)
             .with_hidden(64)
             .with_hidden_layers(2)
-            .with_activation(flow_realnvp::Activation::Relu),
+            .with_activation(flow_nn::Activation::Relu),
     ];
     for (dtype, tol) in [(DType::F64, 1e-7), (DType::F32, 2e-3)] {
         for model in &models {

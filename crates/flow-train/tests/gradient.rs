@@ -7,8 +7,9 @@ use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Bijector, Chain, Flow, StandardNormal};
 use flow_maf::MafConfig;
 use flow_models::ModelConfig;
+use flow_nn::Nets;
 use flow_nsf::NsfConfig;
-use flow_realnvp::{Nets, RealNvpConfig};
+use flow_realnvp::RealNvpConfig;
 use flow_train::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};
 
 /// The model's flow in f64 and its variables, in a fixed order.

@@ -3,7 +3,8 @@
 
 use anyhow::{ensure, Result};
 use candle::{DType, Device};
-use flow_realnvp::{RealNvpConfig, ScaleMap};
+use flow_nn::ScaleMap;
+use flow_realnvp::RealNvpConfig;
 use flow_train::{
     data::{generate, Toy},
     Duration, OptimizerConfig, Report, Reporter, Schedule, TrainConfig, Trainer,

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use flow_models::BaseConfig;
-use flow_realnvp::{Nets, OutputLayout, ScaleMap};
+use flow_nn::{Nets, OutputLayout, ScaleMap};
 
 use super::{affine, model, ImportOptions, Imported, LayerConfig, Source, Weights};
 use crate::IoError;

@@ -23,10 +23,10 @@ use std::{collections::HashMap, path::Path};
 
 use candle::{DType, Device, Tensor};
 use flow_models::{BaseConfig, LayerSpec, ModelConfig};
-use flow_nn::{AutoregressiveConfig, Spline};
-use flow_realnvp::{
+use flow_nn::{
     Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
+use flow_nn::{AutoregressiveConfig, Spline};
 use serde::Serialize;
 
 pub use seed::export_seed;

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use candle::Tensor;
-use flow_realnvp::{Activation, NetConfig};
+use flow_nn::{Activation, NetConfig};
 
 use super::Weights;
 use crate::IoError;

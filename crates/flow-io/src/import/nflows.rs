@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use candle::Tensor;
 use flow_models::BaseConfig;
 use flow_nn::Spline;
-use flow_realnvp::{Activation, Affine, Nets, OutputLayout, ScaleMap};
+use flow_nn::{Activation, Affine, Nets, OutputLayout, ScaleMap};
 
 use super::{
     affine, autoregressive, model, nets, spline_coupling, ImportOptions, Imported, LayerConfig,

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 
 use candle::Tensor;
 use flow_models::BaseConfig;
-use flow_realnvp::{Activation, NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_nn::{Activation, NetConfig, Nets, OutputLayout, ScaleMap};
 
 use super::{
     affine, model, nflows, spline_coupling, ImportOptions, Imported, LayerConfig, Source, Weights,

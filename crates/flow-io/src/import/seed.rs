@@ -6,7 +6,8 @@ use std::{collections::HashMap, path::Path};
 
 use candle::Tensor;
 use flow_models::{BaseConfig, ModelConfig};
-use flow_realnvp::{CouplingLayer, NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_nn::{NetConfig, Nets, OutputLayout, ScaleMap};
+use flow_realnvp::CouplingLayer;
 
 use super::{affine, model, ImportOptions, Imported, Source, Weights};
 use crate::IoError;

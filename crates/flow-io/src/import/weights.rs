@@ -7,7 +7,7 @@ use std::{
 };
 
 use candle::Tensor;
-use flow_realnvp::{Activation, NetConfig};
+use flow_nn::{Activation, NetConfig};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{checkpoint::to_tensor, IoError};

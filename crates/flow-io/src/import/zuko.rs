@@ -17,8 +17,8 @@ use std::collections::HashMap;
 
 use candle::Tensor;
 use flow_models::BaseConfig;
+use flow_nn::{Activation, Affine, NetConfig, Nets, OutputLayout, ScaleMap};
 use flow_nn::{Spline, SplineStyle};
-use flow_realnvp::{Activation, Affine, NetConfig, Nets, OutputLayout, ScaleMap};
 
 use super::{
     affine, autoregressive, model, nets, ImportOptions, Imported, LayerConfig, Source, Weights,

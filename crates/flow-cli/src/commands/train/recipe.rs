@@ -6,8 +6,9 @@ use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
 use flow_models::{Family, ModelConfig};
 use flow_nn::{Activation, Order};
+use flow_nn::{Nets, ScaleMap};
 use flow_nsf::{NsfConfig, NsfKind};
-use flow_realnvp::{CouplingKind, Nets, RealNvpConfig, ScaleMap};
+use flow_realnvp::{CouplingKind, RealNvpConfig};
 
 use super::{count, real};
 use crate::{
