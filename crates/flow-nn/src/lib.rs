@@ -7,12 +7,13 @@
 //! a MADE network (a masked [`Mlp`]), autoregressive NSF `Autoregressive<Spline>`. Networks and
 //! transforms take the fused kernels of `flow-kernels` where those apply; [`linalg`]
 //! passes on its differentiable matrix inverse and `log|det|` (for invertible 1×1
-//! convolutions).
+//! convolutions); [`ImageShape`] is the image families' shape of an image.
 
 mod affine;
 mod autoregressive;
 mod conditioner;
 mod coupling;
+mod image;
 mod layer;
 mod made;
 mod mask;
@@ -29,6 +30,7 @@ pub use flow_kernels::linalg;
 pub use flow_kernels::{
     fusion_enabled, pin_thread_count, set_fusion, Activation, ScaleMap, SplineStyle,
 };
+pub use image::ImageShape;
 pub use made::made_masks;
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};
