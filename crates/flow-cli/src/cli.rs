@@ -176,7 +176,7 @@ pub enum CouplingArg {
     Additive,
 }
 
-use Family::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, RealNvp, RealNvpImage};
+use Family::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, RealNvp, RealNvpImage, TarFlow};
 
 /// The families, by the names flow-models gives them, each with its summary.
 fn family_parser() -> impl TypedValueParser<Value = Family> {
@@ -188,7 +188,7 @@ fn family_parser() -> impl TypedValueParser<Value = Family> {
 /// The families over rows of features.
 const VECTOR: &[Family] = &[RealNvp, Nice, Nsf, NsfAr, Maf, Iaf];
 /// The image families.
-const IMAGE: &[Family] = &[Glow, RealNvpImage];
+const IMAGE: &[Family] = &[Glow, RealNvpImage, TarFlow];
 /// Every family.
 const ALL: &[Family] = &Family::ALL;
 
@@ -211,9 +211,15 @@ pub const FAMILY_FLAGS: &[(&str, &[Family])] = &[
     ("no-standardize", VECTOR),
     ("image", IMAGE),
     ("pixel-levels", IMAGE),
-    ("scales", IMAGE),
+    ("scales", &[Glow, RealNvpImage]),
     ("depth", &[Glow]),
-    ("channels", IMAGE),
+    ("channels", &[Glow, RealNvpImage]),
+    ("patch", &[TarFlow]),
+    ("blocks", &[TarFlow]),
+    ("layers-per-block", &[TarFlow]),
+    ("width", &[TarFlow]),
+    ("heads", &[TarFlow]),
+    ("noise-std", &[TarFlow]),
 ];
 
 /// The families that take the model flag `--{flag}` ([`FAMILY_FLAGS`]); every family
@@ -359,6 +365,18 @@ pub struct TrainArgs {
     pub depth: Option<usize>,
     #[arg(long, help = family_help("channels", "Hidden channels of an image flow's convolutional conditioners"))]
     pub channels: Option<usize>,
+    #[arg(long, help = family_help("patch", "Side of the square patches TarFlow reads an image in: tokens of patch²·C values"))]
+    pub patch: Option<usize>,
+    #[arg(long, help = family_help("blocks", "TarFlow blocks; the token order reverses from one to the next"))]
+    pub blocks: Option<usize>,
+    #[arg(long, help = family_help("layers-per-block", "Transformer layers of each TarFlow block"))]
+    pub layers_per_block: Option<usize>,
+    #[arg(long, help = family_help("width", "Width of TarFlow's token embeddings"))]
+    pub width: Option<usize>,
+    #[arg(long, help = family_help("heads", "Attention heads of TarFlow's Transformers; they divide --width"))]
+    pub heads: Option<usize>,
+    #[arg(long, help = family_help("noise-std", "Gaussian noise added to the dequantised training data (noise augmentation); the density learnt, and reported, is then that of the noised data"))]
+    pub noise_std: Option<f64>,
     #[arg(long, help = family_help("hidden", "Width of each hidden layer of the conditioner networks"))]
     pub hidden: Option<usize>,
     #[arg(long, help = family_help("hidden-layers", "Hidden layers of each conditioner network"))]

@@ -44,6 +44,10 @@ pub enum Op {
     Adam,
     /// A same-padded stride-1 image convolution (odd square kernel), bias or none.
     Conv,
+    /// A layer norm over the last dimension.
+    LayerNorm,
+    /// Causal multi-head self-attention.
+    Attention,
 }
 
 /// Whether `op` on the tensor `x` (its input, or the variable for [`Op::Adam`]) runs
@@ -53,7 +57,8 @@ pub enum Op {
 /// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
 /// other shape),
-/// while the coupling, convolution and Adam kernels are the CPU's.
+/// while the coupling, convolution, layer-norm, attention and Adam kernels are the
+/// CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -71,6 +76,6 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
             dev.is_cpu()
                 || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
-        Op::AffineCoupling | Op::Adam | Op::Conv => dev.is_cpu(),
+        Op::AffineCoupling | Op::Adam | Op::Conv | Op::LayerNorm | Op::Attention => dev.is_cpu(),
     }
 }

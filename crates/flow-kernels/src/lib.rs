@@ -11,6 +11,8 @@
 //!   product, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
+//! - [`transformer`]: a layer norm and causal multi-head self-attention, each one op
+//!   with its backward;
 //! - [`linalg`]: a square matrix's inverse and `log|det|` as differentiable ops (an LU
 //!   decomposition on the host, for the small matrices of invertible 1×1
 //!   convolutions);
@@ -32,6 +34,7 @@ mod pack;
 pub mod scale;
 pub mod spline;
 mod threads;
+pub mod transformer;
 
 pub use activation::Activation;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};

@@ -20,11 +20,13 @@ pub enum Family {
     Glow,
     /// RealNVP's multi-scale image flow.
     RealNvpImage,
+    /// Transformer autoregressive flow over image patches.
+    TarFlow,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Self::RealNvp,
         Self::Nice,
         Self::Nsf,
@@ -33,6 +35,7 @@ impl Family {
         Self::Iaf,
         Self::Glow,
         Self::RealNvpImage,
+        Self::TarFlow,
     ];
 
     /// The family's name, as recipes record it.
@@ -46,6 +49,7 @@ impl Family {
             Self::Iaf => "iaf",
             Self::Glow => "glow",
             Self::RealNvpImage => "realnvp-image",
+            Self::TarFlow => "tarflow",
         }
     }
 
@@ -65,12 +69,13 @@ impl Family {
             Self::Iaf => "Inverse autoregressive flow",
             Self::Glow => "Glow (Kingma & Dhariwal 2018): multi-scale, each step ActNorm, an invertible 1×1 convolution and a convolutional affine coupling (images)",
             Self::RealNvpImage => "RealNVP's multi-scale image architecture (Dinh et al. 2016): checkerboard and channel-wise convolutional couplings with batch norm (images)",
+            Self::TarFlow => "TarFlow (Zhai et al. 2024): affine autoregressive blocks over image patches, each conditioned by a causal Transformer (images)",
         }
     }
 
     /// Whether the family models images (pixel data of a fixed shape).
     pub fn is_image(self) -> bool {
-        matches!(self, Self::Glow | Self::RealNvpImage)
+        matches!(self, Self::Glow | Self::RealNvpImage | Self::TarFlow)
     }
 
     /// Whether the family couples one part of a row to the rest, and so needs at
@@ -101,7 +106,8 @@ mod tests {
                 "maf",
                 "iaf",
                 "glow",
-                "realnvp-image"
+                "realnvp-image",
+                "tarflow"
             ]
         );
     }

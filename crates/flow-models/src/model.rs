@@ -210,8 +210,8 @@ impl ModelConfig {
         model.with_base(image_base(cfg.learn_base))
     }
 
-    /// The image shape and pixel levels of an image model (family `glow` or
-    /// `realnvp-image`), from its recipe; `None` for other models.
+    /// The image shape and pixel levels of an image model (family `glow`,
+    /// `realnvp-image` or `tarflow`), from its recipe; `None` for other models.
     #[cfg(feature = "glow")]
     pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
         if !self.family()?.is_image() {
@@ -225,8 +225,7 @@ impl ModelConfig {
         Family::from_name(self.recipe.as_ref()?.get("family")?.as_str()?)
     }
 
-    /// The pixel levels `L` of an image model (family `glow` or `realnvp-image`), from
-    /// its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
+    /// The pixel levels `L` of an image model (an image family's), from its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
     /// `None` for other models.
     pub fn pixel_levels(&self) -> Option<u32> {
         if !self.family()?.is_image() {
@@ -241,6 +240,32 @@ impl ModelConfig {
     pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
         let model = Self::from_recipe(Family::RealNvpImage, cfg, cfg.dim(), 0, &cfg.layers());
         model.with_base(image_base(cfg.learn_base))
+    }
+
+    /// A TarFlow as a model: its blocks over `N(0, I)`, the configuration (image
+    /// shape, pixel levels, noise) as the recipe.
+    #[cfg(feature = "tarflow")]
+    pub fn tarflow(cfg: &flow_tarflow::TarFlowConfig) -> Self {
+        Self::from_recipe(
+            Family::TarFlow,
+            cfg,
+            cfg.dim(),
+            cfg.context_dim,
+            &cfg.layers(),
+        )
+    }
+
+    /// The standard deviation of the Gaussian noise an image model's training data
+    /// get on top of their dequantisation (its recipe's `noise_std`); 0 for models
+    /// without one.
+    pub fn noise_std(&self) -> f64 {
+        if !self.family().is_some_and(Family::is_image) {
+            return 0.0;
+        }
+        let recipe = self.recipe.as_ref();
+        recipe
+            .and_then(|r| r.get("noise_std")?.as_f64())
+            .unwrap_or(0.0)
     }
 
     flow_core::with_setters! {
@@ -331,11 +356,13 @@ impl ModelConfig {
                 limits::MAX_PIXEL_LEVELS
             ));
         }
-        let layers = self
-            .layers
-            .iter()
-            .filter_map(|l| l.tagged_as::<flow_glow::GlowLayer>().ok());
-        let first_shape = layers.filter_map(|l| l.input_shape()).next();
+        let first_shape = self.layers.iter().find_map(|l| {
+            #[cfg(feature = "tarflow")]
+            if let Ok(flow_tarflow::TarFlowLayer::TarflowBlock(b)) = l.tagged_as() {
+                return Some(b.shape);
+            }
+            l.tagged_as::<flow_glow::GlowLayer>().ok()?.input_shape()
+        });
         let agrees = match first_shape {
             Some(shape) => shape == info.shape,
             None => info.shape.dim() == self.dim,

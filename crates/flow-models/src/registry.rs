@@ -37,6 +37,8 @@ impl Registry {
         let registry = registry.with(flow_maf::MafFamily);
         #[cfg(feature = "glow")]
         let registry = registry.with(flow_glow::GlowFamily);
+        #[cfg(feature = "tarflow")]
+        let registry = registry.with(flow_tarflow::TarFlowFamily);
         registry
     }
 

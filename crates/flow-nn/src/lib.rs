@@ -7,7 +7,9 @@
 //! a MADE network (a masked [`Mlp`]), autoregressive NSF `Autoregressive<Spline>`. Networks and
 //! transforms take the fused kernels of `flow-kernels` where those apply; [`linalg`]
 //! passes on its differentiable matrix inverse and `log|det|` (for invertible 1×1
-//! convolutions); [`ImageShape`] is the image families' shape of an image.
+//! convolutions); [`ImageShape`] is the image families' shape of an image, and
+//! [`transformer`] holds the pieces of causal Transformers (layer norm, causal
+//! self-attention) with their fused kernels.
 
 mod affine;
 mod autoregressive;
@@ -21,6 +23,7 @@ mod mlp;
 mod shift;
 mod spline;
 mod transform;
+pub mod transformer;
 
 pub use affine::Affine;
 pub use autoregressive::{Autoregressive, AutoregressiveConfig, Order};

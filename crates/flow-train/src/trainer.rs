@@ -74,6 +74,8 @@ pub struct Trainer {
     registry: Registry,
     /// The model's pixel levels, read once: `Some` for pixel data, dequantised.
     pixel_levels: Option<u32>,
+    /// The noise added to dequantised pixel data ([`ModelConfig::noise_std`]).
+    noise_std: f64,
 }
 
 /// Deep copies of the variables' values.
@@ -161,13 +163,27 @@ pub(crate) fn mean_nll(flow: &Flow, x: &Tensor, context: Option<&Tensor>) -> can
 /// `(pixel + u) / levels` with `u ~ U[0, 1)` per value, drawn from `seed`. The result
 /// lies in `[0, 1)`; for a density `p` there, `log P(pixels) ≥ E_u[log p(x)] −
 /// D·ln(levels)` (Theis et al. 2016), the bound that bits per dimension report.
-pub fn dequantize(pixels: &Tensor, levels: u32, seed: u64) -> candle::Result<Tensor> {
+///
+/// With `noise_std` σ > 0 (a model's [`ModelConfig::noise_std`]), `σ·ε`,
+/// `ε ~ N(0, I)` drawn next from the same generator, is added as well (noise
+/// augmentation): the density is then that of the noised data, and the bound above
+/// no longer holds.
+pub fn dequantize(
+    pixels: &Tensor,
+    levels: u32,
+    noise_std: f64,
+    seed: u64,
+) -> candle::Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let u: Vec<f32> = (0..pixels.elem_count())
-        .map(|_| rng.random::<f32>())
-        .collect();
+    let n = pixels.elem_count();
+    let u: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
     let u = Tensor::from_vec(u, pixels.shape(), pixels.device())?.to_dtype(pixels.dtype())?;
-    (pixels + u)?.affine(1.0 / f64::from(levels), 0.0)
+    let x = (pixels + u)?.affine(1.0 / f64::from(levels), 0.0)?;
+    if noise_std == 0.0 {
+        return Ok(x);
+    }
+    let e = flow_core::sampling::randn(1, n, pixels.dtype(), pixels.device(), &mut rng)?;
+    x + (e.reshape(pixels.shape())? * noise_std)?
 }
 
 /// The seed of step `step`'s dequantisation noise in a run seeded with `seed`; the
@@ -220,6 +236,7 @@ impl Trainer {
             .map_err(TrainError::InvalidConfig)?;
         Ok(Self {
             pixel_levels: cfg.model.pixel_levels(),
+            noise_std: cfg.model.noise_std(),
             cfg,
             device: device.clone(),
             dtype: DType::F32,
@@ -493,7 +510,12 @@ impl Trainer {
     fn validation_set(&self, val: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
         let (x, c) = self.tensors(val)?;
         let x = match self.pixel_levels {
-            Some(levels) => dequantize(&x, levels, noise_seed(self.cfg.seed, u64::MAX))?,
+            Some(levels) => dequantize(
+                &x,
+                levels,
+                self.noise_std,
+                noise_seed(self.cfg.seed, u64::MAX),
+            )?,
             None => x,
         };
         Ok((x, c))
@@ -701,7 +723,12 @@ impl<'a> Run<'a> {
         let x = self.x_train.index_select(&idx, 0)?;
         let trainer = self.trainer;
         let x = match trainer.pixel_levels {
-            Some(levels) => dequantize(&x, levels, noise_seed(trainer.cfg.seed, step as u64))?,
+            Some(levels) => dequantize(
+                &x,
+                levels,
+                trainer.noise_std,
+                noise_seed(trainer.cfg.seed, step as u64),
+            )?,
             None => x,
         };
         Ok((x, c))

@@ -45,6 +45,12 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         if let Some(out) = out {
             out.commit()?;
         }
+        let noise = model.checkpoint.config.noise_std();
+        if noise > 0.0 && !a.dequantized {
+            print_out(&format!(
+                "the likelihood of the noised data: pixels dequantised, then Gaussian noise of standard deviation {noise} added, as in training (not a bound on the pixels' probability)\n"
+            ));
+        }
         return report(rows, sum, dim);
     }
     let (mut rows, mut sum) = (0usize, 0f64);
@@ -142,6 +148,7 @@ fn images(
             flow_train::dequantize(
                 &rows_in,
                 image.pixel_levels,
+                model.checkpoint.config.noise_std(),
                 seed.wrapping_mul(CHUNK_SEEDS).wrapping_add(k as u64),
             )?
         };

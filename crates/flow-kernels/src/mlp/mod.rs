@@ -44,7 +44,7 @@ pub const NARROW: usize = 16;
 /// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`); the answer is
 /// cached by std.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
 }
 

@@ -1,7 +1,7 @@
 //! `flow train`'s model flags: which families take them, and how each sets a
 //! family's configuration.
 
-use flow_core::limits::{MAX_BINS, MAX_HIDDEN, MAX_LAYERS};
+use flow_core::limits::{MAX_BINS, MAX_DIM, MAX_HIDDEN, MAX_LAYERS};
 use flow_glow::{GlowConfig, ImageInfo, ImageShape, RealNvpImageConfig};
 use flow_maf::MafConfig;
 use flow_models::{Family, ModelConfig};
@@ -9,6 +9,7 @@ use flow_nn::{Activation, Order};
 use flow_nn::{Nets, ScaleMap};
 use flow_nsf::{NsfConfig, NsfKind};
 use flow_realnvp::{CouplingKind, RealNvpConfig};
+use flow_tarflow::TarFlowConfig;
 
 use super::{count, real};
 use crate::{
@@ -104,6 +105,7 @@ pub(super) enum Recipe {
     Maf(MafConfig),
     Glow(GlowConfig),
     RealNvpImage(RealNvpImageConfig),
+    TarFlow(TarFlowConfig),
 }
 
 impl Recipe {
@@ -130,6 +132,11 @@ impl Recipe {
                 let l = levels(c.pixel_levels);
                 Self::RealNvpImage(c.with_pixel_levels(l))
             }
+            Family::TarFlow => {
+                let c = TarFlowConfig::new(shape);
+                let l = levels(c.pixel_levels);
+                Self::TarFlow(c.with_pixel_levels(l))
+            }
         }
     }
 
@@ -143,6 +150,7 @@ impl Recipe {
             Family::Maf | Family::Iaf => Self::Maf(serde_json::from_value(recipe).ok()?),
             Family::Glow => Self::Glow(serde_json::from_value(recipe).ok()?),
             Family::RealNvpImage => Self::RealNvpImage(serde_json::from_value(recipe).ok()?),
+            Family::TarFlow => Self::TarFlow(serde_json::from_value(recipe).ok()?),
         };
         Some((flow, parsed))
     }
@@ -166,6 +174,13 @@ impl Recipe {
             (R::Maf(c), "activation") => Field::Activation(&mut c.activation),
             (R::Glow(c), "activation") => Field::Activation(&mut c.activation),
             (R::RealNvpImage(c), "activation") => Field::Activation(&mut c.activation),
+            (R::TarFlow(c), "activation") => Field::Activation(&mut c.activation),
+            (R::TarFlow(c), "patch") => Field::Count(&mut c.patch),
+            (R::TarFlow(c), "blocks") => Field::Count(&mut c.blocks),
+            (R::TarFlow(c), "layers-per-block") => Field::Count(&mut c.layers_per_block),
+            (R::TarFlow(c), "width") => Field::Count(&mut c.width),
+            (R::TarFlow(c), "heads") => Field::Count(&mut c.heads),
+            (R::TarFlow(c), "noise-std") => Field::Real(&mut c.noise_std),
             (R::Nsf(c), "bins") => Field::Count(&mut c.spline.bins),
             (R::Nsf(c), "tail-bound") => Field::Real(&mut c.spline.bound),
             (R::Nsf(c), "order") => Field::Order(&mut c.order),
@@ -202,6 +217,7 @@ impl Recipe {
             Self::Maf(c) => c.clone().with_context_dim(context_dim).into(),
             Self::Glow(c) => ModelConfig::glow(c),
             Self::RealNvpImage(c) => ModelConfig::realnvp_image(c),
+            Self::TarFlow(c) => ModelConfig::tarflow(&c.clone().with_context_dim(context_dim)),
         }
     }
 
@@ -236,6 +252,13 @@ impl Recipe {
             }),
             Self::Glow(c) => c.validate().map_err(|e| scales(e, c.levels, c.shape)),
             Self::RealNvpImage(c) => c.validate().map_err(|e| scales(e, c.scales, c.shape)),
+            Self::TarFlow(c) => c.validate().map_err(|e| {
+                let s = c.shape;
+                Failure::from(format!(
+                    "--flow tarflow on {}x{}x{} images: {e}",
+                    s.height, s.width, s.channels
+                ))
+            }),
             _ => Ok(()),
         }
     }
@@ -281,6 +304,12 @@ pub(super) fn given_model_flags(a: &TrainArgs) -> Vec<&'static str> {
         ("scales", a.scales.is_some()),
         ("depth", a.depth.is_some()),
         ("channels", a.channels.is_some()),
+        ("patch", a.patch.is_some()),
+        ("blocks", a.blocks.is_some()),
+        ("layers-per-block", a.layers_per_block.is_some()),
+        ("width", a.width.is_some()),
+        ("heads", a.heads.is_some()),
+        ("noise-std", a.noise_std.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -315,12 +344,23 @@ pub(super) fn recipe_values(
         ("scales", a.scales, 1, MAX_LAYERS),
         ("depth", a.depth, 1, MAX_LAYERS),
         ("channels", a.channels, 1, MAX_HIDDEN),
+        ("patch", a.patch, 1, MAX_DIM),
+        ("blocks", a.blocks, 1, MAX_LAYERS),
+        ("layers-per-block", a.layers_per_block, 1, MAX_LAYERS),
+        ("width", a.width, 1, MAX_HIDDEN),
+        ("heads", a.heads, 1, MAX_HIDDEN),
     ];
     let mut values = Vec::new();
     for (flag, v, min, max) in counts {
         if let Some(v) = v {
             values.push((flag, Value::Count(count(flag, v, min, max)?)));
         }
+    }
+    if let Some(s) = a.noise_std {
+        if !(s.is_finite() && s >= 0.0) {
+            return Err(format!("--noise-std must be finite and at least 0, got {s}").into());
+        }
+        values.push(("noise-std", Value::Real(s)));
     }
     if let Some(b) = a.tail_bound {
         values.push(("tail-bound", Value::Real(real("tail-bound", b)?)));
