@@ -584,6 +584,40 @@ mod tests {
     }
 
     #[test]
+    fn a_tarflow_recipe_gives_its_images_and_noise() {
+        use flow_tarflow::{ImageShape, TarFlowConfig};
+        let cfg = TarFlowConfig::new(ImageShape::new(1, 8, 8))
+            .with_width(8)
+            .with_heads(2)
+            .with_pixel_levels(17)
+            .with_noise_std(0.05);
+        let model = ModelConfig::tarflow(&cfg);
+        assert_eq!(model.validate(), Ok(()));
+        assert_eq!(model.family(), Some(Family::TarFlow));
+        assert_eq!(model.pixel_levels(), Some(17));
+        assert_eq!(model.noise_std(), 0.05);
+        let info = model.image_info().expect("an image model");
+        assert_eq!(info.shape, ImageShape::new(1, 8, 8));
+        // The same number of values in another shape.
+        let mut lying = model.clone();
+        if let Some(serde_json::Value::Object(r)) = &mut lying.recipe {
+            r.insert(
+                "shape".into(),
+                serde_json::json!({"channels": 4, "height": 4, "width": 4}),
+            );
+        }
+        assert_eq!(
+            refused(&lying),
+            "the `tarflow` recipe gives 4×4×4 images, the layers take 1×8×8 images"
+        );
+        let heads = ModelConfig::tarflow(&cfg.clone().with_heads(3));
+        assert_eq!(
+            refused(&heads),
+            "layer 0: `tarflow-block` layer: 3 heads do not divide an embedding width of 8"
+        );
+    }
+
+    #[test]
     fn older_files_read_with_the_layers_context() {
         let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
         assert_eq!(cfg.context_dim, 1);
