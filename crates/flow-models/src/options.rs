@@ -8,9 +8,11 @@ use flow_core::limits::{MAX_BINS, MAX_COMPONENTS, MAX_DIM, MAX_HIDDEN, MAX_LAYER
 use flow_glow::{GlowConfig, RealNvpImageConfig};
 pub use flow_glow::{ImageInfo, ImageShape};
 use flow_maf::MafConfig;
-use flow_nn::{Activation, Nets, Order, ScaleMap};
+pub use flow_nn::{Activation, Nets};
+use flow_nn::{Order, ScaleMap};
 use flow_nsf::{NsfConfig, NsfKind};
-use flow_realnvp::{CouplingKind, RealNvpConfig};
+pub use flow_realnvp::CouplingKind;
+use flow_realnvp::RealNvpConfig;
 
 use crate::{BaseConfig, Family, ModelConfig};
 

@@ -7,7 +7,7 @@
 use flow_core::limits::MAX_SAMPLES;
 use flow_models::{
     options::{count, default_weight_decay, real, ImageInfo, ModelOptions},
-    Family,
+    Family, ModelConfig,
 };
 
 use crate::{Duration, OptimizerKind, Schedule, TrainConfig};
@@ -212,6 +212,7 @@ impl RunOption {
 /// value the family's or [`TrainConfig`]'s default unless an option gives it, each
 /// checked here, before any work starts. `validation` says whether the run scores a
 /// validation set.
+#[allow(clippy::too_many_arguments)]
 pub fn train_config(
     flow: Family,
     what: &str,
@@ -225,9 +226,20 @@ pub fn train_config(
     model.check_apply(flow)?;
     let seed = run.seed.unwrap_or(TrainConfig::default().seed);
     let model = model.model(flow, what, dim, context_dim, image, seed)?;
+    run_config(model, Some(flow), run, validation)
+}
+
+/// The configuration of a fresh run that trains `model` (of the family `flow`, where
+/// it has one) with the run options `run`, checked.
+pub fn run_config(
+    model: ModelConfig,
+    flow: Option<Family>,
+    run: &RunOptions,
+    validation: bool,
+) -> Result<TrainConfig, String> {
     let standardize = model.standardize;
     let mut cfg = TrainConfig::new(model).with_standardize(standardize);
-    let decay = default_weight_decay(flow);
+    let decay = flow.map_or(0.0, default_weight_decay);
     if decay > 0.0 {
         cfg.optimizer.kind = OptimizerKind::AdamW;
         cfg.optimizer.weight_decay = decay;

@@ -18,6 +18,7 @@ mod normflows_glow;
 mod seed;
 mod weights;
 mod zuko;
+mod zuko_export;
 
 use std::{collections::HashMap, path::Path};
 
@@ -27,10 +28,11 @@ use flow_nn::{
     Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
 use flow_nn::{AutoregressiveConfig, Spline};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use seed::export_seed;
 pub(crate) use weights::Weights;
+pub use zuko_export::export_zuko;
 
 use crate::IoError;
 
@@ -225,7 +227,7 @@ fn assumptions(source: Source, config: &ModelConfig, opts: &ImportOptions) -> Ve
 /// A layer as the importers produce it; its JSON form is the registry's (kinds
 /// `affine`, `permute`, `spline-coupling`, `spline-autoregressive` and
 /// `affine-autoregressive`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub(crate) enum LayerConfig {
     Affine(CouplingConfig<Affine>),
@@ -324,6 +326,9 @@ pub fn import_bytes(
     let mut w = Weights::parse(path, bytes)?;
     // The bound is used in f32: one beyond f32's range would make the spline infinite.
     let in_f32 = |b: f64| b > 0.0 && b <= f64::from(f32::MAX);
+    if let Some(c) = opts.clamp.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        return Err(w.invalid(format!("--clamp must be positive, got {c}")));
+    }
     if let Some(b) = opts.tail_bound.filter(|b| !in_f32(*b)) {
         return Err(w.invalid(format!(
             "the tail bound must be positive and finite in f32, got {b:?}"
