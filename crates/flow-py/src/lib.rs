@@ -70,6 +70,7 @@ fn import_weights(
             }
         }
     }
+    opts.check().map_err(value_error)?;
     let (flow, assumed) = py
         .detach(|| Flow::import(source, &path, &opts))
         .map_err(Fail::into_py)?;

@@ -156,6 +156,18 @@ pub struct ImportOptions {
     pub tail_bound: Option<f64>,
 }
 
+impl ImportOptions {
+    /// Checks the settings given, before any file is read.
+    pub fn check(&self) -> Result<(), String> {
+        match self.clamp {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                Err(format!("--clamp must be positive, got {c}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// An imported model: its configuration and tensors, named as this crate's checkpoints
 /// name them, and the settings that were assumed rather than read.
 #[derive(Debug, Clone)]
@@ -326,9 +338,6 @@ pub fn import_bytes(
     let mut w = Weights::parse(path, bytes)?;
     // The bound is used in f32: one beyond f32's range would make the spline infinite.
     let in_f32 = |b: f64| b > 0.0 && b <= f64::from(f32::MAX);
-    if let Some(c) = opts.clamp.filter(|c| !(c.is_finite() && *c > 0.0)) {
-        return Err(w.invalid(format!("--clamp must be positive, got {c}")));
-    }
     if let Some(b) = opts.tail_bound.filter(|b| !in_f32(*b)) {
         return Err(w.invalid(format!(
             "the tail bound must be positive and finite in f32, got {b:?}"
