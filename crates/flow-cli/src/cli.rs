@@ -4,7 +4,10 @@ use clap::{
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
     Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum,
 };
-use flow_models::{Family, OptionKind, Registry, RegistryOption};
+use flow_models::{
+    options::{family_defaults, listed, taking},
+    Family, OptionKind, Registry, RegistryOption,
+};
 use flow_nn::Activation;
 use flow_train::data::Toy;
 
@@ -123,6 +126,8 @@ pub struct ImportArgs {
 pub enum TargetArg {
     /// The reference RealNVP code's state dict.
     Seed,
+    /// zuko's `RealNVP`, `NSF` or `MAF` state dict (prints the flow to build).
+    Zuko,
 }
 
 #[derive(Debug, Args)]
@@ -182,75 +187,6 @@ fn family_parser() -> impl TypedValueParser<Value = Family> {
     })
 }
 
-/// The model flags that set a model's own settings rather than a family's options,
-/// each with whether image families (rather than the others) take it.
-const MODEL_FLAGS: &[(&str, bool)] = &[
-    ("base", false),
-    ("context-dim", false),
-    ("no-standardize", false),
-    ("image", true),
-    ("pixel-levels", true),
-];
-
-/// Which families take which of `flow train`'s model flags: each family's options as
-/// its crate declares them, then the flags of [`MODEL_FLAGS`] by whether a family
-/// models images. The one table that decides whether a flag applies: a flag given for
-/// a family not listed is refused.
-pub fn family_flags() -> Vec<(&'static str, Vec<Family>)> {
-    let registry = Registry::builtin();
-    let mut flags: Vec<(&'static str, Vec<Family>)> = registry
-        .options()
-        .into_iter()
-        .map(|o| (o.name, o.families.into_iter().map(|(f, _)| f).collect()))
-        .collect();
-    for &(flag, images) in MODEL_FLAGS {
-        let families = registry
-            .model_families()
-            .iter()
-            .filter(|f| f.is_image() == images)
-            .cloned()
-            .collect();
-        flags.push((flag, families));
-    }
-    flags
-}
-
-/// The families that take the model flag `--{flag}` ([`family_flags`]); every family
-/// for a flag the table does not list.
-pub fn taking(flag: &str) -> Vec<Family> {
-    family_flags()
-        .into_iter()
-        .find(|(name, _)| *name == flag)
-        .map_or_else(
-            || Registry::builtin().model_families().to_vec(),
-            |(_, families)| families,
-        )
-}
-
-/// Whether `family` takes the model flag `--{flag}`.
-pub fn takes(family: &Family, flag: &str) -> bool {
-    taking(flag).contains(family)
-}
-
-/// The families that model rows of a single feature.
-pub fn one_dimensional() -> Vec<Family> {
-    Registry::builtin()
-        .model_families()
-        .iter()
-        .filter(|f| !f.is_image() && !f.couples())
-        .cloned()
-        .collect()
-}
-
-/// `a, b and c`.
-pub fn listed(families: &[Family]) -> String {
-    let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
-    match names.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
-        _ => names.concat(),
-    }
-}
-
 /// A model flag's help line: `text`, the families that take it, and each family's
 /// default as its declaration gives it.
 fn family_help(flag: &str, text: &str) -> String {
@@ -272,23 +208,6 @@ fn family_help(flag: &str, text: &str) -> String {
     }
     line.push(']');
     line
-}
-
-/// Each family's default for the option `--{flag}`, with the families it is the
-/// default of, as the families declare them (for `--help`).
-pub fn family_defaults(flag: &str) -> Vec<(String, Vec<Family>)> {
-    let mut defaults: Vec<(String, Vec<Family>)> = Vec::new();
-    let options = Registry::builtin().options();
-    let Some(option) = options.into_iter().find(|o| o.name == flag) else {
-        return defaults;
-    };
-    for (family, value) in option.families {
-        match defaults.iter_mut().find(|(v, _)| *v == value) {
-            Some((_, families)) => families.push(family),
-            None => defaults.push((value, vec![family])),
-        }
-    }
-    defaults
 }
 
 /// The flag of a family option: its value read as the option's kind declares, its
@@ -325,13 +244,6 @@ fn option_arg(o: &RegistryOption) -> Arg {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelFlags {
     pub given: Vec<(&'static str, String)>,
-}
-
-impl ModelFlags {
-    /// The given options as the registry takes them.
-    pub fn pairs(&self) -> Vec<(&str, &str)> {
-        self.given.iter().map(|(n, v)| (*n, v.as_str())).collect()
-    }
 }
 
 impl FromArgMatches for ModelFlags {
@@ -620,24 +532,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_flag_table_follows_the_families_declarations() {
-        let families = Registry::builtin().model_families().to_vec();
-        let images: Vec<Family> = families.iter().filter(|f| f.is_image()).cloned().collect();
-        let rows: Vec<Family> = families.iter().filter(|f| !f.is_image()).cloned().collect();
-        assert_eq!(taking("image"), images);
-        assert_eq!(taking("base"), rows);
-        assert_eq!(listed(&one_dimensional()), "nsf-ar, maf and iaf");
-        assert_eq!(listed(&taking("bins")), "nsf and nsf-ar");
-        assert_eq!(listed(&taking("nets")), "realnvp and nice");
-        let family = |name: &str| Registry::builtin().model_family(name).expect(name);
-        assert!(takes(&family("realnvp-image"), "channels"));
-        assert!(!takes(&family("nice"), "coupling"));
-        // Every option a family declares is a flag of its own, and no two flags share
-        // a name.
-        let names: Vec<&str> = family_flags().iter().map(|(n, _)| *n).collect();
-        let mut unique = names.clone();
-        unique.sort_unstable();
-        unique.dedup();
-        assert_eq!(unique.len(), names.len(), "{names:?}");
+    fn every_family_option_is_a_flag_with_its_families_and_defaults() {
+        let cmd = <ModelFlags as Args>::augment_args(clap::Command::new("train"));
+        for option in Registry::builtin().options() {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(option.name))
+                .unwrap_or_else(|| panic!("no --{}", option.name));
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.starts_with(option.help), "{help}");
+            assert!(help.contains(&listed(&taking(option.name))), "{help}");
+        }
+        let help = family_help("bins", "Spline bins");
+        assert_eq!(help, "Spline bins [nsf and nsf-ar; default 8]");
     }
 }

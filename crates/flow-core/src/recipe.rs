@@ -231,7 +231,7 @@ impl<C> ModelOption<C> {
                 None => {
                     let names: Vec<&str> = choices.iter().map(|c| c.name).collect();
                     Err(format!(
-                        "--{name} `{text}`: expected one of {}",
+                        "invalid value '{text}' for '--{name}' [possible values: {}]",
                         names.join(", ")
                     ))
                 }
@@ -268,6 +268,8 @@ pub struct ModelFamily<C> {
     pub image: bool,
     /// Whether it couples one part of a row to the rest, and so needs two features.
     pub couples: bool,
+    /// The decoupled weight decay its models train with unless told otherwise.
+    pub weight_decay: f64,
     /// The family's defaults for the data.
     pub defaults: fn(&ModelData) -> C,
     /// The options, in the order they apply (a bound's kind before the bound).
@@ -290,6 +292,7 @@ impl<C: Recipe> ModelFamily<C> {
             summary,
             image: false,
             couples: false,
+            weight_decay: 0.0,
             defaults,
             options: Vec::new(),
         }
@@ -298,6 +301,7 @@ impl<C: Recipe> ModelFamily<C> {
     crate::with_setters! {
         with_image: image: bool,
         with_couples: couples: bool,
+        with_weight_decay: weight_decay: f64,
     }
 
     /// The family with `options`.
@@ -367,6 +371,7 @@ pub trait AnyModelFamily: Send + Sync {
     fn summary(&self) -> &'static str;
     fn image(&self) -> bool;
     fn couples(&self) -> bool;
+    fn weight_decay(&self) -> f64;
     /// The options, in the order the family declares them, with their defaults.
     fn options(&self) -> Vec<OptionInfo>;
     /// The family's model for `data` with the `given` options, checked; `seed` seeds
@@ -398,6 +403,10 @@ impl<C: Recipe> AnyModelFamily for ModelFamily<C> {
 
     fn couples(&self) -> bool {
         self.couples
+    }
+
+    fn weight_decay(&self) -> f64 {
+        self.weight_decay
     }
 
     fn options(&self) -> Vec<OptionInfo> {

@@ -52,6 +52,12 @@ impl Family {
         self.0.couples()
     }
 
+    /// The decoupled weight decay the family's models train with unless told
+    /// otherwise.
+    pub fn weight_decay(&self) -> f64 {
+        self.0.weight_decay()
+    }
+
     /// The family's options, in the order they apply, each with the family's default.
     pub fn options(&self) -> Vec<OptionInfo> {
         self.0.options()

@@ -12,6 +12,7 @@
 
 mod family;
 mod model;
+pub mod options;
 mod registry;
 
 pub use family::Family;

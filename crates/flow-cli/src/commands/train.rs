@@ -2,10 +2,13 @@ use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering}
 
 use flow_core::{
     image::DEFAULT_PIXEL_LEVELS,
-    limits::{check_count, check_positive, MAX_COMPONENTS, MAX_DIM, MAX_SAMPLES},
-    ImageInfo, ImageShape, ModelData,
+    limits::{check_count, check_positive, MAX_SAMPLES},
+    ImageInfo, ImageShape,
 };
-use flow_models::{BaseConfig, Family, Registry};
+use flow_models::{
+    options::{self, default_weight_decay},
+    Family, Registry,
+};
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
@@ -16,7 +19,7 @@ use flow_train::{
 };
 
 use crate::{
-    cli::{listed, one_dimensional, SplitArg, TrainArgs},
+    cli::{SplitArg, TrainArgs},
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
@@ -26,18 +29,24 @@ use crate::{
 mod recipe;
 mod run_flags;
 
-use recipe::check_flags_apply;
+use recipe::model_options;
 use run_flags::RunFlag;
 
 /// Points a built-in 2-D data set has unless `--n` says otherwise.
 pub const DEFAULT_POINTS: usize = 20_000;
 
-/// Glow's default weight decay (decoupled, with Adam).
-const GLOW_WEIGHT_DECAY: f64 = 0.1;
-
-/// `--weight-decay`'s defaults, for its help line.
+/// `--weight-decay`'s defaults, for its help line: 0, and the families' own.
 pub fn weight_decay_defaults() -> String {
-    format!("0; {GLOW_WEIGHT_DECAY} for glow")
+    let own: Vec<String> = Registry::builtin()
+        .model_families()
+        .iter()
+        .filter(|f| f.weight_decay() > 0.0)
+        .map(|f| format!("{} for {}", f.weight_decay(), f.name()))
+        .collect();
+    std::iter::once("0".to_string())
+        .chain(own)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The decay of the default schedule, the exponential one; that of `--schedule exp`.
@@ -66,23 +75,6 @@ fn real(flag: &str, v: f64) -> Result<f64, Failure> {
     Ok(check_positive(flag, v)?)
 }
 
-/// The base distribution `--base` names.
-fn base(text: &str) -> Result<BaseConfig, Failure> {
-    match text.trim() {
-        "normal" => Ok(BaseConfig::StandardNormal),
-        "diag" => Ok(BaseConfig::DiagNormal { trainable: true }),
-        other => match other.strip_prefix("mixture:").map(str::parse::<usize>) {
-            Some(Ok(0)) => Err("--base mixture:K needs at least 1 component".into()),
-            Some(Ok(k)) if k > MAX_COMPONENTS => Err(format!(
-                "--base mixture:{k}: more components than the largest allowed, {MAX_COMPONENTS}"
-            )
-            .into()),
-            Some(Ok(k)) => Ok(BaseConfig::Mixture { components: k }),
-            _ => Err(format!("--base `{other}`: expected normal, diag or mixture:K").into()),
-        },
-    }
-}
-
 /// The training run's length the flags give, if they give one.
 fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
     Ok(match (a.steps, a.epochs) {
@@ -92,30 +84,6 @@ fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
     })
 }
 
-/// `--image HxWxC`, its size computed without overflow and bounded.
-fn parse_image(text: &str) -> Result<ImageShape, Failure> {
-    let parts: Vec<usize> = text
-        .split(['x', 'X'])
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("--image `{text}`: expected HxWxC, e.g. 28x28x1"))?;
-    let [h, w, c] = parts[..] else {
-        return Err(format!("--image `{text}`: expected HxWxC, e.g. 28x28x1").into());
-    };
-    if h == 0 || w == 0 || c == 0 {
-        return Err(
-            format!("--image `{text}`: expected HxWxC with each at least 1, e.g. 28x28x1").into(),
-        );
-    }
-    match h.checked_mul(w).and_then(|p| p.checked_mul(c)) {
-        Some(d) if d <= MAX_DIM => Ok(ImageShape::new(c, h, w)),
-        _ => Err(format!(
-            "--image `{text}`: more values per image than the largest allowed, {MAX_DIM}"
-        )
-        .into()),
-    }
-}
-
 /// The images an image flow trains on: their shape (from `--image`, else the file's)
 /// and pixel levels (`--pixel-levels`, else the data set's, else the family's),
 /// checked against the rows.
@@ -123,7 +91,10 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
     let recorded = data
         .dims
         .map(|d| ImageShape::new(d.channels, d.height, d.width));
-    let shape = match (a.image.as_deref().map(parse_image).transpose()?, recorded) {
+    let shape = match (
+        a.image.as_deref().map(options::image).transpose()?,
+        recorded,
+    ) {
         (Some(given), Some(file)) if given != file => {
             return Err(format!(
                 "--image {}x{}x{}, but {} holds {}x{}x{} images",
@@ -199,29 +170,14 @@ fn config(
     context_dim: usize,
     image: Option<ImageInfo>,
 ) -> Result<TrainConfig, Failure> {
-    if flow.couples() && dim < 2 {
-        return Err(format!(
-            "--flow {} couples one part of each row to the other and needs at least 2 features, but {} has {dim}: in one dimension use {}",
-            flow.name(),
-            a.data,
-            listed(&one_dimensional()).replacen(" and ", " or ", 1)
-        )
-        .into());
-    }
     let seed = a.seed.unwrap_or(TrainConfig::default().seed);
-    let data = ModelData::new(dim)
-        .with_context_dim(context_dim)
-        .with_image(image);
-    let mut model = flow.model(&data, &a.model.pairs(), seed)?;
-    if let Some(b) = &a.base {
-        model = model.with_base(base(b)?);
-    }
-    let mut cfg = TrainConfig::new(model).with_standardize(image.is_none() && !a.no_standardize);
-    if flow.name() == "glow" {
-        // Glow fits a small image set far better than it generalises: decoupled weight
-        // decay takes about 0.02 bits/dim off its test score on the digits.
+    let model = model_options(a).model(flow, &a.data, dim, context_dim, image, seed)?;
+    let standardize = model.standardize;
+    let mut cfg = TrainConfig::new(model).with_standardize(standardize);
+    let decay = default_weight_decay(flow);
+    if decay > 0.0 {
         cfg.optimizer.kind = OptimizerKind::AdamW;
-        cfg.optimizer.weight_decay = GLOW_WEIGHT_DECAY;
+        cfg.optimizer.weight_decay = decay;
     }
     if let Some(d) = duration(a)? {
         cfg.duration = d;
@@ -250,19 +206,12 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
     if a.flow.is_some() && a.flow != recorded_flow {
         return Err(refuse("flow"));
     }
-    let given = a.model.pairs();
-    match &recorded_flow {
-        Some(flow) => {
-            check_flags_apply(a, flow)?;
-            if let Some(flag) = flow.first_change(&was.model, &given, was.seed)? {
-                return Err(refuse(flag));
-            }
-        }
-        None => {
-            if let Some((flag, _)) = given.first() {
-                return Err(refuse(flag));
-            }
-        }
+    let options = model_options(a);
+    if let Some(flow) = &recorded_flow {
+        options.check_apply(flow)?;
+    }
+    if let Some(flag) = options.first_change(&was.model, was.seed)? {
+        return Err(refuse(flag));
     }
     let recorded_image = was.model.image_info();
     let unchanged = [
@@ -270,7 +219,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "base",
             a.base
                 .as_deref()
-                .map(base)
+                .map(options::base)
                 .transpose()?
                 .is_none_or(|b| b == was.model.base),
         ),
@@ -286,7 +235,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "image",
             a.image
                 .as_deref()
-                .map(parse_image)
+                .map(options::image)
                 .transpose()?
                 .is_none_or(|s| Some(s) == recorded_image.map(|i| i.shape)),
         ),
@@ -438,7 +387,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .transpose()?;
     let flow = family(&a)?;
     if resume.is_none() {
-        check_flags_apply(&a, &flow)?;
+        model_options(&a).check_apply(&flow)?;
     }
     let seed = resume
         .as_ref()

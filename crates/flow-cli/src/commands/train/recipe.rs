@@ -1,41 +1,17 @@
-//! `flow train`'s model flags: whether the family takes them.
+//! `flow train`'s model flags as the library's model options.
 
-use flow_models::Family;
+use flow_models::options::ModelOptions;
 
-use crate::{
-    cli::{listed, takes, taking, TrainArgs},
-    Failure,
-};
+use crate::cli::TrainArgs;
 
-/// The model flags `a` gives: the families' options, then the model's own settings.
-pub(super) fn given_model_flags(a: &TrainArgs) -> Vec<&'static str> {
-    let own = [
-        ("base", a.base.is_some()),
-        ("context-dim", a.context_dim.is_some()),
-        ("no-standardize", a.no_standardize),
-        ("image", a.image.is_some()),
-        ("pixel-levels", a.pixel_levels.is_some()),
-    ];
-    a.model
-        .given
-        .iter()
-        .map(|(name, _)| *name)
-        .chain(
-            own.into_iter()
-                .filter_map(|(flag, given)| given.then_some(flag)),
-        )
-        .collect()
-}
-
-/// Refuses the model flags `flow` does not take, naming the families that do.
-pub(super) fn check_flags_apply(a: &TrainArgs, flow: &Family) -> Result<(), Failure> {
-    match given_model_flags(a).into_iter().find(|f| !takes(flow, f)) {
-        Some(flag) => Err(format!(
-            "--{flag} applies to {}, not {}",
-            listed(&taking(flag)),
-            flow.name()
-        )
-        .into()),
-        None => Ok(()),
+/// The model options `a` gives.
+pub(super) fn model_options(a: &TrainArgs) -> ModelOptions {
+    ModelOptions {
+        family: a.model.given.clone(),
+        base: a.base.clone(),
+        context_dim: a.context_dim,
+        no_standardize: a.no_standardize,
+        image: a.image.clone(),
+        pixel_levels: a.pixel_levels,
     }
 }
