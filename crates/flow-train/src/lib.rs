@@ -22,4 +22,4 @@ pub use optim::Adam;
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;
 pub use state::{fingerprint, TrainCheckpoint, TrainState, STATE_PREFIX};
-pub use trainer::{dequantize, TrainSummary, Trained, Trainer};
+pub use trainer::{dequantize, TrainSummary, Trained, Trainer, DEFAULT_DTYPE};

@@ -222,7 +222,7 @@ impl Trainer {
             pixel_levels: cfg.model.pixel_levels(),
             cfg,
             device: device.clone(),
-            dtype: DType::F32,
+            dtype: DEFAULT_DTYPE,
             registry,
         })
     }
@@ -459,22 +459,7 @@ impl Trainer {
             varmap.set_one("standardize.std", &std)?;
         }
         let flow = config.build_with(&self.registry, vb)?;
-        // Trainable: every variable the model created except the buffers it declares.
-        let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
-        let mut named: Vec<(String, Var)> = lock(&varmap)?
-            .iter()
-            .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let (names, vars) = named.into_iter().unzip();
-        Ok(Model {
-            config,
-            varmap,
-            flow,
-            names,
-            vars,
-        })
+        Ok(Model::new(config, varmap, flow)?)
     }
 
     /// A tensor of `data`'s rows, and one of its context if it has one, on the
@@ -539,6 +524,9 @@ fn lock(varmap: &VarMap) -> candle::Result<std::sync::MutexGuard<'_, HashMap<Str
         .map_err(|_| candle::Error::Msg("variable map poisoned".into()))
 }
 
+/// The dtype a [`Trainer`] trains in unless [`Trainer::with_dtype`] says otherwise.
+pub const DEFAULT_DTYPE: DType = DType::F32;
+
 /// A model in training: its configuration, variables and flow, and the trainable
 /// variables with their names, sorted by name (the order of the optimizer's state).
 struct Model {
@@ -547,6 +535,28 @@ struct Model {
     flow: Flow,
     names: Vec<String>,
     vars: Vec<Var>,
+}
+
+impl Model {
+    /// `flow`, built from `config` with its variables in `varmap`: trainable are
+    /// every variable except the buffers the flow declares.
+    fn new(config: ModelConfig, varmap: VarMap, flow: Flow) -> candle::Result<Self> {
+        let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
+        let mut named: Vec<(String, Var)> = lock(&varmap)?
+            .iter()
+            .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, vars) = named.into_iter().unzip();
+        Ok(Self {
+            config,
+            varmap,
+            flow,
+            names,
+            vars,
+        })
+    }
 }
 
 /// How the loop of a run ended, where it ended before its last step.
@@ -605,12 +615,20 @@ impl<'a> Run<'a> {
         trainer: &'a Trainer,
         train: &Dataset,
         val: Option<&Dataset>,
-        resume: Option<TrainCheckpoint>,
+        mut resume: Option<TrainCheckpoint>,
     ) -> Result<Self, TrainError> {
         let cfg = &trainer.cfg;
         let data_fingerprint = fingerprint(train);
         let total = trainer.total_steps(train.len());
-        let model = trainer.build_model(train)?;
+        // A resumed run takes over the flow its checkpoint was checked with, if it was
+        // built for this model, device and dtype; `restore` then sets every variable.
+        let built = resume
+            .as_mut()
+            .and_then(|r| r.take_built(&cfg.model, trainer.dtype, &trainer.device));
+        let model = match built {
+            Some((flow, varmap)) => Model::new(cfg.model.clone(), varmap, flow)?,
+            None => trainer.build_model(train)?,
+        };
         let adam = Adam::new(model.vars.clone(), cfg.optimizer.clone())?;
         let (x_train, c_train) = trainer.tensors(train)?;
         let val = val.map(|v| trainer.validation_set(v)).transpose()?;
@@ -853,6 +871,7 @@ impl<'a> Run<'a> {
             config: self.trainer.cfg.clone(),
             state: self.state.clone(),
             tensors,
+            built: None,
         };
         let names = &self.model.names;
         let (m, v) = self.adam.moments();

@@ -15,7 +15,7 @@ use flow_train::{
         DIGITS_LEVELS,
     },
     Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter, Schedule,
-    TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
+    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -383,7 +383,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let resume = a
         .resume
         .as_deref()
-        .map(|p| TrainCheckpoint::load(p, &Registry::builtin()))
+        .map(|p| TrainCheckpoint::load_on(p, &Registry::builtin(), DEFAULT_DTYPE, &device))
         .transpose()?;
     let flow = family(&a)?;
     if resume.is_none() {
