@@ -15,6 +15,7 @@ pub mod init;
 pub mod limits;
 pub mod sampling;
 mod setters;
+pub mod shared_batch;
 
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
@@ -22,3 +23,4 @@ pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNorma
 pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};
 pub use flow::Flow;
 pub use init::seeded_var_builder;
+pub use shared_batch::SharedBatch;
