@@ -142,6 +142,21 @@ impl LauncherVars {
     }
 }
 
+/// The number of processes a launcher started on this machine, this one included:
+/// `torchrun`'s `LOCAL_WORLD_SIZE`, Open MPI's `OMPI_COMM_WORLD_LOCAL_SIZE` or
+/// MPICH's `MPI_LOCALNRANKS`; 1 without a launcher (or with one that says nothing).
+pub fn local_processes() -> usize {
+    [
+        "LOCAL_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok()?.trim().parse::<usize>().ok())
+    .unwrap_or(1)
+    .max(1)
+}
+
 /// Joins the processes the launcher started, over `launch`'s backend; `device` is
 /// where the tensors handed to the collective live (NCCL: this process's GPU). Every
 /// process calls it, once.

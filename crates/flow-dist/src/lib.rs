@@ -33,7 +33,7 @@ mod worker;
 
 pub use checksum::checksum;
 pub use collective::{Collective, Single};
-pub use launch::{connect, Backend, Launch, LauncherVars, DEFAULT_TIMEOUT_SECS};
+pub use launch::{connect, local_processes, Backend, Launch, LauncherVars, DEFAULT_TIMEOUT_SECS};
 pub use rendezvous::{receive_id, serve_id};
 pub use replicated::{replicated_sum, ReplicaSum};
 pub use tensors::{all_reduce_tensors, broadcast_tensors};
