@@ -651,8 +651,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if let Some(r) = &in_collectives {
         line.push_str(&format!(
-            ", {} processes, {:.2}s of rank 0's in collectives",
+            ", {} process{}, {:.2}s of rank 0's in collectives",
             r.world(),
+            if r.world() == 1 { "" } else { "es" },
             r.collective_secs()
         ));
     }
