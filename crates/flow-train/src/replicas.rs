@@ -110,7 +110,7 @@ impl Replicas {
     }
 
     /// Rank 0's tensors, on every replica.
-    pub(crate) fn from_lead(&self, tensors: &[Tensor]) -> candle::Result<Vec<Tensor>> {
+    pub(crate) fn lead_values(&self, tensors: &[Tensor]) -> candle::Result<Vec<Tensor>> {
         self.timed(|| broadcast_tensors(self.collective.as_ref(), tensors, 0))
     }
 

@@ -16,8 +16,8 @@ use flow_glow::{GlowConfig, ImageShape, RealNvpImageConfig};
 use flow_models::ModelConfig;
 use flow_train::{
     data::{digits, generate, Dataset, Toy, DIGITS_LEVELS},
-    dequantize, Control, Duration, Replicas, Report, Reporter, TrainCheckpoint, TrainConfig,
-    TrainError, Trained, Trainer,
+    dequantize, CheckpointSink, Control, Duration, Replicas, Report, Reporter, TrainCheckpoint,
+    TrainConfig, TrainError, Trained, Trainer,
 };
 
 struct Silent;
@@ -228,16 +228,16 @@ fn a_stop_asked_of_one_replica_stops_all_after_the_same_step() -> Result<()> {
     // Rank 1 is "signalled" while its 7th step's checkpoint is handed over.
     let runs = replicated(2, &moons_job(40), &data, 1, |rank| {
         let flag = flags[rank];
-        let on_checkpoint: Box<dyn FnMut(&TrainCheckpoint) -> Result<(), TrainError>> =
-            Box::new(move |ck| {
+        let on_checkpoint: CheckpointSink<'static> =
+            Box::leak(Box::new(move |ck: &TrainCheckpoint| {
                 if rank == 1 && ck.state.step == 7 {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 Ok(())
-            });
+            }));
         Control {
             checkpoint_every: Some(1),
-            on_checkpoint: Some(Box::leak(on_checkpoint)),
+            on_checkpoint: Some(on_checkpoint),
             stop: Some(flag),
             ..Control::default()
         }

@@ -27,7 +27,7 @@ impl Run<'_> {
         if replicas.world() > 1 {
             let vars = self.every_variable()?;
             let values: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            for (var, value) in vars.iter().zip(replicas.from_lead(&values)?) {
+            for (var, value) in vars.iter().zip(replicas.lead_values(&values)?) {
                 var.set(&value)?;
             }
             self.last_good = super::snapshot(&self.model.vars)?;
