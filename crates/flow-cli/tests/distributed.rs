@@ -271,6 +271,9 @@ mod mpi {
                 break status;
             }
             if start.elapsed() > limit {
+                // mpirun ends its processes on SIGTERM.
+                signal("-TERM", child.id());
+                std::thread::sleep(Duration::from_secs(5));
                 let _ = child.kill();
                 panic!("the run still waits after {limit:?}");
             }
@@ -343,6 +346,33 @@ mod mpi {
         let (code, err) = finish(child, Duration::from_secs(60));
         assert_ne!(code, Some(0), "{err}");
         assert!(!out.exists(), "a failed run wrote its model");
+    }
+
+    #[test]
+    fn a_failure_on_rank_0_mid_run_ends_the_other_at_once() {
+        let Some(mut launcher) = mpirun() else { return };
+        let d = dir("fail");
+        let tag = format!("fail-{}", std::process::id());
+        // The others wait far longer than the run may take to end: it must not be
+        // their timeout that ends it.
+        let extra = [
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "20",
+            "--dist-timeout",
+            "600",
+        ];
+        let (child, out) = start_long_run(&mut launcher, &tag, &d, &extra);
+        // Rank 0's next checkpoint has nowhere to go.
+        // (A checkpoint written meanwhile adds a file: try again.)
+        while d.exists() {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        let (code, err) = finish(child, Duration::from_secs(60));
+        assert_ne!(code, Some(0), "{err}");
+        assert_eq!(err.matches("error: ").count(), 1, "{err}");
+        assert!(err.contains(&s(&out)), "{err}");
     }
 
     #[test]

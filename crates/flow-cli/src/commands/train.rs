@@ -586,7 +586,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
         resume,
         replicas,
     };
-    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporter, control)?;
+    let trained = match trainer.fit_with(&train, val.as_ref(), &mut reporter, control) {
+        Err(e) if in_collectives.is_some() => distributed::abandon(e.into()),
+        trained => trained?,
+    };
     drop(reporter);
     if !lead {
         let signalled = stop.load(Ordering::SeqCst);

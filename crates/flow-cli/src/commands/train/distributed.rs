@@ -95,3 +95,12 @@ pub fn follower_exit(s: &TrainSummary, start_step: usize, signalled: bool) -> Cm
         _ => Ok(()),
     }
 }
+
+/// Ends this process at once on an error in the middle of a run: without shutting MPI
+/// down, which would wait for the other processes, still waiting at the next step for
+/// this one. The launcher sees the process end and stops the others.
+pub fn abandon(f: Failure) -> ! {
+    let msg = f.message.lines().find(|l| !l.trim().is_empty());
+    eprintln!("error: {}", msg.unwrap_or("failed"));
+    std::process::exit(i32::from(f.code))
+}
