@@ -52,6 +52,22 @@ fn the_distributed_flags_go_together_and_need_their_backend() {
         "--data",
         "moons",
         "--distributed",
+        "mpi",
+        "--dist-timeout",
+        "0",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "error: --dist-timeout must be a positive number of seconds up to 31536000, got 0\n"
+    );
+    let o = flow(&[
+        "train",
+        "--data",
+        "moons",
+        "--distributed",
         "nccl",
         "--out",
         &out,

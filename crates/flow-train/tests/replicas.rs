@@ -308,3 +308,20 @@ fn replicas_that_drift_apart_are_caught_at_the_next_check() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_batch_smaller_than_the_replicas_is_refused() -> Result<()> {
+    let data = generate(Toy::Moons, 100, None, 1)?;
+    let cfg = moons_job(5).with_batch_size(2);
+    for run in replicated(3, &cfg, &data, 1, |_| Control::default()) {
+        let Err(e) = run else {
+            return Err(anyhow!("three replicas shared a batch of two rows"));
+        };
+        ensure!(
+            e.to_string()
+                == "invalid training configuration: a batch of 2 rows cannot be shared out between 3 processes",
+            "{e}"
+        );
+    }
+    Ok(())
+}

@@ -24,6 +24,13 @@ impl Run<'_> {
     /// layers with batch statistics sum them over the shares, and it splits only its
     /// share of a batch across its threads.
     pub(super) fn attach(&mut self, replicas: Replicas) -> Result<(), TrainError> {
+        if replicas.world() > self.batch {
+            return Err(TrainError::InvalidConfig(format!(
+                "a batch of {} rows cannot be shared out between {} processes",
+                self.batch,
+                replicas.world()
+            )));
+        }
         if replicas.world() > 1 {
             let vars = self.every_variable()?;
             let values: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();

@@ -9,6 +9,9 @@ use flow_train::{Replicas, TrainSummary};
 
 use crate::{cli::DistributedArg, cli::TrainArgs, signals, CmdResult, Failure};
 
+/// The longest `--dist-timeout`: a year, far below what a `Duration` holds.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 /// The backend `--distributed` names, refused when this build lacks it; `None`
 /// without the flag, when the flags that go with it are refused.
 pub fn backend(a: &TrainArgs) -> Result<Option<Backend>, Failure> {
@@ -23,6 +26,17 @@ pub fn backend(a: &TrainArgs) -> Result<Option<Backend>, Failure> {
         }
         return Ok(None);
     };
+    if let Some(secs) = a.dist_timeout {
+        if !(secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT_SECS) {
+            return Err(format!(
+                "--dist-timeout must be a positive number of seconds up to {MAX_TIMEOUT_SECS}, got {secs}"
+            )
+            .into());
+        }
+    }
+    if a.dist_check_every == Some(0) {
+        return Err("--dist-check-every must be at least 1".into());
+    }
     let backend = match arg {
         DistributedArg::Mpi => Backend::Mpi,
         DistributedArg::Nccl => Backend::Nccl,
@@ -54,11 +68,6 @@ pub fn device(a: &TrainArgs, backend: Option<Backend>) -> Result<Device, Failure
 pub fn join(a: &TrainArgs, backend: Backend, device: &Device) -> Result<Replicas, Failure> {
     let mut launch = Launch::new(backend);
     if let Some(secs) = a.dist_timeout {
-        if !(secs.is_finite() && secs > 0.0 && secs <= 1e9) {
-            return Err(
-                format!("--dist-timeout must be a positive number of seconds, got {secs}").into(),
-            );
-        }
         launch = launch.with_timeout(Duration::from_secs_f64(secs));
     }
     let collective = connect(launch, device).map_err(|e| Failure {
@@ -67,9 +76,6 @@ pub fn join(a: &TrainArgs, backend: Backend, device: &Device) -> Result<Replicas
     })?;
     let mut replicas = Replicas::new(collective);
     if a.dist_check_every.is_some() {
-        if a.dist_check_every == Some(0) {
-            return Err("--dist-check-every must be at least 1".into());
-        }
         replicas = replicas.with_check_every(a.dist_check_every);
     }
     Ok(replicas)
