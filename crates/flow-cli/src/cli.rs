@@ -123,6 +123,8 @@ pub struct ImportArgs {
 pub enum TargetArg {
     /// The reference RealNVP code's state dict.
     Seed,
+    /// zuko's `RealNVP`, `NSF` or `MAF` state dict (prints the flow to build).
+    Zuko,
 }
 
 #[derive(Debug, Args)]

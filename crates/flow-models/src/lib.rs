@@ -11,6 +11,14 @@
 
 mod family;
 mod model;
+/// Model options by name (all families compiled in).
+#[cfg(all(
+    feature = "realnvp",
+    feature = "nsf",
+    feature = "maf",
+    feature = "glow"
+))]
+pub mod options;
 mod registry;
 
 pub use family::Family;

@@ -8,6 +8,7 @@ pub mod data;
 mod error;
 mod gradient;
 mod optim;
+pub mod recipe;
 mod replicas;
 mod report;
 mod schedule;
