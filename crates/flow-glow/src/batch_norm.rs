@@ -8,7 +8,10 @@ use flow_core::{Bijector, SharedBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::actnorm::channel_moments;
-use crate::shape::{assign, per_row, ImageShape};
+use crate::{
+    shape::{assign, per_row},
+    ImageShape,
+};
 
 fn default_momentum() -> f64 {
     0.1

@@ -9,7 +9,7 @@ use flow_core::{Bijector, Chain, LayerSpec, SharedBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{build_nested, nested_output_shape};
-use crate::shape::ImageShape;
+use crate::ImageShape;
 
 /// A [`MultiScale`] layer: the shape of the images it takes and its levels, each a list
 /// of layers applied (data to latent) in order to that level's images.

@@ -17,6 +17,7 @@ mod layer;
 mod made;
 mod mask;
 mod mlp;
+pub mod options;
 mod shift;
 mod spline;
 mod transform;

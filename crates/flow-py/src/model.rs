@@ -5,10 +5,8 @@ use std::path::{Path, PathBuf};
 use candle::{DType, Device, Tensor};
 use flow_io::{Checkpoint, ImportOptions, Source};
 use flow_models::{
-    options::{
-        choice, coupling_name, nets_name, CouplingKind, ModelOptions, Nets, OrderKind, ScaleKind,
-    },
-    Family, ModelConfig,
+    options::{self, ModelOptions, MODEL_SETTINGS},
+    Family, ModelConfig, OptionKind, Registry,
 };
 use flow_train::{
     recipe::{train_config, RunOptions},
@@ -21,7 +19,7 @@ use pyo3::{
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::{
-    arrays::{activation, to_numpy, Rows},
+    arrays::{to_numpy, Rows},
     errors::{value_error, Fail},
 };
 
@@ -72,7 +70,11 @@ impl std::fmt::Debug for Flow {
     }
 }
 
-/// The model options given as keywords, by their Python names.
+/// The model's own keywords, beside the families' options.
+const OWN_KEYWORDS: [&str; 2] = ["base", "standardize"];
+
+/// The model options given as keywords, by their Python names (the options' names
+/// with `_` for `-`).
 fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResult<ModelOptions> {
     let mut o = ModelOptions {
         context_dim: (context > 0).then_some(context),
@@ -81,53 +83,56 @@ fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResul
     let Some(options) = options else {
         return Ok(o);
     };
+    let declared = Registry::builtin().options();
+    // The options of the families a Python model may be: those over rows.
+    let of_rows = |families: &[(Family, String)]| families.iter().any(|(f, _)| !f.is_image());
     for (key, value) in options.iter() {
         let key: String = key.extract()?;
-        let text = || -> PyResult<String> { value.extract::<String>() };
         match key.as_str() {
-            "layers" => o.layers = Some(count(&value, "layers")?),
-            "hidden" => o.hidden = Some(count(&value, "hidden")?),
-            "hidden_layers" => o.hidden_layers = Some(count(&value, "hidden-layers")?),
-            "bins" => o.bins = Some(count(&value, "bins")?),
-            "tail_bound" => o.tail_bound = Some(value.extract()?),
-            "clamp" => o.clamp = Some(value.extract()?),
-            "activation" => o.activation = Some(activation(&text()?)?),
-            "order" => {
-                o.order = Some(
-                    choice("order", &text()?, &OrderKind::ALL, OrderKind::name)
-                        .map_err(value_error)?,
-                )
+            "base" => {
+                o.base = Some(value.extract()?);
+                continue;
             }
-            "coupling" => {
-                let kinds = [CouplingKind::Affine, CouplingKind::Additive];
-                o.coupling =
-                    Some(choice("coupling", &text()?, &kinds, coupling_name).map_err(value_error)?)
+            "standardize" => {
+                o.no_standardize = !value.extract::<bool>()?;
+                continue;
             }
-            "scale" => {
-                o.scale = Some(
-                    choice("scale", &text()?, &ScaleKind::ALL, ScaleKind::name)
-                        .map_err(value_error)?,
-                )
-            }
-            "nets" => {
-                o.nets = Some(
-                    choice("nets", &text()?, &[Nets::Separate, Nets::Joint], nets_name)
-                        .map_err(value_error)?,
-                )
-            }
-            "base" => o.base = Some(text()?),
-            "standardize" => o.no_standardize = !value.extract::<bool>()?,
-            "image" | "pixel_levels" | "scales" | "depth" | "channels" => {
-                return Err(value_error(format!(
-                    "`{key}` is an option of the image families (glow, realnvp-image), which train with `flow train`"
-                )))
-            }
-            other => {
-                return Err(value_error(format!(
-                    "unknown option `{other}`: the model options are layers, hidden, hidden_layers, activation, bins, tail_bound, order, coupling, scale, clamp, nets, base and standardize"
-                )))
-            }
+            _ => {}
         }
+        let name = key.replace('_', "-");
+        let image_setting = MODEL_SETTINGS
+            .iter()
+            .any(|(s, images)| *s == name && *images);
+        let option = declared.iter().find(|d| d.name == name);
+        if image_setting || option.is_some_and(|d| !of_rows(&d.families)) {
+            return Err(value_error(format!(
+                "`{key}` is an option of the image families ({}), which train with `flow train`",
+                options::taking(&name)
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let Some(option) = option else {
+            let names: Vec<String> = declared
+                .iter()
+                .filter(|d| of_rows(&d.families))
+                .map(|d| d.name.replace('-', "_"))
+                .chain(OWN_KEYWORDS.map(String::from))
+                .collect();
+            let (last, rest) = names.split_last().expect("options");
+            return Err(value_error(format!(
+                "unknown option `{key}`: the model options are {} and {last}",
+                rest.join(", ")
+            )));
+        };
+        let text = match option.kind {
+            OptionKind::Count { .. } => count(&value, option.name)?.to_string(),
+            OptionKind::Positive => value.extract::<f64>()?.to_string(),
+            OptionKind::Choice(_) => value.extract::<String>()?,
+        };
+        o.set(option.name, text).map_err(value_error)?;
     }
     Ok(o)
 }
@@ -292,7 +297,7 @@ impl Flow {
         flow: &str,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let family = choice("flow", flow, &Family::ALL, Family::name).map_err(value_error)?;
+        let family = options::family(flow).map_err(value_error)?;
         if family.is_image() {
             return Err(value_error(format!(
                 "--flow {}: the image families train with `flow train`; a model it saves loads with flows.load",
@@ -301,7 +306,7 @@ impl Flow {
         }
         let options = model_options(options, context)?;
         let cfg = train_config(
-            family,
+            &family,
             DATA,
             features,
             context,
@@ -333,7 +338,7 @@ impl Flow {
     /// The family's name, or `None` for a model without one (imported weights).
     #[getter]
     fn flow(&self) -> Option<&'static str> {
-        self.family.map(Family::name)
+        self.family.as_ref().map(|f| f.name())
     }
 
     /// The model's configuration, as the file's metadata holds it.
@@ -364,6 +369,7 @@ impl Flow {
     fn __repr__(&self) -> String {
         let flow = self
             .family
+            .as_ref()
             .map_or("None".to_string(), |f| format!("'{}'", f.name()));
         format!(
             "Flow(features={}, context={}, flow={flow}, fitted={})",
@@ -516,8 +522,8 @@ impl Flow {
     /// `seed`), as `flow export --to` does; returns what loads them there.
     #[pyo3(signature = (path, to = "zuko"))]
     fn export(&self, py: Python<'_>, path: PathBuf, to: &str) -> PyResult<String> {
-        let target =
-            choice("to", to, &flow_io::Target::ALL, flow_io::Target::name).map_err(value_error)?;
+        let target = options::choice("to", to, &flow_io::Target::ALL, flow_io::Target::name)
+            .map_err(value_error)?;
         let fitted = self.fitted()?;
         let (config, tensors) = match &fitted.saved {
             Saved::Trained { checkpoint, .. } => (&checkpoint.model, &checkpoint.tensors),

@@ -182,8 +182,13 @@ pub fn fit(
             _ => dataset(v, None, flow, "validation")?,
         }),
     };
-    let mut cfg =
-        run_config(flow.config.clone(), flow.family, &run, val.is_some()).map_err(value_error)?;
+    let mut cfg = run_config(
+        flow.config.clone(),
+        flow.family.as_ref(),
+        &run,
+        val.is_some(),
+    )
+    .map_err(value_error)?;
     // Every step reports, so that a signal is noticed within a step.
     cfg.report_every = 1;
     let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;

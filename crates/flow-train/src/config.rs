@@ -249,7 +249,7 @@ impl TrainConfig {
     }
 }
 
-pub use flow_models::options::positive_f32;
+pub use flow_core::limits::positive_f32;
 
 /// A [`ModelConfig`], or the RealNVP description that training configurations held
 /// before models were registry configurations.

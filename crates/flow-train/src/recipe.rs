@@ -214,7 +214,7 @@ impl RunOption {
 /// validation set.
 #[allow(clippy::too_many_arguments)]
 pub fn train_config(
-    flow: Family,
+    flow: &Family,
     what: &str,
     dim: usize,
     context_dim: usize,
@@ -233,7 +233,7 @@ pub fn train_config(
 /// it has one) with the run options `run`, checked.
 pub fn run_config(
     model: ModelConfig,
-    flow: Option<Family>,
+    flow: Option<&Family>,
     run: &RunOptions,
     validation: bool,
 ) -> Result<TrainConfig, String> {
@@ -259,6 +259,10 @@ pub fn run_config(
 mod tests {
     use super::*;
 
+    fn maf() -> Family {
+        flow_models::options::family("maf").expect("maf")
+    }
+
     #[test]
     fn run_options_set_the_run_and_bad_ones_are_named() {
         let run = RunOptions {
@@ -269,7 +273,7 @@ mod tests {
             ..RunOptions::default()
         };
         let cfg = train_config(
-            Family::Maf,
+            &maf(),
             "data",
             2,
             0,
@@ -284,7 +288,7 @@ mod tests {
         assert!(cfg.model.standardize);
         let fails = |run: RunOptions, validation: bool| {
             train_config(
-                Family::Maf,
+                &maf(),
                 "data",
                 2,
                 0,
