@@ -393,6 +393,26 @@ pub struct TrainArgs {
     /// Stop after this many steps in total and write a resumable checkpoint to --out.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Train on several processes, each on its share of every batch (--batch stays
+    /// the whole batch): `mpi` for processes started by mpirun or srun, `nccl` for one
+    /// CUDA GPU per process (torchrun, srun). Needs a build with that cargo feature.
+    #[arg(long, value_enum)]
+    pub distributed: Option<DistributedArg>,
+    #[arg(long, help = format!("With --distributed: seconds a process waits for the others before it fails [default {}]", flow_dist::DEFAULT_TIMEOUT_SECS))]
+    pub dist_timeout: Option<f64>,
+    /// With --distributed: check every N steps that the processes hold the same
+    /// weights, failing if not [default: 100 in debug builds, never in release ones].
+    #[arg(long)]
+    pub dist_check_every: Option<usize>,
+}
+
+/// The transport of `flow train --distributed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DistributedArg {
+    /// MPI (cargo feature `mpi`): processes on CPUs.
+    Mpi,
+    /// NCCL (cargo feature `nccl`): one CUDA GPU per process.
+    Nccl,
 }
 
 #[derive(Debug, Args)]

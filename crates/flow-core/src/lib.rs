@@ -17,6 +17,7 @@ pub mod limits;
 pub mod recipe;
 pub mod sampling;
 mod setters;
+pub mod shared_batch;
 
 pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
@@ -29,3 +30,4 @@ pub use recipe::{
     AnyModelFamily, Choice, ModelData, ModelFamily, ModelOption, OptionInfo, OptionKind, Recipe,
     Spelled,
 };
+pub use shared_batch::SharedBatch;

@@ -1,4 +1,4 @@
-use std::{collections::HashMap, sync::atomic::Ordering, time::Instant};
+use std::{collections::HashMap, time::Instant};
 
 use candle::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
@@ -8,9 +8,11 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, nll_and_gradients, state::StateGroup, Adam, Control,
-    DataError, Duration, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
+    batch_parts, data::Dataset, fingerprint, state::StateGroup, Adam, Control, DataError, Duration,
+    Replicas, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
 };
+
+mod replicated;
 
 /// What happened in a training run; saved with the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,12 +396,15 @@ impl Trainer {
             self.check_resume(r, train)?;
         }
         let mut run = Run::start(self, train, val, resume)?;
+        if let Some(replicas) = control.replicas.take() {
+            run.attach(replicas)?;
+        }
         reporter.start(run.total);
         let mut end = Ending::default();
         while run.state.step < run.total {
             let step = run.state.step;
-            let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
-                || control.stop_at.is_some_and(|at| step >= at);
+            let halt =
+                run.agree_to_stop(control.stop)? || control.stop_at.is_some_and(|at| step >= at);
             if halt {
                 end.interrupted = true;
                 end.stopped = Some(format!("interrupted after step {step}"));
@@ -413,6 +418,7 @@ impl Trainer {
                     break;
                 }
             };
+            run.check_replicas()?;
             let val_nll = run.validate()?;
             run.report(reporter, loss, lr, val_nll);
             run.save_periodic(&mut control)?;
@@ -602,6 +608,8 @@ struct Run<'a> {
     total: usize,
     /// Parts a batch's gradient is computed in.
     parts: usize,
+    /// The other processes of a data-parallel run, if any.
+    replicas: Option<Replicas>,
     /// When this call began, and the run's time and steps before it.
     start: Instant,
     elapsed_before: f64,
@@ -661,6 +669,7 @@ impl<'a> Run<'a> {
             last_good_step: 0,
             total,
             parts: 1,
+            replicas: None,
             start: Instant::now(),
             elapsed_before: 0.0,
             steps_before: 0,
@@ -738,10 +747,10 @@ impl<'a> Run<'a> {
             self.order = epoch_order(n, cfg.seed, st.epoch);
         }
         let (x, c) = self.rows(self.state.pos, self.state.step)?;
+        let (loss, grads) = self.gradients(&x, c.as_ref())?;
         let st = &mut self.state;
         st.pos += self.batch;
         let vars = &self.model.vars;
-        let (loss, grads) = nll_and_gradients(&self.model.flow, vars, &x, c.as_ref(), self.parts)?;
         let mut norm = f64::NAN;
         if let Some(g) = &grads {
             norm = squared_norm(g, &self.trainer.device)?.sqrt();

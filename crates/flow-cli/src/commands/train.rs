@@ -26,6 +26,7 @@ use crate::{
     signals, CmdResult, Failure,
 };
 
+mod distributed;
 mod recipe;
 mod run_flags;
 
@@ -379,7 +380,13 @@ pub fn run(a: TrainArgs) -> CmdResult {
     if let Some(0) = a.checkpoint_every {
         return Err("--checkpoint-every must be at least 1".into());
     }
-    let device = device(&a.device)?;
+    let backend = distributed::backend(&a)?;
+    let device = distributed::device(&a, backend)?;
+    // The other processes of a data-parallel run; rank 0 reports and saves.
+    let replicas = backend
+        .map(|b| distributed::join(&a, b, &device))
+        .transpose()?;
+    let lead = replicas.as_ref().is_none_or(|r| r.is_lead());
     let resume = a
         .resume
         .as_deref()
@@ -443,16 +450,20 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     for warning in trainer.data_warnings(&train, &a.data)? {
-        eprintln!("warning: {warning}");
+        if lead {
+            eprintln!("warning: {warning}");
+        }
     }
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
-    if std::io::stderr().is_terminal() {
+    if !lead {
+        // Silent.
+    } else if std::io::stderr().is_terminal() {
         reporters.push(Box::new(BarReporter::default()));
     } else {
         reporters.push(Box::new(PlainReporter::new(std::io::stderr(), 100)));
     }
-    if let Some(m) = &a.metrics {
+    if let (true, Some(m)) = (lead, &a.metrics) {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -472,6 +483,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     };
     let start_step = resume.as_ref().map_or(0, |r| r.state.step);
     match &resume {
+        _ if !lead => {}
         Some(r) => eprintln!(
             "resuming at step {} of {}",
             r.state.step,
@@ -489,7 +501,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
             trainer.total_steps(train.len())
         ),
     }
-    if let Some(i) = image {
+    if let (true, Some(i)) = (lead, image) {
         eprintln!(
             "losses are the pixels' NLL in nats per image, as flow log-prob reports: the dequantised density's NLL + {}·ln {} ({offset:.2})",
             i.shape.dim(),
@@ -500,16 +512,25 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let stop = signals::stop_at_safe_point();
     let out = a.out.clone();
     let mut save_periodic = |ck: &TrainCheckpoint| ck.save(&out, None);
+    let in_collectives = replicas.clone();
     let control = Control {
         checkpoint_every: a.checkpoint_every,
-        on_checkpoint: Some(&mut save_periodic),
+        on_checkpoint: lead.then_some(&mut save_periodic as _),
         stop: Some(stop),
         stop_at: a.stop_at,
         skip_nonfinite: a.skip_nonfinite,
         resume,
+        replicas,
     };
-    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporter, control)?;
+    let trained = match trainer.fit_with(&train, val.as_ref(), &mut reporter, control) {
+        Err(e) if in_collectives.is_some() => distributed::abandon(e.into()),
+        trained => trained?,
+    };
     drop(reporter);
+    if !lead {
+        let signalled = stop.load(Ordering::SeqCst);
+        return distributed::follower_exit(&trained.summary, start_step, signalled);
+    }
 
     let s = &trained.summary;
     if s.kept_step == Some(start_step) {
@@ -566,6 +587,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(r) = &in_collectives {
+        line.push_str(&format!(
+            ", {} process{}, {:.2}s of rank 0's in collectives",
+            r.world(),
+            if r.world() == 1 { "" } else { "es" },
+            r.collective_secs()
+        ));
     }
     if let Some(mib) = peak_memory_mib() {
         line.push_str(&format!(", peak memory {mib:.0} MiB"));
