@@ -110,11 +110,11 @@ fn a_flag_for_another_family_is_refused_naming_the_families_that_take_it() {
         ),
         (
             moons(&["--flow", "nsf", "--image", "2x1x1"]),
-            "--image applies to glow and realnvp-image, not nsf",
+            "--image applies to glow, realnvp-image and tarflow, not nsf",
         ),
         (
             moons(&["--flow", "nsf-ar", "--scale", "tanh"]),
-            "--scale applies to realnvp, maf and iaf, not nsf-ar",
+            "--scale applies to realnvp, maf, iaf and tarflow, not nsf-ar",
         ),
         (
             moons(&["--scale", "exp", "--clamp", "2"]),

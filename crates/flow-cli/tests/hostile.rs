@@ -604,7 +604,7 @@ fn thirty_and_more_hostile_inputs() {
         &[
             "train", "--data", "moons", "--flow", "nsf", "--image", "2x1x1", "--out", &never,
         ],
-        "--image applies to glow and realnvp-image, not nsf",
+        "--image applies to glow, realnvp-image and tarflow, not nsf",
     ));
 
     assert!(cases.len() >= 30, "only {} cases", cases.len());

@@ -168,7 +168,7 @@ fn hostile_tarflow_settings_are_one_line_errors() {
         ),
         (
             &["--noise-std", "-1"],
-            "--noise-std must be finite and at least 0, got -1",
+            "--noise-std must be at least 0 and finite in f32",
         ),
         (
             &["--depth", "3"],

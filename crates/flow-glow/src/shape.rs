@@ -1,9 +1,7 @@
-//! The reshaping helpers every layer of this crate uses at its edges; the image shape
-//! itself is flow-nn's, shared by the image families.
+//! Helpers every layer of this crate uses at its edges; the image shape itself is
+//! [`flow_core::ImageShape`].
 
 use candle::{Result, Tensor};
-
-pub use flow_nn::ImageShape;
 
 /// A per-image log-determinant, the same for every row: `total` (a scalar) as `(batch,)`.
 pub(crate) fn per_row(total: &Tensor, batch: usize) -> Result<Tensor> {

@@ -1,8 +1,8 @@
 use candle::{bail, DType, Result};
 use candle_nn::VarBuilder;
 use flow_core::{
-    limits, Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, LayerSpec,
-    StandardNormal, Standardize,
+    limits, Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, ImageInfo, LayerSpec,
+    Recipe, Spelled, StandardNormal, Standardize,
 };
 use serde::{Deserialize, Serialize};
 
@@ -146,59 +146,43 @@ impl ModelConfig {
         }
     }
 
-    /// A family's stack as a model: its layers, with the description kept as the
-    /// recipe under the family's name.
-    fn from_recipe<L: serde::Serialize>(
-        family: Family,
-        recipe: &impl serde::Serialize,
-        dim: usize,
-        context_dim: usize,
-        layers: &[L],
-    ) -> Self {
-        let layers = layers
-            .iter()
-            .map(|l| LayerSpec::tagged(l).expect("a family's layer serialises to an object"))
-            .collect();
-        let mut recipe = serde_json::to_value(recipe).ok();
-        if let Some(serde_json::Value::Object(m)) = &mut recipe {
-            m.insert("family".into(), family.name().into());
-        }
+    /// A family's recipe as a model: its layers, with the recipe kept under the name
+    /// of the family it describes.
+    pub fn from_recipe(recipe: &impl Recipe) -> Self {
+        Self::from_spelled(Spelled::new(recipe))
+    }
+
+    /// A spelled-out recipe as a model.
+    pub(crate) fn from_spelled(spelled: Spelled) -> Self {
+        let base = if spelled.learned_base {
+            BaseConfig::DiagNormal { trainable: true }
+        } else {
+            BaseConfig::StandardNormal
+        };
         Self {
-            context_dim,
-            recipe,
-            ..Self::new(dim, layers)
+            context_dim: spelled.context_dim,
+            recipe: Some(spelled.recipe),
+            base,
+            ..Self::new(spelled.dim, spelled.layers)
         }
     }
 
     /// A RealNVP (or NICE) stack as a model, with the description kept as its recipe.
     #[cfg(feature = "realnvp")]
     pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
-        let family = match cfg.coupling {
-            flow_realnvp::CouplingKind::Affine => Family::RealNvp,
-            flow_realnvp::CouplingKind::Additive => Family::Nice,
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A neural spline flow (coupling or autoregressive) as a model.
     #[cfg(feature = "nsf")]
     pub fn nsf(cfg: &flow_nsf::NsfConfig) -> Self {
-        let family = match cfg.kind {
-            flow_nsf::NsfKind::Coupling => Family::Nsf,
-            flow_nsf::NsfKind::Autoregressive => Family::NsfAr,
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A MAF (or IAF) as a model.
     #[cfg(feature = "maf")]
     pub fn maf(cfg: &flow_maf::MafConfig) -> Self {
-        let family = if cfg.inverse {
-            Family::Iaf
-        } else {
-            Family::Maf
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A Glow image flow as a model: its `[logit?, multiscale]` layers, a trainable
@@ -206,27 +190,37 @@ impl ModelConfig {
     /// element), and the configuration (image shape, pixel levels) as the recipe.
     #[cfg(feature = "glow")]
     pub fn glow(cfg: &flow_glow::GlowConfig) -> Self {
-        let model = Self::from_recipe(Family::Glow, cfg, cfg.dim(), 0, &cfg.layers());
-        model.with_base(image_base(cfg.learn_base))
+        Self::from_recipe(cfg)
     }
 
-    /// The image shape and pixel levels of an image model (family `glow`,
-    /// `realnvp-image` or `tarflow`), from its recipe; `None` for other models.
+    /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
     #[cfg(feature = "glow")]
-    pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
+    pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
+        Self::from_recipe(cfg)
+    }
+
+    /// The name of the family the recipe names, if it names one.
+    pub fn family_name(&self) -> Option<&str> {
+        self.recipe.as_ref()?.get("family")?.as_str()
+    }
+
+    /// The built-in family the recipe names, if it names one
+    /// ([`Registry::family_of`] for another registry's).
+    pub fn family(&self) -> Option<Family> {
+        Registry::builtin().family_of(self)
+    }
+
+    /// The image shape and pixel levels of an image model (one whose family models
+    /// images), from its recipe; `None` for other models.
+    pub fn image_info(&self) -> Option<ImageInfo> {
         if !self.family()?.is_image() {
             return None;
         }
         serde_json::from_value(self.recipe.clone()?).ok()
     }
 
-    /// The family the recipe names, if it names one.
-    pub fn family(&self) -> Option<Family> {
-        Family::from_name(self.recipe.as_ref()?.get("family")?.as_str()?)
-    }
-
-    /// The pixel levels `L` of an image model (an image family's), from its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
-    /// `None` for other models.
+    /// The pixel levels `L` of an image model, from its recipe: its data are whole
+    /// numbers in `[0, L)`, dequantised for training. `None` for other models.
     pub fn pixel_levels(&self) -> Option<u32> {
         if !self.family()?.is_image() {
             return None;
@@ -235,31 +229,11 @@ impl ModelConfig {
         levels.try_into().ok()
     }
 
-    /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
-    #[cfg(feature = "glow")]
-    pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
-        let model = Self::from_recipe(Family::RealNvpImage, cfg, cfg.dim(), 0, &cfg.layers());
-        model.with_base(image_base(cfg.learn_base))
-    }
-
-    /// A TarFlow as a model: its blocks over `N(0, I)`, the configuration (image
-    /// shape, pixel levels, noise) as the recipe.
-    #[cfg(feature = "tarflow")]
-    pub fn tarflow(cfg: &flow_tarflow::TarFlowConfig) -> Self {
-        Self::from_recipe(
-            Family::TarFlow,
-            cfg,
-            cfg.dim(),
-            cfg.context_dim,
-            &cfg.layers(),
-        )
-    }
-
     /// The standard deviation of the Gaussian noise an image model's training data
-    /// get on top of their dequantisation (its recipe's `noise_std`); 0 for models
-    /// without one.
+    /// get on top of their dequantisation (its recipe's `noise_std`, the noise
+    /// augmentation an image family may declare); 0 for models without one.
     pub fn noise_std(&self) -> f64 {
-        if !self.family().is_some_and(Family::is_image) {
+        if !self.family().is_some_and(|f| f.is_image()) {
             return 0.0;
         }
         let recipe = self.recipe.as_ref();
@@ -340,7 +314,7 @@ impl ModelConfig {
     /// write images take the shape and pixel levels from it.
     #[cfg(feature = "glow")]
     fn check_image_recipe(&self) -> std::result::Result<(), String> {
-        let Some(family) = self.family().filter(|f| f.is_image()).map(Family::name) else {
+        let Some(family) = self.family().filter(Family::is_image).map(|f| f.name()) else {
             return Ok(());
         };
         let recipe = self.recipe.clone().unwrap_or_default();
@@ -356,13 +330,11 @@ impl ModelConfig {
                 limits::MAX_PIXEL_LEVELS
             ));
         }
-        let first_shape = self.layers.iter().find_map(|l| {
-            #[cfg(feature = "tarflow")]
-            if let Ok(flow_tarflow::TarFlowLayer::TarflowBlock(b)) = l.tagged_as() {
-                return Some(b.shape);
-            }
-            l.tagged_as::<flow_glow::GlowLayer>().ok()?.input_shape()
-        });
+        let layers = self
+            .layers
+            .iter()
+            .filter_map(|l| l.tagged_as::<flow_glow::GlowLayer>().ok());
+        let first_shape = layers.filter_map(|l| l.input_shape()).next();
         let agrees = match first_shape {
             Some(shape) => shape == info.shape,
             None => info.shape.dim() == self.dim,
@@ -422,16 +394,6 @@ impl ModelConfig {
     /// Float types the layers support.
     pub fn supports(dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::F64)
-    }
-}
-
-/// An image architecture's base: trainable per-element Gaussians or `N(0, I)`.
-#[cfg(feature = "glow")]
-fn image_base(learn: bool) -> BaseConfig {
-    if learn {
-        BaseConfig::DiagNormal { trainable: true }
-    } else {
-        BaseConfig::StandardNormal
     }
 }
 
@@ -580,40 +542,6 @@ mod tests {
         assert!(
             err.starts_with("the `glow` recipe does not give the images: "),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn a_tarflow_recipe_gives_its_images_and_noise() {
-        use flow_tarflow::{ImageShape, TarFlowConfig};
-        let cfg = TarFlowConfig::new(ImageShape::new(1, 8, 8))
-            .with_width(8)
-            .with_heads(2)
-            .with_pixel_levels(17)
-            .with_noise_std(0.05);
-        let model = ModelConfig::tarflow(&cfg);
-        assert_eq!(model.validate(), Ok(()));
-        assert_eq!(model.family(), Some(Family::TarFlow));
-        assert_eq!(model.pixel_levels(), Some(17));
-        assert_eq!(model.noise_std(), 0.05);
-        let info = model.image_info().expect("an image model");
-        assert_eq!(info.shape, ImageShape::new(1, 8, 8));
-        // The same number of values in another shape.
-        let mut lying = model.clone();
-        if let Some(serde_json::Value::Object(r)) = &mut lying.recipe {
-            r.insert(
-                "shape".into(),
-                serde_json::json!({"channels": 4, "height": 4, "width": 4}),
-            );
-        }
-        assert_eq!(
-            refused(&lying),
-            "the `tarflow` recipe gives 4×4×4 images, the layers take 1×8×8 images"
-        );
-        let heads = ModelConfig::tarflow(&cfg.clone().with_heads(3));
-        assert_eq!(
-            refused(&heads),
-            "layer 0: `tarflow-block` layer: 3 heads do not divide an embedding width of 8"
         );
     }
 

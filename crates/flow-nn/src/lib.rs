@@ -7,19 +7,18 @@
 //! a MADE network (a masked [`Mlp`]), autoregressive NSF `Autoregressive<Spline>`. Networks and
 //! transforms take the fused kernels of `flow-kernels` where those apply; [`linalg`]
 //! passes on its differentiable matrix inverse and `log|det|` (for invertible 1×1
-//! convolutions); [`ImageShape`] is the image families' shape of an image, and
-//! [`transformer`] holds the pieces of causal Transformers (layer norm, causal
+//! convolutions); [`transformer`] holds the pieces of causal Transformers (layer norm, causal
 //! self-attention) with their fused kernels.
 
 mod affine;
 mod autoregressive;
 mod conditioner;
 mod coupling;
-mod image;
 mod layer;
 mod made;
 mod mask;
 mod mlp;
+pub mod options;
 mod shift;
 mod spline;
 mod transform;
@@ -31,9 +30,9 @@ pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
 pub use flow_kernels::linalg;
 pub use flow_kernels::{
-    fusion_enabled, pin_thread_count, set_fusion, Activation, ScaleMap, SplineStyle,
+    fusion_enabled, pin_thread_count, pin_thread_count_among, set_fusion, Activation, ScaleMap,
+    SplineStyle,
 };
-pub use image::ImageShape;
 pub use made::made_masks;
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};

@@ -3,8 +3,9 @@
 
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
+use flow_core::ImageShape;
 use flow_core::{limits, Bijector, LayerConfig};
-use flow_nn::{apply_transform, Activation, Affine, Features, ImageShape, ScaleMap, Transform};
+use flow_nn::{apply_transform, Activation, Affine, Features, ScaleMap, Transform};
 use serde::{Deserialize, Serialize};
 
 use crate::{patches, transformer::Transformer, Patches};

@@ -1,7 +1,8 @@
 //! The TarFlow architecture as a configuration that spells out its blocks.
 
 use flow_core::limits;
-use flow_nn::{Activation, ImageShape, ScaleMap};
+use flow_core::ImageShape;
+use flow_nn::{Activation, ScaleMap};
 use serde::{Deserialize, Serialize};
 
 use crate::{block::DEFAULT_MLP_RATIO, TarFlowBlockConfig, TarFlowLayer};

@@ -51,6 +51,7 @@ pub use config::{
     DEFAULT_WIDTH,
 };
 pub use family::{TarFlowFamily, TarFlowLayer};
+pub use flow_core::{ImageInfo, ImageShape};
 pub use flow_nn::transformer::QUERY_CHUNK;
-pub use flow_nn::{Activation, ImageShape, ScaleMap};
+pub use flow_nn::{Activation, ScaleMap};
 pub use patches::Patches;

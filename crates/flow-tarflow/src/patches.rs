@@ -1,7 +1,7 @@
 //! Images as sequences of patches: the order in which a block reads an image's values.
 
 use flow_core::limits;
-use flow_nn::ImageShape;
+use flow_core::ImageShape;
 use serde::{Deserialize, Serialize};
 
 /// An image of `shape` cut into `patch × patch` patches: a sequence of

@@ -1,15 +1,18 @@
-//! The shape of an image, and the reshaping between flat rows and images that image
-//! layers do at their edges.
+//! Images as flat rows: the shape `(channels, height, width)` every image layer reads
+//! its rows in, and what an image model records about its data.
 
 use std::fmt;
 
 use candle::{bail, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+/// The pixel levels of 8-bit images, the default of every image family.
+pub const DEFAULT_PIXEL_LEVELS: u32 = 256;
+
 /// The shape `(channels, height, width)` of one image.
 ///
-/// Image layers take flat rows `(batch, C·H·W)` — so that `Flow`, `Chain`,
-/// checkpoints and training work on images unchanged — and read each row in
+/// Every layer of this crate takes flat rows `(batch, C·H·W)` — so that `Flow`, `Chain`,
+/// checkpoints and training work on images unchanged — and reads each row in
 /// `(C, H, W)` order, the order of a contiguous NCHW tensor: feature
 /// `c·H·W + h·W + w` is pixel `(h, w)` of channel `c`.
 ///
@@ -54,14 +57,14 @@ impl ImageShape {
     }
 
     /// Checks that no side is zero and that the features, `C·H·W` in checked
-    /// arithmetic, are within [`MAX_DIM`](flow_core::limits::MAX_DIM); after it,
+    /// arithmetic, are within [`MAX_DIM`](crate::limits::MAX_DIM); after it,
     /// [`dim`](Self::dim) and [`pixels`](Self::pixels) cannot overflow.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let sides = [self.channels, self.height, self.width];
         if sides.contains(&0) {
             return Err(format!("an image needs non-zero sides, got {self}"));
         }
-        flow_core::limits::checked_product("an image", &sides, flow_core::limits::MAX_DIM)?;
+        crate::limits::checked_product("an image", &sides, crate::limits::MAX_DIM)?;
         Ok(())
     }
 
@@ -122,4 +125,13 @@ impl ImageShape {
         let b = x.dim(0)?;
         x.contiguous()?.reshape((b, ()))
     }
+}
+
+/// What an image model records about its data, readable from the recipe of any image
+/// family (`serde_json::from_value::<ImageInfo>(recipe)`): the image shape and the
+/// number of values a pixel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub shape: ImageShape,
+    pub pixel_levels: u32,
 }
