@@ -26,17 +26,17 @@ const GLOW_ARCH: [&str; 8] = [
     "64",
 ];
 /// The checks the digits comparison sets (reported, never asserted).
-const DIGITS_SPEEDUP: f64 = 2.0;
+pub(crate) const DIGITS_SPEEDUP: f64 = 2.0;
 /// Dequantisation draws of the test set a bits/dim averages on each side (the spread
 /// of one draw, about 0.01 bits/dim on 297 images, is the size of the differences
 /// compared).
-const TEST_DRAWS: u64 = 10;
+pub(crate) const TEST_DRAWS: u64 = 10;
 
 /// Where Debian's `dataset-fashion-mnist` puts the IDX files.
 const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Runs `cmd`, passing its stderr through and keeping a copy; returns (stdout, stderr).
-fn capture(mut cmd: Command) -> Result<(String, String)> {
+pub(crate) fn capture(mut cmd: Command) -> Result<(String, String)> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .stdout(Stdio::piped())
@@ -65,15 +65,15 @@ fn number_before(text: &str, label: &str) -> Option<f64> {
 }
 
 /// `flow train` then `flow log-prob` on `test` and `flow sample` into `out`: returns
-/// (steps/s, test bits/dim).
-fn train_and_score(
+/// the test bits/dim, steps/s and training seconds.
+pub(crate) fn train_and_score(
     features: &Option<String>,
     threads: usize,
     train: &[&str],
     test: &str,
     out: &Path,
     draws: u64,
-) -> Result<(Option<f64>, Option<f64>)> {
+) -> Result<DigitsRun> {
     let p = |name: &str| out.join(name).to_string_lossy().into_owned();
     let model = p("model.safetensors");
     let mut args = vec!["train"];
@@ -83,6 +83,7 @@ fn train_and_score(
     cmd.env("RAYON_NUM_THREADS", threads.to_string());
     let (_, log) = capture(cmd)?;
     let rate = number_before(&log, "steps/s)");
+    let seconds = training_seconds(&log);
     // The mean over `draws` dequantisations of the test set (seeds 0, 1, …).
     let mut sum = Some(0.0);
     for seed in 0..draws.max(1) {
@@ -104,7 +105,13 @@ fn train_and_score(
         features,
         &["sample", "--model", &model, "--n", "64", "--out", &samples],
     ))?;
-    Ok((rate, bpd))
+    Ok(DigitsRun { bpd, rate, seconds })
+}
+
+/// The seconds of `trained N steps in 37.2s (…)` in a `flow train` log.
+fn training_seconds(log: &str) -> Option<f64> {
+    let after = &log[log.rfind("steps in ")? + "steps in ".len()..];
+    after[..after.find("s (")?].parse().ok()
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +120,8 @@ pub struct DigitsOptions {
     pub threads: usize,
     /// Model seeds per side (0, 1, …); the check compares the means.
     pub seeds: u64,
+    /// Training steps of TarFlow and of its PyTorch reference.
+    pub tarflow_steps: usize,
 }
 
 impl Default for DigitsOptions {
@@ -121,13 +130,14 @@ impl Default for DigitsOptions {
             steps: 3000,
             threads: 2,
             seeds: 1,
+            tarflow_steps: crate::tarflow::DEFAULT_STEPS,
         }
     }
 }
 
 fn parse_digits(args: &[String]) -> Result<DigitsOptions> {
     let d = DigitsOptions::default();
-    let (mut seeds, mut rest) = (d.seeds, Vec::new());
+    let (mut seeds, mut tarflow_steps, mut rest) = (d.seeds, d.tarflow_steps, Vec::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--seeds" {
@@ -136,16 +146,27 @@ fn parse_digits(args: &[String]) -> Result<DigitsOptions> {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &u64| v > 0)
                 .ok_or("--seeds needs a positive whole number")?;
+        } else if a == "--tarflow-steps" {
+            tarflow_steps = it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .ok_or("--tarflow-steps needs a positive whole number")?;
         } else {
             rest.push(a.clone());
         }
     }
-    let (steps, threads) =
-        crate::steps_and_threads(&rest, d.steps, d.threads, "bench digits [--seeds N]")?;
+    let (steps, threads) = crate::steps_and_threads(
+        &rest,
+        d.steps,
+        d.threads,
+        "bench digits [--seeds N] [--tarflow-steps N]",
+    )?;
     Ok(DigitsOptions {
         steps,
         threads,
         seeds,
+        tarflow_steps,
     })
 }
 
@@ -161,11 +182,13 @@ pub fn digits_command(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// One model seed's result on one side: test bits/dim and training steps/s.
+/// One model seed's result on one side: test bits/dim, training steps/s and the
+/// training's wall-clock seconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DigitsRun {
     pub bpd: Option<f64>,
     pub rate: Option<f64>,
+    pub seconds: Option<f64>,
 }
 
 /// Glow on the digits, ours then normflows', for each model seed, and the report
@@ -194,8 +217,9 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
             "--data", "digits", "--flow", "glow", "--steps", &steps, "--seed", &seed_arg,
         ];
         train.extend_from_slice(&GLOW_ARCH);
-        let (rate, bpd) = train_and_score(&None, o.threads, &train, &test, &dir, TEST_DRAWS)?;
-        ours.push(DigitsRun { bpd, rate });
+        ours.push(train_and_score(
+            &None, o.threads, &train, &test, &dir, TEST_DRAWS,
+        )?);
 
         let mut py = Command::new(python_program());
         py.current_dir(root())
@@ -220,9 +244,14 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
                 .as_deref()
                 .and_then(|j| json_number(j, "test_bpd_10draws")),
             rate: json.as_deref().and_then(|j| json_number(j, "steps_per_s")),
+            seconds: json
+                .as_deref()
+                .and_then(|j| json_number(j, "train_seconds")),
         });
     }
-    let md = digits_report(&ours, &theirs, o);
+    let mut md = digits_report(&ours, &theirs, o);
+    md.push('\n');
+    md.push_str(&crate::tarflow::digits(o, &ours[0], &test, &out)?);
     std::fs::write(out.join("report.md"), &md)
         .map_err(|e| format!("cannot write the report: {e}"))?;
     Ok(md)
@@ -355,11 +384,11 @@ pub fn fashion_mnist(args: &[String]) -> Result<()> {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     train.extend_from_slice(&extra);
     let threads = crate::threads();
-    let (rate, bpd) = train_and_score(&features, threads, &train, &test_file, &out, 1)?;
+    let run = train_and_score(&features, threads, &train, &test_file, &out, 1)?;
     println!(
         "Fashion-MNIST: test bits/dim {} ({} training steps/s); model, samples.png and metrics in {}",
-        num(bpd, 3),
-        num(rate, 2),
+        num(run.bpd, 3),
+        num(run.rate, 2),
         out.display()
     );
     Ok(())
@@ -376,6 +405,9 @@ mod tests {
         let lp = "297 rows  mean log-prob -120.0 nats  NLL 120.0 nats  2.7046 bits/dim\n";
         assert_eq!(number_before(lp, "bits/dim"), Some(2.7046));
         assert_eq!(number_before("nothing here", "bits/dim"), None);
+        let log = "trained 300 steps in 340.9s (0.9 steps/s), last batch NLL 108.1 nats (2.43 bits/dim)\n";
+        assert_eq!(training_seconds(log), Some(340.9));
+        assert_eq!(training_seconds("nothing here"), None);
     }
 
     #[test]
@@ -384,6 +416,7 @@ mod tests {
         let run = |bpd: f64, rate: f64| DigitsRun {
             bpd: Some(bpd),
             rate: Some(rate),
+            seconds: None,
         };
         let theirs = [run(2.35, 19.0)];
         let md = digits_report(&[run(2.30, 40.0)], &theirs, &o);

@@ -8,8 +8,10 @@
 //! - `bench quality [--steps N] [--threads N]`: only the comparison with zuko on
 //!   FFJORD's toy sets and the autoregressive directions (see `quality.rs`), written
 //!   to `target/bench-quality/report.md` (the whole `bench` runs it too);
-//! - `bench digits [--steps N] [--threads N] [--seeds N]`: only Glow against normflows' Glow on
-//!   the 8×8 digits (see `images.rs`), written to `target/bench-digits/report.md`
+//! - `bench digits [--steps N] [--threads N] [--seeds N] [--tarflow-steps N]`: only Glow
+//!   against normflows' Glow on the 8×8 digits (see `images.rs`), then TarFlow at its
+//!   defaults against that Glow and against a PyTorch TarFlow (`tarflow.rs`), written to
+//!   `target/bench-digits/report.md`
 //!   (the whole `bench` runs it too);
 //! - `fashion-mnist [--features cuda|metal] [-- FLOW TRAIN ARGS]`: Glow on
 //!   Fashion-MNIST, test bits/dim and samples in `runs/fashion-mnist/`.
@@ -18,6 +20,7 @@
 
 mod images;
 mod quality;
+mod tarflow;
 
 use std::{
     env,
@@ -42,7 +45,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
              | bench [--features F] | bench quality [--steps N] [--threads N] \
-             | bench digits [--steps N] [--threads N] [--seeds N] \
+             | bench digits [--steps N] [--threads N] [--seeds N] [--tarflow-steps N] \
              | fashion-mnist [--features F] [-- ARGS]>"
             .into()),
     };
