@@ -3,7 +3,7 @@
 
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, LayerSpec};
+use flow_core::{stages_of, Bijector, Chain, LayerSpec, Permute, Stage};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{build_nested, nested_output_shape};
@@ -70,9 +70,25 @@ impl MultiScaleConfig {
     }
 }
 
+/// The permutation that takes rows holding the latent's parts (of `parts`' shapes) in
+/// reverse order to rows holding them in order.
+fn parts_reversed(parts: &[ImageShape]) -> Vec<usize> {
+    let total: usize = parts.iter().map(|p| p.dim()).sum();
+    let mut perm = Vec::with_capacity(total);
+    let mut after = total;
+    for part in parts {
+        // Reversed, the parts after this one come before it.
+        after -= part.dim();
+        perm.extend(after..after + part.dim());
+    }
+    perm
+}
+
 #[derive(Debug)]
 struct Level {
     chain: Chain,
+    /// The shape the level takes.
+    input: ImageShape,
     /// The shape the level leaves (before any factoring out).
     output: ImageShape,
 }
@@ -102,15 +118,20 @@ pub struct MultiScale {
     shape: ImageShape,
     levels: Vec<Level>,
     latent: Vec<ImageShape>,
+    /// The latent from the rows as the levels leave them when each maps the front of
+    /// the row and the factored-out parts stay behind it (see [`Bijector::stages`]):
+    /// `[final | out_{n−2} | … | out_0]` to the latent's `[out_0 | … | final]`.
+    to_latent: Permute,
 }
 
 impl MultiScale {
     /// Checks the levels' shapes, then builds their layers under `vb`.
     pub fn new(cfg: &MultiScaleConfig, vb: VarBuilder) -> Result<Self> {
         let (shapes, latent) = cfg.walk().map_err(candle::Error::Msg)?;
+        let to_latent = Permute::new(parts_reversed(&latent), vb.device())?;
         let vb = vb.pp("levels");
         let mut levels = Vec::with_capacity(cfg.levels.len());
-        for (l, (specs, (_, output))) in cfg.levels.iter().zip(shapes).enumerate() {
+        for (l, (specs, (input, output))) in cfg.levels.iter().zip(shapes).enumerate() {
             let vb = vb.pp(l);
             let layers = specs
                 .iter()
@@ -119,6 +140,7 @@ impl MultiScale {
                 .collect::<Result<Vec<_>>>()?;
             levels.push(Level {
                 chain: Chain::new(layers),
+                input,
                 output,
             });
         }
@@ -126,6 +148,7 @@ impl MultiScale {
             shape: cfg.shape,
             levels,
             latent,
+            to_latent,
         })
     }
 
@@ -220,6 +243,23 @@ impl Bijector for MultiScale {
 
     fn buffers(&self) -> Vec<Tensor> {
         self.levels.iter().flat_map(|l| l.chain.buffers()).collect()
+    }
+
+    /// Each level's layers on the front of the row that level maps (the factored-out
+    /// parts stay behind it), then the permutation into the latent's layout.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        let mut stages: Vec<Stage<'_>> = self
+            .levels
+            .iter()
+            .flat_map(|level| {
+                let width = level.input.dim();
+                stages_of(&level.chain)
+                    .into_iter()
+                    .map(move |s| s.within(width))
+            })
+            .collect();
+        stages.push(Stage::whole(&self.to_latent));
+        Some(stages)
     }
 
     /// Initialises each level on the images it receives from the (initialised) levels

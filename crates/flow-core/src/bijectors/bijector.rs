@@ -1,5 +1,7 @@
 use candle::{Result, Tensor};
 
+use super::Stage;
+
 /// An invertible map with a tractable log-determinant.
 ///
 /// `forward` maps **data to latent** (`x -> z`, the normalising direction used by
@@ -26,6 +28,15 @@ use candle::{Result, Tensor};
 /// - [`initialize`](Bijector::initialize) is data-dependent initialisation (ActNorm):
 ///   a trainer calls it once on a fresh model, before the first step, and never on a
 ///   loaded one.
+///
+/// And four let a trainer save memory by recomputing each layer's input from its output
+/// instead of keeping it for the gradient:
+/// - [`stages`](Bijector::stages) takes a composite bijector apart into its layers;
+/// - [`recomputable`](Bijector::recomputable) says whether a layer's inverse undoes its
+///   forward pass;
+/// - [`forward_recorded`](Bijector::forward_recorded) and
+///   [`inverse_recorded`](Bijector::inverse_recorded) keep and use what a forward pass
+///   took from the batch as a whole (batch norm's statistics).
 pub trait Bijector: Send + Sync + std::fmt::Debug {
     /// Data to latent: returns `(z, log|det dz/dx|)`.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -71,6 +82,57 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
         let _ = (x, context);
         Ok(())
     }
+
+    /// The bijector as the sequence of layers it applies, in forward order, for a
+    /// backward pass that walks them one at a time: a composite bijector (a chain, a
+    /// multi-scale flow) lists its layers' stages ([`stages_of`](super::stages_of)
+    /// each). `None`, the default: the bijector is one layer.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        None
+    }
+
+    /// Whether the layer's input can be recomputed from its output: its inverse
+    /// ([`inverse_recorded`](Bijector::inverse_recorded)) undoes the forward pass of the
+    /// current mode, up to rounding. By default every layer but one that uses batch
+    /// statistics (whose `inverse` undoes the evaluation-mode map, not the batch's); a
+    /// layer that says false keeps its activations in a memory-saving backward pass.
+    fn recomputable(&self) -> bool {
+        !self.batch_statistics()
+    }
+
+    /// The forward pass (given the context, if any), with what it took from the batch
+    /// as a whole that its inverse needs to undo it (batch norm while training: the
+    /// batch's mean and variance), detached. `update`: whether the pass updates the
+    /// layer's state (running averages) as `forward` does; a backward pass that runs
+    /// it again passes false. The default is `forward`, recording nothing.
+    fn forward_recorded(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        update: bool,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let _ = update;
+        let (z, log_det) = match context {
+            Some(c) => self.forward_with_context(x, c)?,
+            None => self.forward(x)?,
+        };
+        Ok((z, log_det, Vec::new()))
+    }
+
+    /// The inverse of the [`forward_recorded`](Bijector::forward_recorded) pass that
+    /// recorded `record`. The default is `inverse`.
+    fn inverse_recorded(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        let _ = record;
+        match context {
+            Some(c) => self.inverse_with_context(z, c),
+            None => self.inverse(z),
+        }
+    }
 }
 
 impl<B: Bijector + ?Sized> Bijector for Box<B> {
@@ -97,5 +159,27 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         (**self).initialize(x, context)
+    }
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        (**self).stages()
+    }
+    fn recomputable(&self) -> bool {
+        (**self).recomputable()
+    }
+    fn forward_recorded(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        update: bool,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        (**self).forward_recorded(x, context, update)
+    }
+    fn inverse_recorded(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        (**self).inverse_recorded(z, context, record)
     }
 }

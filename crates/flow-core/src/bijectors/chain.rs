@@ -1,6 +1,6 @@
 use candle::{Result, Tensor};
 
-use super::{zero_log_det, Bijector};
+use super::{stages_of, zero_log_det, Bijector, Stage};
 
 /// A composition `f = f_n ∘ … ∘ f_1` of bijectors.
 ///
@@ -83,6 +83,16 @@ impl Bijector for Chain {
 
     fn buffers(&self) -> Vec<Tensor> {
         self.layers.iter().flat_map(|l| l.buffers()).collect()
+    }
+
+    /// The layers' stages, in order.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        Some(
+            self.layers
+                .iter()
+                .flat_map(|l| stages_of(l.as_ref()))
+                .collect(),
+        )
     }
 
     /// Initialises the layers in order, each on the previous layers' output.

@@ -5,6 +5,7 @@ mod chain;
 mod inverse;
 mod permute;
 mod reverse;
+mod stage;
 mod standardize;
 
 pub use bijector::Bijector;
@@ -12,6 +13,7 @@ pub use chain::Chain;
 pub use inverse::Inverse;
 pub use permute::Permute;
 pub use reverse::Reverse;
+pub use stage::{stages_of, Stage};
 pub use standardize::Standardize;
 
 use candle::{Result, Tensor};
