@@ -437,6 +437,11 @@ pub struct TrainArgs {
     /// Stop after this many steps in total and write a resumable checkpoint to --out.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Keep memory flat in the model's depth: recompute each layer's input from its
+    /// output in the backward pass instead of keeping activations (more compute, the
+    /// same gradients up to rounding). May change on --resume.
+    #[arg(long)]
+    pub low_memory: bool,
 }
 
 #[derive(Debug, Args)]

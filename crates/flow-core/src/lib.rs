@@ -16,7 +16,9 @@ pub mod limits;
 pub mod sampling;
 mod setters;
 
-pub use bijectors::{stages_of, Bijector, Chain, Inverse, Permute, Reverse, Stage, Standardize};
+pub use bijectors::{
+    recompute_by_inverse, stages_of, Bijector, Chain, Inverse, Permute, Reverse, Stage, Standardize,
+};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};
 pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};

@@ -272,22 +272,22 @@ fn part(
                 output,
                 log_det,
             } => (leaf, output, log_det),
-            Kept::Record(record) => {
+            Kept::Record(record) if i == 0 => {
+                // The first stage's input is the batch itself: no need to recompute it,
+                // and its reconstruction measures the drift of the whole chain.
                 let (recomputed, _) = stage.layer.inverse_recorded(&y, context, &record)?;
-                let input = if i == 0 {
-                    // The first stage's input is the batch itself: no need to recompute
-                    // it, and its reconstruction measures the drift of the whole chain.
-                    let (mapped, _) = stage.split(x)?;
-                    input_error = Some(relative_error(&recomputed, &mapped)?);
-                    mapped
-                } else {
-                    recomputed.detach()
-                };
-                let leaf = Var::from_tensor(&input)?;
+                let (mapped, _) = stage.split(x)?;
+                input_error = Some(relative_error(&recomputed, &mapped)?);
+                let leaf = Var::from_tensor(&mapped)?;
                 let (output, ld, _) =
                     stage
                         .layer
                         .forward_recorded(leaf.as_tensor(), context, false)?;
+                error_tensors.push((i, relative_error(&output, &y)?));
+                (leaf, output, ld)
+            }
+            Kept::Record(record) => {
+                let (leaf, output, ld) = stage.layer.recompute(&y, context, &record)?;
                 error_tensors.push((i, relative_error(&output, &y)?));
                 (leaf, output, ld)
             }

@@ -5,11 +5,11 @@ use flow_glow::{GlowConfig, ImageInfo, ImageShape};
 use flow_models::{BaseConfig, Family, Registry};
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
-        DIGITS_LEVELS,
+        check_pixels, generate, generate_labeled, load_path, load_pixel_images, Dataset, ImageDims,
+        Toy, DIGITS_LEVELS,
     },
-    positive_f32, Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter,
-    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
+    positive_f32, Control, Duration, JsonlReporter, LowMemory, OptimizerKind, PlainReporter,
+    Report, Reporter, Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
 };
 
 use crate::{
@@ -361,7 +361,7 @@ fn training_data(
             return Err("digits train an unconditional image flow".into());
         }
         return Ok(TrainingData {
-            data: digits_split(SplitArg::Train),
+            data: digits_split(SplitArg::Train).into_pixels(),
             dims: Some(ImageDims {
                 channels: 1,
                 height: 8,
@@ -397,7 +397,7 @@ fn training_data(
             );
         }
         if images {
-            let images = load_images(path)?;
+            let images = load_pixel_images(path)?;
             return Ok(TrainingData {
                 data: images.data,
                 dims: images.dims,
@@ -478,7 +478,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .as_deref()
         .map(|p| -> Result<Dataset, Failure> {
             if images {
-                return Ok(load_images(p)?.data);
+                return Ok(load_pixel_images(p)?.data);
             }
             Ok(load_path(p)?.split_context(context_dim, &p.display().to_string())?)
         })
@@ -500,7 +500,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
             ..cfg
         },
     };
-    let trainer = Trainer::new(cfg, &device)?;
+    let mut trainer = Trainer::new(cfg, &device)?;
+    if a.low_memory {
+        trainer = trainer.with_low_memory(LowMemory::new())?;
+    }
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
         trainer
             .check_resume(r, &train)
@@ -630,6 +633,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(r) = &s.low_memory {
+        line.push_str(&format!(
+            ", low memory: largest reconstruction error {:.1e}, activations kept for {} of {} layers",
+            r.max_error,
+            r.kept.len(),
+            r.layers
+        ));
     }
     if let Some(mib) = peak_memory_mib() {
         line.push_str(&format!(", peak memory {mib:.0} MiB"));

@@ -1,4 +1,4 @@
-use candle::{Result, Tensor};
+use candle::{Result, Tensor, Var};
 
 use super::Stage;
 
@@ -29,14 +29,16 @@ use super::Stage;
 ///   a trainer calls it once on a fresh model, before the first step, and never on a
 ///   loaded one.
 ///
-/// And four let a trainer save memory by recomputing each layer's input from its output
+/// And five let a trainer save memory by recomputing each layer's input from its output
 /// instead of keeping it for the gradient:
 /// - [`stages`](Bijector::stages) takes a composite bijector apart into its layers;
 /// - [`recomputable`](Bijector::recomputable) says whether a layer's inverse undoes its
 ///   forward pass;
 /// - [`forward_recorded`](Bijector::forward_recorded) and
 ///   [`inverse_recorded`](Bijector::inverse_recorded) keep and use what a forward pass
-///   took from the batch as a whole (batch norm's statistics).
+///   took from the batch as a whole (batch norm's statistics);
+/// - [`recompute`](Bijector::recompute) recomputes the input and runs the forward pass
+///   again from it, with the gradient on.
 pub trait Bijector: Send + Sync + std::fmt::Debug {
     /// Data to latent: returns `(z, log|det dz/dx|)`.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -133,6 +135,36 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
             None => self.inverse(z),
         }
     }
+
+    /// The layer's input recomputed from its output `z` (and the record of the
+    /// [`forward_recorded`](Bijector::forward_recorded) pass that gave it), as a leaf
+    /// of the gradient, and the forward pass from that leaf with the gradient on,
+    /// leaving the layer's state alone: `(input, output, log-det)`, the output `z` up
+    /// to rounding. The default is [`recompute_by_inverse`]; a layer whose inverse and
+    /// forward pass share work (a coupling's conditioner reads the same features
+    /// either way) can do both at once.
+    fn recompute(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Var, Tensor, Tensor)> {
+        recompute_by_inverse(self, z, context, record)
+    }
+}
+
+/// [`Bijector::recompute`] in two passes: the inverse, then the forward pass from its
+/// result made a leaf.
+pub fn recompute_by_inverse<B: Bijector + ?Sized>(
+    layer: &B,
+    z: &Tensor,
+    context: Option<&Tensor>,
+    record: &[Tensor],
+) -> Result<(Var, Tensor, Tensor)> {
+    let (x, _) = layer.inverse_recorded(z, context, record)?;
+    let leaf = Var::from_tensor(&x.detach())?;
+    let (output, log_det, _) = layer.forward_recorded(leaf.as_tensor(), context, false)?;
+    Ok((leaf, output, log_det))
 }
 
 impl<B: Bijector + ?Sized> Bijector for Box<B> {
@@ -181,5 +213,13 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
         record: &[Tensor],
     ) -> Result<(Tensor, Tensor)> {
         (**self).inverse_recorded(z, context, record)
+    }
+    fn recompute(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Var, Tensor, Tensor)> {
+        (**self).recompute(z, context, record)
     }
 }

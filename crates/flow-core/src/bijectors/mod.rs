@@ -8,7 +8,7 @@ mod reverse;
 mod stage;
 mod standardize;
 
-pub use bijector::Bijector;
+pub use bijector::{recompute_by_inverse, Bijector};
 pub use chain::Chain;
 pub use inverse::Inverse;
 pub use permute::Permute;
