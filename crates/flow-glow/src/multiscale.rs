@@ -176,16 +176,13 @@ impl MultiScale {
         ))
     }
 
-    /// Data to latent; `init` first initialises each level on its input.
-    fn run_forward(&self, x: &Tensor, init: bool) -> Result<(Tensor, Tensor)> {
+    /// Data to latent.
+    fn run_forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         self.shape.to_image(x, "multiscale")?;
         let mut h = x.clone();
         let mut log_det = Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?;
         let mut parts = Vec::with_capacity(self.levels.len());
         for (l, level) in self.levels.iter().enumerate() {
-            if init {
-                level.chain.initialize(&h, None)?;
-            }
             let (y, ld) = level.chain.forward(&h)?;
             log_det = (log_det + ld)?;
             if l + 1 < self.levels.len() {
@@ -202,7 +199,7 @@ impl MultiScale {
 
 impl Bijector for MultiScale {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.run_forward(x, false)
+        self.run_forward(x)
     }
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -265,6 +262,19 @@ impl Bijector for MultiScale {
     /// Initialises each level on the images it receives from the (initialised) levels
     /// before it.
     fn initialize(&self, x: &Tensor, _context: Option<&Tensor>) -> Result<()> {
-        self.run_forward(x, true).map(|_| ())
+        self.shape.to_image(x, "multiscale")?;
+        // Layer by layer, each output detached: initialisation needs one layer's
+        // activations at a time, not the graph of the whole flow.
+        let mut h = x.clone();
+        for (l, level) in self.levels.iter().enumerate() {
+            for layer in level.chain.layers() {
+                layer.initialize(&h, None)?;
+                h = layer.forward(&h)?.0.detach();
+            }
+            if l + 1 < self.levels.len() {
+                h = Self::factor_out(level, &h)?.0;
+            }
+        }
+        Ok(())
     }
 }

@@ -125,9 +125,11 @@ enum Kept {
     },
 }
 
-/// `max|a − b| / max(max|b|, 1)`, as a scalar tensor.
+/// `max|a − b| / max(max|b|, 1)`, as a scalar tensor, detached: kept until the
+/// walk ends, it must not hold on to the graph of a layer's pass.
 fn relative_error(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let diff = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+    let (a, b) = (a.detach(), b.detach());
+    let diff = (&a - &b)?.abs()?.max_all()?.to_dtype(DType::F64)?;
     let scale = b.abs()?.max_all()?.to_dtype(DType::F64)?.maximum(1.0)?;
     diff / scale
 }

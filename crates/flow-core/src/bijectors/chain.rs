@@ -95,15 +95,22 @@ impl Bijector for Chain {
         )
     }
 
-    /// Initialises the layers in order, each on the previous layers' output.
+    /// Initialises the layers in order, each on the previous layers' output (detached:
+    /// initialisation keeps one layer's activations at a time, not the whole graph; and
+    /// the last layer's output, which nothing reads, is not computed).
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         let mut h = x.clone();
-        for layer in &self.layers {
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
             layer.initialize(&h, context)?;
+            if i + 1 == n {
+                break;
+            }
             h = match context {
                 Some(c) => layer.forward_with_context(&h, c)?.0,
                 None => layer.forward(&h)?.0,
-            };
+            }
+            .detach();
         }
         Ok(())
     }
