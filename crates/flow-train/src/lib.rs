@@ -9,6 +9,8 @@ mod error;
 mod gradient;
 mod low_memory;
 mod optim;
+pub mod recipe;
+mod replicas;
 mod report;
 mod schedule;
 mod state;
@@ -22,7 +24,8 @@ pub use low_memory::{
     LayerwiseBackprop, LowMemory, Reconstruction, DEFAULT_RECONSTRUCTION_TOLERANCE,
 };
 pub use optim::Adam;
+pub use replicas::{Replicas, DEBUG_CHECK_EVERY};
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;
 pub use state::{fingerprint, TrainCheckpoint, TrainState, STATE_PREFIX};
-pub use trainer::{dequantize, TrainSummary, Trained, Trainer};
+pub use trainer::{dequantize, TrainSummary, Trained, Trainer, DEFAULT_DTYPE};

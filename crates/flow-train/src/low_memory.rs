@@ -195,7 +195,7 @@ impl LayerwiseBackprop {
             if !retry {
                 let results: Vec<(f64, Option<GradStore>)> =
                     results.into_iter().map(|r| (r.loss, r.grads)).collect();
-                return add_up(vars, &results);
+                return add_up(vars, &results, false);
             }
             // Gradients through a drifted reconstruction are not the loss's: the batch
             // again, with those layers' activations kept.
