@@ -519,7 +519,7 @@ fn a_tolerance_that_is_not_positive_is_refused() -> Result<()> {
         Err(e) => e.to_string(),
     };
     ensure!(
-        err.contains("the reconstruction tolerance must be positive, got 0"),
+        err == "invalid training configuration: the reconstruction tolerance must be positive, got 0",
         "{err}"
     );
     Ok(())
