@@ -393,6 +393,11 @@ pub struct TrainArgs {
     /// Stop after this many steps in total and write a resumable checkpoint to --out.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Keep memory flat in the model's depth: recompute each layer's input from its
+    /// output in the backward pass instead of keeping activations (more compute, the
+    /// same gradients up to rounding). May change on --resume.
+    #[arg(long)]
+    pub low_memory: bool,
     /// Train on several processes, each on its share of every batch (--batch stays
     /// the whole batch): `mpi` for processes started by mpirun or srun, `nccl` for one
     /// CUDA GPU per process (torchrun, srun). Needs a build with that cargo feature.

@@ -353,8 +353,12 @@ pub fn fingerprint(data: &Dataset) -> String {
     };
     eat(&(data.dim as u64).to_le_bytes());
     eat(&(data.len() as u64).to_le_bytes());
+    // Rows held as bytes digest as the same values in floats.
     for v in &data.values {
         eat(&v.to_bits().to_le_bytes());
+    }
+    for &b in &data.pixels {
+        eat(&f32::from(b).to_bits().to_le_bytes());
     }
     if data.context_dim > 0 {
         eat(&(data.context_dim as u64).to_le_bytes());

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     batch_parts, data::Dataset, fingerprint, state::StateGroup, Adam, Control, DataError, Duration,
-    Replicas, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
+    LayerwiseBackprop, LowMemory, Reconstruction, Replicas, Report, Reporter, TrainCheckpoint,
+    TrainConfig, TrainError, TrainState,
 };
 
 mod replicated;
@@ -43,6 +44,10 @@ pub struct TrainSummary {
     pub interrupted: bool,
     pub elapsed_secs: f64,
     pub steps_per_sec: f64,
+    /// With [`Trainer::with_low_memory`]: the layers recomputed and kept, and the
+    /// reconstruction errors measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_memory: Option<Reconstruction>,
 }
 
 /// A trained model: the flow, its variables and configuration, and the run's summary.
@@ -76,6 +81,8 @@ pub struct Trainer {
     registry: Registry,
     /// The model's pixel levels, read once: `Some` for pixel data, dequantised.
     pixel_levels: Option<u32>,
+    /// Gradients layer by layer, recomputing activations instead of keeping them.
+    low_memory: Option<LowMemory>,
 }
 
 /// Deep copies of the variables' values.
@@ -181,14 +188,15 @@ fn noise_seed(seed: u64, step: u64) -> u64 {
 /// Per-feature mean and (population) standard deviation; constant features get 1.
 fn moments(data: &Dataset) -> (Vec<f32>, Vec<f32>) {
     let (n, d) = (data.len() as f64, data.dim);
+    let values = data.values_f32();
     let mut mean = vec![0f64; d];
-    for row in data.values.chunks(d) {
+    for row in values.chunks(d) {
         row.iter()
             .zip(&mut mean)
             .for_each(|(v, m)| *m += *v as f64 / n);
     }
     let mut var = vec![0f64; d];
-    for row in data.values.chunks(d) {
+    for row in values.chunks(d) {
         for j in 0..d {
             var[j] += (row[j] as f64 - mean[j]).powi(2) / n;
         }
@@ -226,6 +234,7 @@ impl Trainer {
             device: device.clone(),
             dtype: DEFAULT_DTYPE,
             registry,
+            low_memory: None,
         })
     }
 
@@ -237,6 +246,16 @@ impl Trainer {
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
         self
+    }
+
+    /// Computes gradients layer by layer, recomputing each layer's input from its
+    /// output instead of keeping activations: memory that does not grow with depth,
+    /// for some more compute (see [`LayerwiseBackprop`]). The gradients are standard
+    /// backpropagation's up to rounding.
+    pub fn with_low_memory(mut self, settings: LowMemory) -> Result<Self, TrainError> {
+        settings.validate().map_err(TrainError::InvalidConfig)?;
+        self.low_memory = Some(settings);
+        Ok(self)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -319,10 +338,11 @@ impl Trainer {
         let mut warnings = Vec::new();
         // Dequantised pixels are never constant: the noise fills each pixel's level.
         if self.pixel_levels.is_none() {
+            let values = train.values_f32();
             let constant: Vec<usize> = (0..d)
                 .filter(|&j| {
-                    let first = train.values[j];
-                    train.values.iter().skip(j).step_by(d).all(|&v| v == first)
+                    let first = values[j];
+                    values.iter().skip(j).step_by(d).all(|&v| v == first)
                 })
                 .collect();
             if constant.len() == d {
@@ -469,9 +489,14 @@ impl Trainer {
     }
 
     /// A tensor of `data`'s rows, and one of its context if it has one, on the
-    /// training device in the training dtype.
+    /// training device in the training dtype; rows held as bytes stay bytes (each
+    /// batch becomes floats as it is drawn).
     fn tensors(&self, data: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
-        let x = data.to_tensor(&self.device)?.to_dtype(self.dtype)?;
+        let x = data.to_tensor(&self.device)?;
+        let x = match x.dtype() {
+            DType::U8 => x,
+            _ => x.to_dtype(self.dtype)?,
+        };
         let c = data
             .context_tensor(&self.device)?
             .map(|c| c.to_dtype(self.dtype))
@@ -483,6 +508,7 @@ impl Trainer {
     /// own.
     fn validation_set(&self, val: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
         let (x, c) = self.tensors(val)?;
+        let x = x.to_dtype(self.dtype)?;
         let x = match self.pixel_levels {
             Some(levels) => dequantize(&x, levels, noise_seed(self.cfg.seed, u64::MAX))?,
             None => x,
@@ -608,6 +634,8 @@ struct Run<'a> {
     total: usize,
     /// Parts a batch's gradient is computed in.
     parts: usize,
+    /// With low memory, the layer-by-layer backward pass and what it found.
+    layerwise: Option<LayerwiseBackprop>,
     /// The other processes of a data-parallel run, if any.
     replicas: Option<Replicas>,
     /// When this call began, and the run's time and steps before it.
@@ -669,6 +697,7 @@ impl<'a> Run<'a> {
             last_good_step: 0,
             total,
             parts: 1,
+            layerwise: trainer.low_memory.map(LayerwiseBackprop::new),
             replicas: None,
             start: Instant::now(),
             elapsed_before: 0.0,
@@ -725,8 +754,11 @@ impl<'a> Run<'a> {
             .as_ref()
             .map(|c| c.index_select(&idx, 0))
             .transpose()?;
-        let x = self.x_train.index_select(&idx, 0)?;
         let trainer = self.trainer;
+        let x = self
+            .x_train
+            .index_select(&idx, 0)?
+            .to_dtype(trainer.dtype)?;
         let x = match trainer.pixel_levels {
             Some(levels) => dequantize(&x, levels, noise_seed(trainer.cfg.seed, step as u64))?,
             None => x,
@@ -934,6 +966,7 @@ impl<'a> Run<'a> {
             interrupted: end.interrupted,
             elapsed_secs: st.elapsed_secs,
             steps_per_sec: self.rate(),
+            low_memory: self.layerwise.as_ref().map(|l| l.report().clone()),
         };
         reporter.finish(&summary);
         Ok(Trained {

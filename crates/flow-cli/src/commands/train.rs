@@ -11,11 +11,11 @@ use flow_models::{
 };
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
-        DIGITS_LEVELS,
+        check_pixels, generate, generate_labeled, load_path, load_pixel_images, Dataset, ImageDims,
+        Toy, DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter, Schedule,
-    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
+    Control, Duration, JsonlReporter, LowMemory, OptimizerKind, PlainReporter, Report, Reporter,
+    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -199,7 +199,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
     let was = &r.config;
     let refuse = |flag: &str| -> Failure {
         format!(
-            "--{flag} would change the resumed run, which keeps its own settings; on --resume only --steps, --epochs, --stop-at and --checkpoint-every may change"
+            "--{flag} would change the resumed run, which keeps its own settings; on --resume only --steps, --epochs, --stop-at, --checkpoint-every and --low-memory may change"
         )
         .into()
     };
@@ -298,7 +298,7 @@ fn training_data(
             return Err("digits train an unconditional image flow".into());
         }
         return Ok(TrainingData {
-            data: digits_split(SplitArg::Train),
+            data: digits_split(SplitArg::Train).into_pixels(),
             dims: Some(ImageDims {
                 channels: 1,
                 height: 8,
@@ -334,7 +334,7 @@ fn training_data(
             );
         }
         if images {
-            let images = load_images(path)?;
+            let images = load_pixel_images(path)?;
             return Ok(TrainingData {
                 data: images.data,
                 dims: images.dims,
@@ -421,7 +421,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .as_deref()
         .map(|p| -> Result<Dataset, Failure> {
             if images {
-                return Ok(load_images(p)?.data);
+                return Ok(load_pixel_images(p)?.data);
             }
             Ok(load_path(p)?.split_context(context_dim, &p.display().to_string())?)
         })
@@ -443,7 +443,10 @@ pub fn run(a: TrainArgs) -> CmdResult {
             ..cfg
         },
     };
-    let trainer = Trainer::new(cfg, &device)?;
+    let mut trainer = Trainer::new(cfg, &device)?;
+    if a.low_memory {
+        trainer = trainer.with_low_memory(LowMemory::new())?;
+    }
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
         trainer
             .check_resume(r, &train)
@@ -587,6 +590,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(r) = &s.low_memory {
+        line.push_str(&format!(
+            ", low memory: largest reconstruction error {:.1e}, activations kept for {} of {} layers",
+            r.max_error,
+            r.kept.len(),
+            r.layers
+        ));
     }
     if let Some(r) = &in_collectives {
         line.push_str(&format!(
