@@ -27,5 +27,7 @@ pub use optim::Adam;
 pub use replicas::{Replicas, DEBUG_CHECK_EVERY};
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;
-pub use state::{fingerprint, TrainCheckpoint, TrainState, STATE_PREFIX};
+pub use state::{
+    fingerprint, Fingerprint, StreamPosition, TrainCheckpoint, TrainState, STATE_PREFIX,
+};
 pub use trainer::{dequantize, TrainSummary, Trained, Trainer, DEFAULT_DTYPE};

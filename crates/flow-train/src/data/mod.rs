@@ -2,6 +2,8 @@
 
 mod files;
 mod images;
+mod moments;
+mod stream;
 mod toy;
 
 pub use files::{
@@ -11,6 +13,9 @@ pub use images::{
     check_pixels, digits, digits_labels, images_from_bytes, load_images, load_pixel_images,
     ImageDims, Images, DIGITS_LEVELS,
 };
+pub use moments::Moments;
+pub(crate) use stream::{epoch_seed, shuffled};
+pub use stream::{ChunkReader, Scan, StreamSource, DEFAULT_CHUNK_ROWS};
 pub use toy::{generate, generate_labeled, Toy};
 
 use crate::DataError;
