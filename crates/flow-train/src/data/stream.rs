@@ -278,8 +278,11 @@ impl StreamSource {
                 moments.add_to_mean(&data.values_f32());
             }
         }
-        if standardize || self.context_dim > 0 {
+        let context = self.context_dim > 0;
+        if context {
             fingerprint.start_context(self.context_dim);
+        }
+        if standardize || context {
             for chunk in 0..self.chunks() {
                 let data = reader.read(chunk)?;
                 fingerprint.add_context(&data.context);
