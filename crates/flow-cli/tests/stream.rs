@@ -83,11 +83,13 @@ fn weights(p: &Path) -> BTreeMap<String, Vec<u32>> {
         .collect()
 }
 
+/// A small RealNVP and its batch.
+const REALNVP: [&str; 6] = ["--batch", "64", "--hidden", "8", "--layers", "2"];
+
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
     let (d, o) = (s(data), s(out));
     let mut args = vec![
-        "train", "--data", &d, "--out", &o, "--steps", "30", "--batch", "64", "--hidden", "8",
-        "--layers", "2", "--seed", "7",
+        "train", "--data", &d, "--out", &o, "--steps", "30", "--seed", "7",
     ];
     args.extend_from_slice(extra);
     flow(&args)
@@ -101,6 +103,7 @@ fn one_chunk_that_holds_the_file_trains_as_rows_held_in_memory() {
     let val = d.join("val.npy");
     data(&val);
     let v = ["--val", &s(&val), "--val-every", "10"];
+    let v = [&REALNVP[..], &v].concat();
     // Unconditional (the 3 columns) and conditional (the last column the context).
     for cond in [&[][..], &["--context-dim", "1"][..]] {
         let held = d.join("held.safetensors");
@@ -127,12 +130,50 @@ fn one_chunk_that_holds_the_file_trains_as_rows_held_in_memory() {
 }
 
 #[test]
+fn idx_images_stream_as_held_pixels_train() {
+    let d = dir("idx");
+    // 120 images of 8×8 seeded bytes, IDX: magic 00 00 08 03, then big-endian sizes.
+    let file = d.join("images-idx3-ubyte");
+    let mut bytes = vec![0, 0, 8, 3, 0, 0, 0, 120, 0, 0, 0, 8, 0, 0, 0, 8];
+    let mut state = 0x9e37_79b9u32;
+    bytes.extend((0..120 * 64).map(|_| {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (state >> 24) as u8
+    }));
+    std::fs::write(&file, bytes).expect("write");
+    let glow = [
+        "--flow",
+        "glow",
+        "--scales",
+        "1",
+        "--depth",
+        "2",
+        "--channels",
+        "8",
+        "--batch",
+        "32",
+    ];
+    let held = d.join("held.safetensors");
+    let o = train(&file, &held, &glow);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let streamed = d.join("streamed.safetensors");
+    let one_chunk = ["--stream", "--stream-chunk", "120"];
+    let o = train(&file, &streamed, &[&glow[..], &one_chunk].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(weights(&held), weights(&streamed));
+}
+
+#[test]
 fn interrupted_mid_epoch_and_resumed_equals_uninterrupted() {
     let d = dir("resume");
     let file = d.join("d.npy");
     data(&file);
     // 300 rows in chunks of 50: batches cross chunks, and 30 steps of 64 cross epochs.
-    let st = ["--stream", "--stream-chunk", "50", "--context-dim", "1"];
+    let st = [
+        &REALNVP[..],
+        &["--stream", "--stream-chunk", "50", "--context-dim", "1"],
+    ]
+    .concat();
     let full = d.join("full.safetensors");
     let o = train(&file, &full, &st);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -154,7 +195,11 @@ fn interrupted_mid_epoch_and_resumed_equals_uninterrupted() {
     );
     // Resumed without repeating the stream flags: the checkpoint streams as written.
     let r = s(&part);
-    let o = train(&file, &part, &["--context-dim", "1", "--resume", &r]);
+    let o = train(
+        &file,
+        &part,
+        &[&REALNVP[..], &["--context-dim", "1", "--resume", &r]].concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(weights(&full), weights(&part));
 
