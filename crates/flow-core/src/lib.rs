@@ -19,7 +19,9 @@ pub mod sampling;
 mod setters;
 pub mod shared_batch;
 
-pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
+pub use bijectors::{
+    recompute_by_inverse, stages_of, Bijector, Chain, Inverse, Permute, Reverse, Stage, Standardize,
+};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};
 pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};
