@@ -16,7 +16,9 @@ pub mod limits;
 pub mod sampling;
 mod setters;
 
-pub use bijectors::{Bijector, Chain, Inverse, Permute, Reverse, Standardize};
+pub use bijectors::{
+    Bijector, Bound, Bounded, Chain, ContextStandardize, Inverse, Permute, Reverse, Standardize,
+};
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};
 pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};

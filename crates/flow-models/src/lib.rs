@@ -15,5 +15,5 @@ mod registry;
 
 pub use family::Family;
 pub use flow_core::{LayerFamily, LayerSpec, SampleLayer};
-pub use model::{BaseConfig, ModelConfig};
+pub use model::{BaseConfig, ModelConfig, OutOfBounds};
 pub use registry::Registry;

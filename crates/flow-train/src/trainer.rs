@@ -176,34 +176,6 @@ fn noise_seed(seed: u64, step: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_add(1)
 }
 
-/// Per-feature mean and (population) standard deviation; constant features get 1.
-fn moments(data: &Dataset) -> (Vec<f32>, Vec<f32>) {
-    let (n, d) = (data.len() as f64, data.dim);
-    let mut mean = vec![0f64; d];
-    for row in data.values.chunks(d) {
-        row.iter()
-            .zip(&mut mean)
-            .for_each(|(v, m)| *m += *v as f64 / n);
-    }
-    let mut var = vec![0f64; d];
-    for row in data.values.chunks(d) {
-        for j in 0..d {
-            var[j] += (row[j] as f64 - mean[j]).powi(2) / n;
-        }
-    }
-    let std = var
-        .iter()
-        .map(|v| {
-            if v.sqrt() > 1e-12 {
-                v.sqrt() as f32
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    (mean.iter().map(|m| *m as f32).collect(), std)
-}
-
 impl Trainer {
     /// A trainer for models of the built-in families; the settings are checked here.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self, TrainError> {
@@ -297,6 +269,10 @@ impl Trainer {
             let line = Some(i / data.context_dim + 1);
             return Err(DataError::new(what, line, "NaN or infinite context value").into());
         }
+        let model = &self.cfg.model;
+        if let Some(outside) = model.outside_bounds(&data.values) {
+            return Err(DataError::new(what, None, outside.to_string()).into());
+        }
         Ok(())
     }
 
@@ -388,10 +364,13 @@ impl Trainer {
         reporter: &mut dyn Reporter,
         mut control: Control,
     ) -> Result<Trained, TrainError> {
+        // Checked whole, so that a message names a row as the caller counts them.
         self.check_inputs(train, val)?;
+        let (train, held_out) = self.held_out(train, val);
+        let (train, val) = (train.as_ref(), val.or(held_out.as_ref()));
         let resume = control.resume.take();
         if let Some(r) = &resume {
-            self.check_resume(r, train)?;
+            self.check_resume_on(r, train)?;
         }
         let mut run = Run::start(self, train, val, resume)?;
         reporter.start(run.total);
@@ -424,6 +403,20 @@ impl Trainer {
         run.finish(end, val.map_or(0, Dataset::len), reporter)
     }
 
+    /// The rows to train on and the validation set: without one given, the configured
+    /// share of `train` held out ([`hold_out`](crate::data::hold_out)).
+    pub fn held_out<'d>(
+        &self,
+        train: &'d Dataset,
+        val: Option<&Dataset>,
+    ) -> (std::borrow::Cow<'d, Dataset>, Option<Dataset>) {
+        if val.is_some() || self.cfg.val_fraction == 0.0 {
+            return (std::borrow::Cow::Borrowed(train), None);
+        }
+        let (train, val) = crate::data::hold_out(train, self.cfg.val_fraction, self.cfg.seed);
+        (std::borrow::Cow::Owned(train), val)
+    }
+
     /// Checks the data a run is given: their shape against the model, finite values,
     /// and whole pixel levels for dequantised pixel data.
     fn check_inputs(&self, train: &Dataset, val: Option<&Dataset>) -> Result<(), TrainError> {
@@ -447,17 +440,7 @@ impl Trainer {
         let config = cfg.model.clone();
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
-        if config.standardize {
-            let (mean, std) = moments(train);
-            let vb = vb.pp("standardize");
-            let mean = Tensor::new(mean.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-            let std = Tensor::new(std.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-            // Created through the builder so the names are registered, then set.
-            vb.get_with_hints(mean.dims(), "mean", candle_nn::init::ZERO)?;
-            vb.get_with_hints(std.dims(), "std", candle_nn::init::ONE)?;
-            varmap.set_one("standardize.mean", &mean)?;
-            varmap.set_one("standardize.std", &std)?;
-        }
+        crate::standardization::set_statistics(&config, train, &mut varmap, &vb)?;
         let flow = config.build_with(&self.registry, vb)?;
         // Trainable: every variable the model created except the buffers it declares.
         let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
@@ -502,7 +485,20 @@ impl Trainer {
     /// Checks that `r` continues this trainer's run on `train`: the same settings but
     /// for a duration that may have grown, and the same data. [`fit_with`](Self::fit_with)
     /// checks it too; this tells before anything starts.
-    pub fn check_resume(&self, r: &TrainCheckpoint, train: &Dataset) -> Result<(), TrainError> {
+    /// `val` is the validation set the run is given, if any: without one, the rows
+    /// the run holds out are set aside first, as [`fit_with`](Self::fit_with) does.
+    pub fn check_resume(
+        &self,
+        r: &TrainCheckpoint,
+        train: &Dataset,
+        val: Option<&Dataset>,
+    ) -> Result<(), TrainError> {
+        self.check_resume_on(r, self.held_out(train, val).0.as_ref())
+    }
+
+    /// [`check_resume`](Self::check_resume) on the rows the run trains on, any
+    /// validation rows already held out.
+    fn check_resume_on(&self, r: &TrainCheckpoint, train: &Dataset) -> Result<(), TrainError> {
         let total = self.total_steps(train.len());
         let same = TrainConfig {
             duration: self.cfg.duration,

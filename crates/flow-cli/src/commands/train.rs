@@ -5,8 +5,8 @@ use flow_glow::{GlowConfig, ImageInfo, ImageShape};
 use flow_models::{BaseConfig, Family, Registry};
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, load_images, load_path, Dataset, ImageDims, Toy,
-        DIGITS_LEVELS,
+        check_pixels, generate, generate_labeled, held_out_rows, load_images, load_path, Dataset,
+        ImageDims, Toy, DIGITS_LEVELS,
     },
     positive_f32, Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter,
     Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
@@ -20,6 +20,7 @@ use crate::{
     signals, CmdResult, Failure,
 };
 
+mod bounds;
 mod recipe;
 mod run_flags;
 
@@ -51,6 +52,14 @@ pub fn default_duration() -> String {
     match TrainConfig::default().duration {
         Duration::Steps(s) => format!("{s}"),
         Duration::Epochs(e) => format!("{e} epochs"),
+    }
+}
+
+/// Early stopping's patience unless `--patience` says, for `--help`.
+pub fn default_patience() -> String {
+    match TrainConfig::default().patience {
+        Some(p) => format!("{p}"),
+        None => "0".into(),
     }
 }
 
@@ -229,6 +238,9 @@ fn config(
     if let Some(b) = &a.base {
         model = model.with_base(base(b)?);
     }
+    if let Some(b) = &a.bounds {
+        model = model.with_bounds(bounds::parse_bounds(b, dim)?);
+    }
     let mut cfg = TrainConfig::new(model).with_standardize(image.is_none() && !a.no_standardize);
     if flow == Family::Glow {
         // Glow fits a small image set far better than it generalises: decoupled weight
@@ -294,6 +306,14 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
         (
             "no-standardize",
             !(a.no_standardize && was.model.standardize),
+        ),
+        (
+            "bounds",
+            a.bounds
+                .as_deref()
+                .map(|b| bounds::parse_bounds(b, was.model.dim))
+                .transpose()?
+                .is_none_or(|b| Some(b) == was.model.bounds),
         ),
         (
             "image",
@@ -503,7 +523,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let trainer = Trainer::new(cfg, &device)?;
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
         trainer
-            .check_resume(r, &train)
+            .check_resume(r, &train, val.as_ref())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     for warning in trainer.data_warnings(&train, &a.data)? {
@@ -541,17 +561,35 @@ pub fn run(a: TrainArgs) -> CmdResult {
             r.state.step,
             trainer.total_steps(train.len())
         ),
-        None => eprintln!(
-            "training {} on {} samples of {} features for {} steps",
-            trainer
-                .config()
-                .model
-                .family()
-                .map_or("a flow", Family::name),
-            train.len(),
-            train.dim,
-            trainer.total_steps(train.len())
-        ),
+        None => {
+            let cfg = trainer.config();
+            let held = match val {
+                Some(_) => 0,
+                None => held_out_rows(train.len(), cfg.val_fraction),
+            };
+            let validation = match (&val, held) {
+                (Some(v), _) => format!(", validating on {} rows of --val", v.len()),
+                (None, 0) => ", without validation".to_string(),
+                (None, h) => format!(
+                    ", {h} held out to validate on (--val-fraction {}, seed {})",
+                    cfg.val_fraction, cfg.seed
+                ),
+            };
+            let stops = match (held > 0 || val.is_some(), cfg.patience) {
+                (true, Some(p)) => format!(
+                    ", stopping after {p} validation scores without improvement (one every {} steps)",
+                    cfg.val_every
+                ),
+                _ => String::new(),
+            };
+            eprintln!(
+                "training {} on {} samples of {} features{validation}, for at most {} steps{stops}",
+                cfg.model.family().map_or("a flow", Family::name),
+                train.len() - held,
+                train.dim,
+                trainer.total_steps(train.len() - held)
+            );
+        }
     }
     if let Some(i) = image {
         eprintln!(
@@ -635,7 +673,8 @@ pub fn run(a: TrainArgs) -> CmdResult {
         line.push_str(&format!(", peak memory {mib:.0} MiB"));
     }
     eprintln!("{line}");
-    eprintln!("saved {}", a.out.display());
+    eprintln!("stopped: {}", s.ending());
+    eprintln!("saved {}: {}", a.out.display(), s.weights_kept());
     if let Some(reason) = &s.stopped {
         if !reason.starts_with("early stop") {
             return Err(Failure {

@@ -1,14 +1,18 @@
 //! Invertible maps with tractable log-determinants.
 
 mod bijector;
+mod bounded;
 mod chain;
+mod context_standardize;
 mod inverse;
 mod permute;
 mod reverse;
 mod standardize;
 
 pub use bijector::Bijector;
+pub use bounded::{Bound, Bounded};
 pub use chain::Chain;
+pub use context_standardize::ContextStandardize;
 pub use inverse::Inverse;
 pub use permute::Permute;
 pub use reverse::Reverse;

@@ -276,6 +276,7 @@ pub(super) fn given_model_flags(a: &TrainArgs) -> Vec<&'static str> {
         ("base", a.base.is_some()),
         ("context-dim", a.context_dim.is_some()),
         ("no-standardize", a.no_standardize),
+        ("bounds", a.bounds.is_some()),
         ("image", a.image.is_some()),
         ("pixel-levels", a.pixel_levels.is_some()),
         ("scales", a.scales.is_some()),
