@@ -253,8 +253,19 @@ fn bench(args: &[String]) -> Result<()> {
     let trained = trained_line(
         &features,
         &[
-            "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--device", &device,
-            "--out", &model,
+            "train",
+            "--data",
+            "moons",
+            "--n",
+            "20000",
+            "--noise",
+            "0.05",
+            "--device",
+            &device,
+            "--val-fraction",
+            "0",
+            "--out",
+            &model,
         ],
     )?;
 
@@ -277,6 +288,8 @@ fn bench(args: &[String]) -> Result<()> {
         "relu",
         "--steps",
         "1000",
+        "--val-fraction",
+        "0",
         "--device",
         &device,
     ];
