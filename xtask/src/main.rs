@@ -17,6 +17,8 @@
 //! Python (the peers' side) is `python3`, or the interpreter `FLOWS_PYTHON` names.
 
 mod images;
+mod npe;
+mod npe_tasks;
 mod quality;
 
 use std::{
@@ -39,11 +41,13 @@ fn main() -> ExitCode {
             images::digits_command(&args[2..])
         }
         Some("fashion-mnist") => images::fashion_mnist(&args[1..]),
+        Some("npe") => npe::command(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
              | bench [--features F] | bench quality [--steps N] [--threads N] \
              | bench digits [--steps N] [--threads N] [--seeds N] \
-             | fashion-mnist [--features F] [-- ARGS]>"
+             | fashion-mnist [--features F] [-- ARGS] \
+             | npe [--tasks T,…] [--sims N,…] [--no-sbi] [-- FLOW TRAIN FLAGS]>"
             .into()),
     };
     match result {
