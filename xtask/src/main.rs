@@ -373,6 +373,8 @@ fn bench(args: &[String]) -> Result<()> {
         &["--device", &pytorch_device()],
     );
     let peers = python("benches/zuko_jobs.py", &[]);
+    // The Python package against the binary, on the same data, runs alternating.
+    let python_train = python_training(&out, &features)?;
     // FFJORD's toy sets and the autoregressive directions against zuko, on the CPU.
     let quality = quality::run(&quality::Options {
         threads: threads(),
@@ -396,6 +398,7 @@ fn bench(args: &[String]) -> Result<()> {
         pytorch: pytorch.as_deref(),
         peers: peers.as_deref(),
         quality: &quality,
+        python_train: &python_train,
         digits: &digits,
     };
     let mut report = report(&runs)?;
@@ -423,6 +426,52 @@ fn bench_device() -> String {
 /// The Python interpreter that runs the peers' side: `FLOWS_PYTHON`, else `python3`.
 fn python_program() -> String {
     env::var("FLOWS_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The Python interpreter that has the flows package: `FLOWS_PACKAGE_PYTHON`, else the
+/// environment `scripts/test-python.sh` builds.
+fn package_python() -> PathBuf {
+    env::var_os("FLOWS_PACKAGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/pyenv/bin/python"))
+}
+
+/// `benches/python_train.py`'s section: training from Python against `flow train` on
+/// the same moons points (written to `out`), or a line saying why it did not run.
+fn python_training(out: &Path, features: &Option<String>) -> Result<String> {
+    let skipped = |why: String| Ok(format!("## Training from Python\n\nSkipped: {why}\n"));
+    let python = package_python();
+    if !python.exists() {
+        return skipped(format!(
+            "no {} (`scripts/test-python.sh` builds the package into it; FLOWS_PACKAGE_PYTHON names another)",
+            python.display()
+        ));
+    }
+    let data = out.join("moons.npy").to_string_lossy().into_owned();
+    run(flow(
+        features,
+        &[
+            "data", "moons", "--n", "20000", "--seed", "0", "--out", &data,
+        ],
+    ))?;
+    let binary = root().join("target/release/flow");
+    let output = Command::new(&python)
+        .current_dir(root())
+        .arg("benches/python_train.py")
+        .args(["--flow", &binary.to_string_lossy(), "--data", &data])
+        .args([
+            "--out",
+            &out.join("python-bench.safetensors").to_string_lossy(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !output.status.success() {
+        return skipped(format!(
+            "benches/python_train.py failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The same device as PyTorch names it.
@@ -503,6 +552,8 @@ struct Runs<'a> {
     peers: Option<&'a str>,
     /// The sections of `bench quality`, as markdown.
     quality: &'a str,
+    /// Training from Python against `flow train`, as markdown.
+    python_train: &'a str,
     /// The section of `bench digits`, as markdown.
     digits: &'a str,
 }
@@ -756,6 +807,8 @@ fn report(runs: &Runs) -> Result<String> {
     }
     line(String::new());
     line(runs.quality.trim_end().to_string());
+    line(String::new());
+    line(runs.python_train.trim_end().to_string());
     line(String::new());
     line(runs.digits.trim_end().to_string());
     line(String::new());

@@ -149,7 +149,7 @@ fn observations(task: Task, count: usize, dir: &Path) -> Result<Vec<Vec<f64>>> {
         write_rows(
             &dir.join(format!("obs{k}.csv")),
             &names("x", x_o.len()),
-            &[x_o.clone()],
+            std::slice::from_ref(&x_o),
         )?;
         let rng = &mut StdRng::seed_from_u64(seed(task, 2, k as u64));
         let reference = task.reference(&x_o, SAMPLES, rng);
@@ -212,7 +212,11 @@ fn c2st(dim: usize, pairs: &[(PathBuf, PathBuf)]) -> Result<Vec<f64>> {
     }
     let (out, _) = run(cmd)?;
     out.lines()
-        .map(|l| l.trim().parse().map_err(|_| format!("c2st.py printed `{l}`")))
+        .map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| format!("c2st.py printed `{l}`"))
+        })
         .collect()
 }
 
@@ -247,8 +251,13 @@ fn held_out_nll(o: &Options, task: Task, model: &Path, dir: &Path) -> Result<f64
     let test = dir.join("test.csv");
     write_rows(&test, &header, &rows)?;
     let mut cmd = Command::new(o.out.join("flow"));
-    cmd.env("RAYON_NUM_THREADS", o.threads.to_string())
-        .args(["log-prob", "--model", &s(model), "--input", &s(&test)]);
+    cmd.env("RAYON_NUM_THREADS", o.threads.to_string()).args([
+        "log-prob",
+        "--model",
+        &s(model),
+        "--input",
+        &s(&test),
+    ]);
     let (out, _) = run(cmd)?;
     out.split("NLL ")
         .nth(1)
@@ -298,7 +307,12 @@ fn ours(
         cmd.env("RAYON_NUM_THREADS", o.threads.to_string())
             .args(["sample", "--model", &s(&model), "--n"])
             .arg(SAMPLES.to_string())
-            .args(["--seed", &(k + 1).to_string(), "--context", &context.join(",")])
+            .args([
+                "--seed",
+                &(k + 1).to_string(),
+                "--context",
+                &context.join(","),
+            ])
             .args(["--out", &s(&out)]);
         run(cmd)?;
         pairs.push((obs_dir.join(format!("ref{}.csv", k + 1)), out));

@@ -2,9 +2,12 @@ use std::path::PathBuf;
 
 use clap::{
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
-    Args, Parser, Subcommand, ValueEnum,
+    Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum,
 };
-use flow_models::Family;
+use flow_models::{
+    options::{family_defaults, listed, taking},
+    Family, OptionKind, Registry, RegistryOption,
+};
 use flow_nn::Activation;
 use flow_train::data::Toy;
 
@@ -123,6 +126,8 @@ pub struct ImportArgs {
 pub enum TargetArg {
     /// The reference RealNVP code's state dict.
     Seed,
+    /// zuko's `RealNVP`, `NSF` or `MAF` state dict (prints the flow to build).
+    Zuko,
 }
 
 #[derive(Debug, Args)]
@@ -168,89 +173,26 @@ pub struct DataArgs {
     pub out: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CouplingArg {
-    /// RealNVP: scale and shift.
-    Affine,
-    /// NICE: shift only (volume preserving).
-    Additive,
-}
-
-use Family::{Glow, Iaf, Maf, Nice, Nsf, NsfAr, RealNvp, RealNvpImage};
-
-/// The families, by the names flow-models gives them, each with its summary.
+/// The families, by the names the registry gives them, each with its summary.
 fn family_parser() -> impl TypedValueParser<Value = Family> {
-    let values = Family::ALL.map(|f| PossibleValue::new(f.name()).help(f.summary()));
-    PossibleValuesParser::new(values)
-        .try_map(|s| Family::from_name(&s).ok_or_else(|| format!("unknown family `{s}`")))
-}
-
-/// The families over rows of features.
-const VECTOR: &[Family] = &[RealNvp, Nice, Nsf, NsfAr, Maf, Iaf];
-/// The image families.
-const IMAGE: &[Family] = &[Glow, RealNvpImage];
-/// Every family.
-const ALL: &[Family] = &Family::ALL;
-
-/// Which families take which of `flow train`'s model flags: the one table that decides
-/// whether a flag applies. A flag given for a family not listed is refused.
-pub const FAMILY_FLAGS: &[(&str, &[Family])] = &[
-    ("layers", VECTOR),
-    ("hidden", VECTOR),
-    ("hidden-layers", VECTOR),
-    ("activation", ALL),
-    ("bins", &[Nsf, NsfAr]),
-    ("tail-bound", &[Nsf, NsfAr]),
-    ("order", &[NsfAr, Maf, Iaf]),
-    ("coupling", &[RealNvp]),
-    ("scale", &[RealNvp, Maf, Iaf]),
-    ("clamp", &[RealNvp, Maf, Iaf]),
-    ("nets", &[RealNvp, Nice]),
-    ("base", VECTOR),
-    ("context-dim", VECTOR),
-    ("no-standardize", VECTOR),
-    ("bounds", VECTOR),
-    ("image", IMAGE),
-    ("pixel-levels", IMAGE),
-    ("scales", IMAGE),
-    ("depth", &[Glow]),
-    ("channels", IMAGE),
-];
-
-/// The families that take the model flag `--{flag}` ([`FAMILY_FLAGS`]); every family
-/// for a flag the table does not list.
-pub fn taking(flag: &str) -> &'static [Family] {
-    FAMILY_FLAGS
+    let values: Vec<PossibleValue> = Registry::builtin()
+        .model_families()
         .iter()
-        .find(|(name, _)| *name == flag)
-        .map_or(ALL, |(_, families)| families)
-}
-
-/// Whether `family` takes the model flag `--{flag}`.
-pub fn takes(family: Family, flag: &str) -> bool {
-    taking(flag).contains(&family)
-}
-
-/// The families that model rows of a single feature.
-pub fn one_dimensional() -> Vec<Family> {
-    VECTOR.iter().copied().filter(|f| !f.couples()).collect()
-}
-
-/// `a, b and c`.
-pub fn listed(families: &[Family]) -> String {
-    let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
-    match names.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
-        _ => names.concat(),
-    }
+        .map(|f| PossibleValue::new(f.name()).help(f.summary()))
+        .collect();
+    PossibleValuesParser::new(values).try_map(|s| {
+        Registry::builtin()
+            .model_family(&s)
+            .ok_or_else(|| format!("unknown family `{s}`"))
+    })
 }
 
 /// A model flag's help line: `text`, the families that take it, and each family's
-/// default as its configuration defines it.
+/// default as its declaration gives it.
 fn family_help(flag: &str, text: &str) -> String {
     let families = taking(flag);
-    let mut line = format!("{text} [{}", listed(families));
-    let defaults = crate::commands::train::family_defaults(flag);
+    let mut line = format!("{text} [{}", listed(&families));
+    let defaults = family_defaults(flag);
     if !defaults.is_empty() {
         let parts: Vec<String> = defaults
             .iter()
@@ -268,35 +210,74 @@ fn family_help(flag: &str, text: &str) -> String {
     line
 }
 
+/// The flag of a family option: its value read as the option's kind declares, its
+/// help line derived from the declarations.
+fn option_arg(o: &RegistryOption) -> Arg {
+    let arg = Arg::new(o.name)
+        .long(o.name)
+        .value_name(o.name.to_uppercase().replace('-', "_"))
+        .help(family_help(o.name, o.help));
+    match &o.kind {
+        OptionKind::Count { .. } => {
+            arg.value_parser(|s: &str| s.parse::<usize>().map(|v| v.to_string()))
+        }
+        OptionKind::Positive => arg.value_parser(|s: &str| s.parse::<f64>().map(|v| v.to_string())),
+        OptionKind::Choice(choices) => {
+            let values: Vec<PossibleValue> = choices
+                .iter()
+                .map(|c| {
+                    let value = PossibleValue::new(c.name);
+                    if c.help.is_empty() {
+                        value
+                    } else {
+                        value.help(c.help)
+                    }
+                })
+                .collect();
+            arg.value_parser(PossibleValuesParser::new(values))
+        }
+    }
+}
+
+/// The families' options as `flow train` flags, one per option the registry's
+/// families declare: what the user gave, as `(name, value)` in declaration order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelFlags {
+    pub given: Vec<(&'static str, String)>,
+}
+
+impl FromArgMatches for ModelFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let given = Registry::builtin()
+            .options()
+            .into_iter()
+            .filter_map(|o| Some((o.name, matches.get_one::<String>(o.name)?.clone())))
+            .collect();
+        Ok(Self { given })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for ModelFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        Registry::builtin()
+            .options()
+            .iter()
+            .fold(cmd, |cmd, o| cmd.arg(option_arg(o)))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
 /// A run flag's help line, with its default.
 fn run_help(text: &str, default: impl std::fmt::Display) -> String {
     format!("{text} [default {default}]")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OrderArg {
-    /// Alternate forward and reversed.
-    Alternate,
-    /// A seeded random permutation per layer.
-    Random,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NetsArg {
-    /// One network per parameter.
-    Separate,
-    /// One network for all parameters.
-    Joint,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ScaleArg {
-    /// `s / (1 + |s| / clamp)`.
-    SoftClamp,
-    /// `s` unbounded (the original RealNVP).
-    Exp,
-    /// `clamp · tanh(s / clamp)`.
-    Tanh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -351,40 +332,14 @@ pub struct TrainArgs {
     /// The flow family (default: realnvp; glow for `--data digits`).
     #[arg(long, value_parser = family_parser())]
     pub flow: Option<Family>,
-    #[arg(long, help = family_help("layers", "Layers (couplings or autoregressive layers)"))]
-    pub layers: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelFlags,
     #[arg(long, help = family_help("image", "Image shape HxWxC of an image flow's data: each row holds C·H·W pixel values in (C, H, W) order; .npy (N, H, W) or (N, C, H, W), IDX files and `digits` bring their own"))]
     pub image: Option<String>,
     #[arg(long, help = family_help("pixel-levels", "Values a pixel takes: pixels are whole numbers in [0, L), and training sees them dequantised, (pixel + u) / L with u ~ U[0, 1) (default: the data set's, 17 for `digits`, else 256)"))]
     pub pixel_levels: Option<u32>,
-    #[arg(long, help = family_help("scales", "Scales (levels) of an image flow; each squeezes once and all but the last factor half the channels out"))]
-    pub scales: Option<usize>,
-    #[arg(long, help = family_help("depth", "Flow steps per scale of Glow (K)"))]
-    pub depth: Option<usize>,
-    #[arg(long, help = family_help("channels", "Hidden channels of an image flow's convolutional conditioners"))]
-    pub channels: Option<usize>,
-    #[arg(long, help = family_help("hidden", "Width of each hidden layer of the conditioner networks"))]
-    pub hidden: Option<usize>,
-    #[arg(long, help = family_help("hidden-layers", "Hidden layers of each conditioner network"))]
-    pub hidden_layers: Option<usize>,
-    #[arg(long, value_parser = activation_parser(), help = family_help("activation", "Hidden-layer activation of the conditioner networks"))]
-    pub activation: Option<Activation>,
-    #[arg(long, help = family_help("bins", "Spline bins"))]
-    pub bins: Option<usize>,
-    #[arg(long, help = family_help("tail-bound", "Splines act on [−B, B] and are the identity outside"))]
-    pub tail_bound: Option<f64>,
-    #[arg(long, value_enum, help = family_help("order", "Feature orders of autoregressive layers: alternating, or a seeded random permutation per layer"))]
-    pub order: Option<OrderArg>,
     #[arg(long, help = family_help("base", "Base distribution: normal (N(0, I)), diag (a trainable diagonal Gaussian) or mixture:K (a trainable mixture of K diagonal Gaussians) (default normal)"))]
     pub base: Option<String>,
-    #[arg(long, value_enum, help = family_help("coupling", "Coupling layer: affine (RealNVP) or additive (NICE, as --flow nice)"))]
-    pub coupling: Option<CouplingArg>,
-    #[arg(long, value_enum, help = family_help("scale", "How an affine layer's raw log-scale is bounded"))]
-    pub scale: Option<ScaleArg>,
-    #[arg(long, value_enum, help = family_help("nets", "Conditioner networks: one per parameter (scale and shift: the original RealNVP) or one joint network for both (zuko's and normflows' layout, half the arithmetic)"))]
-    pub nets: Option<NetsArg>,
-    #[arg(long, help = family_help("clamp", "Bound of the soft-clamp and tanh log-scale maps"))]
-    pub clamp: Option<f64>,
     #[arg(long, conflicts_with = "epochs", help = run_help("Optimizer steps at most (training stops earlier when validation stops improving); with --resume, the total to continue to", crate::commands::train::default_duration()))]
     pub steps: Option<usize>,
     /// Passes over the training data, instead of --steps.
@@ -423,7 +378,7 @@ pub struct TrainArgs {
     pub val_every: Option<usize>,
     #[arg(long, help = run_help("Stop after this many validation scores without improvement; 0 never stops early", crate::commands::train::default_patience()))]
     pub patience: Option<usize>,
-    #[arg(long, help = family_help("no-standardize", "Train on the data as it is, without standardising it"))]
+    #[arg(long, help = family_help("no-standardize", "Train on the data and the context as they are, without standardising them"))]
     pub no_standardize: bool,
     #[arg(long, value_name = "LOW:HIGH,…", allow_hyphen_values = true, help = family_help("bounds", "The box the data live in, one LOW:HIGH per data column (-inf or inf for an open side): samples stay inside it and log-probs are densities on it; every training row must lie strictly inside"))]
     pub bounds: Option<String>,
@@ -442,6 +397,26 @@ pub struct TrainArgs {
     /// Stop after this many steps in total and write a resumable checkpoint to --out.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Train on several processes, each on its share of every batch (--batch stays
+    /// the whole batch): `mpi` for processes started by mpirun or srun, `nccl` for one
+    /// CUDA GPU per process (torchrun, srun). Needs a build with that cargo feature.
+    #[arg(long, value_enum)]
+    pub distributed: Option<DistributedArg>,
+    #[arg(long, help = format!("With --distributed: seconds a process waits for the others before it fails [default {}]", flow_dist::DEFAULT_TIMEOUT_SECS))]
+    pub dist_timeout: Option<f64>,
+    /// With --distributed: check every N steps that the processes hold the same
+    /// weights, failing if not [default: 100 in debug builds, never in release ones].
+    #[arg(long)]
+    pub dist_check_every: Option<usize>,
+}
+
+/// The transport of `flow train --distributed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DistributedArg {
+    /// MPI (cargo feature `mpi`): processes on CPUs.
+    Mpi,
+    /// NCCL (cargo feature `nccl`): one CUDA GPU per process.
+    Nccl,
 }
 
 #[derive(Debug, Args)]
@@ -581,13 +556,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_flag_table_groups_the_families_as_flow_models_does() {
-        let images: Vec<Family> = Family::ALL.into_iter().filter(|f| f.is_image()).collect();
-        let rows: Vec<Family> = Family::ALL.into_iter().filter(|f| !f.is_image()).collect();
-        assert_eq!(IMAGE, images);
-        assert_eq!(VECTOR, rows);
-        assert_eq!(listed(&one_dimensional()), "nsf-ar, maf and iaf");
-        assert_eq!(listed(taking("bins")), "nsf and nsf-ar");
-        assert!(takes(RealNvpImage, "channels") && !takes(Nice, "coupling"));
+    fn every_family_option_is_a_flag_with_its_families_and_defaults() {
+        let cmd = <ModelFlags as Args>::augment_args(clap::Command::new("train"));
+        for option in Registry::builtin().options() {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(option.name))
+                .unwrap_or_else(|| panic!("no --{}", option.name));
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.starts_with(option.help), "{help}");
+            assert!(help.contains(&listed(&taking(option.name))), "{help}");
+        }
+        let help = family_help("bins", "Spline bins");
+        assert_eq!(help, "Spline bins [nsf and nsf-ar; default 8]");
     }
 }

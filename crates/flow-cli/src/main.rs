@@ -44,7 +44,8 @@ pub fn print_out(text: &str) {
 }
 
 fn main() -> ExitCode {
-    flow_nn::pin_thread_count();
+    // Processes that a launcher started together on this machine share its cores.
+    flow_nn::pin_thread_count_among(flow_dist::local_processes());
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

@@ -880,4 +880,16 @@ fn a_bounded_model_samples_inside_its_box_and_refuses_rows_outside() {
         ],
         "--bounds gives 1 entries for 2 data columns",
     );
+    fails(
+        &[
+            "export",
+            "--to",
+            "zuko",
+            "--model",
+            &m,
+            "--out",
+            &path("bounded-zuko.safetensors"),
+        ],
+        "cannot export to zuko: the model is confined to a box (--bounds), which that tool's flows have no layer for",
+    );
 }

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::{Bijector, Permute, Reverse};
+use crate::{AnyModelFamily, Bijector, Permute, Reverse};
 
 /// The key of a spec that names its layer's kind.
 const KIND: &str = "type";
@@ -45,6 +45,14 @@ impl LayerSpec {
             Value::Object(map) => Self::try_from(map),
             other => Err(format!("a layer must be an object, got {other}")),
         }
+    }
+
+    /// Layers that name their own kinds (a serde enum tagged `type`), as specs.
+    pub fn tagged_all<L: Serialize>(layers: &[L]) -> Vec<Self> {
+        layers
+            .iter()
+            .map(|l| Self::tagged(l).expect("a layer tagged `type` serialises to an object"))
+            .collect()
     }
 
     /// The layer's kind, its `type`.
@@ -111,6 +119,13 @@ pub trait LayerFamily: Send + Sync {
         let _ = kind;
         None
     }
+
+    /// The families of whole models it makes ([`ModelFamily`](crate::ModelFamily)):
+    /// the names `--flow` takes, their defaults and options. None, the default, for a
+    /// family of layers alone.
+    fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
+        Vec::new()
+    }
 }
 
 /// A small layer and the rows it takes: [`LayerFamily::sample`].
@@ -161,6 +176,11 @@ pub trait Family: Send + Sync {
         let _ = kind;
         None
     }
+
+    /// The families of whole models it makes: see [`LayerFamily::models`].
+    fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
+        Vec::new()
+    }
 }
 
 impl<F: Family> LayerFamily for F {
@@ -185,6 +205,10 @@ impl<F: Family> LayerFamily for F {
 
     fn sample(&self, kind: &str) -> Option<SampleLayer> {
         Family::sample(self, kind)
+    }
+
+    fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
+        Family::models(self)
     }
 }
 

@@ -191,6 +191,13 @@ impl Flow {
         self.bijector.set_training(training)
     }
 
+    /// Tells the layers that use a batch's statistics that each process holds a share
+    /// of every batch, and how to sum over the shares ([`Bijector::share_batch`]);
+    /// `None` makes the batch whole again.
+    pub fn share_batch(&mut self, shared: Option<std::sync::Arc<dyn crate::SharedBatch>>) {
+        self.bijector.share_batch(shared)
+    }
+
     /// The tensors of the bijector and the base that training must leave alone.
     pub fn buffers(&self) -> Vec<Tensor> {
         let mut b = self.bijector.buffers();

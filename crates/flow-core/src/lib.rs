@@ -11,10 +11,13 @@ pub mod device;
 pub mod distributions;
 pub mod family;
 pub mod flow;
+pub mod image;
 pub mod init;
 pub mod limits;
+pub mod recipe;
 pub mod sampling;
 mod setters;
+pub mod shared_batch;
 
 pub use bijectors::{
     Bijector, Bound, Bounded, Chain, ContextStandardize, Inverse, Permute, Reverse, Standardize,
@@ -23,4 +26,10 @@ pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};
 pub use family::{Family, FixedLayers, LayerConfig, LayerFamily, LayerSpec, SampleLayer};
 pub use flow::Flow;
+pub use image::{ImageInfo, ImageShape};
 pub use init::seeded_var_builder;
+pub use recipe::{
+    AnyModelFamily, Choice, ModelData, ModelFamily, ModelOption, OptionInfo, OptionKind, Recipe,
+    Spelled,
+};
+pub use shared_batch::SharedBatch;

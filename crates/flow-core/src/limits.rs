@@ -81,6 +81,44 @@ pub fn check_dense(widths: &[usize]) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `v` is positive and stays a positive, finite number as an `f32`, the type
+/// the tensors it scales are trained in.
+pub fn positive_f32(v: f64) -> bool {
+    let single = v as f32;
+    v > 0.0 && single.is_finite() && single > 0.0
+}
+
+/// The value `v` of the setting `--{flag}`, checked to lie in `[min, max]` before
+/// anything of that size is made.
+pub fn check_count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize, String> {
+    if v < min {
+        return Err(format!("--{flag} must be at least {min}, got {v}"));
+    }
+    if v > max {
+        return Err(format!(
+            "--{flag} {v} is more than the largest allowed, {max}"
+        ));
+    }
+    Ok(v)
+}
+
+/// The value `v` of the setting `--{flag}`, checked to be positive and finite as the
+/// `f32` it becomes.
+pub fn check_positive(flag: &str, v: f64) -> Result<f64, String> {
+    if !positive_f32(v) {
+        let v = if v.abs() >= 1e6 {
+            format!("{v:e}")
+        } else {
+            v.to_string()
+        };
+        return Err(format!(
+            "--{flag} must be positive and finite in f32 (below {:e}), got {v}",
+            f32::MAX
+        ));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

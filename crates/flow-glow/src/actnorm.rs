@@ -5,7 +5,10 @@ use candle_nn::VarBuilder;
 use flow_core::Bijector;
 use serde::{Deserialize, Serialize};
 
-use crate::shape::{assign, per_row, ImageShape};
+use crate::{
+    shape::{assign, per_row},
+    ImageShape,
+};
 
 fn default_eps() -> f64 {
     1e-6

@@ -1,7 +1,7 @@
 //! The Glow and RealNVP image architectures as configurations that spell out their
 //! layers.
 
-use flow_core::LayerSpec;
+use flow_core::{image::DEFAULT_PIXEL_LEVELS, ImageInfo, LayerSpec};
 use flow_nn::{Activation, ScaleMap};
 use serde::{Deserialize, Serialize};
 
@@ -9,15 +9,6 @@ use crate::{
     ActNormConfig, BatchNormConfig, ConvCouplingConfig, CouplingMask, GlowLayer, ImageShape,
     InvConv1x1Config, LogitConfig, MultiScaleConfig, SqueezeConfig,
 };
-
-/// What an image model records about its data, readable from the recipe of either
-/// architecture (`serde_json::from_value::<ImageInfo>(recipe)`): the image shape and
-/// the number of values a pixel takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageInfo {
-    pub shape: ImageShape,
-    pub pixel_levels: u32,
-}
 
 /// `(C, H, W) → (4C, H/2, W/2)` without checking (a configuration that cannot squeeze
 /// is reported by its `squeeze` layer's check).
@@ -119,7 +110,7 @@ impl Default for GlowConfig {
             lu: true,
             zero_init: true,
             logit: None,
-            pixel_levels: 256,
+            pixel_levels: DEFAULT_PIXEL_LEVELS,
             learn_base: true,
             exact_sigmoid: false,
         }
@@ -275,7 +266,7 @@ impl Default for RealNvpImageConfig {
             zero_init: true,
             batch_norm: true,
             logit: Some(0.05),
-            pixel_levels: 256,
+            pixel_levels: DEFAULT_PIXEL_LEVELS,
             learn_base: false,
         }
     }

@@ -1,12 +1,17 @@
 //! The batch-normalisation flow layer (RealNVP §3.7).
 
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::Bijector;
+use flow_core::{Bijector, SharedBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::actnorm::channel_moments;
-use crate::shape::{assign, per_row, ImageShape};
+use crate::{
+    shape::{assign, per_row},
+    ImageShape,
+};
 
 fn default_momentum() -> f64 {
     0.1
@@ -71,6 +76,10 @@ impl BatchNormConfig {
 /// so that a built or loaded model is a fixed bijection) it uses the running averages.
 /// `inverse` always uses the running averages: it inverts the evaluation-mode map.
 ///
+/// When each process of a data-parallel run holds a share of the batch
+/// ([`Bijector::share_batch`]), the training-mode statistics are those of the whole
+/// batch, summed over the shares: every process computes the same map.
+///
 /// Tensors: `log_gamma` and `beta` (`(C,)`, trainable, starting at 0: the identity on
 /// standardised data), `running_mean` and `running_var` (`(C,)`, starting at 0 and 1;
 /// buffers, updated in place by training-mode forward passes and saved with the
@@ -85,6 +94,7 @@ pub struct BatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
     training: bool,
+    shared: Option<Arc<dyn SharedBatch>>,
 }
 
 impl BatchNorm {
@@ -101,6 +111,7 @@ impl BatchNorm {
             running_mean: vb.get_with_hints(c, "running_mean", candle_nn::init::ZERO)?,
             running_var: vb.get_with_hints(c, "running_var", candle_nn::init::ONE)?,
             training: false,
+            shared: None,
         })
     }
 
@@ -142,11 +153,31 @@ impl BatchNorm {
     }
 }
 
+/// [`channel_moments`] of a batch whose rows are shared out between processes: the
+/// per-channel mean and (population) variance of all the shares, in two sums over
+/// them as the whole batch would take them (the mean first, then the squared
+/// deviations from it).
+fn shared_channel_moments(img: &Tensor, shared: &dyn SharedBatch) -> Result<(Tensor, Tensor)> {
+    let c = img.dim(1)?;
+    let rows = img.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+    let count = Tensor::full(rows.dim(1)? as f64, 1, img.device())?.to_dtype(img.dtype())?;
+    // One sum for the channels' totals and the number of values behind them.
+    let totals = shared.sum(&Tensor::cat(&[rows.sum(1)?, count], 0)?)?;
+    let n = totals.narrow(0, c, 1)?;
+    let mean = totals.narrow(0, 0, c)?.broadcast_div(&n)?;
+    let deviations = rows.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.sum(1)?;
+    let var = shared.sum(&deviations)?.broadcast_div(&n)?;
+    Ok((mean, var))
+}
+
 impl Bijector for BatchNorm {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let img = self.shape.to_image(x, "batch-norm")?;
         let (mean, var) = if self.is_training() {
-            let (mean, var) = channel_moments(&img)?;
+            let (mean, var) = match &self.shared {
+                Some(shared) => shared_channel_moments(&img, shared.as_ref())?,
+                None => channel_moments(&img)?,
+            };
             self.update_running(&mean, &var)?;
             (mean, var)
         } else {
@@ -186,6 +217,10 @@ impl Bijector for BatchNorm {
 
     fn batch_statistics(&self) -> bool {
         self.training
+    }
+
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        self.shared = shared;
     }
 
     /// `running_mean` and `running_var`.

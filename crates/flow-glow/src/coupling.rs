@@ -7,7 +7,7 @@ use flow_core::{limits, Bijector};
 use flow_nn::{Activation, ScaleMap};
 use serde::{Deserialize, Serialize};
 
-use crate::shape::ImageShape;
+use crate::ImageShape;
 
 /// Which part of the image a [`ConvCoupling`] keeps (and conditions on) and which it
 /// transforms.

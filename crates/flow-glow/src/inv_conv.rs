@@ -7,7 +7,10 @@ use flow_core::Bijector;
 use flow_nn::linalg::{self, Lu};
 use serde::{Deserialize, Serialize};
 
-use crate::shape::{assign, per_row, ImageShape};
+use crate::{
+    shape::{assign, per_row},
+    ImageShape,
+};
 
 fn default_lu() -> bool {
     true

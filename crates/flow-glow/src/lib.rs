@@ -79,15 +79,15 @@ mod squeeze;
 
 pub use actnorm::{ActNorm, ActNormConfig};
 pub use architecture::{
-    GlowConfig, ImageInfo, RealNvpImageConfig, SMALL_DEPTH, SMALL_HIDDEN_CHANNELS, SMALL_LEVELS,
+    GlowConfig, RealNvpImageConfig, SMALL_DEPTH, SMALL_HIDDEN_CHANNELS, SMALL_LEVELS,
 };
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use coupling::{ConvCoupling, ConvCouplingConfig, CouplingMask};
 pub use family::GlowFamily;
+pub use flow_core::{ImageInfo, ImageShape};
 pub use flow_nn::{Activation, ScaleMap};
 pub use inv_conv::{InvConv1x1, InvConv1x1Config};
 pub use layer::GlowLayer;
 pub use logit::{bits_per_dim, Logit, LogitConfig};
 pub use multiscale::{MultiScale, MultiScaleConfig};
-pub use shape::ImageShape;
 pub use squeeze::{Squeeze, SqueezeConfig, Unsqueeze};

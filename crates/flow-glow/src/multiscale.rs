@@ -1,13 +1,15 @@
 //! The multi-scale architecture (RealNVP §3.6, Glow §3): after each level but the last,
 //! half of the channels leave the flow for the latent and the rest go on.
 
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, LayerSpec};
+use flow_core::{Bijector, Chain, LayerSpec, SharedBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{build_nested, nested_output_shape};
-use crate::shape::ImageShape;
+use crate::ImageShape;
 
 /// A [`MultiScale`] layer: the shape of the images it takes and its levels, each a list
 /// of layers applied (data to latent) in order to that level's images.
@@ -216,6 +218,12 @@ impl Bijector for MultiScale {
 
     fn batch_statistics(&self) -> bool {
         self.levels.iter().any(|l| l.chain.batch_statistics())
+    }
+
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        for level in &mut self.levels {
+            level.chain.share_batch(shared.clone());
+        }
     }
 
     fn buffers(&self) -> Vec<Tensor> {

@@ -4,7 +4,7 @@ use candle::{Result, Tensor};
 use flow_core::Bijector;
 use serde::{Deserialize, Serialize};
 
-use crate::shape::ImageShape;
+use crate::ImageShape;
 
 /// A [`Squeeze`] or [`Unsqueeze`] layer: the shape of the images it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,12 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
+    sync::{Arc, Mutex},
 };
 
-use candle::{DType, Device, Tensor};
-use candle_nn::VarMap;
-use flow_core::{seeded_var_builder, Flow};
+use candle::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{var_builder::SimpleBackend, VarBuilder, VarMap};
+use flow_core::Flow;
 use flow_models::{ModelConfig, Registry};
 use safetensors::{tensor::TensorView, SafeTensors};
 
@@ -209,7 +210,9 @@ pub fn build_checked(
     build_checked_with(path, checkpoint, &Registry::builtin(), dtype, device)
 }
 
-/// [`build_checked`] with the layer families of `registry`.
+/// [`build_checked`] with the layer families of `registry`. The flow is built once,
+/// over the checkpoint's values: the layers' own checks at construction (positive
+/// standard deviations, say) see the real weights.
 pub fn build_checked_with(
     path: &Path,
     checkpoint: Checkpoint,
@@ -217,10 +220,6 @@ pub fn build_checked_with(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel, IoError> {
-    let bad_config = |e: candle::Error| IoError::BadConfig {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
     // Sizes and settings first, before anything is allocated.
     checkpoint
         .config
@@ -229,83 +228,144 @@ pub fn build_checked_with(
             path: path.to_path_buf(),
             reason,
         })?;
-    // Build once with placeholder values to learn the expected names and shapes.
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, dtype, device);
-    let flow = checkpoint
-        .config
-        .build_with(registry, vb)
-        .map_err(bad_config)?;
-    let vars = varmap
-        .data()
+    let asked = Arc::new(Mutex::new(BTreeMap::new()));
+    let backend = FromCheckpoint {
+        tensors: checkpoint.tensors.clone(),
+        varmap: varmap.clone(),
+        asked: asked.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let built = checkpoint.config.build_with(registry, vb);
+    let asked = asked
         .lock()
         .map_err(|_| IoError::Invalid {
             path: path.to_path_buf(),
-            message: "variable map poisoned".into(),
+            message: "variable list poisoned".into(),
         })?
         .clone();
-    let mut expected: Vec<&String> = vars.keys().collect();
-    expected.sort();
-    for name in expected {
-        let var = &vars[name];
-        let Some(t) = checkpoint.tensors.get(name) else {
-            return Err(IoError::MissingTensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-            });
-        };
-        if t.dims() != var.dims() {
-            return Err(IoError::ShapeMismatch {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                expected: var.dims().to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        let finite = t
-            .to_dtype(DType::F64)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
-            .map_err(IoError::candle(path))?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err(IoError::NonFinite {
-                path: path.to_path_buf(),
-                name: name.clone(),
-            });
-        }
-        let value = t
-            .to_dtype(dtype)
-            .and_then(|t| t.to_device(device))
-            .map_err(IoError::candle(path))?;
-        var.set(&value).map_err(IoError::candle(path))?;
+    // The tensors first: a missing or broken one is why a build over it fails.
+    for (name, dims) in &asked {
+        check_tensor(path, &checkpoint.tensors, name, dims)?;
     }
+    let flow = built.map_err(|e| IoError::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    // A build that stopped early asked for only some of the tensors: the others are
+    // known unexpected only after a whole build.
     let mut names: Vec<&String> = checkpoint.tensors.keys().collect();
     names.sort();
     let model_tensor = |n: &&String| !n.starts_with(STATE_PREFIX);
     if let Some(name) = names
         .into_iter()
         .filter(model_tensor)
-        .find(|n| !vars.contains_key(*n))
+        .find(|n| !asked.contains_key(*n))
     {
         return Err(IoError::UnexpectedTensor {
             path: path.to_path_buf(),
             name: name.clone(),
         });
     }
-    // Build again over the filled-in variables, so that construction-time checks
-    // (positive standard deviations, valid permutations) see the real values.
-    drop(flow);
-    let vb = seeded_var_builder(&varmap, 0, dtype, device);
-    let flow = checkpoint
-        .config
-        .build_with(registry, vb)
-        .map_err(bad_config)?;
     Ok(LoadedModel {
         flow,
         varmap,
         checkpoint,
     })
+}
+
+/// Checks the checkpoint's tensor `name` against the shape `dims` the model asked for:
+/// present, of that shape, and finite.
+fn check_tensor(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+) -> Result<(), IoError> {
+    let Some(t) = tensors.get(name) else {
+        return Err(IoError::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    };
+    if t.dims() != dims {
+        return Err(IoError::ShapeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: dims.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    let finite = t
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+        .map_err(IoError::candle(path))?
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite {
+        return Err(IoError::NonFinite {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Variables made from a checkpoint's tensors as the model asks for them, each asked
+/// name and shape noted for the checks after the build. A tensor that is missing or of
+/// another shape is stood in for by zeros, so that the build goes on; the checks then
+/// refuse the checkpoint.
+struct FromCheckpoint {
+    tensors: HashMap<String, Tensor>,
+    varmap: VarMap,
+    asked: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl SimpleBackend for FromCheckpoint {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle::Result<Tensor> {
+        let poisoned = || candle::Error::Msg("variable map poisoned".into());
+        let mut vars = self.varmap.data().lock().map_err(|_| poisoned())?;
+        if let Some(existing) = vars.get(name) {
+            if existing.shape() != &s {
+                candle::bail!("shape mismatch on {name}: {s:?} <> {:?}", existing.shape());
+            }
+            return Ok(existing.as_tensor().clone());
+        }
+        self.asked
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(name.to_string(), s.dims().to_vec());
+        // A copy: the variable trains in place, and the checkpoint keeps what it read.
+        let value = match self.tensors.get(name) {
+            Some(t) if t.shape() == &s => t.to_dtype(dtype)?.to_device(dev)?.copy()?,
+            _ => Tensor::zeros(s, dtype, dev)?,
+        };
+        let var = Var::from_tensor(&value)?;
+        let tensor = var.as_tensor().clone();
+        vars.insert(name.to_string(), var);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle::Result<Tensor> {
+        self.varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("variable map poisoned".into()))?
+            .get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| candle::Error::CannotFindTensor { path: name.into() })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }
 
 /// Reads a checkpoint and rebuilds its flow on `device` in `dtype`.

@@ -8,6 +8,7 @@
 mod atomic;
 mod checkpoint;
 mod error;
+mod export;
 pub mod import;
 mod scores;
 
@@ -17,5 +18,8 @@ pub use checkpoint::{
     FORMAT_VERSION, STATE_PREFIX,
 };
 pub use error::IoError;
-pub use import::{export_seed, import, import_bytes, Assumption, ImportOptions, Imported, Source};
+pub use export::{export, Target};
+pub use import::{
+    export_seed, export_zuko, import, import_bytes, Assumption, ImportOptions, Imported, Source,
+};
 pub use scores::check_scores;

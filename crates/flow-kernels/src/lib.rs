@@ -39,7 +39,7 @@ pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
 pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
-pub use threads::{on_this_thread, pin_thread_count};
+pub use threads::{on_this_thread, pin_thread_count, pin_thread_count_among};
 
 /// The contiguous part of a storage that `l` describes (the fused ops take contiguous
 /// inputs).

@@ -17,8 +17,15 @@ use std::cell::Cell;
 ///
 /// A variable already set is left alone. Call it first thing in `main`, before the
 /// process has started other threads: it changes the environment.
-#[allow(unsafe_code)]
 pub fn pin_thread_count() {
+    pin_thread_count_among(1);
+}
+
+/// [`pin_thread_count`] for one of `processes` processes on this machine (the
+/// processes of a data-parallel run that a launcher started here): each takes its
+/// part of the cores, at least one, instead of all of them.
+#[allow(unsafe_code)]
+pub fn pin_thread_count_among(processes: usize) {
     let set = |name: &str, value: String| {
         if std::env::var_os(name).is_none() {
             // SAFETY: the caller runs this at the start of `main`, while the process
@@ -28,7 +35,9 @@ pub fn pin_thread_count() {
     };
     set(
         "RAYON_NUM_THREADS",
-        candle::utils::get_num_threads().to_string(),
+        (candle::utils::get_num_threads() / processes.max(1))
+            .max(1)
+            .to_string(),
     );
     set("CANDLE_NUM_THREADS", "1".to_string());
 }

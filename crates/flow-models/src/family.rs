@@ -1,108 +1,96 @@
-//! The one list of model families: the names a recipe records, a command line takes
-//! and an importer produces.
+//! The families of models the registry lists: the names recipes record and `--flow`
+//! takes, each with its options, as its crate declares them
+//! ([`ModelFamily`](flow_core::ModelFamily)).
+
+use std::sync::Arc;
+
+use flow_core::{AnyModelFamily, ModelData, OptionInfo};
+
+use crate::ModelConfig;
 
 /// A family of models, as a model's recipe names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Affine couplings (RealNVP).
-    RealNvp,
-    /// Additive couplings (NICE).
-    Nice,
-    /// Rational-quadratic spline couplings.
-    Nsf,
-    /// Autoregressive rational-quadratic splines.
-    NsfAr,
-    /// Masked autoregressive flow.
-    Maf,
-    /// Inverse autoregressive flow.
-    Iaf,
-    /// Glow's multi-scale image flow.
-    Glow,
-    /// RealNVP's multi-scale image flow.
-    RealNvpImage,
+#[derive(Clone)]
+pub struct Family(Arc<dyn AnyModelFamily>);
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Family {}
+
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Family {
-    /// Every family.
-    pub const ALL: [Family; 8] = [
-        Self::RealNvp,
-        Self::Nice,
-        Self::Nsf,
-        Self::NsfAr,
-        Self::Maf,
-        Self::Iaf,
-        Self::Glow,
-        Self::RealNvpImage,
-    ];
-
-    /// The family's name, as recipes record it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::RealNvp => "realnvp",
-            Self::Nice => "nice",
-            Self::Nsf => "nsf",
-            Self::NsfAr => "nsf-ar",
-            Self::Maf => "maf",
-            Self::Iaf => "iaf",
-            Self::Glow => "glow",
-            Self::RealNvpImage => "realnvp-image",
-        }
+    pub(crate) fn new(family: Box<dyn AnyModelFamily>) -> Self {
+        Self(Arc::from(family))
     }
 
-    /// The family named `name`, if there is one.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.name() == name)
+    /// The family's name, as recipes record it.
+    pub fn name(&self) -> &'static str {
+        self.0.name()
     }
 
     /// One line on what the family is.
-    pub fn summary(self) -> &'static str {
-        match self {
-            Self::RealNvp => "Affine couplings",
-            Self::Nice => "Additive couplings",
-            Self::Nsf => "Rational-quadratic spline couplings",
-            Self::NsfAr => "Autoregressive rational-quadratic splines",
-            Self::Maf => "Masked autoregressive flow",
-            Self::Iaf => "Inverse autoregressive flow",
-            Self::Glow => "Glow (Kingma & Dhariwal 2018): multi-scale, each step ActNorm, an invertible 1×1 convolution and a convolutional affine coupling (images)",
-            Self::RealNvpImage => "RealNVP's multi-scale image architecture (Dinh et al. 2016): checkerboard and channel-wise convolutional couplings with batch norm (images)",
-        }
+    pub fn summary(&self) -> &'static str {
+        self.0.summary()
     }
 
     /// Whether the family models images (pixel data of a fixed shape).
-    pub fn is_image(self) -> bool {
-        matches!(self, Self::Glow | Self::RealNvpImage)
+    pub fn is_image(&self) -> bool {
+        self.0.image()
     }
 
     /// Whether the family couples one part of a row to the rest, and so needs at
     /// least two features.
-    pub fn couples(self) -> bool {
-        matches!(self, Self::RealNvp | Self::Nice | Self::Nsf)
+    pub fn couples(&self) -> bool {
+        self.0.couples()
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// The decoupled weight decay the family's models train with unless told
+    /// otherwise.
+    pub fn weight_decay(&self) -> f64 {
+        self.0.weight_decay()
+    }
 
-    #[test]
-    fn every_family_is_found_by_its_name() {
-        for family in Family::ALL {
-            assert_eq!(Family::from_name(family.name()), Some(family));
-        }
-        assert_eq!(Family::from_name("real-nvp"), None);
-        let names: Vec<&str> = Family::ALL.map(Family::name).to_vec();
-        assert_eq!(
-            names,
-            [
-                "realnvp",
-                "nice",
-                "nsf",
-                "nsf-ar",
-                "maf",
-                "iaf",
-                "glow",
-                "realnvp-image"
-            ]
-        );
+    /// The family's options, in the order they apply, each with the family's default.
+    pub fn options(&self) -> Vec<OptionInfo> {
+        self.0.options()
+    }
+
+    /// Whether the family takes the option `name`.
+    pub fn takes(&self, name: &str) -> bool {
+        self.options().iter().any(|o| o.name == name)
+    }
+
+    /// The family's model of `data`, with the `given` options (`(name, value)`, the
+    /// value as text) set over its defaults and checked; `seed` seeds a random choice
+    /// (a random feature order). The message of a value out of bounds, or of an option
+    /// the family does not take, is one line naming the option as `--name`.
+    pub fn model(
+        &self,
+        data: &ModelData,
+        given: &[(&str, &str)],
+        seed: u64,
+    ) -> Result<ModelConfig, String> {
+        Ok(ModelConfig::from_spelled(self.0.spell(data, given, seed)?))
+    }
+
+    /// The first of the `given` options that, given alone, would change the recipe
+    /// `model` records; the first given when the model records no recipe of this
+    /// family. A value out of bounds is an error.
+    pub fn first_change<'a>(
+        &self,
+        model: &ModelConfig,
+        given: &[(&'a str, &str)],
+        seed: u64,
+    ) -> Result<Option<&'a str>, String> {
+        let recipe = model.recipe.clone().unwrap_or_default();
+        self.0.first_change(&recipe, given, seed)
     }
 }

@@ -6,14 +6,18 @@
 //! behind a cargo feature here, so a user depends only on the families they use. A
 //! family implements [`LayerFamily`](flow_core::LayerFamily) for its kinds of layer and
 //! joins the registry with one line in [`Registry::builtin`]; one defined elsewhere
-//! joins at run time through [`Registry::with`]. [`Family`] is the one list of the
-//! families' names, which recipes record and the command line takes.
+//! joins at run time through [`Registry::with`]. A family's crate declares its families
+//! of models ([`Family`]: the names recipes record and the command line takes, with
+//! their options and defaults), and the registry lists them.
 
 mod family;
 mod model;
+pub mod options;
 mod registry;
 
 pub use family::Family;
-pub use flow_core::{LayerFamily, LayerSpec, SampleLayer};
+pub use flow_core::{
+    LayerFamily, LayerSpec, ModelData, OptionInfo, OptionKind, Recipe, SampleLayer,
+};
 pub use model::{BaseConfig, ModelConfig, OutOfBounds};
-pub use registry::Registry;
+pub use registry::{Registry, RegistryOption};

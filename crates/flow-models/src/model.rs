@@ -2,7 +2,7 @@ use candle::{bail, DType, Result};
 use candle_nn::VarBuilder;
 use flow_core::{
     limits, Bijector, Bound, Bounded, Chain, ContextStandardize, DiagNormal, Distribution, Flow,
-    GaussianMixture, LayerSpec, StandardNormal, Standardize,
+    GaussianMixture, ImageInfo, LayerSpec, Recipe, Spelled, StandardNormal, Standardize,
 };
 use serde::{Deserialize, Serialize};
 
@@ -189,59 +189,43 @@ impl ModelConfig {
         }
     }
 
-    /// A family's stack as a model: its layers, with the description kept as the
-    /// recipe under the family's name.
-    fn from_recipe<L: serde::Serialize>(
-        family: Family,
-        recipe: &impl serde::Serialize,
-        dim: usize,
-        context_dim: usize,
-        layers: &[L],
-    ) -> Self {
-        let layers = layers
-            .iter()
-            .map(|l| LayerSpec::tagged(l).expect("a family's layer serialises to an object"))
-            .collect();
-        let mut recipe = serde_json::to_value(recipe).ok();
-        if let Some(serde_json::Value::Object(m)) = &mut recipe {
-            m.insert("family".into(), family.name().into());
-        }
+    /// A family's recipe as a model: its layers, with the recipe kept under the name
+    /// of the family it describes.
+    pub fn from_recipe(recipe: &impl Recipe) -> Self {
+        Self::from_spelled(Spelled::new(recipe))
+    }
+
+    /// A spelled-out recipe as a model.
+    pub(crate) fn from_spelled(spelled: Spelled) -> Self {
+        let base = if spelled.learned_base {
+            BaseConfig::DiagNormal { trainable: true }
+        } else {
+            BaseConfig::StandardNormal
+        };
         Self {
-            context_dim,
-            recipe,
-            ..Self::new(dim, layers)
+            context_dim: spelled.context_dim,
+            recipe: Some(spelled.recipe),
+            base,
+            ..Self::new(spelled.dim, spelled.layers)
         }
     }
 
     /// A RealNVP (or NICE) stack as a model, with the description kept as its recipe.
     #[cfg(feature = "realnvp")]
     pub fn realnvp(cfg: &flow_realnvp::RealNvpConfig) -> Self {
-        let family = match cfg.coupling {
-            flow_realnvp::CouplingKind::Affine => Family::RealNvp,
-            flow_realnvp::CouplingKind::Additive => Family::Nice,
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A neural spline flow (coupling or autoregressive) as a model.
     #[cfg(feature = "nsf")]
     pub fn nsf(cfg: &flow_nsf::NsfConfig) -> Self {
-        let family = match cfg.kind {
-            flow_nsf::NsfKind::Coupling => Family::Nsf,
-            flow_nsf::NsfKind::Autoregressive => Family::NsfAr,
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A MAF (or IAF) as a model.
     #[cfg(feature = "maf")]
     pub fn maf(cfg: &flow_maf::MafConfig) -> Self {
-        let family = if cfg.inverse {
-            Family::Iaf
-        } else {
-            Family::Maf
-        };
-        Self::from_recipe(family, cfg, cfg.dim, cfg.context_dim, &cfg.layers())
+        Self::from_recipe(cfg)
     }
 
     /// A Glow image flow as a model: its `[logit?, multiscale]` layers, a trainable
@@ -249,41 +233,43 @@ impl ModelConfig {
     /// element), and the configuration (image shape, pixel levels) as the recipe.
     #[cfg(feature = "glow")]
     pub fn glow(cfg: &flow_glow::GlowConfig) -> Self {
-        let model = Self::from_recipe(Family::Glow, cfg, cfg.dim(), 0, &cfg.layers());
-        model.with_base(image_base(cfg.learn_base))
+        Self::from_recipe(cfg)
     }
 
-    /// The image shape and pixel levels of an image model (family `glow` or
-    /// `realnvp-image`), from its recipe; `None` for other models.
+    /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
     #[cfg(feature = "glow")]
-    pub fn image_info(&self) -> Option<flow_glow::ImageInfo> {
+    pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
+        Self::from_recipe(cfg)
+    }
+
+    /// The name of the family the recipe names, if it names one.
+    pub fn family_name(&self) -> Option<&str> {
+        self.recipe.as_ref()?.get("family")?.as_str()
+    }
+
+    /// The built-in family the recipe names, if it names one
+    /// ([`Registry::family_of`] for another registry's).
+    pub fn family(&self) -> Option<Family> {
+        Registry::builtin().family_of(self)
+    }
+
+    /// The image shape and pixel levels of an image model (one whose family models
+    /// images), from its recipe; `None` for other models.
+    pub fn image_info(&self) -> Option<ImageInfo> {
         if !self.family()?.is_image() {
             return None;
         }
         serde_json::from_value(self.recipe.clone()?).ok()
     }
 
-    /// The family the recipe names, if it names one.
-    pub fn family(&self) -> Option<Family> {
-        Family::from_name(self.recipe.as_ref()?.get("family")?.as_str()?)
-    }
-
-    /// The pixel levels `L` of an image model (family `glow` or `realnvp-image`), from
-    /// its recipe: its data are whole numbers in `[0, L)`, dequantised for training.
-    /// `None` for other models.
+    /// The pixel levels `L` of an image model, from its recipe: its data are whole
+    /// numbers in `[0, L)`, dequantised for training. `None` for other models.
     pub fn pixel_levels(&self) -> Option<u32> {
         if !self.family()?.is_image() {
             return None;
         }
         let levels = self.recipe.as_ref()?.get("pixel_levels")?.as_u64()?;
         levels.try_into().ok()
-    }
-
-    /// RealNVP's multi-scale image flow as a model, as [`glow`](Self::glow).
-    #[cfg(feature = "glow")]
-    pub fn realnvp_image(cfg: &flow_glow::RealNvpImageConfig) -> Self {
-        let model = Self::from_recipe(Family::RealNvpImage, cfg, cfg.dim(), 0, &cfg.layers());
-        model.with_base(image_base(cfg.learn_base))
     }
 
     flow_core::with_setters! {
@@ -406,7 +392,7 @@ impl ModelConfig {
     /// write images take the shape and pixel levels from it.
     #[cfg(feature = "glow")]
     fn check_image_recipe(&self) -> std::result::Result<(), String> {
-        let Some(family) = self.family().filter(|f| f.is_image()).map(Family::name) else {
+        let Some(family) = self.family().filter(Family::is_image).map(|f| f.name()) else {
             return Ok(());
         };
         let recipe = self.recipe.clone().unwrap_or_default();
@@ -496,16 +482,6 @@ impl ModelConfig {
     /// Float types the layers support.
     pub fn supports(dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::F64)
-    }
-}
-
-/// An image architecture's base: trainable per-element Gaussians or `N(0, I)`.
-#[cfg(feature = "glow")]
-fn image_base(learn: bool) -> BaseConfig {
-    if learn {
-        BaseConfig::DiagNormal { trainable: true }
-    } else {
-        BaseConfig::StandardNormal
     }
 }
 

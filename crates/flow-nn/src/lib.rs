@@ -17,6 +17,7 @@ mod layer;
 mod made;
 mod mask;
 mod mlp;
+pub mod options;
 mod shift;
 mod spline;
 mod transform;
@@ -27,7 +28,8 @@ pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
 pub use flow_kernels::linalg;
 pub use flow_kernels::{
-    fusion_enabled, pin_thread_count, set_fusion, Activation, ScaleMap, SplineStyle,
+    fusion_enabled, pin_thread_count, pin_thread_count_among, set_fusion, Activation, ScaleMap,
+    SplineStyle,
 };
 pub use made::made_masks;
 pub use mask::Mask;

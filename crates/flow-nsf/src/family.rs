@@ -1,5 +1,9 @@
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Family, LayerConfig, LayerSpec, SampleLayer};
+use flow_core::{
+    limits::MAX_BINS, AnyModelFamily, Bijector, Family, LayerConfig, LayerSpec, ModelFamily,
+    ModelOption, Recipe, SampleLayer,
+};
+use flow_nn::options;
 
 use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
 
@@ -26,6 +30,86 @@ impl Family for NsfFamily {
             .with_zero_init(false);
         let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
         Some(SampleLayer::new(spec, 2))
+    }
+
+    fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
+        let nsf = ModelFamily::new("nsf", "Rational-quadratic spline couplings", |d| {
+            NsfConfig::new(d.dim).with_context_dim(d.context_dim)
+        });
+        let nsf_ar = ModelFamily::new("nsf-ar", "Autoregressive rational-quadratic splines", |d| {
+            NsfConfig::new(d.dim)
+                .with_kind(NsfKind::Autoregressive)
+                .with_context_dim(d.context_dim)
+        });
+        let mut ar_options = shared_options();
+        ar_options.push(options::order(|c: &NsfConfig| c.order, |c, v| c.order = v));
+        vec![
+            nsf.with_couples(true)
+                .with_options(shared_options())
+                .boxed(),
+            nsf_ar.with_options(ar_options).boxed(),
+        ]
+    }
+}
+
+/// The options both kinds of spline flow take.
+fn shared_options() -> Vec<ModelOption<NsfConfig>> {
+    vec![
+        options::layers(|c: &NsfConfig| c.layers, |c, v| c.layers = v),
+        options::hidden(|c: &NsfConfig| c.hidden, |c, v| c.hidden = v),
+        options::hidden_layers(|c: &NsfConfig| c.hidden_layers, |c, v| c.hidden_layers = v),
+        options::activation(|c: &NsfConfig| c.activation, |c, v| c.activation = v),
+        ModelOption::count(
+            "bins",
+            "Spline bins",
+            (1, MAX_BINS),
+            |c: &NsfConfig| c.spline.bins,
+            |c, v| c.spline.bins = v,
+        ),
+        ModelOption::positive(
+            "tail-bound",
+            "Splines act on [−B, B] and are the identity outside",
+            |c: &NsfConfig| c.spline.bound,
+            |c, v| {
+                c.spline.bound = v;
+                Ok(())
+            },
+        ),
+    ]
+}
+
+impl Recipe for NsfConfig {
+    fn family(&self) -> &'static str {
+        match self.kind {
+            NsfKind::Coupling => "nsf",
+            NsfKind::Autoregressive => "nsf-ar",
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn context_dim(&self) -> usize {
+        self.context_dim
+    }
+
+    fn layer_specs(&self) -> Vec<LayerSpec> {
+        LayerSpec::tagged_all(&self.layers())
+    }
+
+    fn check_options(&self) -> Result<(), String> {
+        if self.kind == NsfKind::Autoregressive {
+            options::check_autoregressive_hidden(self.hidden, self.dim)?;
+        }
+        self.spline.check().map_err(|e| {
+            let flag = if e.contains("tail bound") {
+                "--tail-bound"
+            } else {
+                "--bins"
+            };
+            format!("{flag}: {e}")
+        })
     }
 }
 

@@ -275,12 +275,7 @@ impl TrainConfig {
     }
 }
 
-/// Whether `v` is positive and stays a positive, finite number as an `f32`, the type
-/// the tensors it scales are trained in.
-pub fn positive_f32(v: f64) -> bool {
-    let single = v as f32;
-    v > 0.0 && single.is_finite() && single > 0.0
-}
+pub use flow_core::limits::positive_f32;
 
 /// A [`ModelConfig`], or the RealNVP description that training configurations held
 /// before models were registry configurations.

@@ -1,6 +1,6 @@
 use std::sync::atomic::AtomicBool;
 
-use crate::{TrainCheckpoint, TrainError};
+use crate::{Replicas, TrainCheckpoint, TrainError};
 
 /// Receives a resumable checkpoint (to save it, say with [`TrainCheckpoint::save`]); an
 /// error stops the run.
@@ -22,6 +22,8 @@ pub struct Control<'a> {
     pub skip_nonfinite: bool,
     /// Continue from this checkpoint instead of starting afresh.
     pub resume: Option<TrainCheckpoint>,
+    /// Train as one of the processes of a data-parallel run.
+    pub replicas: Option<Replicas>,
 }
 
 impl std::fmt::Debug for Control<'_> {
@@ -31,6 +33,7 @@ impl std::fmt::Debug for Control<'_> {
             .field("stop_at", &self.stop_at)
             .field("skip_nonfinite", &self.skip_nonfinite)
             .field("resume", &self.resume.as_ref().map(|r| r.state.step))
+            .field("replicas", &self.replicas)
             .finish_non_exhaustive()
     }
 }

@@ -53,6 +53,40 @@ pub fn nll_and_gradients(
     context: Option<&Tensor>,
     parts: usize,
 ) -> Result<(f64, Option<Vec<Option<Tensor>>>)> {
+    share_nll_and_gradients(flow, vars, x, context, parts, Share::whole(x.dim(0)?))
+}
+
+/// Which part of a batch a process computes ([`share_nll_and_gradients`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Share {
+    /// The rows of the whole batch, by which every part's NLL is divided.
+    pub rows: usize,
+    /// Differentiate even a non-finite loss: a process whose share diverged still
+    /// takes part in the collectives the backward pass makes (sums over the shares of
+    /// layers with batch statistics), which the others wait for.
+    pub always_differentiate: bool,
+}
+
+impl Share {
+    fn whole(rows: usize) -> Self {
+        Self {
+            rows,
+            always_differentiate: false,
+        }
+    }
+}
+
+/// [`nll_and_gradients`] of `x`, a share of a batch of `share.rows` rows: the share's
+/// NLL summed and divided by the whole batch's size, and its gradient, so that the
+/// shares' losses and gradients add up to the whole batch's.
+pub(crate) fn share_nll_and_gradients(
+    flow: &Flow,
+    vars: &[Var],
+    x: &Tensor,
+    context: Option<&Tensor>,
+    parts: usize,
+    share: Share,
+) -> Result<(f64, Option<Vec<Option<Tensor>>>)> {
     let batch = x.dim(0)?;
     let parts = parts.clamp(1, batch.max(1));
     let part = |i: usize| -> Result<(f64, Option<GradStore>)> {
@@ -64,9 +98,11 @@ pub fn nll_and_gradients(
         let loss = flow
             .log_prob_with_context(&x, c.as_ref())?
             .sum_all()?
-            .affine(-1.0 / batch as f64, 0.0)?;
+            .affine(-1.0 / share.rows as f64, 0.0)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = value.is_finite().then(|| loss.backward()).transpose()?;
+        let grads = (value.is_finite() || share.always_differentiate)
+            .then(|| loss.backward())
+            .transpose()?;
         Ok((value, grads))
     };
     let results: Vec<(f64, Option<GradStore>)> = if parts == 1 {
@@ -79,7 +115,7 @@ pub fn nll_and_gradients(
             .collect::<Result<_>>()?
     };
     let nll: f64 = results.iter().map(|(v, _)| v).sum();
-    if !nll.is_finite() {
+    if !nll.is_finite() && !share.always_differentiate {
         return Ok((nll, None));
     }
     let stores: Vec<&GradStore> = results.iter().filter_map(|(_, g)| g.as_ref()).collect();

@@ -5,8 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use flow_core::Flow;
 use flow_models::{ModelConfig, Registry};
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +126,27 @@ pub struct TrainCheckpoint {
     pub state: TrainState,
     /// Model tensors under their usual names, state tensors under [`STATE_PREFIX`].
     pub tensors: HashMap<String, Tensor>,
+    /// The flow [`load_on`](Self::load_on) built while checking the tensors, which a
+    /// run resuming on that device and dtype takes over instead of building its own.
+    pub(crate) built: Option<Arc<Built>>,
+}
+
+/// A flow built over a checkpoint's tensors, on `device` in `dtype`.
+pub(crate) struct Built {
+    pub model: ModelConfig,
+    pub flow: Flow,
+    pub varmap: VarMap,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TrainCheckpoint {
@@ -141,8 +165,20 @@ impl TrainCheckpoint {
     }
 
     /// Reads a file written by [`save`](Self::save), checking its tensors against the
-    /// model (built with the families of `registry`).
+    /// model (built with the families of `registry`, on the CPU in the dtype a
+    /// trainer trains in by default).
     pub fn load(path: &Path, registry: &Registry) -> Result<Self, TrainError> {
+        Self::load_on(path, registry, crate::DEFAULT_DTYPE, &Device::Cpu)
+    }
+
+    /// [`load`](Self::load), the model built on `device` in `dtype`: a run that resumes
+    /// there takes that flow over, so that resuming builds the model once.
+    pub fn load_on(
+        path: &Path,
+        registry: &Registry,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         let ck = flow_io::load(path)?;
         let fail = |message: String| TrainError::NotResumable {
             path: path.to_path_buf(),
@@ -162,13 +198,36 @@ impl TrainCheckpoint {
             .ok_or_else(|| fail("holds no training configuration".into()))?;
         let config: TrainConfig = serde_json::from_str(config)
             .map_err(|e| fail(format!("invalid training configuration: {e}")))?;
-        let loaded = flow_io::build_checked_with(path, ck, registry, DType::F32, &Device::Cpu)?;
+        let loaded = flow_io::build_checked_with(path, ck, registry, dtype, device)?;
+        let model = loaded.checkpoint.config;
+        let built = Built {
+            model: model.clone(),
+            flow: loaded.flow,
+            varmap: loaded.varmap,
+            dtype,
+            device: device.clone(),
+        };
         Ok(Self {
-            model: loaded.checkpoint.config.clone(),
+            model,
             config,
             state,
             tensors: loaded.checkpoint.tensors,
+            built: Some(Arc::new(built)),
         })
+    }
+
+    /// The flow built at loading and its variables, if it was built for `model` on
+    /// `device` in `dtype` and this checkpoint is its only holder.
+    pub(crate) fn take_built(
+        &mut self,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Option<(Flow, VarMap)> {
+        let built = Arc::try_unwrap(self.built.take()?).ok()?;
+        let fits =
+            built.model == *model && built.dtype == dtype && built.device.same_device(device);
+        fits.then_some((built.flow, built.varmap))
     }
 }
 
@@ -400,6 +459,7 @@ mod tests {
             )
             .expect("state"),
             tensors: HashMap::from([("w".to_string(), current.clone())]),
+            built: None,
         };
         let names = ["w".to_string()];
         ck.insert_group(StateGroup::AdamM, &names, std::slice::from_ref(&best))?;

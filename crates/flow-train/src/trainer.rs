@@ -1,4 +1,4 @@
-use std::{collections::HashMap, sync::atomic::Ordering, time::Instant};
+use std::{collections::HashMap, time::Instant};
 
 use candle::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
@@ -8,9 +8,11 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, nll_and_gradients, state::StateGroup, Adam, Control,
-    DataError, Duration, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
+    batch_parts, data::Dataset, fingerprint, state::StateGroup, Adam, Control, DataError, Duration,
+    Replicas, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
 };
+
+mod replicated;
 
 /// What happened in a training run; saved with the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,7 +196,7 @@ impl Trainer {
             pixel_levels: cfg.model.pixel_levels(),
             cfg,
             device: device.clone(),
-            dtype: DType::F32,
+            dtype: DEFAULT_DTYPE,
             registry,
         })
     }
@@ -373,12 +375,15 @@ impl Trainer {
             self.check_resume_on(r, train)?;
         }
         let mut run = Run::start(self, train, val, resume)?;
+        if let Some(replicas) = control.replicas.take() {
+            run.attach(replicas)?;
+        }
         reporter.start(run.total);
         let mut end = Ending::default();
         while run.state.step < run.total {
             let step = run.state.step;
-            let halt = control.stop.is_some_and(|s| s.load(Ordering::SeqCst))
-                || control.stop_at.is_some_and(|at| step >= at);
+            let halt =
+                run.agree_to_stop(control.stop)? || control.stop_at.is_some_and(|at| step >= at);
             if halt {
                 end.interrupted = true;
                 end.stopped = Some(format!("interrupted after step {step}"));
@@ -392,6 +397,7 @@ impl Trainer {
                     break;
                 }
             };
+            run.check_replicas()?;
             let val_nll = run.validate()?;
             run.report(reporter, loss, lr, val_nll);
             run.save_periodic(&mut control)?;
@@ -442,22 +448,7 @@ impl Trainer {
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
         crate::standardization::set_statistics(&config, train, &mut varmap, &vb)?;
         let flow = config.build_with(&self.registry, vb)?;
-        // Trainable: every variable the model created except the buffers it declares.
-        let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
-        let mut named: Vec<(String, Var)> = lock(&varmap)?
-            .iter()
-            .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let (names, vars) = named.into_iter().unzip();
-        Ok(Model {
-            config,
-            varmap,
-            flow,
-            names,
-            vars,
-        })
+        Ok(Model::new(config, varmap, flow)?)
     }
 
     /// A tensor of `data`'s rows, and one of its context if it has one, on the
@@ -535,6 +526,9 @@ fn lock(varmap: &VarMap) -> candle::Result<std::sync::MutexGuard<'_, HashMap<Str
         .map_err(|_| candle::Error::Msg("variable map poisoned".into()))
 }
 
+/// The dtype a [`Trainer`] trains in unless [`Trainer::with_dtype`] says otherwise.
+pub const DEFAULT_DTYPE: DType = DType::F32;
+
 /// A model in training: its configuration, variables and flow, and the trainable
 /// variables with their names, sorted by name (the order of the optimizer's state).
 struct Model {
@@ -543,6 +537,28 @@ struct Model {
     flow: Flow,
     names: Vec<String>,
     vars: Vec<Var>,
+}
+
+impl Model {
+    /// `flow`, built from `config` with its variables in `varmap`: trainable are
+    /// every variable except the buffers the flow declares.
+    fn new(config: ModelConfig, varmap: VarMap, flow: Flow) -> candle::Result<Self> {
+        let buffers: Vec<TensorId> = flow.buffers().iter().map(Tensor::id).collect();
+        let mut named: Vec<(String, Var)> = lock(&varmap)?
+            .iter()
+            .filter(|(_, v)| !buffers.contains(&v.as_tensor().id()))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, vars) = named.into_iter().unzip();
+        Ok(Self {
+            config,
+            varmap,
+            flow,
+            names,
+            vars,
+        })
+    }
 }
 
 /// How the loop of a run ended, where it ended before its last step.
@@ -588,6 +604,8 @@ struct Run<'a> {
     total: usize,
     /// Parts a batch's gradient is computed in.
     parts: usize,
+    /// The other processes of a data-parallel run, if any.
+    replicas: Option<Replicas>,
     /// When this call began, and the run's time and steps before it.
     start: Instant,
     elapsed_before: f64,
@@ -601,12 +619,20 @@ impl<'a> Run<'a> {
         trainer: &'a Trainer,
         train: &Dataset,
         val: Option<&Dataset>,
-        resume: Option<TrainCheckpoint>,
+        mut resume: Option<TrainCheckpoint>,
     ) -> Result<Self, TrainError> {
         let cfg = &trainer.cfg;
         let data_fingerprint = fingerprint(train);
         let total = trainer.total_steps(train.len());
-        let model = trainer.build_model(train)?;
+        // A resumed run takes over the flow its checkpoint was checked with, if it was
+        // built for this model, device and dtype; `restore` then sets every variable.
+        let built = resume
+            .as_mut()
+            .and_then(|r| r.take_built(&cfg.model, trainer.dtype, &trainer.device));
+        let model = match built {
+            Some((flow, varmap)) => Model::new(cfg.model.clone(), varmap, flow)?,
+            None => trainer.build_model(train)?,
+        };
         let adam = Adam::new(model.vars.clone(), cfg.optimizer.clone())?;
         let (x_train, c_train) = trainer.tensors(train)?;
         let val = val.map(|v| trainer.validation_set(v)).transpose()?;
@@ -639,6 +665,7 @@ impl<'a> Run<'a> {
             last_good_step: 0,
             total,
             parts: 1,
+            replicas: None,
             start: Instant::now(),
             elapsed_before: 0.0,
             steps_before: 0,
@@ -716,10 +743,10 @@ impl<'a> Run<'a> {
             self.order = epoch_order(n, cfg.seed, st.epoch);
         }
         let (x, c) = self.rows(self.state.pos, self.state.step)?;
+        let (loss, grads) = self.gradients(&x, c.as_ref())?;
         let st = &mut self.state;
         st.pos += self.batch;
         let vars = &self.model.vars;
-        let (loss, grads) = nll_and_gradients(&self.model.flow, vars, &x, c.as_ref(), self.parts)?;
         let mut norm = f64::NAN;
         if let Some(g) = &grads {
             norm = squared_norm(g, &self.trainer.device)?.sqrt();
@@ -757,9 +784,9 @@ impl<'a> Run<'a> {
     /// Scores the validation set where the schedule says so, and after the last step;
     /// a scheduled score that beats the best keeps the weights as the best.
     fn validate(&mut self) -> Result<Option<f64>, TrainError> {
-        let st = &mut self.state;
-        let last = st.step == self.total;
-        let scheduled = st.step.is_multiple_of(self.trainer.cfg.val_every);
+        let step = self.state.step;
+        let last = step == self.total;
+        let scheduled = step.is_multiple_of(self.trainer.cfg.val_every);
         let Some((x, c)) = &self.val else {
             return Ok(None);
         };
@@ -770,6 +797,8 @@ impl<'a> Run<'a> {
         flow.set_training(false);
         let v = mean_nll(flow, x, c.as_ref())?;
         flow.set_training(true);
+        let v = self.agree_on_score(v)?;
+        let st = &mut self.state;
         // An evaluation off the schedule (the end of a run whose length is not a
         // multiple of `val_every`) chooses the returned weights but leaves the state
         // alone, so that a run continued past this end evaluates exactly as one that
@@ -849,6 +878,7 @@ impl<'a> Run<'a> {
             config: self.trainer.cfg.clone(),
             state: self.state.clone(),
             tensors,
+            built: None,
         };
         let names = &self.model.names;
         let (m, v) = self.adam.moments();

@@ -3,6 +3,8 @@
 //! the same paths as RealNVP. Its `center` layer also exercises the two hooks a layer
 //! has beside its maps: a declared buffer, and data-dependent initialisation.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use anyhow::{ensure, Result};
 use candle::{bail, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -89,6 +91,9 @@ struct CenterSettings {
 /// The family: kinds `center` and `scale-coupling`.
 struct ToyFamily;
 
+/// Layers the family has built, to count the builds of a model.
+static BUILT_LAYERS: AtomicUsize = AtomicUsize::new(0);
+
 impl LayerFamily for ToyFamily {
     fn kinds(&self) -> &[&'static str] {
         &["center", "scale-coupling"]
@@ -106,6 +111,7 @@ impl LayerFamily for ToyFamily {
     }
 
     fn build(&self, spec: &LayerSpec, vb: VarBuilder) -> candle::Result<Box<dyn Bijector>> {
+        BUILT_LAYERS.fetch_add(1, Ordering::SeqCst);
         let settings = |e: String| candle::Error::Msg(e);
         Ok(match spec.kind() {
             "center" => Box::new(Center::new(
@@ -248,13 +254,17 @@ fn a_family_defined_here_trains_saves_loads_and_resumes() -> Result<()> {
     );
 
     // Resumed to 120 steps, the run equals a straight 120-step run (so the
-    // initialisation did not run again on the loaded model).
+    // initialisation did not run again on the loaded model), and loading, checking and
+    // resuming built the model once.
+    let before = BUILT_LAYERS.load(Ordering::SeqCst);
     let resume = TrainCheckpoint::load(&path, &registry)?;
     let control = Control {
         resume: Some(resume),
         ..Control::default()
     };
     let continued = trainer(120)?.fit_with(&data, None, &mut Losses(Vec::new()), control)?;
+    let builds = (BUILT_LAYERS.load(Ordering::SeqCst) - before) / model()?.layers.len();
+    ensure!(builds == 1, "resuming built the model {builds} times");
     let straight = trainer(120)?.fit(&data, None, &mut Losses(Vec::new()))?;
     ensure!(
         all_weights(&continued)? == all_weights(&straight)?,

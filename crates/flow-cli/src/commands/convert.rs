@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use flow_io::{ImportOptions, Source};
 
 use crate::{
-    cli::{ExportArgs, ImportArgs, SourceArg, TargetArg},
+    cli::{ImportArgs, SourceArg},
     output::check_writable,
     CmdResult,
 };
@@ -43,22 +43,5 @@ pub fn import(a: ImportArgs) -> CmdResult {
         source.name(),
         a.out.display()
     );
-    Ok(())
-}
-
-pub fn export(a: ExportArgs) -> CmdResult {
-    check_writable(&a.out)?;
-    let ck = flow_io::load(&a.model)?;
-    let loaded = flow_io::build_checked(&a.model, ck, candle::DType::F32, &candle::Device::Cpu)?;
-    let context_dim = loaded.checkpoint.config.context_dim;
-    flow_io::check_scores(&a.model, &loaded.flow, context_dim)?;
-    match a.to {
-        TargetArg::Seed => flow_io::export_seed(
-            &a.out,
-            &loaded.checkpoint.config,
-            &loaded.checkpoint.tensors,
-        )?,
-    }
-    eprintln!("wrote {}", a.out.display());
     Ok(())
 }

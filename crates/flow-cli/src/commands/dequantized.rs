@@ -2,7 +2,7 @@
 //! own input space (a pixel `p` of `L` levels lies there as `(p + u) / L`), rather
 //! than pixel values.
 
-use flow_glow::ImageInfo;
+use flow_core::ImageInfo;
 
 use crate::Failure;
 

@@ -1,7 +1,7 @@
 use std::f64::consts::LN_2;
 
 use candle::{Device, Tensor};
-use flow_glow::ImageInfo;
+use flow_core::ImageInfo;
 use flow_io::LoadedModel;
 use flow_train::data::{check_pixels, load_images};
 

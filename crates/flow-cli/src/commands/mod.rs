@@ -4,6 +4,7 @@ mod codec;
 mod convert;
 mod data;
 mod dequantized;
+mod export;
 mod inspect;
 mod log_prob;
 mod plot;
@@ -29,7 +30,7 @@ pub fn run(cli: Cli) -> CmdResult {
         Command::Inspect(a) => inspect::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Import(a) => convert::import(a),
-        Command::Export(a) => convert::export(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

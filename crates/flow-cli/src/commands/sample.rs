@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use flow_glow::ImageInfo;
+use flow_core::ImageInfo;
 use flow_io::LoadedModel;
 use flow_train::data::{chunks, Dataset};
 use rand::{rngs::StdRng, SeedableRng};

@@ -1,42 +1,53 @@
 use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering};
 
-use flow_core::limits::{MAX_COMPONENTS, MAX_DIM, MAX_SAMPLES};
-use flow_glow::{GlowConfig, ImageInfo, ImageShape};
-use flow_models::{BaseConfig, Family, Registry};
+use flow_core::{
+    image::DEFAULT_PIXEL_LEVELS,
+    limits::{check_count, check_positive, MAX_SAMPLES},
+    ImageInfo, ImageShape,
+};
+use flow_models::{
+    options::{self, default_weight_decay},
+    Family, Registry,
+};
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, held_out_rows, load_images, load_path, Dataset,
         ImageDims, Toy, DIGITS_LEVELS,
     },
-    positive_f32, Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter,
-    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer,
+    Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter, Schedule,
+    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
-    cli::{listed, one_dimensional, SplitArg, TrainArgs},
+    cli::{SplitArg, TrainArgs},
     commands::{data::digits_split, device, peak_memory_mib},
     output::check_writable,
     progress::BarReporter,
     signals, CmdResult, Failure,
 };
 
-mod bounds;
+mod distributed;
 mod recipe;
 mod run_flags;
 
-pub use recipe::family_defaults;
-use recipe::{check_flags_apply, recipe_values, Recipe};
+use recipe::model_options;
 use run_flags::RunFlag;
 
 /// Points a built-in 2-D data set has unless `--n` says otherwise.
 pub const DEFAULT_POINTS: usize = 20_000;
 
-/// Glow's default weight decay (decoupled, with Adam).
-const GLOW_WEIGHT_DECAY: f64 = 0.1;
-
-/// `--weight-decay`'s defaults, for its help line.
+/// `--weight-decay`'s defaults, for its help line: 0, and the families' own.
 pub fn weight_decay_defaults() -> String {
-    format!("0; {GLOW_WEIGHT_DECAY} for glow")
+    let own: Vec<String> = Registry::builtin()
+        .model_families()
+        .iter()
+        .filter(|f| f.weight_decay() > 0.0)
+        .map(|f| format!("{} for {}", f.weight_decay(), f.name()))
+        .collect();
+    std::iter::once("0".to_string())
+        .chain(own)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The decay of the default schedule, the exponential one; that of `--schedule exp`.
@@ -65,47 +76,12 @@ pub fn default_patience() -> String {
 
 /// `--{flag} v`, checked to lie in `[min, max]` before anything of that size is made.
 fn count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure> {
-    if v < min {
-        return Err(format!("--{flag} must be at least {min}, got {v}").into());
-    }
-    if v > max {
-        return Err(format!("--{flag} {v} is more than the largest allowed, {max}").into());
-    }
-    Ok(v)
+    Ok(check_count(flag, v, min, max)?)
 }
 
 /// `--{flag} v`, checked to be positive and finite as the `f32` it becomes.
 fn real(flag: &str, v: f64) -> Result<f64, Failure> {
-    if !positive_f32(v) {
-        let v = if v.abs() >= 1e6 {
-            format!("{v:e}")
-        } else {
-            v.to_string()
-        };
-        return Err(format!(
-            "--{flag} must be positive and finite in f32 (below {:e}), got {v}",
-            f32::MAX
-        )
-        .into());
-    }
-    Ok(v)
-}
-
-/// The base distribution `--base` names.
-fn base(text: &str) -> Result<BaseConfig, Failure> {
-    match text.trim() {
-        "normal" => Ok(BaseConfig::StandardNormal),
-        "diag" => Ok(BaseConfig::DiagNormal { trainable: true }),
-        other => match other.strip_prefix("mixture:").map(str::parse::<usize>) {
-            Some(Ok(0)) => Err("--base mixture:K needs at least 1 component".into()),
-            Some(Ok(k)) if k > MAX_COMPONENTS => Err(format!(
-                "--base mixture:{k}: more components than the largest allowed, {MAX_COMPONENTS}"
-            )
-            .into()),
-            Some(Ok(k)) => Ok(BaseConfig::Mixture { components: k }),
-            _ => Err(format!("--base `{other}`: expected normal, diag or mixture:K").into()),
-        },
-    }
+    Ok(check_positive(flag, v)?)
 }
 
 /// The training run's length the flags give, if they give one.
@@ -117,30 +93,6 @@ fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
     })
 }
 
-/// `--image HxWxC`, its size computed without overflow and bounded.
-fn parse_image(text: &str) -> Result<ImageShape, Failure> {
-    let parts: Vec<usize> = text
-        .split(['x', 'X'])
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("--image `{text}`: expected HxWxC, e.g. 28x28x1"))?;
-    let [h, w, c] = parts[..] else {
-        return Err(format!("--image `{text}`: expected HxWxC, e.g. 28x28x1").into());
-    };
-    if h == 0 || w == 0 || c == 0 {
-        return Err(
-            format!("--image `{text}`: expected HxWxC with each at least 1, e.g. 28x28x1").into(),
-        );
-    }
-    match h.checked_mul(w).and_then(|p| p.checked_mul(c)) {
-        Some(d) if d <= MAX_DIM => Ok(ImageShape::new(c, h, w)),
-        _ => Err(format!(
-            "--image `{text}`: more values per image than the largest allowed, {MAX_DIM}"
-        )
-        .into()),
-    }
-}
-
 /// The images an image flow trains on: their shape (from `--image`, else the file's)
 /// and pixel levels (`--pixel-levels`, else the data set's, else the family's),
 /// checked against the rows.
@@ -148,7 +100,10 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
     let recorded = data
         .dims
         .map(|d| ImageShape::new(d.channels, d.height, d.width));
-    let shape = match (a.image.as_deref().map(parse_image).transpose()?, recorded) {
+    let shape = match (
+        a.image.as_deref().map(options::image).transpose()?,
+        recorded,
+    ) {
         (Some(given), Some(file)) if given != file => {
             return Err(format!(
                 "--image {}x{}x{}, but {} holds {}x{}x{} images",
@@ -183,11 +138,10 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
         )
         .into());
     }
-    // Both image families default to 8-bit pixels.
     let pixel_levels = a
         .pixel_levels
         .or(data.levels)
-        .unwrap_or(GlowConfig::default().pixel_levels);
+        .unwrap_or(DEFAULT_PIXEL_LEVELS);
     if pixel_levels < 2 {
         return Err(format!("--pixel-levels must be at least 2, got {pixel_levels}").into());
     }
@@ -200,12 +154,18 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
 
 /// The family `--flow` names, or the one that suits the data: Glow for the digits, an
 /// image set, and RealNVP otherwise.
-fn family(a: &TrainArgs) -> Family {
-    a.flow.unwrap_or(if a.data == "digits" {
-        Family::Glow
+fn family(a: &TrainArgs) -> Result<Family, Failure> {
+    if let Some(flow) = &a.flow {
+        return Ok(flow.clone());
+    }
+    let name = if a.data == "digits" {
+        "glow"
     } else {
-        Family::RealNvp
-    })
+        "realnvp"
+    };
+    Registry::builtin()
+        .model_family(name)
+        .ok_or_else(|| format!("this build has no `{name}` family: give --flow").into())
 }
 
 /// The training configuration the flags describe for a fresh run of `flow` on data of
@@ -214,39 +174,19 @@ fn family(a: &TrainArgs) -> Family {
 /// here, before any work starts.
 fn config(
     a: &TrainArgs,
-    flow: Family,
+    flow: &Family,
     dim: usize,
     context_dim: usize,
     image: Option<ImageInfo>,
 ) -> Result<TrainConfig, Failure> {
-    if flow.couples() && dim < 2 {
-        return Err(format!(
-            "--flow {} couples one part of each row to the other and needs at least 2 features, but {} has {dim}: in one dimension use {}",
-            flow.name(),
-            a.data,
-            listed(&one_dimensional()).replacen(" and ", " or ", 1)
-        )
-        .into());
-    }
     let seed = a.seed.unwrap_or(TrainConfig::default().seed);
-    let mut recipe = Recipe::defaults(flow, dim, image);
-    for (flag, value) in recipe_values(a, seed)? {
-        recipe.field(flag)?.set(value)?;
-    }
-    recipe.check()?;
-    let mut model = recipe.model(context_dim);
-    if let Some(b) = &a.base {
-        model = model.with_base(base(b)?);
-    }
-    if let Some(b) = &a.bounds {
-        model = model.with_bounds(bounds::parse_bounds(b, dim)?);
-    }
-    let mut cfg = TrainConfig::new(model).with_standardize(image.is_none() && !a.no_standardize);
-    if flow == Family::Glow {
-        // Glow fits a small image set far better than it generalises: decoupled weight
-        // decay takes about 0.02 bits/dim off its test score on the digits.
+    let model = model_options(a).model(flow, &a.data, dim, context_dim, image, seed)?;
+    let standardize = model.standardize;
+    let mut cfg = TrainConfig::new(model).with_standardize(standardize);
+    let decay = default_weight_decay(flow);
+    if decay > 0.0 {
         cfg.optimizer.kind = OptimizerKind::AdamW;
-        cfg.optimizer.weight_decay = GLOW_WEIGHT_DECAY;
+        cfg.optimizer.weight_decay = decay;
     }
     if let Some(d) = duration(a)? {
         cfg.duration = d;
@@ -271,23 +211,16 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
         )
         .into()
     };
-    let recorded = Recipe::of(&was.model);
-    let recorded_flow = recorded.as_ref().map(|(flow, _)| *flow);
+    let recorded_flow = was.model.family();
     if a.flow.is_some() && a.flow != recorded_flow {
         return Err(refuse("flow"));
     }
-    if let Some(flow) = recorded_flow {
-        check_flags_apply(a, flow)?;
+    let options = model_options(a);
+    if let Some(flow) = &recorded_flow {
+        options.check_apply(flow)?;
     }
-    for (flag, value) in recipe_values(a, was.seed)? {
-        let Some((_, recipe)) = &recorded else {
-            return Err(refuse(flag));
-        };
-        let mut asked = recipe.clone();
-        asked.field(flag)?.set(value)?;
-        if asked != *recipe {
-            return Err(refuse(flag));
-        }
+    if let Some(flag) = options.first_change(&was.model, was.seed)? {
+        return Err(refuse(flag));
     }
     let recorded_image = was.model.image_info();
     let unchanged = [
@@ -295,7 +228,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "base",
             a.base
                 .as_deref()
-                .map(base)
+                .map(options::base)
                 .transpose()?
                 .is_none_or(|b| b == was.model.base),
         ),
@@ -311,7 +244,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "bounds",
             a.bounds
                 .as_deref()
-                .map(|b| bounds::parse_bounds(b, was.model.dim))
+                .map(|b| options::bounds(b, was.model.dim))
                 .transpose()?
                 .is_none_or(|b| Some(b) == was.model.bounds),
         ),
@@ -319,7 +252,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
             "image",
             a.image
                 .as_deref()
-                .map(parse_image)
+                .map(options::image)
                 .transpose()?
                 .is_none_or(|s| Some(s) == recorded_image.map(|i| i.shape)),
         ),
@@ -463,15 +396,21 @@ pub fn run(a: TrainArgs) -> CmdResult {
     if let Some(0) = a.checkpoint_every {
         return Err("--checkpoint-every must be at least 1".into());
     }
-    let device = device(&a.device)?;
+    let backend = distributed::backend(&a)?;
+    let device = distributed::device(&a, backend)?;
+    // The other processes of a data-parallel run; rank 0 reports and saves.
+    let replicas = backend
+        .map(|b| distributed::join(&a, b, &device))
+        .transpose()?;
+    let lead = replicas.as_ref().is_none_or(|r| r.is_lead());
     let resume = a
         .resume
         .as_deref()
-        .map(|p| TrainCheckpoint::load(p, &Registry::builtin()))
+        .map(|p| TrainCheckpoint::load_on(p, &Registry::builtin(), DEFAULT_DTYPE, &device))
         .transpose()?;
-    let flow = family(&a);
+    let flow = family(&a)?;
     if resume.is_none() {
-        check_flags_apply(&a, flow)?;
+        model_options(&a).check_apply(&flow)?;
     }
     let seed = resume
         .as_ref()
@@ -488,7 +427,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
         Some(r) => resumed_config(&a, r)?,
         None => {
             let image = images.then(|| image_info(&a, &train)).transpose()?;
-            config(&a, flow, train.data.dim, context_dim, image)?
+            config(&a, &flow, train.data.dim, context_dim, image)?
         }
     };
     let image = cfg.model.image_info();
@@ -527,16 +466,20 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     for warning in trainer.data_warnings(&train, &a.data)? {
-        eprintln!("warning: {warning}");
+        if lead {
+            eprintln!("warning: {warning}");
+        }
     }
 
     let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
-    if std::io::stderr().is_terminal() {
+    if !lead {
+        // Silent.
+    } else if std::io::stderr().is_terminal() {
         reporters.push(Box::new(BarReporter::default()));
     } else {
         reporters.push(Box::new(PlainReporter::new(std::io::stderr(), 100)));
     }
-    if let Some(m) = &a.metrics {
+    if let (true, Some(m)) = (lead, &a.metrics) {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -556,6 +499,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     };
     let start_step = resume.as_ref().map_or(0, |r| r.state.step);
     match &resume {
+        _ if !lead => {}
         Some(r) => eprintln!(
             "resuming at step {} of {}",
             r.state.step,
@@ -584,14 +528,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
             };
             eprintln!(
                 "training {} on {} samples of {} features{validation}, for at most {} steps{stops}",
-                cfg.model.family().map_or("a flow", Family::name),
+                cfg.model.family().map_or("a flow", |f| f.name()),
                 train.len() - held,
                 train.dim,
                 trainer.total_steps(train.len() - held)
             );
         }
     }
-    if let Some(i) = image {
+    if let (true, Some(i)) = (lead, image) {
         eprintln!(
             "losses are the pixels' NLL in nats per image, as flow log-prob reports: the dequantised density's NLL + {}·ln {} ({offset:.2})",
             i.shape.dim(),
@@ -602,16 +546,25 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let stop = signals::stop_at_safe_point();
     let out = a.out.clone();
     let mut save_periodic = |ck: &TrainCheckpoint| ck.save(&out, None);
+    let in_collectives = replicas.clone();
     let control = Control {
         checkpoint_every: a.checkpoint_every,
-        on_checkpoint: Some(&mut save_periodic),
+        on_checkpoint: lead.then_some(&mut save_periodic as _),
         stop: Some(stop),
         stop_at: a.stop_at,
         skip_nonfinite: a.skip_nonfinite,
         resume,
+        replicas,
     };
-    let trained = trainer.fit_with(&train, val.as_ref(), &mut reporter, control)?;
+    let trained = match trainer.fit_with(&train, val.as_ref(), &mut reporter, control) {
+        Err(e) if in_collectives.is_some() => distributed::abandon(e.into()),
+        trained => trained?,
+    };
     drop(reporter);
+    if !lead {
+        let signalled = stop.load(Ordering::SeqCst);
+        return distributed::follower_exit(&trained.summary, start_step, signalled);
+    }
 
     let s = &trained.summary;
     if s.kept_step == Some(start_step) {
@@ -668,6 +621,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(r) = &in_collectives {
+        line.push_str(&format!(
+            ", {} process{}, {:.2}s of rank 0's in collectives",
+            r.world(),
+            if r.world() == 1 { "" } else { "es" },
+            r.collective_secs()
+        ));
     }
     if let Some(mib) = peak_memory_mib() {
         line.push_str(&format!(", peak memory {mib:.0} MiB"));

@@ -1,4 +1,8 @@
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
+
+use crate::SharedBatch;
 
 /// An invertible map with a tractable log-determinant.
 ///
@@ -59,6 +63,13 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Tells a layer that uses the batch's statistics that each process holds a share
+    /// of the batch, and how to sum over the shares (`None`: the batch is whole here).
+    /// Layers without batch statistics ignore it; composite layers pass it on.
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        let _ = shared;
+    }
+
     /// The layer's non-trainable tensors, as the layer holds them (the same tensors as
     /// the variables they were created as, so a trainer can tell them apart by id).
     fn buffers(&self) -> Vec<Tensor> {
@@ -91,6 +102,9 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn batch_statistics(&self) -> bool {
         (**self).batch_statistics()
+    }
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        (**self).share_batch(shared)
     }
     fn buffers(&self) -> Vec<Tensor> {
         (**self).buffers()

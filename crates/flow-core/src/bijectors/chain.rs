@@ -1,6 +1,9 @@
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
 
 use super::{zero_log_det, Bijector};
+use crate::SharedBatch;
 
 /// A composition `f = f_n ∘ … ∘ f_1` of bijectors.
 ///
@@ -79,6 +82,12 @@ impl Bijector for Chain {
 
     fn batch_statistics(&self) -> bool {
         self.layers.iter().any(|l| l.batch_statistics())
+    }
+
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        for layer in &mut self.layers {
+            layer.share_batch(shared.clone());
+        }
     }
 
     fn buffers(&self) -> Vec<Tensor> {

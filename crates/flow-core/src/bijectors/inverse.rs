@@ -1,6 +1,9 @@
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
 
 use super::Bijector;
+use crate::SharedBatch;
 
 /// Swaps the directions of a bijector: `Inverse(b).forward == b.inverse`.
 ///
@@ -30,6 +33,9 @@ impl<B: Bijector> Bijector for Inverse<B> {
     }
     fn batch_statistics(&self) -> bool {
         self.0.batch_statistics()
+    }
+    fn share_batch(&mut self, shared: Option<Arc<dyn SharedBatch>>) {
+        self.0.share_batch(shared)
     }
     fn buffers(&self) -> Vec<Tensor> {
         self.0.buffers()

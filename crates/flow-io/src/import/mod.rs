@@ -18,6 +18,7 @@ mod normflows_glow;
 mod seed;
 mod weights;
 mod zuko;
+mod zuko_export;
 
 use std::{collections::HashMap, path::Path};
 
@@ -27,10 +28,11 @@ use flow_nn::{
     Activation, Affine, ConditionerConfig, CouplingConfig, NetConfig, Nets, OutputLayout, ScaleMap,
 };
 use flow_nn::{AutoregressiveConfig, Spline};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use seed::export_seed;
 pub(crate) use weights::Weights;
+pub use zuko_export::export_zuko;
 
 use crate::IoError;
 
@@ -154,6 +156,18 @@ pub struct ImportOptions {
     pub tail_bound: Option<f64>,
 }
 
+impl ImportOptions {
+    /// Checks the settings given, before any file is read.
+    pub fn check(&self) -> Result<(), String> {
+        match self.clamp {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                Err(format!("--clamp must be positive, got {c}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// An imported model: its configuration and tensors, named as this crate's checkpoints
 /// name them, and the settings that were assumed rather than read.
 #[derive(Debug, Clone)]
@@ -225,7 +239,7 @@ fn assumptions(source: Source, config: &ModelConfig, opts: &ImportOptions) -> Ve
 /// A layer as the importers produce it; its JSON form is the registry's (kinds
 /// `affine`, `permute`, `spline-coupling`, `spline-autoregressive` and
 /// `affine-autoregressive`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub(crate) enum LayerConfig {
     Affine(CouplingConfig<Affine>),

@@ -25,11 +25,14 @@ use super::{
 };
 use crate::IoError;
 
+/// Where zuko's flows keep their transforms.
+pub(crate) const ROOT: &str = "transform.transforms";
+
 /// `|ln(1e-3)|`: zuko's default affine slope bound, as a log-scale clamp.
 pub(crate) const DEFAULT_CLAMP: f64 = 6.907_755_278_982_137;
 
 pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, IoError> {
-    let root = "transform.transforms";
+    let root = ROOT;
     let ids = w.children(root);
     if ids.is_empty() {
         return Err(w.invalid("no `transform.transforms.{t}` tensors: not a zuko flow"));
@@ -45,7 +48,23 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     let mut tensors = HashMap::new();
     let mut layers = Vec::new();
     let mut dim = None;
-    for (n, t) in ids.into_iter().enumerate() {
+    // A first `AffineTransform` (`_0` the shift, `_1` the scale) standardises the data,
+    // as `flow export --to zuko` writes a standardised model.
+    let standardize = w.contains(&format!("{root}.0._0"));
+    if standardize {
+        let shift = w.float_any(&format!("{root}.0._0"))?;
+        let d = shift.dim(0).map_err(IoError::candle(w.path()))?;
+        let scale = w.float(&format!("{root}.0._1"), &[d])?;
+        let std = scale.recip().map_err(IoError::candle(w.path()))?;
+        let mean = shift
+            .mul(&std)
+            .and_then(|m| m.neg())
+            .map_err(IoError::candle(w.path()))?;
+        tensors.insert("standardize.mean".into(), mean);
+        tensors.insert("standardize.std".into(), std);
+        dim = Some(d);
+    }
+    for (n, t) in ids.into_iter().skip(usize::from(standardize)).enumerate() {
         let p = format!("{root}.{t}");
         let (layer, d, key) = if w.contains(&format!("{p}.mask")) {
             let (layer, d) = coupling(w, &p, n, activation, clamp, &mut tensors)?;
@@ -74,10 +93,8 @@ pub(crate) fn import(w: &mut Weights, opts: &ImportOptions) -> Result<Imported, 
     let log_scale = scale.log().map_err(IoError::candle(w.path()))?;
     tensors.insert("base.loc".into(), loc);
     tensors.insert("base.log_scale".into(), log_scale);
-    Ok(Imported::new(
-        model(dim, layers, BaseConfig::DiagNormal { trainable: false }),
-        tensors,
-    ))
+    let config = model(dim, layers, BaseConfig::DiagNormal { trainable: false });
+    Ok(Imported::new(config.with_standardize(standardize), tensors))
 }
 
 /// A RealNVP coupling at `p`, layer `n`; returns it and its dimension.

@@ -1,0 +1,101 @@
+//! numpy arrays in and out, and option values by name.
+
+use candle::{Device, Tensor};
+use flow_nn::Activation;
+use numpy::{IntoPyArray, PyArrayMethods};
+use pyo3::{prelude::*, types::PyAny};
+
+use crate::errors::value_error;
+
+/// Rows of numbers read from a numpy array (or anything `numpy.asarray` takes):
+/// row-major `f32`, the dtype models compute in, and whether the caller's array was
+/// `float64`, so that results come back in the caller's precision.
+#[derive(Debug)]
+pub struct Rows {
+    pub values: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    pub double: bool,
+}
+
+impl Rows {
+    /// `array` as rows of `cols` values, named `what` in errors.
+    pub fn read(array: &Bound<'_, PyAny>, cols: usize, what: &str) -> PyResult<Self> {
+        let py = array.py();
+        let numpy = py.import("numpy")?;
+        let mut array = numpy.call_method1("asarray", (array,))?;
+        let dtype: String = array.getattr("dtype")?.str()?.extract()?;
+        let double = dtype != "float32";
+        if dtype != "float32" && dtype != "float64" {
+            array = numpy.call_method1("asarray", (array, "float64"))?;
+        }
+        let shape: Vec<usize> = array.getattr("shape")?.extract()?;
+        if shape.len() != 2 || shape[1] != cols {
+            return Err(value_error(format!(
+                "{what} must be a 2-D array of shape (rows, {cols}), got shape {}",
+                shape_text(&shape)
+            )));
+        }
+        let values = if double {
+            let a = array.cast::<numpy::PyArray2<f64>>()?.readonly();
+            a.as_array().iter().map(|&v| v as f32).collect()
+        } else {
+            let a = array.cast::<numpy::PyArray2<f32>>()?.readonly();
+            a.as_array().iter().copied().collect()
+        };
+        Ok(Self {
+            values,
+            rows: shape[0],
+            cols,
+            double,
+        })
+    }
+
+    /// The rows as a `(rows, cols)` tensor on the CPU.
+    pub fn tensor(&self) -> candle::Result<Tensor> {
+        Tensor::from_slice(&self.values, (self.rows, self.cols), &Device::Cpu)
+    }
+}
+
+/// `(a, b)` as Python writes a shape.
+fn shape_text(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => {
+            let parts: Vec<String> = shape.iter().map(usize::to_string).collect();
+            format!("({})", parts.join(", "))
+        }
+    }
+}
+
+/// `values` (`rows × cols`, or a vector with `cols == 0`) as a numpy array, `float64`
+/// when `double`.
+pub fn to_numpy(
+    py: Python<'_>,
+    values: Vec<f32>,
+    rows: usize,
+    cols: Option<usize>,
+    double: bool,
+) -> PyResult<Py<PyAny>> {
+    let array = if double {
+        let v: Vec<f64> = values.into_iter().map(f64::from).collect();
+        let a = v.into_pyarray(py);
+        match cols {
+            Some(c) => a.reshape([rows, c])?.into_any().unbind(),
+            None => a.into_any().unbind(),
+        }
+    } else {
+        let a = values.into_pyarray(py);
+        match cols {
+            Some(c) => a.reshape([rows, c])?.into_any().unbind(),
+            None => a.into_any().unbind(),
+        }
+    };
+    Ok(array)
+}
+
+/// The activation `name` names, or the list of those there are.
+pub fn activation(name: &str) -> PyResult<Activation> {
+    flow_models::options::choice("activation", name, &Activation::ALL, Activation::name)
+        .map_err(value_error)
+}
