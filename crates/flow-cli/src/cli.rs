@@ -374,7 +374,7 @@ pub struct TrainArgs {
     /// Write one JSON line per progress report here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
-    #[arg(long, help = run_help("Score the validation file every this many steps", flow_train::TrainConfig::default().val_every))]
+    #[arg(long, help = format!("Score the validation set every this many steps [default: one epoch, the training rows over --batch, kept within {} to {} steps]", flow_train::VAL_EVERY_RANGE.0, flow_train::VAL_EVERY_RANGE.1))]
     pub val_every: Option<usize>,
     #[arg(long, help = run_help("Stop after this many validation scores without improvement; 0 never stops early", crate::commands::train::default_patience()))]
     pub patience: Option<usize>,

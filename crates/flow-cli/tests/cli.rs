@@ -758,27 +758,15 @@ fn line_after<'a>(stderr: &'a str, prefix: &str) -> &'a str {
 fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     let m = path("held-out.safetensors");
     let args = [
-        "train",
-        "--data",
-        "moons",
-        "--n",
-        "1000",
-        "--steps",
-        "40",
-        "--hidden",
-        "16",
-        "--layers",
-        "2",
-        "--val-every",
-        "10",
-        "--out",
-        &m,
+        "train", "--data", "moons", "--n", "1000", "--steps", "40", "--hidden", "16", "--layers",
+        "2", "--batch", "64", "--out", &m,
     ];
     let out = flow(&args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
+    // Validated once an epoch: 900 rows in batches of 64.
     assert!(
-        err.contains("training realnvp on 900 samples of 2 features, 100 held out to validate on (--val-fraction 0.1, seed 0), for at most 40 steps, stopping after 20 validation scores without improvement (one every 10 steps)"),
+        err.contains("training realnvp on 900 samples of 2 features, 100 held out to validate on (--val-fraction 0.1, seed 0), for at most 40 steps, stopping after 20 validation scores without improvement (one every 15 steps)"),
         "{err}"
     );
     assert_eq!(line_after(&err, "stopped: "), "reached the cap of 40 steps");

@@ -172,7 +172,7 @@ def test_ctrl_c_stops_fit_with_the_weights_of_the_last_step():
     timer = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
     timer.start()
     try:
-        summary = model.fit(x, steps=10_000_000, batch=64, seed=1, progress=False)
+        summary = model.fit(x, steps=10_000_000, batch=64, seed=1, patience=0, progress=False)
     finally:
         timer.cancel()
     assert summary["interrupted"], summary

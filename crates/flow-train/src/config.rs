@@ -10,6 +10,19 @@ use crate::{
 /// [`TrainConfig::patience`] says otherwise.
 pub const DEFAULT_PATIENCE: usize = 20;
 
+/// The fewest and most steps between validation scores unless told otherwise
+/// ([`val_every_for`]).
+pub const VAL_EVERY_RANGE: (usize, usize) = (10, 100);
+
+/// Steps between validation scores for `rows` training rows in batches of `batch`: one
+/// epoch, within [`VAL_EVERY_RANGE`]. Small data overfit within a few hundred steps,
+/// so their best weights are chosen at a finer grain than large data's; the patience
+/// then spans the same share of a run whatever its size.
+pub fn val_every_for(rows: usize, batch: usize) -> usize {
+    let (fewest, most) = VAL_EVERY_RANGE;
+    rows.div_ceil(batch.max(1)).clamp(fewest, most)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OptimizerKind {
@@ -293,6 +306,17 @@ fn model_or_realnvp<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ModelConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_comes_once_an_epoch_within_its_range() {
+        // 900 rows in batches of 64: 15 steps an epoch (the last batch short).
+        assert_eq!(val_every_for(900, 64), 15);
+        assert_eq!(val_every_for(896, 64), 14);
+        // A few steps an epoch, and hundreds: held to the range.
+        assert_eq!(val_every_for(900, 512), VAL_EVERY_RANGE.0);
+        assert_eq!(val_every_for(90_000, 512), VAL_EVERY_RANGE.1);
+        assert_eq!(val_every_for(9_000, 512), 18);
+    }
 
     #[test]
     fn reads_the_training_configurations_of_older_files() {

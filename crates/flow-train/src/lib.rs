@@ -18,7 +18,8 @@ mod summary;
 mod trainer;
 
 pub use config::{
-    positive_f32, Duration, OptimizerConfig, OptimizerKind, TrainConfig, DEFAULT_PATIENCE,
+    positive_f32, val_every_for, Duration, OptimizerConfig, OptimizerKind, TrainConfig,
+    DEFAULT_PATIENCE, VAL_EVERY_RANGE,
 };
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};

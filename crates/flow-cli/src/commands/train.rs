@@ -9,6 +9,7 @@ use flow_models::{
     options::{self, default_weight_decay},
     Family, Registry,
 };
+use flow_train::val_every_for;
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, held_out_rows, load_images, load_path, Dataset,
@@ -451,13 +452,24 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .into());
         }
     }
-    // A resumed run keeps the model it was written with, names and all.
+    // A resumed run keeps the model it was written with, names and all, and its
+    // validation schedule; a fresh one validates every epoch unless told otherwise.
     let cfg = match &resume {
         Some(_) => cfg,
-        None => TrainConfig {
-            model: crate::columns::recorded(cfg.model, &a.data)?,
-            ..cfg
-        },
+        None => {
+            let rows = match &val {
+                Some(_) => train.len(),
+                None => train.len() - held_out_rows(train.len(), cfg.val_fraction),
+            };
+            let val_every = a
+                .val_every
+                .unwrap_or_else(|| val_every_for(rows, cfg.batch_size));
+            TrainConfig {
+                model: crate::columns::recorded(cfg.model, &a.data)?,
+                val_every,
+                ..cfg
+            }
+        }
     };
     let trainer = Trainer::new(cfg, &device)?;
     if let (Some(r), Some(path)) = (&resume, &a.resume) {
