@@ -32,7 +32,7 @@ for line in sys.stdin:
 ')
 while read -r name exe; do
     case "$name" in
-        fused | fused_flow | spline | cuda_training | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
+        fused | fused_flow | spline | cuda_training | optim | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
     esac
 done <<<"$tests"
 

@@ -397,6 +397,20 @@ pub struct TrainArgs {
     /// Stop after this many steps in total and write a resumable checkpoint to --out.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Keep memory flat in the model's depth: recompute each layer's input from its
+    /// output in the backward pass instead of keeping activations (more compute, the
+    /// same gradients up to rounding). May change on --resume.
+    #[arg(long)]
+    pub low_memory: bool,
+    /// Read the training rows from the file a chunk at a time instead of holding them
+    /// all: for data larger than memory. Streams .npy and uncompressed IDX files, whose
+    /// rows lie at fixed offsets. Each epoch visits the chunks in a seeded order and each
+    /// chunk's rows in a seeded order; one chunk is held at a time. A resumed run
+    /// streams as it was written.
+    #[arg(long)]
+    pub stream: bool,
+    #[arg(long, help = format!("With --stream: rows per chunk [default {}]", flow_train::data::DEFAULT_CHUNK_ROWS))]
+    pub stream_chunk: Option<usize>,
     /// Train on several processes, each on its share of every batch (--batch stays
     /// the whole batch): `mpi` for processes started by mpirun or srun, `nccl` for one
     /// CUDA GPU per process (torchrun, srun). Needs a build with that cargo feature.

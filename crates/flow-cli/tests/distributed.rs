@@ -68,6 +68,21 @@ fn the_distributed_flags_go_together_and_need_their_backend() {
         "--data",
         "moons",
         "--distributed",
+        "mpi",
+        "--low-memory",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "error: --low-memory does not apply to --distributed runs\n"
+    );
+    let o = flow(&[
+        "train",
+        "--data",
+        "moons",
+        "--distributed",
         "nccl",
         "--out",
         &out,

@@ -105,6 +105,31 @@ fn interrupted_and_resumed_equals_uninterrupted() {
 }
 
 #[test]
+fn low_memory_training_interrupted_and_resumed_equals_uninterrupted() {
+    let d = dir("low-memory");
+    let lm = ["--low-memory"];
+    let full = d.join("full.safetensors");
+    let o = run(&lm, &full);
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("low memory: largest reconstruction error")
+            && said.contains("activations kept for 0 of "),
+        "{said}"
+    );
+    let part = d.join("part.safetensors");
+    let o = run(&[&lm[..], &["--stop-at", "37"]].concat(), &part);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&[&lm[..], &["--resume", &s(&part)]].concat(), &part);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        weights(&full),
+        weights(&part),
+        "resumed low-memory weights differ from the uninterrupted run"
+    );
+}
+
+#[test]
 fn periodic_checkpoints_are_loadable_models() {
     let d = dir("periodic");
     let out = d.join("m.safetensors");

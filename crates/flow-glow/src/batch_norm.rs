@@ -172,43 +172,12 @@ fn shared_channel_moments(img: &Tensor, shared: &dyn SharedBatch) -> Result<(Ten
 
 impl Bijector for BatchNorm {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let img = self.shape.to_image(x, "batch-norm")?;
-        let (mean, var) = if self.is_training() {
-            let (mean, var) = match &self.shared {
-                Some(shared) => shared_channel_moments(&img, shared.as_ref())?,
-                None => channel_moments(&img)?,
-            };
-            self.update_running(&mean, &var)?;
-            (mean, var)
-        } else {
-            // The running statistics are buffers: constants to the gradient.
-            (self.running_mean.detach(), self.running_var.detach())
-        };
-        // exp(γ) / sqrt(σ² + eps), per channel.
-        let gain = (self.log_gamma.exp()? / var.affine(1.0, self.eps)?.sqrt()?)?;
-        let z = img
-            .broadcast_sub(&self.per_channel(&mean)?)?
-            .broadcast_mul(&self.per_channel(&gain)?)?
-            .broadcast_add(&self.per_channel(&self.beta)?)?;
-        Ok((
-            ImageShape::to_rows(&z)?,
-            self.log_det(&var, x.dim(0)?, 1.0)?,
-        ))
+        let (z, log_det, _) = self.forward_recorded(x, None, true)?;
+        Ok((z, log_det))
     }
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        let img = self.shape.to_image(z, "batch-norm")?;
-        let var = &self.running_var.detach();
-        // sqrt(σ² + eps) / exp(γ), per channel.
-        let spread = (var.affine(1.0, self.eps)?.sqrt()? * self.log_gamma.neg()?.exp()?)?;
-        let x = img
-            .broadcast_sub(&self.per_channel(&self.beta)?)?
-            .broadcast_mul(&self.per_channel(&spread)?)?
-            .broadcast_add(&self.per_channel(&self.running_mean.detach())?)?;
-        Ok((
-            ImageShape::to_rows(&x)?,
-            self.log_det(var, z.dim(0)?, -1.0)?,
-        ))
+        self.inverse_recorded(z, None, &[])
     }
 
     fn set_training(&mut self, training: bool) {
@@ -226,5 +195,73 @@ impl Bijector for BatchNorm {
     /// `running_mean` and `running_var`.
     fn buffers(&self) -> Vec<Tensor> {
         vec![self.running_mean.clone(), self.running_var.clone()]
+    }
+
+    /// A training-mode pass records the batch's statistics, and its inverse uses them.
+    fn recomputable(&self) -> bool {
+        true
+    }
+
+    /// In training mode, records the batch's `[mean, var]` (per channel) and moves the
+    /// running averages towards them when `update`; in evaluation mode, records nothing.
+    fn forward_recorded(
+        &self,
+        x: &Tensor,
+        _context: Option<&Tensor>,
+        update: bool,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let img = self.shape.to_image(x, "batch-norm")?;
+        let (mean, var, record) = if self.is_training() {
+            let (mean, var) = match &self.shared {
+                Some(shared) => shared_channel_moments(&img, shared.as_ref())?,
+                None => channel_moments(&img)?,
+            };
+            if update {
+                self.update_running(&mean, &var)?;
+            }
+            let record = vec![mean.detach(), var.detach()];
+            (mean, var, record)
+        } else {
+            // The running statistics are buffers: constants to the gradient.
+            let stats = (self.running_mean.detach(), self.running_var.detach());
+            (stats.0, stats.1, Vec::new())
+        };
+        // exp(γ) / sqrt(σ² + eps), per channel.
+        let gain = (self.log_gamma.exp()? / var.affine(1.0, self.eps)?.sqrt()?)?;
+        let z = img
+            .broadcast_sub(&self.per_channel(&mean)?)?
+            .broadcast_mul(&self.per_channel(&gain)?)?
+            .broadcast_add(&self.per_channel(&self.beta)?)?;
+        let log_det = self.log_det(&var, x.dim(0)?, 1.0)?;
+        Ok((ImageShape::to_rows(&z)?, log_det, record))
+    }
+
+    /// With the `[mean, var]` a training-mode pass recorded, the inverse of that pass;
+    /// with no record, of the evaluation-mode map (the running averages).
+    fn inverse_recorded(
+        &self,
+        z: &Tensor,
+        _context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        let img = self.shape.to_image(z, "batch-norm")?;
+        let (mean, var) = match record {
+            [mean, var] => (mean.detach(), var.detach()),
+            [] => (self.running_mean.detach(), self.running_var.detach()),
+            _ => candle::bail!(
+                "batch-norm: a record of {} tensors, expected [mean, var]",
+                record.len()
+            ),
+        };
+        // sqrt(σ² + eps) / exp(γ), per channel.
+        let spread = (var.affine(1.0, self.eps)?.sqrt()? * self.log_gamma.neg()?.exp()?)?;
+        let x = img
+            .broadcast_sub(&self.per_channel(&self.beta)?)?
+            .broadcast_mul(&self.per_channel(&spread)?)?
+            .broadcast_add(&self.per_channel(&mean)?)?;
+        Ok((
+            ImageShape::to_rows(&x)?,
+            self.log_det(&var, z.dim(0)?, -1.0)?,
+        ))
     }
 }

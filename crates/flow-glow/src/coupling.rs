@@ -1,9 +1,9 @@
 //! The affine coupling layer with a convolutional conditioner (RealNVP §3.3–3.4, Glow
 //! §3.3).
 
-use candle::{DType, Device, Module, Result, Tensor};
+use candle::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
-use flow_core::{limits, Bijector};
+use flow_core::{limits, recompute_by_inverse, Bijector};
 use flow_nn::{Activation, ScaleMap};
 use serde::{Deserialize, Serialize};
 
@@ -400,5 +400,38 @@ impl Bijector for ConvCoupling {
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         self.run(z, true)
+    }
+
+    /// With a channel mask, one pass of the conditioner: the kept channels are the same
+    /// in the input and the output, so the shift and scale computed from them (with
+    /// the gradient on) serve both to recompute the transformed channels and to run the
+    /// forward pass from the recomputed input.
+    fn recompute(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Var, Tensor, Tensor)> {
+        if self.pixel_mask.is_some() {
+            return recompute_by_inverse(self, z, context, record);
+        }
+        // The leaf starts as the output: its kept channels are already the input's.
+        let leaf = Var::from_tensor(&z.detach())?;
+        let img = self.shape.to_image(leaf.as_tensor(), "conv-coupling")?;
+        let b = img.dim(0)?;
+        let (kept, xb) = self.split_channels(&img)?;
+        let (t, ls) = self.shift_and_log_scale(&kept.contiguous()?)?;
+        // The transformed channels, inverted with the shift and scale's values, written
+        // into the leaf in place: what was computed from the leaf so far read only the
+        // kept channels, which this leaves as they are, and `xb` views the leaf, so the
+        // forward pass below reads the recomputed values.
+        let (kept_z, zb) =
+            self.split_channels(&self.shape.to_image(&z.detach(), "conv-coupling")?)?;
+        let recomputed = zb.mul(&ls.detach().neg()?.exp()?)?.sub(&t.detach())?;
+        let input = self.join_channels(&kept_z, &recomputed)?;
+        leaf.set(&ImageShape::to_rows(&input)?.contiguous()?)?;
+        let out = self.join_channels(&kept, &xb.add(&t)?.mul(&ls.exp()?)?)?;
+        let log_det = ls.reshape((b, ()))?.sum(1)?;
+        Ok((leaf, ImageShape::to_rows(&out)?, log_det))
     }
 }

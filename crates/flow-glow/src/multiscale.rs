@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, LayerSpec, SharedBatch};
+use flow_core::{stages_of, Bijector, Chain, LayerSpec, Permute, SharedBatch, Stage};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{build_nested, nested_output_shape};
@@ -72,9 +72,25 @@ impl MultiScaleConfig {
     }
 }
 
+/// The permutation that takes rows holding the latent's parts (of `parts`' shapes) in
+/// reverse order to rows holding them in order.
+fn parts_reversed(parts: &[ImageShape]) -> Vec<usize> {
+    let total: usize = parts.iter().map(|p| p.dim()).sum();
+    let mut perm = Vec::with_capacity(total);
+    let mut after = total;
+    for part in parts {
+        // Reversed, the parts after this one come before it.
+        after -= part.dim();
+        perm.extend(after..after + part.dim());
+    }
+    perm
+}
+
 #[derive(Debug)]
 struct Level {
     chain: Chain,
+    /// The shape the level takes.
+    input: ImageShape,
     /// The shape the level leaves (before any factoring out).
     output: ImageShape,
 }
@@ -104,15 +120,20 @@ pub struct MultiScale {
     shape: ImageShape,
     levels: Vec<Level>,
     latent: Vec<ImageShape>,
+    /// The latent from the rows as the levels leave them when each maps the front of
+    /// the row and the factored-out parts stay behind it (see [`Bijector::stages`]):
+    /// `[final | out_{n−2} | … | out_0]` to the latent's `[out_0 | … | final]`.
+    to_latent: Permute,
 }
 
 impl MultiScale {
     /// Checks the levels' shapes, then builds their layers under `vb`.
     pub fn new(cfg: &MultiScaleConfig, vb: VarBuilder) -> Result<Self> {
         let (shapes, latent) = cfg.walk().map_err(candle::Error::Msg)?;
+        let to_latent = Permute::new(parts_reversed(&latent), vb.device())?;
         let vb = vb.pp("levels");
         let mut levels = Vec::with_capacity(cfg.levels.len());
-        for (l, (specs, (_, output))) in cfg.levels.iter().zip(shapes).enumerate() {
+        for (l, (specs, (input, output))) in cfg.levels.iter().zip(shapes).enumerate() {
             let vb = vb.pp(l);
             let layers = specs
                 .iter()
@@ -121,6 +142,7 @@ impl MultiScale {
                 .collect::<Result<Vec<_>>>()?;
             levels.push(Level {
                 chain: Chain::new(layers),
+                input,
                 output,
             });
         }
@@ -128,6 +150,7 @@ impl MultiScale {
             shape: cfg.shape,
             levels,
             latent,
+            to_latent,
         })
     }
 
@@ -155,16 +178,13 @@ impl MultiScale {
         ))
     }
 
-    /// Data to latent; `init` first initialises each level on its input.
-    fn run_forward(&self, x: &Tensor, init: bool) -> Result<(Tensor, Tensor)> {
+    /// Data to latent.
+    fn run_forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         self.shape.to_image(x, "multiscale")?;
         let mut h = x.clone();
         let mut log_det = Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?;
         let mut parts = Vec::with_capacity(self.levels.len());
         for (l, level) in self.levels.iter().enumerate() {
-            if init {
-                level.chain.initialize(&h, None)?;
-            }
             let (y, ld) = level.chain.forward(&h)?;
             log_det = (log_det + ld)?;
             if l + 1 < self.levels.len() {
@@ -181,7 +201,7 @@ impl MultiScale {
 
 impl Bijector for MultiScale {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.run_forward(x, false)
+        self.run_forward(x)
     }
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -230,9 +250,39 @@ impl Bijector for MultiScale {
         self.levels.iter().flat_map(|l| l.chain.buffers()).collect()
     }
 
+    /// Each level's layers on the front of the row that level maps (the factored-out
+    /// parts stay behind it), then the permutation into the latent's layout.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        let mut stages: Vec<Stage<'_>> = self
+            .levels
+            .iter()
+            .flat_map(|level| {
+                let width = level.input.dim();
+                stages_of(&level.chain)
+                    .into_iter()
+                    .map(move |s| s.within(width))
+            })
+            .collect();
+        stages.push(Stage::whole(&self.to_latent));
+        Some(stages)
+    }
+
     /// Initialises each level on the images it receives from the (initialised) levels
     /// before it.
     fn initialize(&self, x: &Tensor, _context: Option<&Tensor>) -> Result<()> {
-        self.run_forward(x, true).map(|_| ())
+        self.shape.to_image(x, "multiscale")?;
+        // Layer by layer, each output detached: initialisation needs one layer's
+        // activations at a time, not the graph of the whole flow.
+        let mut h = x.clone();
+        for (l, level) in self.levels.iter().enumerate() {
+            for layer in level.chain.layers() {
+                layer.initialize(&h, None)?;
+                h = layer.forward(&h)?.0.detach();
+            }
+            if l + 1 < self.levels.len() {
+                h = Self::factor_out(level, &h)?.0;
+            }
+        }
+        Ok(())
     }
 }

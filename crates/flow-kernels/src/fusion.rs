@@ -40,7 +40,7 @@ pub enum Op {
     AffineCoupling,
     /// A rational-quadratic spline per element, with this many bins.
     Spline { bins: usize },
-    /// Adam's update of one variable.
+    /// Adam's update of a variable (on CUDA, of all of them in one launch).
     Adam,
     /// A same-padded stride-1 image convolution (odd square kernel), bias or none.
     Conv,
@@ -52,8 +52,8 @@ pub enum Op {
 /// or residual, with a piecewise-linear or tanh activation); with the `cuda` feature,
 /// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
-/// other shape),
-/// while the coupling, convolution and Adam kernels are the CPU's.
+/// other shape), the spline, the affine coupling's update and the one-launch optimiser
+/// step, while the convolution kernel is the CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -71,6 +71,8 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
             dev.is_cpu()
                 || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
-        Op::AffineCoupling | Op::Adam | Op::Conv => dev.is_cpu(),
+        Op::AffineCoupling => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
+        Op::Adam => dev.is_cpu() || crate::adam::steps_all_at_once(x),
+        Op::Conv => dev.is_cpu(),
     }
 }

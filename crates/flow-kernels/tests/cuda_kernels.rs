@@ -4,9 +4,14 @@
 //! and gradients with a plain implementation (f32 within 1e-5, f64 within 1e-12).
 //! `cuda_emulation/spline_harness.cpp` runs the spline kernels (`src/spline/spline.cu`)
 //! against the spline written from its definition, its inverse by bisection and
-//! gradients by central differences. On a GPU,
-//! `flow-nn`'s `tests/fused.rs` with `--features cuda` compares the real thing with
-//! candle's ops.
+//! gradients by central differences. `cuda_emulation/affine_harness.cpp` runs the
+//! affine coupling's kernels (`src/affine/affine.cu`) against the coupling from its
+//! definition, every scale map, both directions, gradients by central differences.
+//! `cuda_emulation/adam_harness.cpp` runs the one-launch optimiser kernel
+//! (`src/adam/adam.cu`) against Adam, AdamW and Adamax from their definitions over
+//! several steps and many variables. On a GPU, `flow-nn`'s `tests/fused.rs`,
+//! `flow-realnvp`'s `tests/fused_flow.rs` and `flow-train`'s `tests/optim.rs` with
+//! `--features cuda` compare the real thing with candle's ops.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `c++`). Without one the check is reported as
 //! not run, except where `CI` is set: there a missing compiler is a failure.
@@ -67,4 +72,14 @@ fn cuda_network_kernels_match_reference_under_emulation() -> Result<()> {
 #[test]
 fn cuda_spline_kernels_match_reference_under_emulation() -> Result<()> {
     emulate("spline_harness.cpp", "spline").map(|_| ())
+}
+
+#[test]
+fn cuda_optimiser_kernel_matches_reference_under_emulation() -> Result<()> {
+    emulate("adam_harness.cpp", "adam").map(|_| ())
+}
+
+#[test]
+fn cuda_affine_coupling_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("affine_harness.cpp", "affine").map(|_| ())
 }

@@ -1,6 +1,6 @@
 use candle::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
-use flow_core::{Bijector, Chain, LayerConfig};
+use flow_core::{Bijector, Chain, LayerConfig, Stage};
 use flow_nn::{Affine, Coupling, Shift};
 
 use crate::{CouplingLayer, RealNvpConfig};
@@ -101,5 +101,8 @@ impl Bijector for RealNvp {
     }
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         self.chain.initialize(x, context)
+    }
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        self.chain.stages()
     }
 }

@@ -87,16 +87,9 @@ pub(crate) fn share_nll_and_gradients(
     parts: usize,
     share: Share,
 ) -> Result<(f64, Option<Vec<Option<Tensor>>>)> {
-    let batch = x.dim(0)?;
-    let parts = parts.clamp(1, batch.max(1));
-    let part = |i: usize| -> Result<(f64, Option<GradStore>)> {
-        let (start, end) = (i * batch / parts, (i + 1) * batch / parts);
-        let x = x.narrow(0, start, end - start)?;
-        let c = context
-            .map(|c| c.narrow(0, start, end - start))
-            .transpose()?;
+    let results = by_parts(x, context, parts, |x, c| {
         let loss = flow
-            .log_prob_with_context(&x, c.as_ref())?
+            .log_prob_with_context(x, c)?
             .sum_all()?
             .affine(-1.0 / share.rows as f64, 0.0)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -104,18 +97,49 @@ pub(crate) fn share_nll_and_gradients(
             .then(|| loss.backward())
             .transpose()?;
         Ok((value, grads))
+    })?;
+    add_up(vars, &results, share.always_differentiate)
+}
+
+/// `part` on each of `parts` consecutive ranges of the rows of `x` (and of its context),
+/// in parallel when there are several, each with its kernels planned for its thread
+/// alone; the results in the rows' order.
+pub(crate) fn by_parts<T: Send>(
+    x: &Tensor,
+    context: Option<&Tensor>,
+    parts: usize,
+    part: impl Fn(&Tensor, Option<&Tensor>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let batch = x.dim(0)?;
+    let parts = parts.clamp(1, batch.max(1));
+    let run = |i: usize| -> Result<T> {
+        let (start, end) = (i * batch / parts, (i + 1) * batch / parts);
+        let x = x.narrow(0, start, end - start)?;
+        let c = context
+            .map(|c| c.narrow(0, start, end - start))
+            .transpose()?;
+        part(&x, c.as_ref())
     };
-    let results: Vec<(f64, Option<GradStore>)> = if parts == 1 {
-        vec![part(0)?]
-    } else {
-        // Every thread has a part: the kernels of each plan for its thread alone.
-        (0..parts)
-            .into_par_iter()
-            .map(|i| flow_kernels::on_this_thread(|| part(i)))
-            .collect::<Result<_>>()?
-    };
+    if parts == 1 {
+        return Ok(vec![run(0)?]);
+    }
+    // Every thread has a part: the kernels of each plan for its thread alone.
+    (0..parts)
+        .into_par_iter()
+        .map(|i| flow_kernels::on_this_thread(|| run(i)))
+        .collect()
+}
+
+/// The parts' losses added up and, when the sum is finite or `even_nonfinite`, each
+/// variable's gradients added up in the parts' order (`None` for a variable no part
+/// depends on).
+pub(crate) fn add_up(
+    vars: &[Var],
+    results: &[(f64, Option<GradStore>)],
+    even_nonfinite: bool,
+) -> Result<(f64, Option<Vec<Option<Tensor>>>)> {
     let nll: f64 = results.iter().map(|(v, _)| v).sum();
-    if !nll.is_finite() && !share.always_differentiate {
+    if !nll.is_finite() && !even_nonfinite {
         return Ok((nll, None));
     }
     let stores: Vec<&GradStore> = results.iter().filter_map(|(_, g)| g.as_ref()).collect();

@@ -7,6 +7,7 @@ mod control;
 pub mod data;
 mod error;
 mod gradient;
+mod low_memory;
 mod optim;
 pub mod recipe;
 mod replicas;
@@ -24,9 +25,14 @@ pub use config::{
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};
 pub use gradient::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};
+pub use low_memory::{
+    LayerwiseBackprop, LowMemory, Reconstruction, DEFAULT_RECONSTRUCTION_TOLERANCE,
+};
 pub use optim::Adam;
 pub use replicas::{Replicas, DEBUG_CHECK_EVERY};
 pub use report::{format_report, JsonlReporter, PlainReporter, Report, Reporter};
 pub use schedule::Schedule;
-pub use state::{fingerprint, TrainCheckpoint, TrainState, STATE_PREFIX};
+pub use state::{
+    fingerprint, Fingerprint, StreamPosition, TrainCheckpoint, TrainState, STATE_PREFIX,
+};
 pub use trainer::{dequantize, TrainSummary, Trained, Trainer, DEFAULT_DTYPE};

@@ -51,7 +51,7 @@ fn standardized_input(model: &ModelConfig, data: &Dataset) -> candle::Result<Vec
 
 /// Sets `{prefix}.mean` and `{prefix}.std` in `varmap` to `(mean, std)`, creating
 /// them through `vb` so that the names are registered.
-fn set_pair(
+pub(crate) fn set_pair(
     varmap: &mut VarMap,
     vb: &candle_nn::VarBuilder,
     prefix: &str,

@@ -45,6 +45,19 @@ pub struct TrainState {
     pub elapsed_secs: f64,
     /// Identifies the training data, so a run is only resumed on the same data.
     pub data_fingerprint: String,
+    /// With rows streamed from a file: the chunk size and where the run stands in the
+    /// epoch's order of chunks (`pos` says the same; this says it in chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamPosition>,
+}
+
+/// Where a run that streams its rows stands within epoch `epoch`: `row` rows into
+/// the `chunk`-th chunk of the epoch's order of chunks of `chunk_rows` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub chunk_rows: usize,
+    pub chunk: usize,
+    pub row: usize,
 }
 
 impl TrainState {
@@ -344,25 +357,62 @@ impl TrainCheckpoint {
 
 /// A stable 64-bit FNV-1a digest of the data's shape and values (context included).
 pub fn fingerprint(data: &Dataset) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(&(data.dim as u64).to_le_bytes());
-    eat(&(data.len() as u64).to_le_bytes());
-    for v in &data.values {
-        eat(&v.to_bits().to_le_bytes());
-    }
+    let mut f = Fingerprint::new(data.dim, data.len());
+    f.add_rows(data);
     if data.context_dim > 0 {
-        eat(&(data.context_dim as u64).to_le_bytes());
-        for v in &data.context {
-            eat(&v.to_bits().to_le_bytes());
+        f.start_context(data.context_dim);
+        f.add_context(&data.context);
+    }
+    f.finish()
+}
+
+/// [`fingerprint`] computed a block of rows at a time, for data read in blocks: the
+/// rows' values in order, then (for a context) the context in order.
+#[derive(Debug, Clone)]
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    /// For `rows` rows of `dim` features.
+    pub fn new(dim: usize, rows: usize) -> Self {
+        let mut f = Self(0xcbf2_9ce4_8422_2325);
+        f.eat(&(dim as u64).to_le_bytes());
+        f.eat(&(rows as u64).to_le_bytes());
+        f
+    }
+
+    fn eat(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
-    format!("{h:016x}")
+
+    /// The next block's values (not its context). Rows held as bytes digest as the
+    /// same values in floats.
+    pub fn add_rows(&mut self, data: &Dataset) {
+        for v in &data.values {
+            self.eat(&v.to_bits().to_le_bytes());
+        }
+        for &b in &data.pixels {
+            self.eat(&f32::from(b).to_bits().to_le_bytes());
+        }
+    }
+
+    /// After every row's values: the context's width.
+    pub fn start_context(&mut self, context_dim: usize) {
+        self.eat(&(context_dim as u64).to_le_bytes());
+    }
+
+    /// The next block's context values.
+    pub fn add_context(&mut self, context: &[f32]) {
+        for v in context {
+            self.eat(&v.to_bits().to_le_bytes());
+        }
+    }
+
+    pub fn finish(self) -> String {
+        format!("{:016x}", self.0)
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +432,7 @@ mod tests {
             skipped: 1,
             elapsed_secs: 0.5,
             data_fingerprint: "00".into(),
+            stream: None,
         }
     }
 
@@ -438,6 +489,7 @@ mod tests {
             skipped: 3,
             elapsed_secs: 0.5,
             data_fingerprint: "00".into(),
+            stream: None,
         };
         let json = serde_json::to_string(&state).expect("json");
         assert!(json.contains(r#""last_loss":null"#), "{json}");

@@ -49,6 +49,7 @@ mod tests {
             interrupted: false,
             elapsed_secs: 1.0,
             steps_per_sec: 300.0,
+            low_memory: None,
         }
     }
 

@@ -4,15 +4,22 @@ use candle::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 use flow_core::{seeded_var_builder, Flow};
 use flow_models::{ModelConfig, Registry};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    batch_parts, data::Dataset, fingerprint, state::StateGroup, Adam, Control, DataError, Duration,
-    Replicas, Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
+    batch_parts,
+    data::{Dataset, Scan, StreamSource},
+    fingerprint,
+    state::StateGroup,
+    Adam, Control, DataError, Duration, LayerwiseBackprop, LowMemory, Reconstruction, Replicas,
+    Report, Reporter, TrainCheckpoint, TrainConfig, TrainError, TrainState,
 };
 
 mod replicated;
+mod rows;
+
+use rows::TrainRows;
 
 /// What happened in a training run; saved with the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +50,10 @@ pub struct TrainSummary {
     pub interrupted: bool,
     pub elapsed_secs: f64,
     pub steps_per_sec: f64,
+    /// With [`Trainer::with_low_memory`]: the layers recomputed and kept, and the
+    /// reconstruction errors measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_memory: Option<Reconstruction>,
 }
 
 /// A trained model: the flow, its variables and configuration, and the run's summary.
@@ -76,6 +87,8 @@ pub struct Trainer {
     registry: Registry,
     /// The model's pixel levels, read once: `Some` for pixel data, dequantised.
     pixel_levels: Option<u32>,
+    /// Gradients layer by layer, recomputing activations instead of keeping them.
+    low_memory: Option<LowMemory>,
 }
 
 /// Deep copies of the variables' values.
@@ -198,6 +211,7 @@ impl Trainer {
             device: device.clone(),
             dtype: DEFAULT_DTYPE,
             registry,
+            low_memory: None,
         })
     }
 
@@ -209,6 +223,16 @@ impl Trainer {
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
         self
+    }
+
+    /// Computes gradients layer by layer, recomputing each layer's input from its
+    /// output instead of keeping activations: memory that does not grow with depth,
+    /// for some more compute (see [`LayerwiseBackprop`]). The gradients are standard
+    /// backpropagation's up to rounding.
+    pub fn with_low_memory(mut self, settings: LowMemory) -> Result<Self, TrainError> {
+        settings.validate().map_err(TrainError::InvalidConfig)?;
+        self.low_memory = Some(settings);
+        Ok(self)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -223,21 +247,45 @@ impl Trainer {
         }
     }
 
-    fn check_data(&self, data: &Dataset, what: &str) -> Result<(), TrainError> {
-        if data.is_empty() {
+    /// Checks rows of `dim` features and `context_dim` context features, `n` of
+    /// them, against the model.
+    fn check_shape(
+        &self,
+        n: usize,
+        dim: usize,
+        context_dim: usize,
+        what: &str,
+    ) -> Result<(), TrainError> {
+        if n == 0 {
             return Err(DataError::new(what, None, "no samples").into());
         }
-        if data.dim != self.cfg.model.dim {
+        if dim != self.cfg.model.dim {
             return Err(DataError::new(
                 what,
                 None,
                 format!(
-                    "{} features per row, the model has {}",
-                    data.dim, self.cfg.model.dim
+                    "{dim} features per row, the model has {}",
+                    self.cfg.model.dim
                 ),
             )
             .into());
         }
+        if context_dim != self.cfg.model.context_dim {
+            return Err(DataError::new(
+                what,
+                None,
+                format!(
+                    "{context_dim} context features per row, the model takes {}",
+                    self.cfg.model.context_dim
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn check_data(&self, data: &Dataset, what: &str) -> Result<(), TrainError> {
+        self.check_shape(data.len(), data.dim, data.context_dim, what)?;
         if data.context.len() != data.len() * data.context_dim {
             return Err(DataError::new(
                 what,
@@ -247,17 +295,6 @@ impl Trainer {
                     data.context.len(),
                     data.len(),
                     data.context_dim
-                ),
-            )
-            .into());
-        }
-        if data.context_dim != self.cfg.model.context_dim {
-            return Err(DataError::new(
-                what,
-                None,
-                format!(
-                    "{} context features per row, the model takes {}",
-                    data.context_dim, self.cfg.model.context_dim
                 ),
             )
             .into());
@@ -295,10 +332,11 @@ impl Trainer {
         let mut warnings = Vec::new();
         // Dequantised pixels are never constant: the noise fills each pixel's level.
         if self.pixel_levels.is_none() {
+            let values = train.values_f32();
             let constant: Vec<usize> = (0..d)
                 .filter(|&j| {
-                    let first = train.values[j];
-                    train.values.iter().skip(j).step_by(d).all(|&v| v == first)
+                    let first = values[j];
+                    values.iter().skip(j).step_by(d).all(|&v| v == first)
                 })
                 .collect();
             if constant.len() == d {
@@ -372,9 +410,64 @@ impl Trainer {
         let (train, val) = (train.as_ref(), val.or(held_out.as_ref()));
         let resume = control.resume.take();
         if let Some(r) = &resume {
-            self.check_resume_on(r, train)?;
+            self.check_resume_on(r, train.len(), &fingerprint(train), None)?;
         }
-        let mut run = Run::start(self, train, val, resume)?;
+        let run = Run::start(self, TrainData::Held(train), val, resume)?;
+        self.run_loop(run, val, reporter, control)
+    }
+
+    /// [`fit_with`](Self::fit_with) on rows streamed from a file a chunk at a time:
+    /// memory holds one chunk, not the file. The file is read once first, in chunks,
+    /// to check its values and compute its fingerprint and standardisation statistics.
+    /// The rows come in the order of [`StreamSource`]; with a chunk that holds the whole
+    /// file, the run is the one [`fit_with`](Self::fit_with) makes on the same rows.
+    /// Several processes ([`Control::replicas`]) are not supported.
+    pub fn fit_stream(
+        &self,
+        train: &StreamSource,
+        val: Option<&Dataset>,
+        reporter: &mut dyn Reporter,
+        mut control: Control,
+    ) -> Result<Trained, TrainError> {
+        if control.replicas.is_some() {
+            return Err(TrainError::InvalidConfig(
+                "streamed data train in one process".into(),
+            ));
+        }
+        let what = "training data";
+        self.check_shape(train.len(), train.dim(), train.context_dim(), what)?;
+        if train.len() < 2 {
+            let msg = "1 row: a density cannot be fitted to a single point";
+            return Err(DataError::new(train.name(), None, msg).into());
+        }
+        if let Some(v) = val {
+            self.check_data(v, "validation data")?;
+            if let Some(levels) = self.pixel_levels {
+                crate::data::check_pixels(v, levels, "validation data")?;
+            }
+        }
+        if val.is_none() && self.cfg.val_fraction > 0.0 {
+            return Err(TrainError::InvalidConfig(
+                "streamed rows cannot be held out to validate on: give a validation set, or a validation fraction of 0".into(),
+            ));
+        }
+        let scan = train.scan(self.cfg.model.standardize, self.pixel_levels)?;
+        let resume = control.resume.take();
+        if let Some(r) = &resume {
+            self.check_resume_on(r, train.len(), &scan.fingerprint, Some(train.chunk_rows()))?;
+        }
+        let run = Run::start(self, TrainData::Streamed(train, &scan), val, resume)?;
+        self.run_loop(run, val, reporter, control)
+    }
+
+    /// Takes `run` from where it stands to its end (see [`fit_with`](Self::fit_with)).
+    fn run_loop(
+        &self,
+        mut run: Run<'_>,
+        val: Option<&Dataset>,
+        reporter: &mut dyn Reporter,
+        mut control: Control,
+    ) -> Result<Trained, TrainError> {
         if let Some(replicas) = control.replicas.take() {
             run.attach(replicas)?;
         }
@@ -441,20 +534,42 @@ impl Trainer {
 
     /// Builds the model with freshly initialised variables (seeded by the run), its
     /// standardisation, if any, set to the statistics of `train`.
-    fn build_model(&self, train: &Dataset) -> Result<Model, TrainError> {
+    fn build_model(&self, train: &TrainData) -> Result<Model, TrainError> {
         let cfg = &self.cfg;
         let config = cfg.model.clone();
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
-        crate::standardization::set_statistics(&config, train, &mut varmap, &vb)?;
+        match train {
+            TrainData::Held(d) => {
+                crate::standardization::set_statistics(&config, d, &mut varmap, &vb)?;
+            }
+            TrainData::Streamed(_, scan) => {
+                if config.standardize_context || config.bounds.is_some() {
+                    return Err(TrainError::InvalidConfig(
+                        "streamed data are standardised without a context or bounds: give --no-standardize, or hold the rows in memory".into(),
+                    ));
+                }
+                if config.standardize {
+                    let stats = scan.moments.clone().ok_or_else(|| {
+                        TrainError::InvalidConfig("the scan of the data holds no moments".into())
+                    })?;
+                    crate::standardization::set_pair(&mut varmap, &vb, "standardize", stats)?;
+                }
+            }
+        }
         let flow = config.build_with(&self.registry, vb)?;
         Ok(Model::new(config, varmap, flow)?)
     }
 
     /// A tensor of `data`'s rows, and one of its context if it has one, on the
-    /// training device in the training dtype.
+    /// training device in the training dtype; rows held as bytes stay bytes (each
+    /// batch becomes floats as it is drawn).
     fn tensors(&self, data: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
-        let x = data.to_tensor(&self.device)?.to_dtype(self.dtype)?;
+        let x = data.to_tensor(&self.device)?;
+        let x = match x.dtype() {
+            DType::U8 => x,
+            _ => x.to_dtype(self.dtype)?,
+        };
         let c = data
             .context_tensor(&self.device)?
             .map(|c| c.to_dtype(self.dtype))
@@ -466,6 +581,7 @@ impl Trainer {
     /// own.
     fn validation_set(&self, val: &Dataset) -> candle::Result<(Tensor, Option<Tensor>)> {
         let (x, c) = self.tensors(val)?;
+        let x = x.to_dtype(self.dtype)?;
         let x = match self.pixel_levels {
             Some(levels) => dequantize(&x, levels, noise_seed(self.cfg.seed, u64::MAX))?,
             None => x,
@@ -484,13 +600,21 @@ impl Trainer {
         train: &Dataset,
         val: Option<&Dataset>,
     ) -> Result<(), TrainError> {
-        self.check_resume_on(r, self.held_out(train, val).0.as_ref())
+        let train = self.held_out(train, val).0;
+        self.check_resume_on(r, train.len(), &fingerprint(&train), None)
     }
 
-    /// [`check_resume`](Self::check_resume) on the rows the run trains on, any
-    /// validation rows already held out.
-    fn check_resume_on(&self, r: &TrainCheckpoint, train: &Dataset) -> Result<(), TrainError> {
-        let total = self.total_steps(train.len());
+    /// Checks that `r` continues this trainer's run on `rows` rows of data with
+    /// fingerprint `data_fingerprint`, streamed in chunks of `chunk_rows` rows or held
+    /// in memory (`None`), any validation rows already held out.
+    fn check_resume_on(
+        &self,
+        r: &TrainCheckpoint,
+        rows: usize,
+        data_fingerprint: &str,
+        chunk_rows: Option<usize>,
+    ) -> Result<(), TrainError> {
+        let total = self.total_steps(rows);
         let same = TrainConfig {
             duration: self.cfg.duration,
             ..r.config.clone()
@@ -500,13 +624,25 @@ impl Trainer {
                 "the checkpoint was written by a run with other settings".into(),
             ));
         }
-        if r.state.data_fingerprint != fingerprint(train) {
+        if r.state.data_fingerprint != data_fingerprint {
             return Err(TrainError::InvalidConfig(
                 "the training data differ from the data the checkpointed run used".into(),
             ));
         }
+        let streamed = r.state.stream.map(|s| s.chunk_rows);
+        if streamed != chunk_rows {
+            let how = |c: Option<usize>| match c {
+                Some(c) => format!("streamed in chunks of {c} rows"),
+                None => "held in memory".to_string(),
+            };
+            return Err(TrainError::InvalidConfig(format!(
+                "the checkpointed run's data were {}, these are {}",
+                how(streamed),
+                how(chunk_rows)
+            )));
+        }
         r.state
-            .check_rows(train.len())
+            .check_rows(rows)
             .map_err(TrainError::InvalidConfig)?;
         if total < r.state.step {
             return Err(TrainError::InvalidConfig(format!(
@@ -524,6 +660,23 @@ fn lock(varmap: &VarMap) -> candle::Result<std::sync::MutexGuard<'_, HashMap<Str
         .data()
         .lock()
         .map_err(|_| candle::Error::Msg("variable map poisoned".into()))
+}
+
+/// The training rows a run is given: held in memory, or streamed from a file (with
+/// what a pass over it found).
+#[derive(Clone, Copy)]
+enum TrainData<'d> {
+    Held(&'d Dataset),
+    Streamed(&'d StreamSource, &'d Scan),
+}
+
+impl TrainData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Held(d) => d.len(),
+            Self::Streamed(s, _) => s.len(),
+        }
+    }
 }
 
 /// The dtype a [`Trainer`] trains in unless [`Trainer::with_dtype`] says otherwise.
@@ -585,11 +738,10 @@ enum Step {
 struct Run<'a> {
     trainer: &'a Trainer,
     model: Model,
-    /// The training rows and their context, drawn `batch` at a time in `order`.
-    x_train: Tensor,
-    c_train: Option<Tensor>,
+    /// The training rows and their context, drawn `batch` at a time in the epoch's
+    /// order.
+    rows: TrainRows<'a>,
     batch: usize,
-    order: Vec<usize>,
     val: Option<(Tensor, Option<Tensor>)>,
     state: TrainState,
     adam: Adam,
@@ -604,6 +756,8 @@ struct Run<'a> {
     total: usize,
     /// Parts a batch's gradient is computed in.
     parts: usize,
+    /// With low memory, the layer-by-layer backward pass and what it found.
+    layerwise: Option<LayerwiseBackprop>,
     /// The other processes of a data-parallel run, if any.
     replicas: Option<Replicas>,
     /// When this call began, and the run's time and steps before it.
@@ -617,13 +771,17 @@ impl<'a> Run<'a> {
     /// `resume`, if given; a fresh model is initialised on the first batch.
     fn start(
         trainer: &'a Trainer,
-        train: &Dataset,
+        train: TrainData<'a>,
         val: Option<&Dataset>,
         mut resume: Option<TrainCheckpoint>,
     ) -> Result<Self, TrainError> {
         let cfg = &trainer.cfg;
-        let data_fingerprint = fingerprint(train);
-        let total = trainer.total_steps(train.len());
+        let n = train.len();
+        let data_fingerprint = match train {
+            TrainData::Held(d) => fingerprint(d),
+            TrainData::Streamed(_, scan) => scan.fingerprint.clone(),
+        };
+        let total = trainer.total_steps(n);
         // A resumed run takes over the flow its checkpoint was checked with, if it was
         // built for this model, device and dtype; `restore` then sets every variable.
         let built = resume
@@ -631,10 +789,17 @@ impl<'a> Run<'a> {
             .and_then(|r| r.take_built(&cfg.model, trainer.dtype, &trainer.device));
         let model = match built {
             Some((flow, varmap)) => Model::new(cfg.model.clone(), varmap, flow)?,
-            None => trainer.build_model(train)?,
+            None => trainer.build_model(&train)?,
         };
         let adam = Adam::new(model.vars.clone(), cfg.optimizer.clone())?;
-        let (x_train, c_train) = trainer.tensors(train)?;
+        let rows = match train {
+            TrainData::Held(d) => {
+                let (x, c) = trainer.tensors(d)?;
+                let order = epoch_order(n, cfg.seed, 0);
+                TrainRows::Held { x, c, order }
+            }
+            TrainData::Streamed(source, _) => TrainRows::streamed(source, cfg.seed, 0)?,
+        };
         let val = val.map(|v| trainer.validation_set(v)).transpose()?;
         let state = TrainState {
             step: 0,
@@ -648,14 +813,13 @@ impl<'a> Run<'a> {
             skipped: 0,
             elapsed_secs: 0.0,
             data_fingerprint,
+            stream: rows.position(0),
         };
         let mut run = Self {
             trainer,
             model,
-            x_train,
-            c_train,
-            batch: cfg.batch_size.min(train.len()),
-            order: epoch_order(train.len(), cfg.seed, state.epoch),
+            rows,
+            batch: cfg.batch_size.min(n),
             val,
             state,
             adam,
@@ -665,6 +829,7 @@ impl<'a> Run<'a> {
             last_good_step: 0,
             total,
             parts: 1,
+            layerwise: trainer.low_memory.map(LayerwiseBackprop::new),
             replicas: None,
             start: Instant::now(),
             elapsed_before: 0.0,
@@ -702,27 +867,28 @@ impl<'a> Run<'a> {
         if r.state.best_val_nll.is_some() {
             self.best = Some(r.group(StateGroup::Best, names, dtype, device)?);
         }
+        self.rows.begin_epoch(self.trainer.cfg.seed, r.state.epoch);
+        if r.state.stream != self.rows.position(r.state.pos) {
+            return Err(TrainError::InvalidConfig(format!(
+                "the checkpoint's place in the data ({:?}) is not where row {} of epoch {} lies ({:?})",
+                r.state.stream,
+                r.state.pos,
+                r.state.epoch,
+                self.rows.position(r.state.pos)
+            )));
+        }
         self.state = r.state;
-        self.order = epoch_order(self.order.len(), self.trainer.cfg.seed, self.state.epoch);
         Ok(())
     }
 
     /// The batch of `step`: `batch` rows of the epoch's order from `from`
     /// (dequantised with that step's noise for pixel data).
-    fn rows(&self, from: usize, step: usize) -> candle::Result<(Tensor, Option<Tensor>)> {
-        let device = &self.trainer.device;
-        let idx: Vec<u32> = self.order[from..from + self.batch]
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
-        let idx = Tensor::from_vec(idx, self.batch, device)?;
-        let c = self
-            .c_train
-            .as_ref()
-            .map(|c| c.index_select(&idx, 0))
-            .transpose()?;
-        let x = self.x_train.index_select(&idx, 0)?;
+    fn rows(&mut self, from: usize, step: usize) -> Result<(Tensor, Option<Tensor>), TrainError> {
         let trainer = self.trainer;
+        let (x, c) = self
+            .rows
+            .take(from, self.batch, trainer.dtype, &trainer.device)?;
+        let x = x.to_dtype(trainer.dtype)?;
         let x = match trainer.pixel_levels {
             Some(levels) => dequantize(&x, levels, noise_seed(trainer.cfg.seed, step as u64))?,
             None => x,
@@ -734,18 +900,20 @@ impl<'a> Run<'a> {
     /// counted and skipped when `skip_nonfinite`; otherwise it rolls the weights back
     /// to the last finite step and ends the run.
     fn step(&mut self, skip_nonfinite: bool) -> Result<Step, TrainError> {
-        let cfg = &self.trainer.cfg;
-        let n = self.order.len();
+        let trainer = self.trainer;
+        let cfg = &trainer.cfg;
+        let n = self.rows.len();
         let st = &mut self.state;
         if st.pos + self.batch > n {
             st.epoch += 1;
             st.pos = 0;
-            self.order = epoch_order(n, cfg.seed, st.epoch);
+            self.rows.begin_epoch(cfg.seed, st.epoch);
         }
         let (x, c) = self.rows(self.state.pos, self.state.step)?;
         let (loss, grads) = self.gradients(&x, c.as_ref())?;
         let st = &mut self.state;
         st.pos += self.batch;
+        st.stream = self.rows.position(st.pos);
         let vars = &self.model.vars;
         let mut norm = f64::NAN;
         if let Some(g) = &grads {
@@ -921,7 +1089,7 @@ impl<'a> Run<'a> {
         let summary = TrainSummary {
             steps: st.step,
             total_steps: self.total,
-            n_train: self.order.len(),
+            n_train: self.rows.len(),
             n_val,
             final_loss: st.last_loss,
             best_val_nll,
@@ -932,6 +1100,7 @@ impl<'a> Run<'a> {
             interrupted: end.interrupted,
             elapsed_secs: st.elapsed_secs,
             steps_per_sec: self.rate(),
+            low_memory: self.layerwise.as_ref().map(|l| l.report().clone()),
         };
         reporter.finish(&summary);
         Ok(Trained {
@@ -948,13 +1117,7 @@ impl<'a> Run<'a> {
 /// The order in which epoch `epoch` visits the `n` samples: a shuffle seeded from
 /// `(seed, epoch)` alone, so any point of a run can be reproduced.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mix = seed
-        ^ (epoch as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    order.shuffle(&mut StdRng::seed_from_u64(mix));
-    order
+    crate::data::shuffled(n, crate::data::epoch_seed(seed, epoch))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Adam: the in-place CPU kernels against the tensor-op form, and both against the
-//! update written out by hand as PyTorch documents it.
+//! Adam: the in-place kernels (per variable on the CPU, every variable in one launch on
+//! CUDA, where the `cuda` feature and a GPU are present) against the tensor-op form, and
+//! both against the update written out by hand as PyTorch documents it.
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor, Var};
@@ -13,16 +14,28 @@ fn config(kind: OptimizerKind, weight_decay: f64) -> OptimizerConfig {
     }
 }
 
-/// Variables of a few shapes, the same values in every call.
-fn vars(dtype: DType) -> Result<Vec<Var>> {
-    let dev = Device::Cpu;
+/// The devices to compare on: the CPU, and the GPU where there is one.
+fn devices() -> Result<Vec<Device>> {
+    let mut out = vec![Device::Cpu];
+    if cfg!(feature = "cuda") {
+        out.extend(flow_core::cuda_if_present()?);
+    }
+    Ok(out)
+}
+
+/// Variables of a few shapes, the same values in every call. The largest spans several
+/// of the GPU launch's blocks and ends inside one.
+fn vars(dtype: DType, dev: &Device) -> Result<Vec<Var>> {
     let mut out = Vec::new();
-    for (i, shape) in [(7usize, 3usize), (1, 5), (4, 1)].into_iter().enumerate() {
+    for (i, shape) in [(7usize, 3usize), (1, 5), (4, 1), (97, 101)]
+        .into_iter()
+        .enumerate()
+    {
         let n = shape.0 * shape.1;
         let values: Vec<f64> = (0..n)
             .map(|k| ((k * 7 + i * 3) % 11) as f64 / 5.0 - 1.0)
             .collect();
-        let t = Tensor::from_vec(values, shape, &dev)?.to_dtype(dtype)?;
+        let t = Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?;
         out.push(Var::from_tensor(&t)?);
     }
     Ok(out)
@@ -39,10 +52,11 @@ fn grads(vars: &[Var], k: usize) -> Result<Vec<Option<Tensor>>> {
             .map(|j| ((j * 5 + k * 3 + i) % 13) as f64 / 4.0 - 1.5)
             .map(|x| x * (1.0 + k as f64 / 3.0))
             .collect();
+        let dev = v.device();
         let g = if i == 0 {
-            Tensor::from_vec(values, (c, r), &Device::Cpu)?.t()?
+            Tensor::from_vec(values, (c, r), dev)?.t()?
         } else {
-            Tensor::from_vec(values, (r, c), &Device::Cpu)?
+            Tensor::from_vec(values, (r, c), dev)?
         };
         let missing = i + 1 == vars.len() && k % 2 == 1;
         out.push((!missing).then(|| g.to_dtype(v.dtype())).transpose()?);
@@ -66,6 +80,13 @@ fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 #[test]
 fn in_place_steps_match_the_tensor_ops() -> Result<()> {
+    for dev in devices()? {
+        in_place_steps_match_the_tensor_ops_on(&dev)?;
+    }
+    Ok(())
+}
+
+fn in_place_steps_match_the_tensor_ops_on(dev: &Device) -> Result<()> {
     for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-14)] {
         for (kind, wd) in [
             (OptimizerKind::Adam, 0.0),
@@ -74,7 +95,7 @@ fn in_place_steps_match_the_tensor_ops() -> Result<()> {
             (OptimizerKind::Adamax, 0.0),
             (OptimizerKind::Adamax, 0.1),
         ] {
-            let (fast_vars, slow_vars) = (vars(dtype)?, vars(dtype)?);
+            let (fast_vars, slow_vars) = (vars(dtype, dev)?, vars(dtype, dev)?);
             let mut fast = Adam::new(fast_vars.clone(), config(kind, wd))?;
             let mut slow = Adam::new(slow_vars.clone(), config(kind, wd))?.with_in_place(false);
             for k in 0..6 {
@@ -82,7 +103,7 @@ fn in_place_steps_match_the_tensor_ops() -> Result<()> {
                 fast.step(&grads(&fast_vars, k)?, lr)?;
                 slow.step(&grads(&slow_vars, k)?, lr)?;
             }
-            let what = format!("{dtype:?} {kind:?} wd {wd}");
+            let what = format!("{dev:?} {dtype:?} {kind:?} wd {wd}");
             for (a, b) in fast_vars.iter().zip(&slow_vars) {
                 let d = max_rel(a.as_tensor(), b.as_tensor())?;
                 assert!(d < tol, "{what}: parameters differ by {d:e}");
@@ -93,7 +114,7 @@ fn in_place_steps_match_the_tensor_ops() -> Result<()> {
                 assert!(d < tol, "{what}: moments differ by {d:e}");
             }
             // The variables moved: the comparison is not between two no-ops.
-            let d = max_rel(fast_vars[0].as_tensor(), vars(dtype)?[0].as_tensor())?;
+            let d = max_rel(fast_vars[0].as_tensor(), vars(dtype, dev)?[0].as_tensor())?;
             assert!(d > 1e-3, "{what}: the parameters did not move");
         }
     }

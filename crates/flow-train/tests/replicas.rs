@@ -17,8 +17,8 @@ use flow_glow::{GlowConfig, ImageShape, RealNvpImageConfig};
 use flow_models::ModelConfig;
 use flow_train::{
     data::{digits, generate, Dataset, Toy, DIGITS_LEVELS},
-    dequantize, CheckpointSink, Control, Duration, Replicas, Report, Reporter, TrainCheckpoint,
-    TrainConfig, TrainError, Trained, Trainer,
+    dequantize, CheckpointSink, Control, Duration, LowMemory, Replicas, Report, Reporter,
+    TrainCheckpoint, TrainConfig, TrainError, Trained, Trainer,
 };
 
 struct Silent;
@@ -346,6 +346,45 @@ fn a_batch_smaller_than_the_replicas_is_refused() -> Result<()> {
         ensure!(
             e.to_string()
                 == "invalid training configuration: a batch of 2 rows cannot be shared out between 3 processes",
+            "{e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn low_memory_training_is_refused_on_replicas() -> Result<()> {
+    let data = generate(Toy::Moons, 100, None, 1)?;
+    let cfg = moons_job(5);
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(2, PATIENCE)
+            .into_iter()
+            .map(|member| {
+                let cfg = cfg.clone();
+                let data = &data;
+                s.spawn(move || {
+                    let control = Control {
+                        replicas: Some(Replicas::new(Arc::new(member))),
+                        ..Control::default()
+                    };
+                    Trainer::new(cfg, &Device::Cpu)?
+                        .with_low_memory(LowMemory::new())?
+                        .fit_with(data, None, &mut Silent, control)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => "trained".into(),
+                Err(_) => "panicked".into(),
+            })
+            .collect()
+    });
+    for e in errors {
+        ensure!(
+            e == "invalid training configuration: low-memory training does not run on several processes yet",
             "{e}"
         );
     }

@@ -2,7 +2,7 @@ use std::{f64::consts::LN_2, io::IsTerminal, path::Path, sync::atomic::Ordering}
 
 use flow_core::{
     image::DEFAULT_PIXEL_LEVELS,
-    limits::{check_count, check_positive, MAX_SAMPLES},
+    limits::{check_count, check_positive, MAX_ROWS, MAX_SAMPLES},
     ImageInfo, ImageShape,
 };
 use flow_models::{
@@ -12,11 +12,11 @@ use flow_models::{
 use flow_train::val_every_for;
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, held_out_rows, load_images, load_path, Dataset,
-        ImageDims, Toy, DIGITS_LEVELS,
+        check_pixels, generate, generate_labeled, held_out_rows, load_path, load_pixel_images,
+        Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, OptimizerKind, PlainReporter, Report, Reporter, Schedule,
-    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
+    Control, Duration, JsonlReporter, LowMemory, OptimizerKind, PlainReporter, Report, Reporter,
+    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -98,9 +98,20 @@ fn duration(a: &TrainArgs) -> Result<Option<Duration>, Failure> {
 /// and pixel levels (`--pixel-levels`, else the data set's, else the family's),
 /// checked against the rows.
 fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> {
-    let recorded = data
-        .dims
-        .map(|d| ImageShape::new(d.channels, d.height, d.width));
+    let info = image_shape(a, data.dims, data.levels, data.data.dim)?;
+    check_pixels(&data.data, info.pixel_levels, &a.data)?;
+    Ok(info)
+}
+
+/// [`image_info`] for rows of `dim` values in images of `dims` if recorded, with pixel
+/// levels `levels` if the data set has its own; the pixels themselves unchecked.
+fn image_shape(
+    a: &TrainArgs,
+    dims: Option<ImageDims>,
+    levels: Option<u32>,
+    dim: usize,
+) -> Result<ImageInfo, Failure> {
+    let recorded = dims.map(|d| ImageShape::new(d.channels, d.height, d.width));
     let shape = match (
         a.image.as_deref().map(options::image).transpose()?,
         recorded,
@@ -121,32 +132,27 @@ fn image_info(a: &TrainArgs, data: &TrainingData) -> Result<ImageInfo, Failure> 
         (Some(shape), _) | (None, Some(shape)) => shape,
         (None, None) => {
             return Err(format!(
-                "an image flow needs the image shape: --image HxWxC ({} has {} values per row)",
-                a.data, data.data.dim
+                "an image flow needs the image shape: --image HxWxC ({} has {dim} values per row)",
+                a.data
             )
             .into())
         }
     };
-    if shape.dim() != data.data.dim {
+    if shape.dim() != dim {
         return Err(format!(
-            "--image {}x{}x{} has {} values per image, but the rows of {} have {}",
+            "--image {}x{}x{} has {} values per image, but the rows of {} have {dim}",
             shape.height,
             shape.width,
             shape.channels,
             shape.dim(),
             a.data,
-            data.data.dim
         )
         .into());
     }
-    let pixel_levels = a
-        .pixel_levels
-        .or(data.levels)
-        .unwrap_or(DEFAULT_PIXEL_LEVELS);
+    let pixel_levels = a.pixel_levels.or(levels).unwrap_or(DEFAULT_PIXEL_LEVELS);
     if pixel_levels < 2 {
         return Err(format!("--pixel-levels must be at least 2, got {pixel_levels}").into());
     }
-    check_pixels(&data.data, pixel_levels, &a.data)?;
     Ok(ImageInfo {
         shape,
         pixel_levels,
@@ -208,7 +214,7 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
     let was = &r.config;
     let refuse = |flag: &str| -> Failure {
         format!(
-            "--{flag} would change the resumed run, which keeps its own settings; on --resume only --steps, --epochs, --stop-at and --checkpoint-every may change"
+            "--{flag} would change the resumed run, which keeps its own settings; on --resume only --steps, --epochs, --stop-at, --checkpoint-every and --low-memory may change"
         )
         .into()
     };
@@ -288,6 +294,29 @@ struct TrainingData {
     levels: Option<u32>,
 }
 
+/// The rows a run trains on: held in memory, or streamed from a file.
+enum Rows {
+    Held(TrainingData),
+    Streamed(StreamSource),
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        match self {
+            Self::Held(t) => t.data.len(),
+            Self::Streamed(s) => s.len(),
+        }
+    }
+
+    /// Features per row.
+    fn dim(&self) -> usize {
+        match self {
+            Self::Held(t) => t.data.dim,
+            Self::Streamed(s) => s.dim(),
+        }
+    }
+}
+
 /// The training data, its last `context_dim` columns split off as the context. An
 /// image flow's files are read as images (`.npy` and IDX record their shape).
 fn training_data(
@@ -315,7 +344,7 @@ fn training_data(
             return Err("digits train an unconditional image flow".into());
         }
         return Ok(TrainingData {
-            data: digits_split(SplitArg::Train),
+            data: digits_split(SplitArg::Train).into_pixels(),
             dims: Some(ImageDims {
                 channels: 1,
                 height: 8,
@@ -351,7 +380,7 @@ fn training_data(
             );
         }
         if images {
-            let images = load_images(path)?;
+            let images = load_pixel_images(path)?;
             return Ok(TrainingData {
                 data: images.data,
                 dims: images.dims,
@@ -361,6 +390,59 @@ fn training_data(
         load_path(path)?
     };
     Ok(plain(data.split_context(context_dim, &a.data)?))
+}
+
+/// The file to stream the training rows from, when the run streams (`--stream`, or a
+/// resumed run that streamed), opened with the run's chunk size; `None` otherwise.
+fn stream_source(
+    a: &TrainArgs,
+    resume: Option<&TrainCheckpoint>,
+    context_dim: usize,
+    images: bool,
+) -> Result<Option<StreamSource>, Failure> {
+    let streamed = resume.map(|r| r.state.stream.map(|s| s.chunk_rows));
+    let chunk = match (streamed, a.stream, a.stream_chunk) {
+        (None, false, None) | (Some(None), false, None) => return Ok(None),
+        (None, false, Some(_)) => {
+            return Err(
+                "--stream-chunk sets the chunk size of --stream, which was not given".into(),
+            )
+        }
+        (Some(None), _, _) => {
+            return Err(
+                "--stream would change the resumed run, whose rows were held in memory".into(),
+            )
+        }
+        (Some(Some(was)), _, Some(c)) if c != was => {
+            return Err(format!(
+                "--stream-chunk would change the resumed run, which streamed chunks of {was} rows"
+            )
+            .into())
+        }
+        (Some(Some(was)), _, _) => was,
+        (None, true, c) => count("stream-chunk", c.unwrap_or(DEFAULT_CHUNK_ROWS), 1, MAX_ROWS)?,
+    };
+    if a.data == "digits" || Toy::from_name(&a.data).is_some() {
+        return Err(format!(
+            "--stream reads a data file (.npy or IDX); `{}` is a built-in data set",
+            a.data
+        )
+        .into());
+    }
+    if a.n.is_some() || a.noise.is_some() || a.with_labels {
+        return Err("--n, --noise and --with-labels apply to the built-in data sets, not to a streamed file".into());
+    }
+    if a.distributed.is_some() {
+        return Err(
+            "--stream trains in one process: it does not combine with --distributed".into(),
+        );
+    }
+    Ok(Some(StreamSource::open(
+        Path::new(&a.data),
+        chunk,
+        images,
+        context_dim,
+    )?))
 }
 
 /// Reports an image model's losses in the units `flow log-prob` reports: the
@@ -423,31 +505,38 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .map_or(a.context_dim.unwrap_or(0), |r| r.config.model.context_dim);
     let resumed_image = resume.as_ref().and_then(|r| r.config.model.image_info());
     let images = resumed_image.is_some() || (resume.is_none() && flow.is_image());
-    let train = training_data(&a, seed, context_dim, images)?;
+    let rows = match stream_source(&a, resume.as_ref(), context_dim, images)? {
+        Some(source) => Rows::Streamed(source),
+        None => Rows::Held(training_data(&a, seed, context_dim, images)?),
+    };
     let cfg = match &resume {
         Some(r) => resumed_config(&a, r)?,
         None => {
-            let image = images.then(|| image_info(&a, &train)).transpose()?;
-            config(&a, &flow, train.data.dim, context_dim, image)?
+            let image = match &rows {
+                _ if !images => None,
+                Rows::Held(t) => Some(image_info(&a, t)?),
+                Rows::Streamed(s) => Some(image_shape(&a, s.dims(), None, s.dim())?),
+            };
+            config(&a, &flow, rows.dim(), context_dim, image)?
         }
     };
     let image = cfg.model.image_info();
-    let train = train.data;
     let val = a
         .val
         .as_deref()
         .map(|p| -> Result<Dataset, Failure> {
             if images {
-                return Ok(load_images(p)?.data);
+                return Ok(load_pixel_images(p)?.data);
             }
             Ok(load_path(p)?.split_context(context_dim, &p.display().to_string())?)
         })
         .transpose()?;
     if let Some(v) = &val {
-        if v.dim != train.dim {
+        if v.dim != rows.dim() {
             return Err(format!(
                 "--val has {} features per row, the training data {}",
-                v.dim, train.dim
+                v.dim,
+                rows.dim()
             )
             .into());
         }
@@ -457,29 +546,45 @@ pub fn run(a: TrainArgs) -> CmdResult {
     let cfg = match &resume {
         Some(_) => cfg,
         None => {
-            let rows = match &val {
-                Some(_) => train.len(),
-                None => train.len() - held_out_rows(train.len(), cfg.val_fraction),
+            // Streamed rows are never all in memory to hold some out: such a run
+            // validates on --val only.
+            let streamed = matches!(rows, Rows::Streamed(_));
+            if streamed && a.val_fraction.is_some_and(|f| f > 0.0) {
+                return Err(
+                    "--val-fraction holds out rows held in memory; a run with --stream validates on --val"
+                        .into(),
+                );
+            }
+            let val_fraction = if streamed { 0.0 } else { cfg.val_fraction };
+            let train_rows = match &val {
+                Some(_) => rows.len(),
+                None => rows.len() - held_out_rows(rows.len(), val_fraction),
             };
             let val_every = a
                 .val_every
-                .unwrap_or_else(|| val_every_for(rows, cfg.batch_size));
+                .unwrap_or_else(|| val_every_for(train_rows, cfg.batch_size));
             TrainConfig {
                 model: crate::columns::recorded(cfg.model, &a.data)?,
                 val_every,
+                val_fraction,
                 ..cfg
             }
         }
     };
-    let trainer = Trainer::new(cfg, &device)?;
-    if let (Some(r), Some(path)) = (&resume, &a.resume) {
+    let mut trainer = Trainer::new(cfg, &device)?;
+    if a.low_memory {
+        trainer = trainer.with_low_memory(LowMemory::new())?;
+    }
+    if let (Some(r), Some(path), Rows::Held(t)) = (&resume, &a.resume, &rows) {
         trainer
-            .check_resume(r, &train, val.as_ref())
+            .check_resume(r, &t.data, val.as_ref())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    for warning in trainer.data_warnings(&train, &a.data)? {
-        if lead {
-            eprintln!("warning: {warning}");
+    if let Rows::Held(t) = &rows {
+        for warning in trainer.data_warnings(&t.data, &a.data)? {
+            if lead {
+                eprintln!("warning: {warning}");
+            }
         }
     }
 
@@ -515,13 +620,13 @@ pub fn run(a: TrainArgs) -> CmdResult {
         Some(r) => eprintln!(
             "resuming at step {} of {}",
             r.state.step,
-            trainer.total_steps(train.len())
+            trainer.total_steps(rows.len())
         ),
         None => {
             let cfg = trainer.config();
             let held = match val {
                 Some(_) => 0,
-                None => held_out_rows(train.len(), cfg.val_fraction),
+                None => held_out_rows(rows.len(), cfg.val_fraction),
             };
             let validation = match (&val, held) {
                 (Some(v), _) => format!(", validating on {} rows of --val", v.len()),
@@ -541,9 +646,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
             eprintln!(
                 "training {} on {} samples of {} features{validation}, for at most {} steps{stops}",
                 cfg.model.family().map_or("a flow", |f| f.name()),
-                train.len() - held,
-                train.dim,
-                trainer.total_steps(train.len() - held)
+                rows.len() - held,
+                rows.dim(),
+                trainer.total_steps(rows.len() - held)
             );
         }
     }
@@ -568,7 +673,11 @@ pub fn run(a: TrainArgs) -> CmdResult {
         resume,
         replicas,
     };
-    let trained = match trainer.fit_with(&train, val.as_ref(), &mut reporter, control) {
+    let trained = match &rows {
+        Rows::Held(t) => trainer.fit_with(&t.data, val.as_ref(), &mut reporter, control),
+        Rows::Streamed(s) => trainer.fit_stream(s, val.as_ref(), &mut reporter, control),
+    };
+    let trained = match trained {
         Err(e) if in_collectives.is_some() => distributed::abandon(e.into()),
         trained => trained?,
     };
@@ -633,6 +742,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if s.skipped > 0 {
         line.push_str(&format!(", {} non-finite batches skipped", s.skipped));
+    }
+    if let Some(r) = &s.low_memory {
+        line.push_str(&format!(
+            ", low memory: largest reconstruction error {:.1e}, activations kept for {} of {} layers",
+            r.max_error,
+            r.kept.len(),
+            r.layers
+        ));
     }
     if let Some(r) = &in_collectives {
         line.push_str(&format!(

@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use candle::{Result, Tensor};
+use candle::{Result, Tensor, Var};
+
+use super::Stage;
 
 use crate::SharedBatch;
 
@@ -30,6 +32,17 @@ use crate::SharedBatch;
 /// - [`initialize`](Bijector::initialize) is data-dependent initialisation (ActNorm):
 ///   a trainer calls it once on a fresh model, before the first step, and never on a
 ///   loaded one.
+///
+/// And five let a trainer save memory by recomputing each layer's input from its output
+/// instead of keeping it for the gradient:
+/// - [`stages`](Bijector::stages) takes a composite bijector apart into its layers;
+/// - [`recomputable`](Bijector::recomputable) says whether a layer's inverse undoes its
+///   forward pass;
+/// - [`forward_recorded`](Bijector::forward_recorded) and
+///   [`inverse_recorded`](Bijector::inverse_recorded) keep and use what a forward pass
+///   took from the batch as a whole (batch norm's statistics);
+/// - [`recompute`](Bijector::recompute) recomputes the input and runs the forward pass
+///   again from it, with the gradient on.
 pub trait Bijector: Send + Sync + std::fmt::Debug {
     /// Data to latent: returns `(z, log|det dz/dx|)`.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -82,6 +95,87 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
         let _ = (x, context);
         Ok(())
     }
+
+    /// The bijector as the sequence of layers it applies, in forward order, for a
+    /// backward pass that walks them one at a time: a composite bijector (a chain, a
+    /// multi-scale flow) lists its layers' stages ([`stages_of`](super::stages_of)
+    /// each). `None`, the default: the bijector is one layer.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        None
+    }
+
+    /// Whether the layer's input can be recomputed from its output: its inverse
+    /// ([`inverse_recorded`](Bijector::inverse_recorded)) undoes the forward pass of the
+    /// current mode, up to rounding. By default every layer but one that uses batch
+    /// statistics (whose `inverse` undoes the evaluation-mode map, not the batch's); a
+    /// layer that says false keeps its activations in a memory-saving backward pass.
+    fn recomputable(&self) -> bool {
+        !self.batch_statistics()
+    }
+
+    /// The forward pass (given the context, if any), with what it took from the batch
+    /// as a whole that its inverse needs to undo it (batch norm while training: the
+    /// batch's mean and variance), detached. `update`: whether the pass updates the
+    /// layer's state (running averages) as `forward` does; a backward pass that runs
+    /// it again passes false. The default is `forward`, recording nothing.
+    fn forward_recorded(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        update: bool,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let _ = update;
+        let (z, log_det) = match context {
+            Some(c) => self.forward_with_context(x, c)?,
+            None => self.forward(x)?,
+        };
+        Ok((z, log_det, Vec::new()))
+    }
+
+    /// The inverse of the [`forward_recorded`](Bijector::forward_recorded) pass that
+    /// recorded `record`. The default is `inverse`.
+    fn inverse_recorded(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        let _ = record;
+        match context {
+            Some(c) => self.inverse_with_context(z, c),
+            None => self.inverse(z),
+        }
+    }
+
+    /// The layer's input recomputed from its output `z` (and the record of the
+    /// [`forward_recorded`](Bijector::forward_recorded) pass that gave it), as a leaf
+    /// of the gradient, and the forward pass from that leaf with the gradient on,
+    /// leaving the layer's state alone: `(input, output, log-det)`, the output `z` up
+    /// to rounding. The default is [`recompute_by_inverse`]; a layer whose inverse and
+    /// forward pass share work (a coupling's conditioner reads the same features
+    /// either way) can do both at once.
+    fn recompute(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Var, Tensor, Tensor)> {
+        recompute_by_inverse(self, z, context, record)
+    }
+}
+
+/// [`Bijector::recompute`] in two passes: the inverse, then the forward pass from its
+/// result made a leaf.
+pub fn recompute_by_inverse<B: Bijector + ?Sized>(
+    layer: &B,
+    z: &Tensor,
+    context: Option<&Tensor>,
+    record: &[Tensor],
+) -> Result<(Var, Tensor, Tensor)> {
+    let (x, _) = layer.inverse_recorded(z, context, record)?;
+    let leaf = Var::from_tensor(&x.detach())?;
+    let (output, log_det, _) = layer.forward_recorded(leaf.as_tensor(), context, false)?;
+    Ok((leaf, output, log_det))
 }
 
 impl<B: Bijector + ?Sized> Bijector for Box<B> {
@@ -111,5 +205,35 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         (**self).initialize(x, context)
+    }
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        (**self).stages()
+    }
+    fn recomputable(&self) -> bool {
+        (**self).recomputable()
+    }
+    fn forward_recorded(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        update: bool,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        (**self).forward_recorded(x, context, update)
+    }
+    fn inverse_recorded(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        (**self).inverse_recorded(z, context, record)
+    }
+    fn recompute(
+        &self,
+        z: &Tensor,
+        context: Option<&Tensor>,
+        record: &[Tensor],
+    ) -> Result<(Var, Tensor, Tensor)> {
+        (**self).recompute(z, context, record)
     }
 }

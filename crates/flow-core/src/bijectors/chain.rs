@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use candle::{Result, Tensor};
 
-use super::{zero_log_det, Bijector};
+use super::{stages_of, zero_log_det, Bijector, Stage};
 use crate::SharedBatch;
 
 /// A composition `f = f_n ∘ … ∘ f_1` of bijectors.
@@ -94,15 +94,32 @@ impl Bijector for Chain {
         self.layers.iter().flat_map(|l| l.buffers()).collect()
     }
 
-    /// Initialises the layers in order, each on the previous layers' output.
+    /// The layers' stages, in order.
+    fn stages(&self) -> Option<Vec<Stage<'_>>> {
+        Some(
+            self.layers
+                .iter()
+                .flat_map(|l| stages_of(l.as_ref()))
+                .collect(),
+        )
+    }
+
+    /// Initialises the layers in order, each on the previous layers' output (detached:
+    /// initialisation keeps one layer's activations at a time, not the whole graph; and
+    /// the last layer's output, which nothing reads, is not computed).
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         let mut h = x.clone();
-        for layer in &self.layers {
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
             layer.initialize(&h, context)?;
+            if i + 1 == n {
+                break;
+            }
             h = match context {
                 Some(c) => layer.forward_with_context(&h, c)?.0,
                 None => layer.forward(&h)?.0,
-            };
+            }
+            .detach();
         }
         Ok(())
     }

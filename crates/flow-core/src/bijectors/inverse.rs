@@ -40,4 +40,9 @@ impl<B: Bijector> Bijector for Inverse<B> {
     fn buffers(&self) -> Vec<Tensor> {
         self.0.buffers()
     }
+    /// A layer's recorded passes run its own direction, so an inverted layer with batch
+    /// statistics cannot use them.
+    fn recomputable(&self) -> bool {
+        self.0.recomputable() && !self.0.batch_statistics()
+    }
 }

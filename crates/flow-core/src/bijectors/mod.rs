@@ -7,15 +7,17 @@ mod context_standardize;
 mod inverse;
 mod permute;
 mod reverse;
+mod stage;
 mod standardize;
 
-pub use bijector::Bijector;
+pub use bijector::{recompute_by_inverse, Bijector};
 pub use bounded::{Bound, Bounded};
 pub use chain::Chain;
 pub use context_standardize::ContextStandardize;
 pub use inverse::Inverse;
 pub use permute::Permute;
 pub use reverse::Reverse;
+pub use stage::{stages_of, Stage};
 pub use standardize::Standardize;
 
 use candle::{Result, Tensor};

@@ -1,13 +1,14 @@
 //! Launching the CUDA kernels of `mlp.cu` on candle's device buffers.
 
+use candle::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-use candle::cuda_backend::{Map3, WrapErr};
+use candle::cuda_backend::{CudaDType, CudaStorageSlice, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{Arch, Dims};
+use super::{Arch, Dims, Product};
 use crate::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_mlp.ptx"));
@@ -209,9 +210,38 @@ pub(super) fn backward(
     run(&Backward { a, d }, x, p, g)
 }
 
+impl Product {
+    fn config<T: WithDType>(&self) -> Result<GemmConfig<T>> {
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        Ok(GemmConfig {
+            transa: op(self.trans_a),
+            transb: op(self.trans_b),
+            m: int(self.m)?,
+            n: int(self.n)?,
+            k: int(self.k)?,
+            alpha: T::one(),
+            lda: int(self.lda)?,
+            ldb: int(self.ldb)?,
+            beta: if self.accumulate { T::one() } else { T::zero() },
+            ldc: int(self.ldc)?,
+        })
+    }
+}
+
+/// The float types cuBLAS multiplies.
+trait Blas: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType {}
+impl<T: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType> Blas for T where CudaBlas: Gemm<T> {}
+
 /// Launches of the kernels for networks of any shape, in one dtype.
 struct Layers<'a, T> {
     dev: &'a CudaDevice,
+    blas: std::sync::Arc<CudaBlas>,
     kind: i32,
     c: T,
 }
@@ -227,11 +257,15 @@ fn grid(n: usize) -> Result<LaunchConfig> {
     })
 }
 
-impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
+impl<'a, T: Blas> Layers<'a, T>
+where
+    CudaBlas: Gemm<T>,
+{
     fn new(dev: &'a CudaDevice, a: Activation) -> Result<Self> {
         let (kind, c) = activation(a)?;
         Ok(Self {
             dev,
+            blas: dev.cublas_handle(),
             kind,
             c: T::from_f64(c),
         })
@@ -240,6 +274,24 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
     /// The kernel `name` for `T`.
     fn name(name: &str) -> String {
         format!("fused_{name}_{}", T::DTYPE.as_str())
+    }
+
+    /// `c = a·b` (or `+=`) as `product` describes.
+    fn product(
+        &self,
+        product: Product,
+        a: &CudaView<T>,
+        b: &CudaView<T>,
+        c: &mut CudaViewMut<T>,
+    ) -> Result<()> {
+        if product.m == 0 || product.n == 0 {
+            return Ok(());
+        }
+        let cfg = product.config::<T>()?;
+        // SAFETY: `Product`'s constructors give the shapes and leading dimensions of
+        // the row-major buffers the callers pass (checked against their lengths by the
+        // ops that own them), so cuBLAS reads and writes inside them.
+        unsafe { self.blas.gemm(cfg, a, b, c) }.w()
     }
 
     /// `z = h · Wᵀ + b (+ add)` `(rows, n)`, and `act(z)` when `activate`.
@@ -254,26 +306,31 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
         n: usize,
         activate: bool,
     ) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
-        let func = self
-            .dev
-            .get_or_load_custom_func(&Self::name("linear_fwd"), MODULE, PTX)?;
-        // SAFETY: the kernel writes every element of `z` (and of `y`).
-        let z = unsafe { self.dev.alloc::<T>(rows * n)? };
-        // SAFETY: as above.
+        let z = if k == 0 {
+            self.dev.alloc_zeros::<T>(rows * n)?
+        } else {
+            // SAFETY: the product writes every element of `z` (β = 0).
+            let mut z = unsafe { self.dev.alloc::<T>(rows * n)? };
+            self.product(Product::layer(rows, k, n), p, h, &mut z.slice_mut(..))?;
+            z
+        };
+        // SAFETY: the epilogue writes every element of `y`.
         let y = if activate {
             Some(unsafe { self.dev.alloc::<T>(rows * n)? })
         } else {
             None
         };
+        let func = self
+            .dev
+            .get_or_load_custom_func(&Self::name("linear_epilogue"), MODULE, PTX)?;
         let sizes = [int(rows)?, int(k)?, int(n)?, self.kind];
         let mut b = func.builder();
-        b.arg(h);
+        b.arg(&z);
         b.arg(p);
         match add {
             Some(a) => b.arg(a),
             None => b.arg(&NULL),
         };
-        b.arg(&z);
         match &y {
             Some(y) => b.arg(y),
             None => b.arg(&NULL),
@@ -282,8 +339,8 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
             b.arg(v);
         }
         b.arg(&self.c);
-        // SAFETY: the arguments match `fused_linear_fwd` in mlp.cu; `h` holds rows × k,
-        // `p` n × (k + 1), `add`, `z` and `y` rows × n elements.
+        // SAFETY: the arguments match `fused_linear_epilogue` in mlp.cu; `z`, `add` and
+        // `y` hold rows × n elements, `p` n × (k + 1).
         unsafe { b.launch(grid(rows * n)?) }.w()?;
         Ok((z, y))
     }
@@ -300,15 +357,18 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
         k: usize,
         n: usize,
     ) -> Result<CudaSlice<T>> {
-        let func =
-            self.dev
-                .get_or_load_custom_func(&Self::name("linear_bwd_input"), MODULE, PTX)?;
-        // SAFETY: the kernel writes every element.
-        let g = unsafe { self.dev.alloc::<T>(rows * k)? };
-        let sizes = [int(rows)?, int(k)?, int(n)?, self.kind];
+        // SAFETY: the product writes every element (β = 0, n ≥ 1 outputs per layer).
+        let mut g = unsafe { self.dev.alloc::<T>(rows * k)? };
+        self.product(Product::input(rows, k, n), p, dz, &mut g.slice_mut(..))?;
+        if zy.is_none() && add.is_none() {
+            return Ok(g);
+        }
+        let func = self
+            .dev
+            .get_or_load_custom_func(&Self::name("input_epilogue"), MODULE, PTX)?;
+        let sizes = [int(rows)?, int(k)?, self.kind];
         let mut b = func.builder();
-        b.arg(dz);
-        b.arg(p);
+        b.arg(&g);
         match zy {
             Some((z, y)) => {
                 b.arg(z);
@@ -323,13 +383,12 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
             Some(a) => b.arg(a),
             None => b.arg(&NULL),
         };
-        b.arg(&g);
         for v in &sizes {
             b.arg(v);
         }
         b.arg(&self.c);
-        // SAFETY: the arguments match `fused_linear_bwd_input` in mlp.cu; `dz` holds
-        // rows × n, `p` n × (k + 1), `z`, `y`, `add` and `g` rows × k elements.
+        // SAFETY: the arguments match `fused_input_epilogue` in mlp.cu; `g`, `z`, `y`
+        // and `add` hold rows × k elements.
         unsafe { b.launch(grid(rows * k)?) }.w()?;
         Ok(g)
     }
@@ -344,29 +403,22 @@ impl<'a, T: DeviceRepr + WithDType + ValidAsZeroBits> Layers<'a, T> {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let func =
-            self.dev
-                .get_or_load_custom_func(&Self::name("linear_bwd_weights"), MODULE, PTX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                blocks(n * (k + 1), THREADS as usize)?,
-                blocks(rows, CHUNK)?,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let sizes = [int(rows)?, int(k)?, int(n)?, int(CHUNK)?];
+        if k > 0 {
+            self.product(Product::weights(rows, k, n), h, dz, gp)?;
+        }
+        let func = self
+            .dev
+            .get_or_load_custom_func(&Self::name("bias_grad"), MODULE, PTX)?;
+        let sizes = [int(rows)?, int(k)?, int(n)?];
         let mut b = func.builder();
         b.arg(dz);
-        b.arg(h);
         b.arg(gp);
         for v in &sizes {
             b.arg(v);
         }
-        // SAFETY: the arguments match `fused_linear_bwd_weights` in mlp.cu; `dz` holds
-        // rows × n, `h` rows × k and `gp` n × (k + 1) elements, which the kernel adds to.
-        unsafe { b.launch(cfg) }.w()?;
+        // SAFETY: the arguments match `fused_bias_grad` in mlp.cu; `dz` holds rows × n
+        // and `gp` n × (k + 1) elements, which the kernel adds to.
+        unsafe { b.launch(grid(n)?) }.w()?;
         Ok(())
     }
 
@@ -405,12 +457,15 @@ struct Trace<T> {
 }
 
 /// Runs a network of any shape forward over `x` `(rows, in)`.
-fn run_general<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+fn run_general<T: Blas>(
     l: &Layers<T>,
     arch: &Arch,
     x: &CudaView<T>,
     p: &CudaView<T>,
-) -> Result<Trace<T>> {
+) -> Result<Trace<T>>
+where
+    CudaBlas: Gemm<T>,
+{
     let shapes = arch.linear_shapes();
     let mut at = vec![0];
     for &(k, n) in &shapes {
@@ -485,56 +540,55 @@ fn run_general<T: DeviceRepr + WithDType + ValidAsZeroBits>(
 }
 
 /// Forward pass of a network of any shape: `(x, p)` to the outputs `(batch, out)`.
-struct GeneralForward<'a> {
-    arch: &'a Arch,
+fn general_forward<T: Blas>(
+    arch: &Arch,
     a: Activation,
-}
-
-impl candle::cuda_backend::Map2 for GeneralForward<'_> {
-    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-        &self,
-        x: &CudaSlice<T>,
-        l1: &Layout,
-        p: &CudaSlice<T>,
-        l2: &Layout,
-        dev: &CudaDevice,
-    ) -> Result<CudaSlice<T>> {
-        let l = Layers::<T>::new(dev, self.a)?;
-        Ok(run_general(&l, self.arch, &view(x, l1)?, &view(p, l2)?)?.out)
-    }
+    (x, l1): (&CudaStorage, &Layout),
+    (p, l2): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>>
+where
+    CudaBlas: Gemm<T>,
+{
+    let dev = &x.device;
+    let l = Layers::<T>::new(dev, a)?;
+    let (x, p) = (
+        view(x.as_cuda_slice::<T>()?, l1)?,
+        view(p.as_cuda_slice::<T>()?, l2)?,
+    );
+    Ok(run_general(&l, arch, &x, &p)?.out)
 }
 
 /// Backward pass of a network of any shape: `(x, p, g)` to `[∂x | ∂p]`.
-struct GeneralBackward<'a> {
-    arch: &'a Arch,
+fn general_backward<T: Blas>(
+    arch: &Arch,
     a: Activation,
-}
-
-impl Map3 for GeneralBackward<'_> {
-    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-        &self,
-        x: &CudaSlice<T>,
-        l1: &Layout,
-        p: &CudaSlice<T>,
-        l2: &Layout,
-        g: &CudaSlice<T>,
-        l3: &Layout,
-        dev: &CudaDevice,
-    ) -> Result<CudaSlice<T>> {
-        let l = Layers::<T>::new(dev, self.a)?;
-        let (x, p, g) = (view(x, l1)?, view(p, l2)?, view(g, l3)?);
-        let t = run_general(&l, self.arch, &x, &p)?;
-        let shapes = self.arch.linear_shapes();
+    (x, l1): (&CudaStorage, &Layout),
+    (p, l2): (&CudaStorage, &Layout),
+    (g, l3): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>>
+where
+    CudaBlas: Gemm<T>,
+{
+    let dev = &x.device;
+    {
+        let l = Layers::<T>::new(dev, a)?;
+        let (x, p, g) = (
+            view(x.as_cuda_slice::<T>()?, l1)?,
+            view(p.as_cuda_slice::<T>()?, l2)?,
+            view(g.as_cuda_slice::<T>()?, l3)?,
+        );
+        let t = run_general(&l, arch, &x, &p)?;
+        let shapes = arch.linear_shapes();
         let mut at = vec![0];
         for &(k, n) in &shapes {
             at.push(at[at.len() - 1] + n * (k + 1));
         }
-        let rows = x.len() / self.arch.input().max(1);
-        let nx = rows * self.arch.input();
+        let rows = x.len() / arch.input().max(1);
+        let nx = rows * arch.input();
         let mut grad = dev.alloc_zeros::<T>(nx + p.len())?;
         let param = |i: usize| p.slice(at[i]..at[i + 1]);
         let last = shapes.len() - 1;
-        let gx = match self.arch {
+        let gx = match arch {
             Arch::Plain { .. } => {
                 let mut dz: Option<CudaSlice<T>> = None;
                 let mut gx = None;
@@ -606,21 +660,17 @@ impl Map3 for GeneralBackward<'_> {
 pub(super) fn forward_general(
     arch: &Arch,
     a: Activation,
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
+    x: (&CudaStorage, &Layout),
+    p: (&CudaStorage, &Layout),
 ) -> Result<CudaStorage> {
-    let dev = &s1.device;
-    let slice = candle::cuda_backend::Map2::map(
-        &GeneralForward { arch, a },
-        &s1.slice,
-        l1,
-        &s2.slice,
-        l2,
-        dev,
-    )?;
+    let slice = match x.0.slice {
+        CudaStorageSlice::F32(_) => CudaStorageSlice::F32(general_forward(arch, a, x, p)?),
+        CudaStorageSlice::F64(_) => CudaStorageSlice::F64(general_forward(arch, a, x, p)?),
+        _ => candle::bail!("fused mlp supports f32 and f64"),
+    };
     Ok(CudaStorage {
         slice,
-        device: dev.clone(),
+        device: x.0.device.clone(),
     })
 }
 
@@ -632,5 +682,13 @@ pub(super) fn backward_general(
     p: (&CudaStorage, &Layout),
     g: (&CudaStorage, &Layout),
 ) -> Result<CudaStorage> {
-    run(&GeneralBackward { arch, a }, x, p, g)
+    let slice = match x.0.slice {
+        CudaStorageSlice::F32(_) => CudaStorageSlice::F32(general_backward(arch, a, x, p, g)?),
+        CudaStorageSlice::F64(_) => CudaStorageSlice::F64(general_backward(arch, a, x, p, g)?),
+        _ => candle::bail!("fused mlp supports f32 and f64"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: x.0.device.clone(),
+    })
 }

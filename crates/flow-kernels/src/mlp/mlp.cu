@@ -175,22 +175,20 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
 // (cuda.rs); parameters are packed per layer as above, p = [W | b] (n, k + 1). A null
 // pointer leaves out the optional inputs. ----
 
-// z (rows x n) = h (rows x k) . W^T + b (+ add); with y given, also y = act(z).
+// The layers of a network of any shape take their products from cuBLAS (see
+// `Product` in cuda.rs); these kernels are the work around the products, one thread
+// per element.
+
+// z (rows x n) holds h . W^T: adds the bias (and `add`); with y given, also y = act(z).
 template <typename T>
-__device__ void linear_fwd(const T *h, const T *p, const T *add, T *z, T *y, int rows, int k,
-                           int n, int kind, T c) {
+__device__ void linear_epilogue(T *z, const T *p, const T *add, T *y, int rows, int k, int n,
+                                int kind, T c) {
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)rows * n) {
         return;
     }
-    const long r = idx / n;
     const int j = idx % n;
-    const T *w = p + (long)j * (k + 1);
-    const T *hr = h + r * k;
-    T acc = w[k];
-    for (int i = 0; i < k; ++i) {
-        acc += w[i] * hr[i];
-    }
+    T acc = z[idx] + p[(long)j * (k + 1) + k];
     if (add) {
         acc += add[idx];
     }
@@ -200,22 +198,16 @@ __device__ void linear_fwd(const T *h, const T *p, const T *add, T *z, T *y, int
     }
 }
 
-// g (rows x k) = dz (rows x n) . W; with z given, times act'(z) (y = act(z)); plus
-// `add` if given (which may be g itself: each thread reads and writes one element).
+// g (rows x k) holds dz . W: with z given, times act'(z) (y = act(z)); plus `add` if
+// given.
 template <typename T>
-__device__ void linear_bwd_input(const T *dz, const T *p, const T *z, const T *y, const T *add,
-                                 T *g, int rows, int k, int n, int kind, T c) {
+__device__ void input_epilogue(T *g, const T *z, const T *y, const T *add, int rows, int k,
+                               int kind, T c) {
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)rows * k) {
         return;
     }
-    const long r = idx / k;
-    const int i = idx % k;
-    const T *dr = dz + r * n;
-    T acc = T(0);
-    for (int j = 0; j < n; ++j) {
-        acc += dr[j] * p[(long)j * (k + 1) + i];
-    }
+    T acc = g[idx];
     if (z) {
         acc *= act_grad(z[idx], y[idx], kind, c);
     }
@@ -225,25 +217,19 @@ __device__ void linear_bwd_input(const T *dz, const T *p, const T *z, const T *y
     g[idx] = acc;
 }
 
-// gp[j (k + 1) + i] += sum over rows of dz[r, j] h[r, i], with h[r, k] = 1 (the bias):
-// one thread per parameter (grid x) and one block row per chunk of `chunk` rows
-// (grid y), whose sums are added atomically.
+// gp[j (k + 1) + k] += sum over rows of dz[r, j]: the bias gradient, one thread per
+// output (the weights' part is a product).
 template <typename T>
-__device__ void linear_bwd_weights(const T *dz, const T *h, T *gp, int rows, int k, int n,
-                                   int chunk) {
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long)n * (k + 1)) {
+__device__ void bias_grad(const T *dz, T *gp, int rows, int k, int n) {
+    const long j = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) {
         return;
     }
-    const int j = idx / (k + 1);
-    const int i = idx % (k + 1);
-    const int r0 = blockIdx.y * chunk;
-    const int r1 = min(rows, r0 + chunk);
     T acc = T(0);
-    for (int r = r0; r < r1; ++r) {
-        acc += dz[(long)r * n + j] * (i < k ? h[(long)r * k + i] : T(1));
+    for (long r = 0; r < rows; ++r) {
+        acc += dz[r * n + j];
     }
-    atomicAdd(gp + idx, acc);
+    gp[j * (k + 1) + k] += acc;
 }
 
 // y = act(z), element by element.
@@ -267,19 +253,17 @@ __device__ void activate(const T *z, T *y, long len, int kind, T c) {
         mlp_backward<T>(x, p1, p2, g, grad, batch, in, hidden, out_dim, kind, c,       \
                         chunk);                                                        \
     }                                                                                  \
-    extern "C" __global__ void fused_linear_fwd_##NAME(                                \
-        const T *h, const T *p, const T *add, T *z, T *y, int rows, int k, int n,      \
-        int kind, T c) {                                                               \
-        linear_fwd<T>(h, p, add, z, y, rows, k, n, kind, c);                           \
+    extern "C" __global__ void fused_linear_epilogue_##NAME(                           \
+        T *z, const T *p, const T *add, T *y, int rows, int k, int n, int kind, T c) { \
+        linear_epilogue<T>(z, p, add, y, rows, k, n, kind, c);                         \
     }                                                                                  \
-    extern "C" __global__ void fused_linear_bwd_input_##NAME(                          \
-        const T *dz, const T *p, const T *z, const T *y, const T *add, T *g, int rows, \
-        int k, int n, int kind, T c) {                                                 \
-        linear_bwd_input<T>(dz, p, z, y, add, g, rows, k, n, kind, c);                 \
+    extern "C" __global__ void fused_input_epilogue_##NAME(                            \
+        T *g, const T *z, const T *y, const T *add, int rows, int k, int kind, T c) {  \
+        input_epilogue<T>(g, z, y, add, rows, k, kind, c);                             \
     }                                                                                  \
-    extern "C" __global__ void fused_linear_bwd_weights_##NAME(                        \
-        const T *dz, const T *h, T *gp, int rows, int k, int n, int chunk) {           \
-        linear_bwd_weights<T>(dz, h, gp, rows, k, n, chunk);                           \
+    extern "C" __global__ void fused_bias_grad_##NAME(const T *dz, T *gp, int rows,    \
+                                                      int k, int n) {                  \
+        bias_grad<T>(dz, gp, rows, k, n);                                              \
     }                                                                                  \
     extern "C" __global__ void fused_activate_##NAME(const T *z, T *y, long len,       \
                                                      int kind, T c) {                  \

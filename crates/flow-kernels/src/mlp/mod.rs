@@ -14,7 +14,9 @@
 //! number of hidden layers, any widths, residual networks) takes [`deep`], one matrix
 //! product per layer and chunk with the bias and activation fused around it. With the
 //! `cuda` feature, `mlp.cu` holds the narrow one-hidden-layer passes for the GPU
-//! (`cuda`), one thread per sample forward and one per hidden unit backward.
+//! (`cuda`), one thread per sample forward and one per hidden unit backward; networks
+//! of every other shape take one cuBLAS product per layer and pass ([`product`]), with
+//! the bias, activation and residual added by small kernels around it.
 //!
 //! Parameters travel packed and flattened into one tensor: `[W₁ | b₁]` `(n₁, k₁ + 1)`,
 //! then `[W₂ | b₂]`, and so on in layer order, each built by
@@ -36,6 +38,10 @@ mod avx2;
 mod cuda;
 mod deep;
 mod portable;
+mod product;
+
+#[cfg(feature = "cuda")]
+use product::Product;
 
 /// Most inputs and outputs of a one-hidden-layer network for the narrow kernels
 /// (`avx2`, `portable`): they keep a sample's inputs and outputs in registers.

@@ -166,10 +166,30 @@ static std::vector<T> random(size_t n, std::mt19937 &rng) {
 static std::vector<double> widen(const std::vector<float> &v) { return {v.begin(), v.end()}; }
 static std::vector<double> widen(const std::vector<double> &v) { return v; }
 
-// The kernels for networks of any shape, each against a double-precision reference:
-// the forward product with and without a residual input and an activation, the input
-// gradient with and without the activation's derivative and an added (aliased)
-// gradient, the weight gradient over partial chunks of rows, and the activation.
+// cuBLAS's gemm as its documentation defines it, column-major:
+// C (m x n, ldc) = op(A) op(B) + beta C, op(A) m x kk and op(B) kk x n, each
+// transposed when asked.
+template <typename T>
+static void gemm(bool ta, bool tb, int m, int n, int kk, const T *a, int lda, const T *b, int ldb,
+                 T beta, T *c, int ldc) {
+    for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < m; ++i) {
+            T acc = T(0);
+            for (int l = 0; l < kk; ++l) {
+                const T av = ta ? a[l + (long)i * lda] : a[i + (long)l * lda];
+                const T bv = tb ? b[j + (long)l * ldb] : b[l + (long)j * ldb];
+                acc += av * bv;
+            }
+            c[i + (long)j * ldc] = acc + beta * c[i + (long)j * ldc];
+        }
+    }
+}
+
+// The layers of networks of any shape, each against a double-precision reference:
+// the products with the arguments `Product` in src/mlp/cuda.rs gives cuBLAS, then the
+// kernels around them; the forward layer with and without a residual input and an
+// activation, the input gradient with and without the activation's derivative and an
+// addend, the weight and bias gradients added to what is there, and the activation.
 template <typename T>
 static double check_layers(int rows, int k, int n, int kind, double c) {
     std::mt19937 rng(11 + rows + k + n);
@@ -196,9 +216,10 @@ static double check_layers(int rows, int k, int n, int kind, double c) {
             }
         }
         std::vector<T> z((size_t)rows * n, T(-999)), y((size_t)rows * n, T(-999));
+        gemm<T>(true, false, n, rows, k, p.data(), k + 1, h.data(), k, T(0), z.data(), n);
         launch(grid((long)rows * n), {threads, 1}, [&] {
-            linear_fwd<T>(h.data(), p.data(), with ? add.data() : nullptr, z.data(),
-                          with ? y.data() : nullptr, rows, k, n, kind, tc);
+            linear_epilogue<T>(z.data(), p.data(), with ? add.data() : nullptr,
+                               with ? y.data() : nullptr, rows, k, n, kind, tc);
         });
         worst = std::max(worst, rel_err(widen(z).data(), zr));
         if (with) {
@@ -206,14 +227,15 @@ static double check_layers(int rows, int k, int n, int kind, double c) {
         }
     }
 
-    // Input gradient: plain, and times act'(z) plus an aliased addend.
+    // Input gradient: plain, and times act'(z) plus an addend.
     for (int with = 0; with < 2; ++with) {
         std::vector<T> yin(zin.size());
         for (size_t e = 0; e < zin.size(); ++e) {
             yin[e] = T(act_ref(zin[e], kind, c));
         }
         std::vector<double> gr((size_t)rows * k);
-        std::vector<T> g = with ? random<T>((size_t)rows * k, rng) : std::vector<T>((size_t)rows * k, T(-999));
+        const auto addend = random<T>((size_t)rows * k, rng);
+        std::vector<T> g((size_t)rows * k, T(-999));
         for (int r = 0; r < rows; ++r) {
             for (int i = 0; i < k; ++i) {
                 double acc = 0;
@@ -221,19 +243,18 @@ static double check_layers(int rows, int k, int n, int kind, double c) {
                     acc += double(dz[(size_t)r * n + j]) * p[(size_t)j * (k + 1) + i];
                 }
                 const size_t e = (size_t)r * k + i;
-                gr[e] = with ? acc * act_grad_ref(zin[e], kind, c) + double(g[e]) : acc;
+                gr[e] = with ? acc * act_grad_ref(zin[e], kind, c) + double(addend[e]) : acc;
             }
         }
+        gemm<T>(false, false, k, rows, n, p.data(), k + 1, dz.data(), n, T(0), g.data(), k);
         launch(grid((long)rows * k), {threads, 1}, [&] {
-            linear_bwd_input<T>(dz.data(), p.data(), with ? zin.data() : nullptr,
-                                with ? yin.data() : nullptr, with ? g.data() : nullptr, g.data(),
-                                rows, k, n, kind, tc);
+            input_epilogue<T>(g.data(), with ? zin.data() : nullptr, with ? yin.data() : nullptr,
+                              with ? addend.data() : nullptr, rows, k, kind, tc);
         });
         worst = std::max(worst, rel_err(widen(g).data(), gr));
     }
 
-    // Weight gradient, added to what is there, rows in chunks (the last one partial).
-    const int chunk = 64;
+    // Weight and bias gradients, added to what is there.
     auto gp = random<T>((size_t)n * (k + 1), rng);
     std::vector<double> gpr = widen(gp);
     for (int r = 0; r < rows; ++r) {
@@ -244,8 +265,8 @@ static double check_layers(int rows, int k, int n, int kind, double c) {
             }
         }
     }
-    launch({unsigned(((long)n * (k + 1) + threads - 1) / threads), unsigned((rows + chunk - 1) / chunk)},
-           {threads, 1}, [&] { linear_bwd_weights<T>(dz.data(), h.data(), gp.data(), rows, k, n, chunk); });
+    gemm<T>(false, true, k, n, rows, h.data(), k, dz.data(), n, T(1), gp.data(), k + 1);
+    launch(grid(n), {threads, 1}, [&] { bias_grad<T>(dz.data(), gp.data(), rows, k, n); });
     worst = std::max(worst, rel_err(widen(gp).data(), gpr));
 
     // The activation alone.

@@ -193,6 +193,10 @@ pub fn load_csv(path: &Path) -> Result<Dataset, DataError> {
 /// An opened `.npy` array: its shape and its elements as f32 in storage order.
 pub(crate) struct NpyArray {
     pub shape: Vec<usize>,
+    /// Where the elements start in the file, in bytes.
+    pub data_offset: u64,
+    /// The element type as numpy writes it, without quotes: `<f4`, `|u1`, `>i2`.
+    pub descr: String,
     pub values: Box<dyn Iterator<Item = std::io::Result<f32>>>,
 }
 
@@ -240,6 +244,7 @@ pub(crate) fn open_npy(
         )));
     };
     let start = head.len();
+    let data_offset = prefix + header_len;
     head.resize(start + header_len as usize, 0);
     reader.read_exact(&mut head[start..]).map_err(truncated)?;
     check_npy_header(&head[start..], data_bytes).map_err(fail)?;
@@ -269,11 +274,12 @@ pub(crate) fn open_npy(
     }
     // `descr()` is the Python literal, quotes included (`'<f4'`); past the quote
     // and the byte order mark comes the kind and size.
-    let values: Box<dyn Iterator<Item = std::io::Result<f32>>> = match descr
+    let descr = descr
         .strip_prefix('\'')
         .and_then(|d| d.strip_suffix('\''))
-        .and_then(|d| d.get(1..))
-    {
+        .unwrap_or(descr.as_str())
+        .to_string();
+    let values: Box<dyn Iterator<Item = std::io::Result<f32>>> = match descr.get(1..) {
         Some("f4") => Box::new(npy.data::<f32>().map_err(unsupported)?),
         Some("f8") => widen(npy.data::<f64>().map_err(unsupported)?),
         Some("i8") => Box::new(
@@ -290,7 +296,12 @@ pub(crate) fn open_npy(
             return Err(fail(format!("unsupported array: element type `{descr}`")));
         }
     };
-    Ok(NpyArray { shape, values })
+    Ok(NpyArray {
+        shape,
+        data_offset,
+        descr,
+        values,
+    })
 }
 
 /// Checks a `.npy` header text before npyz parses it: plain ASCII without escapes,

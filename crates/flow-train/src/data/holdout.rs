@@ -17,20 +17,33 @@ pub fn check_val_fraction(fraction: f64) -> Result<(), String> {
     Ok(())
 }
 
-/// The rows of `data` that `indices` name, in that order, with their context.
+/// The rows of `data` that `indices` name, in that order, with their context; rows
+/// held as pixel bytes stay bytes.
 fn select(data: &Dataset, indices: &[usize]) -> Dataset {
     let (d, c) = (data.dim, data.context_dim);
-    let mut values = Vec::with_capacity(indices.len() * d);
-    let mut context = Vec::with_capacity(indices.len() * c);
-    for &i in indices {
-        values.extend_from_slice(&data.values[i * d..(i + 1) * d]);
-        context.extend_from_slice(&data.context[i * c..(i + 1) * c]);
-    }
+    let pick = |all: &[f32], width: usize| -> Vec<f32> {
+        if all.is_empty() {
+            return Vec::new();
+        }
+        indices
+            .iter()
+            .flat_map(|&i| all[i * width..(i + 1) * width].iter().copied())
+            .collect()
+    };
+    let pixels = if data.pixels.is_empty() {
+        Vec::new()
+    } else {
+        indices
+            .iter()
+            .flat_map(|&i| data.pixels[i * d..(i + 1) * d].iter().copied())
+            .collect()
+    };
     Dataset {
         dim: d,
-        values,
+        values: pick(&data.values, d),
+        pixels,
         context_dim: c,
-        context,
+        context: pick(&data.context, c),
     }
 }
 
@@ -77,6 +90,7 @@ mod tests {
             values,
             context_dim: 1,
             context: (0..n).map(|i| 10.0 * i as f32).collect(),
+            ..Dataset::default()
         };
         let (train, val) = hold_out(&data, 0.1, 3);
         let val = val.expect("2 rows held out");

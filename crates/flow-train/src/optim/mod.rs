@@ -1,5 +1,5 @@
 use candle::{Result, Tensor, Var};
-use flow_kernels::adam::{Moment, Statistic, Update};
+use flow_kernels::adam::{step_all, steps_all_at_once, Step, Update};
 use flow_kernels::{fused, Op};
 use rayon::prelude::*;
 
@@ -139,46 +139,42 @@ impl Adam {
             },
             infinity_norm: kind == OptimizerKind::Adamax,
         };
-        let second = if kind == OptimizerKind::Adamax {
-            Statistic::MaxAbs { eps }
-        } else {
-            Statistic::MeanSquare
+        let step = Step {
+            beta1: b1,
+            beta2: b2,
+            l2,
+            update,
         };
-        // The in-place kernels touch only their own variable and moments, so the
-        // variables update in parallel.
         let kernel: Vec<bool> = self
             .vars
             .iter()
             .map(|v| self.in_place && fused(Op::Adam, v.as_tensor()))
             .collect();
+        // On a GPU every variable with a gradient updates in one launch.
+        let on_device: Vec<(usize, Tensor)> = (0..self.vars.len())
+            .filter(|&i| kernel[i] && steps_all_at_once(self.vars[i].as_tensor()))
+            .filter_map(|i| grads[i].as_ref().map(|g| (i, g)))
+            .map(|(i, g)| Ok((i, g.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let groups: Vec<[&Tensor; 4]> = on_device
+            .iter()
+            .map(|(i, g)| [self.vars[*i].as_tensor(), &self.m[*i], &self.v[*i], g])
+            .collect();
+        step_all(&step, &groups)?;
+        // On the CPU the in-place kernels touch only their own variable and moments, so
+        // the variables update in parallel.
         let fused_step = |i: usize| -> Result<()> {
             let Some(g) = &grads[i] else { return Ok(()) };
             let theta = self.vars[i].as_tensor();
             let g = g.contiguous()?;
             let (m, v) = (&self.m[i], &self.v[i]);
-            m.inplace_op3(
-                &g,
-                theta,
-                &Moment {
-                    beta: b1,
-                    l2,
-                    statistic: Statistic::Mean,
-                },
-            )?;
-            v.inplace_op3(
-                &g,
-                theta,
-                &Moment {
-                    beta: b2,
-                    l2,
-                    statistic: second,
-                },
-            )?;
+            m.inplace_op3(&g, theta, &step.first())?;
+            v.inplace_op3(&g, theta, &step.second())?;
             theta.inplace_op3(m, v, &update)
         };
         (0..self.vars.len())
             .into_par_iter()
-            .filter(|&i| kernel[i])
+            .filter(|&i| kernel[i] && !steps_all_at_once(self.vars[i].as_tensor()))
             .try_for_each(fused_step)?;
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads[i].as_ref().filter(|_| !kernel[i]) else {

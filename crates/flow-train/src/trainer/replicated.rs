@@ -24,6 +24,11 @@ impl Run<'_> {
     /// layers with batch statistics sum them over the shares, and it splits only its
     /// share of a batch across its threads.
     pub(super) fn attach(&mut self, replicas: Replicas) -> Result<(), TrainError> {
+        if self.layerwise.is_some() {
+            return Err(TrainError::InvalidConfig(
+                "low-memory training does not run on several processes yet".into(),
+            ));
+        }
         if replicas.world() > self.batch {
             return Err(TrainError::InvalidConfig(format!(
                 "a batch of {} rows cannot be shared out between {} processes",
@@ -86,13 +91,16 @@ impl Run<'_> {
     /// The loss and gradients of the batch `x` (with its context `c`): alone, the
     /// whole batch's; with replicas, this process's share's, summed over them.
     pub(super) fn gradients(
-        &self,
+        &mut self,
         x: &Tensor,
         c: Option<&Tensor>,
     ) -> Result<Gradients, TrainError> {
         let (flow, vars) = (&self.model.flow, &self.model.vars);
         let Some(r) = &self.replicas else {
-            return Ok(nll_and_gradients(flow, vars, x, c, self.parts)?);
+            return Ok(match &mut self.layerwise {
+                Some(l) => l.nll_and_gradients(flow, vars, x, c, self.parts)?,
+                None => nll_and_gradients(flow, vars, x, c, self.parts)?,
+            });
         };
         let rows = x.dim(0)?;
         let (start, len) = r.share(rows);

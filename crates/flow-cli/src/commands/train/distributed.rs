@@ -37,6 +37,9 @@ pub fn backend(a: &TrainArgs) -> Result<Option<Backend>, Failure> {
     if a.dist_check_every == Some(0) {
         return Err("--dist-check-every must be at least 1".into());
     }
+    if a.low_memory {
+        return Err("--low-memory does not apply to --distributed runs".into());
+    }
     let backend = match arg {
         DistributedArg::Mpi => Backend::Mpi,
         DistributedArg::Nccl => Backend::Nccl,

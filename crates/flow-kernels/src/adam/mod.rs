@@ -1,9 +1,14 @@
-//! Adam's and Adamax's updates as in-place CPU kernels: moments and parameters are
-//! rewritten where they lie, so a step allocates nothing (the tensor-op form allocates
-//! about ten tensors per variable). Each kernel is one pass over contiguous
-//! `f32`/`f64` slices.
+//! Adam's and Adamax's updates in place: moments and parameters are rewritten where
+//! they lie, so a step allocates nothing (the tensor-op form allocates about ten
+//! tensors per variable). On the CPU each of [`Moment`] and [`Update`] is one pass over
+//! a variable's contiguous `f32`/`f64` slices; on CUDA, [`step_all`] runs the whole
+//! step, every variable, in one launch (`adam.cu`).
 
-use candle::{bail, CpuStorage, InplaceOp3, Layout, Result};
+use candle::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda;
 use num_traits::Float;
 
 /// Which running statistic of `u = g + λ·θ` (L2 weight decay; `λ` is zero otherwise) a
@@ -37,6 +42,66 @@ pub struct Update {
     pub eps: f64,
     pub decay: f64,
     pub infinity_norm: bool,
+}
+
+/// A whole optimiser step: the first moment's `β₁`, the second statistic's `β₂` (a
+/// mean square, or Adamax's infinity norm when `update.infinity_norm`, whose `ε` is
+/// `update.eps`), L2 weight decay `λ` and the update.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub l2: f64,
+    pub update: Update,
+}
+
+impl Step {
+    /// The first moment's part of the step.
+    pub fn first(&self) -> Moment {
+        Moment {
+            beta: self.beta1,
+            l2: self.l2,
+            statistic: Statistic::Mean,
+        }
+    }
+
+    /// The second statistic's part of the step.
+    pub fn second(&self) -> Moment {
+        Moment {
+            beta: self.beta2,
+            l2: self.l2,
+            statistic: if self.update.infinity_norm {
+                Statistic::MaxAbs {
+                    eps: self.update.eps,
+                }
+            } else {
+                Statistic::MeanSquare
+            },
+        }
+    }
+}
+
+/// Whether [`step_all`] runs on `x`'s device: CUDA, with the `cuda` feature.
+pub fn steps_all_at_once(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda()
+}
+
+/// One step for every variable at once, each group `[θ, m, v, g]` (one device, one
+/// dtype, contiguous, equal lengths) updated as [`Step::first`], [`Step::second`] and
+/// then the update would in turn: one launch on CUDA (see [`steps_all_at_once`]).
+pub fn step_all(step: &Step, groups: &[[&Tensor; 4]]) -> Result<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::step_all(step, groups)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (step, groups);
+        bail!("the one-launch optimiser step needs the cuda feature")
+    }
 }
 
 /// The contiguous part of `s` that `l` describes.
