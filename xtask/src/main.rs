@@ -14,11 +14,15 @@
 //!   `target/bench-digits/report.md`
 //!   (the whole `bench` runs it too);
 //! - `fashion-mnist [--features cuda|metal] [-- FLOW TRAIN ARGS]`: Glow on
-//!   Fashion-MNIST, test bits/dim and samples in `runs/fashion-mnist/`.
+//!   Fashion-MNIST, test bits/dim and samples in `runs/fashion-mnist/`;
+//! - `npe [--tasks T,…] [--sims N,…] [--no-sbi] [-- FLOW TRAIN FLAGS]`: neural posterior
+//!   estimation on sbibm tasks against the `sbi` package, scored by C2ST (see `npe.rs`).
 //!
 //! Python (the peers' side) is `python3`, or the interpreter `FLOWS_PYTHON` names.
 
 mod images;
+mod npe;
+mod npe_tasks;
 mod quality;
 mod tarflow;
 
@@ -42,11 +46,13 @@ fn main() -> ExitCode {
             images::digits_command(&args[2..])
         }
         Some("fashion-mnist") => images::fashion_mnist(&args[1..]),
+        Some("npe") => npe::command(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
              | bench [--features F] | bench quality [--steps N] [--threads N] \
              | bench digits [--steps N] [--threads N] [--seeds N] [--tarflow-steps N] \
-             | fashion-mnist [--features F] [-- ARGS]>"
+             | fashion-mnist [--features F] [-- ARGS] \
+             | npe [--tasks T,…] [--sims N,…] [--no-sbi] [-- FLOW TRAIN FLAGS]>"
             .into()),
     };
     match result {
@@ -256,8 +262,19 @@ fn bench(args: &[String]) -> Result<()> {
     let trained = trained_line(
         &features,
         &[
-            "train", "--data", "moons", "--n", "20000", "--noise", "0.05", "--device", &device,
-            "--out", &model,
+            "train",
+            "--data",
+            "moons",
+            "--n",
+            "20000",
+            "--noise",
+            "0.05",
+            "--device",
+            &device,
+            "--val-fraction",
+            "0",
+            "--out",
+            &model,
         ],
     )?;
 
@@ -280,6 +297,8 @@ fn bench(args: &[String]) -> Result<()> {
         "relu",
         "--steps",
         "1000",
+        "--val-fraction",
+        "0",
         "--device",
         &device,
     ];

@@ -174,6 +174,8 @@ fn quality(out: &Path, steps: usize, seed: u64, json: &mut String) -> Result<()>
             .with_batch_size(BATCH)
             .with_seed(seed)
             .with_standardize(true)
+            // zuko trains on every row for the same steps: so do we.
+            .with_val_fraction(0.0)
             .with_optimizer(OptimizerConfig {
                 lr: LR,
                 ..OptimizerConfig::default()

@@ -325,9 +325,12 @@ pub struct TrainArgs {
     pub with_labels: bool,
     #[arg(long, help = family_help("context-dim", "Train a conditional flow: the last N columns of every data row are the condition, the others the data (default 0)"))]
     pub context_dim: Option<usize>,
-    /// Validation file, scored during training; the best weights are kept.
+    /// Validation file, scored during training; the best weights are kept (without
+    /// it, --val-fraction of the rows are held out to validate on).
     #[arg(long)]
     pub val: Option<PathBuf>,
+    #[arg(long, help = run_help("Without --val, the share of the rows held out (seeded by --seed) to validate on: the saved weights are those of the best validation score, and training stops early (--patience); 0 trains on every row", flow_train::TrainConfig::default().val_fraction))]
+    pub val_fraction: Option<f64>,
     /// The flow family (default: realnvp; glow for `--data digits`).
     #[arg(long, value_parser = family_parser())]
     pub flow: Option<Family>,
@@ -339,7 +342,7 @@ pub struct TrainArgs {
     pub pixel_levels: Option<u32>,
     #[arg(long, help = family_help("base", "Base distribution: normal (N(0, I)), diag (a trainable diagonal Gaussian) or mixture:K (a trainable mixture of K diagonal Gaussians) (default normal)"))]
     pub base: Option<String>,
-    #[arg(long, conflicts_with = "epochs", help = run_help("Optimizer steps; with --resume, the total to continue to", crate::commands::train::default_duration()))]
+    #[arg(long, conflicts_with = "epochs", help = run_help("Optimizer steps at most (training stops earlier when validation stops improving); with --resume, the total to continue to", crate::commands::train::default_duration()))]
     pub steps: Option<usize>,
     /// Passes over the training data, instead of --steps.
     #[arg(long)]
@@ -373,13 +376,14 @@ pub struct TrainArgs {
     /// Write one JSON line per progress report here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
-    #[arg(long, help = run_help("Score the validation file every this many steps", flow_train::TrainConfig::default().val_every))]
+    #[arg(long, help = format!("Score the validation set every this many steps [default: one epoch, the training rows over --batch, kept within {} to {} steps]", flow_train::VAL_EVERY_RANGE.0, flow_train::VAL_EVERY_RANGE.1))]
     pub val_every: Option<usize>,
-    /// Stop after this many validation scores without improvement.
-    #[arg(long)]
+    #[arg(long, help = run_help("Stop after this many validation scores without improvement; 0 never stops early", crate::commands::train::default_patience()))]
     pub patience: Option<usize>,
-    #[arg(long, help = family_help("no-standardize", "Train on the data as it is, without standardising it"))]
+    #[arg(long, help = family_help("no-standardize", "Train on the data and the context as they are, without standardising them"))]
     pub no_standardize: bool,
+    #[arg(long, value_name = "LOW:HIGH,…", allow_hyphen_values = true, help = family_help("bounds", "The box the data live in, one LOW:HIGH per data column (-inf or inf for an open side): samples stay inside it and log-probs are densities on it; every training row must lie strictly inside"))]
+    pub bounds: Option<String>,
     /// Every this many steps, write a resumable checkpoint (weights, optimizer state,
     /// position in the data) to --out.
     #[arg(long)]

@@ -745,3 +745,139 @@ fn commands_read_and_write_in_chunks_so_memory_does_not_grow_with_the_rows() {
     let encoded = read_csv(&path("encode-out.csv"));
     assert_eq!(encoded.len(), 300_000, "every row written");
 }
+
+/// The words of `flow train`'s output after `prefix` on the line that starts with it.
+fn line_after<'a>(stderr: &'a str, prefix: &str) -> &'a str {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line `{prefix}…` in {stderr}"))
+}
+
+#[test]
+fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
+    let m = path("held-out.safetensors");
+    let args = [
+        "train", "--data", "moons", "--n", "1000", "--steps", "40", "--hidden", "16", "--layers",
+        "2", "--batch", "64", "--out", &m,
+    ];
+    let out = flow(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // Validated once an epoch: 900 rows in batches of 64.
+    assert!(
+        err.contains("training realnvp on 900 samples of 2 features, 100 held out to validate on (--val-fraction 0.1, seed 0), for at most 40 steps, stopping after 20 validation scores without improvement (one every 15 steps)"),
+        "{err}"
+    );
+    assert_eq!(line_after(&err, "stopped: "), "reached the cap of 40 steps");
+    let kept = line_after(&err, &format!("saved {m}: "));
+    assert!(kept.starts_with("the weights of step "), "{kept}");
+    assert!(kept.contains(", the best validation NLL ("), "{kept}");
+    // The metrics carry both losses.
+    let metrics = path("held-out.jsonl");
+    let out = flow(&[&args[..], &["--metrics", &metrics]].concat());
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&metrics).expect("metrics");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"loss\":") && l.contains("\"val_nll\":")),
+        "{text}"
+    );
+    // --val-fraction 0 trains on every row.
+    let out = flow(&[&args[..11], &["--val-fraction", "0", "--out", &m]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("on 1000 samples of 2 features, without validation, for at most 40 steps\n"),
+        "{err}"
+    );
+    assert_eq!(
+        line_after(&err, &format!("saved {m}: ")),
+        "the weights of the last step, 40"
+    );
+}
+
+#[test]
+fn a_bounded_model_samples_inside_its_box_and_refuses_rows_outside() {
+    let m = path("bounded.safetensors");
+    ok(&[
+        "train",
+        "--data",
+        "moons",
+        "--n",
+        "1000",
+        "--steps",
+        "30",
+        "--flow",
+        "nsf",
+        "--hidden",
+        "16",
+        "--layers",
+        "2",
+        "--bounds",
+        "-1.5:2.5,-1:inf",
+        "--out",
+        &m,
+    ]);
+    let inspect = ok(&["inspect", "--model", &m]);
+    assert!(
+        inspect.contains("bounds: x0 -1.5:2.5, x1 -1:inf"),
+        "{inspect}"
+    );
+    let samples = path("bounded-samples.csv");
+    ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--n",
+        "5000",
+        "--temperature",
+        "2",
+        "--out",
+        &samples,
+    ]);
+    for row in read_csv(&samples) {
+        assert!(
+            (-1.5..=2.5).contains(&row[0]) && row[1] >= -1.0,
+            "outside the box: {row:?}"
+        );
+    }
+    let outside = path("bounded-outside.csv");
+    std::fs::write(&outside, "x0,x1\n0,0\n0.5,-2\n").expect("write");
+    fails(
+        &["log-prob", "--model", &m, "--input", &outside],
+        &format!(
+            "{outside}: row 2, column 2: -2 lies outside the model's bounds -1:inf (ends excluded)"
+        ),
+    );
+    fails(
+        &[
+            "encode",
+            "--model",
+            &m,
+            "--input",
+            &outside,
+            "--out",
+            &path("z.csv"),
+        ],
+        "row 2, column 2: -2 lies outside",
+    );
+    fails(
+        &[
+            "train", "--data", "moons", "--bounds", "-1.5:2.5", "--flow", "realnvp", "--out", &m,
+        ],
+        "--bounds gives 1 entries for 2 data columns",
+    );
+    fails(
+        &[
+            "export",
+            "--to",
+            "zuko",
+            "--model",
+            &m,
+            "--out",
+            &path("bounded-zuko.safetensors"),
+        ],
+        "cannot export to zuko: the model is confined to a box (--bounds), which that tool's flows have no layer for",
+    );
+}

@@ -320,6 +320,8 @@ fn a_finished_run_continues_to_more_steps_as_if_never_stopped() {
         "moons",
         "--n",
         "1200",
+        "--val",
+        &val,
         "--steps",
         "50",
         "--resume",

@@ -128,7 +128,34 @@ fn a_flag_for_another_family_is_refused_naming_the_families_that_take_it() {
             moons(&["--warmup", "5"]),
             "--warmup applies to --schedule cosine",
         ),
-        (moons(&["--patience", "3"]), "give --val"),
+        (
+            moons(&["--val-fraction", "0", "--patience", "3"]),
+            "--val-every and --patience score a validation set: give --val, or a --val-fraction above 0",
+        ),
+        (
+            moons(&["--val-fraction", "1"]),
+            "--val-fraction: the validation fraction must lie in [0, 1), got 1",
+        ),
+        (
+            moons(&["--val", "v.csv", "--val-fraction", "0.2"]),
+            "--val-fraction holds rows out when no --val file is given",
+        ),
+        (
+            moons(&["--bounds", "-2:3"]),
+            "--bounds gives 1 entries for 2 data columns: give one LOW:HIGH per column",
+        ),
+        (
+            moons(&["--bounds", "-2:3,1:nan"]),
+            "--bounds entry 2 `1:nan`: a bound must be a finite number",
+        ),
+        (
+            moons(&["--bounds", "-2:3,1:-1"]),
+            "--bounds entry 2 `1:-1`: the lower bound 1 is not below the upper bound -1",
+        ),
+        (
+            moons(&["--bounds", "-0.5:3,-2:2"]),
+            "moons: row 2, column 1: -1.049148 lies outside the model's bounds -0.5:3 (ends excluded)",
+        ),
         (
             digits(&["--n", "5"]),
             "--n and --noise apply to the built-in 2-D data sets",

@@ -452,7 +452,8 @@ fn a_training_state_out_of_range_is_a_one_line_error() {
         &out,
         &[
             &past,
-            "the training state is at row 100000 of the data, which has 300",
+            // 300 rows less the 30 held out to validate on.
+            "the training state is at row 100000 of the data, which has 270",
         ],
     );
     let adam = with_metadata(m, "train_state", "adam.safetensors", |s| {

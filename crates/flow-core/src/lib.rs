@@ -20,7 +20,8 @@ mod setters;
 pub mod shared_batch;
 
 pub use bijectors::{
-    recompute_by_inverse, stages_of, Bijector, Chain, Inverse, Permute, Reverse, Stage, Standardize,
+    recompute_by_inverse, stages_of, Bijector, Bound, Bounded, Chain, ContextStandardize, Inverse,
+    Permute, Reverse, Stage, Standardize,
 };
 pub use device::{cuda_if_present, join_cpu_pool, parse_device};
 pub use distributions::{DiagNormal, Distribution, GaussianMixture, StandardNormal};

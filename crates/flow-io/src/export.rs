@@ -36,6 +36,15 @@ pub fn export(
     config: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<String, IoError> {
+    if config.bounds.is_some() {
+        return Err(IoError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "cannot export to {}: the model is confined to a box (--bounds), which that tool's flows have no layer for",
+                target.name()
+            ),
+        });
+    }
     match target {
         Target::Seed => {
             export_seed(path, config, tensors)?;

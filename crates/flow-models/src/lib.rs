@@ -19,5 +19,5 @@ pub use family::Family;
 pub use flow_core::{
     LayerFamily, LayerSpec, ModelData, OptionInfo, OptionKind, Recipe, SampleLayer,
 };
-pub use model::{BaseConfig, ModelConfig};
+pub use model::{BaseConfig, ModelConfig, OutOfBounds};
 pub use registry::{Registry, RegistryOption};

@@ -1,8 +1,8 @@
 use candle::{bail, DType, Result};
 use candle_nn::VarBuilder;
 use flow_core::{
-    limits, Bijector, Chain, DiagNormal, Distribution, Flow, GaussianMixture, ImageInfo, LayerSpec,
-    Recipe, Spelled, StandardNormal, Standardize,
+    limits, Bijector, Bound, Bounded, Chain, ContextStandardize, DiagNormal, Distribution, Flow,
+    GaussianMixture, ImageInfo, LayerSpec, Recipe, Spelled, StandardNormal, Standardize,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,12 +23,14 @@ pub enum BaseConfig {
     Mixture { components: usize },
 }
 
-/// Everything needed to rebuild a flow from its tensors: optional standardisation, the
-/// layers (of any registered family), the base distribution, and the number of context
-/// features a conditional flow reads.
+/// Everything needed to rebuild a flow from its tensors: optional bounds of the data,
+/// optional standardisation of the data and of the context, the layers (of any
+/// registered family), the base distribution, and the number of context features a
+/// conditional flow reads.
 ///
-/// Tensor names: `standardize.mean`, `standardize.std` (`(dim,)`), `layers.{i}.*`,
-/// `base.loc`, `base.log_scale`.
+/// Tensor names: `standardize.mean`, `standardize.std` (`(dim,)`),
+/// `context_standardize.mean`, `context_standardize.std` (`(context_dim,)`),
+/// `layers.{i}.*`, `base.loc`, `base.log_scale`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "Stored")]
 pub struct ModelConfig {
@@ -40,6 +42,16 @@ pub struct ModelConfig {
     /// features, not of the context; training sets them from its data).
     #[serde(default)]
     pub standardize: bool,
+    /// A fixed `(c − mean) / std` of the context before any layer reads it (statistics
+    /// of the context features; training sets them from its data). Callers pass the
+    /// context in its own units. Files without it read as `false`.
+    #[serde(default)]
+    pub standardize_context: bool,
+    /// The box the data live in, one interval per feature: a fixed map from the box to
+    /// the whole space comes first ([`Bounded`]), so that samples stay inside and
+    /// densities are densities on the box. Standardisation, if any, follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<Vec<Bound>>,
     pub layers: Vec<LayerSpec>,
     #[serde(default)]
     pub base: BaseConfig,
@@ -62,6 +74,10 @@ struct Stored {
     context_dim: Option<usize>,
     #[serde(default)]
     standardize: bool,
+    #[serde(default)]
+    standardize_context: bool,
+    #[serde(default)]
+    bounds: Option<Vec<Bound>>,
     layers: Vec<LayerSpec>,
     #[serde(default)]
     base: BaseConfig,
@@ -83,11 +99,36 @@ impl From<Stored> for ModelConfig {
             context_dim: s.context_dim.unwrap_or_else(from_layers),
             dim: s.dim,
             standardize: s.standardize,
+            standardize_context: s.standardize_context,
+            bounds: s.bounds,
             layers: s.layers,
             base: s.base,
             recipe: s.recipe,
             columns: s.columns,
         }
+    }
+}
+
+/// A data value outside a model's bounds: its row and column, from 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutOfBounds {
+    pub row: usize,
+    pub column: usize,
+    pub value: f32,
+    pub bound: Bound,
+}
+
+impl std::fmt::Display for OutOfBounds {
+    /// Rows and columns counted from 1, as files are read.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "row {}, column {}: {} lies outside the model's bounds {} (ends excluded)",
+            self.row + 1,
+            self.column + 1,
+            self.value,
+            self.bound
+        )
     }
 }
 
@@ -139,6 +180,8 @@ impl ModelConfig {
             dim,
             context_dim: 0,
             standardize: false,
+            standardize_context: false,
+            bounds: None,
             layers,
             base: BaseConfig::StandardNormal,
             recipe: None,
@@ -245,7 +288,39 @@ impl ModelConfig {
     flow_core::with_setters! {
         with_context_dim: context_dim: usize,
         with_standardize: standardize: bool,
+        with_standardize_context: standardize_context: bool,
         with_base: base: BaseConfig,
+    }
+
+    /// The model confined to a box: one [`Bound`] per feature (checked by
+    /// [`validate`](Self::validate)).
+    pub fn with_bounds(self, bounds: Vec<Bound>) -> Self {
+        Self {
+            bounds: Some(bounds),
+            ..self
+        }
+    }
+
+    /// The first value of `values` (rows of [`dim`](Self::dim) features) outside the
+    /// model's bounds; `None` when every value is inside, or the model has no bounds.
+    pub fn outside_bounds(&self, values: &[f32]) -> Option<OutOfBounds> {
+        let bounds = self.bounds.as_ref()?;
+        values
+            .chunks(self.dim.max(1))
+            .enumerate()
+            .find_map(|(row, values)| {
+                values
+                    .iter()
+                    .zip(bounds)
+                    .enumerate()
+                    .find(|(_, (&v, b))| !b.contains(f64::from(v)))
+                    .map(|(column, (&value, &bound))| OutOfBounds {
+                        row,
+                        column,
+                        value,
+                        bound,
+                    })
+            })
     }
 
     /// The model with names for its data columns, then its context columns (checked
@@ -299,6 +374,22 @@ impl ModelConfig {
         }
         if let Some(names) = &self.columns {
             check_columns(names, self.dim + self.context_dim)?;
+        }
+        if self.standardize_context && self.context_dim == 0 {
+            return Err("context standardisation needs context features".into());
+        }
+        if let Some(bounds) = &self.bounds {
+            if bounds.len() != self.dim {
+                return Err(format!(
+                    "{} bounds for {} features: give one per feature",
+                    bounds.len(),
+                    self.dim
+                ));
+            }
+            for (j, b) in bounds.iter().enumerate() {
+                b.validate()
+                    .map_err(|e| format!("bounds of column {}: {e}", j + 1))?;
+            }
         }
         for (i, layer) in self.layers.iter().enumerate() {
             registry
@@ -365,6 +456,9 @@ impl ModelConfig {
         }
         let device = vb.device().clone();
         let mut chain = Chain::default();
+        if let Some(bounds) = &self.bounds {
+            chain.push(Bounded::new(bounds, vb.dtype(), &device)?);
+        }
         if self.standardize {
             let vb = vb.pp("standardize");
             let mean = vb.get_with_hints(self.dim, "mean", candle_nn::init::ZERO)?;
@@ -387,7 +481,14 @@ impl ModelConfig {
                 Box::new(GaussianMixture::new(components, self.dim, vb.pp("base"))?)
             }
         };
-        let bijector: Box<dyn Bijector> = Box::new(chain);
+        let mut bijector: Box<dyn Bijector> = Box::new(chain);
+        if self.standardize_context {
+            let vb = vb.pp("context_standardize");
+            let c = self.context_dim;
+            let mean = vb.get_with_hints(c, "mean", candle_nn::init::ZERO)?;
+            let std = vb.get_with_hints(c, "std", candle_nn::init::ONE)?;
+            bijector = Box::new(ContextStandardize::new(bijector, &mean, &std)?);
+        }
         Ok(Flow::from_boxed(bijector, base))
     }
 
@@ -562,6 +663,55 @@ mod tests {
                 vec!["c0".to_string()]
             )
         );
+    }
+
+    #[test]
+    fn older_files_have_no_context_standardisation_or_bounds() {
+        let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
+        assert!(!cfg.standardize_context);
+        assert_eq!(cfg.bounds, None);
+        let json = serde_json::to_string(&cfg).expect("json");
+        assert!(!json.contains("bounds"), "{json}");
+    }
+
+    #[test]
+    fn bounds_and_context_standardisation_are_checked_against_the_model() {
+        let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
+        let inside = Bound::new(Some(-1.0), Some(1.0));
+        let bounded = cfg
+            .clone()
+            .with_bounds(vec![inside, Bound::new(Some(0.0), None)]);
+        bounded.validate().expect("valid bounds");
+        let again: ModelConfig =
+            serde_json::from_str(&serde_json::to_string(&bounded).expect("json")).expect("read");
+        assert_eq!(again, bounded);
+        assert_eq!(
+            refused(&cfg.clone().with_bounds(vec![inside])),
+            "1 bounds for 2 features: give one per feature"
+        );
+        assert_eq!(
+            refused(
+                &cfg.clone()
+                    .with_bounds(vec![inside, Bound::new(Some(2.0), Some(0.0))])
+            ),
+            "bounds of column 2: the lower bound 2 is not below the upper bound 0"
+        );
+        let unconditional = ModelConfig {
+            context_dim: 0,
+            layers: Vec::new(),
+            ..cfg
+        };
+        assert_eq!(
+            refused(&unconditional.with_standardize_context(true)),
+            "context standardisation needs context features"
+        );
+        // The first value outside, with its place counted from 1.
+        let outside = bounded.outside_bounds(&[0.0, 1.0, 0.5, 3.0, 1.0, 0.0]);
+        assert_eq!(
+            outside.map(|o| o.to_string()).as_deref(),
+            Some("row 3, column 1: 1 lies outside the model's bounds -1:1 (ends excluded)")
+        );
+        assert_eq!(bounded.outside_bounds(&[0.0, 1.0, 0.5, 3.0]), None);
     }
 
     #[test]

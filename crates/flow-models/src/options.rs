@@ -1,11 +1,12 @@
 //! A model's options by name, as `flow train` and the Python package take them. The
 //! families' own options are what their crates declare ([`Family::options`]); the
-//! model's own settings (`base`, `context-dim`, `no-standardize`, `image`,
+//! model's own settings (`base`, `context-dim`, `no-standardize`, `bounds`, `image`,
 //! `pixel-levels`) apply by whether a family models images. Every face of the library
 //! builds its models through here, so the defaults, checks and messages are the same
 //! in each. Messages name an option as the command line spells it (`--hidden-layers`).
 
 use flow_core::limits::{check_count, check_positive, MAX_COMPONENTS, MAX_DIM};
+use flow_core::Bound;
 pub use flow_core::{limits::positive_f32, ImageInfo, ImageShape, ModelData};
 pub use flow_nn::Activation;
 
@@ -17,6 +18,7 @@ pub const MODEL_SETTINGS: &[(&str, bool)] = &[
     ("base", false),
     ("context-dim", false),
     ("no-standardize", false),
+    ("bounds", false),
     ("image", true),
     ("pixel-levels", true),
 ];
@@ -125,6 +127,47 @@ pub fn base(text: &str) -> Result<BaseConfig, String> {
     }
 }
 
+/// One side of a `--bounds` entry: a number, or `-inf`/`inf` for an open side.
+fn bound_side(text: &str) -> Option<f64> {
+    text.trim().parse::<f64>().ok()
+}
+
+/// `--bounds LOW:HIGH,…`: the box the data live in, one entry per data column of
+/// the `dim` there are, each checked.
+pub fn bounds(text: &str, dim: usize) -> Result<Vec<Bound>, String> {
+    let entries: Vec<&str> = text.split(',').collect();
+    if entries.len() != dim {
+        return Err(format!(
+            "--bounds gives {} entries for {dim} data columns: give one LOW:HIGH per column",
+            entries.len()
+        ));
+    }
+    entries
+        .iter()
+        .enumerate()
+        .map(|(j, entry)| {
+            let wrong = |why: &str| format!("--bounds entry {} `{}`: {why}", j + 1, entry.trim());
+            let (low, high) = entry
+                .split_once(':')
+                .ok_or_else(|| wrong("expected LOW:HIGH, e.g. -1:1 or 0:inf"))?;
+            let (Some(low), Some(high)) = (bound_side(low), bound_side(high)) else {
+                return Err(wrong(
+                    "expected two numbers, LOW:HIGH (-inf or inf for an open side)",
+                ));
+            };
+            if low == f64::INFINITY || high == f64::NEG_INFINITY {
+                return Err(wrong("the lower end must be below the upper end"));
+            }
+            let bound = Bound::new(
+                (low != f64::NEG_INFINITY).then_some(low),
+                (high != f64::INFINITY).then_some(high),
+            );
+            bound.validate().map_err(|e| wrong(&e))?;
+            Ok(bound)
+        })
+        .collect()
+}
+
 /// `--image HxWxC`, its size computed without overflow and bounded.
 pub fn image(text: &str) -> Result<ImageShape, String> {
     let expected = || format!("--image `{text}`: expected HxWxC, e.g. 28x28x1");
@@ -191,6 +234,8 @@ pub struct ModelOptions {
     pub base: Option<String>,
     pub context_dim: Option<usize>,
     pub no_standardize: bool,
+    /// `LOW:HIGH,…`, one entry per data column ([`bounds`]).
+    pub bounds: Option<String>,
     pub image: Option<String>,
     pub pixel_levels: Option<u32>,
 }
@@ -223,6 +268,7 @@ impl ModelOptions {
             ("base", self.base.is_some()),
             ("context-dim", self.context_dim.is_some()),
             ("no-standardize", self.no_standardize),
+            ("bounds", self.bounds.is_some()),
             ("image", self.image.is_some()),
             ("pixel-levels", self.pixel_levels.is_some()),
         ];
@@ -251,7 +297,8 @@ impl ModelOptions {
     /// The model these options describe for `flow` over `dim` features and
     /// `context_dim` context features (an image family: over `image`), every value
     /// the family's default unless an option gives it, checked, with standardisation
-    /// for any but an image family unless `no_standardize`. `what` names the data in
+    /// of the data and any context for any but an image family unless
+    /// `no_standardize`, confined to the box `bounds` gives, if any. `what` names the data in
     /// the messages. `seed` seeds a random `--order`.
     pub fn model(
         &self,
@@ -276,7 +323,13 @@ impl ModelOptions {
         if let Some(b) = &self.base {
             model = model.with_base(base(b)?);
         }
-        Ok(model.with_standardize(image.is_none() && !self.no_standardize))
+        if let Some(b) = &self.bounds {
+            model = model.with_bounds(bounds(b, dim)?);
+        }
+        let standardize = image.is_none() && !self.no_standardize;
+        Ok(model
+            .with_standardize(standardize)
+            .with_standardize_context(standardize && context_dim > 0))
     }
 
     /// The first of the family options given that would change the recipe `model`
@@ -339,7 +392,10 @@ mod tests {
             .with_hidden(16)
             .with_context_dim(1);
         want.spline.bins = 4;
-        assert_eq!(model, ModelConfig::from(want).with_standardize(true));
+        let want = ModelConfig::from(want)
+            .with_standardize(true)
+            .with_standardize_context(true);
+        assert_eq!(model, want);
         assert_eq!(
             options.check_apply(&named("realnvp")).unwrap_err(),
             "--bins applies to nsf and nsf-ar, not realnvp"
@@ -384,6 +440,73 @@ mod tests {
             family("flowplusplus").unwrap_err(),
             "invalid value 'flowplusplus' for '--flow' [possible values: realnvp, nice, nsf, nsf-ar, maf, iaf, glow, realnvp-image, tarflow]"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn bounds_read_one_interval_per_column_and_refuse_the_rest() {
+        let b = bounds("-1:1, 0:inf,-inf:2.5,-inf:inf", 4).expect("valid");
+        assert_eq!(
+            b,
+            [
+                Bound::new(Some(-1.0), Some(1.0)),
+                Bound::new(Some(0.0), None),
+                Bound::new(None, Some(2.5)),
+                Bound::unbounded(),
+            ]
+        );
+        let refused = |text: &str, dim: usize| bounds(text, dim).unwrap_err();
+        assert_eq!(
+            refused("-1:1", 2),
+            "--bounds gives 1 entries for 2 data columns: give one LOW:HIGH per column"
+        );
+        assert_eq!(
+            refused("-1:1,1:0", 2),
+            "--bounds entry 2 `1:0`: the lower bound 1 is not below the upper bound 0"
+        );
+        assert_eq!(
+            refused("2:2", 1),
+            "--bounds entry 1 `2:2`: the lower bound 2 is not below the upper bound 2"
+        );
+        assert_eq!(
+            refused("nan:1", 1),
+            "--bounds entry 1 `nan:1`: a bound must be a finite number (or absent for an open side), got NaN"
+        );
+        assert_eq!(
+            refused("0:x", 1),
+            "--bounds entry 1 `0:x`: expected two numbers, LOW:HIGH (-inf or inf for an open side)"
+        );
+        assert_eq!(
+            refused("0", 1),
+            "--bounds entry 1 `0`: expected LOW:HIGH, e.g. -1:1 or 0:inf"
+        );
+        assert_eq!(
+            refused("inf:inf", 1),
+            "--bounds entry 1 `inf:inf`: the lower end must be below the upper end"
+        );
+    }
+
+    #[cfg(feature = "nsf")]
+    #[test]
+    fn a_conditional_model_standardises_its_context_and_keeps_its_box() -> Result<(), String> {
+        let options = ModelOptions {
+            bounds: Some("0:1,-inf:inf".into()),
+            ..ModelOptions::default()
+        };
+        let model = options.model(&named("nsf"), "data", 2, 3, None, 0)?;
+        assert!(model.standardize && model.standardize_context);
+        assert_eq!(
+            model.bounds,
+            Some(vec![Bound::new(Some(0.0), Some(1.0)), Bound::unbounded()])
+        );
+        let plain = ModelOptions {
+            no_standardize: true,
+            ..ModelOptions::default()
+        }
+        .model(&named("nsf"), "data", 2, 3, None, 0)?;
+        assert!(!plain.standardize && !plain.standardize_context);
+        let unconditional = ModelOptions::default().model(&named("nsf"), "data", 2, 0, None, 0)?;
+        assert!(unconditional.standardize && !unconditional.standardize_context);
         Ok(())
     }
 }

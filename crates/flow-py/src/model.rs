@@ -52,7 +52,9 @@ pub(crate) enum Saved {
 /// (0: unconditional), of the family `flow` (`realnvp`, `nice`, `nsf`, `nsf-ar`,
 /// `maf`, `iaf`), with `flow train`'s model options as keywords: `layers`,
 /// `hidden`, `hidden_layers`, `activation`, `bins`, `tail_bound`, `order`,
-/// `coupling`, `scale`, `clamp`, `nets`, `base`, `standardize`.
+/// `coupling`, `scale`, `clamp`, `nets`, `base`, `standardize` (the data and any
+/// context, by default), `bounds` (`"LOW:HIGH,…"` as `flow train --bounds` takes it,
+/// or one `(low, high)` pair per feature, `None` or an infinity for an open side).
 #[pyclass(module = "flows")]
 pub struct Flow {
     pub(crate) family: Option<Family>,
@@ -71,7 +73,7 @@ impl std::fmt::Debug for Flow {
 }
 
 /// The model's own keywords, beside the families' options.
-const OWN_KEYWORDS: [&str; 2] = ["base", "standardize"];
+const OWN_KEYWORDS: [&str; 3] = ["base", "standardize", "bounds"];
 
 /// The model options given as keywords, by their Python names (the options' names
 /// with `_` for `-`).
@@ -95,6 +97,10 @@ fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResul
             }
             "standardize" => {
                 o.no_standardize = !value.extract::<bool>()?;
+                continue;
+            }
+            "bounds" => {
+                o.bounds = Some(bounds_text(&value)?);
                 continue;
             }
             _ => {}
@@ -135,6 +141,23 @@ fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResul
         o.set(option.name, text).map_err(value_error)?;
     }
     Ok(o)
+}
+
+/// The `bounds` keyword as `flow train --bounds` spells it: the text itself, or
+/// `(low, high)` pairs, `None` for an open side.
+fn bounds_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(text) = value.extract::<String>() {
+        return Ok(text);
+    }
+    let pairs: Vec<(Option<f64>, Option<f64>)> = value.extract().map_err(|_| {
+        value_error("bounds: expected \"LOW:HIGH,…\" or one (low, high) pair per feature")
+    })?;
+    let side = |v: Option<f64>, open: &str| v.map_or(open.to_string(), |v| v.to_string());
+    Ok(pairs
+        .iter()
+        .map(|&(low, high)| format!("{}:{}", side(low, "-inf"), side(high, "inf")))
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 /// A count option: a non-negative whole number (the bounds are the library's).
@@ -287,6 +310,17 @@ impl Flow {
     }
 }
 
+impl Flow {
+    /// Refuses rows outside the model's bounds, naming the first: no density or
+    /// latent is defined there.
+    fn check_bounds(&self, x: &Rows) -> PyResult<()> {
+        match self.config.outside_bounds(&x.values) {
+            Some(outside) => Err(value_error(format!("x: {outside}"))),
+            None => Ok(()),
+        }
+    }
+}
+
 #[pymethods]
 impl Flow {
     #[new]
@@ -394,6 +428,7 @@ impl Flow {
     ) -> PyResult<Py<PyAny>> {
         let fitted = self.fitted()?;
         let x = Rows::read(x, self.config.dim, "x")?;
+        self.check_bounds(&x)?;
         let c = context_rows(context, self.config.context_dim, x.rows)?;
         let values = py
             .detach(|| {
@@ -415,6 +450,7 @@ impl Flow {
     ) -> PyResult<Py<PyAny>> {
         let fitted = self.fitted()?;
         let x = Rows::read(x, self.config.dim, "x")?;
+        self.check_bounds(&x)?;
         let c = context_rows(context, self.config.context_dim, x.rows)?;
         let values = py
             .detach(|| chunked(&x, c.as_ref(), |x, c| fitted.flow.encode_with_context(x, c)))
@@ -483,10 +519,12 @@ impl Flow {
 
     /// Fits the model to the rows of `x` (with `context` for a conditional model), as
     /// `flow train` does, from a fresh initialisation; `validation` (rows, or
-    /// `(rows, context)`) is scored during training and the best weights kept. The
-    /// run options are `flow train`'s: `steps`, `batch`, `lr`, `seed`, and as keywords
-    /// `epochs`, `optimizer`, `weight_decay`, `schedule`, `lr_decay`, `warmup`,
-    /// `clip_grad`, `val_every`, `patience`. Ctrl-C stops training after the current
+    /// `(rows, context)`) is scored during training and the best weights kept; without
+    /// it, `val_fraction` of the rows (0.1 unless given; 0: none) are held out to
+    /// score instead. Training stops early after `patience` scores without
+    /// improvement. The run options are `flow train`'s: `steps`, `batch`, `lr`,
+    /// `seed`, and as keywords `epochs`, `optimizer`, `weight_decay`, `schedule`,
+    /// `lr_decay`, `warmup`, `clip_grad`, `val_every`, `patience`, `val_fraction`. Ctrl-C stops training after the current
     /// step, keeping its weights. Returns the run's summary.
     #[pyo3(signature = (x, context = None, steps = None, batch = None, lr = None, seed = None, validation = None, progress = true, **run_options))]
     #[allow(clippy::too_many_arguments)]

@@ -10,10 +10,10 @@ use std::{
 };
 
 use flow_train::{
-    data::Dataset,
+    data::{held_out_rows, Dataset},
     format_report,
     recipe::{run_config, OptimizerChoice, RunOptions, ScheduleChoice},
-    Control, Report, Reporter, TrainSummary, Trainer,
+    val_every_for, Control, Report, Reporter, TrainSummary, Trainer,
 };
 use pyo3::{
     exceptions::PyKeyboardInterrupt,
@@ -62,6 +62,7 @@ pub fn run_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<RunOptions> 
             "clip_grad" => o.clip_grad = Some(value.extract()?),
             "val_every" => o.val_every = Some(value.extract()?),
             "patience" => o.patience = Some(value.extract()?),
+            "val_fraction" => o.val_fraction = Some(value.extract()?),
             "optimizer" => {
                 let names = OptimizerChoice::ALL.map(OptimizerChoice::name);
                 let name = choice(&names)?;
@@ -74,7 +75,7 @@ pub fn run_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<RunOptions> 
             }
             other => {
                 return Err(value_error(format!(
-                    "unknown option `{other}`: fit takes steps, batch, lr, seed, validation, progress, epochs, optimizer, weight_decay, schedule, lr_decay, warmup, clip_grad, val_every and patience"
+                    "unknown option `{other}`: fit takes steps, batch, lr, seed, validation, progress, epochs, optimizer, weight_decay, schedule, lr_decay, warmup, clip_grad, val_every, patience and val_fraction"
                 )))
             }
         }
@@ -191,6 +192,13 @@ pub fn fit(
     .map_err(value_error)?;
     // Every step reports, so that a signal is noticed within a step.
     cfg.report_every = 1;
+    if run.val_every.is_none() {
+        let rows = match &val {
+            Some(_) => train.len(),
+            None => train.len() - held_out_rows(train.len(), cfg.val_fraction),
+        };
+        cfg.val_every = val_every_for(rows, cfg.batch_size);
+    }
     let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;
     let warnings = trainer
         .data_warnings(&train, "x")

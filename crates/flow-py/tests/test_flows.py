@@ -67,7 +67,8 @@ def trained(tmp_path_factory):
 def test_fit_returns_the_summary_and_lowers_the_loss(trained):
     model, _, summary = trained
     assert summary["steps"] == summary["total_steps"] == 40
-    assert summary["n_train"] == 1000 and not summary["interrupted"]
+    # A tenth of the rows is held out to validate on, as flow train does.
+    assert summary["n_train"] == 900 and summary["n_val"] == 100 and not summary["interrupted"]
     x, _ = moons(500, seed=2)
     untrained = flows.Flow(2, flow="nsf", layers=2, hidden=16, bins=4)
     untrained.fit(x, steps=1, batch=128, seed=3, progress=False)
@@ -136,13 +137,42 @@ def test_a_single_context_row_applies_to_every_point():
         model.log_prob(points, context=np.ones((2, 1)))
 
 
+def test_the_context_is_standardised_so_its_scale_does_not_change_the_fit():
+    x, labels = moons(1000, seed=7)
+    points, test_labels = moons(50, seed=8)
+
+    def fitted(scale, shift, **options):
+        model = flows.Flow(2, context=1, flow="nsf", layers=2, hidden=16, bins=4, **options)
+        model.fit(x, context=labels * scale + shift, steps=40, batch=128, seed=1, progress=False)
+        return model.log_prob(points, context=test_labels * scale + shift)
+
+    as_labels = fitted(1.0, 0.0)
+    np.testing.assert_allclose(fitted(1000.0, 5.0), as_labels, rtol=0, atol=1e-4)
+    # Without standardisation the network sees the context's scale.
+    assert np.abs(fitted(1000.0, 5.0, standardize=False) - as_labels).max() > 1e-2
+
+
+def test_a_bounded_model_samples_inside_its_box_and_refuses_points_outside():
+    x, _ = moons(1000, seed=9)
+    model = flows.Flow(2, flow="nsf", layers=2, hidden=16, bounds=[(-1.5, 2.5), (-1.0, None)])
+    model.fit(x, steps=30, seed=1, progress=False)
+    s = model.sample(4000, seed=3)
+    assert (s[:, 0] > -1.5).all() and (s[:, 0] < 2.5).all() and (s[:, 1] > -1.0).all()
+    # The same box as flow train --bounds writes it.
+    text = flows.Flow(2, flow="nsf", layers=2, hidden=16, bounds="-1.5:2.5,-1:inf")
+    text.fit(x, steps=30, seed=1, progress=False)
+    np.testing.assert_array_equal(text.log_prob(x[:20]), model.log_prob(x[:20]))
+    with pytest.raises(ValueError, match=r"x: row 2, column 2: -2 lies outside the model's bounds -1:inf"):
+        model.log_prob(np.array([[0.0, 0.0], [0.5, -2.0]]))
+
+
 def test_ctrl_c_stops_fit_with_the_weights_of_the_last_step():
     x, _ = moons(2000, seed=3)
     model = flows.Flow(2, flow="realnvp", layers=2, hidden=32)
     timer = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
     timer.start()
     try:
-        summary = model.fit(x, steps=10_000_000, batch=64, seed=1, progress=False)
+        summary = model.fit(x, steps=10_000_000, batch=64, seed=1, patience=0, progress=False)
     finally:
         timer.cancel()
     assert summary["interrupted"], summary
@@ -227,7 +257,9 @@ print(json.dumps(flow(c).log_prob(x).tolist()))
         (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], lr=-1.0), ["--flow", "maf", "--lr", "-1"]),
         (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], steps=0), ["--flow", "maf", "--steps", "0"]),
         (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], warmup=3), ["--flow", "maf", "--warmup", "3"]),
-        (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], patience=3), ["--flow", "maf", "--patience", "3"]),
+        (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], patience=3, val_fraction=0.0), ["--flow", "maf", "--patience", "3", "--val-fraction", "0"]),
+        (lambda: flows.Flow(2, flow="maf").fit(moons(10, 0)[0], val_fraction=1.0), ["--flow", "maf", "--val-fraction", "1"]),
+        (lambda: flows.Flow(2, flow="maf", bounds="0:1"), ["--flow", "maf", "--bounds", "0:1"]),
     ],
 )
 def test_bad_options_raise_the_message_of_flow_train(python, flags, tmp_path):

@@ -1,7 +1,27 @@
 use flow_models::{ModelConfig, Registry};
 use serde::{Deserialize, Serialize};
 
-use crate::Schedule;
+use crate::{
+    data::{check_val_fraction, DEFAULT_VAL_FRACTION},
+    Schedule,
+};
+
+/// Validation scores without improvement after which a run stops, unless
+/// [`TrainConfig::patience`] says otherwise.
+pub const DEFAULT_PATIENCE: usize = 20;
+
+/// The fewest and most steps between validation scores unless told otherwise
+/// ([`val_every_for`]).
+pub const VAL_EVERY_RANGE: (usize, usize) = (10, 100);
+
+/// Steps between validation scores for `rows` training rows in batches of `batch`: one
+/// epoch, within [`VAL_EVERY_RANGE`]. Small data overfit within a few hundred steps,
+/// so their best weights are chosen at a finer grain than large data's; the patience
+/// then spans the same share of a run whatever its size.
+pub fn val_every_for(rows: usize, batch: usize) -> usize {
+    let (fewest, most) = VAL_EVERY_RANGE;
+    rows.div_ceil(batch.max(1)).clamp(fewest, most)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -54,8 +74,11 @@ pub enum Duration {
 /// Everything a training run depends on. Saved with the model.
 ///
 /// The defaults are the reference job: Adam at 1e-3 decayed by 0.999 per step, batch
-/// 512, 1000 steps, data standardised. Standardisation and pixel levels are the
-/// model's ([`ModelConfig::standardize`], [`ModelConfig::pixel_levels`]): the trainer
+/// 512, at most 1000 steps, data (and context) standardised; without a validation set
+/// a tenth of the rows is held out for one, and training stops early after
+/// [`DEFAULT_PATIENCE`] validation scores without improvement. Standardisation and
+/// pixel levels are the model's ([`ModelConfig::standardize`],
+/// [`ModelConfig::standardize_context`], [`ModelConfig::pixel_levels`]): the trainer
 /// reads them from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "StoredTrainConfig")]
@@ -76,6 +99,9 @@ pub struct TrainConfig {
     pub patience: Option<usize>,
     /// Report progress every this many steps.
     pub report_every: usize,
+    /// The share of the training rows held out (seeded by `seed`) to validate on when
+    /// the run is given no validation set; 0 trains on every row.
+    pub val_fraction: f64,
 }
 
 /// A [`TrainConfig`] as files hold it. Files written before the model owned its
@@ -99,6 +125,8 @@ struct StoredTrainConfig {
     patience: Option<usize>,
     standardize: Option<bool>,
     report_every: usize,
+    /// Files written before runs held out rows of their own trained on every row.
+    val_fraction: f64,
 }
 
 impl Default for StoredTrainConfig {
@@ -116,6 +144,7 @@ impl Default for StoredTrainConfig {
             patience: d.patience,
             standardize: None,
             report_every: d.report_every,
+            val_fraction: 0.0,
         }
     }
 }
@@ -134,6 +163,7 @@ impl From<StoredTrainConfig> for TrainConfig {
             val_every: s.val_every,
             patience: s.patience,
             report_every: s.report_every,
+            val_fraction: s.val_fraction,
         }
     }
 }
@@ -150,8 +180,9 @@ impl Default for TrainConfig {
             clip_grad: None,
             seed: 0,
             val_every: 100,
-            patience: None,
+            patience: Some(DEFAULT_PATIENCE),
             report_every: 10,
+            val_fraction: DEFAULT_VAL_FRACTION,
         }
     }
 }
@@ -159,19 +190,22 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The reference job's training settings for `model` (a [`ModelConfig`], or a
     /// family's description that converts into one, such as a `RealNvpConfig`), which
-    /// is standardised unless it models pixels.
+    /// standardises its data and its context, if any, unless it models pixels.
     pub fn new(model: impl Into<ModelConfig>) -> Self {
         let model = model.into();
         let standardize = model.pixel_levels().is_none();
         Self {
-            model: model.with_standardize(standardize),
+            model,
             ..Self::default()
         }
+        .with_standardize(standardize)
     }
 
-    /// Whether the model standardises the data (the statistics become part of it).
+    /// Whether the model standardises the data and, if it has one, the context (the
+    /// statistics become part of it).
     pub fn with_standardize(mut self, standardize: bool) -> Self {
         self.model.standardize = standardize;
+        self.model.standardize_context = standardize && self.model.context_dim > 0;
         self
     }
 
@@ -185,6 +219,7 @@ impl TrainConfig {
         with_val_every: val_every: usize,
         with_patience: patience: Option<usize>,
         with_report_every: report_every: usize,
+        with_val_fraction: val_fraction: f64,
     }
 
     /// Checks every setting, naming the first that is out of range, with the built-in
@@ -245,6 +280,10 @@ impl TrainConfig {
         if levels.is_some() && self.model.standardize {
             return Err("dequantised pixel data are not standardised".into());
         }
+        if levels.is_some() && self.model.bounds.is_some() {
+            return Err("pixel data have their own range: bounds do not apply".into());
+        }
+        check_val_fraction(self.val_fraction)?;
         Ok(())
     }
 }
@@ -267,6 +306,17 @@ fn model_or_realnvp<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ModelConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_comes_once_an_epoch_within_its_range() {
+        // 900 rows in batches of 64: 15 steps an epoch (the last batch short).
+        assert_eq!(val_every_for(900, 64), 15);
+        assert_eq!(val_every_for(896, 64), 14);
+        // A few steps an epoch, and hundreds: held to the range.
+        assert_eq!(val_every_for(900, 512), VAL_EVERY_RANGE.0);
+        assert_eq!(val_every_for(90_000, 512), VAL_EVERY_RANGE.1);
+        assert_eq!(val_every_for(9_000, 512), 18);
+    }
 
     #[test]
     fn reads_the_training_configurations_of_older_files() {

@@ -13,10 +13,15 @@ pub mod recipe;
 mod replicas;
 mod report;
 mod schedule;
+mod standardization;
 mod state;
+mod summary;
 mod trainer;
 
-pub use config::{positive_f32, Duration, OptimizerConfig, OptimizerKind, TrainConfig};
+pub use config::{
+    positive_f32, val_every_for, Duration, OptimizerConfig, OptimizerKind, TrainConfig,
+    DEFAULT_PATIENCE, VAL_EVERY_RANGE,
+};
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};
 pub use gradient::{batch_parts, nll_and_gradients, parts_of, MIN_PART_ROWS};

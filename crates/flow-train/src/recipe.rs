@@ -10,7 +10,7 @@ use flow_models::{
     Family, ModelConfig,
 };
 
-use crate::{Duration, OptimizerKind, Schedule, TrainConfig};
+use crate::{data::check_val_fraction, Duration, OptimizerKind, Schedule, TrainConfig};
 
 /// The optimizer an option names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,7 @@ pub enum RunOption {
     Seed(u64),
     ValEvery(usize),
     Patience(usize),
+    ValFraction(f64),
 }
 
 /// The run options given for a run, each `None` unless given: [`TrainConfig`] holds
@@ -93,15 +94,24 @@ pub struct RunOptions {
     pub seed: Option<u64>,
     pub val_every: Option<usize>,
     pub patience: Option<usize>,
+    pub val_fraction: Option<f64>,
 }
 
 impl RunOptions {
     /// The run options given, in the order they apply (`--optimizer` before
     /// `--weight-decay`, `--schedule` before its parameters); `validation` says
-    /// whether the run scores a validation set.
+    /// whether the run is given a validation set (without one, it holds out
+    /// `val_fraction` of its rows).
     pub fn given(&self, validation: bool) -> Result<Vec<RunOption>, String> {
-        if !validation && (self.val_every.is_some() || self.patience.is_some()) {
-            return Err("--val-every and --patience score a validation file: give --val".into());
+        if validation && self.val_fraction.is_some() {
+            return Err("--val-fraction holds rows out when no --val file is given".into());
+        }
+        let none = !validation && self.val_fraction == Some(0.0);
+        if none && (self.val_every.is_some() || self.patience.is_some()) {
+            return Err(
+                "--val-every and --patience score a validation set: give --val, or a --val-fraction above 0"
+                    .into(),
+            );
         }
         let options = [
             self.lr.map(RunOption::Lr),
@@ -115,6 +125,7 @@ impl RunOptions {
             self.seed.map(RunOption::Seed),
             self.val_every.map(RunOption::ValEvery),
             self.patience.map(RunOption::Patience),
+            self.val_fraction.map(RunOption::ValFraction),
         ];
         Ok(options.into_iter().flatten().collect())
     }
@@ -146,6 +157,7 @@ impl RunOption {
             Self::Seed(_) => "seed",
             Self::ValEvery(_) => "val-every",
             Self::Patience(_) => "patience",
+            Self::ValFraction(_) => "val-fraction",
         }
     }
 
@@ -201,7 +213,11 @@ impl RunOption {
             Self::ClipGrad(c) => cfg.clip_grad = Some(real("clip-grad", c)?),
             Self::Seed(s) => cfg.seed = s,
             Self::ValEvery(v) => cfg.val_every = count("val-every", v, 1, usize::MAX)?,
-            Self::Patience(p) => cfg.patience = Some(p),
+            Self::Patience(p) => cfg.patience = (p > 0).then_some(p),
+            Self::ValFraction(f) => {
+                check_val_fraction(f).map_err(|e| format!("--val-fraction: {e}"))?;
+                cfg.val_fraction = f;
+            }
         }
         Ok(())
     }
@@ -326,11 +342,32 @@ mod tests {
             fails(
                 RunOptions {
                     patience: Some(2),
+                    val_fraction: Some(0.0),
                     ..RunOptions::default()
                 },
                 false
             ),
-            "--val-every and --patience score a validation file: give --val"
+            "--val-every and --patience score a validation set: give --val, or a --val-fraction above 0"
+        );
+        assert_eq!(
+            fails(
+                RunOptions {
+                    val_fraction: Some(0.2),
+                    ..RunOptions::default()
+                },
+                true
+            ),
+            "--val-fraction holds rows out when no --val file is given"
+        );
+        assert_eq!(
+            fails(
+                RunOptions {
+                    val_fraction: Some(1.0),
+                    ..RunOptions::default()
+                },
+                false
+            ),
+            format!("--val-fraction: {}", check_val_fraction(1.0).unwrap_err())
         );
         assert_eq!(
             fails(

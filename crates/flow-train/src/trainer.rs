@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     batch_parts,
-    data::{Dataset, Moments, Scan, StreamSource},
+    data::{Dataset, Scan, StreamSource},
     fingerprint,
     state::StateGroup,
     Adam, Control, DataError, Duration, LayerwiseBackprop, LowMemory, Reconstruction, Replicas,
@@ -207,15 +207,6 @@ fn noise_seed(seed: u64, step: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_add(1)
 }
 
-/// Per-feature mean and (population) standard deviation; constant features get 1.
-fn moments(data: &Dataset) -> (Vec<f32>, Vec<f32>) {
-    let values = data.values_f32();
-    let mut m = Moments::new(data.len(), data.dim);
-    m.add_to_mean(&values);
-    m.add_to_variance(&values);
-    m.finish()
-}
-
 impl Trainer {
     /// A trainer for models of the built-in families; the settings are checked here.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self, TrainError> {
@@ -334,6 +325,10 @@ impl Trainer {
             let line = Some(i / data.context_dim + 1);
             return Err(DataError::new(what, line, "NaN or infinite context value").into());
         }
+        let model = &self.cfg.model;
+        if let Some(outside) = model.outside_bounds(&data.values) {
+            return Err(DataError::new(what, None, outside.to_string()).into());
+        }
         Ok(())
     }
 
@@ -426,10 +421,13 @@ impl Trainer {
         reporter: &mut dyn Reporter,
         mut control: Control,
     ) -> Result<Trained, TrainError> {
+        // Checked whole, so that a message names a row as the caller counts them.
         self.check_inputs(train, val)?;
+        let (train, held_out) = self.held_out(train, val);
+        let (train, val) = (train.as_ref(), val.or(held_out.as_ref()));
         let resume = control.resume.take();
         if let Some(r) = &resume {
-            self.check_resume(r, train)?;
+            self.check_resume_on(r, train.len(), &fingerprint(train), None)?;
         }
         let run = Run::start(self, TrainData::Held(train), val, resume)?;
         self.run_loop(run, val, reporter, control)
@@ -464,6 +462,11 @@ impl Trainer {
             if let Some(levels) = self.pixel_levels {
                 crate::data::check_pixels(v, levels, "validation data")?;
             }
+        }
+        if val.is_none() && self.cfg.val_fraction > 0.0 {
+            return Err(TrainError::InvalidConfig(
+                "streamed rows cannot be held out to validate on: give a validation set, or a validation fraction of 0".into(),
+            ));
         }
         let scan = train.scan(self.cfg.model.standardize, self.pixel_levels)?;
         let resume = control.resume.take();
@@ -516,6 +519,20 @@ impl Trainer {
         run.finish(end, val.map_or(0, Dataset::len), reporter)
     }
 
+    /// The rows to train on and the validation set: without one given, the configured
+    /// share of `train` held out ([`hold_out`](crate::data::hold_out)).
+    pub fn held_out<'d>(
+        &self,
+        train: &'d Dataset,
+        val: Option<&Dataset>,
+    ) -> (std::borrow::Cow<'d, Dataset>, Option<Dataset>) {
+        if val.is_some() || self.cfg.val_fraction == 0.0 {
+            return (std::borrow::Cow::Borrowed(train), None);
+        }
+        let (train, val) = crate::data::hold_out(train, self.cfg.val_fraction, self.cfg.seed);
+        (std::borrow::Cow::Owned(train), val)
+    }
+
     /// Checks the data a run is given: their shape against the model, finite values,
     /// and whole pixel levels for dequantised pixel data.
     fn check_inputs(&self, train: &Dataset, val: Option<&Dataset>) -> Result<(), TrainError> {
@@ -539,21 +556,23 @@ impl Trainer {
         let config = cfg.model.clone();
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, self.dtype, &self.device);
-        if config.standardize {
-            let (mean, std) = match train {
-                TrainData::Held(d) => moments(d),
-                TrainData::Streamed(_, scan) => scan.moments.clone().ok_or_else(|| {
-                    TrainError::InvalidConfig("the scan of the data holds no moments".into())
-                })?,
-            };
-            let vb = vb.pp("standardize");
-            let mean = Tensor::new(mean.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-            let std = Tensor::new(std.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-            // Created through the builder so the names are registered, then set.
-            vb.get_with_hints(mean.dims(), "mean", candle_nn::init::ZERO)?;
-            vb.get_with_hints(std.dims(), "std", candle_nn::init::ONE)?;
-            varmap.set_one("standardize.mean", &mean)?;
-            varmap.set_one("standardize.std", &std)?;
+        match train {
+            TrainData::Held(d) => {
+                crate::standardization::set_statistics(&config, d, &mut varmap, &vb)?;
+            }
+            TrainData::Streamed(_, scan) => {
+                if config.standardize_context || config.bounds.is_some() {
+                    return Err(TrainError::InvalidConfig(
+                        "streamed data are standardised without a context or bounds: give --no-standardize, or hold the rows in memory".into(),
+                    ));
+                }
+                if config.standardize {
+                    let stats = scan.moments.clone().ok_or_else(|| {
+                        TrainError::InvalidConfig("the scan of the data holds no moments".into())
+                    })?;
+                    crate::standardization::set_pair(&mut varmap, &vb, "standardize", stats)?;
+                }
+            }
         }
         let flow = config.build_with(&self.registry, vb)?;
         Ok(Model::new(config, varmap, flow)?)
@@ -595,13 +614,21 @@ impl Trainer {
     /// Checks that `r` continues this trainer's run on `train`: the same settings but
     /// for a duration that may have grown, and the same data. [`fit_with`](Self::fit_with)
     /// checks it too; this tells before anything starts.
-    pub fn check_resume(&self, r: &TrainCheckpoint, train: &Dataset) -> Result<(), TrainError> {
-        self.check_resume_on(r, train.len(), &fingerprint(train), None)
+    /// `val` is the validation set the run is given, if any: without one, the rows
+    /// the run holds out are set aside first, as [`fit_with`](Self::fit_with) does.
+    pub fn check_resume(
+        &self,
+        r: &TrainCheckpoint,
+        train: &Dataset,
+        val: Option<&Dataset>,
+    ) -> Result<(), TrainError> {
+        let train = self.held_out(train, val).0;
+        self.check_resume_on(r, train.len(), &fingerprint(&train), None)
     }
 
     /// Checks that `r` continues this trainer's run on `rows` rows of data with
     /// fingerprint `data_fingerprint`, streamed in chunks of `chunk_rows` rows or held
-    /// in memory (`None`).
+    /// in memory (`None`), any validation rows already held out.
     fn check_resume_on(
         &self,
         r: &TrainCheckpoint,
@@ -952,9 +979,9 @@ impl<'a> Run<'a> {
     /// Scores the validation set where the schedule says so, and after the last step;
     /// a scheduled score that beats the best keeps the weights as the best.
     fn validate(&mut self) -> Result<Option<f64>, TrainError> {
-        let st = &mut self.state;
-        let last = st.step == self.total;
-        let scheduled = st.step.is_multiple_of(self.trainer.cfg.val_every);
+        let step = self.state.step;
+        let last = step == self.total;
+        let scheduled = step.is_multiple_of(self.trainer.cfg.val_every);
         let Some((x, c)) = &self.val else {
             return Ok(None);
         };
@@ -965,6 +992,8 @@ impl<'a> Run<'a> {
         flow.set_training(false);
         let v = mean_nll(flow, x, c.as_ref())?;
         flow.set_training(true);
+        let v = self.agree_on_score(v)?;
+        let st = &mut self.state;
         // An evaluation off the schedule (the end of a run whose length is not a
         // multiple of `val_every`) chooses the returned weights but leaves the state
         // alone, so that a run continued past this end evaluates exactly as one that

@@ -1,8 +1,9 @@
 //! Data-parallel training with ranks that are threads of this process (flow-dist's
 //! `ThreadGroup`): the replicas train the model one process trains on the same
 //! batches, up to the order of float additions, and stay bit-for-bit equal to each
-//! other; a stop asked of one replica stops all after the same step; replicas that
-//! drift apart are caught.
+//! other; a stop asked of one replica stops all after the same step, and so does an
+//! early stop on the rows held out to validate on; replicas that drift apart are
+//! caught.
 
 use std::{
     sync::{atomic::AtomicBool, Arc},
@@ -250,6 +251,31 @@ fn a_stop_asked_of_one_replica_stops_all_after_the_same_step() -> Result<()> {
             "rank {rank} was not told of the stop"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn replicas_hold_rows_out_and_stop_early_together_at_the_step_one_process_does() -> Result<()> {
+    let data = generate(Toy::Moons, 600, None, 1)?;
+    // A noisy run scored every other step with a patience of 1 stops early soon.
+    let mut cfg = moons_job(400).with_val_every(2).with_patience(Some(1));
+    cfg.optimizer.lr = 3e-2;
+    let alone = Trainer::new(cfg.clone(), &Device::Cpu)?.fit(&data, None, &mut Silent)?;
+    let stopped = alone.summary.stopped.clone().unwrap_or_default();
+    ensure!(stopped.starts_with("early stop"), "{:?}", alone.summary);
+    ensure!(alone.summary.n_val == 60 && alone.summary.n_train == 540);
+    let runs = replicated(2, &cfg, &data, 1, |_| Control::default())
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    for (rank, run) in runs.iter().enumerate() {
+        let s = &run.summary;
+        ensure!(
+            (s.steps, s.best_step, s.n_val) == (alone.summary.steps, alone.summary.best_step, 60),
+            "rank {rank}: {s:?} against one process's {:?}",
+            alone.summary
+        );
+    }
+    ensure!(checksum(&tensors(&runs[0]))? == checksum(&tensors(&runs[1]))?);
     Ok(())
 }
 

@@ -200,6 +200,7 @@ fn a_family_defined_here_trains_saves_loads_and_resumes() -> Result<()> {
         TrainConfig::new(model().expect("model"))
             .with_duration(Duration::Steps(steps))
             .with_batch_size(512)
+            .with_val_fraction(0.0)
             .with_standardize(false)
             .with_report_every(1)
     };

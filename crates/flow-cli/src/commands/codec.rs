@@ -1,7 +1,8 @@
 use crate::{
     cli::CodecArgs,
     commands::{
-        dequantized, device, host_values, input_chunks, load_model, peak_memory_mib, with_context,
+        check_bounds, dequantized, device, host_values, input_chunks, load_model, peak_memory_mib,
+        with_context,
     },
     output::{check_writable, header, Format, RowWriter},
     CmdResult,
@@ -42,6 +43,9 @@ pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
         let c = context.as_ref();
         if a.dequantized && matches!(direction, Direction::Encode) {
             dequantized::check_rows(&input.data.values, dim, rows, &what)?;
+        }
+        if matches!(direction, Direction::Encode) {
+            check_bounds(config, &input.data, rows, &what)?;
         }
         let y = match direction {
             Direction::Encode => model.flow.encode_with_context(&x, c)?,

@@ -64,6 +64,22 @@ fn summary(path: &str, ck: &Checkpoint) -> String {
         "standardized: {}",
         if cfg.standardize { "yes" } else { "no" }
     );
+    if cfg.context_dim > 0 {
+        let _ = writeln!(
+            out,
+            "context standardized: {}",
+            if cfg.standardize_context { "yes" } else { "no" }
+        );
+    }
+    if let Some(bounds) = &cfg.bounds {
+        let names = cfg.feature_names();
+        let parts: Vec<String> = bounds
+            .iter()
+            .zip(&names)
+            .map(|(b, name)| format!("{name} {b}"))
+            .collect();
+        let _ = writeln!(out, "bounds: {}", parts.join(", "));
+    }
     let (params, tensors) = ck
         .tensors
         .iter()

@@ -8,7 +8,7 @@ use flow_train::data::{check_pixels, load_images};
 use crate::{
     cli::LogProbArgs,
     commands::{
-        dequantized, device, host_values, image_chunk_rows, input_chunks, load_model,
+        check_bounds, dequantized, device, host_values, image_chunk_rows, input_chunks, load_model,
         peak_memory_mib,
     },
     output::{check_writable, Format, RowWriter},
@@ -54,8 +54,10 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         return report(rows, sum, dim);
     }
     let (mut rows, mut sum) = (0usize, 0f64);
+    let what = a.input.display().to_string();
     for input in input_chunks(&a.input, dim, model.checkpoint.config.context_dim)? {
         let input = input?;
+        check_bounds(&model.checkpoint.config, &input.data, rows, &what)?;
         let x = input.x.to_device(&device)?;
         let context = input.context.map(|c| c.to_device(&device)).transpose()?;
         let lp = model.flow.log_prob_with_context(&x, context.as_ref())?;

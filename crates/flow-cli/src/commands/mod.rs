@@ -98,6 +98,23 @@ pub fn load_input(path: &Path, dim: usize, context_dim: usize) -> Result<Input, 
     split(path, load_path(path)?, dim, context_dim)
 }
 
+/// Checks that the data rows of `data`, rows `first_row..` of `what`, lie inside the
+/// model's bounds, if it has any.
+pub fn check_bounds(
+    config: &flow_models::ModelConfig,
+    data: &Dataset,
+    first_row: usize,
+    what: &str,
+) -> Result<(), Failure> {
+    match config.outside_bounds(&data.values) {
+        Some(mut outside) => {
+            outside.row += first_row;
+            Err(format!("{what}: {outside}").into())
+        }
+        None => Ok(()),
+    }
+}
+
 /// The process's peak resident memory (Linux; `None` elsewhere).
 pub fn peak_memory_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

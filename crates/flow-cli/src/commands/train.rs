@@ -9,10 +9,11 @@ use flow_models::{
     options::{self, default_weight_decay},
     Family, Registry,
 };
+use flow_train::val_every_for;
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, load_path, load_pixel_images, Dataset, ImageDims,
-        StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
+        check_pixels, generate, generate_labeled, held_out_rows, load_path, load_pixel_images,
+        Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
     },
     Control, Duration, JsonlReporter, LowMemory, OptimizerKind, PlainReporter, Report, Reporter,
     Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
@@ -63,6 +64,14 @@ pub fn default_duration() -> String {
     match TrainConfig::default().duration {
         Duration::Steps(s) => format!("{s}"),
         Duration::Epochs(e) => format!("{e} epochs"),
+    }
+}
+
+/// Early stopping's patience unless `--patience` says, for `--help`.
+pub fn default_patience() -> String {
+    match TrainConfig::default().patience {
+        Some(p) => format!("{p}"),
+        None => "0".into(),
     }
 }
 
@@ -237,6 +246,14 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
         (
             "no-standardize",
             !(a.no_standardize && was.model.standardize),
+        ),
+        (
+            "bounds",
+            a.bounds
+                .as_deref()
+                .map(|b| options::bounds(b, was.model.dim))
+                .transpose()?
+                .is_none_or(|b| Some(b) == was.model.bounds),
         ),
         (
             "image",
@@ -524,13 +541,35 @@ pub fn run(a: TrainArgs) -> CmdResult {
             .into());
         }
     }
-    // A resumed run keeps the model it was written with, names and all.
+    // A resumed run keeps the model it was written with, names and all, and its
+    // validation schedule; a fresh one validates every epoch unless told otherwise.
     let cfg = match &resume {
         Some(_) => cfg,
-        None => TrainConfig {
-            model: crate::columns::recorded(cfg.model, &a.data)?,
-            ..cfg
-        },
+        None => {
+            // Streamed rows are never all in memory to hold some out: such a run
+            // validates on --val only.
+            let streamed = matches!(rows, Rows::Streamed(_));
+            if streamed && a.val_fraction.is_some_and(|f| f > 0.0) {
+                return Err(
+                    "--val-fraction holds out rows held in memory; a run with --stream validates on --val"
+                        .into(),
+                );
+            }
+            let val_fraction = if streamed { 0.0 } else { cfg.val_fraction };
+            let train_rows = match &val {
+                Some(_) => rows.len(),
+                None => rows.len() - held_out_rows(rows.len(), val_fraction),
+            };
+            let val_every = a
+                .val_every
+                .unwrap_or_else(|| val_every_for(train_rows, cfg.batch_size));
+            TrainConfig {
+                model: crate::columns::recorded(cfg.model, &a.data)?,
+                val_every,
+                val_fraction,
+                ..cfg
+            }
+        }
     };
     let mut trainer = Trainer::new(cfg, &device)?;
     if a.low_memory {
@@ -538,7 +577,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
     }
     if let (Some(r), Some(path), Rows::Held(t)) = (&resume, &a.resume, &rows) {
         trainer
-            .check_resume(r, &t.data)
+            .check_resume(r, &t.data, val.as_ref())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Rows::Held(t) = &rows {
@@ -583,17 +622,35 @@ pub fn run(a: TrainArgs) -> CmdResult {
             r.state.step,
             trainer.total_steps(rows.len())
         ),
-        None => eprintln!(
-            "training {} on {} samples of {} features for {} steps",
-            trainer
-                .config()
-                .model
-                .family()
-                .map_or("a flow", |f| f.name()),
-            rows.len(),
-            rows.dim(),
-            trainer.total_steps(rows.len())
-        ),
+        None => {
+            let cfg = trainer.config();
+            let held = match val {
+                Some(_) => 0,
+                None => held_out_rows(rows.len(), cfg.val_fraction),
+            };
+            let validation = match (&val, held) {
+                (Some(v), _) => format!(", validating on {} rows of --val", v.len()),
+                (None, 0) => ", without validation".to_string(),
+                (None, h) => format!(
+                    ", {h} held out to validate on (--val-fraction {}, seed {})",
+                    cfg.val_fraction, cfg.seed
+                ),
+            };
+            let stops = match (held > 0 || val.is_some(), cfg.patience) {
+                (true, Some(p)) => format!(
+                    ", stopping after {p} validation scores without improvement (one every {} steps)",
+                    cfg.val_every
+                ),
+                _ => String::new(),
+            };
+            eprintln!(
+                "training {} on {} samples of {} features{validation}, for at most {} steps{stops}",
+                cfg.model.family().map_or("a flow", |f| f.name()),
+                rows.len() - held,
+                rows.dim(),
+                trainer.total_steps(rows.len() - held)
+            );
+        }
     }
     if let (true, Some(i)) = (lead, image) {
         eprintln!(
@@ -706,7 +763,8 @@ pub fn run(a: TrainArgs) -> CmdResult {
         line.push_str(&format!(", peak memory {mib:.0} MiB"));
     }
     eprintln!("{line}");
-    eprintln!("saved {}", a.out.display());
+    eprintln!("stopped: {}", s.ending());
+    eprintln!("saved {}: {}", a.out.display(), s.weights_kept());
     if let Some(reason) = &s.stopped {
         if !reason.starts_with("early stop") {
             return Err(Failure {

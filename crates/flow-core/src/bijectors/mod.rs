@@ -1,7 +1,9 @@
 //! Invertible maps with tractable log-determinants.
 
 mod bijector;
+mod bounded;
 mod chain;
+mod context_standardize;
 mod inverse;
 mod permute;
 mod reverse;
@@ -9,7 +11,9 @@ mod stage;
 mod standardize;
 
 pub use bijector::{recompute_by_inverse, Bijector};
+pub use bounded::{Bound, Bounded};
 pub use chain::Chain;
+pub use context_standardize::ContextStandardize;
 pub use inverse::Inverse;
 pub use permute::Permute;
 pub use reverse::Reverse;

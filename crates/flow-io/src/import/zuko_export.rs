@@ -10,6 +10,8 @@
 //! - Spline couplings keep zuko's `K` widths, `K` heights and `K − 1` derivatives per
 //!   feature; autoregressive layers become `MaskedAutoregressiveTransform`s: the
 //!   features' ranks as `order` and the MADE masks beside the weights.
+//! - A model that standardises its context has that folded into the first layer of
+//!   every network: zuko's flows read the context as given.
 //! - A model that standardises its input gets one more transform in front, an
 //!   `UnconditionalTransform` of `torch.distributions.AffineTransform` holding
 //!   `−mean / std` and `1 / std` (`transform.transforms.0._0`, `._1`).
@@ -268,6 +270,11 @@ pub fn export_zuko(
         return Err(e.unfit("the model has no layers"));
     };
     base(&mut e, config)?;
+    if config.standardize_context {
+        for i in 0..config.layers.len() {
+            fold_context_standardization(&mut e, &format!("{ROOT}.{}", i + offset), context)?;
+        }
+    }
     if config.standardize {
         let mean = e.get("standardize.mean")?;
         let std = e.get("standardize.std")?;
@@ -299,6 +306,40 @@ pub fn export_zuko(
         .map_err(|err| e.unfit(err.to_string()))?;
     crate::write_atomic(path, &bytes)?;
     Ok(code)
+}
+
+/// Folds the model's context standardisation into the first layer of transform
+/// `to`'s network, whose last `context` inputs are the context: their weights are
+/// divided by the context's std, and the bias takes off what the mean contributed
+/// (through the layer's mask, if it has one), so that the network reads the context
+/// as given and computes what it computed on the standardised one.
+fn fold_context_standardization(e: &mut Export, to: &str, context: usize) -> Result<(), IoError> {
+    let mean = e.get("context_standardize.mean")?;
+    let std = e.get("context_standardize.std")?;
+    let (w_name, b_name) = (format!("{to}.hyper.0.weight"), format!("{to}.hyper.0.bias"));
+    let (Some(w), Some(b)) = (e.out.get(&w_name), e.out.get(&b_name)) else {
+        return Err(e.unfit(format!("transform {to} has no network")));
+    };
+    let fold = || -> candle::Result<(Tensor, Tensor)> {
+        let inputs = w.dim(1)?;
+        let data = w.narrow(1, 0, inputs - context)?;
+        let scaled = w
+            .narrow(1, inputs - context, context)?
+            .broadcast_div(&std.unsqueeze(0)?)?;
+        let seen = match e.out.get(&format!("{to}.hyper.0.mask")) {
+            Some(mask) => {
+                let mask = mask.narrow(1, inputs - context, context)?;
+                scaled.mul(&mask.to_dtype(DType::F32)?)?
+            }
+            None => scaled.clone(),
+        };
+        let shift = seen.matmul(&mean.unsqueeze(1)?)?.squeeze(1)?;
+        Ok((Tensor::cat(&[&data, &scaled], 1)?, b.sub(&shift)?))
+    };
+    let (w, b) = fold().map_err(e.candle())?;
+    e.put(w_name, w);
+    e.put(b_name, b);
+    Ok(())
 }
 
 /// A coupling at `from` as transform `to`; its hidden widths (as zuko's network has

@@ -76,6 +76,18 @@ impl Run<'_> {
         Ok(askers > 0.0)
     }
 
+    /// A validation score every replica holds alike: with replicas, their mean. Each
+    /// scores the same weights on the same rows, so the scores agree but for the order
+    /// of float additions; the mean makes them equal bit for bit, so that the best
+    /// weights and an early stop are decided alike by all.
+    pub(super) fn agree_on_score(&self, score: f64) -> Result<f64, TrainError> {
+        let Some(r) = &self.replicas else {
+            return Ok(score);
+        };
+        let sum = r.sum_values(&[score], &self.trainer.device)?[0];
+        Ok(sum / r.world() as f64)
+    }
+
     /// The loss and gradients of the batch `x` (with its context `c`): alone, the
     /// whole batch's; with replicas, this process's share's, summed over them.
     pub(super) fn gradients(

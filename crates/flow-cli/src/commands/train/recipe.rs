@@ -11,6 +11,7 @@ pub(super) fn model_options(a: &TrainArgs) -> ModelOptions {
         base: a.base.clone(),
         context_dim: a.context_dim,
         no_standardize: a.no_standardize,
+        bounds: a.bounds.clone(),
         image: a.image.clone(),
         pixel_levels: a.pixel_levels,
     }

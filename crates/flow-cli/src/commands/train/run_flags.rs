@@ -2,7 +2,7 @@
 //! batches.
 
 use flow_core::limits::MAX_SAMPLES;
-use flow_train::{OptimizerKind, Schedule, TrainConfig};
+use flow_train::{data::check_val_fraction, OptimizerKind, Schedule, TrainConfig};
 
 use super::{count, default_lr_decay, real};
 use crate::{
@@ -24,14 +24,22 @@ pub(super) enum RunFlag {
     Seed(u64),
     ValEvery(usize),
     Patience(usize),
+    ValFraction(f64),
 }
 
 impl RunFlag {
     /// The run flags `a` gives, in the order they apply (`--optimizer` before
     /// `--weight-decay`, `--schedule` before its parameters).
     pub(super) fn given(a: &TrainArgs) -> Result<Vec<Self>, Failure> {
-        if a.val.is_none() && (a.val_every.is_some() || a.patience.is_some()) {
-            return Err("--val-every and --patience score a validation file: give --val".into());
+        if a.val.is_some() && a.val_fraction.is_some() {
+            return Err("--val-fraction holds rows out when no --val file is given".into());
+        }
+        let no_validation = a.val.is_none() && a.val_fraction == Some(0.0);
+        if no_validation && (a.val_every.is_some() || a.patience.is_some()) {
+            return Err(
+                "--val-every and --patience score a validation set: give --val, or a --val-fraction above 0"
+                    .into(),
+            );
         }
         let flags = [
             a.lr.map(Self::Lr),
@@ -45,6 +53,7 @@ impl RunFlag {
             a.seed.map(Self::Seed),
             a.val_every.map(Self::ValEvery),
             a.patience.map(Self::Patience),
+            a.val_fraction.map(Self::ValFraction),
         ];
         Ok(flags.into_iter().flatten().collect())
     }
@@ -62,6 +71,7 @@ impl RunFlag {
             Self::Seed(_) => "seed",
             Self::ValEvery(_) => "val-every",
             Self::Patience(_) => "patience",
+            Self::ValFraction(_) => "val-fraction",
         }
     }
 
@@ -117,7 +127,11 @@ impl RunFlag {
             Self::ClipGrad(c) => cfg.clip_grad = Some(real("clip-grad", c)?),
             Self::Seed(s) => cfg.seed = s,
             Self::ValEvery(v) => cfg.val_every = count("val-every", v, 1, usize::MAX)?,
-            Self::Patience(p) => cfg.patience = Some(p),
+            Self::Patience(p) => cfg.patience = (p > 0).then_some(p),
+            Self::ValFraction(f) => {
+                check_val_fraction(f).map_err(|e| format!("--val-fraction: {e}"))?;
+                cfg.val_fraction = f;
+            }
         }
         Ok(())
     }
