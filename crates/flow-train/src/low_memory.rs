@@ -171,7 +171,14 @@ impl LayerwiseBackprop {
                 bail!("a context of {} rows for {rows} points", c.dim(0)?);
             }
         }
-        let stages = stages_of(flow.bijector());
+        // A wrapper that only standardises the context: its inner layers, walked with
+        // the standardised context.
+        let (root, standardized) = match flow.bijector().inner_with_context(context)? {
+            Some((inner, c)) => (inner, c),
+            None => (flow.bijector(), None),
+        };
+        let context = standardized.as_ref().or(context);
+        let stages = stages_of(root);
         self.report.layers = stages.len();
         let mut keep: Vec<bool> = stages.iter().map(|s| !s.layer.recomputable()).collect();
         loop {

@@ -104,6 +104,18 @@ pub trait Bijector: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// For a wrapper that only rewrites the context before the bijector inside reads it
+    /// (context standardisation), that bijector and the context as it reads it, so that
+    /// a layer-by-layer pass can walk the inner bijector's [`stages`](Bijector::stages)
+    /// with the rewritten context. `None`, the default, for every other bijector.
+    fn inner_with_context(
+        &self,
+        context: Option<&Tensor>,
+    ) -> Result<Option<(&dyn Bijector, Option<Tensor>)>> {
+        let _ = context;
+        Ok(None)
+    }
+
     /// Whether the layer's input can be recomputed from its output: its inverse
     /// ([`inverse_recorded`](Bijector::inverse_recorded)) undoes the forward pass of the
     /// current mode, up to rounding. By default every layer but one that uses batch
@@ -208,6 +220,12 @@ impl<B: Bijector + ?Sized> Bijector for Box<B> {
     }
     fn stages(&self) -> Option<Vec<Stage<'_>>> {
         (**self).stages()
+    }
+    fn inner_with_context(
+        &self,
+        context: Option<&Tensor>,
+    ) -> Result<Option<(&dyn Bijector, Option<Tensor>)>> {
+        (**self).inner_with_context(context)
     }
     fn recomputable(&self) -> bool {
         (**self).recomputable()

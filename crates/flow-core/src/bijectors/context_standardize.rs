@@ -100,6 +100,13 @@ impl Bijector for ContextStandardize {
         b.extend(self.given.iter().cloned());
         b
     }
+    fn inner_with_context(
+        &self,
+        context: Option<&Tensor>,
+    ) -> Result<Option<(&dyn Bijector, Option<Tensor>)>> {
+        let context = context.map(|c| self.standardize(c)).transpose()?;
+        Ok(Some((self.inner.as_ref(), context)))
+    }
     fn initialize(&self, x: &Tensor, context: Option<&Tensor>) -> Result<()> {
         let context = context.map(|c| self.standardize(c)).transpose()?;
         self.inner.initialize(x, context.as_ref())
