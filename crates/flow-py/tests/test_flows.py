@@ -299,7 +299,12 @@ def test_python_side_errors_name_the_problem(trained):
         model.log_prob(np.zeros(5))
     with pytest.raises(ValueError, match="not been fitted"):
         flows.Flow(2).sample(3)
-    with pytest.raises(ValueError, match="unknown option `width`"):
+    with pytest.raises(ValueError, match="unknown option `breadth`"):
+        flows.Flow(2, breadth=3)
+    with pytest.raises(
+        ValueError,
+        match=r"`width` is an option of the image families \(tarflow\), which train with `flow train`",
+    ):
         flows.Flow(2, width=3)
     with pytest.raises(ValueError, match=r"invalid value 'swish' for '--activation'"):
         flows.Flow(2, activation="swish")
