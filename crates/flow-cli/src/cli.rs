@@ -62,7 +62,7 @@ pub struct Cli {
 pub enum Command {
     /// Write a built-in 2-D data set to CSV.
     Data(DataArgs),
-    /// Train a flow (RealNVP, NICE, NSF, NSF-AR, MAF or IAF) on a data set; conditional with --context-dim.
+    /// Train a flow (any family: see `flow train --help`) on data or images; conditional with --context-dim.
     Train(Box<TrainArgs>),
     /// One log p(x) in nats per input row; prints mean log-prob, NLL and bits/dim.
     LogProb(LogProbArgs),
