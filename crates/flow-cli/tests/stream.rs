@@ -104,9 +104,13 @@ fn one_chunk_that_holds_the_file_trains_as_rows_held_in_memory() {
     data(&val);
     let v = ["--val", &s(&val), "--val-every", "10"];
     let v = [&REALNVP[..], &v].concat();
-    // Unconditional (the 3 columns) and conditional (the last column the context).
-    // A streamed context is not standardised, so neither run standardises.
-    for cond in [&[][..], &["--context-dim", "1", "--no-standardize"][..]] {
+    // Unconditional (the 3 columns) and conditional (the last column the context),
+    // the context standardised (by a pass over the file when streamed) or not.
+    for cond in [
+        &[][..],
+        &["--context-dim", "1"][..],
+        &["--context-dim", "1", "--no-standardize"][..],
+    ] {
         let held = d.join("held.safetensors");
         let o = train(&file, &held, &[&v[..], cond].concat());
         assert!(o.status.success(), "{}", stderr(&o));
@@ -175,14 +179,7 @@ fn interrupted_mid_epoch_and_resumed_equals_uninterrupted() {
     // 300 rows in chunks of 50: batches cross chunks, and 30 steps of 64 cross epochs.
     let st = [
         &REALNVP[..],
-        &[
-            "--stream",
-            "--stream-chunk",
-            "50",
-            "--context-dim",
-            "1",
-            "--no-standardize",
-        ],
+        &["--stream", "--stream-chunk", "50", "--context-dim", "1"],
     ]
     .concat();
     let full = d.join("full.safetensors");
@@ -209,11 +206,7 @@ fn interrupted_mid_epoch_and_resumed_equals_uninterrupted() {
     let o = train(
         &file,
         &part,
-        &[
-            &REALNVP[..],
-            &["--context-dim", "1", "--no-standardize", "--resume", &r],
-        ]
-        .concat(),
+        &[&REALNVP[..], &["--context-dim", "1", "--resume", &r]].concat(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(weights(&full), weights(&part));

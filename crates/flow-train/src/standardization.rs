@@ -5,35 +5,15 @@ use candle_nn::VarMap;
 use flow_core::{Bijector, Bounded};
 use flow_models::ModelConfig;
 
-use crate::data::Dataset;
+use crate::data::{Dataset, Moments};
 
 /// Per-column mean and (population) standard deviation of rows of `width` values;
-/// constant columns get 1.
+/// constant columns get 1 (as a streamed file's [`Moments`] give them).
 pub(crate) fn moments(values: &[f32], width: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = (values.len() / width.max(1)) as f64;
-    let mut mean = vec![0f64; width];
-    for row in values.chunks(width) {
-        row.iter()
-            .zip(&mut mean)
-            .for_each(|(v, m)| *m += *v as f64 / n);
-    }
-    let mut var = vec![0f64; width];
-    for row in values.chunks(width) {
-        for j in 0..width {
-            var[j] += (row[j] as f64 - mean[j]).powi(2) / n;
-        }
-    }
-    let std = var
-        .iter()
-        .map(|v| {
-            if v.sqrt() > 1e-12 {
-                v.sqrt() as f32
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    (mean.iter().map(|m| *m as f32).collect(), std)
+    let mut m = Moments::new(values.len() / width.max(1), width);
+    m.add_to_mean(values);
+    m.add_to_variance(values);
+    m.finish()
 }
 
 /// The data as the model's standardisation sees them: through its bounds' map first,

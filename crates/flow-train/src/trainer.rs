@@ -561,16 +561,25 @@ impl Trainer {
                 crate::standardization::set_statistics(&config, d, &mut varmap, &vb)?;
             }
             TrainData::Streamed(_, scan) => {
-                if config.standardize_context || config.bounds.is_some() {
+                if config.bounds.is_some() {
                     return Err(TrainError::InvalidConfig(
-                        "streamed data are standardised without a context or bounds: give --no-standardize, or hold the rows in memory".into(),
+                        "streamed data cannot be bounded: give no --bounds, or hold the rows in memory".into(),
                     ));
                 }
+                let missing =
+                    || TrainError::InvalidConfig("the scan of the data holds no moments".into());
                 if config.standardize {
-                    let stats = scan.moments.clone().ok_or_else(|| {
-                        TrainError::InvalidConfig("the scan of the data holds no moments".into())
-                    })?;
+                    let stats = scan.moments.clone().ok_or_else(missing)?;
                     crate::standardization::set_pair(&mut varmap, &vb, "standardize", stats)?;
+                }
+                if config.standardize_context {
+                    let stats = scan.context_moments.clone().ok_or_else(missing)?;
+                    crate::standardization::set_pair(
+                        &mut varmap,
+                        &vb,
+                        "context_standardize",
+                        stats,
+                    )?;
                 }
             }
         }

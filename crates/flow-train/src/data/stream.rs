@@ -261,13 +261,15 @@ impl StreamSource {
 
     /// Reads every chunk in file order, one at a time: checks the values (finite; with
     /// `levels`, whole pixel values below it) and returns the data's
-    /// [`fingerprint`](crate::fingerprint) and, with `standardize`, the mean and
-    /// standard deviation of the features, each the numbers the same rows held in
-    /// memory give.
+    /// [`fingerprint`](crate::fingerprint), with `standardize` the mean and standard
+    /// deviation of the features, and those of the context when there is one, each
+    /// the numbers the same rows held in memory give.
     pub fn scan(&self, standardize: bool, levels: Option<u32>) -> Result<Scan, DataError> {
         let mut reader = self.reader()?;
         let mut fingerprint = Fingerprint::new(self.dim(), self.rows);
         let mut moments = Moments::new(self.rows, self.dim());
+        let mut context_moments = Moments::new(self.rows, self.context_dim);
+        let context = self.context_dim > 0;
         for chunk in 0..self.chunks() {
             let data = reader.read(chunk)?;
             if let Some(levels) = levels {
@@ -277,8 +279,10 @@ impl StreamSource {
             if standardize {
                 moments.add_to_mean(&data.values_f32());
             }
+            if context {
+                context_moments.add_to_mean(&data.context);
+            }
         }
-        let context = self.context_dim > 0;
         if context {
             fingerprint.start_context(self.context_dim);
         }
@@ -289,11 +293,15 @@ impl StreamSource {
                 if standardize {
                     moments.add_to_variance(&data.values_f32());
                 }
+                if context {
+                    context_moments.add_to_variance(&data.context);
+                }
             }
         }
         Ok(Scan {
             fingerprint: fingerprint.finish(),
             moments: standardize.then(|| moments.finish()),
+            context_moments: context.then(|| context_moments.finish()),
         })
     }
 
@@ -326,6 +334,8 @@ pub struct Scan {
     pub fingerprint: String,
     /// Per-feature mean and standard deviation, when asked for.
     pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// Per-context-column mean and standard deviation, when rows have a context.
+    pub context_moments: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// An open streamed file, reading one chunk at a time.
