@@ -8,8 +8,9 @@
 //! cache. Results equal the reference path up to the order of floating-point sums.
 //!
 //! Three CPU kernels: for one hidden layer with at most [`NARROW`] inputs and outputs
-//! (the reference job's shape), `avx2` (f32, piecewise-linear activations, x86-64 with
-//! AVX2 and FMA) keeps a block of hidden units in registers while samples stream past,
+//! (the reference job's shape), `x86` (f32, piecewise-linear activations, x86-64 with
+//! AVX-512, or AVX2 and FMA) keeps a block of hidden units in registers while samples
+//! stream past,
 //! and [`portable`] covers the other dtypes and activations; every other shape (1 to any
 //! number of hidden layers, any widths, residual networks) takes [`deep`], one matrix
 //! product per layer and chunk with the bias and activation fused around it. With the
@@ -30,21 +31,21 @@ use rayon::prelude::*;
 
 use crate::{pack_linear, slice, Activation, CUDA_MAX_IO};
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
 mod deep;
 mod portable;
 mod product;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86;
 
 #[cfg(feature = "cuda")]
 use product::Product;
 
 /// Most inputs and outputs of a one-hidden-layer network for the narrow kernels
-/// (`avx2`, `portable`): they keep a sample's inputs and outputs in registers.
+/// (`x86`, `portable`): they keep a sample's inputs and outputs in registers.
 pub const NARROW: usize = 16;
 
 /// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`); the answer is
@@ -375,7 +376,7 @@ trait Kernel: candle::WithDType + deep::Elem {
 impl Kernel for f32 {
     fn forward(a: Activation, x: &[f32], p1: &[f32], p2: &[f32], d: Dims) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if let Some(k) = avx2::Weights::new(a, p1, p2, d) {
+        if let Some(k) = x86::Weights::new(a, p1, p2, d) {
             return k.forward(x);
         }
         portable::forward(a, x, p1, p2, d)
@@ -390,7 +391,7 @@ impl Kernel for f32 {
         d: Dims,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(k) = avx2::Weights::new(a, p1, p2, d) {
+        if let Some(k) = x86::Weights::new(a, p1, p2, d) {
             return k.backward(x, g_out);
         }
         portable::backward(a, x, p1, p2, g_out, d)
