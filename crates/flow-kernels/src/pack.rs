@@ -1,7 +1,8 @@
 //! `[W | b]`: a linear layer's weight `(out, in)` and bias `(out)` packed into the
-//! `(out, in + 1)` layout the kernels read, as one op with its own backward (on the
-//! graph, a `cat` of the weight and the unsqueezed bias is two ops, each with a
-//! backward that narrows and copies).
+//! `(out, in + 1)` layout the kernels read, flattened, as one op with its own backward
+//! (on the graph, a `cat` of the weight and the unsqueezed bias, then a reshape, is
+//! three ops, each with a backward that narrows or copies; every node costs its
+//! bookkeeping twice a step).
 
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
@@ -70,7 +71,7 @@ impl CustomOp2 for Pack {
             }
             _ => candle::bail!("pack supports f32 and f64 tensors of one dtype"),
         };
-        Ok((out, Shape::from((rows, cols + 1))))
+        Ok((out, Shape::from(rows * (cols + 1))))
     }
 
     fn bwd(
@@ -90,11 +91,12 @@ impl CustomOp2 for Pack {
     }
 }
 
-/// `[W | b]` `(out, in + 1)`: one op on the CPU, `cat` elsewhere.
+/// `[W | b]` `(out, in + 1)` flattened to `(out · (in + 1),)`: one op on the CPU, `cat`
+/// and a reshape elsewhere.
 pub fn pack_linear(w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if w.device().is_cpu() && w.is_contiguous() && b.is_contiguous() {
         w.apply_op2(b, Pack)
     } else {
-        Tensor::cat(&[w, &b.unsqueeze(1)?], 1)
+        Tensor::cat(&[w, &b.unsqueeze(1)?], 1)?.flatten_all()
     }
 }

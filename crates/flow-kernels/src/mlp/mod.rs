@@ -223,7 +223,7 @@ fn forward_op(
     let packed = nets
         .iter()
         .flat_map(|layers| layers.iter())
-        .map(|(w, b)| pack_linear(w, b)?.flatten_all())
+        .map(|(w, b)| pack_linear(w, b))
         .collect::<Result<Vec<_>>>()?;
     let params = match &packed[..] {
         [one] => one.clone(),
