@@ -181,7 +181,8 @@ impl Weights {
     #[inline(always)]
     unsafe fn backward_sized<V: Vector>(&self, x: &[f32], g: &[f32], gx: &mut [f32]) -> Parts {
         match (self.d.input, self.d.output) {
-            (1, 1) => self.backward_chunk::<V>(x, g, gx, Fixed::<1>, Fixed::<1>),
+            (1, 1) => self.backward_one_output::<V>(x, g, gx, Fixed::<1>),
+            (i, 1) => self.backward_one_output::<V>(x, g, gx, Dynamic(i)),
             (2, 2) => self.backward_chunk::<V>(x, g, gx, Fixed::<2>, Fixed::<2>),
             (i, o) => self.backward_chunk::<V>(x, g, gx, Dynamic(i), Dynamic(o)),
         }
@@ -307,6 +308,81 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// [`Weights::backward_chunk`] for networks of one output (the affine coupling's
+    /// separate scale and shift networks), in fewer instructions: with one output the
+    /// chain rule factorises. The activation is `y = a·z` with `a` 1 or the slope, so
+    /// with `q = ∂out · a` per sample and hidden unit, `∂z = w₂ q`, and
+    ///
+    /// - `∂W₂ = Σ q z`, `∂b₁ = w₂ Σ q`, `∂W₁ = w₂ Σ q x` (sums over samples),
+    /// - `∂x = Σ (W₁ ⊙ w₂) q` (sums over hidden units).
+    ///
+    /// The sample loop then needs `z`, the sign of `z`, `q` (a select between `∂out` and
+    /// `∂out·c`) and four running sums, and multiplies by `w₂` once per block.
+    #[inline(always)]
+    unsafe fn backward_one_output<V: Vector>(
+        &self,
+        x: &[f32],
+        g_out: &[f32],
+        gx: &mut [f32],
+        i: impl Size,
+    ) -> Parts {
+        let (input, hidden) = (i.get(), self.d.hidden);
+        let mut gx_acc = vec![V::zero(); gx.len()];
+        let mut gp1 = vec![0.0; hidden * (input + 1)];
+        let mut gp2 = vec![0.0; hidden + 1];
+        for h in (0..self.padded).step_by(V::LANES) {
+            let (b1, w1, w2) = self.block::<V>(h, i, Fixed::<1>);
+            let w2 = w2[0];
+            let mut w12 = [V::zero(); MAX_IO];
+            for (w12, &w) in w12[..input].iter_mut().zip(&w1[..input]) {
+                *w12 = V::mul(w, w2);
+            }
+            let (mut sum_q, mut sum_qz) = (V::zero(), V::zero());
+            let mut sum_qx = [V::zero(); MAX_IO];
+            for ((x, &g), gx) in x
+                .chunks_exact(input)
+                .zip(g_out)
+                .zip(gx_acc.chunks_exact_mut(input))
+            {
+                let mut z = b1;
+                for (&w, &xi) in w1[..input].iter().zip(x) {
+                    z = V::fmadd(w, V::splat(xi), z);
+                }
+                let q = V::select(V::not_positive(z), V::splat(g * self.slope), V::splat(g));
+                sum_q = V::add(sum_q, q);
+                sum_qz = V::fmadd(q, z, sum_qz);
+                for (((&w12, s), gxi), &xi) in w12[..input].iter().zip(&mut sum_qx).zip(gx).zip(x) {
+                    *s = V::fmadd(q, V::splat(xi), *s);
+                    *gxi = V::fmadd(w12, q, *gxi);
+                }
+            }
+            // Scatter the block's lanes that are real hidden units into the packed layouts.
+            let units = V::LANES.min(hidden.saturating_sub(h));
+            let gb1 = V::mul(w2, sum_q).to_array();
+            // (Loops, not closures: a closure would not inherit this function's target
+            // features, and its vector operations would not inline.)
+            let mut gw1 = [[0.0; MAX_LANES]; MAX_IO];
+            for (gw, &s) in gw1.iter_mut().zip(&sum_qx[..input]) {
+                *gw = V::mul(w2, s).to_array();
+            }
+            for k in 0..units {
+                let row = &mut gp1[(h + k) * (input + 1)..(h + k + 1) * (input + 1)];
+                for (r, gw) in row.iter_mut().zip(&gw1[..input]) {
+                    *r = gw[k];
+                }
+                row[input] = gb1[k];
+            }
+            gp2[h..h + units].copy_from_slice(&sum_qz.to_array()[..units]);
+        }
+        for (gx, acc) in gx.iter_mut().zip(&gx_acc) {
+            *gx = acc.sum();
+        }
+        gp2[hidden] = g_out.iter().sum();
+        (gp1, gp2)
+    }
+}
+
 /// A chunk's share of the parameter gradients, `(∂p1, ∂p2)`.
 type Parts = (Vec<f32>, Vec<f32>);
 
@@ -353,6 +429,11 @@ trait Vector: Copy {
     unsafe fn load(s: &[f32]) -> Self;
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    /// The lanes where `z ≤ 0`.
+    unsafe fn not_positive(z: Self) -> Self::Mask;
+    /// `a` on the lanes of `mask`, `b` elsewhere.
+    unsafe fn select(mask: Self::Mask, a: Self, b: Self) -> Self;
     /// `(max(z, c·z), the lanes where z ≤ 0)` for a slope `0 ≤ c ≤ 1`.
     unsafe fn leaky(z: Self, c: Self) -> (Self, Self::Mask);
     /// `g`, times `c` on the lanes of `negative`: the activation's chain rule.
@@ -393,8 +474,20 @@ impl Vector for Wide {
         Self(_mm512_add_ps(a.0, b.0))
     }
     #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        Self(_mm512_mul_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn not_positive(z: Self) -> Self::Mask {
+        _mm512_cmp_ps_mask::<_CMP_LE_OQ>(z.0, _mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn select(mask: Self::Mask, a: Self, b: Self) -> Self {
+        Self(_mm512_mask_blend_ps(mask, b.0, a.0))
+    }
+    #[inline(always)]
     unsafe fn leaky(z: Self, c: Self) -> (Self, Self::Mask) {
-        let negative = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(z.0, _mm512_setzero_ps());
+        let negative = Self::not_positive(z);
         (Self(_mm512_mask_mul_ps(z.0, negative, z.0, c.0)), negative)
     }
     #[inline(always)]
@@ -445,14 +538,25 @@ impl Vector for Narrow {
         Self(_mm256_add_ps(a.0, b.0))
     }
     #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        Self(_mm256_mul_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn not_positive(z: Self) -> Self::Mask {
+        _mm256_cmp_ps::<_CMP_LE_OQ>(z.0, _mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn select(mask: Self::Mask, a: Self, b: Self) -> Self {
+        Self(_mm256_blendv_ps(b.0, a.0, mask))
+    }
+    #[inline(always)]
     unsafe fn leaky(z: Self, c: Self) -> (Self, Self::Mask) {
-        let negative = _mm256_cmp_ps::<_CMP_LE_OQ>(z.0, _mm256_setzero_ps());
+        let negative = Self::not_positive(z);
         (Self(_mm256_max_ps(z.0, _mm256_mul_ps(z.0, c.0))), negative)
     }
     #[inline(always)]
     unsafe fn leaky_grad(g: Self, negative: Self::Mask, c: Self) -> Self {
-        let slope = _mm256_blendv_ps(_mm256_set1_ps(1.0), c.0, negative);
-        Self(_mm256_mul_ps(g.0, slope))
+        Self::mul(g, Self::select(negative, c, Self::splat(1.0)))
     }
     #[inline(always)]
     unsafe fn to_array(self) -> [f32; MAX_LANES] {
