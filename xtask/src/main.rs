@@ -408,9 +408,10 @@ fn bench(args: &[String]) -> Result<()> {
     };
     let mut report = report(&runs)?;
     let path = root().join("BENCHMARKS.md");
-    // The GPU section comes from a GPU machine (scripts/gpu-check.sh): keep it.
+    // What follows the generated part was measured elsewhere (by hand, on a GPU
+    // machine, across processes): keep it.
     if let Ok(old) = std::fs::read_to_string(&path) {
-        if let Some(i) = old.find(GPU_HEADING) {
+        if let Some(i) = old.find(KEPT_HEADING) {
             report.push('\n');
             report.push_str(&old[i + 1..]);
         }
@@ -420,8 +421,9 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Where BENCHMARKS.md's GPU section starts.
-const GPU_HEADING: &str = "\n# GPU\n";
+/// BENCHMARKS.md's generated part is its title's section; from the next top-level
+/// heading on, the page is kept as it is.
+const KEPT_HEADING: &str = "\n# ";
 
 /// The device the benchmarks run on (read by the criterion benches too).
 fn bench_device() -> String {
@@ -856,8 +858,10 @@ const NOTES: &str = "
   (the library, in release), zuko's `benches/zuko_quality.py` on the same points;
   `cargo xtask bench quality [--steps N]` reruns them alone, into
   `target/bench-quality/report.md`.
-- GPU: the section below comes from `scripts/gpu-check.sh` on a GPU machine (build its
-  binaries with `scripts/gpu-build.sh`); `cargo xtask bench` keeps it as it is.
+- The top-level sections after these notes (measured by hand, GPU, MPI, posterior
+  estimation) come from the commands they name; `cargo xtask bench` keeps them as they
+  are. GPU: `scripts/gpu-check.sh` on a GPU machine (build its binaries with
+  `scripts/gpu-build.sh`).
   `FLOWS_BENCH_DEVICE=cuda cargo xtask bench --features cuda` runs this page's
   benchmarks on CUDA (fused CUDA kernels on; `FLOWS_FUSION=0` turns them off); the
   triad row always measures the host's memory.
