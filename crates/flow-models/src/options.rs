@@ -387,10 +387,11 @@ mod tests {
         options.set("hidden", "16")?;
         options.set("bins", "4")?;
         let model = options.model(&named("nsf"), "data", 3, 1, None, 0)?;
-        let mut want = flow_nsf::NsfConfig::new(3)
+        // A conditional model starts from the conditional defaults; the options
+        // given override them, the others stand.
+        let mut want = flow_nsf::NsfConfig::conditional(3, 1)
             .with_layers(3)
-            .with_hidden(16)
-            .with_context_dim(1);
+            .with_hidden(16);
         want.spline.bins = 4;
         let want = ModelConfig::from(want)
             .with_standardize(true)

@@ -33,9 +33,14 @@ impl Family for NsfFamily {
     }
 
     fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
-        let nsf = ModelFamily::new("nsf", "Rational-quadratic spline couplings", |d| {
-            NsfConfig::new(d.dim).with_context_dim(d.context_dim)
-        });
+        let nsf = ModelFamily::new(
+            "nsf",
+            "Rational-quadratic spline couplings (conditional: two hidden layers of 256)",
+            |d| match d.context_dim {
+                0 => NsfConfig::new(d.dim),
+                c => NsfConfig::conditional(d.dim, c),
+            },
+        );
         let nsf_ar = ModelFamily::new("nsf-ar", "Autoregressive rational-quadratic splines", |d| {
             NsfConfig::new(d.dim)
                 .with_kind(NsfKind::Autoregressive)

@@ -8,6 +8,9 @@
 mod config;
 mod family;
 
-pub use config::{NsfConfig, NsfKind, SplineLayer, DEFAULT_BINS, DEFAULT_TAIL_BOUND};
+pub use config::{
+    NsfConfig, NsfKind, SplineLayer, CONDITIONAL_HIDDEN, CONDITIONAL_HIDDEN_LAYERS, DEFAULT_BINS,
+    DEFAULT_TAIL_BOUND,
+};
 pub use family::NsfFamily;
 pub use flow_nn::{Spline, SplineStyle};

@@ -20,7 +20,7 @@ mod trainer;
 
 pub use config::{
     positive_f32, val_every_for, Duration, OptimizerConfig, OptimizerKind, TrainConfig,
-    DEFAULT_PATIENCE, VAL_EVERY_RANGE,
+    CONDITIONAL_STEPS, DEFAULT_PATIENCE, DEFAULT_STEPS, VAL_EVERY_RANGE,
 };
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};

@@ -61,10 +61,14 @@ pub fn default_lr_decay() -> f64 {
 
 /// The length of a run unless `--steps` or `--epochs` say, for `--help`.
 pub fn default_duration() -> String {
-    match TrainConfig::default().duration {
+    let run = match TrainConfig::default().duration {
         Duration::Steps(s) => format!("{s}"),
         Duration::Epochs(e) => format!("{e} epochs"),
-    }
+    };
+    format!(
+        "{run}; {} for a conditional model (--context-dim)",
+        flow_train::CONDITIONAL_STEPS
+    )
 }
 
 /// Early stopping's patience unless `--patience` says, for `--help`.
