@@ -35,7 +35,7 @@ impl Family for NsfFamily {
     fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
         let nsf = ModelFamily::new(
             "nsf",
-            "Rational-quadratic spline couplings (conditional: two hidden layers of 256)",
+            "Rational-quadratic spline couplings (conditional: two hidden layers of 128)",
             |d| match d.context_dim {
                 0 => NsfConfig::new(d.dim),
                 c => NsfConfig::conditional(d.dim, c),
