@@ -87,8 +87,8 @@ impl NsfConfig {
     /// estimation): as [`new`](Self::new), with conditioners of two hidden layers of
     /// 128 units. On the sbibm tasks of BENCHMARKS.md one layer of 512 overfits the
     /// 10-d Gaussian task within a few hundred steps (held-out NLL 0.65 nats at 10⁴
-    /// simulations against 0.33), and two layers of 256 cost three to four times the
-    /// training time of either for no better score there.
+    /// simulations against 0.33), and two layers of 256 cost up to four times the
+    /// training time of either and score worse there.
     pub fn conditional(dim: usize, context_dim: usize) -> Self {
         Self::new(dim)
             .with_context_dim(context_dim)

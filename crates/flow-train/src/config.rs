@@ -11,7 +11,7 @@ pub const DEFAULT_STEPS: usize = 1000;
 
 /// Optimizer steps at most for a conditional model unless told otherwise. Posterior
 /// estimation wants longer runs than the reference job (on two moons at 10⁴ simulations
-/// the best validation score comes near step 1 500); by 5 000 steps the default
+/// the best validation score comes after 1 000 to 2 000 steps); by 5 000 steps the default
 /// schedule's learning rate has decayed below 1% of its start, and early stopping
 /// usually ends the run before.
 pub const CONDITIONAL_STEPS: usize = 5000;
