@@ -335,6 +335,21 @@ mod tests {
     }
 
     #[test]
+    fn a_conditional_model_runs_longer_by_default() {
+        let plain = flow_realnvp::RealNvpConfig::new(2);
+        let conditional = plain.clone().with_context_dim(1);
+        assert_eq!(
+            TrainConfig::new(plain).duration,
+            Duration::Steps(DEFAULT_STEPS)
+        );
+        assert_eq!(
+            TrainConfig::new(conditional).duration,
+            Duration::Steps(CONDITIONAL_STEPS)
+        );
+        const { assert!(CONDITIONAL_STEPS > DEFAULT_STEPS) };
+    }
+
+    #[test]
     fn reads_the_training_configurations_of_older_files() {
         // As `flow train` wrote it before models were registry configurations.
         let old = r#"{"model":{"dim":2,"layers":2,"hidden":4,"hidden_layers":1,"activation":"leaky-relu","coupling":"affine","scale":{"kind":"soft-clamp","clamp":3.0},"mask":"halves","nets":"separate","zero_init":false,"context_dim":0},"optimizer":{"kind":"adam","lr":0.001,"beta1":0.9,"beta2":0.999,"eps":1e-8,"weight_decay":0.0},"schedule":{"kind":"exp","decay":0.999},"duration":{"steps":2},"batch_size":512,"clip_grad":null,"seed":0,"val_every":100,"patience":null,"standardize":true,"report_every":10}"#;
