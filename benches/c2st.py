@@ -47,10 +47,23 @@ def fold_accuracy(clf, data, target, train, test):
     return clone(clf).fit(data[train], target[train]).score(data[test], target[test])
 
 
+def positive(text):
+    """A whole number of at least 1, for argparse."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dim", type=int, required=True)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--jobs",
+        type=positive,
+        default=os.cpu_count() or 1,
+        help="folds fitted at once, each in its own process (default: one per core)",
+    )
     ap.add_argument("pairs", nargs="+", help="reference.csv samples.csv, repeated")
     a = ap.parse_args()
     if len(a.pairs) % 2:

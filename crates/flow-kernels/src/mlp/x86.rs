@@ -588,6 +588,7 @@ mod tests {
         let isas = Isa::available();
         for (input, hidden, output, batch) in [
             (1, 512, 1, 300),
+            (3, 37, 1, 90),
             (2, 24, 2, 70),
             (3, 37, 5, 130),
             (16, 9, 16, 65),
