@@ -44,9 +44,8 @@ struct Options {
     label: Option<String>,
     /// Flags passed on to `flow train`.
     extra: Vec<String>,
-    /// Score ours by the held-out NLL of the parameters given their simulations
-    /// instead of C2ST (no sampling, no peer): the quick measure the sweep of
-    /// defaults uses.
+    /// Score both sides by the held-out NLL of the parameters given their simulations
+    /// instead of C2ST (no sampling): the quick measure the sweep of defaults uses.
     nll_only: bool,
     /// Where the simulations, models, samples and results go.
     out: PathBuf,
@@ -96,10 +95,7 @@ fn parse(args: &[String]) -> Result<Options> {
                     .map_err(|_| "npe: --threads N".to_string())?
             }
             "--no-sbi" => o.sbi = false,
-            "--nll" => {
-                o.nll_only = true;
-                o.sbi = false;
-            }
+            "--nll" => o.nll_only = true,
             "--rerun-sbi" => o.rerun_sbi = true,
             "--label" => o.label = Some(value("--label")?),
             "--out" => o.out = PathBuf::from(value("--out")?),
@@ -235,8 +231,9 @@ fn mean(v: &[f64]) -> f64 {
 /// Simulations of `task` that no model trains on: `TEST_SIMS` rows as `test.csv`.
 const TEST_SIMS: usize = 2_000;
 
-/// The held-out NLL, −E log q(θ | x) in nats, of `model` on fresh simulations.
-fn held_out_nll(o: &Options, task: Task, model: &Path, dir: &Path) -> Result<f64> {
+/// Simulations of `task` that no model trains on, `TEST_SIMS` rows as `test.csv` in
+/// `dir`: where both sides' held-out NLL is scored.
+fn test_set(task: Task, dir: &Path) -> Result<PathBuf> {
     let rng = &mut StdRng::seed_from_u64(seed(task, 4, 0));
     let rows: Vec<Vec<f64>> = (0..TEST_SIMS)
         .map(|_| {
@@ -250,6 +247,12 @@ fn held_out_nll(o: &Options, task: Task, model: &Path, dir: &Path) -> Result<f64
     header.extend(names("x", x_dim));
     let test = dir.join("test.csv");
     write_rows(&test, &header, &rows)?;
+    Ok(test)
+}
+
+/// The held-out NLL, −E log q(θ | x) in nats, of `model` on [`test_set`].
+fn held_out_nll(o: &Options, task: Task, model: &Path, dir: &Path) -> Result<f64> {
+    let test = test_set(task, dir)?;
     let mut cmd = Command::new(o.out.join("flow"));
     cmd.env("RAYON_NUM_THREADS", o.threads.to_string()).args([
         "log-prob",
@@ -324,7 +327,8 @@ fn ours(
     })
 }
 
-/// The `sbi` side, cached in `dir/sbi.json` unless asked to rerun.
+/// The `sbi` side, cached in `dir/sbi.json` unless asked to rerun: scored by C2ST, or
+/// with `--nll` by its held-out NLL on [`test_set`].
 fn sbi(
     o: &Options,
     task: Task,
@@ -335,19 +339,23 @@ fn sbi(
 ) -> Result<Outcome> {
     let cache = dir.join("sbi.json");
     let outs: Vec<PathBuf> = (1..=obs).map(|k| dir.join(format!("sbi{k}.csv"))).collect();
-    let cached = std::fs::read_to_string(&cache)
-        .ok()
-        .filter(|_| !o.rerun_sbi && outs.iter().all(|p| p.exists()));
+    let cached = std::fs::read_to_string(&cache).ok().filter(|j| {
+        !o.rerun_sbi
+            && outs.iter().all(|p| p.exists())
+            && crate::json_number(j, "test_nll").is_some()
+    });
     let json = match cached {
         Some(j) => j,
         None => {
             let (lo, hi) = task.prior_box();
+            let test = test_set(task, dir)?;
             let mut cmd = Command::new(python_program());
             cmd.arg(root().join("benches/sbi_npe.py"))
                 .args(["--sims", &s(sims)])
                 .args(["--theta-dim", &task.theta_dim().to_string()])
                 .args(["--low", &lo.to_string(), "--high", &hi.to_string()])
                 .args(["--threads", &o.threads.to_string()])
+                .args(["--test", &s(&test)])
                 .arg("--observations")
                 .args((1..=obs).map(|k| s(&obs_dir.join(format!("obs{k}.csv")))))
                 .arg("--out")
@@ -360,6 +368,16 @@ fn sbi(
     };
     let secs = crate::json_number(&json, "train_secs").unwrap_or(f64::NAN);
     let epochs = crate::json_number(&json, "epochs").unwrap_or(f64::NAN);
+    let detail = format!("{epochs} epochs");
+    if o.nll_only {
+        let nll = crate::json_number(&json, "test_nll")
+            .ok_or_else(|| format!("sbi_npe.py printed no test_nll: `{json}`"))?;
+        return Ok(Outcome {
+            c2st: vec![nll],
+            secs,
+            detail,
+        });
+    }
     let pairs: Vec<(PathBuf, PathBuf)> = outs
         .iter()
         .enumerate()
@@ -368,7 +386,7 @@ fn sbi(
     Ok(Outcome {
         c2st: c2st(task.theta_dim(), &pairs)?,
         secs,
-        detail: format!("{epochs} epochs"),
+        detail,
     })
 }
 
@@ -410,13 +428,13 @@ pub fn command(args: &[String]) -> Result<()> {
             o.extra.join(" ")
         }
     });
-    let score = if o.nll_only {
-        "held-out NLL"
+    let (score, peer_score, key) = if o.nll_only {
+        ("held-out NLL", "held-out NLL", "nll")
     } else {
-        "C2ST per observation (mean)"
+        ("C2ST per observation (mean)", "C2ST (mean)", "c2st")
     };
     let mut report = format!(
-        "| task | simulations | ours: {score} | ours: train s | sbi NSF: C2ST (mean) | sbi: train s | ours − sbi |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| task | simulations | ours: {score} | ours: train s | sbi NSF: {peer_score} | sbi: train s | ours − sbi |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut results = std::fs::OpenOptions::new()
         .create(true)
@@ -457,7 +475,7 @@ pub fn command(args: &[String]) -> Result<()> {
             let _ = writeln!(report, "{line}");
             let peer_json = peer.as_ref().map_or("null".to_string(), |p| {
                 format!(
-                    "{{\"c2st\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}",
+                    "{{\"{key}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}",
                     p.c2st, p.secs, p.detail
                 )
             });
@@ -465,7 +483,7 @@ pub fn command(args: &[String]) -> Result<()> {
                 results,
                 "{{\"label\": \"{label}\", \"task\": \"{}\", \"sims\": {n}, \"ours\": {{\"{}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}, \"sbi\": {peer_json}}}",
                 task.name(),
-                if o.nll_only { "nll" } else { "c2st" },
+                key,
                 ours.c2st,
                 ours.secs,
                 ours.detail.replace('"', "'")

@@ -1,6 +1,7 @@
 //! Building blocks shared by flow families, on candle-nn: conditioner networks
-//! ([`Mlp`], residual MLPs), [`Mask`]s, the general [`Coupling`] layer and the
-//! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`], [`Spline`]).
+//! ([`Mlp`], residual MLPs), [`Mask`]s, the general [`Coupling`] layer, the
+//! element-wise [`Transform`]s it applies ([`Affine`], [`Shift`], [`Spline`]) and the
+//! [`LuLinear`] map that mixes features between couplings.
 //!
 //! A family is a few lines over these: RealNVP is `Coupling<Affine>`, NICE is
 //! `Coupling<Shift>`, NSF is `Coupling<Spline>`; MAF is [`Autoregressive`]`<Affine>` over
@@ -15,6 +16,7 @@ mod autoregressive;
 mod conditioner;
 mod coupling;
 mod layer;
+mod lu_linear;
 mod made;
 mod mask;
 mod mlp;
@@ -33,6 +35,7 @@ pub use flow_kernels::{
     fusion_enabled, pin_thread_count, pin_thread_count_among, set_fusion, Activation, ScaleMap,
     SplineStyle,
 };
+pub use lu_linear::{LuLinear, LuLinearConfig};
 pub use made::made_masks;
 pub use mask::Mask;
 pub use mlp::{Mlp, NetConfig};

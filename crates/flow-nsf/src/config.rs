@@ -1,6 +1,6 @@
 use flow_nn::{
-    Activation, AutoregressiveConfig, ConditionerConfig, CouplingConfig, NetConfig, Nets, Order,
-    OutputLayout, Spline,
+    Activation, AutoregressiveConfig, ConditionerConfig, CouplingConfig, LuLinearConfig, NetConfig,
+    Nets, Order, OutputLayout, Spline,
 };
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,8 @@ pub enum SplineLayer {
     SplineCoupling(CouplingConfig<Spline>),
     /// NSF-AR: an autoregressive layer whose transform is a spline.
     SplineAutoregressive(AutoregressiveConfig<Spline>),
+    /// A learned invertible linear map that mixes the features after a spline layer.
+    LuLinear(LuLinearConfig),
 }
 
 /// The spline bins of [`NsfConfig::default`].
@@ -24,6 +26,42 @@ pub const DEFAULT_TAIL_BOUND: f64 = 3.0;
 pub const CONDITIONAL_HIDDEN: usize = 128;
 /// The conditioners' hidden layers of [`NsfConfig::conditional`].
 pub const CONDITIONAL_HIDDEN_LAYERS: usize = 2;
+
+/// Which features each coupling layer transforms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Masks {
+    /// The second half of the features, then the first, in turn.
+    #[default]
+    Halves,
+    /// The odd features, then the even ones, in turn.
+    Alternate,
+}
+
+impl Masks {
+    /// The mask of coupling layer `layer` over `dim` features: `true` for a kept one.
+    pub fn of(self, layer: usize, dim: usize) -> Vec<bool> {
+        let first = layer.is_multiple_of(2);
+        (0..dim)
+            .map(|j| match self {
+                Self::Halves => (j < dim / 2) == first,
+                Self::Alternate => j.is_multiple_of(2) == first,
+            })
+            .collect()
+    }
+}
+
+/// What follows each spline layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mixing {
+    /// Nothing: the masks or orders alone decide which features see which.
+    #[default]
+    None,
+    /// An LU-parametrised linear layer ([`flow_nn::LuLinear`]), starting as the
+    /// identity.
+    Lu,
+}
 
 /// Coupling or autoregressive layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -56,6 +94,10 @@ pub struct NsfConfig {
     /// Start each conditioner's last layer at zero, so that each layer starts as the
     /// identity.
     pub zero_init: bool,
+    /// The coupling layers' masks.
+    pub masks: Masks,
+    /// What follows each spline layer.
+    pub mixing: Mixing,
 }
 
 impl Default for NsfConfig {
@@ -71,6 +113,8 @@ impl Default for NsfConfig {
             order: Order::Alternate,
             context_dim: 0,
             zero_init: true,
+            masks: Masks::Halves,
+            mixing: Mixing::None,
         }
     }
 }
@@ -106,6 +150,8 @@ impl NsfConfig {
         with_order: order: Order,
         with_context_dim: context_dim: usize,
         with_zero_init: zero_init: bool,
+        with_masks: masks: Masks,
+        with_mixing: mixing: Mixing,
     }
 
     /// The stack spelled out layer by layer.
@@ -113,36 +159,79 @@ impl NsfConfig {
         let d = self.dim;
         let hidden = vec![self.hidden; self.hidden_layers];
         (0..self.layers)
-            .map(|i| match self.kind {
-                NsfKind::Coupling => SplineLayer::SplineCoupling(CouplingConfig {
-                    mask: (0..d).map(|j| (j < d / 2) == (i % 2 == 0)).collect(),
-                    conditioner: ConditionerConfig {
-                        nets: Nets::Joint,
-                        layout: OutputLayout::ByFeature,
-                        net: NetConfig::Mlp {
-                            hidden: hidden.clone(),
-                            activation: self.activation,
-                        },
-                        zero_init: self.zero_init,
-                    },
-                    transform: self.spline,
-                    inverted: false,
-                    context_dim: self.context_dim,
-                }),
-                NsfKind::Autoregressive => {
-                    SplineLayer::SplineAutoregressive(AutoregressiveConfig {
-                        order: self.order.of(i, d),
-                        hidden: hidden.clone(),
-                        activation: self.activation,
-                        transform: self.spline,
-                        inverted: false,
-                        context_dim: self.context_dim,
-                        zero_init: self.zero_init,
-                        residual_blocks: 0,
-                        stored_masks: false,
-                    })
-                }
+            .flat_map(|i| {
+                let spline = self.spline_layer(i, &hidden);
+                let mixing = match self.mixing {
+                    Mixing::None => None,
+                    Mixing::Lu => Some(SplineLayer::LuLinear(LuLinearConfig::new(d))),
+                };
+                std::iter::once(spline).chain(mixing)
             })
             .collect()
+    }
+
+    /// Spline layer `i` of the stack.
+    fn spline_layer(&self, i: usize, hidden: &[usize]) -> SplineLayer {
+        let d = self.dim;
+        match self.kind {
+            NsfKind::Coupling => SplineLayer::SplineCoupling(CouplingConfig {
+                mask: self.masks.of(i, d),
+                conditioner: ConditionerConfig {
+                    nets: Nets::Joint,
+                    layout: OutputLayout::ByFeature,
+                    net: NetConfig::Mlp {
+                        hidden: hidden.to_vec(),
+                        activation: self.activation,
+                    },
+                    zero_init: self.zero_init,
+                },
+                transform: self.spline,
+                inverted: false,
+                context_dim: self.context_dim,
+            }),
+            NsfKind::Autoregressive => SplineLayer::SplineAutoregressive(AutoregressiveConfig {
+                order: self.order.of(i, d),
+                hidden: hidden.to_vec(),
+                activation: self.activation,
+                transform: self.spline,
+                inverted: false,
+                context_dim: self.context_dim,
+                zero_init: self.zero_init,
+                residual_blocks: 0,
+                stored_masks: false,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_split_halves_or_alternate_and_swap_from_layer_to_layer() {
+        assert_eq!(Masks::Halves.of(0, 5), [true, true, false, false, false]);
+        assert_eq!(Masks::Halves.of(1, 5), [false, false, true, true, true]);
+        assert_eq!(Masks::Alternate.of(0, 5), [true, false, true, false, true]);
+        assert_eq!(Masks::Alternate.of(1, 5), [false, true, false, true, false]);
+    }
+
+    #[test]
+    fn lu_mixing_follows_every_spline_layer() {
+        let cfg = NsfConfig::new(3).with_layers(2).with_mixing(Mixing::Lu);
+        let layers = cfg.layers();
+        assert_eq!(layers.len(), 4);
+        assert!(matches!(layers[0], SplineLayer::SplineCoupling(_)));
+        assert_eq!(layers[1], SplineLayer::LuLinear(LuLinearConfig::new(3)));
+        assert!(matches!(layers[2], SplineLayer::SplineCoupling(_)));
+        assert_eq!(layers[3], SplineLayer::LuLinear(LuLinearConfig::new(3)));
+        assert_eq!(NsfConfig::new(3).with_layers(2).layers().len(), 2);
+    }
+
+    #[test]
+    fn a_saved_configuration_without_masks_or_mixing_reads_as_before() {
+        let old: NsfConfig =
+            serde_json::from_str(r#"{"dim":4,"layers":3}"#).expect("an old configuration");
+        assert_eq!((old.masks, old.mixing), (Masks::Halves, Mixing::None));
     }
 }

@@ -1,25 +1,27 @@
 use candle_nn::VarBuilder;
 use flow_core::{
-    limits::MAX_BINS, AnyModelFamily, Bijector, Family, LayerConfig, LayerSpec, ModelFamily,
-    ModelOption, Recipe, SampleLayer,
+    limits::MAX_BINS, AnyModelFamily, Bijector, Choice, Family, LayerConfig, LayerSpec,
+    ModelFamily, ModelOption, Recipe, SampleLayer,
 };
 use flow_nn::options;
 
-use crate::{NsfConfig, NsfKind, Spline, SplineLayer};
+use crate::{Masks, Mixing, NsfConfig, NsfKind, Spline, SplineLayer};
 
-/// The spline flows' layers of a model configuration: kinds `spline-coupling` and
-/// `spline-autoregressive`, each a [`SplineLayer`] in JSON.
+/// The spline flows' layers of a model configuration: kinds `spline-coupling`,
+/// `spline-autoregressive` and `lu-linear`, each a [`SplineLayer`] in JSON.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NsfFamily;
 
 impl Family for NsfFamily {
     type Layer = SplineLayer;
-    const KINDS: &'static [&'static str] = &["spline-coupling", "spline-autoregressive"];
+    const KINDS: &'static [&'static str] =
+        &["spline-coupling", "spline-autoregressive", "lu-linear"];
 
     fn sample(&self, kind: &str) -> Option<SampleLayer> {
-        let nsf = match kind {
-            "spline-coupling" => NsfKind::Coupling,
-            "spline-autoregressive" => NsfKind::Autoregressive,
+        let (nsf, position) = match kind {
+            "spline-coupling" => (NsfKind::Coupling, 0),
+            "spline-autoregressive" => (NsfKind::Autoregressive, 0),
+            "lu-linear" => (NsfKind::Coupling, 1),
             _ => return None,
         };
         let cfg = NsfConfig::new(2)
@@ -27,8 +29,9 @@ impl Family for NsfFamily {
             .with_layers(1)
             .with_hidden(8)
             .with_spline(Spline::new(4, 3.0))
-            .with_zero_init(false);
-        let spec = LayerSpec::tagged(cfg.layers().first()?).ok()?;
+            .with_zero_init(false)
+            .with_mixing(Mixing::Lu);
+        let spec = LayerSpec::tagged(cfg.layers().get(position)?).ok()?;
         Some(SampleLayer::new(spec, 2))
     }
 
@@ -48,9 +51,11 @@ impl Family for NsfFamily {
         });
         let mut ar_options = shared_options();
         ar_options.push(options::order(|c: &NsfConfig| c.order, |c, v| c.order = v));
+        let mut coupling_options = shared_options();
+        coupling_options.extend([masks_option(), mixing_option()]);
         vec![
             nsf.with_couples(true)
-                .with_options(shared_options())
+                .with_options(coupling_options)
                 .boxed(),
             nsf_ar.with_options(ar_options).boxed(),
         ]
@@ -81,6 +86,60 @@ fn shared_options() -> Vec<ModelOption<NsfConfig>> {
             },
         ),
     ]
+}
+
+/// `--masks`: which features each coupling transforms.
+fn masks_option() -> ModelOption<NsfConfig> {
+    const HALVES: &str = "halves";
+    const ALTERNATE: &str = "alternate";
+    ModelOption::choice(
+        "masks",
+        "Which features each coupling layer transforms",
+        vec![
+            Choice::new(
+                HALVES,
+                "The second half of the features, then the first, in turn",
+            ),
+            Choice::new(ALTERNATE, "The odd features, then the even ones, in turn"),
+        ],
+        |c: &NsfConfig| match c.masks {
+            Masks::Halves => HALVES,
+            Masks::Alternate => ALTERNATE,
+        },
+        |c, (name, _)| {
+            c.masks = if name == ALTERNATE {
+                Masks::Alternate
+            } else {
+                Masks::Halves
+            };
+            Ok(())
+        },
+    )
+}
+
+/// `--mixing`: what follows each coupling.
+fn mixing_option() -> ModelOption<NsfConfig> {
+    const NONE: &str = "none";
+    const LU: &str = "lu";
+    ModelOption::choice(
+        "mixing",
+        "What mixes the features between coupling layers",
+        vec![
+            Choice::new(NONE, "Nothing: the masks alone"),
+            Choice::new(
+                LU,
+                "A learned LU-parametrised linear map after each coupling, starting as the identity",
+            ),
+        ],
+        |c: &NsfConfig| match c.mixing {
+            Mixing::None => NONE,
+            Mixing::Lu => LU,
+        },
+        |c, (name, _)| {
+            c.mixing = if name == LU { Mixing::Lu } else { Mixing::None };
+            Ok(())
+        },
+    )
 }
 
 impl Recipe for NsfConfig {
@@ -123,6 +182,7 @@ impl LayerConfig for SplineLayer {
         match self {
             Self::SplineCoupling(c) => c.check(dim, context_dim),
             Self::SplineAutoregressive(c) => LayerConfig::check(c, dim, context_dim),
+            Self::LuLinear(c) => c.check(dim, context_dim),
         }
     }
 
@@ -130,6 +190,7 @@ impl LayerConfig for SplineLayer {
         match self {
             Self::SplineCoupling(c) => c.build(vb),
             Self::SplineAutoregressive(c) => c.build(vb),
+            Self::LuLinear(c) => c.build(vb),
         }
     }
 }

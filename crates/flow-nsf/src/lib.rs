@@ -3,14 +3,15 @@
 //! `Coupling<Spline>`) or of an autoregressive layer (NSF-AR,
 //! `Autoregressive<Spline>`). [`NsfConfig`] describes a stack; [`NsfFamily`] builds its
 //! layers from a model configuration (kinds `spline-coupling` and
-//! `spline-autoregressive`).
+//! `spline-autoregressive`, and `lu-linear` for the linear layers that may mix the
+//! features between them).
 
 mod config;
 mod family;
 
 pub use config::{
-    NsfConfig, NsfKind, SplineLayer, CONDITIONAL_HIDDEN, CONDITIONAL_HIDDEN_LAYERS, DEFAULT_BINS,
-    DEFAULT_TAIL_BOUND,
+    Masks, Mixing, NsfConfig, NsfKind, SplineLayer, CONDITIONAL_HIDDEN, CONDITIONAL_HIDDEN_LAYERS,
+    DEFAULT_BINS, DEFAULT_TAIL_BOUND,
 };
 pub use family::NsfFamily;
 pub use flow_nn::{Spline, SplineStyle};
