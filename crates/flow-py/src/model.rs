@@ -51,8 +51,8 @@ pub(crate) enum Saved {
 /// A normalizing flow over `features` features, conditioned on `context` features
 /// (0: unconditional), of the family `flow` (`realnvp`, `nice`, `nsf`, `nsf-ar`,
 /// `maf`, `iaf`), with `flow train`'s model options as keywords: `layers`,
-/// `hidden`, `hidden_layers`, `activation`, `bins`, `tail_bound`, `order`,
-/// `coupling`, `scale`, `clamp`, `nets`, `base`, `standardize` (the data and any
+/// `hidden`, `hidden_layers`, `activation`, `bins`, `tail_bound`, `masks`, `mixing`,
+/// `order`, `coupling`, `scale`, `clamp`, `nets`, `base`, `standardize` (the data and any
 /// context, by default), `bounds` (`"LOW:HIGH,…"` as `flow train --bounds` takes it,
 /// or one `(low, high)` pair per feature, `None` or an infinity for an open side).
 #[pyclass(module = "flows")]
