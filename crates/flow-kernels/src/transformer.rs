@@ -190,88 +190,117 @@ struct Sizes {
     head: usize,
 }
 
-/// `y += a·x`, element by element (a loop the compiler vectorises).
+/// Sequences that the attention kernel takes side by side, one in each lane of its
+/// vectors: every product, softmax and gradient then runs across sequences, whatever
+/// the head's width and however few keys a query sees (a loop over keys `0..=i` is too
+/// short to fill a vector for the first queries; one over sixteen sequences is not).
+const LANES: usize = 16;
+
+/// One value of each of [`LANES`] sequences.
+type Lanes<T> = [T; LANES];
+
+/// `y += a ⊙ x`, lane by lane.
 #[inline(always)]
-fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = *y + a * x;
+fn fma<T: Float>(y: &mut Lanes<T>, a: &Lanes<T>, x: &Lanes<T>) {
+    for l in 0..LANES {
+        y[l] = y[l] + a[l] * x[l];
     }
 }
 
-/// One head of one sequence, gathered out of the rows of queries, keys and values:
-/// queries (scaled by `1/√d`, and as given), keys row by row and transposed, values row
-/// by row and transposed, and the attention weights of the query last asked for.
-struct Head<T> {
+/// One head of up to [`LANES`] sequences, lane-interleaved: value `c` of token `i`
+/// of sequence `l` at `[i·d + c][l]`; queries scaled by `1/√d`. Lanes past the
+/// group's sequences stay zero (uniform weights over zero values: harmless, unread).
+struct Group<T> {
     s: Sizes,
     scale: T,
-    q: Vec<T>,
-    q_raw: Vec<T>,
-    k: Vec<T>,
-    kt: Vec<T>,
-    v: Vec<T>,
-    vt: Vec<T>,
-    p: Vec<T>,
+    q: Vec<Lanes<T>>,
+    k: Vec<Lanes<T>>,
+    v: Vec<Lanes<T>>,
+    /// The attention weights of the query last asked for, `[j][l]`.
+    p: Vec<Lanes<T>>,
 }
 
-impl<T: Float> Head<T> {
+impl<T: Float> Group<T> {
     fn new(s: Sizes) -> Self {
         let n = s.tokens * s.head;
+        let zeros = |n| vec![[T::zero(); LANES]; n];
         Self {
             s,
             scale: T::from(s.head).unwrap_or_else(T::one).sqrt().recip(),
-            q: vec![T::zero(); n],
-            q_raw: vec![T::zero(); n],
-            k: vec![T::zero(); n],
-            kt: vec![T::zero(); n],
-            v: vec![T::zero(); n],
-            vt: vec![T::zero(); n],
-            p: vec![T::zero(); s.tokens],
+            q: zeros(n),
+            k: zeros(n),
+            v: zeros(n),
+            p: zeros(s.tokens),
         }
     }
 
-    /// Head `h` of one sequence's rows `qkv` `(T, 3·width)`.
+    /// Head `h` of the group's rows `qkv` `(sequences·T, 3·width)`.
     #[inline(always)]
-    fn gather(&mut self, qkv: &[T], h: usize) {
-        let Sizes {
-            tokens: t,
-            width,
-            head: d,
-        } = self.s;
-        for i in 0..t {
-            let row = &qkv[i * 3 * width..][..3 * width];
-            for c in 0..d {
-                let (q, k, v) = (
-                    row[h * d + c],
-                    row[width + h * d + c],
-                    row[2 * width + h * d + c],
-                );
-                self.q_raw[i * d + c] = q;
-                self.q[i * d + c] = q * self.scale;
-                self.k[i * d + c] = k;
-                self.kt[c * t + i] = k;
-                self.v[i * d + c] = v;
-                self.vt[c * t + i] = v;
-            }
-        }
+    fn load(&mut self, qkv: &[T], h: usize) {
+        let (s, w, d) = (self.s, self.s.width, self.s.head);
+        gather(qkv, s, 3 * w, h * d, self.scale, &mut self.q);
+        gather(qkv, s, 3 * w, w + h * d, T::one(), &mut self.k);
+        gather(qkv, s, 3 * w, 2 * w + h * d, T::one(), &mut self.v);
     }
 
     /// Query `i`'s attention weights over keys `0..=i`, into `p[..=i]`.
     #[inline(always)]
     fn weights(&mut self, i: usize) {
-        let (t, d) = (self.s.tokens, self.s.head);
-        let p = &mut self.p[..=i];
-        p.iter_mut().for_each(|v| *v = T::zero());
-        for c in 0..d {
-            axpy(p, self.q[i * d + c], &self.kt[c * t..][..=i]);
+        let d = self.s.head;
+        let q = &self.q[i * d..][..d];
+        let mut max = [T::neg_infinity(); LANES];
+        for j in 0..=i {
+            let mut s = [T::zero(); LANES];
+            for (q, k) in q.iter().zip(&self.k[j * d..][..d]) {
+                fma(&mut s, q, k);
+            }
+            for l in 0..LANES {
+                max[l] = max[l].max(s[l]);
+            }
+            self.p[j] = s;
         }
-        let max = p.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for v in p.iter_mut() {
-            *v = (*v - max).exp();
-            sum = sum + *v;
+        let mut sum = [T::zero(); LANES];
+        for p in &mut self.p[..=i] {
+            for l in 0..LANES {
+                p[l] = (p[l] - max[l]).exp();
+                sum[l] = sum[l] + p[l];
+            }
         }
-        let inv = sum.recip();
-        p.iter_mut().for_each(|v| *v = *v * inv);
+        for p in &mut self.p[..=i] {
+            for l in 0..LANES {
+                p[l] = p[l] / sum[l];
+            }
+        }
+    }
+}
+
+/// Columns `at .. at + d` of the rows `(sequences·T, stride)`, times `scale`, into
+/// lane-interleaved `dst` `[i·d + c][l]`.
+#[inline(always)]
+fn gather<T: Float>(rows: &[T], s: Sizes, stride: usize, at: usize, scale: T, dst: &mut [Lanes<T>]) {
+    let (t, d) = (s.tokens, s.head);
+    for (l, seq) in rows.chunks_exact(t * stride).enumerate() {
+        for i in 0..t {
+            let src = &seq[i * stride + at..][..d];
+            for c in 0..d {
+                dst[i * d + c][l] = src[c] * scale;
+            }
+        }
+    }
+}
+
+/// Lane-interleaved values `src` `[i·d + c][l]` into columns `at .. at + d` of the
+/// rows `(sequences·T, stride)`, times `scale`.
+#[inline(always)]
+fn scatter<T: Float>(src: &[Lanes<T>], s: Sizes, rows: &mut [T], stride: usize, at: usize, scale: T) {
+    let (t, d) = (s.tokens, s.head);
+    for (l, seq) in rows.chunks_exact_mut(t * stride).enumerate() {
+        for i in 0..t {
+            let dst = &mut seq[i * stride + at..][..d];
+            for c in 0..d {
+                dst[c] = src[i * d + c][l] * scale;
+            }
+        }
     }
 }
 
@@ -301,42 +330,48 @@ impl CausalAttention {
     fn forward<T: Float + Send + Sync>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
         let mut out = vec![T::zero(); self.batch * s.tokens * s.width];
         let rows = self.batch * s.tokens;
-        let len = s.tokens * 3 * s.width;
-        for_chunks(&mut out, s.tokens * s.width, rows, |b, out| {
-            let qkv = &qkv[b * len..][..len];
+        let len = LANES * s.tokens * 3 * s.width;
+        for_chunks(&mut out, LANES * s.tokens * s.width, rows, |g, out| {
+            let qkv = &qkv[g * len..(g * len + len).min(qkv.len())];
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.sequence_avx2(qkv, out, s) };
+                return unsafe { self.group_avx2(qkv, out, s) };
             }
-            self.sequence(qkv, out, s);
+            self.group(qkv, out, s);
         });
         out
     }
 
-    /// One sequence's outputs `out` `(T, width)` from its rows `qkv` `(T, 3·width)`.
+    /// The outputs `out` `(sequences·T, width)` of up to [`LANES`] sequences from
+    /// their rows `qkv` `(sequences·T, 3·width)`.
     #[inline(always)]
-    fn sequence<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
-        let mut head = Head::new(s);
+    fn group<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
+        let d = s.head;
+        let mut group = Group::new(s);
+        let mut o = vec![[T::zero(); LANES]; s.tokens * d];
         for h in 0..self.heads {
-            head.gather(qkv, h);
+            group.load(qkv, h);
             for i in 0..s.tokens {
-                head.weights(i);
-                let o = &mut out[i * s.width + h * s.head..][..s.head];
-                for (j, &p) in head.p[..=i].iter().enumerate() {
-                    axpy(o, p, &head.v[j * s.head..][..s.head]);
+                group.weights(i);
+                let o = &mut o[i * d..][..d];
+                o.iter_mut().for_each(|o| *o = [T::zero(); LANES]);
+                for (p, v) in group.p[..=i].iter().zip(group.v.chunks_exact(d)) {
+                    for (o, v) in o.iter_mut().zip(v) {
+                        fma(o, p, v);
+                    }
                 }
             }
+            scatter(&o, s, out, s.width, h * d, T::one());
         }
     }
 
-    /// [`sequence`](Self::sequence) compiled for AVX2 and chosen at run time (the
-    /// loops over a head's width and over keys then run eight f32 lanes wide).
+    /// [`group`](Self::group) compiled for AVX2 and chosen at run time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn sequence_avx2<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
-        self.sequence(qkv, out, s)
+    fn group_avx2<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
+        self.group(qkv, out, s)
     }
 
     /// `∂qkv` from the output gradient `g` `(rows, width)`.
@@ -344,75 +379,81 @@ impl CausalAttention {
         let (stride, t) = (3 * s.width, s.tokens);
         let mut grad = vec![T::zero(); qkv.len()];
         let rows = self.batch * t;
-        for_chunks(&mut grad, t * stride, rows, |b, grad| {
-            let qkv = &qkv[b * t * stride..][..t * stride];
-            let g = &g[b * t * s.width..][..t * s.width];
+        let (len, g_len) = (LANES * t * stride, LANES * t * s.width);
+        for_chunks(&mut grad, len, rows, |c, grad| {
+            let qkv = &qkv[c * len..][..grad.len()];
+            let g = &g[c * g_len..][..grad.len() / 3];
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.sequence_backward_avx2(qkv, g, grad, s) };
+                return unsafe { self.group_backward_avx2(qkv, g, grad, s) };
             }
-            self.sequence_backward(qkv, g, grad, s);
+            self.group_backward(qkv, g, grad, s);
         });
         grad
     }
 
-    /// [`sequence_backward`](Self::sequence_backward) compiled for AVX2.
+    /// [`group_backward`](Self::group_backward) compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn sequence_backward_avx2<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
-        self.sequence_backward(qkv, g, grad, s)
+    fn group_backward_avx2<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
+        self.group_backward(qkv, g, grad, s)
     }
 
-    /// One sequence's `∂qkv` `(T, 3·width)` from its rows and output gradient `g`
-    /// `(T, width)`.
+    /// `∂qkv` `(sequences·T, 3·width)` of up to [`LANES`] sequences from their rows and
+    /// output gradient `g` `(sequences·T, width)`.
     #[inline(always)]
-    fn sequence_backward<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
+    fn group_backward<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
-        let mut head = Head::new(s);
-        let (mut dp, mut gh) = (vec![T::zero(); t], vec![T::zero(); d * t]);
-        let mut dqkv = vec![T::zero(); 3 * t * d];
+        let mut group = Group::new(s);
+        let zeros = |n| vec![[T::zero(); LANES]; n];
+        let (mut gh, mut dp) = (zeros(t * d), zeros(t));
+        let (mut dq, mut dk, mut dv) = (zeros(t * d), zeros(t * d), zeros(t * d));
         for h in 0..self.heads {
-            head.gather(qkv, h);
-            // The head's output gradient, transposed: `gh[c·T + i]`.
-            for i in 0..t {
-                for c in 0..d {
-                    gh[c * t + i] = g[i * s.width + h * d + c];
-                }
+            group.load(qkv, h);
+            gather(g, s, s.width, h * d, T::one(), &mut gh);
+            for buf in [&mut dq, &mut dk, &mut dv] {
+                buf.iter_mut().for_each(|v| *v = [T::zero(); LANES]);
             }
-            dqkv.iter_mut().for_each(|v| *v = T::zero());
-            let (dq, rest) = dqkv.split_at_mut(t * d);
-            let (dk, dv) = rest.split_at_mut(t * d);
             for i in 0..t {
-                head.weights(i);
-                // ∂p_ij = g_i · v_j; ∂v_j += p_ij g_i.
-                dp[..=i].iter_mut().for_each(|v| *v = T::zero());
-                for c in 0..d {
-                    axpy(&mut dp[..=i], gh[c * t + i], &head.vt[c * t..][..=i]);
-                }
-                let dot = head.p[..=i]
-                    .iter()
-                    .zip(&dp[..=i])
-                    .fold(T::zero(), |a, (&p, &q)| a + p * q);
-                let q = &head.q_raw[i * d..][..d];
-                let gi = &g[i * s.width + h * d..][..d];
+                group.weights(i);
+                let gi = &gh[i * d..][..d];
+                // ∂p_ij = g_i · v_j, and their mean under p_i.
+                let mut dot = [T::zero(); LANES];
                 for j in 0..=i {
-                    let p = head.p[j];
-                    axpy(&mut dv[j * d..][..d], p, gi);
-                    // ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik), scores q·k / √d.
-                    let ds = p * (dp[j] - dot) * head.scale;
-                    axpy(&mut dq[i * d..][..d], ds, &head.k[j * d..][..d]);
-                    axpy(&mut dk[j * d..][..d], ds, q);
+                    let mut dpj = [T::zero(); LANES];
+                    for (g, v) in gi.iter().zip(&group.v[j * d..][..d]) {
+                        fma(&mut dpj, g, v);
+                    }
+                    fma(&mut dot, &group.p[j], &dpj);
+                    dp[j] = dpj;
+                }
+                let qi = &group.q[i * d..][..d];
+                let dqi = &mut dq[i * d..][..d];
+                for j in 0..=i {
+                    let p = &group.p[j];
+                    // ∂v_j += p_ij g_i; ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik), with
+                    // s_ij = (q_i / √d)·k_j: ∂q_i += ∂s_ij k_j / √d (the scale applied
+                    // once, at the end), ∂k_j += ∂s_ij q_i / √d.
+                    for (dv, g) in dv[j * d..][..d].iter_mut().zip(gi) {
+                        fma(dv, p, g);
+                    }
+                    let mut ds = [T::zero(); LANES];
+                    for l in 0..LANES {
+                        ds[l] = p[l] * (dp[j][l] - dot[l]);
+                    }
+                    for (dq, k) in dqi.iter_mut().zip(&group.k[j * d..][..d]) {
+                        fma(dq, &ds, k);
+                    }
+                    for (dk, q) in dk[j * d..][..d].iter_mut().zip(qi) {
+                        fma(dk, &ds, q);
+                    }
                 }
             }
-            for i in 0..t {
-                let row = &mut grad[i * stride..][..stride];
-                for (part, src) in [&*dq, &*dk, &*dv].into_iter().enumerate() {
-                    let at = part * s.width + h * d;
-                    row[at..at + d].copy_from_slice(&src[i * d..][..d]);
-                }
-            }
+            scatter(&dq, s, grad, stride, h * d, group.scale);
+            scatter(&dk, s, grad, stride, s.width + h * d, T::one());
+            scatter(&dv, s, grad, stride, 2 * s.width + h * d, T::one());
         }
     }
 
