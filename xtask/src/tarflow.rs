@@ -15,6 +15,10 @@ use crate::{
 /// Training steps of TarFlow and its PyTorch reference unless `--tarflow-steps` says.
 pub const DEFAULT_STEPS: usize = 1000;
 
+/// TarFlow's batch unless told otherwise (its family's), given to the PyTorch reference
+/// so that both train the same job.
+const BATCH: usize = 64;
+
 /// Trains and scores TarFlow (ours, then PyTorch's) and returns the report section;
 /// `glow` is the Glow of the same run at seed 0, `test` the test rows, files go under
 /// `out` (`tarflow/`, `pytorch_tarflow.json`).
@@ -30,7 +34,8 @@ pub fn digits(o: &DigitsOptions, glow: &DigitsRun, test: &str, out: &Path) -> Re
     let mut py = Command::new(python_program());
     py.current_dir(root())
         .arg("benches/pytorch_tarflow.py")
-        .args(["--steps", &steps, "--threads", &o.threads.to_string()]);
+        .args(["--steps", &steps, "--threads", &o.threads.to_string()])
+        .args(["--batch", &BATCH.to_string()]);
     let json = match capture(py) {
         Ok((json, _)) => json.lines().last().map(str::to_string),
         Err(e) => {
@@ -67,9 +72,10 @@ pub fn report(ours: &DigitsRun, glow: &DigitsRun, torch: &DigitsRun, o: &DigitsO
         "The same data, test draws and threads ({}) as the Glow above. Ours: `flow train \
          --data digits --flow tarflow --steps {} --seed 0` (TarFlow's defaults: 2×2 patches, \
          4 blocks of 2 Transformer layers, width 64, 4 heads; Adam 1e-3 decayed 0.999 per \
-         step, batch 64). PyTorch: `benches/pytorch_tarflow.py --steps {}`, the same \
-         architecture, optimiser and batch. Glow: seed 0 of the table above ({} steps). \
-         Wall-clock is the training's, as `flow train` and the script report it.",
+         step, batch {BATCH}). PyTorch: `benches/pytorch_tarflow.py --steps {} --batch \
+         {BATCH}`, the same architecture, optimiser and batch. Glow: seed 0 of the table \
+         above ({} steps). Wall-clock is the training's, as `flow train` and the script \
+         report it.",
         o.threads, o.tarflow_steps, o.tarflow_steps, o.steps
     ));
     line(String::new());

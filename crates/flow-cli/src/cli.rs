@@ -347,7 +347,7 @@ pub struct TrainArgs {
     /// Passes over the training data, instead of --steps.
     #[arg(long)]
     pub epochs: Option<usize>,
-    #[arg(long, help = run_help("Samples per optimizer step", flow_train::TrainConfig::default().batch_size))]
+    #[arg(long, help = run_help("Samples per optimizer step", crate::commands::train::batch_defaults()))]
     pub batch: Option<usize>,
     /// The optimizer: Adam (with --weight-decay, AdamW), or Adamax (its weight decay an
     /// L2 penalty, as PyTorch's) [default adam].

@@ -38,8 +38,9 @@ fn bits_per_dim(text: &str) -> f64 {
         .unwrap_or_else(|| panic!("{text}"))
 }
 
-/// A small TarFlow on the digits: 2×2 patches, 2 blocks of 1 layer of width 16.
-const SMALL: [&str; 14] = [
+/// A small TarFlow on the digits: 2×2 patches, 2 blocks of 1 layer of width 16 (and
+/// the family's batch of 64).
+const SMALL: [&str; 12] = [
     "--data",
     "digits",
     "--flow",
@@ -52,9 +53,21 @@ const SMALL: [&str; 14] = [
     "16",
     "--heads",
     "2",
-    "--batch",
-    "64",
 ];
+
+/// The batch a model's recorded training configuration gives.
+fn batch_of(model: &str) -> u64 {
+    let bytes = std::fs::read(model).expect("model");
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("train_config"))
+        .expect("train_config in the metadata")
+        .clone();
+    let cfg: serde_json::Value = serde_json::from_str(&text).expect("train_config JSON");
+    cfg["batch_size"].as_u64().expect("batch_size")
+}
 
 #[test]
 fn tarflow_on_digits_trains_resumes_scores_samples_and_inspects() {
@@ -95,6 +108,8 @@ fn tarflow_on_digits_trains_resumes_scores_samples_and_inspects() {
         std::fs::read(p("lp_split.csv")).expect("lp"),
         "the resumed run differs from the straight one"
     );
+    // TarFlow trains on batches of 64 unless told otherwise.
+    assert_eq!(batch_of(&p("straight.safetensors")), 64);
     // 120 steps already beat the uniform distribution's log2(17) = 4.09 bits/dim.
     let bpd = bits_per_dim(&printed);
     assert!(bpd < 17f64.log2(), "{printed}");
@@ -135,7 +150,9 @@ fn tarflow_on_digits_trains_resumes_scores_samples_and_inspects() {
     let mut args = vec!["train"];
     args.extend_from_slice(&SMALL);
     args.extend_from_slice(&["--steps", "20", "--noise-std", "0.05", "--out", &noised]);
+    args.extend_from_slice(&["--batch", "32"]);
     ok(&args);
+    assert_eq!(batch_of(&noised), 32, "--batch overrides the family's");
     let printed = ok(&["log-prob", "--model", &noised, "--input", &p("test.csv")]);
     assert!(
         printed.contains("the likelihood of the noised data")

@@ -301,6 +301,8 @@ pub struct ModelFamily<C> {
     pub couples: bool,
     /// The decoupled weight decay its models train with unless told otherwise.
     pub weight_decay: f64,
+    /// The batch its models train with unless told otherwise (`None`: the trainer's).
+    pub batch: Option<usize>,
     /// The family's defaults for the data.
     pub defaults: fn(&ModelData) -> C,
     /// The options, in the order they apply (a bound's kind before the bound).
@@ -324,6 +326,7 @@ impl<C: Recipe> ModelFamily<C> {
             image: false,
             couples: false,
             weight_decay: 0.0,
+            batch: None,
             defaults,
             options: Vec::new(),
         }
@@ -333,6 +336,14 @@ impl<C: Recipe> ModelFamily<C> {
         with_image: image: bool,
         with_couples: couples: bool,
         with_weight_decay: weight_decay: f64,
+    }
+
+    /// The family, training with batches of `batch` unless told otherwise.
+    pub fn with_batch(self, batch: usize) -> Self {
+        Self {
+            batch: Some(batch),
+            ..self
+        }
     }
 
     /// The family with `options`.
@@ -403,6 +414,7 @@ pub trait AnyModelFamily: Send + Sync {
     fn image(&self) -> bool;
     fn couples(&self) -> bool;
     fn weight_decay(&self) -> f64;
+    fn batch(&self) -> Option<usize>;
     /// The options, in the order the family declares them, with their defaults.
     fn options(&self) -> Vec<OptionInfo>;
     /// The family's model for `data` with the `given` options, checked; `seed` seeds
@@ -438,6 +450,10 @@ impl<C: Recipe> AnyModelFamily for ModelFamily<C> {
 
     fn weight_decay(&self) -> f64 {
         self.weight_decay
+    }
+
+    fn batch(&self) -> Option<usize> {
+        self.batch
     }
 
     fn options(&self) -> Vec<OptionInfo> {

@@ -46,6 +46,21 @@ pub use threads::{on_this_thread, pin_thread_count, pin_thread_count_among};
 
 /// The contiguous part of a storage that `l` describes (the fused ops take contiguous
 /// inputs).
+/// Runs `f` on a CPU tensor's values in row-major order: borrowed from its storage when
+/// they lie there contiguously, else a copy.
+pub(crate) fn on_host<T: candle::WithDType, R>(
+    t: &candle::Tensor,
+    f: impl FnOnce(&[T]) -> candle::Result<R>,
+) -> candle::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle::Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&T::cpu_storage_as_slice(s)?[a..b]);
+        }
+    }
+    f(&t.flatten_all()?.to_vec1::<T>()?)
+}
+
 pub(crate) fn slice<'a, T>(data: &'a [T], l: &candle::Layout) -> candle::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

@@ -14,7 +14,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Ten
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{slice, threads::planned};
+use crate::{on_host, slice, threads::planned};
 
 /// Rows below which an op runs on the calling thread alone.
 const PARALLEL_ROWS: usize = 256;
@@ -31,15 +31,27 @@ fn for_chunks<T: Send>(out: &mut [T], len: usize, rows: usize, f: impl Fn(usize,
     }
 }
 
+/// `Σ f(i)` over `i < n`, in eight partial sums so that it vectorises (a single
+/// running sum is a chain of dependent additions).
+#[inline(always)]
+fn sum<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut lanes = [T::zero(); 8];
+    let whole = n - n % 8;
+    for i in (0..whole).step_by(8) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane = *lane + f(i + l);
+        }
+    }
+    let rest = (whole..n).fold(T::zero(), |a, i| a + f(i));
+    lanes.into_iter().fold(rest, |a, v| a + v)
+}
+
 /// A row's mean and `1 / √(var + ε)`.
 #[inline(always)]
 fn moments<T: Float>(row: &[T], eps: T) -> (T, T) {
     let n = T::from(row.len()).unwrap_or_else(T::one);
-    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / n;
-    let var = row
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / n;
+    let mean = sum(row.len(), |j| row[j]) / n;
+    let var = sum(row.len(), |j| (row[j] - mean) * (row[j] - mean)) / n;
     (mean, (var + eps).sqrt().recip())
 }
 
@@ -80,12 +92,8 @@ impl LayerNorm {
         for_chunks(&mut gx, n, stats.len(), |r, gx| {
             let (row, g) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
             let (mean, inv) = stats[r];
-            let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
-            for j in 0..n {
-                let gh = g[j] * w[j];
-                sum_g = sum_g + gh;
-                sum_gx = sum_gx + gh * (row[j] - mean) * inv;
-            }
+            let sum_g = sum(n, |j| g[j] * w[j]);
+            let sum_gx = sum(n, |j| g[j] * w[j] * (row[j] - mean) * inv);
             let (mean_g, mean_gx) = (sum_g / count, sum_gx / count);
             for j in 0..n {
                 let xh = (row[j] - mean) * inv;
@@ -101,8 +109,9 @@ impl LayerNorm {
         w: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-        let [gx, gw, gb] = self.backward(&flat(x)?, &flat(w)?, &flat(g)?);
+        let [gx, gw, gb] = on_host(x, |x: &[T]| {
+            on_host(w, |w| on_host(g, |g| Ok(self.backward(x, w, g))))
+        })?;
         let dev = x.device();
         Ok((
             Tensor::from_vec(gx, x.shape(), dev)?,
@@ -277,7 +286,14 @@ impl<T: Float> Group<T> {
 /// Columns `at .. at + d` of the rows `(sequences·T, stride)`, times `scale`, into
 /// lane-interleaved `dst` `[i·d + c][l]`.
 #[inline(always)]
-fn gather<T: Float>(rows: &[T], s: Sizes, stride: usize, at: usize, scale: T, dst: &mut [Lanes<T>]) {
+fn gather<T: Float>(
+    rows: &[T],
+    s: Sizes,
+    stride: usize,
+    at: usize,
+    scale: T,
+    dst: &mut [Lanes<T>],
+) {
     let (t, d) = (s.tokens, s.head);
     for (l, seq) in rows.chunks_exact(t * stride).enumerate() {
         for i in 0..t {
@@ -292,7 +308,14 @@ fn gather<T: Float>(rows: &[T], s: Sizes, stride: usize, at: usize, scale: T, ds
 /// Lane-interleaved values `src` `[i·d + c][l]` into columns `at .. at + d` of the
 /// rows `(sequences·T, stride)`, times `scale`.
 #[inline(always)]
-fn scatter<T: Float>(src: &[Lanes<T>], s: Sizes, rows: &mut [T], stride: usize, at: usize, scale: T) {
+fn scatter<T: Float>(
+    src: &[Lanes<T>],
+    s: Sizes,
+    rows: &mut [T],
+    stride: usize,
+    at: usize,
+    scale: T,
+) {
     let (t, d) = (s.tokens, s.head);
     for (l, seq) in rows.chunks_exact_mut(t * stride).enumerate() {
         for i in 0..t {
@@ -464,8 +487,9 @@ impl CausalAttention {
     ) -> Result<Tensor> {
         let (rows, cols) = qkv.dims2()?;
         let s = self.sizes(rows, cols)?;
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-        let grad = self.backward(&flat(qkv)?, &flat(g)?, s);
+        let grad = on_host(qkv, |qkv: &[T]| {
+            on_host(g, |g| Ok(self.backward(qkv, g, s)))
+        })?;
         Tensor::from_vec(grad, qkv.shape(), qkv.device())
     }
 }

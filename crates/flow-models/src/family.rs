@@ -58,6 +58,12 @@ impl Family {
         self.0.weight_decay()
     }
 
+    /// The batch the family's models train with unless told otherwise (`None`: the
+    /// trainer's).
+    pub fn batch(&self) -> Option<usize> {
+        self.0.batch()
+    }
+
     /// The family's options, in the order they apply, each with the family's default.
     pub fn options(&self) -> Vec<OptionInfo> {
         self.0.options()

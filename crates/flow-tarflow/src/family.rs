@@ -61,8 +61,11 @@ impl Family for TarFlowFamily {
             "TarFlow (Zhai et al. 2024): affine autoregressive blocks over image patches, each conditioned by a causal Transformer (images)",
             defaults,
         );
+        // Small batches: on the digits, a thousand steps of 64 images reach a lower
+        // test bits/dim than a thousand of 512, in an eighth of the time.
         vec![tarflow
             .with_image(true)
+            .with_batch(64)
             .with_options(tarflow_options())
             .boxed()]
     }

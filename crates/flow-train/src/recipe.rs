@@ -260,6 +260,9 @@ pub fn run_config(
         cfg.optimizer.kind = OptimizerKind::AdamW;
         cfg.optimizer.weight_decay = decay;
     }
+    if let Some(batch) = flow.and_then(Family::batch) {
+        cfg.batch_size = batch;
+    }
     if let Some(d) = run.duration()? {
         cfg.duration = d;
     }

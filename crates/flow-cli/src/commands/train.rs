@@ -51,6 +51,19 @@ pub fn weight_decay_defaults() -> String {
         .join("; ")
 }
 
+/// `--batch`'s defaults, for its help line: the trainer's, and the families' own.
+pub fn batch_defaults() -> String {
+    let own = Registry::builtin()
+        .model_families()
+        .iter()
+        .filter_map(|f| Some(format!("{} for {}", f.batch()?, f.name())))
+        .collect::<Vec<_>>();
+    std::iter::once(TrainConfig::default().batch_size.to_string())
+        .chain(own)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The decay of the default schedule, the exponential one; that of `--schedule exp`.
 pub fn default_lr_decay() -> f64 {
     match Schedule::default() {
@@ -198,6 +211,9 @@ fn config(
     if decay > 0.0 {
         cfg.optimizer.kind = OptimizerKind::AdamW;
         cfg.optimizer.weight_decay = decay;
+    }
+    if let Some(batch) = flow.batch() {
+        cfg.batch_size = batch;
     }
     if let Some(d) = duration(a)? {
         cfg.duration = d;

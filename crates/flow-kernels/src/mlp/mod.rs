@@ -29,7 +29,7 @@ use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{pack_linear, slice, Activation, CUDA_MAX_IO};
+use crate::{on_host, pack_linear, slice, Activation, CUDA_MAX_IO};
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
@@ -571,18 +571,6 @@ impl FusedMlp {
             Tensor::from_vec(gp, p.shape(), dev)?,
         ))
     }
-}
-
-/// Runs `f` on a CPU tensor's values in row-major order: borrowed from its storage when
-/// they lie there contiguously, else a copy.
-fn on_host<T: candle::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle::Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
-            return f(&T::cpu_storage_as_slice(s)?[a..b]);
-        }
-    }
-    f(&t.flatten_all()?.to_vec1::<T>()?)
 }
 
 impl CustomOp2 for FusedMlp {
