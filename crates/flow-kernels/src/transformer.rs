@@ -444,13 +444,16 @@ impl CausalAttention {
                 let gi = &gh[i * d..][..d];
                 // ∂p_ij = g_i · v_j, and their mean under p_i.
                 let mut dot = [T::zero(); LANES];
-                for j in 0..=i {
-                    let mut dpj = [T::zero(); LANES];
-                    for (g, v) in gi.iter().zip(&group.v[j * d..][..d]) {
-                        fma(&mut dpj, g, v);
+                for ((dpj, p), v) in dp[..=i]
+                    .iter_mut()
+                    .zip(&group.p)
+                    .zip(group.v.chunks_exact(d))
+                {
+                    *dpj = [T::zero(); LANES];
+                    for (g, v) in gi.iter().zip(v) {
+                        fma(dpj, g, v);
                     }
-                    fma(&mut dot, &group.p[j], &dpj);
-                    dp[j] = dpj;
+                    fma(&mut dot, p, dpj);
                 }
                 let qi = &group.q[i * d..][..d];
                 let dqi = &mut dq[i * d..][..d];

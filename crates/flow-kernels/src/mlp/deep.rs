@@ -629,7 +629,10 @@ pub(super) fn backward<T: Elem>(
             for (c, ((gx, x), g)) in parts {
                 let n = g.len() / output.max(1);
                 let at = (group * per_group + c * rows) * width;
-                if trace.is_empty() {
+                if width == 0 {
+                    // A network without hidden layers has no trace to recompute.
+                    net.backward_of_chunk(x, &[], g, gx, &mut gp);
+                } else if trace.is_empty() {
                     let mut t = vec![T::zero(); n * width];
                     net.run_chunk(x, &mut vec![T::zero(); g.len()], &mut t);
                     net.backward_of_chunk(x, &t, g, gx, &mut gp);
