@@ -48,6 +48,8 @@ pub enum Op {
     LayerNorm,
     /// Causal multi-head self-attention.
     Attention,
+    /// A whole pre-norm Transformer layer (norms, attention, projections and MLP).
+    TransformerLayer,
 }
 
 /// Whether `op` on the tensor `x` (its input, or the variable for [`Op::Adam`]) runs
@@ -57,7 +59,8 @@ pub enum Op {
 /// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
 /// other shape), the spline, the affine coupling's update and the one-launch optimiser
-/// step, while the convolution, layer-norm and attention kernels are the CPU's.
+/// step, while the convolution, layer-norm, attention and Transformer-layer kernels are the
+/// CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -77,6 +80,6 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
         }
         Op::AffineCoupling => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
         Op::Adam => dev.is_cpu() || crate::adam::steps_all_at_once(x),
-        Op::Conv | Op::LayerNorm | Op::Attention => dev.is_cpu(),
+        Op::Conv | Op::LayerNorm | Op::Attention | Op::TransformerLayer => dev.is_cpu(),
     }
 }

@@ -35,6 +35,7 @@ pub mod scale;
 pub mod spline;
 mod threads;
 pub mod transformer;
+pub mod transformer_layer;
 
 pub use activation::Activation;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};

@@ -56,12 +56,12 @@ fn moments<T: Float>(row: &[T], eps: T) -> (T, T) {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct LayerNorm {
-    eps: f64,
+pub(crate) struct LayerNorm {
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
-    fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    pub(crate) fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let n = w.len();
         let eps = T::from(self.eps).unwrap_or_else(T::epsilon);
         let mut out = vec![T::zero(); x.len()];
@@ -76,7 +76,12 @@ impl LayerNorm {
     }
 
     /// `(∂x, ∂w, ∂b)` from the output gradient `g`.
-    fn backward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &[T]) -> [Vec<T>; 3] {
+    pub(crate) fn backward<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        w: &[T],
+        g: &[T],
+    ) -> [Vec<T>; 3] {
         let n = w.len();
         let eps = T::from(self.eps).unwrap_or_else(T::epsilon);
         let count = T::from(n).unwrap_or_else(T::one);
@@ -186,14 +191,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 #[derive(Debug, Clone, Copy)]
-struct CausalAttention {
-    batch: usize,
-    heads: usize,
+pub(crate) struct CausalAttention {
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
 }
 
 /// The shape of one sequence's rows: tokens, embedding width, head width.
 #[derive(Debug, Clone, Copy)]
-struct Sizes {
+pub(crate) struct Sizes {
     tokens: usize,
     width: usize,
     head: usize,
@@ -328,7 +333,7 @@ fn scatter<T: Float>(
 }
 
 impl CausalAttention {
-    fn sizes(&self, rows: usize, cols: usize) -> Result<Sizes> {
+    pub(crate) fn sizes(&self, rows: usize, cols: usize) -> Result<Sizes> {
         let width = cols / 3;
         let ok = self.batch > 0
             && self.heads > 0
@@ -350,7 +355,7 @@ impl CausalAttention {
         })
     }
 
-    fn forward<T: Float + Send + Sync>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
+    pub(crate) fn forward<T: Float + Send + Sync>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
         let mut out = vec![T::zero(); self.batch * s.tokens * s.width];
         let rows = self.batch * s.tokens;
         let len = LANES * s.tokens * 3 * s.width;
@@ -398,7 +403,7 @@ impl CausalAttention {
     }
 
     /// `∂qkv` from the output gradient `g` `(rows, width)`.
-    fn backward<T: Float + Send + Sync>(&self, qkv: &[T], g: &[T], s: Sizes) -> Vec<T> {
+    pub(crate) fn backward<T: Float + Send + Sync>(&self, qkv: &[T], g: &[T], s: Sizes) -> Vec<T> {
         let (stride, t) = (3 * s.width, s.tokens);
         let mut grad = vec![T::zero(); qkv.len()];
         let rows = self.batch * t;

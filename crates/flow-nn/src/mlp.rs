@@ -144,6 +144,17 @@ impl Mlp {
         &self.layers
     }
 
+    /// The non-linearity between layers.
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Whether the network is plain and unmasked: its layers' weights are the ones
+    /// applied, one after the other.
+    pub fn is_plain(&self) -> bool {
+        !self.residual && self.masks.is_none()
+    }
+
     /// The network with its layers' weights masked (MADE): `masks[l]` `(out, in)` of
     /// 0/1 values for layer `l`, on the network's device and dtype.
     pub fn with_masks(mut self, masks: Vec<Tensor>) -> Result<Self> {

@@ -5,7 +5,9 @@
 
 use candle::{Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, LayerNorm};
-use flow_kernels::{fused, Op};
+use flow_kernels::{fused, transformer_layer::LayerShape, Op};
+
+use crate::Mlp;
 
 /// Queries per chunk of the reference causal attention. A sequence of at most this
 /// many tokens is one chunk with one `T × T` mask; a longer one is cut into chunks
@@ -177,4 +179,71 @@ impl CausalSelfAttention {
     pub fn cache(&self) -> KvCache {
         KvCache::new(2, self.tokens)
     }
+}
+
+/// The parts of a pre-norm Transformer layer, `h₁ = h + proj(attention(qkv(norm1(h))))`
+/// then `h₁ + mlp(norm2(h₁))`, as [`fused_layer`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerParts<'a> {
+    pub norm1: &'a LayerNorm,
+    /// Queries, keys and values of every head in one linear map.
+    pub qkv: &'a Mlp,
+    pub heads: usize,
+    pub proj: &'a Mlp,
+    pub norm2: &'a LayerNorm,
+    /// A plain network of one hidden layer, back to the embedding width.
+    pub mlp: &'a Mlp,
+}
+
+/// The whole layer over `batch` sequences `h` `(batch·T, width)` as one op with its own
+/// backward ([`flow_kernels::transformer_layer`]) where [`flow_kernels::fused`] takes it
+/// and the parts have its shape; `None` otherwise, for the caller to compose the
+/// layer from its parts.
+pub fn fused_layer(h: &Tensor, batch: usize, parts: LayerParts) -> Result<Option<Tensor>> {
+    let LayerParts {
+        norm1,
+        qkv,
+        heads,
+        proj,
+        norm2,
+        mlp,
+    } = parts;
+    let (Some(b1), Some(b2)) = (norm1.bias(), norm2.bias()) else {
+        return Ok(None);
+    };
+    let nets = [qkv, proj, mlp];
+    let ok = fused(Op::TransformerLayer, h)
+        && nets.iter().all(|n| n.is_plain() && n.uses_fused(h))
+        && qkv.layers().len() == 1
+        && proj.layers().len() == 1
+        && mlp.layers().len() == 2
+        && norm1.eps() == norm2.eps();
+    if !ok {
+        return Ok(None);
+    }
+    // Every layer has its bias: `uses_fused` checked.
+    let packed = |net: &Mlp| -> Result<Vec<Tensor>> {
+        net.layers()
+            .iter()
+            .map(|l| match l.bias() {
+                Some(b) => flow_kernels::pack_linear(l.weight(), b),
+                None => candle::bail!("fused networks need biases"),
+            })
+            .collect()
+    };
+    let mut params = vec![norm1.weight().clone(), b1.clone()];
+    params.extend(packed(qkv)?);
+    params.extend(packed(proj)?);
+    params.extend([norm2.weight().clone(), b2.clone()]);
+    params.extend(packed(mlp)?);
+    let shape = LayerShape {
+        batch,
+        heads,
+        width: h.dim(1)?,
+        hidden: mlp.layers()[0].weight().dim(0)?,
+        activation: mlp.activation(),
+        eps: norm1.eps(),
+    };
+    let params = Tensor::cat(&params, 0)?;
+    flow_kernels::transformer_layer::transformer_layer(h, &params, shape).map(Some)
 }

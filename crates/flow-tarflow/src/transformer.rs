@@ -4,7 +4,7 @@
 use candle::{Module, Result, Tensor};
 use candle_nn::{init::Init, kv_cache::KvCache, LayerNorm, LayerNormConfig, VarBuilder};
 use flow_nn::{
-    transformer::{layer_norm, CausalSelfAttention},
+    transformer::{fused_layer, layer_norm, CausalSelfAttention, LayerParts},
     Activation, Mlp, NetConfig,
 };
 
@@ -41,6 +41,7 @@ fn linear(in_dim: usize, out_dim: usize, zero: bool, vb: VarBuilder) -> Result<M
 struct Layer {
     norm1: LayerNorm,
     qkv: Mlp,
+    heads: usize,
     attention: CausalSelfAttention,
     proj: Mlp,
     norm2: LayerNorm,
@@ -58,6 +59,7 @@ impl Layer {
         Ok(Self {
             norm1: norm(w, vb.pp("norm1"))?,
             qkv: linear(w, 3 * w, false, vb.pp("qkv"))?,
+            heads: cfg.heads,
             attention: CausalSelfAttention::new(cfg.heads, tokens, vb.dtype(), vb.device())?,
             proj: linear(w, w, false, vb.pp("proj"))?,
             norm2: norm(w, vb.pp("norm2"))?,
@@ -72,8 +74,25 @@ impl Layer {
         h + m
     }
 
-    /// The whole sequence: `h` `(batch·tokens, width)`.
+    /// The whole sequence: `h` `(batch·tokens, width)`; one fused op where it applies.
     fn forward(&self, h: &Tensor, batch: usize) -> Result<Tensor> {
+        let parts = LayerParts {
+            norm1: &self.norm1,
+            qkv: &self.qkv,
+            heads: self.heads,
+            proj: &self.proj,
+            norm2: &self.norm2,
+            mlp: &self.mlp,
+        };
+        match fused_layer(h, batch, parts)? {
+            Some(out) => Ok(out),
+            None => self.forward_by_parts(h, batch),
+        }
+    }
+
+    /// [`forward`](Self::forward) as one op per part: the reference the fused layer
+    /// is tested against.
+    fn forward_by_parts(&self, h: &Tensor, batch: usize) -> Result<Tensor> {
         let qkv = self.qkv.forward(&layer_norm(h, &self.norm1)?)?;
         let a = self.attention.forward(&qkv, batch)?;
         self.finish(h, &a)

@@ -24,7 +24,7 @@ const MAX_ROWS: usize = 256;
 const PARTIAL_BUDGET: usize = 1 << 23;
 
 /// A float the kernels run on.
-pub(super) trait Elem: Float + Send + Sync + 'static {}
+pub(crate) trait Elem: Float + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 

@@ -359,6 +359,53 @@ fn par_backward<T: Float + Send + Sync>(
     (gx, gp1, gp2)
 }
 
+pub(crate) use deep::Elem;
+
+/// A network's forward pass on host values through the general kernel, for ops that
+/// embed one: its outputs `(rows, out)` and the trace its backward pass reads (empty
+/// without hidden layers), in chunks planned for `threads` threads.
+pub(crate) fn host_forward<T: Elem>(
+    arch: &Arch,
+    activation: Activation,
+    params: &[T],
+    x: &[T],
+    threads: usize,
+) -> (Vec<T>, Vec<T>) {
+    let net = Net {
+        arch,
+        activation,
+        params,
+    };
+    let batch = x.len() / arch.input().max(1);
+    deep::forward(
+        &net,
+        x,
+        deep::chunk_rows(batch, arch.widest(), threads),
+        true,
+    )
+}
+
+/// [`host_forward`]'s backward pass: `(∂x, ∂params)` from its `trace` and the
+/// outputs' gradient `g`.
+pub(crate) fn host_backward<T: Elem>(
+    arch: &Arch,
+    activation: Activation,
+    params: &[T],
+    x: &[T],
+    trace: &[T],
+    g: &[T],
+    threads: usize,
+) -> (Vec<T>, Vec<T>) {
+    let net = Net {
+        arch,
+        activation,
+        params,
+    };
+    let batch = x.len() / arch.input().max(1);
+    let rows = deep::chunk_rows(batch, arch.widest(), threads);
+    deep::backward(&net, x, trace, g, rows, threads)
+}
+
 /// The narrow kernels for one dtype.
 trait Kernel: candle::WithDType + deep::Elem {
     fn forward(a: Activation, x: &[Self], p1: &[Self], p2: &[Self], d: Dims) -> Vec<Self>;

@@ -1,0 +1,303 @@
+//! A whole pre-norm Transformer layer as one op with its own backward pass:
+//!
+//! `h₁ = h + proj(attention(qkv(norm₁(h))))`, `out = h₁ + mlp(norm₂(h₁))`,
+//!
+//! from the layer norm, attention and network kernels. As separate ops the layer is a
+//! dozen graph nodes, and candle's autograd starts each one's gradient as zeros and adds
+//! into it; as one op it is one node, its intermediate values kept beside it for the
+//! backward pass (recomputed if a second backward pass comes).
+
+use std::sync::{Mutex, PoisonError};
+
+use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use crate::{
+    mlp::{host_backward, host_forward, Arch, Elem},
+    on_host, slice,
+    transformer::{CausalAttention, LayerNorm},
+    Activation,
+};
+
+/// A layer's sizes: sequences, heads, the embedding width and the MLP's hidden width,
+/// its activation and the layer norms' `ε`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub width: usize,
+    pub hidden: usize,
+    pub activation: Activation,
+    pub eps: f64,
+}
+
+/// The parameters, in the order [`transformer_layer`] takes them packed: `norm₁`'s
+/// weight and bias, `qkv`'s and `proj`'s `[W | b]`, `norm₂`'s weight and bias, the
+/// MLP's two `[W | b]`.
+const PARTS: usize = 7;
+
+impl LayerShape {
+    fn qkv(&self) -> Arch {
+        Arch::Plain {
+            widths: vec![self.width, 3 * self.width],
+        }
+    }
+
+    fn proj(&self) -> Arch {
+        Arch::Plain {
+            widths: vec![self.width, self.width],
+        }
+    }
+
+    fn mlp(&self) -> Arch {
+        Arch::Plain {
+            widths: vec![self.width, self.hidden, self.width],
+        }
+    }
+
+    /// Where each of the [`PARTS`] starts in the packed parameters, and the end.
+    fn offsets(&self) -> [usize; PARTS + 1] {
+        let w = self.width;
+        let sizes = [
+            w,
+            w,
+            self.qkv().n_params(),
+            self.proj().n_params(),
+            w,
+            w,
+            self.mlp().n_params(),
+        ];
+        let mut at = [0; PARTS + 1];
+        for (i, s) in sizes.into_iter().enumerate() {
+            at[i + 1] = at[i] + s;
+        }
+        at
+    }
+}
+
+/// The activation handed to the networks without hidden layers (`qkv`, `proj`), which
+/// apply none.
+const LINEAR: Activation = Activation::Relu;
+
+/// The forward pass's values that the backward pass reads, in order: `norm₁(h)`, the
+/// queries, keys and values, the heads' outputs, `h₁`, `norm₂(h₁)` and the MLP's trace.
+type Trace<T> = [Vec<T>; 6];
+
+/// The layer on host values: its output and what the backward pass reads.
+fn forward<T: Elem>(
+    s: &LayerShape,
+    h: &[T],
+    p: &[T],
+    threads: usize,
+) -> Result<(Vec<T>, Trace<T>)> {
+    let at = s.offsets();
+    let part = |i: usize| &p[at[i]..at[i + 1]];
+    let norm = LayerNorm { eps: s.eps };
+    let attention = CausalAttention {
+        batch: s.batch,
+        heads: s.heads,
+    };
+    let rows = h.len() / s.width;
+    let n1 = norm.forward(h, part(0), part(1));
+    let (qkv, _) = host_forward(&s.qkv(), LINEAR, part(2), &n1, threads);
+    let a = attention.forward(&qkv, attention.sizes(rows, 3 * s.width)?);
+    let (mut h1, _) = host_forward(&s.proj(), LINEAR, part(3), &a, threads);
+    h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
+    let n2 = norm.forward(&h1, part(4), part(5));
+    let (mut out, z) = host_forward(&s.mlp(), s.activation, part(6), &n2, threads);
+    out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
+    Ok((out, [n1, qkv, a, h1, n2, z]))
+}
+
+/// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
+fn backward<T: Elem>(
+    s: &LayerShape,
+    h: &[T],
+    p: &[T],
+    trace: &Trace<T>,
+    g: &[T],
+    threads: usize,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let at = s.offsets();
+    let part = |i: usize| &p[at[i]..at[i + 1]];
+    let norm = LayerNorm { eps: s.eps };
+    let attention = CausalAttention {
+        batch: s.batch,
+        heads: s.heads,
+    };
+    let [n1, qkv, a, h1, n2, z] = trace;
+    let rows = h.len() / s.width;
+    // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
+    let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, part(6), n2, z, g, threads);
+    let [mut g_h1, g_w2, g_b2] = norm.backward(h1, part(4), &g_n2);
+    g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
+    // h₁ = h + proj(a).
+    let (g_a, g_proj) = host_backward(&s.proj(), LINEAR, part(3), a, &[], &g_h1, threads);
+    let g_qkv = attention.backward(qkv, &g_a, attention.sizes(rows, 3 * s.width)?);
+    let (g_n1, g_qkv_p) = host_backward(&s.qkv(), LINEAR, part(2), n1, &[], &g_qkv, threads);
+    let [mut g_h, g_w1, g_b1] = norm.backward(h, part(0), &g_n1);
+    g_h.iter_mut().zip(&g_h1).for_each(|(y, &x)| *y = *y + x);
+    let g_p = [g_w1, g_b1, g_qkv_p, g_proj, g_w2, g_b2, g_mlp].concat();
+    Ok((g_h, g_p))
+}
+
+struct TransformerLayer {
+    shape: LayerShape,
+    /// The threads the kernels plan their chunks for, fixed when the op is built, so
+    /// that the result does not depend on the thread that runs the backward pass.
+    threads: usize,
+    /// Whether a backward pass may follow, so that the forward pass keeps its trace.
+    keep: bool,
+    /// What the forward pass kept, taken by the first backward pass.
+    kept: Mutex<Option<Kept>>,
+}
+
+enum Kept {
+    F32(Trace<f32>),
+    F64(Trace<f64>),
+}
+
+/// A dtype the layer runs in, with its slot in [`Kept`].
+trait Float: Elem + candle::WithDType {
+    fn keep(trace: Trace<Self>) -> Kept;
+    fn kept(kept: Kept) -> Option<Trace<Self>>;
+}
+
+impl Float for f32 {
+    fn keep(trace: Trace<f32>) -> Kept {
+        Kept::F32(trace)
+    }
+
+    fn kept(kept: Kept) -> Option<Trace<f32>> {
+        match kept {
+            Kept::F32(t) => Some(t),
+            Kept::F64(_) => None,
+        }
+    }
+}
+
+impl Float for f64 {
+    fn keep(trace: Trace<f64>) -> Kept {
+        Kept::F64(trace)
+    }
+
+    fn kept(kept: Kept) -> Option<Trace<f64>> {
+        match kept {
+            Kept::F64(t) => Some(t),
+            Kept::F32(_) => None,
+        }
+    }
+}
+
+impl TransformerLayer {
+    fn check(&self, h: &Layout, p: &Layout) -> Result<()> {
+        let s = &self.shape;
+        let (rows, width) = h.shape().dims2()?;
+        let params = s.offsets()[PARTS];
+        if width != s.width
+            || !rows.is_multiple_of(s.batch.max(1))
+            || p.shape().elem_count() != params
+        {
+            candle::bail!(
+                "transformer layer: rows {:?} and {} parameters for width {}, {} sequences ({params} parameters)",
+                h.shape(),
+                p.shape().elem_count(),
+                s.width,
+                s.batch
+            );
+        }
+        Ok(())
+    }
+
+    fn run<T: Float>(&self, h: &[T], p: &[T]) -> Result<Vec<T>> {
+        let (out, trace) = forward(&self.shape, h, p, self.threads)?;
+        if self.keep {
+            *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(T::keep(trace));
+        }
+        Ok(out)
+    }
+
+    fn gradients<T: Float>(&self, h: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .and_then(T::kept);
+        let (gh, gp) = on_host(h, |h: &[T]| {
+            on_host(p, |p: &[T]| {
+                on_host(g, |g: &[T]| {
+                    let trace = match kept {
+                        Some(t) => t,
+                        None => forward(&self.shape, h, p, self.threads)?.1,
+                    };
+                    backward(&self.shape, h, p, &trace, g, self.threads)
+                })
+            })
+        })?;
+        let dev = h.device();
+        Ok((
+            Tensor::from_vec(gh, h.shape(), dev)?,
+            Tensor::from_vec(gp, p.shape(), dev)?,
+        ))
+    }
+}
+
+impl CustomOp2 for TransformerLayer {
+    fn name(&self) -> &'static str {
+        "transformer-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1, l2)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(h), CpuStorage::F32(p)) => {
+                CpuStorage::F32(self.run(slice(h, l1)?, slice(p, l2)?)?)
+            }
+            (CpuStorage::F64(h), CpuStorage::F64(p)) => {
+                CpuStorage::F64(self.run(slice(h, l1)?, slice(p, l2)?)?)
+            }
+            _ => candle::bail!("the fused transformer layer supports f32 and f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gh, gp) = match h.dtype() {
+            DType::F32 => self.gradients::<f32>(h, p, grad)?,
+            DType::F64 => self.gradients::<f64>(h, p, grad)?,
+            other => candle::bail!("the fused transformer layer has no backward for {other:?}"),
+        };
+        Ok((Some(gh), Some(gp)))
+    }
+}
+
+/// A pre-norm Transformer layer over `shape.batch` sequences, one op forward and one
+/// backward (CPU): `h` `(batch·T, width)` to `h₁ + mlp(norm₂(h₁))`, `h₁ = h +
+/// proj(attention(qkv(norm₁(h))))`, attention causal and multi-head as
+/// [`causal_attention`](crate::transformer::causal_attention) and the MLP plain with
+/// one hidden layer. `params` is one vector of the layer's parameters packed in order:
+/// `norm₁`'s weight and bias, `qkv`'s and `proj`'s [`pack_linear`](crate::pack_linear),
+/// `norm₂`'s weight and bias, the MLP's two. The caller decides that the kernel
+/// applies, through [`fused`](crate::fused) with
+/// [`Op::TransformerLayer`](crate::Op::TransformerLayer).
+pub fn transformer_layer(h: &Tensor, params: &Tensor, shape: LayerShape) -> Result<Tensor> {
+    let op = TransformerLayer {
+        shape,
+        threads: crate::threads::planned(),
+        keep: h.track_op() || params.track_op(),
+        kept: Mutex::new(None),
+    };
+    h.contiguous()?.apply_op2(&params.contiguous()?, op)
+}
