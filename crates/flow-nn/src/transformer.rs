@@ -1,7 +1,9 @@
 //! Pieces of causal Transformers, for conditioners over sequences: a layer norm and
 //! multi-head causal self-attention, each with two doors, a fused op with its own
 //! backward ([`flow_kernels::transformer`]) where [`flow_kernels::fused`] takes it,
-//! and the reference from plain candle ops that the kernel is tested against.
+//! and the reference from plain candle ops that the kernel is tested against; and a
+//! whole pre-norm layer of such pieces as one fused op ([`fused_layer`]), whose
+//! reference is the layer composed of its parts.
 
 use candle::{Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, LayerNorm};
