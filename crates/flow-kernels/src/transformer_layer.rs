@@ -82,62 +82,73 @@ const LINEAR: Activation = Activation::Relu;
 /// queries, keys and values, the heads' outputs, `h₁`, `norm₂(h₁)` and the MLP's trace.
 type Trace<T> = [Vec<T>; 6];
 
-/// The layer on host values: its output and what the backward pass reads.
-fn forward<T: Elem>(
-    s: &LayerShape,
-    h: &[T],
-    p: &[T],
+/// The layer's kernels over its packed parameters `p`.
+struct Pieces<'a, T> {
+    s: &'a LayerShape,
+    p: &'a [T],
+    at: [usize; PARTS + 1],
+    norm: LayerNorm,
+    attention: CausalAttention,
     threads: usize,
-) -> Result<(Vec<T>, Trace<T>)> {
-    let at = s.offsets();
-    let part = |i: usize| &p[at[i]..at[i + 1]];
-    let norm = LayerNorm { eps: s.eps };
-    let attention = CausalAttention {
-        batch: s.batch,
-        heads: s.heads,
-    };
-    let rows = h.len() / s.width;
-    let n1 = norm.forward(h, part(0), part(1));
-    let (qkv, _) = host_forward(&s.qkv(), LINEAR, part(2), &n1, threads);
-    let a = attention.forward(&qkv, attention.sizes(rows, 3 * s.width)?);
-    let (mut h1, _) = host_forward(&s.proj(), LINEAR, part(3), &a, threads);
-    h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
-    let n2 = norm.forward(&h1, part(4), part(5));
-    let (mut out, z) = host_forward(&s.mlp(), s.activation, part(6), &n2, threads);
-    out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
-    Ok((out, [n1, qkv, a, h1, n2, z]))
 }
 
-/// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
-fn backward<T: Elem>(
-    s: &LayerShape,
-    h: &[T],
-    p: &[T],
-    trace: &Trace<T>,
-    g: &[T],
-    threads: usize,
-) -> Result<(Vec<T>, Vec<T>)> {
-    let at = s.offsets();
-    let part = |i: usize| &p[at[i]..at[i + 1]];
-    let norm = LayerNorm { eps: s.eps };
-    let attention = CausalAttention {
-        batch: s.batch,
-        heads: s.heads,
-    };
-    let [n1, qkv, a, h1, n2, z] = trace;
-    let rows = h.len() / s.width;
-    // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
-    let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, part(6), n2, z, g, threads);
-    let [mut g_h1, g_w2, g_b2] = norm.backward(h1, part(4), &g_n2);
-    g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
-    // h₁ = h + proj(a).
-    let (g_a, g_proj) = host_backward(&s.proj(), LINEAR, part(3), a, &[], &g_h1, threads);
-    let g_qkv = attention.backward(qkv, &g_a, attention.sizes(rows, 3 * s.width)?);
-    let (g_n1, g_qkv_p) = host_backward(&s.qkv(), LINEAR, part(2), n1, &[], &g_qkv, threads);
-    let [mut g_h, g_w1, g_b1] = norm.backward(h, part(0), &g_n1);
-    g_h.iter_mut().zip(&g_h1).for_each(|(y, &x)| *y = *y + x);
-    let g_p = [g_w1, g_b1, g_qkv_p, g_proj, g_w2, g_b2, g_mlp].concat();
-    Ok((g_h, g_p))
+impl<'a, T: Elem> Pieces<'a, T> {
+    fn new(s: &'a LayerShape, p: &'a [T], threads: usize) -> Self {
+        Self {
+            s,
+            p,
+            at: s.offsets(),
+            norm: LayerNorm { eps: s.eps },
+            attention: CausalAttention {
+                batch: s.batch,
+                heads: s.heads,
+            },
+            threads,
+        }
+    }
+
+    /// Part `i` of the [`PARTS`].
+    fn part(&self, i: usize) -> &'a [T] {
+        &self.p[self.at[i]..self.at[i + 1]]
+    }
+
+    /// The attention's sizes for rows `h`.
+    fn sizes(&self, h: &[T]) -> Result<crate::transformer::Sizes> {
+        self.attention
+            .sizes(h.len() / self.s.width, 3 * self.s.width)
+    }
+
+    /// The layer on rows `h`: its output and what the backward pass reads.
+    fn forward(&self, h: &[T]) -> Result<(Vec<T>, Trace<T>)> {
+        let (s, t) = (self.s, self.threads);
+        let n1 = self.norm.forward(h, self.part(0), self.part(1));
+        let (qkv, _) = host_forward(&s.qkv(), LINEAR, self.part(2), &n1, t);
+        let a = self.attention.forward(&qkv, self.sizes(h)?);
+        let (mut h1, _) = host_forward(&s.proj(), LINEAR, self.part(3), &a, t);
+        h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
+        let n2 = self.norm.forward(&h1, self.part(4), self.part(5));
+        let (mut out, z) = host_forward(&s.mlp(), s.activation, self.part(6), &n2, t);
+        out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
+        Ok((out, [n1, qkv, a, h1, n2, z]))
+    }
+
+    /// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
+    fn backward(&self, h: &[T], trace: &Trace<T>, g: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let (s, t) = (self.s, self.threads);
+        let [n1, qkv, a, h1, n2, z] = trace;
+        // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
+        let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, self.part(6), n2, z, g, t);
+        let [mut g_h1, g_w2, g_b2] = self.norm.backward(h1, self.part(4), &g_n2);
+        g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
+        // h₁ = h + proj(a).
+        let (g_a, g_proj) = host_backward(&s.proj(), LINEAR, self.part(3), a, &[], &g_h1, t);
+        let g_qkv = self.attention.backward(qkv, &g_a, self.sizes(h)?);
+        let (g_n1, g_qkv_p) = host_backward(&s.qkv(), LINEAR, self.part(2), n1, &[], &g_qkv, t);
+        let [mut g_h, g_w1, g_b1] = self.norm.backward(h, self.part(0), &g_n1);
+        g_h.iter_mut().zip(&g_h1).for_each(|(y, &x)| *y = *y + x);
+        let g_p = [g_w1, g_b1, g_qkv_p, g_proj, g_w2, g_b2, g_mlp].concat();
+        Ok((g_h, g_p))
+    }
 }
 
 struct TransformerLayer {
@@ -209,7 +220,7 @@ impl TransformerLayer {
     }
 
     fn run<T: Float>(&self, h: &[T], p: &[T]) -> Result<Vec<T>> {
-        let (out, trace) = forward(&self.shape, h, p, self.threads)?;
+        let (out, trace) = Pieces::new(&self.shape, p, self.threads).forward(h)?;
         if self.keep {
             *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(T::keep(trace));
         }
@@ -226,11 +237,12 @@ impl TransformerLayer {
         let (gh, gp) = on_host(h, |h: &[T]| {
             on_host(p, |p: &[T]| {
                 on_host(g, |g: &[T]| {
+                    let pieces = Pieces::new(&self.shape, p, self.threads);
                     let trace = match kept {
                         Some(t) => t,
-                        None => forward(&self.shape, h, p, self.threads)?.1,
+                        None => pieces.forward(h)?.1,
                     };
-                    backward(&self.shape, h, p, &trace, g, self.threads)
+                    pieces.backward(h, &trace, g)
                 })
             })
         })?;

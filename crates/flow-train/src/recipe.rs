@@ -245,6 +245,19 @@ pub fn train_config(
     run_config(model, Some(flow), run, validation)
 }
 
+/// The training settings the family `flow` declares as its own (a decoupled weight
+/// decay, a batch), set on `cfg` before any option given for the run.
+pub fn apply_family_defaults(cfg: &mut TrainConfig, flow: &Family) {
+    let decay = default_weight_decay(flow);
+    if decay > 0.0 {
+        cfg.optimizer.kind = OptimizerKind::AdamW;
+        cfg.optimizer.weight_decay = decay;
+    }
+    if let Some(batch) = flow.batch() {
+        cfg.batch_size = batch;
+    }
+}
+
 /// The configuration of a fresh run that trains `model` (of the family `flow`, where
 /// it has one) with the run options `run`, checked.
 pub fn run_config(
@@ -255,13 +268,8 @@ pub fn run_config(
 ) -> Result<TrainConfig, String> {
     let standardize = model.standardize;
     let mut cfg = TrainConfig::new(model).with_standardize(standardize);
-    let decay = flow.map_or(0.0, default_weight_decay);
-    if decay > 0.0 {
-        cfg.optimizer.kind = OptimizerKind::AdamW;
-        cfg.optimizer.weight_decay = decay;
-    }
-    if let Some(batch) = flow.and_then(Family::batch) {
-        cfg.batch_size = batch;
+    if let Some(flow) = flow {
+        apply_family_defaults(&mut cfg, flow);
     }
     if let Some(d) = run.duration()? {
         cfg.duration = d;

@@ -5,18 +5,15 @@ use flow_core::{
     limits::{check_count, check_positive, MAX_ROWS, MAX_SAMPLES},
     ImageInfo, ImageShape,
 };
-use flow_models::{
-    options::{self, default_weight_decay},
-    Family, Registry,
-};
+use flow_models::{options, Family, Registry};
 use flow_train::val_every_for;
 use flow_train::{
     data::{
         check_pixels, generate, generate_labeled, held_out_rows, load_path, load_pixel_images,
         Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, LowMemory, OptimizerKind, PlainReporter, Report, Reporter,
-    Schedule, TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
+    Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report, Reporter, Schedule,
+    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -207,14 +204,7 @@ fn config(
     let model = model_options(a).model(flow, &a.data, dim, context_dim, image, seed)?;
     let standardize = model.standardize;
     let mut cfg = TrainConfig::new(model).with_standardize(standardize);
-    let decay = default_weight_decay(flow);
-    if decay > 0.0 {
-        cfg.optimizer.kind = OptimizerKind::AdamW;
-        cfg.optimizer.weight_decay = decay;
-    }
-    if let Some(batch) = flow.batch() {
-        cfg.batch_size = batch;
-    }
+    flow_train::recipe::apply_family_defaults(&mut cfg, flow);
     if let Some(d) = duration(a)? {
         cfg.duration = d;
     }
