@@ -766,7 +766,7 @@ fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     assert!(out.status.success(), "{err}");
     // Validated once an epoch: 900 rows in batches of 64.
     assert!(
-        err.contains("training realnvp on 900 samples of 2 features, 100 held out to validate on (--val-fraction 0.1, seed 0), for at most 40 steps, stopping after 20 validation scores without improvement (one every 15 steps)"),
+        err.contains("training realnvp on 900 samples of 2 features in batches of 64, 100 held out to validate on (--val-fraction 0.1, seed 0), for at most 40 steps, stopping after 20 validation scores without improvement (one every 15 steps)"),
         "{err}"
     );
     assert_eq!(line_after(&err, "stopped: "), "reached the cap of 40 steps");
@@ -788,7 +788,7 @@ fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("on 1000 samples of 2 features, without validation, for at most 40 steps\n"),
+        err.contains("on 1000 samples of 2 features in batches of 512, without validation, for at most 40 steps\n"),
         "{err}"
     );
     assert_eq!(

@@ -654,10 +654,11 @@ pub fn run(a: TrainArgs) -> CmdResult {
                 _ => String::new(),
             };
             eprintln!(
-                "training {} on {} samples of {} features{validation}, for at most {} steps{stops}",
+                "training {} on {} samples of {} features in batches of {}{validation}, for at most {} steps{stops}",
                 cfg.model.family().map_or("a flow", |f| f.name()),
                 rows.len() - held,
                 rows.dim(),
+                cfg.batch_size,
                 trainer.total_steps(rows.len() - held)
             );
         }
