@@ -47,18 +47,68 @@ pub struct SplineShape {
     pub min_derivative: f64,
 }
 
+/// A float the spline kernel runs on.
+pub(crate) trait Real: Float + Send + Sync {
+    /// `eᵛ` of each value `v ≤ 0` in place (a softmax's logits less their maximum).
+    fn exp_nonpositive(v: &mut [Self]);
+}
+
+impl Real for f64 {
+    fn exp_nonpositive(v: &mut [f64]) {
+        v.iter_mut().for_each(|v| *v = v.exp());
+    }
+}
+
+impl Real for f32 {
+    /// Cody–Waite reduction `v = n ln 2 + r`, `|r| ≤ ln 2 / 2`, and Cephes' degree-6
+    /// polynomial for `eʳ` (about one ulp), in plain arithmetic so that the loop over a
+    /// softmax's bins vectorises, where the library's `expf` is one call per value.
+    fn exp_nonpositive(v: &mut [f32]) {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 split so that `n · LN2_HI` is exact for the `n` that arise.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // Adding then subtracting 1.5 · 2²³ rounds to the nearest integer.
+        const ROUND: f32 = 12_582_912.0;
+        // Below it eᵛ is under the smallest normal float: flushed to 2⁻¹²⁶ · eʳ.
+        const LOWEST: f32 = -87.0;
+        const P: [f32; 6] = [
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ];
+        for v in v.iter_mut() {
+            // Not `max`, which would turn a NaN into a number.
+            let x = if *v < LOWEST { LOWEST } else { *v };
+            let n = (x * LOG2_E + ROUND) - ROUND;
+            let r = x - n * LN2_HI - n * LN2_LO;
+            let p = P.iter().fold(0.0, |p, &c| p * r + c);
+            let e = p * r * r + r + 1.0;
+            // 2ⁿ from its exponent bits: −126 ≤ n ≤ 0 here.
+            let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+            *v = e * two_n;
+        }
+    }
+}
+
 fn c<T: Float>(v: f64) -> T {
     T::from(v).unwrap_or_else(T::zero)
 }
 
-/// One element's knots: positions in `x` and `y` and derivatives, `K + 1` each, with
-/// the softmax probabilities of the widths and heights (kept for the backward pass).
+/// One element's knot positions in `x` and `y`, `K + 1` each, with the softmax
+/// probabilities of the widths and heights (kept for the backward pass). The
+/// derivatives are computed for the element's bin alone ([`SplineShape::bin`]): the
+/// other `K − 3` would cost a softplus each and go unread.
 struct Knots<T> {
     x: Vec<T>,
     y: Vec<T>,
-    d: Vec<T>,
     pw: Vec<T>,
     ph: Vec<T>,
+    /// Scratch for [`SplineShape::knot_gradients`]: the gradient of each size.
+    gs: Vec<T>,
 }
 
 /// The six numbers of a bin: its ends in `x` and `y` and its end derivatives.
@@ -87,7 +137,7 @@ impl SplineShape {
 
     /// Softmax of the (clipped) raw sizes into `p`, then the positions from `−B` to `B`
     /// into `at`.
-    fn positions<T: Float>(&self, raw: &[T], min: f64, p: &mut [T], at: &mut [T]) {
+    fn positions<T: Real>(&self, raw: &[T], min: f64, p: &mut [T], at: &mut [T]) {
         let k = self.bins;
         for (p, &r) in p.iter_mut().zip(raw) {
             *p = match self.style {
@@ -96,11 +146,9 @@ impl SplineShape {
             };
         }
         let m = p.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for v in p.iter_mut() {
-            *v = (*v - m).exp();
-            sum = sum + *v;
-        }
+        p.iter_mut().for_each(|v| *v = *v - m);
+        T::exp_nonpositive(p);
+        let sum = p.iter().fold(T::zero(), |s, &v| s + v);
         p.iter_mut().for_each(|v| *v = *v / sum);
         let (scale, floor) = match self.style {
             SplineStyle::Durkan => (c::<T>(1.0 - min * k as f64), c::<T>(min)),
@@ -117,17 +165,33 @@ impl SplineShape {
         at[k] = b;
     }
 
-    fn knots<T: Float>(&self, theta: &[T], kn: &mut Knots<T>) {
+    fn knots<T: Real>(&self, theta: &[T], kn: &mut Knots<T>) {
         let k = self.bins;
         self.positions(&theta[..k], self.min_bin_width, &mut kn.pw, &mut kn.x);
         self.positions(&theta[k..2 * k], self.min_bin_height, &mut kn.ph, &mut kn.y);
-        kn.d[0] = T::one();
-        kn.d[k] = T::one();
-        for (d, &r) in kn.d[1..k].iter_mut().zip(&theta[2 * k..]) {
-            *d = match self.style {
-                SplineStyle::Durkan => softplus(r) + c::<T>(self.min_derivative),
-                SplineStyle::Zuko => self.soft_clip(r, 1.0).0.exp(),
-            };
+    }
+
+    /// The derivative at knot `j` from the raw parameters `theta`: 1 at the two ends.
+    fn derivative<T: Float>(&self, theta: &[T], j: usize) -> T {
+        if j == 0 || j == self.bins {
+            return T::one();
+        }
+        let r = theta[2 * self.bins + j - 1];
+        match self.style {
+            SplineStyle::Durkan => softplus(r) + c::<T>(self.min_derivative),
+            SplineStyle::Zuko => self.soft_clip(r, 1.0).0.exp(),
+        }
+    }
+
+    /// Bin `k` of the element whose raw parameters are `theta` and knots `kn`.
+    fn bin<T: Float>(&self, theta: &[T], kn: &Knots<T>, k: usize) -> Bin<T> {
+        Bin {
+            x0: kn.x[k],
+            x1: kn.x[k + 1],
+            y0: kn.y[k],
+            y1: kn.y[k + 1],
+            d0: self.derivative(theta, k),
+            d1: self.derivative(theta, k + 1),
         }
     }
 
@@ -141,17 +205,18 @@ impl SplineShape {
     fn knot_gradients<T: Float>(
         &self,
         theta: &[T],
-        kn: &Knots<T>,
+        kn: &mut Knots<T>,
         k: usize,
         g: Bin<T>,
         gt: &mut [T],
     ) {
         let bins = self.bins;
+        let Knots { pw, ph, gs, .. } = kn;
         for ((gk, gk1), p, min, raw, out) in [
-            ((g.x0, g.x1), &kn.pw, self.min_bin_width, &theta[..bins], 0),
+            ((g.x0, g.x1), &*pw, self.min_bin_width, &theta[..bins], 0),
             (
                 (g.y0, g.y1),
-                &kn.ph,
+                &*ph,
                 self.min_bin_height,
                 &theta[bins..2 * bins],
                 bins,
@@ -161,7 +226,6 @@ impl SplineShape {
             // inner positions after it.
             let two_b = c::<T>(2.0 * self.bound);
             let inner = |j: usize| j >= 1 && j < bins;
-            let mut gs = vec![T::zero(); bins];
             for (i, gs) in gs.iter_mut().enumerate() {
                 let mut acc = T::zero();
                 if inner(k) && k > i {
@@ -217,17 +281,6 @@ fn sigmoid<T: Float>(x: T) -> T {
 }
 
 impl<T: Float> Bin<T> {
-    fn of(kn: &Knots<T>, k: usize) -> Self {
-        Self {
-            x0: kn.x[k],
-            x1: kn.x[k + 1],
-            y0: kn.y[k],
-            y1: kn.y[k + 1],
-            d0: kn.d[k],
-            d1: kn.d[k + 1],
-        }
-    }
-
     fn zero() -> Self {
         let z = T::zero();
         Self {
@@ -329,13 +382,13 @@ impl<T: Float> Bin<T> {
 
 impl<T: Float> Knots<T> {
     fn new(bins: usize) -> Self {
-        let z = || vec![T::zero(); bins + 1];
+        let z = |n| vec![T::zero(); n];
         Self {
-            x: z(),
-            y: z(),
-            d: z(),
-            pw: vec![T::zero(); bins],
-            ph: vec![T::zero(); bins],
+            x: z(bins + 1),
+            y: z(bins + 1),
+            pw: z(bins),
+            ph: z(bins),
+            gs: z(bins),
         }
     }
 }
@@ -365,40 +418,44 @@ struct SplineOp {
 }
 
 impl SplineOp {
-    fn run<T: Float + Send + Sync>(&self, x: &[T], theta: &[T], n: usize) -> Vec<T> {
-        let sh = self.shape;
-        let p = sh.params();
-        let b = c::<T>(sh.bound);
+    fn run<T: Real>(&self, x: &[T], theta: &[T], n: usize) -> Vec<T> {
+        let p = self.shape.params();
         let mut out = vec![T::zero(); x.len() / n.max(1) * (n + 1)];
         out.par_chunks_mut(ROWS * (n + 1))
             .zip(x.par_chunks(ROWS * n))
             .zip(theta.par_chunks(ROWS * n * p))
-            .for_each(|((out, x), theta)| {
-                let mut kn = Knots::new(sh.bins);
-                for ((out, x), theta) in out
-                    .chunks_mut(n + 1)
-                    .zip(x.chunks(n))
-                    .zip(theta.chunks(n * p))
-                {
-                    let mut ld = T::zero();
-                    for ((o, &v), th) in out.iter_mut().zip(x).zip(theta.chunks(p)) {
-                        if !(v >= -b && v <= b) {
-                            *o = v;
-                            continue;
-                        }
-                        sh.knots(th, &mut kn);
-                        let (y, l) = if self.inverse {
-                            Bin::of(&kn, sh.bin_index(v, &kn.y)).inverse(v)
-                        } else {
-                            Bin::of(&kn, sh.bin_index(v, &kn.x)).forward(v)
-                        };
-                        *o = y;
-                        ld = ld + l;
-                    }
-                    out[n] = ld;
-                }
-            });
+            .for_each(|((out, x), theta)| self.rows(out, x, theta, n));
         out
+    }
+
+    /// The outputs `(rows, n + 1)` of rows `x` `(rows, n)` with raw parameters `theta`.
+    fn rows<T: Real>(&self, out: &mut [T], x: &[T], theta: &[T], n: usize) {
+        let sh = self.shape;
+        let p = sh.params();
+        let b = c::<T>(sh.bound);
+        let mut kn = Knots::new(sh.bins);
+        for ((out, x), theta) in out
+            .chunks_mut(n + 1)
+            .zip(x.chunks(n))
+            .zip(theta.chunks(n * p))
+        {
+            let mut ld = T::zero();
+            for ((o, &v), th) in out.iter_mut().zip(x).zip(theta.chunks(p)) {
+                if !(v >= -b && v <= b) {
+                    *o = v;
+                    continue;
+                }
+                sh.knots(th, &mut kn);
+                let (y, l) = if self.inverse {
+                    sh.bin(th, &kn, sh.bin_index(v, &kn.y)).inverse(v)
+                } else {
+                    sh.bin(th, &kn, sh.bin_index(v, &kn.x)).forward(v)
+                };
+                *o = y;
+                ld = ld + l;
+            }
+            out[n] = ld;
+        }
     }
 }
 
@@ -472,52 +529,58 @@ struct SplineGrad {
 }
 
 impl SplineGrad {
-    fn run<T: Float + Send + Sync>(&self, x: &[T], theta: &[T], g: &[T], n: usize) -> Vec<T> {
-        let sh = self.shape;
-        let p = sh.params();
-        let b = c::<T>(sh.bound);
+    fn run<T: Real>(&self, x: &[T], theta: &[T], g: &[T], n: usize) -> Vec<T> {
+        let p = self.shape.params();
         let width = n + n * p;
         let mut out = vec![T::zero(); x.len() / n.max(1) * width];
         out.par_chunks_mut(ROWS * width)
             .zip(x.par_chunks(ROWS * n))
             .zip(theta.par_chunks(ROWS * n * p))
             .zip(g.par_chunks(ROWS * (n + 1)))
-            .for_each(|(((out, x), theta), g)| {
-                let mut kn = Knots::new(sh.bins);
-                let rows = out.chunks_mut(width).zip(x.chunks(n));
-                for ((out, x), (theta, g)) in rows.zip(theta.chunks(n * p).zip(g.chunks(n + 1))) {
-                    let (gx, gt) = out.split_at_mut(n);
-                    let gl = g[n];
-                    for (j, &v) in x.iter().enumerate() {
-                        if !(v >= -b && v <= b) {
-                            gx[j] = g[j];
-                            continue;
-                        }
-                        let th = &theta[j * p..(j + 1) * p];
-                        sh.knots(th, &mut kn);
-                        let gt = &mut gt[j * p..(j + 1) * p];
-                        if self.inverse {
-                            let k = sh.bin_index(v, &kn.y);
-                            let bin = Bin::of(&kn, k);
-                            let (u, l) = bin.inverse(v);
-                            // u = F⁻¹(v): ∂u/∂v = 1/F′(u), ∂u/∂θ = −F_θ/F′(u), and the
-                            // log-det is −L(u) with L the forward log-slope.
-                            let f_u = (-l).exp();
-                            let (l_u, _) = bin.gradient(u, T::zero(), T::one());
-                            let cc = (g[j] - gl * l_u) / f_u;
-                            gx[j] = cc;
-                            let (_, gb) = bin.gradient(u, -cc, -gl);
-                            sh.knot_gradients(th, &kn, k, gb, gt);
-                        } else {
-                            let k = sh.bin_index(v, &kn.x);
-                            let (gv, gb) = Bin::of(&kn, k).gradient(v, g[j], gl);
-                            gx[j] = gv;
-                            sh.knot_gradients(th, &kn, k, gb, gt);
-                        }
-                    }
-                }
-            });
+            .for_each(|(((out, x), theta), g)| self.rows(out, x, theta, g, n));
         out
+    }
+
+    /// The gradients `(rows, n + n·p)` to rows `x` and their raw parameters `theta`
+    /// from the outputs' gradient `g` `(rows, n + 1)`.
+    fn rows<T: Real>(&self, out: &mut [T], x: &[T], theta: &[T], g: &[T], n: usize) {
+        let sh = self.shape;
+        let p = sh.params();
+        let b = c::<T>(sh.bound);
+        let width = n + n * p;
+        let mut kn = Knots::new(sh.bins);
+        let rows = out.chunks_mut(width).zip(x.chunks(n));
+        for ((out, x), (theta, g)) in rows.zip(theta.chunks(n * p).zip(g.chunks(n + 1))) {
+            let (gx, gt) = out.split_at_mut(n);
+            let gl = g[n];
+            for (j, &v) in x.iter().enumerate() {
+                if !(v >= -b && v <= b) {
+                    gx[j] = g[j];
+                    continue;
+                }
+                let th = &theta[j * p..(j + 1) * p];
+                sh.knots(th, &mut kn);
+                let gt = &mut gt[j * p..(j + 1) * p];
+                if self.inverse {
+                    let k = sh.bin_index(v, &kn.y);
+                    let bin = sh.bin(th, &kn, k);
+                    let (u, l) = bin.inverse(v);
+                    // u = F⁻¹(v): ∂u/∂v = 1/F′(u), ∂u/∂θ = −F_θ/F′(u), and the
+                    // log-det is −L(u) with L the forward log-slope.
+                    let f_u = (-l).exp();
+                    let (l_u, _) = bin.gradient(u, T::zero(), T::one());
+                    let cc = (g[j] - gl * l_u) / f_u;
+                    gx[j] = cc;
+                    let (_, gb) = bin.gradient(u, -cc, -gl);
+                    sh.knot_gradients(th, &mut kn, k, gb, gt);
+                } else {
+                    let k = sh.bin_index(v, &kn.x);
+                    let (gv, gb) = sh.bin(th, &kn, k).gradient(v, g[j], gl);
+                    gx[j] = gv;
+                    sh.knot_gradients(th, &mut kn, k, gb, gt);
+                }
+            }
+        }
     }
 }
 
@@ -584,4 +647,30 @@ pub fn spline(
     let y = out.narrow(1, 0, n)?.contiguous()?;
     let log_det = out.narrow(1, n, 1)?.squeeze(1)?;
     Ok((y, log_det))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Real;
+
+    #[test]
+    fn the_f32_softmax_exponential_is_within_two_ulps_of_the_library_one() {
+        let mut xs: Vec<f32> = (0..=173_900).map(|i| -(i as f32) * 5e-4).collect();
+        xs.extend([-1e-7, -0.346_573_6, -0.346_573_7, -86.999, -87.0]);
+        let mut e = xs.clone();
+        f32::exp_nonpositive(&mut e);
+        for (&x, &e) in xs.iter().zip(&e) {
+            let want = x.exp();
+            let ulps = (e.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulps <= 2, "e^{x}: {e} against {want} ({ulps} ulps)");
+        }
+        // Below the normal range: at most the smallest normal float, never more.
+        let mut tiny = [-88.0f32, -100.0, -1e30, f32::NEG_INFINITY];
+        f32::exp_nonpositive(&mut tiny);
+        assert!(tiny.iter().all(|&e| (0.0..=2e-38).contains(&e)), "{tiny:?}");
+        // A NaN stays one, so that a broken step is seen as broken.
+        let mut nan = [f32::NAN];
+        f32::exp_nonpositive(&mut nan);
+        assert!(nan[0].is_nan());
+    }
 }
