@@ -55,23 +55,116 @@ fn moments<T: Float>(row: &[T], eps: T) -> (T, T) {
     (mean, (var + eps).sqrt().recip())
 }
 
+/// Rows per block of a layer norm: all of them on one thread, else two blocks per
+/// planned thread.
+fn block_rows(rows: usize) -> usize {
+    let threads = planned();
+    if threads > 1 && rows >= PARALLEL_ROWS {
+        rows.div_ceil(2 * threads)
+    } else {
+        rows.max(1)
+    }
+}
+
+/// Layer norm of the rows `x` into `y`, with weight `w` and bias `b`.
+#[inline(always)]
+fn norm_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) {
+    let n = w.len();
+    for (row, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let (mean, inv) = moments(row, eps);
+        for (((y, &v), &w), &b) in y.iter_mut().zip(row).zip(w).zip(b) {
+            *y = (v - mean) * inv * w + b;
+        }
+    }
+}
+
+/// [`norm_rows`] compiled for AVX2 and chosen at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn norm_rows_avx2<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) {
+    norm_rows(x, w, b, eps, y)
+}
+
+/// The backward pass of [`norm_rows`] from the outputs' gradient `g`: `∂x` into `gx`,
+/// and `∂w`, `∂b` added into `gw`, `gb`.
+#[inline(always)]
+fn norm_rows_backward<T: Float>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: T,
+    gx: &mut [T],
+    gw: &mut [T],
+    gb: &mut [T],
+) {
+    let n = w.len();
+    let count = T::from(n).unwrap_or_else(T::one);
+    for ((row, g), gx) in x
+        .chunks_exact(n)
+        .zip(g.chunks_exact(n))
+        .zip(gx.chunks_exact_mut(n))
+    {
+        let (mean, inv) = moments(row, eps);
+        for (((gw, gb), &v), &g) in gw.iter_mut().zip(gb.iter_mut()).zip(row).zip(g) {
+            *gw = *gw + g * (v - mean) * inv;
+            *gb = *gb + g;
+        }
+        let sum_g = sum(n, |j| g[j] * w[j]);
+        let sum_gx = sum(n, |j| g[j] * w[j] * (row[j] - mean) * inv);
+        let (mean_g, mean_gx) = (sum_g / count, sum_gx / count);
+        for (((gx, &v), &g), &w) in gx.iter_mut().zip(row).zip(g).zip(w) {
+            let xh = (v - mean) * inv;
+            *gx = inv * (g * w - mean_g - xh * mean_gx);
+        }
+    }
+}
+
+/// [`norm_rows_backward`] compiled for AVX2 and chosen at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn norm_rows_backward_avx2<T: Float>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: T,
+    gx: &mut [T],
+    gw: &mut [T],
+    gb: &mut [T],
+) {
+    norm_rows_backward(x, w, g, eps, gx, gw, gb)
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LayerNorm {
     pub(crate) eps: f64,
 }
 
 impl LayerNorm {
+    fn epsilon<T: Float>(&self) -> T {
+        T::from(self.eps).unwrap_or_else(T::epsilon)
+    }
+
     pub(crate) fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let n = w.len();
-        let eps = T::from(self.eps).unwrap_or_else(T::epsilon);
+        let eps = self.epsilon();
         let mut out = vec![T::zero(); x.len()];
-        for_chunks(&mut out, n, x.len() / n, |r, y| {
-            let row = &x[r * n..(r + 1) * n];
-            let (mean, inv) = moments(row, eps);
-            for j in 0..n {
-                y[j] = (row[j] - mean) * inv * w[j] + b[j];
+        let rows = block_rows(x.len() / n);
+        let run = |(y, x): (&mut [T], &[T])| {
+            #[cfg(target_arch = "x86_64")]
+            if crate::mlp::has_avx2() {
+                // SAFETY: the CPU has AVX2, checked just above.
+                #[allow(unsafe_code)]
+                return unsafe { norm_rows_avx2(x, w, b, eps, y) };
             }
-        });
+            norm_rows(x, w, b, eps, y)
+        };
+        if rows * n >= x.len() {
+            run((&mut out, x));
+        } else {
+            out.par_chunks_mut(rows * n)
+                .zip(x.par_chunks(rows * n))
+                .for_each(run);
+        }
         out
     }
 
@@ -83,28 +176,41 @@ impl LayerNorm {
         g: &[T],
     ) -> [Vec<T>; 3] {
         let n = w.len();
-        let eps = T::from(self.eps).unwrap_or_else(T::epsilon);
-        let count = T::from(n).unwrap_or_else(T::one);
-        let stats: Vec<(T, T)> = x.chunks_exact(n).map(|row| moments(row, eps)).collect();
-        let (mut gw, mut gb) = (vec![T::zero(); n], vec![T::zero(); n]);
-        for ((row, g), &(mean, inv)) in x.chunks_exact(n).zip(g.chunks_exact(n)).zip(&stats) {
-            for j in 0..n {
-                gw[j] = gw[j] + g[j] * (row[j] - mean) * inv;
-                gb[j] = gb[j] + g[j];
-            }
-        }
+        let eps = self.epsilon();
         let mut gx = vec![T::zero(); x.len()];
-        for_chunks(&mut gx, n, stats.len(), |r, gx| {
-            let (row, g) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-            let (mean, inv) = stats[r];
-            let sum_g = sum(n, |j| g[j] * w[j]);
-            let sum_gx = sum(n, |j| g[j] * w[j] * (row[j] - mean) * inv);
-            let (mean_g, mean_gx) = (sum_g / count, sum_gx / count);
-            for j in 0..n {
-                let xh = (row[j] - mean) * inv;
-                gx[j] = inv * (g[j] * w[j] - mean_g - xh * mean_gx);
+        let rows = block_rows(x.len() / n);
+        // Each block of rows adds into its own `∂w`, `∂b`; the blocks' sums are added in
+        // order, so the result depends only on the thread count planned.
+        let run = |((gx, x), g): ((&mut [T], &[T]), &[T])| {
+            let mut part = vec![T::zero(); 2 * n];
+            let (gw, gb) = part.split_at_mut(n);
+            #[cfg(target_arch = "x86_64")]
+            if crate::mlp::has_avx2() {
+                // SAFETY: the CPU has AVX2, checked just above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    norm_rows_backward_avx2(x, w, g, eps, gx, gw, gb)
+                };
+                return part;
             }
-        });
+            norm_rows_backward(x, w, g, eps, gx, gw, gb);
+            part
+        };
+        let parts: Vec<Vec<T>> = if rows * n >= x.len() {
+            vec![run(((&mut gx, x), g))]
+        } else {
+            gx.par_chunks_mut(rows * n)
+                .zip(x.par_chunks(rows * n))
+                .zip(g.par_chunks(rows * n))
+                .map(run)
+                .collect()
+        };
+        let (mut gw, mut gb) = (vec![T::zero(); n], vec![T::zero(); n]);
+        for part in parts {
+            let (pw, pb) = part.split_at(n);
+            gw.iter_mut().zip(pw).for_each(|(s, &v)| *s = *s + v);
+            gb.iter_mut().zip(pb).for_each(|(s, &v)| *s = *s + v);
+        }
         [gx, gw, gb]
     }
 

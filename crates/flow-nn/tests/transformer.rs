@@ -69,15 +69,22 @@ fn same(
 
 #[test]
 fn the_fused_layer_norm_is_the_reference() -> Result<()> {
-    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-        let x = draw(37, 24, dtype, 1)?;
+    // 37 rows run as one block; 300 (at least 256) in blocks across the threads, whose
+    // sums of ∂w and ∂b are then added.
+    let cases = [
+        (37, DType::F64, 1e-12),
+        (37, DType::F32, 1e-5),
+        (300, DType::F64, 1e-12),
+    ];
+    for (rows, dtype, tol) in cases {
+        let x = draw(rows, 24, dtype, 1)?;
         let w = draw(1, 24, dtype, 2)?;
         let b = draw(1, 24, dtype, 3)?;
         let ln = LayerNorm::new(w.as_tensor().squeeze(0)?, b.as_tensor().squeeze(0)?, 1e-5);
         // Rows shifted off zero mean, so that the mean matters.
         let xs = || x.as_tensor() + 3.0;
         same(
-            &format!("layer norm {dtype:?}"),
+            &format!("layer norm of {rows} rows, {dtype:?}"),
             &[&x, &w, &b],
             || layer_norm(&xs()?, &ln),
             || layer_norm_reference(&xs()?, &ln),

@@ -148,19 +148,29 @@ impl SplineShape {
         let m = p.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         p.iter_mut().for_each(|v| *v = *v - m);
         T::exp_nonpositive(p);
-        let sum = p.iter().fold(T::zero(), |s, &v| s + v);
-        p.iter_mut().for_each(|v| *v = *v / sum);
+        // The running sums of the unnormalised sizes, into `at[1..]`: the last is the
+        // softmax's denominator, so that one chain of additions gives both, and the
+        // positions are then scaled all at once.
+        let mut acc = T::zero();
+        for (a, &e) in at[1..=k].iter_mut().zip(p.iter()) {
+            acc = acc + e;
+            *a = acc;
+        }
+        let inv = T::one() / acc;
+        p.iter_mut().for_each(|v| *v = *v * inv);
         let (scale, floor) = match self.style {
             SplineStyle::Durkan => (c::<T>(1.0 - min * k as f64), c::<T>(min)),
             SplineStyle::Zuko => (T::one(), T::zero()),
         };
         let b = c::<T>(self.bound);
         let two_b = c::<T>(2.0 * self.bound);
+        // Position j is −B + 2B (scale Σ_{i<j} p_i + j · floor).
+        let r = scale * inv;
+        let mut floors = T::zero();
         at[0] = -b;
-        let mut acc = T::zero();
-        for j in 1..k {
-            acc = acc + p[j - 1] * scale + floor;
-            at[j] = acc * two_b - b;
+        for a in &mut at[1..k] {
+            floors = floors + floor;
+            *a = (*a * r + floors) * two_b - b;
         }
         at[k] = b;
     }
