@@ -754,6 +754,81 @@ fn line_after<'a>(stderr: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line `{prefix}…` in {stderr}"))
 }
 
+/// The decay of the exponential schedule `flow inspect --json` reports for `model`.
+fn decay_of(model: &str) -> f64 {
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--model", model, "--json"])).expect("JSON");
+    all["metadata"]["train_config"]["schedule"]["decay"]
+        .as_f64()
+        .expect("an exponential schedule")
+}
+
+#[test]
+fn a_conditional_run_on_many_rows_runs_for_epochs_its_decay_stretched() {
+    let data = path("cond-3000.csv");
+    let m = path("cond-epochs.safetensors");
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "3000",
+        "--with-labels",
+        "--out",
+        &data,
+    ]);
+    let train = |extra: &[&str]| -> String {
+        let args = [
+            "train",
+            "--data",
+            &data,
+            "--context-dim",
+            "1",
+            "--batch",
+            "16",
+            "--stop-at",
+            "1",
+            "--out",
+            &m,
+        ];
+        let out = flow(&[&args[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    // 2700 training rows in batches of 16: 169 steps an epoch, 50 epochs, more than the
+    // cap of 5000; the decay then spreads the same fall over them.
+    let err = train(&[]);
+    assert!(err.contains(", for at most 8450 steps,"), "{err}");
+    let want = 0.999f64.powf(5000.0 / 8450.0);
+    assert!(
+        (decay_of(&m) - want).abs() < 1e-12,
+        "{} against {want}",
+        decay_of(&m)
+    );
+    // A decay given stands; a length given leaves both as they were.
+    let err = train(&["--lr-decay", "0.99"]);
+    assert!(err.contains(", for at most 8450 steps,"), "{err}");
+    assert_eq!(decay_of(&m), 0.99);
+    let err = train(&["--steps", "3"]);
+    assert!(err.contains(", for at most 3 steps,"), "{err}");
+    assert_eq!(decay_of(&m), 0.999);
+    // In batches of 512 the same rows come to 300 steps: the cap.
+    let out = flow(&[
+        "train",
+        "--data",
+        &data,
+        "--context-dim",
+        "1",
+        "--stop-at",
+        "1",
+        "--out",
+        &m,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(", for at most 5000 steps,"), "{err}");
+    assert_eq!(decay_of(&m), 0.999);
+}
+
 #[test]
 fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     let m = path("held-out.safetensors");

@@ -12,7 +12,7 @@ use std::{
 use flow_train::{
     data::{held_out_rows, Dataset},
     format_report,
-    recipe::{run_config, OptimizerChoice, RunOptions, ScheduleChoice},
+    recipe::{fit_conditional_run, run_config, OptimizerChoice, RunOptions, ScheduleChoice},
     val_every_for, Control, Report, Reporter, TrainSummary, Trainer,
 };
 use pyo3::{
@@ -192,11 +192,17 @@ pub fn fit(
     .map_err(value_error)?;
     // Every step reports, so that a signal is noticed within a step.
     cfg.report_every = 1;
+    let rows = match &val {
+        Some(_) => train.len(),
+        None => train.len() - held_out_rows(train.len(), cfg.val_fraction),
+    };
+    fit_conditional_run(
+        &mut cfg,
+        rows,
+        run.steps.is_some() || run.epochs.is_some(),
+        run.schedule.is_some() || run.lr_decay.is_some() || run.warmup.is_some(),
+    );
     if run.val_every.is_none() {
-        let rows = match &val {
-            Some(_) => train.len(),
-            None => train.len() - held_out_rows(train.len(), cfg.val_fraction),
-        };
         cfg.val_every = val_every_for(rows, cfg.batch_size);
     }
     let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;

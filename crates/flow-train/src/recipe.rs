@@ -258,6 +258,29 @@ pub fn apply_family_defaults(cfg: &mut TrainConfig, flow: &Family) {
     }
 }
 
+/// Fits a conditional model's default length to its `rows` training rows: at most
+/// [`conditional_steps_for`](crate::conditional_steps_for) steps unless a length was
+/// given, and where that lengthens the run, the default schedule
+/// [`stretched`](Schedule::stretched) over it unless a schedule was given. Other
+/// models, and given options, are left as they are.
+pub fn fit_conditional_run(
+    cfg: &mut TrainConfig,
+    rows: usize,
+    length_given: bool,
+    schedule_given: bool,
+) {
+    if cfg.model.context_dim == 0 || length_given {
+        return;
+    }
+    let steps = crate::conditional_steps_for(rows, cfg.batch_size);
+    if steps > crate::CONDITIONAL_STEPS {
+        cfg.duration = Duration::Steps(steps);
+        if !schedule_given {
+            cfg.schedule = Schedule::stretched(steps);
+        }
+    }
+}
+
 /// The configuration of a fresh run that trains `model` (of the family `flow`, where
 /// it has one) with the run options `run`, checked.
 pub fn run_config(

@@ -23,6 +23,18 @@ impl Default for Schedule {
 }
 
 impl Schedule {
+    /// The default schedule for a run of at most `steps` steps where the defaults plan
+    /// [`CONDITIONAL_STEPS`](crate::CONDITIONAL_STEPS): its decay stretched so that the
+    /// rate falls as far by the end.
+    pub fn stretched(steps: usize) -> Self {
+        match Self::default() {
+            Self::Exp { decay } => Self::Exp {
+                decay: decay.powf(crate::CONDITIONAL_STEPS as f64 / steps.max(1) as f64),
+            },
+            other => other,
+        }
+    }
+
     /// The learning rate of step `step` (0-based) out of `total` steps.
     pub fn lr(&self, base: f64, step: usize, total: usize) -> f64 {
         match *self {

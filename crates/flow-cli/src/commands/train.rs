@@ -76,8 +76,9 @@ pub fn default_duration() -> String {
         Duration::Epochs(e) => format!("{e} epochs"),
     };
     format!(
-        "{run}; {} for a conditional model (--context-dim)",
-        flow_train::CONDITIONAL_STEPS
+        "{run}; for a conditional model (--context-dim) {}, or {} epochs where more, the default learning-rate decay then stretched to match",
+        flow_train::CONDITIONAL_STEPS,
+        flow_train::CONDITIONAL_EPOCHS
     )
 }
 
@@ -570,6 +571,13 @@ pub fn run(a: TrainArgs) -> CmdResult {
                 Some(_) => rows.len(),
                 None => rows.len() - held_out_rows(rows.len(), val_fraction),
             };
+            let mut cfg = cfg;
+            flow_train::recipe::fit_conditional_run(
+                &mut cfg,
+                train_rows,
+                a.steps.is_some() || a.epochs.is_some(),
+                a.schedule.is_some() || a.lr_decay.is_some() || a.warmup.is_some(),
+            );
             let val_every = a
                 .val_every
                 .unwrap_or_else(|| val_every_for(train_rows, cfg.batch_size));
