@@ -42,7 +42,7 @@ pub(crate) enum Saved {
     /// `flow train --resume`, and the run's summary.
     Trained {
         checkpoint: Box<TrainCheckpoint>,
-        summary: TrainSummary,
+        summary: Box<TrainSummary>,
     },
     /// A file read, or weights imported: written back as they were.
     Read(Box<Checkpoint>),
@@ -297,7 +297,7 @@ impl Flow {
             Saved::Trained {
                 checkpoint,
                 summary,
-            } => checkpoint.save(path, Some(summary))?,
+            } => checkpoint.save(path, Some(summary.as_ref()))?,
             Saved::Read(ck) => flow_io::save(
                 path,
                 &ck.config,

@@ -255,7 +255,7 @@ pub fn fit(
         flow: trained.flow,
         saved: Saved::Trained {
             checkpoint: Box::new(trained.checkpoint),
-            summary,
+            summary: Box::new(summary),
         },
     });
     json_value(py, &value)
