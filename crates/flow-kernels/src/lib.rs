@@ -45,8 +45,6 @@ pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
 pub use threads::{on_this_thread, pin_thread_count, pin_thread_count_among};
 
-/// The contiguous part of a storage that `l` describes (the fused ops take contiguous
-/// inputs).
 /// Runs `f` on a CPU tensor's values in row-major order: borrowed from its storage when
 /// they lie there contiguously, else a copy.
 pub(crate) fn on_host<T: candle::WithDType, R>(
@@ -62,6 +60,19 @@ pub(crate) fn on_host<T: candle::WithDType, R>(
     f(&t.flatten_all()?.to_vec1::<T>()?)
 }
 
+/// [`on_host`] on three tensors at once, as the fused ops' backward passes take their
+/// inputs and the output's gradient.
+pub(crate) fn on_host3<T: candle::WithDType, R>(
+    a: &candle::Tensor,
+    b: &candle::Tensor,
+    c: &candle::Tensor,
+    f: impl FnOnce(&[T], &[T], &[T]) -> candle::Result<R>,
+) -> candle::Result<R> {
+    on_host(a, |a| on_host(b, |b| on_host(c, |c| f(a, b, c))))
+}
+
+/// The contiguous part of a storage that `l` describes (the fused ops take contiguous
+/// inputs).
 pub(crate) fn slice<'a, T>(data: &'a [T], l: &candle::Layout) -> candle::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

@@ -14,7 +14,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Ten
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{on_host, slice, threads::planned};
+use crate::{on_host, on_host3, slice, threads::planned};
 
 /// Rows below which an op runs on the calling thread alone.
 const PARALLEL_ROWS: usize = 256;
@@ -220,9 +220,7 @@ impl LayerNorm {
         w: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let [gx, gw, gb] = on_host(x, |x: &[T]| {
-            on_host(w, |w| on_host(g, |g| Ok(self.backward(x, w, g))))
-        })?;
+        let [gx, gw, gb] = on_host3(x, w, g, |x: &[T], w, g| Ok(self.backward(x, w, g)))?;
         let dev = x.device();
         Ok((
             Tensor::from_vec(gx, x.shape(), dev)?,

@@ -13,7 +13,7 @@ use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::{
     mlp::{host_backward, host_forward, Arch, Elem},
-    on_host, slice,
+    on_host3, slice,
     transformer::{CausalAttention, LayerNorm},
     Activation,
 };
@@ -234,17 +234,13 @@ impl TransformerLayer {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .and_then(T::kept);
-        let (gh, gp) = on_host(h, |h: &[T]| {
-            on_host(p, |p: &[T]| {
-                on_host(g, |g: &[T]| {
-                    let pieces = Pieces::new(&self.shape, p, self.threads);
-                    let trace = match kept {
-                        Some(t) => t,
-                        None => pieces.forward(h)?.1,
-                    };
-                    pieces.backward(h, &trace, g)
-                })
-            })
+        let (gh, gp) = on_host3(h, p, g, |h: &[T], p, g| {
+            let pieces = Pieces::new(&self.shape, p, self.threads);
+            let trace = match kept {
+                Some(t) => t,
+                None => pieces.forward(h)?.1,
+            };
+            pieces.backward(h, &trace, g)
         })?;
         let dev = h.device();
         Ok((

@@ -190,7 +190,7 @@ pub struct LayerParts<'a> {
     pub norm1: &'a LayerNorm,
     /// Queries, keys and values of every head in one linear map.
     pub qkv: &'a Mlp,
-    pub heads: usize,
+    pub attention: &'a CausalSelfAttention,
     pub proj: &'a Mlp,
     pub norm2: &'a LayerNorm,
     /// A plain network of one hidden layer, back to the embedding width.
@@ -205,7 +205,7 @@ pub fn fused_layer(h: &Tensor, batch: usize, parts: LayerParts) -> Result<Option
     let LayerParts {
         norm1,
         qkv,
-        heads,
+        attention,
         proj,
         norm2,
         mlp,
@@ -240,7 +240,7 @@ pub fn fused_layer(h: &Tensor, batch: usize, parts: LayerParts) -> Result<Option
     params.extend(packed(mlp)?);
     let shape = LayerShape {
         batch,
-        heads,
+        heads: attention.heads,
         width: h.dim(1)?,
         hidden: mlp.layers()[0].weight().dim(0)?,
         activation: mlp.activation(),

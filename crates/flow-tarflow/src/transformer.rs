@@ -41,7 +41,6 @@ fn linear(in_dim: usize, out_dim: usize, zero: bool, vb: VarBuilder) -> Result<M
 struct Layer {
     norm1: LayerNorm,
     qkv: Mlp,
-    heads: usize,
     attention: CausalSelfAttention,
     proj: Mlp,
     norm2: LayerNorm,
@@ -59,7 +58,6 @@ impl Layer {
         Ok(Self {
             norm1: norm(w, vb.pp("norm1"))?,
             qkv: linear(w, 3 * w, false, vb.pp("qkv"))?,
-            heads: cfg.heads,
             attention: CausalSelfAttention::new(cfg.heads, tokens, vb.dtype(), vb.device())?,
             proj: linear(w, w, false, vb.pp("proj"))?,
             norm2: norm(w, vb.pp("norm2"))?,
@@ -79,7 +77,7 @@ impl Layer {
         let parts = LayerParts {
             norm1: &self.norm1,
             qkv: &self.qkv,
-            heads: self.heads,
+            attention: &self.attention,
             proj: &self.proj,
             norm2: &self.norm2,
             mlp: &self.mlp,

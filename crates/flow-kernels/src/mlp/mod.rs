@@ -29,7 +29,7 @@ use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{on_host, pack_linear, slice, Activation, CUDA_MAX_IO};
+use crate::{on_host3, pack_linear, slice, Activation, CUDA_MAX_IO};
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
@@ -361,6 +361,25 @@ fn par_backward<T: Float + Send + Sync>(
 
 pub(crate) use deep::Elem;
 
+/// The network `arch` over `params` for ops that embed one, and the rows per chunk in
+/// which the general kernel takes the inputs `x` on `threads` threads.
+fn embedded<'a, T: Elem>(
+    arch: &'a Arch,
+    activation: Activation,
+    params: &'a [T],
+    x: &[T],
+    threads: usize,
+) -> (Net<'a, T>, usize) {
+    let batch = x.len() / arch.input().max(1);
+    let rows = deep::chunk_rows(batch, arch.widest(), threads);
+    let net = Net {
+        arch,
+        activation,
+        params,
+    };
+    (net, rows)
+}
+
 /// A network's forward pass on host values through the general kernel, for ops that
 /// embed one: its outputs `(rows, out)` and the trace its backward pass reads (empty
 /// without hidden layers), in chunks planned for `threads` threads.
@@ -371,18 +390,8 @@ pub(crate) fn host_forward<T: Elem>(
     x: &[T],
     threads: usize,
 ) -> (Vec<T>, Vec<T>) {
-    let net = Net {
-        arch,
-        activation,
-        params,
-    };
-    let batch = x.len() / arch.input().max(1);
-    deep::forward(
-        &net,
-        x,
-        deep::chunk_rows(batch, arch.widest(), threads),
-        true,
-    )
+    let (net, rows) = embedded(arch, activation, params, x, threads);
+    deep::forward(&net, x, rows, true)
 }
 
 /// [`host_forward`]'s backward pass: `(∂x, ∂params)` from its `trace` and the
@@ -396,13 +405,7 @@ pub(crate) fn host_backward<T: Elem>(
     g: &[T],
     threads: usize,
 ) -> (Vec<T>, Vec<T>) {
-    let net = Net {
-        arch,
-        activation,
-        params,
-    };
-    let batch = x.len() / arch.input().max(1);
-    let rows = deep::chunk_rows(batch, arch.widest(), threads);
+    let (net, rows) = embedded(arch, activation, params, x, threads);
     deep::backward(&net, x, trace, g, rows, threads)
 }
 
@@ -605,12 +608,8 @@ impl FusedMlp {
             Some(storage) => T::cpu_storage_as_slice(storage)?,
             None => &[],
         };
-        let (gx, gp) = on_host(x, |x: &[T]| {
-            on_host(p, |p: &[T]| {
-                on_host(grad, |g: &[T]| {
-                    Ok(self.backward_copies(x, p, trace, g, batch))
-                })
-            })
+        let (gx, gp) = on_host3(x, p, grad, |x: &[T], p, g| {
+            Ok(self.backward_copies(x, p, trace, g, batch))
         })?;
         let dev = x.device();
         Ok((
