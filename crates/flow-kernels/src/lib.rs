@@ -31,6 +31,7 @@ mod limits;
 pub mod linalg;
 pub mod mlp;
 mod pack;
+mod real;
 pub mod scale;
 pub mod spline;
 mod threads;
@@ -41,6 +42,7 @@ pub use activation::Activation;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};
 pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
+pub(crate) use real::Real;
 pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
 pub use threads::{on_this_thread, pin_thread_count, pin_thread_count_among};
@@ -78,4 +80,25 @@ pub(crate) fn slice<'a, T>(data: &'a [T], l: &candle::Layout) -> candle::Result<
         Some((a, b)) => Ok(&data[a..b]),
         None => candle::bail!("fused ops expect contiguous inputs"),
     }
+}
+
+/// A buffer of `n` values for a kernel that writes every one of them before anything
+/// reads it: the allocation without `vec![0; n]`'s zero-fill, a pass over memory that
+/// the kernel's own writes then repeat (a tenth of a Transformer's training step).
+/// Debug builds fill it with NaN instead, so that a value read before it is written
+/// shows in the tests that pin each kernel to its reference.
+///
+/// # Safety
+///
+/// The caller writes every element before it, or anything it is handed to, reads any.
+#[allow(unsafe_code, clippy::uninit_vec)]
+pub(crate) unsafe fn unwritten<T: num_traits::Float>(n: usize) -> Vec<T> {
+    if cfg!(debug_assertions) {
+        return vec![T::nan(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n`; that the values are written before they are read is
+    // the caller's promise.
+    unsafe { v.set_len(n) };
+    v
 }

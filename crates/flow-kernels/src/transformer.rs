@@ -14,7 +14,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Ten
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{on_host, on_host3, slice, threads::planned};
+use crate::{on_host, on_host3, slice, threads::planned, unwritten, Real};
 
 /// Rows below which an op runs on the calling thread alone.
 const PARALLEL_ROWS: usize = 256;
@@ -31,18 +31,24 @@ fn for_chunks<T: Send>(out: &mut [T], len: usize, rows: usize, f: impl Fn(usize,
     }
 }
 
-/// `Σ f(i)` over `i < n`, in eight partial sums so that it vectorises (a single
-/// running sum is a chain of dependent additions).
+/// `Σ_j f(a_j, b_j, c_j)` over three equally long rows, in eight partial sums so that
+/// it vectorises (a single running sum is a chain of dependent additions, and indexing
+/// the rows inside `f` would keep the compiler from proving the loads in bounds).
 #[inline(always)]
-fn sum<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+fn sum<T: Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let rest = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .fold(T::zero(), |s, ((&a, &b), &c)| s + f(a, b, c));
     let mut lanes = [T::zero(); 8];
-    let whole = n - n % 8;
-    for i in (0..whole).step_by(8) {
+    for ((a, b), c) in ca.zip(cb).zip(cc) {
         for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane = *lane + f(i + l);
+            *lane = *lane + f(a[l], b[l], c[l]);
         }
     }
-    let rest = (whole..n).fold(T::zero(), |a, i| a + f(i));
     lanes.into_iter().fold(rest, |a, v| a + v)
 }
 
@@ -50,8 +56,8 @@ fn sum<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
 #[inline(always)]
 fn moments<T: Float>(row: &[T], eps: T) -> (T, T) {
     let n = T::from(row.len()).unwrap_or_else(T::one);
-    let mean = sum(row.len(), |j| row[j]) / n;
-    let var = sum(row.len(), |j| (row[j] - mean) * (row[j] - mean)) / n;
+    let mean = sum(row, row, row, |x, _, _| x) / n;
+    let var = sum(row, row, row, |x, _, _| (x - mean) * (x - mean)) / n;
     (mean, (var + eps).sqrt().recip())
 }
 
@@ -109,8 +115,8 @@ fn norm_rows_backward<T: Float>(
             *gw = *gw + g * (v - mean) * inv;
             *gb = *gb + g;
         }
-        let sum_g = sum(n, |j| g[j] * w[j]);
-        let sum_gx = sum(n, |j| g[j] * w[j] * (row[j] - mean) * inv);
+        let sum_g = sum(g, w, w, |g, w, _| g * w);
+        let sum_gx = sum(g, w, row, |g, w, x| g * w * (x - mean) * inv);
         let (mean_g, mean_gx) = (sum_g / count, sum_gx / count);
         for (((gx, &v), &g), &w) in gx.iter_mut().zip(row).zip(g).zip(w) {
             let xh = (v - mean) * inv;
@@ -147,7 +153,9 @@ impl LayerNorm {
     pub(crate) fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let n = w.len();
         let eps = self.epsilon();
-        let mut out = vec![T::zero(); x.len()];
+        // SAFETY: `norm_rows` writes every row of its block, and the blocks cover `out`.
+        #[allow(unsafe_code)]
+        let mut out = unsafe { unwritten(x.len()) };
         let rows = block_rows(x.len() / n);
         let run = |(y, x): (&mut [T], &[T])| {
             #[cfg(target_arch = "x86_64")]
@@ -177,7 +185,10 @@ impl LayerNorm {
     ) -> [Vec<T>; 3] {
         let n = w.len();
         let eps = self.epsilon();
-        let mut gx = vec![T::zero(); x.len()];
+        // SAFETY: `norm_rows_backward` writes every row of its block's `∂x`, and the
+        // blocks cover `gx`.
+        #[allow(unsafe_code)]
+        let mut gx = unsafe { unwritten(x.len()) };
         let rows = block_rows(x.len() / n);
         // Each block of rows adds into its own `∂w`, `∂b`; the blocks' sums are added in
         // order, so the result depends only on the thread count planned.
@@ -325,9 +336,35 @@ fn fma<T: Float>(y: &mut Lanes<T>, a: &Lanes<T>, x: &Lanes<T>) {
     }
 }
 
+/// Keys scored at once by [`dots`]: their [`LANES`]-wide sums stay in registers while
+/// the query streams past, so that the additions form independent chains instead of
+/// one chain per key as long as the head is wide.
+const KEY_BLOCK: usize = 4;
+
+/// `out[j] = Σ_c a[c] ⊙ rows[j·d + c]` for `j < out.len()`, `d = a.len()`, the rows
+/// taken [`KEY_BLOCK`] at a time (`rows` holds whole blocks: see [`Group`]).
+#[inline(always)]
+fn dots<T: Float>(a: &[Lanes<T>], rows: &[Lanes<T>], out: &mut [Lanes<T>]) {
+    let d = a.len();
+    for (j0, out) in (0..out.len())
+        .step_by(KEY_BLOCK)
+        .zip(out.chunks_mut(KEY_BLOCK))
+    {
+        let block = &rows[j0 * d..][..KEY_BLOCK * d];
+        let mut s = [[T::zero(); LANES]; KEY_BLOCK];
+        for (c, a) in a.iter().enumerate() {
+            for (b, s) in s.iter_mut().enumerate() {
+                fma(s, a, &block[b * d + c]);
+            }
+        }
+        out.copy_from_slice(&s[..out.len()]);
+    }
+}
+
 /// One head of up to [`LANES`] sequences, lane-interleaved: value `c` of token `i`
 /// of sequence `l` at `[i·d + c][l]`; queries scaled by `1/√d`. Lanes past the
-/// group's sequences stay zero (uniform weights over zero values: harmless, unread).
+/// group's sequences stay zero (uniform weights over zero values: harmless, unread),
+/// as do the tokens that round the keys and values up to whole [`KEY_BLOCK`]s.
 struct Group<T> {
     s: Sizes,
     scale: T,
@@ -338,16 +375,16 @@ struct Group<T> {
     p: Vec<Lanes<T>>,
 }
 
-impl<T: Float> Group<T> {
+impl<T: Real> Group<T> {
     fn new(s: Sizes) -> Self {
-        let n = s.tokens * s.head;
+        let padded = s.tokens.next_multiple_of(KEY_BLOCK) * s.head;
         let zeros = |n| vec![[T::zero(); LANES]; n];
         Self {
             s,
             scale: T::from(s.head).unwrap_or_else(T::one).sqrt().recip(),
-            q: zeros(n),
-            k: zeros(n),
-            v: zeros(n),
+            q: zeros(s.tokens * s.head),
+            k: zeros(padded),
+            v: zeros(padded),
             p: zeros(s.tokens),
         }
     }
@@ -365,28 +402,30 @@ impl<T: Float> Group<T> {
     #[inline(always)]
     fn weights(&mut self, i: usize) {
         let d = self.s.head;
-        let q = &self.q[i * d..][..d];
+        let p = &mut self.p[..=i];
+        dots(&self.q[i * d..][..d], &self.k, p);
         let mut max = [T::neg_infinity(); LANES];
-        for j in 0..=i {
-            let mut s = [T::zero(); LANES];
-            for (q, k) in q.iter().zip(&self.k[j * d..][..d]) {
-                fma(&mut s, q, k);
-            }
+        for p in p.iter() {
             for l in 0..LANES {
-                max[l] = max[l].max(s[l]);
+                max[l] = max[l].max(p[l]);
             }
-            self.p[j] = s;
         }
-        let mut sum = [T::zero(); LANES];
-        for p in &mut self.p[..=i] {
+        for p in p.iter_mut() {
             for l in 0..LANES {
-                p[l] = (p[l] - max[l]).exp();
+                p[l] = p[l] - max[l];
+            }
+        }
+        T::exp_nonpositive(p.as_flattened_mut());
+        let mut sum = [T::zero(); LANES];
+        for p in p.iter() {
+            for l in 0..LANES {
                 sum[l] = sum[l] + p[l];
             }
         }
-        for p in &mut self.p[..=i] {
+        let inv = sum.map(T::recip);
+        for p in p.iter_mut() {
             for l in 0..LANES {
-                p[l] = p[l] / sum[l];
+                p[l] = p[l] * inv[l];
             }
         }
     }
@@ -459,8 +498,11 @@ impl CausalAttention {
         })
     }
 
-    pub(crate) fn forward<T: Float + Send + Sync>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
-        let mut out = vec![T::zero(); self.batch * s.tokens * s.width];
+    pub(crate) fn forward<T: Real>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
+        // SAFETY: each group scatters every head's `d` columns of each of its
+        // sequences' rows, which make up its chunk of `out`.
+        #[allow(unsafe_code)]
+        let mut out = unsafe { unwritten(self.batch * s.tokens * s.width) };
         let rows = self.batch * s.tokens;
         let len = LANES * s.tokens * 3 * s.width;
         for_chunks(&mut out, LANES * s.tokens * s.width, rows, |g, out| {
@@ -479,7 +521,7 @@ impl CausalAttention {
     /// The outputs `out` `(sequences·T, width)` of up to [`LANES`] sequences from
     /// their rows `qkv` `(sequences·T, 3·width)`.
     #[inline(always)]
-    fn group<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
+    fn group<T: Real>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
         let d = s.head;
         let mut group = Group::new(s);
         let mut o = vec![[T::zero(); LANES]; s.tokens * d];
@@ -502,14 +544,17 @@ impl CausalAttention {
     /// [`group`](Self::group) compiled for AVX2 and chosen at run time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn group_avx2<T: Float>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
+    fn group_avx2<T: Real>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
         self.group(qkv, out, s)
     }
 
     /// `∂qkv` from the output gradient `g` `(rows, width)`.
-    pub(crate) fn backward<T: Float + Send + Sync>(&self, qkv: &[T], g: &[T], s: Sizes) -> Vec<T> {
+    pub(crate) fn backward<T: Real>(&self, qkv: &[T], g: &[T], s: Sizes) -> Vec<T> {
         let (stride, t) = (3 * s.width, s.tokens);
-        let mut grad = vec![T::zero(); qkv.len()];
+        // SAFETY: each group scatters every head's query, key and value columns of each
+        // of its sequences' rows, which make up its chunk of `grad`.
+        #[allow(unsafe_code)]
+        let mut grad = unsafe { unwritten(qkv.len()) };
         let rows = self.batch * t;
         let (len, g_len) = (LANES * t * stride, LANES * t * s.width);
         for_chunks(&mut grad, len, rows, |c, grad| {
@@ -529,14 +574,14 @@ impl CausalAttention {
     /// [`group_backward`](Self::group_backward) compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn group_backward_avx2<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
+    fn group_backward_avx2<T: Real>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
         self.group_backward(qkv, g, grad, s)
     }
 
     /// `∂qkv` `(sequences·T, 3·width)` of up to [`LANES`] sequences from their rows and
     /// output gradient `g` `(sequences·T, width)`.
     #[inline(always)]
-    fn group_backward<T: Float>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
+    fn group_backward<T: Real>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
         let mut group = Group::new(s);
         let zeros = |n| vec![[T::zero(); LANES]; n];
@@ -552,16 +597,9 @@ impl CausalAttention {
                 group.weights(i);
                 let gi = &gh[i * d..][..d];
                 // ∂p_ij = g_i · v_j, and their mean under p_i.
+                dots(gi, &group.v, &mut dp[..=i]);
                 let mut dot = [T::zero(); LANES];
-                for ((dpj, p), v) in dp[..=i]
-                    .iter_mut()
-                    .zip(&group.p)
-                    .zip(group.v.chunks_exact(d))
-                {
-                    *dpj = [T::zero(); LANES];
-                    for (g, v) in gi.iter().zip(v) {
-                        fma(dpj, g, v);
-                    }
+                for (p, dpj) in group.p.iter().zip(&dp[..=i]) {
                     fma(&mut dot, p, dpj);
                 }
                 let qi = &group.q[i * d..][..d];
@@ -592,11 +630,7 @@ impl CausalAttention {
         }
     }
 
-    fn gradient<T: candle::WithDType + Float + Send + Sync>(
-        &self,
-        qkv: &Tensor,
-        g: &Tensor,
-    ) -> Result<Tensor> {
+    fn gradient<T: candle::WithDType + Real>(&self, qkv: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (rows, cols) = qkv.dims2()?;
         let s = self.sizes(rows, cols)?;
         let grad = on_host(qkv, |qkv: &[T]| {

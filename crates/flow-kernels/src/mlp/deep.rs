@@ -7,11 +7,10 @@
 //! the batch, the network and the thread count planned when the op was built.
 
 use gemm::{gemm, Parallelism};
-use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{Arch, Net};
-use crate::Activation;
+use crate::{unwritten, Activation};
 
 /// Elements of activation buffers a chunk aims for (rows × widest layer), so that a
 /// chunk's activations stay in cache.
@@ -23,8 +22,8 @@ const MAX_ROWS: usize = 256;
 /// Most gradient elements held in partial sums at once, over every group.
 const PARTIAL_BUDGET: usize = 1 << 23;
 
-/// A float the kernels run on.
-pub(crate) trait Elem: Float + Send + Sync + 'static {}
+/// A float the network kernels run on.
+pub(crate) trait Elem: crate::Real + 'static {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
@@ -464,7 +463,8 @@ impl<'a, T: Elem> Prepared<'a, T> {
                     z.push(block);
                     rest = tail;
                 }
-                let mut dz = g_out.to_vec();
+                // The output's gradient, then each hidden layer's in turn.
+                let mut dz = std::borrow::Cow::Borrowed(g_out);
                 for l in (0..layers.len()).rev() {
                     if l == 0 {
                         layers[l].weights(&dz, x, &mut gp[span(l)]);
@@ -472,10 +472,13 @@ impl<'a, T: Elem> Prepared<'a, T> {
                     } else {
                         let y = activated(z[l - 1]);
                         layers[l].weights(&dz, &y, &mut gp[span(l)]);
-                        let mut g = vec![T::zero(); rows * layers[l].k];
+                        // SAFETY: `input` writes every element of `g` (a product
+                        // that overwrites, or each row set before it is added to).
+                        #[allow(unsafe_code)]
+                        let mut g = unsafe { unwritten(rows * layers[l].k) };
                         layers[l].input(&dz, &mut g);
                         act.backward(&mut g, z[l - 1], &y);
-                        dz = g;
+                        dz = g.into();
                     }
                 }
             }
@@ -552,13 +555,19 @@ impl<T: Elem> Prepared<'_, T> {
 /// chunk by chunk; empty without it, the trace then dropped chunk by chunk).
 pub(super) fn forward<T: Elem>(net: &Net<T>, x: &[T], rows: usize, keep: bool) -> (Vec<T>, Vec<T>) {
     let batch = x.len() / net.arch.input().max(1);
-    let mut out = vec![T::zero(); batch * net.arch.output()];
+    // SAFETY: `forward_into` hands every chunk of `out` and of `trace` to `run`, whose
+    // last layer writes the chunk's outputs and whose hidden layers write the trace
+    // (`Arch::trace_width` is the sum of what they write).
+    #[allow(unsafe_code)]
+    let mut out = unsafe { unwritten(batch * net.arch.output()) };
     let kept = if keep {
         batch * net.arch.trace_width()
     } else {
         0
     };
-    let mut trace = vec![T::zero(); kept];
+    // SAFETY: as `out`'s, just above.
+    #[allow(unsafe_code)]
+    let mut trace = unsafe { unwritten(kept) };
     forward_into(net, x, rows, &mut out, &mut trace);
     (out, trace)
 }
@@ -613,7 +622,10 @@ pub(super) fn backward<T: Elem>(
         .min((PARTIAL_BUDGET / n_params.max(1)).max(1));
     let per_group = chunks.div_ceil(groups) * rows;
     let net = Prepared::new(net);
-    let mut gx = vec![T::zero(); batch * input];
+    // SAFETY: every chunk of `gx` goes to `backward_of_chunk`, whose first layer's
+    // `input` writes all of it.
+    #[allow(unsafe_code)]
+    let mut gx = unsafe { unwritten(batch * input) };
     let partial: Vec<Vec<T>> = gx
         .par_chunks_mut(per_group * input)
         .zip(x.par_chunks(per_group * input))
