@@ -92,13 +92,30 @@ pub(crate) fn slice<'a, T>(data: &'a [T], l: &candle::Layout) -> candle::Result<
 ///
 /// The caller writes every element before it, or anything it is handed to, reads any.
 #[allow(unsafe_code, clippy::uninit_vec)]
-pub(crate) unsafe fn unwritten<T: num_traits::Float>(n: usize) -> Vec<T> {
+pub(crate) unsafe fn unwritten<E: Unwritten>(n: usize) -> Vec<E> {
     if cfg!(debug_assertions) {
-        return vec![T::nan(); n];
+        return vec![E::NAN; n];
     }
     let mut v = Vec::with_capacity(n);
     // SAFETY: the capacity is `n`; that the values are written before they are read is
     // the caller's promise.
     unsafe { v.set_len(n) };
     v
+}
+
+/// An element of an [`unwritten`] buffer, with the NaN a debug build fills it with.
+pub(crate) trait Unwritten: Copy {
+    const NAN: Self;
+}
+
+impl Unwritten for f32 {
+    const NAN: f32 = f32::NAN;
+}
+
+impl Unwritten for f64 {
+    const NAN: f64 = f64::NAN;
+}
+
+impl<T: Unwritten, const N: usize> Unwritten for [T; N] {
+    const NAN: Self = [T::NAN; N];
 }

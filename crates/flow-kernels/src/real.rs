@@ -5,7 +5,7 @@
 use num_traits::Float;
 
 /// A float with the softmax exponential the kernels share.
-pub(crate) trait Real: Float + Send + Sync {
+pub(crate) trait Real: Float + Send + Sync + crate::Unwritten {
     /// `eᵛ` of each value `v ≤ 0` in place (a softmax's logits less their maximum).
     fn exp_nonpositive(v: &mut [Self]);
 }

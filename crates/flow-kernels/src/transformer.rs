@@ -150,7 +150,7 @@ impl LayerNorm {
         T::from(self.eps).unwrap_or_else(T::epsilon)
     }
 
-    pub(crate) fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    pub(crate) fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let n = w.len();
         let eps = self.epsilon();
         // SAFETY: `norm_rows` writes every row of its block, and the blocks cover `out`.
@@ -177,12 +177,7 @@ impl LayerNorm {
     }
 
     /// `(∂x, ∂w, ∂b)` from the output gradient `g`.
-    pub(crate) fn backward<T: Float + Send + Sync>(
-        &self,
-        x: &[T],
-        w: &[T],
-        g: &[T],
-    ) -> [Vec<T>; 3] {
+    pub(crate) fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> [Vec<T>; 3] {
         let n = w.len();
         let eps = self.epsilon();
         // SAFETY: `norm_rows_backward` writes every row of its block's `∂x`, and the
@@ -225,7 +220,7 @@ impl LayerNorm {
         [gx, gw, gb]
     }
 
-    fn gradients<T: candle::WithDType + Float + Send + Sync>(
+    fn gradients<T: candle::WithDType + Real>(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -323,10 +318,10 @@ pub(crate) struct Sizes {
 /// vectors: every product, softmax and gradient then runs across sequences, whatever
 /// the head's width and however few keys a query sees (a loop over keys `0..=i` is too
 /// short to fill a vector for the first queries; one over sixteen sequences is not).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// One value of each of [`LANES`] sequences.
-type Lanes<T> = [T; LANES];
+pub(crate) type Lanes<T> = [T; LANES];
 
 /// `y += a ⊙ x`, lane by lane.
 #[inline(always)]
@@ -365,45 +360,56 @@ fn dots<T: Float>(a: &[Lanes<T>], rows: &[Lanes<T>], out: &mut [Lanes<T>]) {
 /// of sequence `l` at `[i·d + c][l]`; queries scaled by `1/√d`. Lanes past the
 /// group's sequences stay zero (uniform weights over zero values: harmless, unread),
 /// as do the tokens that round the keys and values up to whole [`KEY_BLOCK`]s.
-struct Group<T> {
-    s: Sizes,
-    scale: T,
-    q: Vec<Lanes<T>>,
-    k: Vec<Lanes<T>>,
-    v: Vec<Lanes<T>>,
-    /// The attention weights of the query last asked for, `[j][l]`.
-    p: Vec<Lanes<T>>,
+/// The forward pass gathers it from the rows of queries, keys and values and keeps
+/// it, laid out as [`Sizes::head_block`] says, for the backward pass.
+struct Head<'a, T> {
+    q: &'a [Lanes<T>],
+    k: &'a [Lanes<T>],
+    v: &'a [Lanes<T>],
 }
 
-impl<T: Real> Group<T> {
-    fn new(s: Sizes) -> Self {
-        let padded = s.tokens.next_multiple_of(KEY_BLOCK) * s.head;
-        let zeros = |n| vec![[T::zero(); LANES]; n];
-        Self {
-            s,
-            scale: T::from(s.head).unwrap_or_else(T::one).sqrt().recip(),
-            q: zeros(s.tokens * s.head),
-            k: zeros(padded),
-            v: zeros(padded),
-            p: zeros(s.tokens),
-        }
+impl Sizes {
+    /// Key and value tokens of a [`Head`], rounded up to whole [`KEY_BLOCK`]s.
+    fn padded(&self) -> usize {
+        self.tokens.next_multiple_of(KEY_BLOCK)
     }
 
-    /// Head `h` of the group's rows `qkv` `(sequences·T, 3·width)`.
+    /// Lane vectors of one [`Head`]: its queries, then its keys and values.
+    fn head_block(&self) -> usize {
+        (self.tokens + 2 * self.padded()) * self.head
+    }
+
+    /// `1/√d`, the queries' scale.
+    fn scale<T: Float>(&self) -> T {
+        T::from(self.head).unwrap_or_else(T::one).sqrt().recip()
+    }
+}
+
+impl<'a, T: Real> Head<'a, T> {
+    /// The head kept in `block` ([`Sizes::head_block`] long).
+    fn new(block: &'a [Lanes<T>], s: Sizes) -> Self {
+        let (q, kv) = block.split_at(s.tokens * s.head);
+        let (k, v) = kv.split_at(s.padded() * s.head);
+        Self { q, k, v }
+    }
+
+    /// Head `h` of a group's rows `qkv` `(sequences·T, 3·width)` gathered into `block`.
     #[inline(always)]
-    fn load(&mut self, qkv: &[T], h: usize) {
-        let (s, w, d) = (self.s, self.s.width, self.s.head);
-        gather(qkv, s, 3 * w, h * d, self.scale, &mut self.q);
-        gather(qkv, s, 3 * w, w + h * d, T::one(), &mut self.k);
-        gather(qkv, s, 3 * w, 2 * w + h * d, T::one(), &mut self.v);
+    fn gather(block: &'a mut [Lanes<T>], qkv: &[T], h: usize, s: Sizes) -> Self {
+        let (w, d) = (s.width, s.head);
+        let (q, kv) = block.split_at_mut(s.tokens * d);
+        let (k, v) = kv.split_at_mut(s.padded() * d);
+        gather(qkv, s, 3 * w, h * d, s.scale(), q);
+        gather(qkv, s, 3 * w, w + h * d, T::one(), k);
+        gather(qkv, s, 3 * w, 2 * w + h * d, T::one(), v);
+        Self { q, k, v }
     }
 
     /// Query `i`'s attention weights over keys `0..=i`, into `p[..=i]`.
     #[inline(always)]
-    fn weights(&mut self, i: usize) {
-        let d = self.s.head;
-        let p = &mut self.p[..=i];
-        dots(&self.q[i * d..][..d], &self.k, p);
+    fn weights(&self, i: usize, d: usize, p: &mut [Lanes<T>]) {
+        let p = &mut p[..=i];
+        dots(&self.q[i * d..][..d], self.k, p);
         let mut max = [T::neg_infinity(); LANES];
         for p in p.iter() {
             for l in 0..LANES {
@@ -432,7 +438,7 @@ impl<T: Real> Group<T> {
 }
 
 /// Columns `at .. at + d` of the rows `(sequences·T, stride)`, times `scale`, into
-/// lane-interleaved `dst` `[i·d + c][l]`.
+/// lane-interleaved `dst` `[i·d + c][l]`, every value of `dst` written.
 #[inline(always)]
 fn gather<T: Float>(
     rows: &[T],
@@ -443,6 +449,12 @@ fn gather<T: Float>(
     dst: &mut [Lanes<T>],
 ) {
     let (t, d) = (s.tokens, s.head);
+    // Lanes past the rows' sequences, and values past their tokens, are zeros.
+    if rows.len() < LANES * t * stride {
+        dst.fill([T::zero(); LANES]);
+    } else {
+        dst[t * d..].fill([T::zero(); LANES]);
+    }
     for (l, seq) in rows.chunks_exact(t * stride).enumerate() {
         for i in 0..t {
             let src = &seq[i * stride + at..][..d];
@@ -498,40 +510,58 @@ impl CausalAttention {
         })
     }
 
-    pub(crate) fn forward<T: Real>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
+    /// The heads' outputs `(rows, width)` from the rows `qkv` `(rows, 3·width)`, and the
+    /// heads as the backward pass reads them ([`backward`](Self::backward)).
+    pub(crate) fn forward<T: Real>(&self, qkv: &[T], s: Sizes) -> (Vec<T>, Vec<Lanes<T>>) {
+        let rows = self.batch * s.tokens;
         // SAFETY: each group scatters every head's `d` columns of each of its
         // sequences' rows, which make up its chunk of `out`.
         #[allow(unsafe_code)]
-        let mut out = unsafe { unwritten(self.batch * s.tokens * s.width) };
-        let rows = self.batch * s.tokens;
-        let len = LANES * s.tokens * 3 * s.width;
-        for_chunks(&mut out, LANES * s.tokens * s.width, rows, |g, out| {
+        let mut out = unsafe { unwritten(rows * s.width) };
+        let kept_len = self.heads * s.head_block();
+        // SAFETY: `Head::gather` writes the whole of each head's block (zeros where no
+        // row gives a value), and the groups' heads cover `kept`.
+        #[allow(unsafe_code)]
+        let mut kept = unsafe { unwritten(self.batch.div_ceil(LANES) * kept_len) };
+        let (len, out_len) = (LANES * s.tokens * 3 * s.width, LANES * s.tokens * s.width);
+        let run = |((out, kept), g): ((&mut [T], &mut [Lanes<T>]), usize)| {
             let qkv = &qkv[g * len..(g * len + len).min(qkv.len())];
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.group_avx2(qkv, out, s) };
+                return unsafe { self.group_avx2(qkv, out, kept, s) };
             }
-            self.group(qkv, out, s);
-        });
-        out
+            self.group(qkv, out, kept, s);
+        };
+        if planned() > 1 && rows >= PARALLEL_ROWS {
+            out.par_chunks_mut(out_len)
+                .zip(kept.par_chunks_mut(kept_len))
+                .zip(0..self.batch.div_ceil(LANES))
+                .for_each(run);
+        } else {
+            out.chunks_mut(out_len)
+                .zip(kept.chunks_mut(kept_len))
+                .zip(0..)
+                .for_each(run);
+        }
+        (out, kept)
     }
 
     /// The outputs `out` `(sequences·T, width)` of up to [`LANES`] sequences from
-    /// their rows `qkv` `(sequences·T, 3·width)`.
+    /// their rows `qkv` `(sequences·T, 3·width)`, their heads gathered into `kept`.
     #[inline(always)]
-    fn group<T: Real>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
+    fn group<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         let d = s.head;
-        let mut group = Group::new(s);
+        let mut p = vec![[T::zero(); LANES]; s.tokens];
         let mut o = vec![[T::zero(); LANES]; s.tokens * d];
-        for h in 0..self.heads {
-            group.load(qkv, h);
+        for (h, block) in kept.chunks_exact_mut(s.head_block()).enumerate() {
+            let head = Head::gather(block, qkv, h, s);
             for i in 0..s.tokens {
-                group.weights(i);
+                head.weights(i, d, &mut p);
                 let o = &mut o[i * d..][..d];
                 o.iter_mut().for_each(|o| *o = [T::zero(); LANES]);
-                for (p, v) in group.p[..=i].iter().zip(group.v.chunks_exact(d)) {
+                for (p, v) in p[..=i].iter().zip(head.v.chunks_exact(d)) {
                     for (o, v) in o.iter_mut().zip(v) {
                         fma(o, p, v);
                     }
@@ -544,29 +574,34 @@ impl CausalAttention {
     /// [`group`](Self::group) compiled for AVX2 and chosen at run time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn group_avx2<T: Real>(&self, qkv: &[T], out: &mut [T], s: Sizes) {
-        self.group(qkv, out, s)
+    fn group_avx2<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
+        self.group(qkv, out, kept, s)
     }
 
-    /// `∂qkv` from the output gradient `g` `(rows, width)`.
-    pub(crate) fn backward<T: Real>(&self, qkv: &[T], g: &[T], s: Sizes) -> Vec<T> {
+    /// `∂qkv` `(rows, 3·width)` from the output gradient `g` `(rows, width)` and the
+    /// heads that [`forward`](Self::forward) kept.
+    pub(crate) fn backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], s: Sizes) -> Vec<T> {
         let (stride, t) = (3 * s.width, s.tokens);
+        let rows = self.batch * t;
         // SAFETY: each group scatters every head's query, key and value columns of each
         // of its sequences' rows, which make up its chunk of `grad`.
         #[allow(unsafe_code)]
-        let mut grad = unsafe { unwritten(qkv.len()) };
-        let rows = self.batch * t;
-        let (len, g_len) = (LANES * t * stride, LANES * t * s.width);
+        let mut grad = unsafe { unwritten(rows * stride) };
+        let (len, g_len, kept_len) = (
+            LANES * t * stride,
+            LANES * t * s.width,
+            self.heads * s.head_block(),
+        );
         for_chunks(&mut grad, len, rows, |c, grad| {
-            let qkv = &qkv[c * len..][..grad.len()];
             let g = &g[c * g_len..][..grad.len() / 3];
+            let kept = &kept[c * kept_len..][..kept_len];
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.group_backward_avx2(qkv, g, grad, s) };
+                return unsafe { self.group_backward_avx2(kept, g, grad, s) };
             }
-            self.group_backward(qkv, g, grad, s);
+            self.group_backward(kept, g, grad, s);
         });
         grad
     }
@@ -574,38 +609,37 @@ impl CausalAttention {
     /// [`group_backward`](Self::group_backward) compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn group_backward_avx2<T: Real>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
-        self.group_backward(qkv, g, grad, s)
+    fn group_backward_avx2<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
+        self.group_backward(kept, g, grad, s)
     }
 
-    /// `∂qkv` `(sequences·T, 3·width)` of up to [`LANES`] sequences from their rows and
-    /// output gradient `g` `(sequences·T, width)`.
+    /// `∂qkv` `(sequences·T, 3·width)` of up to [`LANES`] sequences from their kept
+    /// heads and output gradient `g` `(sequences·T, width)`.
     #[inline(always)]
-    fn group_backward<T: Real>(&self, qkv: &[T], g: &[T], grad: &mut [T], s: Sizes) {
+    fn group_backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
-        let mut group = Group::new(s);
         let zeros = |n| vec![[T::zero(); LANES]; n];
-        let (mut gh, mut dp) = (zeros(t * d), zeros(t));
+        let (mut gh, mut dp, mut p) = (zeros(t * d), zeros(t), zeros(t));
         let (mut dq, mut dk, mut dv) = (zeros(t * d), zeros(t * d), zeros(t * d));
-        for h in 0..self.heads {
-            group.load(qkv, h);
+        for (h, block) in kept.chunks_exact(s.head_block()).enumerate() {
+            let head = Head::new(block, s);
             gather(g, s, s.width, h * d, T::one(), &mut gh);
             for buf in [&mut dq, &mut dk, &mut dv] {
                 buf.iter_mut().for_each(|v| *v = [T::zero(); LANES]);
             }
             for i in 0..t {
-                group.weights(i);
+                head.weights(i, d, &mut p);
                 let gi = &gh[i * d..][..d];
                 // ∂p_ij = g_i · v_j, and their mean under p_i.
-                dots(gi, &group.v, &mut dp[..=i]);
+                dots(gi, head.v, &mut dp[..=i]);
                 let mut dot = [T::zero(); LANES];
-                for (p, dpj) in group.p.iter().zip(&dp[..=i]) {
+                for (p, dpj) in p.iter().zip(&dp[..=i]) {
                     fma(&mut dot, p, dpj);
                 }
-                let qi = &group.q[i * d..][..d];
+                let qi = &head.q[i * d..][..d];
                 let dqi = &mut dq[i * d..][..d];
                 for j in 0..=i {
-                    let p = &group.p[j];
+                    let p = &p[j];
                     // ∂v_j += p_ij g_i; ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik), with
                     // s_ij = (q_i / √d)·k_j: ∂q_i += ∂s_ij k_j / √d (the scale applied
                     // once, at the end), ∂k_j += ∂s_ij q_i / √d.
@@ -616,7 +650,7 @@ impl CausalAttention {
                     for l in 0..LANES {
                         ds[l] = p[l] * (dp[j][l] - dot[l]);
                     }
-                    for (dq, k) in dqi.iter_mut().zip(&group.k[j * d..][..d]) {
+                    for (dq, k) in dqi.iter_mut().zip(&head.k[j * d..][..d]) {
                         fma(dq, &ds, k);
                     }
                     for (dk, q) in dk[j * d..][..d].iter_mut().zip(qi) {
@@ -624,7 +658,7 @@ impl CausalAttention {
                     }
                 }
             }
-            scatter(&dq, s, grad, stride, h * d, group.scale);
+            scatter(&dq, s, grad, stride, h * d, s.scale());
             scatter(&dk, s, grad, stride, s.width + h * d, T::one());
             scatter(&dv, s, grad, stride, 2 * s.width + h * d, T::one());
         }
@@ -633,8 +667,10 @@ impl CausalAttention {
     fn gradient<T: candle::WithDType + Real>(&self, qkv: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (rows, cols) = qkv.dims2()?;
         let s = self.sizes(rows, cols)?;
+        // The op keeps nothing between its passes: the heads are gathered again.
         let grad = on_host(qkv, |qkv: &[T]| {
-            on_host(g, |g| Ok(self.backward(qkv, g, s)))
+            let (_, kept) = self.forward(qkv, s);
+            on_host(g, |g| Ok(self.backward(&kept, g, s)))
         })?;
         Tensor::from_vec(grad, qkv.shape(), qkv.device())
     }
@@ -649,8 +685,8 @@ impl CustomOp1 for CausalAttention {
         let (rows, cols) = layout.shape().dims2()?;
         let s = self.sizes(rows, cols)?;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(slice(x, layout)?, s)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.forward(slice(x, layout)?, s)),
+            CpuStorage::F32(x) => CpuStorage::F32(self.forward(slice(x, layout)?, s).0),
+            CpuStorage::F64(x) => CpuStorage::F64(self.forward(slice(x, layout)?, s).0),
             _ => candle::bail!("the fused attention supports f32 and f64"),
         };
         Ok((out, Shape::from((rows, s.width))))
