@@ -75,7 +75,9 @@ pub fn report(ours: &DigitsRun, glow: &DigitsRun, torch: &DigitsRun, o: &DigitsO
          step, batch {BATCH}). PyTorch: `benches/pytorch_tarflow.py --steps {} --batch \
          {BATCH}`, the same architecture, optimiser and batch. Glow: seed 0 of the table \
          above ({} steps). Wall-clock is the training's, as `flow train` and the script \
-         report it.",
+         report it, our validation passes included. Steps/s are the training steps': \
+         ours without the seconds `flow train` reports spending on its validation set \
+         (the script scores none), PyTorch's without its first 20 steps.",
         o.threads, o.tarflow_steps, o.tarflow_steps, o.steps
     ));
     line(String::new());

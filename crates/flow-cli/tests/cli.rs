@@ -848,6 +848,16 @@ fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     let kept = line_after(&err, &format!("saved {m}: "));
     assert!(kept.starts_with("the weights of step "), "{kept}");
     assert!(kept.contains(", the best validation NLL ("), "{kept}");
+    // The rate is also given without the seconds spent validating: more steps a second.
+    let trained = line_after(&err, "trained ");
+    let rate_before = |label: &str| -> f64 {
+        let at = trained.find(label).unwrap_or_else(|| panic!("{trained}"));
+        let start = trained[..at].rfind('(').expect("a rate in brackets") + 1;
+        trained[start..at].parse().expect("a rate")
+    };
+    let (all, training) = (rate_before(" steps/s)"), rate_before(" steps/s without)"));
+    assert!(trained.contains("s of it validating ("), "{trained}");
+    assert!(training > all, "{trained}");
     // The metrics carry both losses.
     let metrics = path("held-out.jsonl");
     let out = flow(&[&args[..], &["--metrics", &metrics]].concat());
@@ -870,6 +880,7 @@ fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
         line_after(&err, &format!("saved {m}: ")),
         "the weights of the last step, 40"
     );
+    assert!(!err.contains("validating"), "{err}");
 }
 
 #[test]

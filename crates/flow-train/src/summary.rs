@@ -49,6 +49,8 @@ mod tests {
             interrupted: false,
             elapsed_secs: 1.0,
             steps_per_sec: 300.0,
+            validation_secs: 0.1,
+            training_steps_per_sec: Some(333.3),
             low_memory: None,
         }
     }

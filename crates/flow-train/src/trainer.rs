@@ -50,6 +50,14 @@ pub struct TrainSummary {
     pub interrupted: bool,
     pub elapsed_secs: f64,
     pub steps_per_sec: f64,
+    /// Seconds of this call spent scoring the validation set.
+    #[serde(default)]
+    pub validation_secs: f64,
+    /// This call's steps a second with those seconds left out: the rate of the
+    /// training steps themselves, as a loop without validation measures it. `None`
+    /// without validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_steps_per_sec: Option<f64>,
     /// With [`Trainer::with_low_memory`]: the layers recomputed and kept, and the
     /// reconstruction errors measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -795,6 +803,8 @@ struct Run<'a> {
     start: Instant,
     elapsed_before: f64,
     steps_before: usize,
+    /// Seconds of this call spent scoring the validation set.
+    validation_secs: f64,
 }
 
 impl<'a> Run<'a> {
@@ -865,6 +875,7 @@ impl<'a> Run<'a> {
             start: Instant::now(),
             elapsed_before: 0.0,
             steps_before: 0,
+            validation_secs: 0.0,
         };
         match resume {
             Some(r) => run.restore(r)?,
@@ -997,11 +1008,13 @@ impl<'a> Run<'a> {
         if !(scheduled || last) {
             return Ok(None);
         }
+        let scoring = Instant::now();
         let flow = &mut self.model.flow;
         flow.set_training(false);
         let v = mean_nll(flow, x, c.as_ref())?;
         flow.set_training(true);
         let v = self.agree_on_score(v)?;
+        self.validation_secs += scoring.elapsed().as_secs_f64();
         let st = &mut self.state;
         // An evaluation off the schedule (the end of a run whose length is not a
         // multiple of `val_every`) chooses the returned weights but leaves the state
@@ -1023,6 +1036,15 @@ impl<'a> Run<'a> {
     /// Steps per second in this call so far.
     fn rate(&self) -> f64 {
         (self.state.step - self.steps_before) as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// [`rate`](Self::rate) without the seconds spent validating; `None` without a
+    /// validation set.
+    fn training_rate(&self) -> Option<f64> {
+        let training = self.start.elapsed().as_secs_f64() - self.validation_secs;
+        self.val
+            .is_some()
+            .then(|| (self.state.step - self.steps_before) as f64 / training.max(1e-9))
     }
 
     /// Tells `reporter` of the step just taken, every `report_every` steps, at a
@@ -1136,6 +1158,8 @@ impl<'a> Run<'a> {
             interrupted: end.interrupted,
             elapsed_secs: st.elapsed_secs,
             steps_per_sec: self.rate(),
+            validation_secs: self.validation_secs,
+            training_steps_per_sec: self.training_rate(),
             low_memory: self.layerwise.as_ref().map(|l| l.report().clone()),
         };
         reporter.finish(&summary);

@@ -746,12 +746,19 @@ pub fn run(a: TrainArgs) -> CmdResult {
     };
     let final_loss = s.final_loss + offset;
     let mut line = format!(
-        "trained {} steps in {:.1}s ({:.1} steps/s), last batch NLL {final_loss:.4} nats{}",
-        s.steps,
-        s.elapsed_secs,
-        s.steps_per_sec,
-        bits(final_loss)
+        "trained {} steps in {:.1}s ({:.1} steps/s)",
+        s.steps, s.elapsed_secs, s.steps_per_sec
     );
+    if let Some(rate) = s.training_steps_per_sec {
+        line.push_str(&format!(
+            ", {:.2}s of it validating ({rate:.1} steps/s without)",
+            s.validation_secs
+        ));
+    }
+    line.push_str(&format!(
+        ", last batch NLL {final_loss:.4} nats{}",
+        bits(final_loss)
+    ));
     if let (Some(v), Some(at)) = (s.best_val_nll, s.best_step) {
         let v = v + offset;
         line.push_str(&format!(
