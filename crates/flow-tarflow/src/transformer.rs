@@ -175,7 +175,12 @@ impl Transformer {
             seq.narrow(1, 0, (t - 1) * d)?.pad_with_zeros(1, d, 0)?
         };
         let h = self.input.forward(&before.reshape((batch * t, d))?)?;
-        let mut h = h.reshape((batch, t, ()))?.broadcast_add(&self.position)?;
+        // The positions reach every sequence as the product `1 · position`, so that
+        // their gradient is one matrix product over the batch: the gradient of a
+        // broadcast is a sum over the batch that candle takes element by element.
+        let ones = Tensor::ones((batch, 1), h.dtype(), h.device())?;
+        let positions = ones.matmul(&self.position.reshape((1, ()))?)?;
+        let mut h = (h.reshape((batch, ()))? + positions)?.reshape((batch, t, ()))?;
         if let Some(c) = self.context(context)? {
             h = h.broadcast_add(&c.unsqueeze(1)?)?;
         }
