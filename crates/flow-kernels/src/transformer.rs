@@ -553,8 +553,10 @@ impl CausalAttention {
     #[inline(always)]
     fn group<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         let d = s.head;
-        let mut p = vec![[T::zero(); LANES]; s.tokens];
-        let mut o = vec![[T::zero(); LANES]; s.tokens * d];
+        // SAFETY: `weights` writes query `i`'s weights `p[..=i]` before they are read,
+        // and each query's outputs are zeroed before they are summed.
+        #[allow(unsafe_code)]
+        let (mut p, mut o) = unsafe { (unwritten(s.tokens), unwritten(s.tokens * d)) };
         for (h, block) in kept.chunks_exact_mut(s.head_block()).enumerate() {
             let head = Head::gather(block, qkv, h, s);
             for i in 0..s.tokens {
@@ -618,9 +620,12 @@ impl CausalAttention {
     #[inline(always)]
     fn group_backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
-        let zeros = |n| vec![[T::zero(); LANES]; n];
-        let (mut gh, mut dp, mut p) = (zeros(t * d), zeros(t), zeros(t));
-        let (mut dq, mut dk, mut dv) = (zeros(t * d), zeros(t * d), zeros(t * d));
+        // SAFETY: `gather` writes every value of `gh`; `dots` and `weights` write query
+        // `i`'s `dp[..=i]` and `p[..=i]` before they are read; the gradients are zeroed
+        // for each head before they are summed.
+        #[allow(unsafe_code)]
+        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut p] =
+            unsafe { [t * d, t * d, t * d, t * d, t, t].map(|n| unwritten(n)) };
         for (h, block) in kept.chunks_exact(s.head_block()).enumerate() {
             let head = Head::new(block, s);
             gather(g, s, s.width, h * d, T::one(), &mut gh);
