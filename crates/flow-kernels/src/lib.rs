@@ -85,15 +85,16 @@ pub(crate) fn slice<'a, T>(data: &'a [T], l: &candle::Layout) -> candle::Result<
 /// A buffer of `n` values for a kernel that writes every one of them before anything
 /// reads it: the allocation without `vec![0; n]`'s zero-fill, a pass over memory that
 /// the kernel's own writes then repeat (a tenth of a Transformer's training step).
-/// Debug builds fill it with NaN instead, so that a value read before it is written
-/// shows in the tests that pin each kernel to its reference.
+/// Debug builds, and builds with the `nan-unwritten` feature (which the tests that pin
+/// each kernel to its reference turn on), fill it with NaN instead, so that a value read
+/// before it is written shows in those tests.
 ///
 /// # Safety
 ///
 /// The caller writes every element before it, or anything it is handed to, reads any.
 #[allow(unsafe_code, clippy::uninit_vec)]
 pub(crate) unsafe fn unwritten<E: Unwritten>(n: usize) -> Vec<E> {
-    if cfg!(debug_assertions) {
+    if cfg!(any(debug_assertions, feature = "nan-unwritten")) {
         return vec![E::NAN; n];
     }
     let mut v = Vec::with_capacity(n);
