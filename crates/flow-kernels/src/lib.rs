@@ -104,7 +104,8 @@ pub(crate) unsafe fn unwritten<E: Unwritten>(n: usize) -> Vec<E> {
     v
 }
 
-/// An element of an [`unwritten`] buffer, with the NaN a debug build fills it with.
+/// An element of an [`unwritten`] buffer, with the NaN that fills it where reads before
+/// writes are checked.
 pub(crate) trait Unwritten: Copy {
     const NAN: Self;
 }

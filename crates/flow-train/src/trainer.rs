@@ -1035,16 +1035,19 @@ impl<'a> Run<'a> {
 
     /// Steps per second in this call so far.
     fn rate(&self) -> f64 {
-        (self.state.step - self.steps_before) as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+        self.rate_over(self.start.elapsed().as_secs_f64())
     }
 
     /// [`rate`](Self::rate) without the seconds spent validating; `None` without a
     /// validation set.
     fn training_rate(&self) -> Option<f64> {
-        let training = self.start.elapsed().as_secs_f64() - self.validation_secs;
-        self.val
-            .is_some()
-            .then(|| (self.state.step - self.steps_before) as f64 / training.max(1e-9))
+        let seconds = self.start.elapsed().as_secs_f64() - self.validation_secs;
+        self.val.is_some().then(|| self.rate_over(seconds))
+    }
+
+    /// This call's steps over `seconds`.
+    fn rate_over(&self, seconds: f64) -> f64 {
+        (self.state.step - self.steps_before) as f64 / seconds.max(1e-9)
     }
 
     /// Tells `reporter` of the step just taken, every `report_every` steps, at a
