@@ -73,6 +73,7 @@ impl Reporter for Silent {
 
 fn main() -> ExitCode {
     flow_nn::pin_thread_count();
+    flow_nn::retain_freed_memory();
     match run() {
         Ok(json) => {
             println!("{json}");

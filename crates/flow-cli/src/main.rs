@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Training and evaluation allocate and free the same large buffers step after step;
-/// mimalloc keeps them instead of returning them to the system each time, as the
-/// default allocator does for large blocks (a page fault per page, every step).
+/// mimalloc, told so at the start of `main`, keeps them instead of returning them to the
+/// system (a page fault per page, every step).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -44,6 +44,7 @@ pub fn print_out(text: &str) {
 }
 
 fn main() -> ExitCode {
+    flow_nn::retain_freed_memory();
     // Processes that a launcher started together on this machine share its cores.
     flow_nn::pin_thread_count_among(flow_dist::local_processes());
     let cli = match cli::Cli::try_parse() {

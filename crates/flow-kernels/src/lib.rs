@@ -17,7 +17,8 @@
 //!   decomposition on the host, for the small matrices of invertible 1×1
 //!   convolutions);
 //! - [`pin_thread_count`]: the thread count candle reads, fixed once per process;
-//!   [`on_this_thread`]: kernels planned for the calling thread alone.
+//!   [`on_this_thread`]: kernels planned for the calling thread alone;
+//! - [`allocator`]: the allocator's settings for a process that trains.
 //!
 //! [`fusion`] holds the one switch and the one decision, per op, between a kernel and
 //! the reference path. Unsafe code lives in this crate only, in the kernel modules.
@@ -25,6 +26,8 @@
 pub mod activation;
 pub mod adam;
 pub mod affine;
+#[allow(unsafe_code)]
+pub mod allocator;
 pub mod conv;
 pub mod fusion;
 mod limits;
@@ -39,6 +42,7 @@ pub mod transformer;
 pub mod transformer_layer;
 
 pub use activation::Activation;
+pub use allocator::retain_freed_memory;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};
 pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;

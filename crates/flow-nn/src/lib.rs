@@ -32,8 +32,8 @@ pub use conditioner::{Conditioner, ConditionerConfig, Nets, OutputLayout};
 pub use coupling::{Coupling, CouplingConfig};
 pub use flow_kernels::linalg;
 pub use flow_kernels::{
-    fusion_enabled, pin_thread_count, pin_thread_count_among, set_fusion, Activation, ScaleMap,
-    SplineStyle,
+    fusion_enabled, pin_thread_count, pin_thread_count_among, retain_freed_memory, set_fusion,
+    Activation, ScaleMap, SplineStyle,
 };
 pub use lu_linear::{LuLinear, LuLinearConfig};
 pub use made::made_masks;

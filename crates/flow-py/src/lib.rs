@@ -92,6 +92,7 @@ fn flows(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // cores the compute pool needs, and this (the main) thread computes as one of the
     // pool's threads instead of competing with them.
     flow_nn::pin_thread_count();
+    flow_nn::retain_freed_memory();
     flow_core::join_cpu_pool();
     m.add_class::<Flow>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
