@@ -327,13 +327,14 @@ pub(crate) type Lanes<T> = [T; LANES];
 #[inline(always)]
 fn fma<T: Float>(y: &mut Lanes<T>, a: &Lanes<T>, x: &Lanes<T>) {
     for l in 0..LANES {
-        y[l] = y[l] + a[l] * x[l];
+        y[l] = a[l].mul_add(x[l], y[l]);
     }
 }
 
-/// Keys scored at once by [`dots`]: their [`LANES`]-wide sums stay in registers while
-/// the query streams past, so that the additions form independent chains instead of
-/// one chain per key as long as the head is wide.
+/// Keys scored at once by [`dots`] (written out there four times): their
+/// [`LANES`]-wide sums stay in registers while the query streams past, so that the
+/// additions form independent chains instead of one chain per key as long as the head
+/// is wide.
 const KEY_BLOCK: usize = 4;
 
 /// `out[j] = Σ_c a[c] ⊙ rows[j·d + c]` for `j < out.len()`, `d = a.len()`, the rows
@@ -346,14 +347,73 @@ fn dots<T: Float>(a: &[Lanes<T>], rows: &[Lanes<T>], out: &mut [Lanes<T>]) {
         .zip(out.chunks_mut(KEY_BLOCK))
     {
         let block = &rows[j0 * d..][..KEY_BLOCK * d];
+        let (r0, rest) = block.split_at(d);
+        let (r1, rest) = rest.split_at(d);
+        let (r2, r3) = rest.split_at(d);
         let mut s = [[T::zero(); LANES]; KEY_BLOCK];
-        for (c, a) in a.iter().enumerate() {
-            for (b, s) in s.iter_mut().enumerate() {
-                fma(s, a, &block[b * d + c]);
+        // Zipped, not indexed: a bounds check in the loop would keep the sums in memory.
+        for ((((a, x0), x1), x2), x3) in a.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
+            fma(&mut s[0], a, x0);
+            fma(&mut s[1], a, x1);
+            fma(&mut s[2], a, x2);
+            fma(&mut s[3], a, x3);
+        }
+        match <&mut [Lanes<T>; KEY_BLOCK]>::try_from(&mut *out) {
+            Ok(out) => *out = s,
+            Err(_) => out.copy_from_slice(&s[..out.len()]),
+        }
+    }
+}
+
+/// Columns summed at once by [`weighted_sum`]: their [`LANES`]-wide sums stay in
+/// registers while the weights and rows stream past, instead of each column being
+/// loaded, added to and stored again for every row.
+const COLUMN_BLOCK: usize = 4;
+
+/// `out[c] = Σ_{j<n} w[j·stride] ⊙ rows[j·d + c]` for `c < d = out.len()`: a weighted
+/// sum of `n` rows of `d` lane vectors, the weights `stride` apart.
+#[inline(always)]
+fn weighted_sum<T: Float>(
+    w: &[Lanes<T>],
+    stride: usize,
+    n: usize,
+    rows: &[Lanes<T>],
+    out: &mut [Lanes<T>],
+) {
+    let d = out.len();
+    for (c, out) in (0..d)
+        .step_by(COLUMN_BLOCK)
+        .zip(out.chunks_mut(COLUMN_BLOCK))
+    {
+        if let Ok(out) = <&mut [Lanes<T>; COLUMN_BLOCK]>::try_from(&mut *out) {
+            *out = column_sums(w, stride, n, &rows[c..], d);
+        } else {
+            for (b, out) in out.iter_mut().enumerate() {
+                [*out] = column_sums(w, stride, n, &rows[c + b..], d);
             }
         }
-        out.copy_from_slice(&s[..out.len()]);
     }
+}
+
+/// `Σ_{j<n} w[j·stride] ⊙ rows[j·d + b]` for `b < B`.
+#[inline(always)]
+fn column_sums<T: Float, const B: usize>(
+    w: &[Lanes<T>],
+    stride: usize,
+    n: usize,
+    rows: &[Lanes<T>],
+    d: usize,
+) -> [Lanes<T>; B] {
+    let mut acc = [[T::zero(); LANES]; B];
+    // Iterated, not indexed, as in `dots`.
+    for (w, r) in w.iter().step_by(stride).zip(rows.chunks(d)).take(n) {
+        if let Some(r) = r.first_chunk::<B>() {
+            for (a, r) in acc.iter_mut().zip(r) {
+                fma(a, w, r);
+            }
+        }
+    }
+    acc
 }
 
 /// One head of up to [`LANES`] sequences, lane-interleaved: value `c` of token `i`
@@ -554,20 +614,14 @@ impl CausalAttention {
     fn group<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         let d = s.head;
         // SAFETY: `weights` writes query `i`'s weights `p[..=i]` before they are read,
-        // and each query's outputs are zeroed before they are summed.
+        // and `weighted_sum` writes each query's outputs whole.
         #[allow(unsafe_code)]
         let (mut p, mut o) = unsafe { (unwritten(s.tokens), unwritten(s.tokens * d)) };
         for (h, block) in kept.chunks_exact_mut(s.head_block()).enumerate() {
             let head = Head::gather(block, qkv, h, s);
             for i in 0..s.tokens {
                 head.weights(i, d, &mut p);
-                let o = &mut o[i * d..][..d];
-                o.iter_mut().for_each(|o| *o = [T::zero(); LANES]);
-                for (p, v) in p[..=i].iter().zip(head.v.chunks_exact(d)) {
-                    for (o, v) in o.iter_mut().zip(v) {
-                        fma(o, p, v);
-                    }
-                }
+                weighted_sum(&p, 1, i + 1, head.v, &mut o[i * d..][..d]);
             }
             scatter(&o, s, out, s.width, h * d, T::one());
         }
@@ -575,7 +629,7 @@ impl CausalAttention {
 
     /// [`group`](Self::group) compiled for AVX2 and chosen at run time.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     fn group_avx2<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         self.group(qkv, out, kept, s)
     }
@@ -610,7 +664,7 @@ impl CausalAttention {
 
     /// [`group_backward`](Self::group_backward) compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     fn group_backward_avx2<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
         self.group_backward(kept, g, grad, s)
     }
@@ -620,48 +674,42 @@ impl CausalAttention {
     #[inline(always)]
     fn group_backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
-        // SAFETY: `gather` writes every value of `gh`; `dots` and `weights` write query
-        // `i`'s `dp[..=i]` and `p[..=i]` before they are read; the gradients are zeroed
-        // for each head before they are summed.
+        // SAFETY: `gather` writes every value of `gh`; `weights` writes query `i`'s
+        // weights, row `i` of `p` up to `i`, and the loop over `i` row `i` of `ds` up to
+        // `i` and of `dp`, before they are read (the sums over `i ≥ j` read only those);
+        // `weighted_sum` writes each row of `dq`, `dk` and `dv` whole.
         #[allow(unsafe_code)]
-        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut p] =
-            unsafe { [t * d, t * d, t * d, t * d, t, t].map(|n| unwritten(n)) };
+        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut p, mut ds] =
+            unsafe { [t * d, t * d, t * d, t * d, t, t * t, t * t].map(|n| unwritten(n)) };
         for (h, block) in kept.chunks_exact(s.head_block()).enumerate() {
             let head = Head::new(block, s);
             gather(g, s, s.width, h * d, T::one(), &mut gh);
-            for buf in [&mut dq, &mut dk, &mut dv] {
-                buf.iter_mut().for_each(|v| *v = [T::zero(); LANES]);
-            }
+            // Row by row, queries: the weights `p_i`, then ∂p_ij = g_i · v_j and their
+            // mean under p_i, then ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik). With
+            // s_ij = (q_i / √d)·k_j, ∂q_i = Σ_j ∂s_ij k_j / √d (the scale applied once,
+            // at the end).
             for i in 0..t {
-                head.weights(i, d, &mut p);
+                let (p, ds) = (&mut p[i * t..][..t], &mut ds[i * t..][..=i]);
+                head.weights(i, d, p);
                 let gi = &gh[i * d..][..d];
-                // ∂p_ij = g_i · v_j, and their mean under p_i.
                 dots(gi, head.v, &mut dp[..=i]);
                 let mut dot = [T::zero(); LANES];
                 for (p, dpj) in p.iter().zip(&dp[..=i]) {
                     fma(&mut dot, p, dpj);
                 }
-                let qi = &head.q[i * d..][..d];
-                let dqi = &mut dq[i * d..][..d];
-                for j in 0..=i {
-                    let p = &p[j];
-                    // ∂v_j += p_ij g_i; ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik), with
-                    // s_ij = (q_i / √d)·k_j: ∂q_i += ∂s_ij k_j / √d (the scale applied
-                    // once, at the end), ∂k_j += ∂s_ij q_i / √d.
-                    for (dv, g) in dv[j * d..][..d].iter_mut().zip(gi) {
-                        fma(dv, p, g);
-                    }
-                    let mut ds = [T::zero(); LANES];
+                for ((ds, p), dp) in ds.iter_mut().zip(&*p).zip(&dp) {
                     for l in 0..LANES {
-                        ds[l] = p[l] * (dp[j][l] - dot[l]);
-                    }
-                    for (dq, k) in dqi.iter_mut().zip(&head.k[j * d..][..d]) {
-                        fma(dq, &ds, k);
-                    }
-                    for (dk, q) in dk[j * d..][..d].iter_mut().zip(qi) {
-                        fma(dk, &ds, q);
+                        ds[l] = p[l] * (dp[l] - dot[l]);
                     }
                 }
+                weighted_sum(ds, 1, i + 1, head.k, &mut dq[i * d..][..d]);
+            }
+            // Column by column, keys and values: ∂v_j = Σ_{i≥j} p_ij g_i and
+            // ∂k_j = Σ_{i≥j} ∂s_ij q_i / √d (the queries kept scaled).
+            for j in 0..t {
+                let (w, n) = (j * t + j, t - j);
+                weighted_sum(&p[w..], t, n, &gh[j * d..], &mut dv[j * d..][..d]);
+                weighted_sum(&ds[w..], t, n, &head.q[j * d..], &mut dk[j * d..][..d]);
             }
             scatter(&dq, s, grad, stride, h * d, s.scale());
             scatter(&dk, s, grad, stride, s.width + h * d, T::one());

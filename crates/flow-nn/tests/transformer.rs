@@ -97,9 +97,11 @@ fn the_fused_layer_norm_is_the_reference() -> Result<()> {
 #[test]
 fn the_fused_causal_attention_is_the_reference() -> Result<()> {
     // The kernel takes sequences sixteen at a time: 19 fills one group and part of the
-    // next, with more than 256 rows so that the groups run in parallel.
+    // next, with more than 256 rows so that the groups run in parallel. It sums over a
+    // head's columns four at a time: heads of 8 columns, and of 10 for 9 sequences.
     let cases = [
         (16, 4, 32, 19),
+        (5, 2, 20, 9),
         (2 * QUERY_CHUNK + 9, 2, 8, 3),
         (1, 1, 4, 3),
     ];

@@ -48,11 +48,11 @@ use product::Product;
 /// (`x86`, `portable`): they keep a sample's inputs and outputs in registers.
 pub const NARROW: usize = 16;
 
-/// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`); the answer is
-/// cached by std.
+/// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`, the attention's,
+/// which also use FMA); the answer is cached by std.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// How a network's linear layers connect.
