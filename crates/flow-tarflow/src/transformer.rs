@@ -178,13 +178,15 @@ impl Transformer {
         // The positions reach every sequence as the product `1 · position`, so that
         // their gradient is one matrix product over the batch: the gradient of a
         // broadcast is a sum over the batch that candle takes element by element.
+        // Each node is a gradient that candle's autograd zero-fills and adds to, so
+        // the rows keep their shape `(batch·tokens, width)` throughout.
         let ones = Tensor::ones((batch, 1), h.dtype(), h.device())?;
         let positions = ones.matmul(&self.position.reshape((1, ()))?)?;
-        let mut h = (h.reshape((batch, ()))? + positions)?.reshape((batch, t, ()))?;
+        let mut h = (h + positions.reshape((batch * t, ()))?)?;
         if let Some(c) = self.context(context)? {
-            h = h.broadcast_add(&c.unsqueeze(1)?)?;
+            let c = c.unsqueeze(1)?.broadcast_as((batch, t, c.dim(1)?))?;
+            h = (h + c.reshape((batch * t, ()))?)?;
         }
-        let mut h = h.reshape((batch * t, ()))?;
         for layer in &self.layers {
             h = layer.forward(&h, batch)?;
         }

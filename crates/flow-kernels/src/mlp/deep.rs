@@ -79,13 +79,10 @@ impl<'a, T: Elem> Layer<'a, T> {
         self.forward_rows(h, out, |_| {});
     }
 
-    /// `z = h · Wᵀ + b` as [`forward`](Self::forward), and `act(z)` as a new buffer,
-    /// each row activated while it is still in cache.
+    /// `y = act(h · Wᵀ + b)`, each row activated in place while it is still in cache.
     #[inline(always)]
-    fn forward_act(&self, h: &[T], z: &mut [T], act: &Act<T>) -> Vec<T> {
-        let mut y = Vec::with_capacity(z.len());
-        self.forward_rows(h, z, |row| act.extend(&mut y, row));
-        y
+    fn forward_act(&self, h: &[T], y: &mut [T], act: &Act<T>) {
+        self.forward_rows(h, y, |row| act.apply_in_place(row));
     }
 
     /// `out = h · Wᵀ + b`, handing each finished row to `then` in order. Each row is
@@ -338,6 +335,19 @@ impl<T: Elem> Act<T> {
         }
     }
 
+    /// `act(z)` in place.
+    #[inline(always)]
+    fn apply_in_place(&self, z: &mut [T]) {
+        match self.a {
+            Activation::Tanh => z.iter_mut().for_each(|z| *z = z.tanh()),
+            Activation::LeakyRelu => {
+                let s = self.slope;
+                z.iter_mut().for_each(|z| *z = z.max(*z * s))
+            }
+            _ => z.iter_mut().for_each(|z| *z = z.max(T::zero())),
+        }
+    }
+
     #[inline(always)]
     fn apply(&self, z: &[T], y: &mut [T]) {
         match self.a {
@@ -373,6 +383,16 @@ impl<T: Elem> Act<T> {
                 .for_each(|(g, &z)| *g = if z > T::zero() { *g } else { T::zero() }),
         }
     }
+
+    /// `g ⊙ act'(z)` in place from `y = act(z)` alone: each activation here has `y > 0`
+    /// exactly where `z > 0`, and tanh's derivative is `1 − y²`.
+    #[inline(always)]
+    fn backward_from_output(&self, g: &mut [T], y: &[T]) {
+        match self.a {
+            Activation::Tanh => self.backward(g, &[], y),
+            _ => self.backward(g, y, y),
+        }
+    }
 }
 
 /// A network ready to run: its layers with their bias and thin-input weights laid out.
@@ -406,17 +426,17 @@ impl<'a, T: Elem> Prepared<'a, T> {
         let rows = x.len() / self.arch.input().max(1);
         match *self.arch {
             Arch::Plain { .. } => {
-                let mut h = Vec::new();
-                let mut rest = trace;
+                // Each hidden layer's activation goes into the trace, and is the next
+                // layer's input from there.
+                let (mut input, mut rest) = (x, trace);
                 for (l, layer) in layers.iter().enumerate() {
-                    let input = if l == 0 { x } else { &h[..] };
                     if l + 1 == layers.len() {
                         layer.forward(input, out);
                         break;
                     }
-                    let (z, tail) = rest.split_at_mut(rows * layer.n);
-                    h = layer.forward_act(input, z, &act);
-                    rest = tail;
+                    let (y, tail) = rest.split_at_mut(rows * layer.n);
+                    layer.forward_act(input, y, &act);
+                    (input, rest) = (y, tail);
                 }
             }
             Arch::Residual { hidden, .. } => {
@@ -455,12 +475,12 @@ impl<'a, T: Elem> Prepared<'a, T> {
         let activated = |z: &[T]| act.applied(z);
         match *self.arch {
             Arch::Plain { .. } => {
-                // Each hidden layer's pre-activation, from the trace.
-                let mut z: Vec<&[T]> = Vec::new();
+                // Each hidden layer's activation, from the trace.
+                let mut ys: Vec<&[T]> = Vec::new();
                 let mut rest = trace;
                 for layer in &layers[..layers.len() - 1] {
                     let (block, tail) = rest.split_at(rows * layer.n);
-                    z.push(block);
+                    ys.push(block);
                     rest = tail;
                 }
                 // The output's gradient, then each hidden layer's in turn.
@@ -470,14 +490,14 @@ impl<'a, T: Elem> Prepared<'a, T> {
                         layers[l].weights(&dz, x, &mut gp[span(l)]);
                         layers[l].input(&dz, gx);
                     } else {
-                        let y = activated(z[l - 1]);
-                        layers[l].weights(&dz, &y, &mut gp[span(l)]);
+                        let y = ys[l - 1];
+                        layers[l].weights(&dz, y, &mut gp[span(l)]);
                         // SAFETY: `input` writes every element of `g` (a product
                         // that overwrites, or each row set before it is added to).
                         #[allow(unsafe_code)]
                         let mut g = unsafe { unwritten(rows * layers[l].k) };
                         layers[l].input(&dz, &mut g);
-                        act.backward(&mut g, z[l - 1], &y);
+                        act.backward_from_output(&mut g, y);
                         dz = g.into();
                     }
                 }

@@ -107,7 +107,7 @@ impl Arch {
     }
 
     /// Values per row the general kernel keeps between its forward and backward
-    /// passes: each hidden pre-activation of a plain network; the stream entering each
+    /// passes: each hidden layer's activation of a plain network; the stream entering each
     /// block and the block's inner pre-activation, then the final stream, of a residual
     /// one.
     pub fn trace_width(&self) -> usize {
