@@ -72,12 +72,15 @@ fn block_rows(rows: usize) -> usize {
     }
 }
 
-/// Layer norm of the rows `x` into `y`, with weight `w` and bias `b`.
+/// Layer norm of the rows `x` into `y`, with weight `w` and bias `b`; each row's mean
+/// and `1 / √(var + ε)` into `stats`, two values a row.
 #[inline(always)]
-fn norm_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) {
+fn norm_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T], stats: &mut [T]) {
     let n = w.len();
-    for (row, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+    let rows = x.chunks_exact(n).zip(y.chunks_exact_mut(n));
+    for ((row, y), stats) in rows.zip(stats.as_chunks_mut::<2>().0) {
         let (mean, inv) = moments(row, eps);
+        *stats = [mean, inv];
         for (((y, &v), &w), &b) in y.iter_mut().zip(row).zip(w).zip(b) {
             *y = (v - mean) * inv * w + b;
         }
@@ -87,30 +90,39 @@ fn norm_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) {
 /// [`norm_rows`] compiled for AVX2 and chosen at run time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn norm_rows_avx2<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) {
-    norm_rows(x, w, b, eps, y)
+fn norm_rows_avx2<T: Float>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T], stats: &mut [T]) {
+    norm_rows(x, w, b, eps, y, stats)
 }
 
-/// The backward pass of [`norm_rows`] from the outputs' gradient `g`: `∂x` into `gx`,
-/// and `∂w`, `∂b` added into `gw`, `gb`.
+/// Each row's mean and `1 / √(var + ε)`, as [`norm_rows`] keeps them.
+fn row_stats<T: Float>(x: &[T], n: usize, eps: T) -> Vec<T> {
+    x.chunks_exact(n)
+        .flat_map(|row| {
+            let (mean, inv) = moments(row, eps);
+            [mean, inv]
+        })
+        .collect()
+}
+
+/// The backward pass of [`norm_rows`] from the outputs' gradient `g` and the rows'
+/// `stats`: `∂x` into `gx`, and `∂w`, `∂b` added into `gw`, `gb`.
 #[inline(always)]
 fn norm_rows_backward<T: Float>(
     x: &[T],
     w: &[T],
     g: &[T],
-    eps: T,
+    stats: &[T],
     gx: &mut [T],
     gw: &mut [T],
     gb: &mut [T],
 ) {
     let n = w.len();
     let count = T::from(n).unwrap_or_else(T::one);
-    for ((row, g), gx) in x
-        .chunks_exact(n)
-        .zip(g.chunks_exact(n))
+    let rows = x.chunks_exact(n).zip(g.chunks_exact(n));
+    for (((row, g), gx), &[mean, inv]) in rows
         .zip(gx.chunks_exact_mut(n))
+        .zip(stats.as_chunks::<2>().0)
     {
-        let (mean, inv) = moments(row, eps);
         for (((gw, gb), &v), &g) in gw.iter_mut().zip(gb.iter_mut()).zip(row).zip(g) {
             *gw = *gw + g * (v - mean) * inv;
             *gb = *gb + g;
@@ -132,12 +144,12 @@ fn norm_rows_backward_avx2<T: Float>(
     x: &[T],
     w: &[T],
     g: &[T],
-    eps: T,
+    stats: &[T],
     gx: &mut [T],
     gw: &mut [T],
     gb: &mut [T],
 ) {
-    norm_rows_backward(x, w, g, eps, gx, gw, gb)
+    norm_rows_backward(x, w, g, stats, gx, gw, gb)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -150,36 +162,40 @@ impl LayerNorm {
         T::from(self.eps).unwrap_or_else(T::epsilon)
     }
 
-    pub(crate) fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    /// The rows `x` normalised, and each row's mean and `1 / √(var + ε)` (two values a
+    /// row) for [`backward`](Self::backward).
+    pub(crate) fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<T>) {
         let n = w.len();
         let eps = self.epsilon();
-        // SAFETY: `norm_rows` writes every row of its block, and the blocks cover `out`.
+        // SAFETY: `norm_rows` writes every row of its block and the row's two
+        // statistics, and the blocks cover `out` and `stats`.
         #[allow(unsafe_code)]
-        let mut out = unsafe { unwritten(x.len()) };
+        let (mut out, mut stats) = unsafe { (unwritten(x.len()), unwritten(2 * (x.len() / n))) };
         let rows = block_rows(x.len() / n);
-        let run = |(y, x): (&mut [T], &[T])| {
+        let run = |((y, stats), x): ((&mut [T], &mut [T]), &[T])| {
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { norm_rows_avx2(x, w, b, eps, y) };
+                return unsafe { norm_rows_avx2(x, w, b, eps, y, stats) };
             }
-            norm_rows(x, w, b, eps, y)
+            norm_rows(x, w, b, eps, y, stats)
         };
         if rows * n >= x.len() {
-            run((&mut out, x));
+            run(((&mut out, &mut stats), x));
         } else {
             out.par_chunks_mut(rows * n)
+                .zip(stats.par_chunks_mut(rows * 2))
                 .zip(x.par_chunks(rows * n))
                 .for_each(run);
         }
-        out
+        (out, stats)
     }
 
-    /// `(∂x, ∂w, ∂b)` from the output gradient `g`.
-    pub(crate) fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> [Vec<T>; 3] {
+    /// `(∂x, ∂w, ∂b)` from the output gradient `g` and the rows' statistics as
+    /// [`forward`](Self::forward) gave them.
+    pub(crate) fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T], stats: &[T]) -> [Vec<T>; 3] {
         let n = w.len();
-        let eps = self.epsilon();
         // SAFETY: `norm_rows_backward` writes every row of its block's `∂x`, and the
         // blocks cover `gx`.
         #[allow(unsafe_code)]
@@ -187,7 +203,7 @@ impl LayerNorm {
         let rows = block_rows(x.len() / n);
         // Each block of rows adds into its own `∂w`, `∂b`; the blocks' sums are added in
         // order, so the result depends only on the thread count planned.
-        let run = |((gx, x), g): ((&mut [T], &[T]), &[T])| {
+        let run = |gx: &mut [T], x: &[T], g: &[T], stats: &[T]| {
             let mut part = vec![T::zero(); 2 * n];
             let (gw, gb) = part.split_at_mut(n);
             #[cfg(target_arch = "x86_64")]
@@ -195,20 +211,21 @@ impl LayerNorm {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
                 unsafe {
-                    norm_rows_backward_avx2(x, w, g, eps, gx, gw, gb)
+                    norm_rows_backward_avx2(x, w, g, stats, gx, gw, gb)
                 };
                 return part;
             }
-            norm_rows_backward(x, w, g, eps, gx, gw, gb);
+            norm_rows_backward(x, w, g, stats, gx, gw, gb);
             part
         };
         let parts: Vec<Vec<T>> = if rows * n >= x.len() {
-            vec![run(((&mut gx, x), g))]
+            vec![run(&mut gx, x, g, stats)]
         } else {
             gx.par_chunks_mut(rows * n)
                 .zip(x.par_chunks(rows * n))
                 .zip(g.par_chunks(rows * n))
-                .map(run)
+                .zip(stats.par_chunks(rows * 2))
+                .map(|(((gx, x), g), stats)| run(gx, x, g, stats))
                 .collect()
         };
         let (mut gw, mut gb) = (vec![T::zero(); n], vec![T::zero(); n]);
@@ -226,7 +243,11 @@ impl LayerNorm {
         w: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let [gx, gw, gb] = on_host3(x, w, g, |x: &[T], w, g| Ok(self.backward(x, w, g)))?;
+        let [gx, gw, gb] = on_host3(x, w, g, |x: &[T], w, g| {
+            // The op keeps nothing between its passes: the statistics are found again.
+            let stats = row_stats(x, w.len(), self.epsilon());
+            Ok(self.backward(x, w, g, &stats))
+        })?;
         let dev = x.device();
         Ok((
             Tensor::from_vec(gx, x.shape(), dev)?,
@@ -262,10 +283,10 @@ impl CustomOp3 for LayerNorm {
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?))
+                CpuStorage::F32(self.forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?).0)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?))
+                CpuStorage::F64(self.forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?).0)
             }
             _ => candle::bail!("the fused layer norm supports f32 and f64 of one dtype"),
         };

@@ -78,10 +78,10 @@ impl LayerShape {
 /// apply none.
 const LINEAR: Activation = Activation::Relu;
 
-/// The forward pass's values that the backward pass reads, in order: `norm₁(h)`, the
-/// attention's heads as its kernel keeps them (flattened), the heads' outputs, `h₁`,
-/// `norm₂(h₁)` and the MLP's trace.
-type Trace<T> = [Vec<T>; 6];
+/// The forward pass's values that the backward pass reads, in order: `norm₁(h)` and
+/// its rows' statistics, the attention's heads as its kernel keeps them (flattened), the
+/// heads' outputs, `h₁`, `norm₂(h₁)` and its rows' statistics, and the MLP's trace.
+type Trace<T> = [Vec<T>; 8];
 
 /// The layer's kernels over its packed parameters `p`.
 struct Pieces<'a, T> {
@@ -122,24 +122,27 @@ impl<'a, T: Elem> Pieces<'a, T> {
     /// The layer on rows `h`: its output and what the backward pass reads.
     fn forward(&self, h: &[T]) -> Result<(Vec<T>, Trace<T>)> {
         let (s, t) = (self.s, self.threads);
-        let n1 = self.norm.forward(h, self.part(0), self.part(1));
+        let (n1, stats1) = self.norm.forward(h, self.part(0), self.part(1));
         let (qkv, _) = host_forward(&s.qkv(), LINEAR, self.part(2), &n1, t);
         let (a, heads) = self.attention.forward(&qkv, self.sizes(h)?);
         let (mut h1, _) = host_forward(&s.proj(), LINEAR, self.part(3), &a, t);
         h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
-        let n2 = self.norm.forward(&h1, self.part(4), self.part(5));
+        let (n2, stats2) = self.norm.forward(&h1, self.part(4), self.part(5));
         let (mut out, z) = host_forward(&s.mlp(), s.activation, self.part(6), &n2, t);
         out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
-        Ok((out, [n1, heads.into_flattened(), a, h1, n2, z]))
+        Ok((
+            out,
+            [n1, stats1, heads.into_flattened(), a, h1, n2, stats2, z],
+        ))
     }
 
     /// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
     fn backward(&self, h: &[T], trace: &Trace<T>, g: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (s, t) = (self.s, self.threads);
-        let [n1, heads, a, h1, n2, z] = trace;
+        let [n1, stats1, heads, a, h1, n2, stats2, z] = trace;
         // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
         let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, self.part(6), n2, z, g, t);
-        let [mut g_h1, g_w2, g_b2] = self.norm.backward(h1, self.part(4), &g_n2);
+        let [mut g_h1, g_w2, g_b2] = self.norm.backward(h1, self.part(4), &g_n2, stats2);
         g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
         // h₁ = h + proj(a).
         let (g_a, g_proj) = host_backward(&s.proj(), LINEAR, self.part(3), a, &[], &g_h1, t);
@@ -147,7 +150,7 @@ impl<'a, T: Elem> Pieces<'a, T> {
             .attention
             .backward(heads.as_chunks::<LANES>().0, &g_a, self.sizes(h)?);
         let (g_n1, g_qkv_p) = host_backward(&s.qkv(), LINEAR, self.part(2), n1, &[], &g_qkv, t);
-        let [mut g_h, g_w1, g_b1] = self.norm.backward(h, self.part(0), &g_n1);
+        let [mut g_h, g_w1, g_b1] = self.norm.backward(h, self.part(0), &g_n1, stats1);
         g_h.iter_mut().zip(&g_h1).for_each(|(y, &x)| *y = *y + x);
         let g_p = [g_w1, g_b1, g_qkv_p, g_proj, g_w2, g_b2, g_mlp].concat();
         Ok((g_h, g_p))
