@@ -442,7 +442,9 @@ fn column_sums<T: Float, const B: usize>(
 /// group's sequences stay zero (uniform weights over zero values: harmless, unread),
 /// as do the tokens that round the keys and values up to whole [`KEY_BLOCK`]s.
 /// The forward pass gathers it from the rows of queries, keys and values and keeps
-/// it, laid out as [`Sizes::head_block`] says, for the backward pass.
+/// it, laid out as [`Sizes::head_block`] says, for the backward pass, with the
+/// attention weights it found: query `i`'s weight of key `j` at `[i·T + j]`, zero for
+/// `j > i`.
 struct Head<'a, T> {
     q: &'a [Lanes<T>],
     k: &'a [Lanes<T>],
@@ -455,9 +457,14 @@ impl Sizes {
         self.tokens.next_multiple_of(KEY_BLOCK)
     }
 
-    /// Lane vectors of one [`Head`]: its queries, then its keys and values.
-    fn head_block(&self) -> usize {
+    /// Lane vectors of one [`Head`]'s queries, keys and values.
+    fn head_values(&self) -> usize {
         (self.tokens + 2 * self.padded()) * self.head
+    }
+
+    /// Lane vectors of one kept head: its [`Head`], then its attention weights.
+    fn head_block(&self) -> usize {
+        self.head_values() + self.tokens * self.tokens
     }
 
     /// `1/√d`, the queries' scale.
@@ -467,7 +474,7 @@ impl Sizes {
 }
 
 impl<'a, T: Real> Head<'a, T> {
-    /// The head kept in `block` ([`Sizes::head_block`] long).
+    /// The head kept in `block` ([`Sizes::head_values`] long).
     fn new(block: &'a [Lanes<T>], s: Sizes) -> Self {
         let (q, kv) = block.split_at(s.tokens * s.head);
         let (k, v) = kv.split_at(s.padded() * s.head);
@@ -600,8 +607,9 @@ impl CausalAttention {
         #[allow(unsafe_code)]
         let mut out = unsafe { unwritten(rows * s.width) };
         let kept_len = self.heads * s.head_block();
-        // SAFETY: `Head::gather` writes the whole of each head's block (zeros where no
-        // row gives a value), and the groups' heads cover `kept`.
+        // SAFETY: `Head::gather` writes the whole of each head's values (zeros where no
+        // row gives a value) and `group` all of its weights, and the groups' heads cover
+        // `kept`.
         #[allow(unsafe_code)]
         let mut kept = unsafe { unwritten(self.batch.div_ceil(LANES) * kept_len) };
         let (len, out_len) = (LANES * s.tokens * 3 * s.width, LANES * s.tokens * s.width);
@@ -634,15 +642,17 @@ impl CausalAttention {
     #[inline(always)]
     fn group<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         let d = s.head;
-        // SAFETY: `weights` writes query `i`'s weights `p[..=i]` before they are read,
-        // and `weighted_sum` writes each query's outputs whole.
+        let t = s.tokens;
+        // SAFETY: `weighted_sum` writes each query's outputs whole.
         #[allow(unsafe_code)]
-        let (mut p, mut o) = unsafe { (unwritten(s.tokens), unwritten(s.tokens * d)) };
+        let mut o = unsafe { unwritten(t * d) };
         for (h, block) in kept.chunks_exact_mut(s.head_block()).enumerate() {
-            let head = Head::gather(block, qkv, h, s);
-            for i in 0..s.tokens {
-                head.weights(i, d, &mut p);
-                weighted_sum(&p, 1, i + 1, head.v, &mut o[i * d..][..d]);
+            let (values, weights) = block.split_at_mut(s.head_values());
+            let head = Head::gather(values, qkv, h, s);
+            for (i, p) in weights.chunks_exact_mut(t).enumerate() {
+                head.weights(i, d, p);
+                p[i + 1..].fill([T::zero(); LANES]);
+                weighted_sum(p, 1, i + 1, head.v, &mut o[i * d..][..d]);
             }
             scatter(&o, s, out, s.width, h * d, T::one());
         }
@@ -695,30 +705,30 @@ impl CausalAttention {
     #[inline(always)]
     fn group_backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
         let (stride, d, t) = (3 * s.width, s.head, s.tokens);
-        // SAFETY: `gather` writes every value of `gh`; `weights` writes query `i`'s
-        // weights, row `i` of `p` up to `i`, and the loop over `i` row `i` of `ds` up to
-        // `i` and of `dp`, before they are read (the sums over `i ≥ j` read only those);
-        // `weighted_sum` writes each row of `dq`, `dk` and `dv` whole.
+        // SAFETY: `gather` writes every value of `gh`; the loop over `i` writes row `i`
+        // of `ds` up to `i` and `dp` up to `i` before they are read (the sums over
+        // `i ≥ j` read only those); `weighted_sum` writes each row of `dq`, `dk` and `dv`
+        // whole.
         #[allow(unsafe_code)]
-        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut p, mut ds] =
-            unsafe { [t * d, t * d, t * d, t * d, t, t * t, t * t].map(|n| unwritten(n)) };
+        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut ds] =
+            unsafe { [t * d, t * d, t * d, t * d, t, t * t].map(|n| unwritten(n)) };
         for (h, block) in kept.chunks_exact(s.head_block()).enumerate() {
-            let head = Head::new(block, s);
+            let (values, p) = block.split_at(s.head_values());
+            let head = Head::new(values, s);
             gather(g, s, s.width, h * d, T::one(), &mut gh);
-            // Row by row, queries: the weights `p_i`, then ∂p_ij = g_i · v_j and their
-            // mean under p_i, then ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik). With
-            // s_ij = (q_i / √d)·k_j, ∂q_i = Σ_j ∂s_ij k_j / √d (the scale applied once,
-            // at the end).
+            // Row by row, queries: the weights `p_i` as the forward pass kept them, then
+            // ∂p_ij = g_i · v_j and their mean under p_i, then
+            // ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik). With s_ij = (q_i / √d)·k_j,
+            // ∂q_i = Σ_j ∂s_ij k_j / √d (the scale applied once, at the end).
             for i in 0..t {
-                let (p, ds) = (&mut p[i * t..][..t], &mut ds[i * t..][..=i]);
-                head.weights(i, d, p);
+                let (p, ds) = (&p[i * t..][..t], &mut ds[i * t..][..=i]);
                 let gi = &gh[i * d..][..d];
                 dots(gi, head.v, &mut dp[..=i]);
                 let mut dot = [T::zero(); LANES];
                 for (p, dpj) in p.iter().zip(&dp[..=i]) {
                     fma(&mut dot, p, dpj);
                 }
-                for ((ds, p), dp) in ds.iter_mut().zip(&*p).zip(&dp) {
+                for ((ds, p), dp) in ds.iter_mut().zip(p).zip(&dp) {
                     for l in 0..LANES {
                         ds[l] = p[l] * (dp[l] - dot[l]);
                     }
