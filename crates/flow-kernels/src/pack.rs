@@ -6,7 +6,7 @@
 
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
-use crate::slice;
+use crate::{on_host, slice};
 
 #[derive(Debug, Clone, Copy)]
 struct Pack;
@@ -34,14 +34,16 @@ fn pack<T: Copy>(w: &[T], b: &[T], cols: usize) -> Vec<T> {
 
 /// `(∂W, ∂b)` from the packed gradient, each laid out contiguously.
 fn unpack<T: WithDType>(grad: &Tensor, rows: usize, cols: usize) -> Result<(Tensor, Tensor)> {
-    let g = grad.flatten_all()?.to_vec1::<T>()?;
-    let mut gw = Vec::with_capacity(rows * cols);
-    let mut gb = Vec::with_capacity(rows);
-    for row in g.chunks_exact(cols + 1) {
-        let (weights, bias) = row.split_at(cols);
-        gw.extend_from_slice(weights);
-        gb.push(bias[0]);
-    }
+    let (gw, gb) = on_host(grad, |g: &[T]| {
+        let mut gw = Vec::with_capacity(rows * cols);
+        let mut gb = Vec::with_capacity(rows);
+        for row in g.chunks_exact(cols + 1) {
+            let (weights, bias) = row.split_at(cols);
+            gw.extend_from_slice(weights);
+            gb.push(bias[0]);
+        }
+        Ok((gw, gb))
+    })?;
     let dev = grad.device();
     Ok((
         Tensor::from_vec(gw, (rows, cols), dev)?,
