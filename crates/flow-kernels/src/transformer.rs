@@ -7,8 +7,12 @@
 //!   side, without the heads' transposes and with no mask: each query visits the keys
 //!   up to its own position only.
 //!
-//! Both take and give rows in `f32` or `f64`; the backward passes recompute what they
-//! need (a row's statistics, a query's attention weights) instead of keeping it.
+//! Both take and give rows in `f32` or `f64`; as ops, their backward passes recompute
+//! what they need (a row's statistics, a query's attention weights) instead of keeping
+//! it. The fused Transformer layer ([`crate::transformer_layer`]) calls the same
+//! kernels, keeps what they found for its backward pass, and hands the attention its
+//! queries, keys and values already in the kernel's lane layout (see
+//! `CausalAttention`).
 
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
@@ -18,18 +22,6 @@ use crate::{on_host, on_host3, slice, threads::planned, unwritten, Real};
 
 /// Rows below which an op runs on the calling thread alone.
 const PARALLEL_ROWS: usize = 256;
-
-/// `f` on each chunk of `len` values of `out` (with its index), across the planned
-/// threads when there are many rows.
-fn for_chunks<T: Send>(out: &mut [T], len: usize, rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    if planned() > 1 && rows >= PARALLEL_ROWS {
-        out.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
-    }
-}
 
 /// `Σ_j f(a_j, b_j, c_j)` over three equally long rows, in eight partial sums so that
 /// it vectorises (a single running sum is a chain of dependent additions, and indexing
@@ -321,6 +313,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     )
 }
 
+/// Causal multi-head attention over `batch` sequences, taken [`LANES`] at a time (a
+/// group). Its kernels read a group's queries, keys and values in the lane layout:
+/// feature `f` (queries `0..width`, keys `width..2·width`, values `2·width..3·width`,
+/// head `h` at `h·d .. (h + 1)·d` of each) of token `i` at lane vector `[f·T + i]` of
+/// the group's `3·width·T`, sequence `l` of the group in lane `l` (zeros in the lanes
+/// past the batch). The fused Transformer layer's `qkv` product writes that layout
+/// directly; the attention op alone converts its rows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalAttention {
     pub(crate) batch: usize,
@@ -352,224 +351,165 @@ fn fma<T: Float>(y: &mut Lanes<T>, a: &Lanes<T>, x: &Lanes<T>) {
     }
 }
 
-/// Keys scored at once by [`dots`] (written out there four times): their
-/// [`LANES`]-wide sums stay in registers while the query streams past, so that the
-/// additions form independent chains instead of one chain per key as long as the head
-/// is wide.
-const KEY_BLOCK: usize = 4;
+/// Keys scored at once by [`dots`], and columns summed at once by [`weighted_sum`]:
+/// their [`LANES`]-wide sums stay in registers (four named accumulators) while the
+/// other operand streams past.
+const BLOCK: usize = 4;
 
-/// `out[j] = Σ_c a[c] ⊙ rows[j·d + c]` for `j < out.len()`, `d = a.len()`, the rows
-/// taken [`KEY_BLOCK`] at a time (`rows` holds whole blocks: see [`Group`]).
+/// `out[j] = Σ_{c<d} a[c·a_stride] ⊙ x[c·x_stride + j]` for `j < out.len()`: a query
+/// (or a gradient row) against each key (or value) of a head stored feature by feature.
 #[inline(always)]
-fn dots<T: Float>(a: &[Lanes<T>], rows: &[Lanes<T>], out: &mut [Lanes<T>]) {
-    let d = a.len();
-    for (j0, out) in (0..out.len())
-        .step_by(KEY_BLOCK)
-        .zip(out.chunks_mut(KEY_BLOCK))
-    {
-        let block = &rows[j0 * d..][..KEY_BLOCK * d];
-        let (r0, rest) = block.split_at(d);
-        let (r1, rest) = rest.split_at(d);
-        let (r2, r3) = rest.split_at(d);
-        let mut s = [[T::zero(); LANES]; KEY_BLOCK];
-        // Zipped, not indexed: a bounds check in the loop would keep the sums in memory.
-        for ((((a, x0), x1), x2), x3) in a.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
-            fma(&mut s[0], a, x0);
-            fma(&mut s[1], a, x1);
-            fma(&mut s[2], a, x2);
-            fma(&mut s[3], a, x3);
+fn dots<T: Float>(
+    a: &[Lanes<T>],
+    a_stride: usize,
+    x: &[Lanes<T>],
+    x_stride: usize,
+    d: usize,
+    out: &mut [Lanes<T>],
+) {
+    let mut j = 0;
+    while j + BLOCK <= out.len() {
+        let zero = [T::zero(); LANES];
+        let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
+        for c in 0..d {
+            let a = &a[c * a_stride];
+            let r = &x[c * x_stride + j..][..BLOCK];
+            fma(&mut s0, a, &r[0]);
+            fma(&mut s1, a, &r[1]);
+            fma(&mut s2, a, &r[2]);
+            fma(&mut s3, a, &r[3]);
         }
-        match <&mut [Lanes<T>; KEY_BLOCK]>::try_from(&mut *out) {
-            Ok(out) => *out = s,
-            Err(_) => out.copy_from_slice(&s[..out.len()]),
+        out[j..j + BLOCK].copy_from_slice(&[s0, s1, s2, s3]);
+        j += BLOCK;
+    }
+    for (j, out) in out.iter_mut().enumerate().skip(j) {
+        let mut s = [T::zero(); LANES];
+        for c in 0..d {
+            fma(&mut s, &a[c * a_stride], &x[c * x_stride + j]);
         }
+        *out = s;
     }
 }
 
-/// Columns summed at once by [`weighted_sum`]: their [`LANES`]-wide sums stay in
-/// registers while the weights and rows stream past, instead of each column being
-/// loaded, added to and stored again for every row.
-const COLUMN_BLOCK: usize = 4;
-
-/// `out[c] = Σ_{j<n} w[j·stride] ⊙ rows[j·d + c]` for `c < d = out.len()`: a weighted
-/// sum of `n` rows of `d` lane vectors, the weights `stride` apart.
+/// `put(c, Σ_{j<n} w[j·w_stride] ⊙ x[j·j_stride + c·c_stride])` for each `c < d`: a
+/// weighted sum of `n` rows of `d` lane vectors.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn weighted_sum<T: Float>(
     w: &[Lanes<T>],
-    stride: usize,
+    w_stride: usize,
     n: usize,
-    rows: &[Lanes<T>],
-    out: &mut [Lanes<T>],
-) {
-    let d = out.len();
-    for (c, out) in (0..d)
-        .step_by(COLUMN_BLOCK)
-        .zip(out.chunks_mut(COLUMN_BLOCK))
-    {
-        if let Ok(out) = <&mut [Lanes<T>; COLUMN_BLOCK]>::try_from(&mut *out) {
-            *out = column_sums(w, stride, n, &rows[c..], d);
-        } else {
-            for (b, out) in out.iter_mut().enumerate() {
-                [*out] = column_sums(w, stride, n, &rows[c + b..], d);
-            }
-        }
-    }
-}
-
-/// `Σ_{j<n} w[j·stride] ⊙ rows[j·d + b]` for `b < B`.
-#[inline(always)]
-fn column_sums<T: Float, const B: usize>(
-    w: &[Lanes<T>],
-    stride: usize,
-    n: usize,
-    rows: &[Lanes<T>],
+    x: &[Lanes<T>],
+    j_stride: usize,
+    c_stride: usize,
     d: usize,
-) -> [Lanes<T>; B] {
-    let mut acc = [[T::zero(); LANES]; B];
-    // Iterated, not indexed, as in `dots`.
-    for (w, r) in w.iter().step_by(stride).zip(rows.chunks(d)).take(n) {
-        if let Some(r) = r.first_chunk::<B>() {
-            for (a, r) in acc.iter_mut().zip(r) {
-                fma(a, w, r);
-            }
+    mut put: impl FnMut(usize, Lanes<T>),
+) {
+    let mut c = 0;
+    while c + BLOCK <= d {
+        let zero = [T::zero(); LANES];
+        let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
+        for j in 0..n {
+            let w = &w[j * w_stride];
+            let at = j * j_stride + c * c_stride;
+            fma(&mut s0, w, &x[at]);
+            fma(&mut s1, w, &x[at + c_stride]);
+            fma(&mut s2, w, &x[at + 2 * c_stride]);
+            fma(&mut s3, w, &x[at + 3 * c_stride]);
         }
+        for (b, s) in [s0, s1, s2, s3].into_iter().enumerate() {
+            put(c + b, s);
+        }
+        c += BLOCK;
     }
-    acc
+    for c in c..d {
+        let mut s = [T::zero(); LANES];
+        for j in 0..n {
+            fma(&mut s, &w[j * w_stride], &x[j * j_stride + c * c_stride]);
+        }
+        put(c, s);
+    }
 }
 
-/// One head of up to [`LANES`] sequences, lane-interleaved: value `c` of token `i`
-/// of sequence `l` at `[i·d + c][l]`; queries scaled by `1/√d`. Lanes past the
-/// group's sequences stay zero (uniform weights over zero values: harmless, unread),
-/// as do the tokens that round the keys and values up to whole [`KEY_BLOCK`]s.
-/// The forward pass gathers it from the rows of queries, keys and values and keeps
-/// it, laid out as [`Sizes::head_block`] says, for the backward pass, with the
-/// attention weights it found: query `i`'s weight of key `j` at `[i·T + j]`, zero for
-/// `j > i`.
-struct Head<'a, T> {
-    q: &'a [Lanes<T>],
-    k: &'a [Lanes<T>],
-    v: &'a [Lanes<T>],
+/// A softmax over each lane of `p` in place.
+#[inline(always)]
+fn softmax<T: Real>(p: &mut [Lanes<T>]) {
+    let mut max = [T::neg_infinity(); LANES];
+    for p in p.iter() {
+        for l in 0..LANES {
+            max[l] = max[l].max(p[l]);
+        }
+    }
+    for p in p.iter_mut() {
+        for l in 0..LANES {
+            p[l] = p[l] - max[l];
+        }
+    }
+    T::exp_nonpositive(p.as_flattened_mut());
+    let mut sum = [T::zero(); LANES];
+    for p in p.iter() {
+        for l in 0..LANES {
+            sum[l] = sum[l] + p[l];
+        }
+    }
+    let inv = sum.map(T::recip);
+    for p in p.iter_mut() {
+        for l in 0..LANES {
+            p[l] = p[l] * inv[l];
+        }
+    }
 }
 
 impl Sizes {
-    /// Key and value tokens of a [`Head`], rounded up to whole [`KEY_BLOCK`]s.
-    fn padded(&self) -> usize {
-        self.tokens.next_multiple_of(KEY_BLOCK)
-    }
-
-    /// Lane vectors of one [`Head`]'s queries, keys and values.
-    fn head_values(&self) -> usize {
-        (self.tokens + 2 * self.padded()) * self.head
-    }
-
-    /// Lane vectors of one kept head: its [`Head`], then its attention weights.
-    fn head_block(&self) -> usize {
-        self.head_values() + self.tokens * self.tokens
-    }
-
-    /// `1/√d`, the queries' scale.
+    /// `1/√d`, the scores' scale.
     fn scale<T: Float>(&self) -> T {
         T::from(self.head).unwrap_or_else(T::one).sqrt().recip()
     }
-}
 
-impl<'a, T: Real> Head<'a, T> {
-    /// The head kept in `block` ([`Sizes::head_values`] long).
-    fn new(block: &'a [Lanes<T>], s: Sizes) -> Self {
-        let (q, kv) = block.split_at(s.tokens * s.head);
-        let (k, v) = kv.split_at(s.padded() * s.head);
-        Self { q, k, v }
+    /// Lane vectors of a group's queries, keys and values (see [`CausalAttention`]'s
+    /// lane layout).
+    pub(crate) fn group_lanes(&self) -> usize {
+        3 * self.width * self.tokens
     }
 
-    /// Head `h` of a group's rows `qkv` `(sequences·T, 3·width)` gathered into `block`.
-    #[inline(always)]
-    fn gather(block: &'a mut [Lanes<T>], qkv: &[T], h: usize, s: Sizes) -> Self {
-        let (w, d) = (s.width, s.head);
-        let (q, kv) = block.split_at_mut(s.tokens * d);
-        let (k, v) = kv.split_at_mut(s.padded() * d);
-        gather(qkv, s, 3 * w, h * d, s.scale(), q);
-        gather(qkv, s, 3 * w, w + h * d, T::one(), k);
-        gather(qkv, s, 3 * w, 2 * w + h * d, T::one(), v);
-        Self { q, k, v }
+    pub(crate) fn tokens(&self) -> usize {
+        self.tokens
     }
 
-    /// Query `i`'s attention weights over keys `0..=i`, into `p[..=i]`.
-    #[inline(always)]
-    fn weights(&self, i: usize, d: usize, p: &mut [Lanes<T>]) {
-        let p = &mut p[..=i];
-        dots(&self.q[i * d..][..d], self.k, p);
-        let mut max = [T::neg_infinity(); LANES];
-        for p in p.iter() {
-            for l in 0..LANES {
-                max[l] = max[l].max(p[l]);
-            }
-        }
-        for p in p.iter_mut() {
-            for l in 0..LANES {
-                p[l] = p[l] - max[l];
-            }
-        }
-        T::exp_nonpositive(p.as_flattened_mut());
-        let mut sum = [T::zero(); LANES];
-        for p in p.iter() {
-            for l in 0..LANES {
-                sum[l] = sum[l] + p[l];
-            }
-        }
-        let inv = sum.map(T::recip);
-        for p in p.iter_mut() {
-            for l in 0..LANES {
-                p[l] = p[l] * inv[l];
-            }
-        }
+    pub(crate) fn width(&self) -> usize {
+        self.width
     }
 }
 
-/// Columns `at .. at + d` of the rows `(sequences·T, stride)`, times `scale`, into
-/// lane-interleaved `dst` `[i·d + c][l]`, every value of `dst` written.
+/// Columns `at .. at + d` of the rows `(sequences·T, stride)` into lane-interleaved
+/// `dst` `[i·d + c][l]`, every value of `dst` written (zeros in the lanes past the
+/// rows' sequences).
 #[inline(always)]
-fn gather<T: Float>(
-    rows: &[T],
-    s: Sizes,
-    stride: usize,
-    at: usize,
-    scale: T,
-    dst: &mut [Lanes<T>],
-) {
+fn gather<T: Float>(rows: &[T], s: Sizes, stride: usize, at: usize, dst: &mut [Lanes<T>]) {
     let (t, d) = (s.tokens, s.head);
-    // Lanes past the rows' sequences, and values past their tokens, are zeros.
     if rows.len() < LANES * t * stride {
         dst.fill([T::zero(); LANES]);
-    } else {
-        dst[t * d..].fill([T::zero(); LANES]);
     }
     for (l, seq) in rows.chunks_exact(t * stride).enumerate() {
         for i in 0..t {
             let src = &seq[i * stride + at..][..d];
             for c in 0..d {
-                dst[i * d + c][l] = src[c] * scale;
+                dst[i * d + c][l] = src[c];
             }
         }
     }
 }
 
 /// Lane-interleaved values `src` `[i·d + c][l]` into columns `at .. at + d` of the
-/// rows `(sequences·T, stride)`, times `scale`.
+/// rows `(sequences·T, stride)`.
 #[inline(always)]
-fn scatter<T: Float>(
-    src: &[Lanes<T>],
-    s: Sizes,
-    rows: &mut [T],
-    stride: usize,
-    at: usize,
-    scale: T,
-) {
+fn scatter<T: Float>(src: &[Lanes<T>], s: Sizes, rows: &mut [T], stride: usize, at: usize) {
     let (t, d) = (s.tokens, s.head);
     for (l, seq) in rows.chunks_exact_mut(t * stride).enumerate() {
         for i in 0..t {
             let dst = &mut seq[i * stride + at..][..d];
             for c in 0..d {
-                dst[c] = src[i * d + c][l] * scale;
+                dst[c] = src[i * d + c][l];
             }
         }
     }
@@ -598,163 +538,252 @@ impl CausalAttention {
         })
     }
 
-    /// The heads' outputs `(rows, width)` from the rows `qkv` `(rows, 3·width)`, and the
-    /// heads as the backward pass reads them ([`backward`](Self::backward)).
-    pub(crate) fn forward<T: Real>(&self, qkv: &[T], s: Sizes) -> (Vec<T>, Vec<Lanes<T>>) {
+    /// Groups of [`LANES`] sequences (the last one partly filled).
+    pub(crate) fn groups(&self) -> usize {
+        self.batch.div_ceil(LANES)
+    }
+
+    /// Lane vectors of one group's kept attention weights: `heads × T × T`.
+    fn weights_lanes(&self, s: Sizes) -> usize {
+        self.heads * s.tokens * s.tokens
+    }
+
+    /// The rows `qkv` `(batch·T, 3·width)` in the lane layout.
+    fn lanes_of_rows<T: Real>(&self, qkv: &[T], s: Sizes) -> Vec<Lanes<T>> {
+        let (t, cols) = (s.tokens, 3 * s.width);
+        let mut x = vec![[T::zero(); LANES]; self.groups() * s.group_lanes()];
+        for (seq, rows) in qkv.chunks_exact(t * cols).enumerate() {
+            let (g, l) = (seq / LANES, seq % LANES);
+            let x = &mut x[g * s.group_lanes()..][..s.group_lanes()];
+            for (i, row) in rows.chunks_exact(cols).enumerate() {
+                for (f, &v) in row.iter().enumerate() {
+                    x[f * t + i][l] = v;
+                }
+            }
+        }
+        x
+    }
+
+    /// [`lanes_of_rows`](Self::lanes_of_rows) undone: rows `(batch·T, 3·width)`.
+    fn rows_of_lanes<T: Real>(&self, x: &[Lanes<T>], s: Sizes) -> Vec<T> {
+        let (t, cols) = (s.tokens, 3 * s.width);
+        let mut qkv = vec![T::zero(); self.batch * t * cols];
+        for (seq, rows) in qkv.chunks_exact_mut(t * cols).enumerate() {
+            let (g, l) = (seq / LANES, seq % LANES);
+            let x = &x[g * s.group_lanes()..][..s.group_lanes()];
+            for (i, row) in rows.chunks_exact_mut(cols).enumerate() {
+                for (f, v) in row.iter_mut().enumerate() {
+                    *v = x[f * t + i][l];
+                }
+            }
+        }
+        qkv
+    }
+
+    /// The heads' outputs `(batch·T, width)` from the queries, keys and values `x` in
+    /// the lane layout, and each group's attention weights for
+    /// [`backward`](Self::backward).
+    pub(crate) fn forward<T: Real>(&self, x: &[Lanes<T>], s: Sizes) -> (Vec<T>, Vec<Lanes<T>>) {
         let rows = self.batch * s.tokens;
         // SAFETY: each group scatters every head's `d` columns of each of its
         // sequences' rows, which make up its chunk of `out`.
         #[allow(unsafe_code)]
         let mut out = unsafe { unwritten(rows * s.width) };
-        let kept_len = self.heads * s.head_block();
-        // SAFETY: `Head::gather` writes the whole of each head's values (zeros where no
-        // row gives a value) and `group` all of its weights, and the groups' heads cover
-        // `kept`.
+        // SAFETY: `group` writes every weight of its heads, zeros above the diagonal.
         #[allow(unsafe_code)]
-        let mut kept = unsafe { unwritten(self.batch.div_ceil(LANES) * kept_len) };
-        let (len, out_len) = (LANES * s.tokens * 3 * s.width, LANES * s.tokens * s.width);
-        let run = |((out, kept), g): ((&mut [T], &mut [Lanes<T>]), usize)| {
-            let qkv = &qkv[g * len..(g * len + len).min(qkv.len())];
+        let mut weights = unsafe { unwritten(self.groups() * self.weights_lanes(s)) };
+        let out_len = LANES * s.tokens * s.width;
+        let run = |out: &mut [T], p: &mut [Lanes<T>], x: &[Lanes<T>]| {
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
-                // SAFETY: the CPU has AVX2, checked just above.
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.group_avx2(qkv, out, kept, s) };
+                return unsafe { self.group_avx2(x, out, p, s) };
             }
-            self.group(qkv, out, kept, s);
+            self.group(x, out, p, s);
         };
+        let (wl, gl) = (self.weights_lanes(s), s.group_lanes());
         if planned() > 1 && rows >= PARALLEL_ROWS {
             out.par_chunks_mut(out_len)
-                .zip(kept.par_chunks_mut(kept_len))
-                .zip(0..self.batch.div_ceil(LANES))
-                .for_each(run);
+                .zip(weights.par_chunks_mut(wl))
+                .zip(x.par_chunks(gl))
+                .for_each(|((out, p), x)| run(out, p, x));
         } else {
             out.chunks_mut(out_len)
-                .zip(kept.chunks_mut(kept_len))
-                .zip(0..)
-                .for_each(run);
+                .zip(weights.chunks_mut(wl))
+                .zip(x.chunks(gl))
+                .for_each(|((out, p), x)| run(out, p, x));
         }
-        (out, kept)
+        (out, weights)
     }
 
-    /// The outputs `out` `(sequences·T, width)` of up to [`LANES`] sequences from
-    /// their rows `qkv` `(sequences·T, 3·width)`, their heads gathered into `kept`.
+    /// The outputs `out` `(sequences·T, width)` of a group of up to [`LANES`]
+    /// sequences from their queries, keys and values `x`, the weights into `p`.
     #[inline(always)]
-    fn group<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
-        let d = s.head;
-        let t = s.tokens;
+    fn group<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], p: &mut [Lanes<T>], s: Sizes) {
+        let (t, d, w) = (s.tokens, s.head, s.width);
+        let scale = [s.scale::<T>(); LANES];
         // SAFETY: `weighted_sum` writes each query's outputs whole.
         #[allow(unsafe_code)]
         let mut o = unsafe { unwritten(t * d) };
-        for (h, block) in kept.chunks_exact_mut(s.head_block()).enumerate() {
-            let (values, weights) = block.split_at_mut(s.head_values());
-            let head = Head::gather(values, qkv, h, s);
-            for (i, p) in weights.chunks_exact_mut(t).enumerate() {
-                head.weights(i, d, p);
+        for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
+            let (q, k, v) = (
+                &x[h * d * t..],
+                &x[(w + h * d) * t..],
+                &x[(2 * w + h * d) * t..],
+            );
+            for (i, p) in p.chunks_exact_mut(t).enumerate() {
+                dots(&q[i..], t, k, t, d, &mut p[..=i]);
+                for p in &mut p[..=i] {
+                    for l in 0..LANES {
+                        p[l] = p[l] * scale[l];
+                    }
+                }
+                softmax(&mut p[..=i]);
                 p[i + 1..].fill([T::zero(); LANES]);
-                weighted_sum(p, 1, i + 1, head.v, &mut o[i * d..][..d]);
+                let o = &mut o[i * d..][..d];
+                weighted_sum(p, 1, i + 1, v, 1, t, d, |c, s| o[c] = s);
             }
-            scatter(&o, s, out, s.width, h * d, T::one());
+            scatter(&o, s, out, w, h * d);
         }
     }
 
-    /// [`group`](Self::group) compiled for AVX2 and chosen at run time.
+    /// [`group`](Self::group) compiled for AVX2 and FMA and chosen at run time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn group_avx2<T: Real>(&self, qkv: &[T], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
-        self.group(qkv, out, kept, s)
+    fn group_avx2<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], p: &mut [Lanes<T>], s: Sizes) {
+        self.group(x, out, p, s)
     }
 
-    /// `∂qkv` `(rows, 3·width)` from the output gradient `g` `(rows, width)` and the
-    /// heads that [`forward`](Self::forward) kept.
-    pub(crate) fn backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], s: Sizes) -> Vec<T> {
-        let (stride, t) = (3 * s.width, s.tokens);
-        let rows = self.batch * t;
-        // SAFETY: each group scatters every head's query, key and value columns of each
-        // of its sequences' rows, which make up its chunk of `grad`.
+    /// `∂x` in the lane layout from the output gradient `g` `(batch·T, width)`, the
+    /// queries, keys and values `x` and the weights [`forward`](Self::forward) gave.
+    pub(crate) fn backward<T: Real>(
+        &self,
+        x: &[Lanes<T>],
+        weights: &[Lanes<T>],
+        g: &[T],
+        s: Sizes,
+    ) -> Vec<Lanes<T>> {
+        let rows = self.batch * s.tokens;
+        // SAFETY: each group writes the gradient of every query, key and value of its
+        // heads, which make up its chunk of `dx`.
         #[allow(unsafe_code)]
-        let mut grad = unsafe { unwritten(rows * stride) };
-        let (len, g_len, kept_len) = (
-            LANES * t * stride,
-            LANES * t * s.width,
-            self.heads * s.head_block(),
+        let mut dx = unsafe { unwritten(x.len()) };
+        let (gl, wl, g_len) = (
+            s.group_lanes(),
+            self.weights_lanes(s),
+            LANES * s.tokens * s.width,
         );
-        for_chunks(&mut grad, len, rows, |c, grad| {
-            let g = &g[c * g_len..][..grad.len() / 3];
-            let kept = &kept[c * kept_len..][..kept_len];
+        let run = |dx: &mut [Lanes<T>], x: &[Lanes<T>], p: &[Lanes<T>], g: &[T]| {
             #[cfg(target_arch = "x86_64")]
             if crate::mlp::has_avx2() {
-                // SAFETY: the CPU has AVX2, checked just above.
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
                 #[allow(unsafe_code)]
-                return unsafe { self.group_backward_avx2(kept, g, grad, s) };
+                return unsafe { self.group_backward_avx2(x, p, g, dx, s) };
             }
-            self.group_backward(kept, g, grad, s);
-        });
-        grad
+            self.group_backward(x, p, g, dx, s);
+        };
+        if planned() > 1 && rows >= PARALLEL_ROWS {
+            dx.par_chunks_mut(gl)
+                .zip(x.par_chunks(gl))
+                .zip(weights.par_chunks(wl))
+                .zip(g.par_chunks(g_len))
+                .for_each(|(((dx, x), p), g)| run(dx, x, p, g));
+        } else {
+            dx.chunks_mut(gl)
+                .zip(x.chunks(gl))
+                .zip(weights.chunks(wl))
+                .zip(g.chunks(g_len))
+                .for_each(|(((dx, x), p), g)| run(dx, x, p, g));
+        }
+        dx
     }
 
-    /// [`group_backward`](Self::group_backward) compiled for AVX2.
+    /// [`group_backward`](Self::group_backward) compiled for AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn group_backward_avx2<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
-        self.group_backward(kept, g, grad, s)
+    fn group_backward_avx2<T: Real>(
+        &self,
+        x: &[Lanes<T>],
+        p: &[Lanes<T>],
+        g: &[T],
+        dx: &mut [Lanes<T>],
+        s: Sizes,
+    ) {
+        self.group_backward(x, p, g, dx, s)
     }
 
-    /// `∂qkv` `(sequences·T, 3·width)` of up to [`LANES`] sequences from their kept
-    /// heads and output gradient `g` `(sequences·T, width)`.
+    /// `∂x` of a group of up to [`LANES`] sequences from their queries, keys and values
+    /// `x`, weights `p` and output gradient `g` `(sequences·T, width)`.
     #[inline(always)]
-    fn group_backward<T: Real>(&self, kept: &[Lanes<T>], g: &[T], grad: &mut [T], s: Sizes) {
-        let (stride, d, t) = (3 * s.width, s.head, s.tokens);
+    fn group_backward<T: Real>(
+        &self,
+        x: &[Lanes<T>],
+        p: &[Lanes<T>],
+        g: &[T],
+        dx: &mut [Lanes<T>],
+        s: Sizes,
+    ) {
+        let (t, d, w) = (s.tokens, s.head, s.width);
+        let scale = [s.scale::<T>(); LANES];
+        let scaled = |mut v: Lanes<T>| {
+            for l in 0..LANES {
+                v[l] = v[l] * scale[l];
+            }
+            v
+        };
         // SAFETY: `gather` writes every value of `gh`; the loop over `i` writes row `i`
         // of `ds` up to `i` and `dp` up to `i` before they are read (the sums over
-        // `i ≥ j` read only those); `weighted_sum` writes each row of `dq`, `dk` and `dv`
-        // whole.
+        // `i ≥ j` read only those).
         #[allow(unsafe_code)]
-        let [mut gh, mut dq, mut dk, mut dv, mut dp, mut ds] =
-            unsafe { [t * d, t * d, t * d, t * d, t, t * t].map(|n| unwritten(n)) };
-        for (h, block) in kept.chunks_exact(s.head_block()).enumerate() {
-            let (values, p) = block.split_at(s.head_values());
-            let head = Head::new(values, s);
-            gather(g, s, s.width, h * d, T::one(), &mut gh);
-            // Row by row, queries: the weights `p_i` as the forward pass kept them, then
-            // ∂p_ij = g_i · v_j and their mean under p_i, then
-            // ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik). With s_ij = (q_i / √d)·k_j,
-            // ∂q_i = Σ_j ∂s_ij k_j / √d (the scale applied once, at the end).
+        let [mut gh, mut dp, mut ds] = unsafe { [t * d, t, t * t].map(|n| unwritten(n)) };
+        for (h, p) in p.chunks_exact(t * t).enumerate() {
+            let (qa, ka, va) = (h * d * t, (w + h * d) * t, (2 * w + h * d) * t);
+            let (q, k, v) = (&x[qa..], &x[ka..], &x[va..]);
+            gather(g, s, w, h * d, &mut gh);
+            // Row by row, queries: ∂p_ij = g_i · v_j, their mean under p_i, then
+            // ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik); with s_ij = q_i·k_j / √d,
+            // ∂q_i = Σ_j ∂s_ij k_j / √d.
             for i in 0..t {
-                let (p, ds) = (&p[i * t..][..t], &mut ds[i * t..][..=i]);
-                let gi = &gh[i * d..][..d];
-                dots(gi, head.v, &mut dp[..=i]);
+                let (p, ds) = (&p[i * t..][..=i], &mut ds[i * t..][..=i]);
+                dots(&gh[i * d..], 1, v, t, d, &mut dp[..=i]);
                 let mut dot = [T::zero(); LANES];
-                for (p, dpj) in p.iter().zip(&dp[..=i]) {
-                    fma(&mut dot, p, dpj);
+                for (p, dp) in p.iter().zip(&dp) {
+                    fma(&mut dot, p, dp);
                 }
                 for ((ds, p), dp) in ds.iter_mut().zip(p).zip(&dp) {
                     for l in 0..LANES {
                         ds[l] = p[l] * (dp[l] - dot[l]);
                     }
                 }
-                weighted_sum(ds, 1, i + 1, head.k, &mut dq[i * d..][..d]);
+                weighted_sum(ds, 1, i + 1, k, 1, t, d, |c, s| {
+                    dx[qa + c * t + i] = scaled(s)
+                });
             }
             // Column by column, keys and values: ∂v_j = Σ_{i≥j} p_ij g_i and
-            // ∂k_j = Σ_{i≥j} ∂s_ij q_i / √d (the queries kept scaled).
+            // ∂k_j = Σ_{i≥j} ∂s_ij q_i / √d.
             for j in 0..t {
-                let (w, n) = (j * t + j, t - j);
-                weighted_sum(&p[w..], t, n, &gh[j * d..], &mut dv[j * d..][..d]);
-                weighted_sum(&ds[w..], t, n, &head.q[j * d..], &mut dk[j * d..][..d]);
+                let (at, n) = (j * t + j, t - j);
+                weighted_sum(&p[at..], t, n, &gh[j * d..], d, 1, d, |c, s| {
+                    dx[va + c * t + j] = s
+                });
+                weighted_sum(&ds[at..], t, n, &q[j..], 1, t, d, |c, s| {
+                    dx[ka + c * t + j] = scaled(s)
+                });
             }
-            scatter(&dq, s, grad, stride, h * d, s.scale());
-            scatter(&dk, s, grad, stride, s.width + h * d, T::one());
-            scatter(&dv, s, grad, stride, 2 * s.width + h * d, T::one());
         }
     }
 
     fn gradient<T: candle::WithDType + Real>(&self, qkv: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (rows, cols) = qkv.dims2()?;
         let s = self.sizes(rows, cols)?;
-        // The op keeps nothing between its passes: the heads are gathered again.
+        // The op keeps nothing between its passes: the weights are found again.
         let grad = on_host(qkv, |qkv: &[T]| {
-            let (_, kept) = self.forward(qkv, s);
-            on_host(g, |g| Ok(self.backward(&kept, g, s)))
+            let x = self.lanes_of_rows(qkv, s);
+            let (_, weights) = self.forward(&x, s);
+            on_host(g, |g| {
+                Ok(self.rows_of_lanes(&self.backward(&x, &weights, g, s), s))
+            })
         })?;
         Tensor::from_vec(grad, qkv.shape(), qkv.device())
     }
@@ -769,8 +798,12 @@ impl CustomOp1 for CausalAttention {
         let (rows, cols) = layout.shape().dims2()?;
         let s = self.sizes(rows, cols)?;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(slice(x, layout)?, s).0),
-            CpuStorage::F64(x) => CpuStorage::F64(self.forward(slice(x, layout)?, s).0),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.forward(&self.lanes_of_rows(slice(x, layout)?, s), s).0)
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(self.forward(&self.lanes_of_rows(slice(x, layout)?, s), s).0)
+            }
             _ => candle::bail!("the fused attention supports f32 and f64"),
         };
         Ok((out, Shape::from((rows, s.width))))

@@ -5,17 +5,20 @@
 //! from the layer norm, attention and network kernels. As separate ops the layer is a
 //! dozen graph nodes, and candle's autograd starts each one's gradient as zeros and adds
 //! into it; as one op it is one node, its intermediate values kept beside it for the
-//! backward pass (recomputed if a second backward pass comes).
+//! backward pass (recomputed if a second backward pass comes). The `qkv` product writes
+//! the attention's lane layout itself, from `norm₁(h)`'s rows regrouped sixteen sequences
+//! side by side, so that no head is gathered into it or its gradient scattered out.
 
 use std::sync::{Mutex, PoisonError};
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
 
 use crate::{
     mlp::{host_backward, host_forward, Arch, Elem},
     on_host3, slice,
-    transformer::{CausalAttention, LayerNorm, LANES},
-    Activation,
+    transformer::{CausalAttention, Lanes, LayerNorm, Sizes, LANES},
+    unwritten, Activation,
 };
 
 /// A layer's sizes: sequences, heads, the embedding width and the MLP's hidden width,
@@ -78,10 +81,11 @@ impl LayerShape {
 /// apply none.
 const LINEAR: Activation = Activation::Relu;
 
-/// The forward pass's values that the backward pass reads, in order: `norm₁(h)` and
-/// its rows' statistics, the attention's heads as its kernel keeps them (flattened), the
+/// The forward pass's values that the backward pass reads, in order: `norm₁(h)` in
+/// groups of rows (see [`Pieces::qkv_lanes`]) and its rows' statistics, the queries,
+/// keys and values in the attention's lane layout and its weights (both flattened), the
 /// heads' outputs, `h₁`, `norm₂(h₁)` and its rows' statistics, and the MLP's trace.
-type Trace<T> = [Vec<T>; 8];
+type Trace<T> = [Vec<T>; 9];
 
 /// The layer's kernels over its packed parameters `p`.
 struct Pieces<'a, T> {
@@ -119,37 +123,190 @@ impl<'a, T: Elem> Pieces<'a, T> {
             .sizes(h.len() / self.s.width, 3 * self.s.width)
     }
 
+    /// The rows of each group of [`LANES`] sequences of `n` `(batch·T, width)` ordered
+    /// token by token, the group's sequences side by side (zero rows past the batch):
+    /// `16·T` rows a group.
+    fn grouped(&self, n: &[T], z: Sizes) -> Vec<T> {
+        let (t, w) = (z.tokens(), z.width());
+        let mut rows = vec![T::zero(); self.attention.groups() * LANES * t * w];
+        for (seq, n) in n.chunks_exact(t * w).enumerate() {
+            let group = &mut rows[(seq / LANES) * LANES * t * w..][..LANES * t * w];
+            for (i, row) in n.chunks_exact(w).enumerate() {
+                group[(i * LANES + seq % LANES) * w..][..w].copy_from_slice(row);
+            }
+        }
+        rows
+    }
+
+    /// [`grouped`](Self::grouped) undone: rows `(batch·T, width)`.
+    fn ungrouped(&self, rows: &[T], z: Sizes) -> Vec<T> {
+        let (t, w) = (z.tokens(), z.width());
+        let mut n = vec![T::zero(); self.s.batch * t * w];
+        for (seq, n) in n.chunks_exact_mut(t * w).enumerate() {
+            let group = &rows[(seq / LANES) * LANES * t * w..][..LANES * t * w];
+            for (i, row) in n.chunks_exact_mut(w).enumerate() {
+                row.copy_from_slice(&group[(i * LANES + seq % LANES) * w..][..w]);
+            }
+        }
+        n
+    }
+
+    /// `qkv(n)` in the attention's lane layout from the grouped rows `n1g`: for each
+    /// group one product `(16·T, width) · Wᵀ` written feature by feature (the
+    /// destination's strides), which is the lane layout, then the bias.
+    fn qkv_lanes(&self, n1g: &[T], z: Sizes) -> Vec<Lanes<T>> {
+        let (w, r) = (z.width(), LANES * z.tokens());
+        let p = self.part(2);
+        // SAFETY: each group's product writes its whole block (`read_dst` false).
+        #[allow(unsafe_code)]
+        let mut x: Vec<Lanes<T>> = unsafe { unwritten(self.attention.groups() * z.group_lanes()) };
+        for (x, n) in x
+            .chunks_exact_mut(z.group_lanes())
+            .zip(n1g.chunks_exact(r * w))
+        {
+            let x = x.as_flattened_mut();
+            // SAFETY: `x` holds 3w × r values, written at (row i, column f) = f·r + i;
+            // `n` holds r × w, read at (i, k) = i·w + k; `p` holds the 3w rows of
+            // `[W | b]`, read at (k, f) = W[f, k] = p[f (w + 1) + k]; the strides stay
+            // inside them and `x` aliases neither input.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    r,
+                    3 * w,
+                    w,
+                    x.as_mut_ptr(),
+                    r as isize,
+                    1,
+                    false,
+                    n.as_ptr(),
+                    1,
+                    w as isize,
+                    p.as_ptr(),
+                    (w + 1) as isize,
+                    1,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (f, feature) in x.chunks_exact_mut(r).enumerate() {
+                let b = p[f * (w + 1) + w];
+                feature.iter_mut().for_each(|v| *v = *v + b);
+            }
+        }
+        x
+    }
+
+    /// [`qkv_lanes`](Self::qkv_lanes)' backward pass: `(∂n1g, ∂[W | b])` from `∂x` in
+    /// the lane layout.
+    fn qkv_lanes_backward(&self, n1g: &[T], dx: &[Lanes<T>], z: Sizes) -> (Vec<T>, Vec<T>) {
+        let (w, r) = (z.width(), LANES * z.tokens());
+        let p = self.part(2);
+        // SAFETY: each group's product writes its rows of `dn` whole.
+        #[allow(unsafe_code)]
+        let mut dn: Vec<T> = unsafe { unwritten(n1g.len()) };
+        let mut dp = vec![T::zero(); p.len()];
+        let groups = dn.chunks_exact_mut(r * w).zip(n1g.chunks_exact(r * w));
+        for ((dn, n), dx) in groups.zip(dx.chunks_exact(z.group_lanes())) {
+            let dx = dx.as_flattened();
+            // SAFETY: `dn` holds r × w, written at (i, k) = i·w + k; `dx` holds 3w × r,
+            // read at (i, f) = f·r + i; `p` at (f, k) = p[f (w + 1) + k]; `dn` aliases
+            // neither input and is overwritten.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    r,
+                    w,
+                    3 * w,
+                    dn.as_mut_ptr(),
+                    1,
+                    w as isize,
+                    false,
+                    dx.as_ptr(),
+                    r as isize,
+                    1,
+                    p.as_ptr(),
+                    1,
+                    (w + 1) as isize,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            // SAFETY: `dp` holds 3w × (w + 1), written at (f, k) = f (w + 1) + k, k < w;
+            // `dx` read at (f, i) = f·r + i; `n` at (i, k) = i·w + k; `dp` is added to
+            // (`read_dst`) and aliases neither input.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm(
+                    3 * w,
+                    w,
+                    r,
+                    dp.as_mut_ptr(),
+                    1,
+                    (w + 1) as isize,
+                    true,
+                    dx.as_ptr(),
+                    1,
+                    r as isize,
+                    n.as_ptr(),
+                    1,
+                    w as isize,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (f, feature) in dx.chunks_exact(r).enumerate() {
+                let sum = feature.iter().fold(T::zero(), |a, &v| a + v);
+                dp[f * (w + 1) + w] = dp[f * (w + 1) + w] + sum;
+            }
+        }
+        (dn, dp)
+    }
+
     /// The layer on rows `h`: its output and what the backward pass reads.
     fn forward(&self, h: &[T]) -> Result<(Vec<T>, Trace<T>)> {
         let (s, t) = (self.s, self.threads);
+        let sizes = self.sizes(h)?;
         let (n1, stats1) = self.norm.forward(h, self.part(0), self.part(1));
-        let (qkv, _) = host_forward(&s.qkv(), LINEAR, self.part(2), &n1, t);
-        let (a, heads) = self.attention.forward(&qkv, self.sizes(h)?);
+        let n1g = self.grouped(&n1, sizes);
+        let x = self.qkv_lanes(&n1g, sizes);
+        let (a, weights) = self.attention.forward(&x, sizes);
         let (mut h1, _) = host_forward(&s.proj(), LINEAR, self.part(3), &a, t);
         h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
         let (n2, stats2) = self.norm.forward(&h1, self.part(4), self.part(5));
         let (mut out, z) = host_forward(&s.mlp(), s.activation, self.part(6), &n2, t);
         out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
-        Ok((
-            out,
-            [n1, stats1, heads.into_flattened(), a, h1, n2, stats2, z],
-        ))
+        let (x, weights) = (x.into_flattened(), weights.into_flattened());
+        Ok((out, [n1g, stats1, x, weights, a, h1, n2, stats2, z]))
     }
 
     /// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
     fn backward(&self, h: &[T], trace: &Trace<T>, g: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (s, t) = (self.s, self.threads);
-        let [n1, stats1, heads, a, h1, n2, stats2, z] = trace;
+        let [n1g, stats1, x, weights, a, h1, n2, stats2, z] = trace;
         // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
         let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, self.part(6), n2, z, g, t);
         let [mut g_h1, g_w2, g_b2] = self.norm.backward(h1, self.part(4), &g_n2, stats2);
         g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
         // h₁ = h + proj(a).
         let (g_a, g_proj) = host_backward(&s.proj(), LINEAR, self.part(3), a, &[], &g_h1, t);
-        let g_qkv = self
-            .attention
-            .backward(heads.as_chunks::<LANES>().0, &g_a, self.sizes(h)?);
-        let (g_n1, g_qkv_p) = host_backward(&s.qkv(), LINEAR, self.part(2), n1, &[], &g_qkv, t);
+        let sizes = self.sizes(h)?;
+        let (x, weights) = (x.as_chunks::<LANES>().0, weights.as_chunks::<LANES>().0);
+        let g_x = self.attention.backward(x, weights, &g_a, sizes);
+        let (g_n1g, g_qkv_p) = self.qkv_lanes_backward(n1g, &g_x, sizes);
+        let g_n1 = self.ungrouped(&g_n1g, sizes);
         let [mut g_h, g_w1, g_b1] = self.norm.backward(h, self.part(0), &g_n1, stats1);
         g_h.iter_mut().zip(&g_h1).for_each(|(y, &x)| *y = *y + x);
         let g_p = [g_w1, g_b1, g_qkv_p, g_proj, g_w2, g_b2, g_mlp].concat();
