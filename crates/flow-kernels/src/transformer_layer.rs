@@ -128,7 +128,14 @@ impl<'a, T: Elem> Pieces<'a, T> {
     /// `16·T` rows a group.
     fn grouped(&self, n: &[T], z: Sizes) -> Vec<T> {
         let (t, w) = (z.tokens(), z.width());
-        let mut rows = vec![T::zero(); self.attention.groups() * LANES * t * w];
+        let len = self.attention.groups() * LANES * t * w;
+        // SAFETY: every row is written: those of the batch's sequences just below, the
+        // rest (a last group's lanes past the batch) filled with zeros first.
+        #[allow(unsafe_code)]
+        let mut rows: Vec<T> = unsafe { unwritten(len) };
+        if !self.s.batch.is_multiple_of(LANES) {
+            rows[len - LANES * t * w..].fill(T::zero());
+        }
         for (seq, n) in n.chunks_exact(t * w).enumerate() {
             let group = &mut rows[(seq / LANES) * LANES * t * w..][..LANES * t * w];
             for (i, row) in n.chunks_exact(w).enumerate() {
@@ -141,7 +148,9 @@ impl<'a, T: Elem> Pieces<'a, T> {
     /// [`grouped`](Self::grouped) undone: rows `(batch·T, width)`.
     fn ungrouped(&self, rows: &[T], z: Sizes) -> Vec<T> {
         let (t, w) = (z.tokens(), z.width());
-        let mut n = vec![T::zero(); self.s.batch * t * w];
+        // SAFETY: each sequence's rows are copied whole just below.
+        #[allow(unsafe_code)]
+        let mut n: Vec<T> = unsafe { unwritten(self.s.batch * t * w) };
         for (seq, n) in n.chunks_exact_mut(t * w).enumerate() {
             let group = &rows[(seq / LANES) * LANES * t * w..][..LANES * t * w];
             for (i, row) in n.chunks_exact_mut(w).enumerate() {
@@ -267,8 +276,15 @@ impl<'a, T: Elem> Pieces<'a, T> {
                     Parallelism::None,
                 );
             }
+            // ∂b: each feature's sum over the group, sixteen lanes at a time.
             for (f, feature) in dx.chunks_exact(r).enumerate() {
-                let sum = feature.iter().fold(T::zero(), |a, &v| a + v);
+                let mut lanes = [T::zero(); LANES];
+                for v in feature.as_chunks::<LANES>().0 {
+                    for l in 0..LANES {
+                        lanes[l] = lanes[l] + v[l];
+                    }
+                }
+                let sum = lanes.into_iter().fold(T::zero(), |a, v| a + v);
                 dp[f * (w + 1) + w] = dp[f * (w + 1) + w] + sum;
             }
         }
