@@ -166,7 +166,7 @@ impl LayerNorm {
         let rows = block_rows(x.len() / n);
         let run = |((y, stats), x): ((&mut [T], &mut [T]), &[T])| {
             #[cfg(target_arch = "x86_64")]
-            if crate::mlp::has_avx2() {
+            if crate::mlp::has_avx2_fma() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
                 return unsafe { norm_rows_avx2(x, w, b, eps, y, stats) };
@@ -199,7 +199,7 @@ impl LayerNorm {
             let mut part = vec![T::zero(); 2 * n];
             let (gw, gb) = part.split_at_mut(n);
             #[cfg(target_arch = "x86_64")]
-            if crate::mlp::has_avx2() {
+            if crate::mlp::has_avx2_fma() {
                 // SAFETY: the CPU has AVX2, checked just above.
                 #[allow(unsafe_code)]
                 unsafe {
@@ -317,9 +317,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// group). Its kernels read a group's queries, keys and values in the lane layout:
 /// feature `f` (queries `0..width`, keys `width..2·width`, values `2·width..3·width`,
 /// head `h` at `h·d .. (h + 1)·d` of each) of token `i` at lane vector `[f·T + i]` of
-/// the group's `3·width·T`, sequence `l` of the group in lane `l` (zeros in the lanes
-/// past the batch). The fused Transformer layer's `qkv` product writes that layout
-/// directly; the attention op alone converts its rows.
+/// the group's `3·width·T`, sequence `l` of the group in lane `l`. Lanes past the batch
+/// hold anything finite (zeros from the attention op, the `qkv` bias from the fused
+/// layer): each lane is a sequence of its own, and those lanes' outputs are dropped. The
+/// fused Transformer layer's `qkv` product writes that layout directly; the attention op
+/// alone converts its rows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalAttention {
     pub(crate) batch: usize,
@@ -460,6 +462,30 @@ fn softmax<T: Real>(p: &mut [Lanes<T>]) {
     }
 }
 
+/// Sequences of at most this many tokens keep their attention weights (`T²` lane
+/// vectors a head) from the forward pass for the backward pass; longer ones find them
+/// again, so that the weights kept grow no faster than the queries, keys and values.
+const KEPT_WEIGHTS_TOKENS: usize = 64;
+
+/// One head's attention weights into `p` (`T × T`): query `i`'s weight of key `j` at
+/// `[i·T + j]`, zero for `j > i`, from its queries `q` and keys `k` in the lane layout
+/// (`d` features, `T` apart).
+#[inline(always)]
+fn head_weights<T: Real>(q: &[Lanes<T>], k: &[Lanes<T>], s: Sizes, p: &mut [Lanes<T>]) {
+    let (t, d) = (s.tokens, s.head);
+    let scale = [s.scale::<T>(); LANES];
+    for (i, p) in p.chunks_exact_mut(t).enumerate() {
+        dots(&q[i..], t, k, t, d, &mut p[..=i]);
+        for p in &mut p[..=i] {
+            for l in 0..LANES {
+                p[l] = p[l] * scale[l];
+            }
+        }
+        softmax(&mut p[..=i]);
+        p[i + 1..].fill([T::zero(); LANES]);
+    }
+}
+
 impl Sizes {
     /// `1/√d`, the scores' scale.
     fn scale<T: Float>(&self) -> T {
@@ -543,9 +569,22 @@ impl CausalAttention {
         self.batch.div_ceil(LANES)
     }
 
-    /// Lane vectors of one group's kept attention weights: `heads × T × T`.
+    /// Lane vectors of one group's kept attention weights: `heads × T × T`, none past
+    /// [`KEPT_WEIGHTS_TOKENS`].
     fn weights_lanes(&self, s: Sizes) -> usize {
-        self.heads * s.tokens * s.tokens
+        if s.tokens <= KEPT_WEIGHTS_TOKENS {
+            self.heads * s.tokens * s.tokens
+        } else {
+            0
+        }
+    }
+
+    /// Each group's part of `weights`: empty slices where none are kept.
+    fn per_group<'a, W>(&self, weights: &'a mut [W], len: usize) -> Vec<&'a mut [W]> {
+        match len {
+            0 => (0..self.groups()).map(|_| <&mut [W]>::default()).collect(),
+            _ => weights.chunks_mut(len).collect(),
+        }
     }
 
     /// The rows `qkv` `(batch·T, 3·width)` in the lane layout.
@@ -589,58 +628,58 @@ impl CausalAttention {
         // sequences' rows, which make up its chunk of `out`.
         #[allow(unsafe_code)]
         let mut out = unsafe { unwritten(rows * s.width) };
-        // SAFETY: `group` writes every weight of its heads, zeros above the diagonal.
+        let (wl, gl) = (self.weights_lanes(s), s.group_lanes());
+        // SAFETY: `group` writes every weight of its heads it keeps, zeros above the
+        // diagonal.
         #[allow(unsafe_code)]
-        let mut weights = unsafe { unwritten(self.groups() * self.weights_lanes(s)) };
+        let mut weights = unsafe { unwritten(self.groups() * wl) };
+        let mut kept = self.per_group(&mut weights, wl);
         let out_len = LANES * s.tokens * s.width;
         let run = |out: &mut [T], p: &mut [Lanes<T>], x: &[Lanes<T>]| {
             #[cfg(target_arch = "x86_64")]
-            if crate::mlp::has_avx2() {
+            if crate::mlp::has_avx2_fma() {
                 // SAFETY: the CPU has AVX2 and FMA, checked just above.
                 #[allow(unsafe_code)]
                 return unsafe { self.group_avx2(x, out, p, s) };
             }
             self.group(x, out, p, s);
         };
-        let (wl, gl) = (self.weights_lanes(s), s.group_lanes());
         if planned() > 1 && rows >= PARALLEL_ROWS {
             out.par_chunks_mut(out_len)
-                .zip(weights.par_chunks_mut(wl))
+                .zip(kept.par_iter_mut())
                 .zip(x.par_chunks(gl))
                 .for_each(|((out, p), x)| run(out, p, x));
         } else {
             out.chunks_mut(out_len)
-                .zip(weights.chunks_mut(wl))
+                .zip(kept.iter_mut())
                 .zip(x.chunks(gl))
                 .for_each(|((out, p), x)| run(out, p, x));
         }
+        drop(kept);
         (out, weights)
     }
 
     /// The outputs `out` `(sequences·T, width)` of a group of up to [`LANES`]
     /// sequences from their queries, keys and values `x`, the weights into `p`.
     #[inline(always)]
-    fn group<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], p: &mut [Lanes<T>], s: Sizes) {
+    fn group<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
         let (t, d, w) = (s.tokens, s.head, s.width);
-        let scale = [s.scale::<T>(); LANES];
-        // SAFETY: `weighted_sum` writes each query's outputs whole.
+        // SAFETY: `weighted_sum` writes each query's outputs whole; `head_weights`
+        // writes every weight of a head before they are read.
         #[allow(unsafe_code)]
-        let mut o = unsafe { unwritten(t * d) };
-        for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
+        let (mut o, mut scratch) = unsafe { (unwritten(t * d), unwritten(t * t)) };
+        for h in 0..self.heads {
+            let p = match kept.get_mut(h * t * t..(h + 1) * t * t) {
+                Some(p) => p,
+                None => &mut scratch,
+            };
             let (q, k, v) = (
                 &x[h * d * t..],
                 &x[(w + h * d) * t..],
                 &x[(2 * w + h * d) * t..],
             );
-            for (i, p) in p.chunks_exact_mut(t).enumerate() {
-                dots(&q[i..], t, k, t, d, &mut p[..=i]);
-                for p in &mut p[..=i] {
-                    for l in 0..LANES {
-                        p[l] = p[l] * scale[l];
-                    }
-                }
-                softmax(&mut p[..=i]);
-                p[i + 1..].fill([T::zero(); LANES]);
+            head_weights(q, k, s, p);
+            for (i, p) in p.chunks_exact(t).enumerate() {
                 let o = &mut o[i * d..][..d];
                 weighted_sum(p, 1, i + 1, v, 1, t, d, |c, s| o[c] = s);
             }
@@ -651,8 +690,8 @@ impl CausalAttention {
     /// [`group`](Self::group) compiled for AVX2 and FMA and chosen at run time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn group_avx2<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], p: &mut [Lanes<T>], s: Sizes) {
-        self.group(x, out, p, s)
+    fn group_avx2<T: Real>(&self, x: &[Lanes<T>], out: &mut [T], kept: &mut [Lanes<T>], s: Sizes) {
+        self.group(x, out, kept, s)
     }
 
     /// `∂x` in the lane layout from the output gradient `g` `(batch·T, width)`, the
@@ -676,23 +715,27 @@ impl CausalAttention {
         );
         let run = |dx: &mut [Lanes<T>], x: &[Lanes<T>], p: &[Lanes<T>], g: &[T]| {
             #[cfg(target_arch = "x86_64")]
-            if crate::mlp::has_avx2() {
+            if crate::mlp::has_avx2_fma() {
                 // SAFETY: the CPU has AVX2 and FMA, checked just above.
                 #[allow(unsafe_code)]
                 return unsafe { self.group_backward_avx2(x, p, g, dx, s) };
             }
             self.group_backward(x, p, g, dx, s);
         };
+        let kept: Vec<&[Lanes<T>]> = match wl {
+            0 => vec![&[]; self.groups()],
+            _ => weights.chunks(wl).collect(),
+        };
         if planned() > 1 && rows >= PARALLEL_ROWS {
             dx.par_chunks_mut(gl)
                 .zip(x.par_chunks(gl))
-                .zip(weights.par_chunks(wl))
+                .zip(kept.par_iter())
                 .zip(g.par_chunks(g_len))
                 .for_each(|(((dx, x), p), g)| run(dx, x, p, g));
         } else {
             dx.chunks_mut(gl)
                 .zip(x.chunks(gl))
-                .zip(weights.chunks(wl))
+                .zip(kept.iter())
                 .zip(g.chunks(g_len))
                 .for_each(|(((dx, x), p), g)| run(dx, x, p, g));
         }
@@ -732,14 +775,24 @@ impl CausalAttention {
             }
             v
         };
-        // SAFETY: `gather` writes every value of `gh`; the loop over `i` writes row `i`
-        // of `ds` up to `i` and `dp` up to `i` before they are read (the sums over
-        // `i ≥ j` read only those).
+        // SAFETY: `gather` writes every value of `gh`; `head_weights` every weight of
+        // `scratch` before it is read; the loop over `i` writes row `i` of `ds` up to `i`
+        // and `dp` up to `i` before they are read (the sums over `i ≥ j` read only
+        // those).
         #[allow(unsafe_code)]
-        let [mut gh, mut dp, mut ds] = unsafe { [t * d, t, t * t].map(|n| unwritten(n)) };
-        for (h, p) in p.chunks_exact(t * t).enumerate() {
+        let [mut gh, mut dp, mut ds, mut scratch] =
+            unsafe { [t * d, t, t * t, t * t].map(|n| unwritten(n)) };
+        for h in 0..self.heads {
             let (qa, ka, va) = (h * d * t, (w + h * d) * t, (2 * w + h * d) * t);
             let (q, k, v) = (&x[qa..], &x[ka..], &x[va..]);
+            // The weights as the forward pass kept them, or found again.
+            let p = match p.get(h * t * t..(h + 1) * t * t) {
+                Some(p) => p,
+                None => {
+                    head_weights(q, k, s, &mut scratch);
+                    &scratch
+                }
+            };
             gather(g, s, w, h * d, &mut gh);
             // Row by row, queries: ∂p_ij = g_i · v_j, their mean under p_i, then
             // ∂s_ij = p_ij (∂p_ij − Σ_k p_ik ∂p_ik); with s_ij = q_i·k_j / √d,

@@ -13,6 +13,7 @@ use std::sync::{Mutex, PoisonError};
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 use crate::{
     mlp::{host_backward, host_forward, Arch, Elem},
@@ -82,7 +83,7 @@ impl LayerShape {
 const LINEAR: Activation = Activation::Relu;
 
 /// The forward pass's values that the backward pass reads, in order: `norm₁(h)` in
-/// groups of rows (see [`Pieces::qkv_lanes`]) and its rows' statistics, the queries,
+/// groups of rows (see [`Pieces::grouped`]) and its rows' statistics, the queries,
 /// keys and values in the attention's lane layout and its weights (both flattened), the
 /// heads' outputs, `h₁`, `norm₂(h₁)` and its rows' statistics, and the MLP's trace.
 type Trace<T> = [Vec<T>; 9];
@@ -169,10 +170,7 @@ impl<'a, T: Elem> Pieces<'a, T> {
         // SAFETY: each group's product writes its whole block (`read_dst` false).
         #[allow(unsafe_code)]
         let mut x: Vec<Lanes<T>> = unsafe { unwritten(self.attention.groups() * z.group_lanes()) };
-        for (x, n) in x
-            .chunks_exact_mut(z.group_lanes())
-            .zip(n1g.chunks_exact(r * w))
-        {
+        let product = |x: &mut [Lanes<T>], n: &[T]| {
             let x = x.as_flattened_mut();
             // SAFETY: `x` holds 3w × r values, written at (row i, column f) = f·r + i;
             // `n` holds r × w, read at (i, k) = i·w + k; `p` holds the 3w rows of
@@ -206,6 +204,17 @@ impl<'a, T: Elem> Pieces<'a, T> {
                 let b = p[f * (w + 1) + w];
                 feature.iter_mut().for_each(|v| *v = *v + b);
             }
+        };
+        // The groups on the planned threads, as the layer's other kernels.
+        let (gl, nl) = (z.group_lanes(), r * w);
+        if self.threads > 1 {
+            x.par_chunks_mut(gl)
+                .zip(n1g.par_chunks(nl))
+                .for_each(|(x, n)| product(x, n));
+        } else {
+            x.chunks_mut(gl)
+                .zip(n1g.chunks(nl))
+                .for_each(|(x, n)| product(x, n));
         }
         x
     }
@@ -302,18 +311,18 @@ impl<'a, T: Elem> Pieces<'a, T> {
         let (mut h1, _) = host_forward(&s.proj(), LINEAR, self.part(3), &a, t);
         h1.iter_mut().zip(h).for_each(|(y, &x)| *y = *y + x);
         let (n2, stats2) = self.norm.forward(&h1, self.part(4), self.part(5));
-        let (mut out, z) = host_forward(&s.mlp(), s.activation, self.part(6), &n2, t);
+        let (mut out, y) = host_forward(&s.mlp(), s.activation, self.part(6), &n2, t);
         out.iter_mut().zip(&h1).for_each(|(y, &x)| *y = *y + x);
         let (x, weights) = (x.into_flattened(), weights.into_flattened());
-        Ok((out, [n1g, stats1, x, weights, a, h1, n2, stats2, z]))
+        Ok((out, [n1g, stats1, x, weights, a, h1, n2, stats2, y]))
     }
 
     /// `(∂h, ∂p)` from the output's gradient `g`, given the forward pass's `trace`.
     fn backward(&self, h: &[T], trace: &Trace<T>, g: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (s, t) = (self.s, self.threads);
-        let [n1g, stats1, x, weights, a, h1, n2, stats2, z] = trace;
+        let [n1g, stats1, x, weights, a, h1, n2, stats2, y] = trace;
         // out = h₁ + mlp(n₂): the stream's gradient passes through, plus the MLP's.
-        let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, self.part(6), n2, z, g, t);
+        let (g_n2, g_mlp) = host_backward(&s.mlp(), s.activation, self.part(6), n2, y, g, t);
         let [mut g_h1, g_w2, g_b2] = self.norm.backward(h1, self.part(4), &g_n2, stats2);
         g_h1.iter_mut().zip(g).for_each(|(y, &x)| *y = *y + x);
         // h₁ = h + proj(a).

@@ -41,6 +41,18 @@ fn pass(b: &TarFlowBlock, varmap: &VarMap, x: &Tensor, c: &Tensor) -> Result<Vec
 /// The block of `cfg` on `batch` rows, fused and on plain ops, in `dtype`: each output
 /// and gradient within `tol` of the other's largest value.
 fn fused_is_plain(cfg: &TarFlowBlockConfig, batch: usize, dtype: DType, tol: f64) -> Result<()> {
+    fused_is_plain_on(cfg, batch, dtype, tol, true)
+}
+
+/// [`fused_is_plain`], the inverse left out with `!inverse` (over a long sequence the
+/// token-by-token inverse amplifies the two passes' rounding past any useful `tol`).
+fn fused_is_plain_on(
+    cfg: &TarFlowBlockConfig,
+    batch: usize,
+    dtype: DType,
+    tol: f64,
+    inverse: bool,
+) -> Result<()> {
     let varmap = VarMap::new();
     let b = TarFlowBlock::new(cfg, seeded_var_builder(&varmap, 1, dtype, &DEV))?;
     let (x, c) = (
@@ -56,11 +68,16 @@ fn fused_is_plain(cfg: &TarFlowBlockConfig, batch: usize, dtype: DType, tol: f64
     let max =
         |t: &Tensor| -> Result<f64> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?) };
     for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+        if i == 2 && !inverse {
+            continue;
+        }
         let err = max(&(f - p)?)? / max(p)?.max(1.0);
         ensure!(err < tol, "{dtype:?}: output {i} differs by {err:e}");
     }
-    let back = max(&(&fused[2] - &x.to_dtype(DType::F64)?)?)?;
-    ensure!(back < tol, "{dtype:?}: not inverted: {back:e}");
+    if inverse {
+        let back = max(&(&fused[2] - &x.to_dtype(DType::F64)?)?)?;
+        ensure!(back < tol, "{dtype:?}: not inverted: {back:e}");
+    }
     Ok(())
 }
 
@@ -77,5 +94,11 @@ fn a_block_computes_the_same_fused_and_on_plain_ops() -> Result<()> {
         .with_context_dim(2)
         .with_zero_init(false);
     fused_is_plain(&cfg, 19, DType::F64, 1e-10)?;
-    fused_is_plain(&cfg, 19, DType::F32, 1e-4)
+    fused_is_plain(&cfg, 19, DType::F32, 1e-4)?;
+    // 128 tokens: more than the attention keeps weights for, so that its backward pass
+    // finds them again.
+    let cfg = TarFlowBlockConfig::new(ImageShape::new(1, 8, 16), 1, 1, 8, 2)
+        .with_context_dim(1)
+        .with_zero_init(false);
+    fused_is_plain_on(&cfg, 3, DType::F64, 1e-10, false)
 }

@@ -83,6 +83,7 @@ fn emit(job: &str, fused: bool, metric: &str, value: f64) {
 }
 
 fn main() -> candle::Result<()> {
+    flow_kernels::retain_freed_memory();
     let spec = std::env::var("FLOWS_BENCH_DEVICE").unwrap_or_else(|_| "cuda".into());
     let dev = flow_core::parse_device(&spec)?;
     let rng = &mut StdRng::seed_from_u64(0);

@@ -221,6 +221,7 @@ criterion_group!(benches, seed_job, zuko_job, sweeps, machine);
 /// criterion's `main`, after fixing candle's thread counts as the `flow` binary does.
 fn main() {
     flow_kernels::pin_thread_count();
+    flow_kernels::retain_freed_memory();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -1,9 +1,11 @@
 //! The general CPU kernel: networks of any depth and width, plain or residual, in f32
 //! and f64. Each linear layer of a batch chunk is one matrix product (the `gemm` crate,
 //! which picks AVX2/FMA or AVX-512 at run time and has a portable fallback); each row of
-//! the product then gets its bias and activation while it is in cache. The backward pass recomputes a chunk's activations, keeps them
-//! in buffers of its own, and accumulates the parameter gradients of a group of chunks
-//! in one partial sum; partial sums add up in group order, so the result depends only on
+//! the product then gets its bias and activation while it is in cache. The forward pass
+//! keeps a plain network's hidden activations (a residual one's streams and inner
+//! pre-activations) as its trace; the backward pass reads them (a residual network
+//! activates its own again), and accumulates the parameter gradients of a group of
+//! chunks in one partial sum; partial sums add up in group order, so the result depends only on
 //! the batch, the network and the thread count planned when the op was built.
 
 use gemm::{gemm, Parallelism};
@@ -539,7 +541,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
 impl<T: Elem> Prepared<'_, T> {
     fn run_chunk(&self, x: &[T], out: &mut [T], trace: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { self.run_avx2(x, out, trace) };
@@ -549,7 +551,7 @@ impl<T: Elem> Prepared<'_, T> {
 
     fn backward_of_chunk(&self, x: &[T], trace: &[T], g_out: &[T], gx: &mut [T], gp: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { self.backward_avx2(x, trace, g_out, gx, gp) };

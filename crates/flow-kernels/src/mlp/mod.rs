@@ -51,7 +51,7 @@ pub const NARROW: usize = 16;
 /// Whether this CPU runs the kernels' AVX2 builds (`portable`, `deep`, the attention's,
 /// which also use FMA); the answer is cached by std.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 

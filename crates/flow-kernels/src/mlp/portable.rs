@@ -229,7 +229,7 @@ mod simd {
 
     pub fn forward_chunk<T: Float>(net: &Net<T>, x: &[T], out: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
-        if super::super::has_avx2() {
+        if super::super::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { forward_avx2(net, x, out) };
@@ -244,7 +244,7 @@ mod simd {
         gx: &mut [T],
     ) -> (Vec<T>, Vec<T>) {
         #[cfg(target_arch = "x86_64")]
-        if super::super::has_avx2() {
+        if super::super::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2, checked just above.
             #[allow(unsafe_code)]
             return unsafe { backward_avx2(net, x, g, gx) };
