@@ -88,6 +88,70 @@ const LINEAR: Activation = Activation::Relu;
 /// heads' outputs, `h₁`, `norm₂(h₁)` and its rows' statistics, and the MLP's trace.
 type Trace<T> = [Vec<T>; 9];
 
+/// Where a matrix's elements lie in its slice: `(i, j)` at `i·rows + j·cols`.
+#[derive(Clone, Copy)]
+struct Strides {
+    rows: usize,
+    cols: usize,
+}
+
+impl Strides {
+    fn new(rows: usize, cols: usize) -> Self {
+        Self { rows, cols }
+    }
+
+    /// The largest index a `m × n` matrix laid out so reaches.
+    fn last(self, m: usize, n: usize) -> usize {
+        (m - 1) * self.rows + (n - 1) * self.cols
+    }
+}
+
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or added to `dst` with `add`, each matrix
+/// where its strides put it in its slice, on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn product<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    d: Strides,
+    add: bool,
+    lhs: &[T],
+    l: Strides,
+    rhs: &[T],
+    r: Strides,
+) {
+    assert!(m > 0 && n > 0 && k > 0, "an empty product");
+    assert!(d.last(m, n) < dst.len() && l.last(m, k) < lhs.len() && r.last(k, n) < rhs.len());
+    // SAFETY: the asserts keep every element the strides address inside its slice, and
+    // `dst`, borrowed mutably, aliases neither input; without `add` it is overwritten
+    // (`read_dst` false).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            d.cols as isize,
+            d.rows as isize,
+            add,
+            lhs.as_ptr(),
+            l.cols as isize,
+            l.rows as isize,
+            rhs.as_ptr(),
+            r.cols as isize,
+            r.rows as isize,
+            if add { T::one() } else { T::zero() },
+            T::one(),
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// The layer's kernels over its packed parameters `p`.
 struct Pieces<'a, T> {
     s: &'a LayerShape,
@@ -170,36 +234,15 @@ impl<'a, T: Elem> Pieces<'a, T> {
         // SAFETY: each group's product writes its whole block (`read_dst` false).
         #[allow(unsafe_code)]
         let mut x: Vec<Lanes<T>> = unsafe { unwritten(self.attention.groups() * z.group_lanes()) };
-        let product = |x: &mut [Lanes<T>], n: &[T]| {
+        let group = |x: &mut [Lanes<T>], n: &[T]| {
             let x = x.as_flattened_mut();
-            // SAFETY: `x` holds 3w × r values, written at (row i, column f) = f·r + i;
-            // `n` holds r × w, read at (i, k) = i·w + k; `p` holds the 3w rows of
-            // `[W | b]`, read at (k, f) = W[f, k] = p[f (w + 1) + k]; the strides stay
-            // inside them and `x` aliases neither input.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm(
-                    r,
-                    3 * w,
-                    w,
-                    x.as_mut_ptr(),
-                    r as isize,
-                    1,
-                    false,
-                    n.as_ptr(),
-                    1,
-                    w as isize,
-                    p.as_ptr(),
-                    (w + 1) as isize,
-                    1,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            // `x` (r × 3w) written feature by feature: (i, f) at f·r + i.
+            let (to_x, by_row, w_t) = (
+                Strides::new(1, r),
+                Strides::new(w, 1),
+                Strides::new(1, w + 1),
+            );
+            product(r, 3 * w, w, x, to_x, false, n, by_row, p, w_t);
             for (f, feature) in x.chunks_exact_mut(r).enumerate() {
                 let b = p[f * (w + 1) + w];
                 feature.iter_mut().for_each(|v| *v = *v + b);
@@ -210,11 +253,11 @@ impl<'a, T: Elem> Pieces<'a, T> {
         if self.threads > 1 {
             x.par_chunks_mut(gl)
                 .zip(n1g.par_chunks(nl))
-                .for_each(|(x, n)| product(x, n));
+                .for_each(|(x, n)| group(x, n));
         } else {
             x.chunks_mut(gl)
                 .zip(n1g.chunks(nl))
-                .for_each(|(x, n)| product(x, n));
+                .for_each(|(x, n)| group(x, n));
         }
         x
     }
@@ -231,60 +274,18 @@ impl<'a, T: Elem> Pieces<'a, T> {
         let groups = dn.chunks_exact_mut(r * w).zip(n1g.chunks_exact(r * w));
         for ((dn, n), dx) in groups.zip(dx.chunks_exact(z.group_lanes())) {
             let dx = dx.as_flattened();
-            // SAFETY: `dn` holds r × w, written at (i, k) = i·w + k; `dx` holds 3w × r,
-            // read at (i, f) = f·r + i; `p` at (f, k) = p[f (w + 1) + k]; `dn` aliases
-            // neither input and is overwritten.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm(
-                    r,
-                    w,
-                    3 * w,
-                    dn.as_mut_ptr(),
-                    1,
-                    w as isize,
-                    false,
-                    dx.as_ptr(),
-                    r as isize,
-                    1,
-                    p.as_ptr(),
-                    1,
-                    (w + 1) as isize,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            // SAFETY: `dp` holds 3w × (w + 1), written at (f, k) = f (w + 1) + k, k < w;
-            // `dx` read at (f, i) = f·r + i; `n` at (i, k) = i·w + k; `dp` is added to
-            // (`read_dst`) and aliases neither input.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm(
-                    3 * w,
-                    w,
-                    r,
-                    dp.as_mut_ptr(),
-                    1,
-                    (w + 1) as isize,
-                    true,
-                    dx.as_ptr(),
-                    1,
-                    r as isize,
-                    n.as_ptr(),
-                    1,
-                    w as isize,
-                    T::one(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            let (by_row, dx_rows, w_rows) = (
+                Strides::new(w, 1),
+                Strides::new(1, r),
+                Strides::new(w + 1, 1),
+            );
+            product(r, w, 3 * w, dn, by_row, false, dx, dx_rows, p, w_rows);
+            let (dp_rows, dx_t, n_rows) = (
+                Strides::new(w + 1, 1),
+                Strides::new(r, 1),
+                Strides::new(w, 1),
+            );
+            product(3 * w, w, r, &mut dp, dp_rows, true, dx, dx_t, n, n_rows);
             // ∂b: each feature's sum over the group, sixteen lanes at a time.
             for (f, feature) in dx.chunks_exact(r).enumerate() {
                 let mut lanes = [T::zero(); LANES];
