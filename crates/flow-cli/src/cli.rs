@@ -353,9 +353,9 @@ pub struct TrainArgs {
     /// L2 penalty, as PyTorch's) [default adam].
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,
-    #[arg(long, help = run_help("The optimizer's learning rate", flow_train::OptimizerConfig::default().lr))]
+    #[arg(long, help = run_help("The optimizer's learning rate", crate::commands::train::lr_defaults()))]
     pub lr: Option<f64>,
-    #[arg(long, help = run_help("Per-step exponential decay of the learning rate (with --schedule exp)", crate::commands::train::default_lr_decay()))]
+    #[arg(long, help = run_help("Per-step exponential decay of the learning rate (with --schedule exp)", crate::commands::train::lr_decay_defaults()))]
     pub lr_decay: Option<f64>,
     /// Learning-rate schedule [default exp].
     #[arg(long, value_enum)]

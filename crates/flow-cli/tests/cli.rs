@@ -763,6 +763,67 @@ fn decay_of(model: &str) -> f64 {
         .expect("an exponential schedule")
 }
 
+/// The learning rate `flow inspect --json` reports for `model`.
+fn lr_of(model: &str) -> f64 {
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--model", model, "--json"])).expect("JSON");
+    all["metadata"]["train_config"]["optimizer"]["lr"]
+        .as_f64()
+        .expect("a learning rate")
+}
+
+#[test]
+fn a_conditional_nsf_takes_its_learning_rate_from_the_number_of_rows() {
+    let data = path("cond-nsf-3000.csv");
+    let m = path("cond-nsf.safetensors");
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "3000",
+        "--with-labels",
+        "--out",
+        &data,
+    ]);
+    let train = |extra: &[&str]| {
+        let args = [
+            "train",
+            "--data",
+            &data,
+            "--context-dim",
+            "1",
+            "--batch",
+            "16",
+            "--stop-at",
+            "1",
+            "--out",
+            &m,
+        ];
+        let out = flow(&[&args[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // 2700 training rows: 1e-3·√(1000/2700), decaying by 1 − that, stretched over the
+    // 8450 steps of 50 epochs.
+    train(&["--flow", "nsf"]);
+    let lr = 1e-3 * (1000.0f64 / 2700.0).sqrt();
+    assert!((lr_of(&m) - lr).abs() < 1e-15, "{} against {lr}", lr_of(&m));
+    let decay = (1.0 - lr).powf(5000.0 / 8450.0);
+    assert!(
+        (decay_of(&m) - decay).abs() < 1e-12,
+        "{} against {decay}",
+        decay_of(&m)
+    );
+    // A rate given stands; a family without its own rule keeps the trainer's.
+    train(&["--flow", "nsf", "--lr", "0.002"]);
+    assert_eq!(lr_of(&m), 0.002);
+    train(&["--flow", "realnvp"]);
+    assert_eq!(lr_of(&m), 0.001);
+}
+
 #[test]
 fn a_conditional_run_on_many_rows_runs_for_epochs_its_decay_stretched() {
     let data = path("cond-3000.csv");

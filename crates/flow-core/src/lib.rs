@@ -30,7 +30,7 @@ pub use flow::Flow;
 pub use image::{ImageInfo, ImageShape};
 pub use init::seeded_var_builder;
 pub use recipe::{
-    AnyModelFamily, Choice, ModelData, ModelFamily, ModelOption, OptionInfo, OptionKind, Recipe,
-    Spelled,
+    AnyModelFamily, Choice, ConditionalRate, DecayingRate, ModelData, ModelFamily, ModelOption,
+    OptionInfo, OptionKind, Recipe, Spelled,
 };
 pub use shared_batch::SharedBatch;

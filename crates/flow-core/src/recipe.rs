@@ -303,6 +303,9 @@ pub struct ModelFamily<C> {
     pub weight_decay: f64,
     /// The batch its models train with unless told otherwise (`None`: the trainer's).
     pub batch: Option<usize>,
+    /// The learning rate its conditional models (with a context) train with unless told
+    /// otherwise (`None`: the trainer's).
+    pub conditional_lr: Option<ConditionalRate>,
     /// The family's defaults for the data.
     pub defaults: fn(&ModelData) -> C,
     /// The options, in the order they apply (a bound's kind before the bound).
@@ -327,6 +330,7 @@ impl<C: Recipe> ModelFamily<C> {
             couples: false,
             weight_decay: 0.0,
             batch: None,
+            conditional_lr: None,
             defaults,
             options: Vec::new(),
         }
@@ -342,6 +346,15 @@ impl<C: Recipe> ModelFamily<C> {
     pub fn with_batch(self, batch: usize) -> Self {
         Self {
             batch: Some(batch),
+            ..self
+        }
+    }
+
+    /// The family, training its conditional models with the learning rate `lr` unless
+    /// told otherwise.
+    pub fn with_conditional_lr(self, lr: ConditionalRate) -> Self {
+        Self {
+            conditional_lr: Some(lr),
             ..self
         }
     }
@@ -372,6 +385,47 @@ impl<C: Recipe> ModelFamily<C> {
             .iter()
             .map(|(name, _)| *name)
             .find(|name| !self.options.iter().any(|o| o.name == *name))
+    }
+}
+
+/// A learning rate that decays exponentially: `lr · decay^step` at optimizer step
+/// `step`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecayingRate {
+    pub lr: f64,
+    pub decay: f64,
+}
+
+/// The learning rate a family's conditional models train with, by the number of
+/// training rows: `top` up to `rows_at_top` rows, then falling as `1/√rows`, never
+/// below `floor`. More data are fitted more finely at a lower rate before they overfit;
+/// little data overfit before a low rate has taken the model far. Its decay per step is
+/// `1 − lr`, so that the rate summed over an unending run comes to 1, as the trainer's
+/// default (1e-3 decaying by 0.999 a step) does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConditionalRate {
+    pub top: f64,
+    pub rows_at_top: usize,
+    pub floor: f64,
+}
+
+impl ConditionalRate {
+    /// The rate and its decay for `rows` training rows.
+    pub fn at(&self, rows: usize) -> DecayingRate {
+        let fall = (self.rows_at_top as f64 / rows.max(1) as f64).sqrt();
+        let lr = (self.top * fall).clamp(self.floor, self.top);
+        DecayingRate {
+            lr,
+            decay: 1.0 - lr,
+        }
+    }
+
+    /// The rule in words, for a help line.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} up to {} training rows, then falling as 1/√rows to {}",
+            self.top, self.rows_at_top, self.floor
+        )
     }
 }
 
@@ -415,6 +469,7 @@ pub trait AnyModelFamily: Send + Sync {
     fn couples(&self) -> bool;
     fn weight_decay(&self) -> f64;
     fn batch(&self) -> Option<usize>;
+    fn conditional_lr(&self) -> Option<ConditionalRate>;
     /// The options, in the order the family declares them, with their defaults.
     fn options(&self) -> Vec<OptionInfo>;
     /// The family's model for `data` with the `given` options, checked; `seed` seeds
@@ -454,6 +509,10 @@ impl<C: Recipe> AnyModelFamily for ModelFamily<C> {
 
     fn batch(&self) -> Option<usize> {
         self.batch
+    }
+
+    fn conditional_lr(&self) -> Option<ConditionalRate> {
+        self.conditional_lr
     }
 
     fn options(&self) -> Vec<OptionInfo> {
@@ -510,5 +569,31 @@ impl<C: Recipe> AnyModelFamily for ModelFamily<C> {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conditional_rate_falls_as_one_over_root_rows_between_its_top_and_floor() {
+        let rule = ConditionalRate {
+            top: 1e-3,
+            rows_at_top: 1_000,
+            floor: 2e-4,
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-15;
+        for rows in [0, 1, 500, 1_000] {
+            assert!(close(rule.at(rows).lr, 1e-3), "{rows} rows");
+        }
+        // Nine times the rows: a third of the rate.
+        assert!(close(rule.at(9_000).lr, 1e-3 / 3.0));
+        assert!(close(rule.at(16_000).lr, 2.5e-4));
+        assert!(close(rule.at(1_000_000).lr, 2e-4));
+        for rows in [10, 4_000, 50_000] {
+            let r = rule.at(rows);
+            assert!(close(r.decay, 1.0 - r.lr), "{rows} rows: {r:?}");
+        }
     }
 }

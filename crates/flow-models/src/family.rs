@@ -64,6 +64,12 @@ impl Family {
         self.0.batch()
     }
 
+    /// The learning rate the family's conditional models train with unless told
+    /// otherwise (`None`: the trainer's).
+    pub fn conditional_lr(&self) -> Option<flow_core::ConditionalRate> {
+        self.0.conditional_lr()
+    }
+
     /// The family's options, in the order they apply, each with the family's default.
     pub fn options(&self) -> Vec<OptionInfo> {
         self.0.options()

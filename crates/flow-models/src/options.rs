@@ -403,7 +403,7 @@ mod tests {
         );
         assert_eq!(
             options.set("colour", "3").unwrap_err(),
-            "unknown option `colour`: the families' options are layers, hidden, hidden-layers, activation, nets, coupling, scale, clamp, bins, tail-bound, masks, mixing, order, scales, depth, channels, patch, blocks, layers-per-block, width, heads, noise-std"
+            "unknown option `colour`: the families' options are layers, hidden, hidden-layers, activation, nets, coupling, scale, clamp, bins, tail-bound, masks, mixing, conditioner, order, scales, depth, channels, patch, blocks, layers-per-block, width, heads, noise-std"
         );
         let mut zero = ModelOptions::default();
         zero.set("layers", "0")?;

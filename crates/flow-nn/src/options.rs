@@ -43,7 +43,7 @@ pub fn hidden_layers<C>(
 ) -> ModelOption<C> {
     ModelOption::count(
         "hidden-layers",
-        "Hidden layers of each conditioner network",
+        "Hidden layers of each conditioner network (residual blocks with --conditioner residual)",
         (0, MAX_LAYERS),
         get,
         set,

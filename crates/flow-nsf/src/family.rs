@@ -5,7 +5,7 @@ use flow_core::{
 };
 use flow_nn::options;
 
-use crate::{Masks, Mixing, NsfConfig, NsfKind, Spline, SplineLayer};
+use crate::{Masks, Mixing, Network, NsfConfig, NsfKind, Spline, SplineLayer};
 
 /// The spline flows' layers of a model configuration: kinds `spline-coupling`,
 /// `spline-autoregressive` and `lu-linear`, each a [`SplineLayer`] in JSON.
@@ -38,7 +38,7 @@ impl Family for NsfFamily {
     fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
         let nsf = ModelFamily::new(
             "nsf",
-            "Rational-quadratic spline couplings (conditional: two hidden layers of 128)",
+            "Rational-quadratic spline couplings (conditional: residual conditioners of two blocks of 64, and an LU layer after each coupling)",
             |d| match d.context_dim {
                 0 => NsfConfig::new(d.dim),
                 c => NsfConfig::conditional(d.dim, c),
@@ -52,9 +52,10 @@ impl Family for NsfFamily {
         let mut ar_options = shared_options();
         ar_options.push(options::order(|c: &NsfConfig| c.order, |c, v| c.order = v));
         let mut coupling_options = shared_options();
-        coupling_options.extend([masks_option(), mixing_option()]);
+        coupling_options.extend([masks_option(), mixing_option(), conditioner_option()]);
         vec![
             nsf.with_couples(true)
+                .with_conditional_lr(crate::CONDITIONAL_LR)
                 .with_options(coupling_options)
                 .boxed(),
             nsf_ar.with_options(ar_options).boxed(),
@@ -142,6 +143,35 @@ fn mixing_option() -> ModelOption<NsfConfig> {
     )
 }
 
+/// `--conditioner`: the shape of each coupling's networks.
+fn conditioner_option() -> ModelOption<NsfConfig> {
+    const PLAIN: &str = "plain";
+    const RESIDUAL: &str = "residual";
+    ModelOption::choice(
+        "conditioner",
+        "The coupling layers' networks; --hidden-layers counts hidden layers of a plain one, blocks of a residual one",
+        vec![
+            Choice::new(PLAIN, "Hidden layers one after the other"),
+            Choice::new(
+                RESIDUAL,
+                "An input layer, residual blocks of two layers with a skip connection around each, an output layer (sbi's NSF network)",
+            ),
+        ],
+        |c: &NsfConfig| match c.network {
+            Network::Plain => PLAIN,
+            Network::Residual => RESIDUAL,
+        },
+        |c, (name, _)| {
+            c.network = if name == RESIDUAL {
+                Network::Residual
+            } else {
+                Network::Plain
+            };
+            Ok(())
+        },
+    )
+}
+
 impl Recipe for NsfConfig {
     fn family(&self) -> &'static str {
         match self.kind {
@@ -165,6 +195,9 @@ impl Recipe for NsfConfig {
     fn check_options(&self) -> Result<(), String> {
         if self.kind == NsfKind::Autoregressive {
             options::check_autoregressive_hidden(self.hidden, self.dim)?;
+            if self.network != Network::Plain {
+                return Err("--conditioner: autoregressive layers take plain networks".into());
+            }
         }
         self.spline.check().map_err(|e| {
             let flag = if e.contains("tail bound") {

@@ -10,8 +10,8 @@ mod config;
 mod family;
 
 pub use config::{
-    Masks, Mixing, NsfConfig, NsfKind, SplineLayer, CONDITIONAL_HIDDEN, CONDITIONAL_HIDDEN_LAYERS,
-    DEFAULT_BINS, DEFAULT_TAIL_BOUND,
+    Masks, Mixing, Network, NsfConfig, NsfKind, SplineLayer, CONDITIONAL_BLOCKS,
+    CONDITIONAL_HIDDEN, CONDITIONAL_LR, DEFAULT_BINS, DEFAULT_TAIL_BOUND,
 };
 pub use family::NsfFamily;
 pub use flow_nn::{Spline, SplineStyle};

@@ -212,8 +212,25 @@ fn splines_are_the_identity_outside_the_tail_bound() -> Result<()> {
 
 #[test]
 fn conditional_flows_depend_on_their_context() -> Result<()> {
-    for kind in [NsfKind::Coupling, NsfKind::Autoregressive] {
-        let cfg = config(kind, 3, 2).with_context_dim(2);
+    // The conditional defaults (residual conditioners, LU layers between couplings),
+    // made small and starting away from the identity.
+    let default = NsfConfig::conditional(3, 2)
+        .with_layers(2)
+        .with_hidden(16)
+        .with_spline(Spline::new(6, BOUND))
+        .with_zero_init(false);
+    let configs = [
+        (
+            "coupling",
+            config(NsfKind::Coupling, 3, 2).with_context_dim(2),
+        ),
+        (
+            "autoregressive",
+            config(NsfKind::Autoregressive, 3, 2).with_context_dim(2),
+        ),
+        ("conditional default", default),
+    ];
+    for (kind, cfg) in configs {
         let flow = build(&cfg, 12)?;
         let x = inputs(16, 3, 0.0, 1.5, DType::F64, 13)?;
         let c0 = inputs(16, 2, 0.0, 1.0, DType::F64, 14)?;

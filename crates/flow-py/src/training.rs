@@ -12,7 +12,7 @@ use std::{
 use flow_train::{
     data::{held_out_rows, Dataset},
     format_report,
-    recipe::{fit_conditional_run, run_config, OptimizerChoice, RunOptions, ScheduleChoice},
+    recipe::{fit_conditional_run, run_config, Given, OptimizerChoice, RunOptions, ScheduleChoice},
     val_every_for, Control, Report, Reporter, TrainSummary, Trainer,
 };
 use pyo3::{
@@ -199,8 +199,12 @@ pub fn fit(
     fit_conditional_run(
         &mut cfg,
         rows,
-        run.steps.is_some() || run.epochs.is_some(),
-        run.schedule.is_some() || run.lr_decay.is_some() || run.warmup.is_some(),
+        flow.family.as_ref(),
+        Given {
+            length: run.steps.is_some() || run.epochs.is_some(),
+            schedule: run.schedule.is_some() || run.lr_decay.is_some() || run.warmup.is_some(),
+            lr: run.lr.is_some(),
+        },
     );
     if run.val_every.is_none() {
         cfg.val_every = val_every_for(rows, cfg.batch_size);

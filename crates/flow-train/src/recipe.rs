@@ -258,25 +258,47 @@ pub fn apply_family_defaults(cfg: &mut TrainConfig, flow: &Family) {
     }
 }
 
-/// Fits a conditional model's default length to its `rows` training rows: at most
-/// [`conditional_steps_for`](crate::conditional_steps_for) steps unless a length was
-/// given, and where that lengthens the run, the default schedule
-/// [`stretched`](Schedule::stretched) over it unless a schedule was given. Other
-/// models, and given options, are left as they are.
+/// Which of a run's settings were given for it, and so stand.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Given {
+    /// `--steps` or `--epochs`.
+    pub length: bool,
+    /// The schedule or its decay.
+    pub schedule: bool,
+    pub lr: bool,
+}
+
+/// Fits a conditional model's run to its `rows` training rows, where the settings were
+/// not given: the learning rate and its decay the family `flow` declares for that many
+/// rows ([`ConditionalRate`](flow_core::ConditionalRate)); at most
+/// [`conditional_steps_for`](crate::conditional_steps_for) steps, and where that
+/// lengthens the run, the exponential schedule [`stretched`](Schedule::stretched) over
+/// it. Other models are left as they are.
 pub fn fit_conditional_run(
     cfg: &mut TrainConfig,
     rows: usize,
-    length_given: bool,
-    schedule_given: bool,
+    flow: Option<&Family>,
+    given: Given,
 ) {
-    if cfg.model.context_dim == 0 || length_given {
+    if cfg.model.context_dim == 0 {
+        return;
+    }
+    if let Some(rate) = flow.and_then(Family::conditional_lr).map(|r| r.at(rows)) {
+        if !given.lr {
+            cfg.optimizer.lr = rate.lr;
+        }
+        if !given.schedule {
+            cfg.schedule = Schedule::Exp { decay: rate.decay };
+        }
+    }
+    if given.length {
         return;
     }
     let steps = crate::conditional_steps_for(rows, cfg.batch_size);
     if steps > crate::CONDITIONAL_STEPS {
         cfg.duration = Duration::Steps(steps);
-        if !schedule_given {
-            cfg.schedule = Schedule::stretched(steps);
+        if !given.schedule {
+            cfg.schedule = cfg.schedule.stretched(steps);
         }
     }
 }

@@ -23,11 +23,11 @@ impl Default for Schedule {
 }
 
 impl Schedule {
-    /// The default schedule for a run of at most `steps` steps where the defaults plan
-    /// [`CONDITIONAL_STEPS`](crate::CONDITIONAL_STEPS): its decay stretched so that the
-    /// rate falls as far by the end.
-    pub fn stretched(steps: usize) -> Self {
-        match Self::default() {
+    /// The schedule for a run of at most `steps` steps where it was planned for
+    /// [`CONDITIONAL_STEPS`](crate::CONDITIONAL_STEPS): an exponential decay stretched
+    /// so that the rate falls as far by the end; others as they are.
+    pub fn stretched(self, steps: usize) -> Self {
+        match self {
             Self::Exp { decay } => Self::Exp {
                 decay: decay.powf(crate::CONDITIONAL_STEPS as f64 / steps.max(1) as f64),
             },

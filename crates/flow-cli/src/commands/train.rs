@@ -12,8 +12,8 @@ use flow_train::{
         check_pixels, generate, generate_labeled, held_out_rows, load_path, load_pixel_images,
         Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report, Reporter, Schedule,
-    TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
+    Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report, Reporter, TrainCheckpoint,
+    TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -61,12 +61,45 @@ pub fn batch_defaults() -> String {
         .join("; ")
 }
 
+/// `--lr`'s defaults, for its help line: the trainer's, and the families' own for a
+/// conditional model.
+pub fn lr_defaults() -> String {
+    let own = Registry::builtin()
+        .model_families()
+        .iter()
+        .filter_map(|f| {
+            Some(format!(
+                "for a conditional {}, {}",
+                f.name(),
+                f.conditional_lr()?.describe()
+            ))
+        })
+        .collect::<Vec<_>>();
+    std::iter::once(flow_train::OptimizerConfig::default().lr.to_string())
+        .chain(own)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `--lr-decay`'s defaults, for its help line: the default schedule's (the
+/// exponential one, that of `--schedule exp`), and the families' own for a conditional
+/// model.
+pub fn lr_decay_defaults() -> String {
+    let own = Registry::builtin()
+        .model_families()
+        .iter()
+        .filter(|f| f.conditional_lr().is_some())
+        .map(|f| format!("for a conditional {}, 1 − its learning rate", f.name()))
+        .collect::<Vec<_>>();
+    std::iter::once(default_lr_decay().to_string())
+        .chain(own)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The decay of the default schedule, the exponential one; that of `--schedule exp`.
 pub fn default_lr_decay() -> f64 {
-    match Schedule::default() {
-        Schedule::Exp { decay } => decay,
-        _ => 1.0,
-    }
+    flow_train::recipe::default_lr_decay()
 }
 
 /// The length of a run unless `--steps` or `--epochs` say, for `--help`.
@@ -575,8 +608,12 @@ pub fn run(a: TrainArgs) -> CmdResult {
             flow_train::recipe::fit_conditional_run(
                 &mut cfg,
                 train_rows,
-                a.steps.is_some() || a.epochs.is_some(),
-                a.schedule.is_some() || a.lr_decay.is_some() || a.warmup.is_some(),
+                Some(&flow),
+                flow_train::recipe::Given {
+                    length: a.steps.is_some() || a.epochs.is_some(),
+                    schedule: a.schedule.is_some() || a.lr_decay.is_some() || a.warmup.is_some(),
+                    lr: a.lr.is_some(),
+                },
             );
             let val_every = a
                 .val_every
