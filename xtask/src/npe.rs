@@ -363,6 +363,8 @@ fn sbi(
             let (out, _) = run(cmd)?;
             let line = out.lines().last().unwrap_or("").to_string();
             std::fs::write(&cache, &line).map_err(|e| e.to_string())?;
+            // New samples: their scores are yet to be computed.
+            let _ = std::fs::remove_file(dir.join(SBI_SCORES));
             line
         }
     };
@@ -378,17 +380,36 @@ fn sbi(
             detail,
         });
     }
-    let pairs: Vec<(PathBuf, PathBuf)> = outs
-        .iter()
-        .enumerate()
-        .map(|(k, p)| (obs_dir.join(format!("ref{}.csv", k + 1)), p.clone()))
-        .collect();
-    Ok(Outcome {
-        c2st: c2st(task.theta_dim(), &pairs)?,
-        secs,
-        detail,
-    })
+    // The scores of a cached run are cached beside it: the samples they score are.
+    let scores = dir.join(SBI_SCORES);
+    let cached_scores = std::fs::read_to_string(&scores)
+        .ok()
+        .filter(|_| !o.rerun_sbi)
+        .and_then(|t| {
+            t.split_whitespace()
+                .map(|v| v.parse().ok())
+                .collect::<Option<Vec<f64>>>()
+        })
+        .filter(|v| v.len() == obs);
+    let c2st = match cached_scores {
+        Some(v) => v,
+        None => {
+            let pairs: Vec<(PathBuf, PathBuf)> = outs
+                .iter()
+                .enumerate()
+                .map(|(k, p)| (obs_dir.join(format!("ref{}.csv", k + 1)), p.clone()))
+                .collect();
+            let v = c2st(task.theta_dim(), &pairs)?;
+            let text: Vec<String> = v.iter().map(|c| c.to_string()).collect();
+            std::fs::write(&scores, text.join(" ")).map_err(|e| e.to_string())?;
+            v
+        }
+    };
+    Ok(Outcome { c2st, secs, detail })
 }
+
+/// The file beside a cached `sbi` run that holds its samples' C2STs.
+const SBI_SCORES: &str = "sbi-c2st.txt";
 
 /// Whether the Python interpreter can import `module`.
 fn python_has(module: &str) -> bool {
