@@ -637,6 +637,7 @@ fn conditional_flows_from_the_command_line() {
         ],
         "--context has 2 values, the model takes 1",
     );
+    model(); // writes val.csv: two data columns, no context
     fails(
         &["log-prob", "--model", &m, "--input", &path("val.csv")],
         "then 1 context features",
