@@ -12,8 +12,9 @@
 //! samples the same observations; `benches/c2st.py` (scikit-learn) scores each set of
 //! samples against the reference as sbibm defines C2ST. Python is `FLOWS_PYTHON`
 //! (needs scikit-learn; `sbi` for the peer, skipped with a note where it is missing).
-//! Results go to `target/bench-npe/results.jsonl` (one line per run) and
-//! `report.md`.
+//! `--seeds 0,1,2` trains both sides at each training seed (sbi's runs cached per seed)
+//! and adds the mean over seeds. Results go to `target/bench-npe/results.jsonl` (one
+//! line per run) and `report.md`.
 
 use std::{
     fmt::Write as _,
@@ -44,6 +45,9 @@ struct Options {
     label: Option<String>,
     /// Flags passed on to `flow train`.
     extra: Vec<String>,
+    /// Training seeds of both sides: ours `flow train --seed`, sbi's `torch.manual_seed`
+    /// (which also draws its validation split).
+    seeds: Vec<u64>,
     /// Score both sides by the held-out NLL of the parameters given their simulations
     /// instead of C2ST (no sampling): the quick measure the sweep of defaults uses.
     nll_only: bool,
@@ -61,6 +65,7 @@ fn parse(args: &[String]) -> Result<Options> {
         rerun_sbi: false,
         label: None,
         extra: Vec::new(),
+        seeds: vec![0],
         nll_only: false,
         out: root().join("target").join("bench-npe"),
     };
@@ -98,16 +103,27 @@ fn parse(args: &[String]) -> Result<Options> {
             "--nll" => o.nll_only = true,
             "--rerun-sbi" => o.rerun_sbi = true,
             "--label" => o.label = Some(value("--label")?),
+            "--seeds" => {
+                o.seeds = value("--seeds")?
+                    .split(',')
+                    .map(|v| v.parse().map_err(|_| format!("npe: --seeds `{v}`")))
+                    .collect::<Result<_>>()?
+            }
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--" => {
                 o.extra = it.by_ref().cloned().collect();
             }
             other => {
                 return Err(format!(
-                    "npe: unknown argument `{other}`; usage: cargo xtask npe [--tasks a,b] [--sims 1000,10000] [--observations N] [--threads N] [--no-sbi] [--rerun-sbi] [--nll] [--label NAME] [--out DIR] [-- FLOW TRAIN FLAGS]"
+                    "npe: unknown argument `{other}`; usage: cargo xtask npe [--tasks a,b] [--sims 1000,10000] [--observations N] [--threads N] [--no-sbi] [--rerun-sbi] [--nll] [--label NAME] [--seeds 0,1,2] [--out DIR] [-- FLOW TRAIN FLAGS]"
                 ))
             }
         }
+    }
+    if o.extra.iter().any(|f| f == "--seed") {
+        return Err(
+            "npe: give training seeds as --seeds, for both sides, not as --seed after --".into(),
+        );
     }
     Ok(o)
 }
@@ -269,10 +285,12 @@ fn held_out_nll(o: &Options, task: Task, model: &Path, dir: &Path) -> Result<f64
         .ok_or_else(|| format!("flow log-prob printed `{out}`"))
 }
 
-/// Our side: train through the binary, sample each observation.
+/// Our side: train through the binary with training seed `seed`, sample each
+/// observation.
 fn ours(
     o: &Options,
     task: Task,
+    seed: u64,
     sims: &Path,
     obs: &[Vec<f64>],
     obs_dir: &Path,
@@ -286,6 +304,7 @@ fn ours(
         .args(["train", "--data", &s(sims), "--context-dim"])
         .arg(x_dim.to_string())
         .args(["--flow", "nsf", "--out", &s(&model)])
+        .args(["--seed", &seed.to_string()])
         .args(&o.extra);
     let started = Instant::now();
     let (_, log) = run(cmd)?;
@@ -327,16 +346,23 @@ fn ours(
     })
 }
 
-/// The `sbi` side, cached in `dir/sbi.json` unless asked to rerun: scored by C2ST, or
-/// with `--nll` by its held-out NLL on [`test_set`].
+/// The `sbi` side with training seed `seed`, cached in `dir/sbi.json` (seed 0) or
+/// `dir/sbi-seed{seed}/sbi.json` unless asked to rerun: scored by C2ST, or with `--nll`
+/// by its held-out NLL on [`test_set`].
 fn sbi(
     o: &Options,
     task: Task,
+    seed: u64,
     sims: &Path,
     obs: usize,
     obs_dir: &Path,
-    dir: &Path,
+    budget_dir: &Path,
 ) -> Result<Outcome> {
+    let dir = match seed {
+        0 => budget_dir.to_path_buf(),
+        s => budget_dir.join(format!("sbi-seed{s}")),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let cache = dir.join("sbi.json");
     let outs: Vec<PathBuf> = (1..=obs).map(|k| dir.join(format!("sbi{k}.csv"))).collect();
     let cached = std::fs::read_to_string(&cache).ok().filter(|j| {
@@ -348,13 +374,14 @@ fn sbi(
         Some(j) => j,
         None => {
             let (lo, hi) = task.prior_box();
-            let test = test_set(task, dir)?;
+            let test = test_set(task, budget_dir)?;
             let mut cmd = Command::new(python_program());
             cmd.arg(root().join("benches/sbi_npe.py"))
                 .args(["--sims", &s(sims)])
                 .args(["--theta-dim", &task.theta_dim().to_string()])
                 .args(["--low", &lo.to_string(), "--high", &hi.to_string()])
                 .args(["--threads", &o.threads.to_string()])
+                .args(["--seed", &seed.to_string()])
                 .args(["--test", &s(&test)])
                 .arg("--observations")
                 .args((1..=obs).map(|k| s(&obs_dir.join(format!("obs{k}.csv")))))
@@ -455,64 +482,111 @@ pub fn command(args: &[String]) -> Result<()> {
         ("C2ST per observation (mean)", "C2ST (mean)", "c2st")
     };
     let mut report = format!(
-        "| task | simulations | ours: {score} | ours: train s | sbi NSF: {peer_score} | sbi: train s | ours − sbi |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| task | simulations | seed | ours: {score} | ours: train s | sbi NSF: {peer_score} | sbi: train s | ours − sbi |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut results = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(out.join("results.jsonl"))
         .map_err(|e| e.to_string())?;
+    let show = |v: &[f64]| {
+        let each: Vec<String> = v.iter().map(|c| format!("{c:.3}")).collect();
+        format!("{} ({:.3})", each.join(", "), mean(v))
+    };
     for &task in &o.tasks {
         let obs_dir = out.join(task.name());
         let obs = observations(task, if o.nll_only { 1 } else { o.observations }, &obs_dir)?;
         for &n in &o.sims {
             let dir = obs_dir.join(format!("{n}"));
             let sims = simulations(task, n, &dir)?;
-            let ours = ours(&o, task, &sims, &obs, &obs_dir, &dir)?;
-            let peer = if with_sbi {
-                Some(sbi(&o, task, &sims, obs.len(), &obs_dir, &dir)?)
-            } else {
-                None
-            };
-            let show = |v: &[f64]| {
-                let each: Vec<String> = v.iter().map(|c| format!("{c:.3}")).collect();
-                format!("{} ({:.3})", each.join(", "), mean(v))
-            };
-            let (peer_c2st, peer_secs, gap) = match &peer {
-                Some(p) => (
-                    show(&p.c2st),
-                    format!("{:.1}", p.secs),
-                    format!("{:+.3}", mean(&ours.c2st) - mean(&p.c2st)),
-                ),
-                None => ("–".into(), "–".into(), "–".into()),
-            };
-            let line = format!(
-                "| {} | {n} | {} | {:.1} | {peer_c2st} | {peer_secs} | {gap} |",
-                task.name(),
-                show(&ours.c2st),
-                ours.secs
-            );
-            println!("{label}: {line}  [{}]", ours.detail);
-            let _ = writeln!(report, "{line}");
-            let peer_json = peer.as_ref().map_or("null".to_string(), |p| {
-                format!(
-                    "{{\"{key}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}",
-                    p.c2st, p.secs, p.detail
-                )
-            });
-            let _ = writeln!(
-                results,
-                "{{\"label\": \"{label}\", \"task\": \"{}\", \"sims\": {n}, \"ours\": {{\"{}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}, \"sbi\": {peer_json}}}",
-                task.name(),
-                key,
-                ours.c2st,
-                ours.secs,
-                ours.detail.replace('"', "'")
-            );
+            // Each seed's mean score, ours and the peer's, for the mean over seeds.
+            let mut means: Vec<(f64, Option<f64>)> = Vec::new();
+            for &seed in &o.seeds {
+                let ours = ours(&o, task, seed, &sims, &obs, &obs_dir, &dir)?;
+                let peer = if with_sbi {
+                    Some(sbi(&o, task, seed, &sims, obs.len(), &obs_dir, &dir)?)
+                } else {
+                    None
+                };
+                let (peer_c2st, peer_secs, gap) = match &peer {
+                    Some(p) => (
+                        show(&p.c2st),
+                        format!("{:.1}", p.secs),
+                        format!("{:+.3}", mean(&ours.c2st) - mean(&p.c2st)),
+                    ),
+                    None => ("–".into(), "–".into(), "–".into()),
+                };
+                let line = format!(
+                    "| {} | {n} | {seed} | {} | {:.1} | {peer_c2st} | {peer_secs} | {gap} |",
+                    task.name(),
+                    show(&ours.c2st),
+                    ours.secs
+                );
+                println!("{label}: {line}  [{}]", ours.detail);
+                let _ = writeln!(report, "{line}");
+                let peer_json = peer.as_ref().map_or("null".to_string(), |p| {
+                    format!(
+                        "{{\"{key}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}",
+                        p.c2st, p.secs, p.detail
+                    )
+                });
+                let _ = writeln!(
+                    results,
+                    "{{\"label\": \"{label}\", \"task\": \"{}\", \"sims\": {n}, \"seed\": {seed}, \"ours\": {{\"{}\": {:?}, \"secs\": {}, \"detail\": \"{}\"}}, \"sbi\": {peer_json}}}",
+                    task.name(),
+                    key,
+                    ours.c2st,
+                    ours.secs,
+                    ours.detail.replace('"', "'")
+                );
+                means.push((mean(&ours.c2st), peer.map(|p| mean(&p.c2st))));
+            }
+            if means.len() > 1 {
+                let ours: Vec<f64> = means.iter().map(|m| m.0).collect();
+                let peer: Option<Vec<f64>> = means.iter().map(|m| m.1).collect();
+                let (peer_mean, gap) = match &peer {
+                    Some(p) => (
+                        format!("{:.3}", mean(p)),
+                        format!("{:+.3}", mean(&ours) - mean(p)),
+                    ),
+                    None => ("–".into(), "–".into()),
+                };
+                let line = format!(
+                    "| {} | {n} | mean | {:.3} | | {peer_mean} | | {gap} |",
+                    task.name(),
+                    mean(&ours)
+                );
+                println!("{label}: {line}");
+                let _ = writeln!(report, "{line}");
+            }
         }
     }
     let path = out.join("report.md");
     std::fs::write(&path, &report).map_err(|e| e.to_string())?;
     println!("{report}\nwrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn seeds_are_read_for_both_sides_and_a_training_seed_after_the_flags_is_refused() {
+        assert_eq!(parse(&args(&[])).expect("defaults").seeds, vec![0]);
+        let o = parse(&args(&["--seeds", "0,1,2", "--", "--hidden", "32"])).expect("seeds");
+        assert_eq!(o.seeds, vec![0, 1, 2]);
+        assert_eq!(o.extra, args(&["--hidden", "32"]));
+        assert_eq!(
+            parse(&args(&["--seeds", "1,x"])).unwrap_err(),
+            "npe: --seeds `x`"
+        );
+        assert!(parse(&args(&["--", "--seed", "3"]))
+            .unwrap_err()
+            .contains("--seeds"));
+    }
 }
