@@ -755,28 +755,30 @@ fn line_after<'a>(stderr: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line `{prefix}…` in {stderr}"))
 }
 
-/// The decay of the exponential schedule `flow inspect --json` reports for `model`.
-fn decay_of(model: &str) -> f64 {
+/// The training configuration `flow inspect --json` reports for `model`.
+fn train_config_of(model: &str) -> serde_json::Value {
     let all: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", "--model", model, "--json"])).expect("JSON");
-    all["metadata"]["train_config"]["schedule"]["decay"]
+    all["metadata"]["train_config"].clone()
+}
+
+/// The exponential schedule's decay `flow inspect --json` reports for `model`.
+fn decay_of(model: &str) -> f64 {
+    train_config_of(model)["schedule"]["decay"]
         .as_f64()
         .expect("an exponential schedule")
 }
 
 /// The learning rate `flow inspect --json` reports for `model`.
 fn lr_of(model: &str) -> f64 {
-    let all: serde_json::Value =
-        serde_json::from_str(&ok(&["inspect", "--model", model, "--json"])).expect("JSON");
-    all["metadata"]["train_config"]["optimizer"]["lr"]
+    train_config_of(model)["optimizer"]["lr"]
         .as_f64()
         .expect("a learning rate")
 }
 
-#[test]
-fn a_conditional_nsf_takes_its_learning_rate_from_the_number_of_rows() {
-    let data = path("cond-nsf-3000.csv");
-    let m = path("cond-nsf.safetensors");
+/// 3000 labelled moons written to `name`, for conditional runs.
+fn labelled_moons(name: &str) -> String {
+    let data = path(name);
     ok(&[
         "data",
         "moons",
@@ -786,27 +788,36 @@ fn a_conditional_nsf_takes_its_learning_rate_from_the_number_of_rows() {
         "--out",
         &data,
     ]);
-    let train = |extra: &[&str]| {
-        let args = [
-            "train",
-            "--data",
-            &data,
-            "--context-dim",
-            "1",
-            "--batch",
-            "16",
-            "--stop-at",
-            "1",
-            "--out",
-            &m,
-        ];
-        let out = flow(&[&args[..], extra].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    data
+}
+
+/// One step of a conditional run on `data` (the label as context) in batches of 16,
+/// saved to `model`, with `extra` flags: its log.
+fn train_conditional(data: &str, model: &str, extra: &[&str]) -> String {
+    let args = [
+        "train",
+        "--data",
+        data,
+        "--context-dim",
+        "1",
+        "--batch",
+        "16",
+        "--stop-at",
+        "1",
+        "--out",
+        model,
+    ];
+    let out = flow(&[&args[..], extra].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+#[test]
+fn a_conditional_nsf_takes_its_learning_rate_from_the_number_of_rows() {
+    let data = labelled_moons("cond-nsf-3000.csv");
+    let m = path("cond-nsf.safetensors");
+    let train = |extra: &[&str]| train_conditional(&data, &m, extra);
     // 2700 training rows: 1e-3·√(1000/2700), decaying by 1 − that, stretched over the
     // 8450 steps of 50 epochs.
     train(&["--flow", "nsf"]);
@@ -827,36 +838,9 @@ fn a_conditional_nsf_takes_its_learning_rate_from_the_number_of_rows() {
 
 #[test]
 fn a_conditional_run_on_many_rows_runs_for_epochs_its_decay_stretched() {
-    let data = path("cond-3000.csv");
+    let data = labelled_moons("cond-3000.csv");
     let m = path("cond-epochs.safetensors");
-    ok(&[
-        "data",
-        "moons",
-        "--n",
-        "3000",
-        "--with-labels",
-        "--out",
-        &data,
-    ]);
-    let train = |extra: &[&str]| -> String {
-        let args = [
-            "train",
-            "--data",
-            &data,
-            "--context-dim",
-            "1",
-            "--batch",
-            "16",
-            "--stop-at",
-            "1",
-            "--out",
-            &m,
-        ];
-        let out = flow(&[&args[..], extra].concat());
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
-        err
-    };
+    let train = |extra: &[&str]| train_conditional(&data, &m, extra);
     // 2700 training rows in batches of 16: 169 steps an epoch, 50 epochs, more than the
     // cap of 5000; the decay then spreads the same fall over them.
     let err = train(&[]);

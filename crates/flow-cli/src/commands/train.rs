@@ -34,67 +34,49 @@ use run_flags::RunFlag;
 /// Points a built-in 2-D data set has unless `--n` says otherwise.
 pub const DEFAULT_POINTS: usize = 20_000;
 
-/// `--weight-decay`'s defaults, for its help line: 0, and the families' own.
-pub fn weight_decay_defaults() -> String {
-    let own: Vec<String> = Registry::builtin()
-        .model_families()
-        .iter()
-        .filter(|f| f.weight_decay() > 0.0)
-        .map(|f| format!("{} for {}", f.weight_decay(), f.name()))
-        .collect();
-    std::iter::once("0".to_string())
-        .chain(own)
+/// A help line's defaults: `base`, then each built-in family's own, where `own` gives
+/// one.
+fn defaults_with_families(base: String, own: impl Fn(&Family) -> Option<String>) -> String {
+    std::iter::once(base)
+        .chain(Registry::builtin().model_families().iter().filter_map(own))
         .collect::<Vec<_>>()
         .join("; ")
 }
 
+/// `--weight-decay`'s defaults, for its help line: 0, and the families' own.
+pub fn weight_decay_defaults() -> String {
+    defaults_with_families("0".into(), |f| {
+        (f.weight_decay() > 0.0).then(|| format!("{} for {}", f.weight_decay(), f.name()))
+    })
+}
+
 /// `--batch`'s defaults, for its help line: the trainer's, and the families' own.
 pub fn batch_defaults() -> String {
-    let own = Registry::builtin()
-        .model_families()
-        .iter()
-        .filter_map(|f| Some(format!("{} for {}", f.batch()?, f.name())))
-        .collect::<Vec<_>>();
-    std::iter::once(TrainConfig::default().batch_size.to_string())
-        .chain(own)
-        .collect::<Vec<_>>()
-        .join("; ")
+    defaults_with_families(TrainConfig::default().batch_size.to_string(), |f| {
+        Some(format!("{} for {}", f.batch()?, f.name()))
+    })
 }
 
 /// `--lr`'s defaults, for its help line: the trainer's, and the families' own for a
 /// conditional model.
 pub fn lr_defaults() -> String {
-    let own = Registry::builtin()
-        .model_families()
-        .iter()
-        .filter_map(|f| {
-            Some(format!(
-                "for a conditional {}, {}",
-                f.name(),
-                f.conditional_lr()?.describe()
-            ))
-        })
-        .collect::<Vec<_>>();
-    std::iter::once(flow_train::OptimizerConfig::default().lr.to_string())
-        .chain(own)
-        .collect::<Vec<_>>()
-        .join("; ")
+    defaults_with_families(flow_train::OptimizerConfig::default().lr.to_string(), |f| {
+        Some(format!(
+            "for a conditional {}, {}",
+            f.name(),
+            f.conditional_lr()?.describe()
+        ))
+    })
 }
 
 /// `--lr-decay`'s defaults, for its help line: the default schedule's (the
 /// exponential one, that of `--schedule exp`), and the families' own for a conditional
 /// model.
 pub fn lr_decay_defaults() -> String {
-    let own = Registry::builtin()
-        .model_families()
-        .iter()
-        .filter(|f| f.conditional_lr().is_some())
-        .map(|f| format!("for a conditional {}, 1 − its learning rate", f.name()))
-        .collect::<Vec<_>>();
-    std::iter::once(default_lr_decay().to_string())
-        .chain(own)
-        .collect::<Vec<_>>()
-        .join("; ")
+    defaults_with_families(default_lr_decay().to_string(), |f| {
+        f.conditional_lr()
+            .map(|_| format!("for a conditional {}, 1 − its learning rate", f.name()))
+    })
 }
 
 /// The decay of the default schedule, the exponential one; that of `--schedule exp`.
