@@ -384,6 +384,8 @@ pub struct TrainArgs {
     pub no_standardize: bool,
     #[arg(long, value_name = "LOW:HIGH,…", allow_hyphen_values = true, help = family_help("bounds", "The box the data live in, one LOW:HIGH per data column (-inf or inf for an open side): samples stay inside it and log-probs are densities on it; every training row must lie strictly inside"))]
     pub bounds: Option<String>,
+    #[arg(long, value_name = "logit|rejection", help = family_help("bounds-by", &format!("How --bounds hold: `logit` (the default), a fixed map from the box in front of the flow, with exact densities; or `rejection`, the flow trained on the data as they are, its draws outside the box rejected and its log-probs divided by its mass inside, estimated from {} draws per context (as sbi does)", flow_core::truncation::ACCEPTANCE_DRAWS)))]
+    pub bounds_by: Option<String>,
     /// Every this many steps, write a resumable checkpoint (weights, optimizer state,
     /// position in the data) to --out.
     #[arg(long)]

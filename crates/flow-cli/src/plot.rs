@@ -4,7 +4,7 @@
 use std::{path::Path, sync::OnceLock};
 
 use candle::{Device, Tensor};
-use flow_core::Flow;
+use flow_models::ModelDensity;
 use plotters::{
     coord::{types::RangedCoordf64, Shift},
     prelude::*,
@@ -328,13 +328,13 @@ fn paint_scatter(
     )
 }
 
-/// The density of a 2-D `flow` (given `context`, one row, for a conditional flow) as a
+/// The density of a 2-D model (given `context`, one row, for a conditional flow) as a
 /// heat map of log p(x) with a colour bar, and `points` over it, if given. The range
 /// is the options' or the robust range of `frame_points` (the data, or the model's
 /// samples).
 pub fn density(
     path: &Path,
-    flow: &Flow,
+    model: &mut ModelDensity,
     context: Option<&Tensor>,
     device: &Device,
     frame_points: &[f32],
@@ -361,8 +361,8 @@ pub fn density(
         })
         .collect();
     let x = Tensor::from_vec(grid, (CELLS * CELLS, 2), &Device::Cpu)?.to_device(device)?;
-    let lp = flow
-        .log_prob_with_context(&x, context)?
+    let lp = model
+        .log_prob(&x, context)?
         .to_dtype(candle::DType::F64)?
         .to_device(&Device::Cpu)?
         .to_vec1::<f64>()?;

@@ -1013,3 +1013,86 @@ fn a_bounded_model_samples_inside_its_box_and_refuses_rows_outside() {
         "cannot export to zuko: the model is confined to a box (--bounds), which that tool's flows have no layer for",
     );
 }
+
+#[test]
+fn bounds_held_by_rejection_keep_samples_inside_and_renormalise_log_probs() {
+    // Rows spread over the unit square, which a briefly trained flow overflows.
+    let data = path("unit-square.csv");
+    let mut state = 12345u64;
+    let mut uniform = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let rows: String = (0..600)
+        .map(|_| format!("{},{}\n", uniform(), uniform()))
+        .collect();
+    std::fs::write(&data, format!("a,b\n{rows}")).expect("write");
+    let train = |extra: &[&str], out: &str| {
+        let base = [
+            "train", "--data", &data, "--steps", "30", "--flow", "nsf", "--hidden", "16",
+            "--layers", "2", "--out", out,
+        ];
+        ok(&[&base[..], extra].concat());
+    };
+    let (held, free) = (path("rejection.safetensors"), path("free.safetensors"));
+    train(&["--bounds", "0:1,0:1", "--bounds-by", "rejection"], &held);
+    train(&[], &free);
+    let inspect = ok(&["inspect", "--model", &held]);
+    assert!(
+        inspect.contains("bounds: a 0:1, b 0:1 (held by rejection)"),
+        "{inspect}"
+    );
+    let samples = path("rejection-samples.csv");
+    ok(&["sample", "--model", &held, "--n", "3000", "--out", &samples]);
+    let drawn = read_csv(&samples);
+    assert_eq!(drawn.len(), 3000);
+    assert!(drawn.iter().all(|r| r.iter().all(|v| *v > 0.0 && *v < 1.0)));
+    // The same weights as the free flow's; the density inside is its density over its
+    // mass there, a constant above 1.
+    let scores = |m: &str, name: &str| {
+        let out = path(name);
+        let run = flow(&["log-prob", "--model", m, "--input", &data, "--out", &out]);
+        assert!(run.status.success());
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        (read_csv(&out), err)
+    };
+    let ((held_lp, note), (free_lp, _)) =
+        (scores(&held, "held-lp.csv"), scores(&free, "free-lp.csv"));
+    assert!(
+        note.contains("estimated from 10000 draws at each of 1 distinct context(s)"),
+        "{note}"
+    );
+    let shift = held_lp[0][0] - free_lp[0][0];
+    assert!(shift > 0.0, "{shift}");
+    for (h, f) in held_lp.iter().zip(&free_lp) {
+        assert!((h[0] - f[0] - shift).abs() < 1e-4, "{h:?} {f:?}");
+    }
+    fails(
+        &[
+            "train",
+            "--data",
+            &data,
+            "--bounds-by",
+            "rejection",
+            "--out",
+            &held,
+        ],
+        "--bounds-by says how --bounds hold: give --bounds too",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            &data,
+            "--bounds",
+            "0:1,0:1",
+            "--bounds-by",
+            "clip",
+            "--out",
+            &held,
+        ],
+        "--bounds-by `clip`: expected logit or rejection",
+    );
+}

@@ -18,6 +18,7 @@ pub mod recipe;
 pub mod sampling;
 mod setters;
 pub mod shared_batch;
+pub mod truncation;
 
 pub use bijectors::{
     recompute_by_inverse, stages_of, Bijector, Bound, Bounded, Chain, ContextStandardize, Inverse,
@@ -34,3 +35,4 @@ pub use recipe::{
     OptionInfo, OptionKind, Recipe, Spelled,
 };
 pub use shared_batch::SharedBatch;
+pub use truncation::{Truncated, TruncatedLogProb};

@@ -10,14 +10,16 @@
 //! of models ([`Family`]: the names recipes record and the command line takes, with
 //! their options and defaults), and the registry lists them.
 
+mod density;
 mod family;
 mod model;
 pub mod options;
 mod registry;
 
+pub use density::ModelDensity;
 pub use family::Family;
 pub use flow_core::{
     LayerFamily, LayerSpec, ModelData, OptionInfo, OptionKind, Recipe, SampleLayer,
 };
-pub use model::{BaseConfig, ModelConfig, OutOfBounds};
+pub use model::{BaseConfig, BoundsBy, ModelConfig, OutOfBounds};
 pub use registry::{Registry, RegistryOption};

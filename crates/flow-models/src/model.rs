@@ -23,6 +23,47 @@ pub enum BaseConfig {
     Mixture { components: usize },
 }
 
+/// How a model keeps its density inside its bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BoundsBy {
+    /// A fixed logit map from the box to the whole space in front of the flow
+    /// ([`Bounded`]): exact densities, samples inside by construction.
+    #[default]
+    Logit,
+    /// The flow as trained on the data, restricted to the box when drawing and
+    /// scoring ([`Truncated`](flow_core::Truncated)): draws outside are rejected, and a
+    /// density is divided by the flow's estimated mass inside the box at its context.
+    Rejection,
+}
+
+impl BoundsBy {
+    /// The names `--bounds-by` takes.
+    pub const NAMES: [&'static str; 2] = ["logit", "rejection"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Logit => "logit",
+            Self::Rejection => "rejection",
+        }
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "logit" => Ok(Self::Logit),
+            "rejection" => Ok(Self::Rejection),
+            other => Err(format!(
+                "--bounds-by `{other}`: expected {}",
+                Self::NAMES.join(" or ")
+            )),
+        }
+    }
+
+    fn is_logit(&self) -> bool {
+        *self == Self::Logit
+    }
+}
+
 /// Everything needed to rebuild a flow from its tensors: optional bounds of the data,
 /// optional standardisation of the data and of the context, the layers (of any
 /// registered family), the base distribution, and the number of context features a
@@ -52,6 +93,10 @@ pub struct ModelConfig {
     /// densities are densities on the box. Standardisation, if any, follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bounds: Option<Vec<Bound>>,
+    /// How the bounds hold: by the logit map in front of the flow (files without it),
+    /// or by rejection, where no map is built and the flow is the data's as they are.
+    #[serde(default, skip_serializing_if = "BoundsBy::is_logit")]
+    pub bounds_by: BoundsBy,
     pub layers: Vec<LayerSpec>,
     #[serde(default)]
     pub base: BaseConfig,
@@ -78,6 +123,8 @@ struct Stored {
     standardize_context: bool,
     #[serde(default)]
     bounds: Option<Vec<Bound>>,
+    #[serde(default)]
+    bounds_by: BoundsBy,
     layers: Vec<LayerSpec>,
     #[serde(default)]
     base: BaseConfig,
@@ -101,6 +148,7 @@ impl From<Stored> for ModelConfig {
             standardize: s.standardize,
             standardize_context: s.standardize_context,
             bounds: s.bounds,
+            bounds_by: s.bounds_by,
             layers: s.layers,
             base: s.base,
             recipe: s.recipe,
@@ -182,6 +230,7 @@ impl ModelConfig {
             standardize: false,
             standardize_context: false,
             bounds: None,
+            bounds_by: BoundsBy::Logit,
             layers,
             base: BaseConfig::StandardNormal,
             recipe: None,
@@ -301,6 +350,23 @@ impl ModelConfig {
         }
     }
 
+    /// The model with its bounds held by `by` (they apply only with bounds).
+    pub fn with_bounds_by(self, by: BoundsBy) -> Self {
+        Self {
+            bounds_by: by,
+            ..self
+        }
+    }
+
+    /// The bounds a flow built from this model does not hold by itself, which its
+    /// draws and densities are restricted to ([`BoundsBy::Rejection`]).
+    pub fn truncation(&self) -> Option<&[Bound]> {
+        match self.bounds_by {
+            BoundsBy::Rejection => self.bounds.as_deref(),
+            BoundsBy::Logit => None,
+        }
+    }
+
     /// The first value of `values` (rows of [`dim`](Self::dim) features) outside the
     /// model's bounds; `None` when every value is inside, or the model has no bounds.
     pub fn outside_bounds(&self, values: &[f32]) -> Option<OutOfBounds> {
@@ -377,6 +443,9 @@ impl ModelConfig {
         }
         if self.standardize_context && self.context_dim == 0 {
             return Err("context standardisation needs context features".into());
+        }
+        if self.bounds.is_none() && !self.bounds_by.is_logit() {
+            return Err("bounds held by rejection, but the model has no bounds".into());
         }
         if let Some(bounds) = &self.bounds {
             if bounds.len() != self.dim {
@@ -456,7 +525,7 @@ impl ModelConfig {
         }
         let device = vb.device().clone();
         let mut chain = Chain::default();
-        if let Some(bounds) = &self.bounds {
+        if let (Some(bounds), BoundsBy::Logit) = (&self.bounds, self.bounds_by) {
             chain.push(Bounded::new(bounds, vb.dtype(), &device)?);
         }
         if self.standardize {
@@ -712,6 +781,45 @@ mod tests {
             Some("row 3, column 1: 1 lies outside the model's bounds -1:1 (ends excluded)")
         );
         assert_eq!(bounded.outside_bounds(&[0.0, 1.0, 0.5, 3.0]), None);
+    }
+
+    #[test]
+    fn bounds_held_by_rejection_are_stored_and_build_no_map() {
+        let cfg: ModelConfig = serde_json::from_str(OLD).expect("old configuration");
+        assert_eq!(cfg.bounds_by, BoundsBy::Logit);
+        let bounds = vec![Bound::new(Some(-1.0), Some(1.0)), Bound::unbounded()];
+        let logit = cfg.clone().with_bounds(bounds.clone());
+        let rejection = logit.clone().with_bounds_by(BoundsBy::Rejection);
+        let json = serde_json::to_string(&rejection).expect("json");
+        assert!(json.contains(r#""bounds_by":"rejection""#), "{json}");
+        let again: ModelConfig = serde_json::from_str(&json).expect("read");
+        assert_eq!(again, rejection);
+        assert_eq!(again.truncation(), Some(&bounds[..]));
+        assert_eq!(logit.truncation(), None);
+        // Without the map, a point outside the box is the flow's to score; with it,
+        // the map has no value there.
+        let log_p = |c: &ModelConfig| {
+            let device = candle::Device::Cpu;
+            let vb = VarBuilder::from_varmap(&candle_nn::VarMap::new(), DType::F32, &device);
+            let flow = c.build(vb).expect("build");
+            let x = candle::Tensor::new(&[[2f32, 0.0]], &device).expect("x");
+            let context = candle::Tensor::new(&[[0f32]], &device).expect("context");
+            let log_p = flow
+                .log_prob_with_context(&x, Some(&context))
+                .expect("log p");
+            log_p.to_vec1::<f32>().expect("values")[0]
+        };
+        assert!(log_p(&rejection).is_finite());
+        assert!(log_p(&logit).is_nan());
+        assert_eq!(
+            refused(&cfg.with_bounds_by(BoundsBy::Rejection)),
+            "bounds held by rejection, but the model has no bounds"
+        );
+        assert_eq!(BoundsBy::parse("rejection"), Ok(BoundsBy::Rejection));
+        assert_eq!(
+            BoundsBy::parse("clip").unwrap_err(),
+            "--bounds-by `clip`: expected logit or rejection"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use flow_core::Bound;
 pub use flow_core::{limits::positive_f32, ImageInfo, ImageShape, ModelData};
 pub use flow_nn::Activation;
 
-use crate::{BaseConfig, Family, ModelConfig, Registry};
+use crate::{BaseConfig, BoundsBy, Family, ModelConfig, Registry};
 
 /// The options that set a model's own settings rather than a family's, each with
 /// whether image families (rather than the others) take it.
@@ -19,6 +19,7 @@ pub const MODEL_SETTINGS: &[(&str, bool)] = &[
     ("context-dim", false),
     ("no-standardize", false),
     ("bounds", false),
+    ("bounds-by", false),
     ("image", true),
     ("pixel-levels", true),
 ];
@@ -236,6 +237,8 @@ pub struct ModelOptions {
     pub no_standardize: bool,
     /// `LOW:HIGH,…`, one entry per data column ([`bounds`]).
     pub bounds: Option<String>,
+    /// How the bounds hold: `logit` or `rejection` ([`BoundsBy`]); only with `bounds`.
+    pub bounds_by: Option<String>,
     pub image: Option<String>,
     pub pixel_levels: Option<u32>,
 }
@@ -269,6 +272,7 @@ impl ModelOptions {
             ("context-dim", self.context_dim.is_some()),
             ("no-standardize", self.no_standardize),
             ("bounds", self.bounds.is_some()),
+            ("bounds-by", self.bounds_by.is_some()),
             ("image", self.image.is_some()),
             ("pixel-levels", self.pixel_levels.is_some()),
         ];
@@ -325,6 +329,12 @@ impl ModelOptions {
         }
         if let Some(b) = &self.bounds {
             model = model.with_bounds(bounds(b, dim)?);
+        }
+        if let Some(by) = &self.bounds_by {
+            if self.bounds.is_none() {
+                return Err("--bounds-by says how --bounds hold: give --bounds too".into());
+            }
+            model = model.with_bounds_by(BoundsBy::parse(by)?);
         }
         let standardize = image.is_none() && !self.no_standardize;
         Ok(model

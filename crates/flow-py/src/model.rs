@@ -6,7 +6,7 @@ use candle::{DType, Device, Tensor};
 use flow_io::{Checkpoint, ImportOptions, Source};
 use flow_models::{
     options::{self, ModelOptions, MODEL_SETTINGS},
-    Family, ModelConfig, OptionKind, Registry,
+    Family, ModelConfig, ModelDensity, OptionKind, Registry,
 };
 use flow_train::{
     recipe::{train_config, RunOptions},
@@ -54,7 +54,8 @@ pub(crate) enum Saved {
 /// `hidden`, `hidden_layers`, `activation`, `bins`, `tail_bound`, `masks`, `mixing`,
 /// `order`, `coupling`, `scale`, `clamp`, `nets`, `base`, `standardize` (the data and any
 /// context, by default), `bounds` (`"LOW:HIGH,…"` as `flow train --bounds` takes it,
-/// or one `(low, high)` pair per feature, `None` or an infinity for an open side).
+/// or one `(low, high)` pair per feature, `None` or an infinity for an open side) and
+/// `bounds_by` (`"logit"`, the default, or `"rejection"`, as `flow train --bounds-by`).
 #[pyclass(module = "flows")]
 pub struct Flow {
     pub(crate) family: Option<Family>,
@@ -73,7 +74,7 @@ impl std::fmt::Debug for Flow {
 }
 
 /// The model's own keywords, beside the families' options.
-const OWN_KEYWORDS: [&str; 3] = ["base", "standardize", "bounds"];
+const OWN_KEYWORDS: [&str; 4] = ["base", "standardize", "bounds", "bounds_by"];
 
 /// The model options given as keywords, by their Python names (the options' names
 /// with `_` for `-`).
@@ -101,6 +102,10 @@ fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResul
             }
             "bounds" => {
                 o.bounds = Some(bounds_text(&value)?);
+                continue;
+            }
+            "bounds_by" => {
+                o.bounds_by = Some(value.extract()?);
                 continue;
             }
             _ => {}
@@ -222,7 +227,7 @@ fn chunk(rows: &Rows, start: usize, len: usize) -> candle::Result<Tensor> {
 fn chunked(
     x: &Rows,
     context: Option<&Rows>,
-    f: impl Fn(&Tensor, Option<&Tensor>) -> candle::Result<Tensor>,
+    mut f: impl FnMut(&Tensor, Option<&Tensor>) -> candle::Result<Tensor>,
 ) -> Result<Vec<f32>, Fail> {
     let mut out = Vec::new();
     let mut start = 0;
@@ -431,10 +436,9 @@ impl Flow {
         self.check_bounds(&x)?;
         let c = context_rows(context, self.config.context_dim, x.rows)?;
         let values = py
-            .detach(|| {
-                chunked(&x, c.as_ref(), |x, c| {
-                    fitted.flow.log_prob_with_context(x, c)
-                })
+            .detach(|| -> Result<Vec<f32>, Fail> {
+                let mut density = ModelDensity::new(&self.config, &fitted.flow)?;
+                chunked(&x, c.as_ref(), |x, c| density.log_prob(x, c))
             })
             .map_err(Fail::into_py)?;
         to_numpy(py, values, x.rows, None, x.double)
@@ -499,14 +503,14 @@ impl Flow {
         };
         let values = py
             .detach(|| -> Result<Vec<f32>, Fail> {
+                let density = ModelDensity::new(&self.config, &fitted.flow)?;
                 let mut out = Vec::with_capacity(n * dim);
                 let mut start = 0;
                 while start < n {
                     let len = CHUNK_ROWS.min(n - start);
                     let cs = c.as_ref().map(|c| chunk(c, start, len)).transpose()?;
-                    let x = fitted
-                        .flow
-                        .sample_with_context(len, 1.0, cs.as_ref(), &mut rng)?
+                    let x = density
+                        .sample(len, 1.0, cs.as_ref(), &mut rng)?
                         .detach();
                     out.extend(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
                     start += len;

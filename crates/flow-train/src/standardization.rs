@@ -3,7 +3,7 @@
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::{Bijector, Bounded};
-use flow_models::ModelConfig;
+use flow_models::{BoundsBy, ModelConfig};
 
 use crate::data::{Dataset, Moments};
 
@@ -16,10 +16,10 @@ pub(crate) fn moments(values: &[f32], width: usize) -> (Vec<f32>, Vec<f32>) {
     m.finish()
 }
 
-/// The data as the model's standardisation sees them: through its bounds' map first,
-/// when it has bounds.
+/// The data as the model's standardisation sees them: through its bounds' logit map
+/// first, when it has one.
 fn standardized_input(model: &ModelConfig, data: &Dataset) -> candle::Result<Vec<f32>> {
-    let Some(bounds) = &model.bounds else {
+    let (Some(bounds), BoundsBy::Logit) = (&model.bounds, model.bounds_by) else {
         return Ok(data.values.clone());
     };
     let device = Device::Cpu;
@@ -48,7 +48,7 @@ pub(crate) fn set_pair(
 }
 
 /// Sets the statistics of `model`'s standardisations from `train`: those of the data
-/// (after the bounds' map, if any) and of the context.
+/// (after the bounds' logit map, if any) and of the context.
 pub(crate) fn set_statistics(
     model: &ModelConfig,
     train: &Dataset,

@@ -78,7 +78,12 @@ fn summary(path: &str, ck: &Checkpoint) -> String {
             .zip(&names)
             .map(|(b, name)| format!("{name} {b}"))
             .collect();
-        let _ = writeln!(out, "bounds: {}", parts.join(", "));
+        let _ = writeln!(
+            out,
+            "bounds: {} (held by {})",
+            parts.join(", "),
+            cfg.bounds_by.name()
+        );
     }
     let (params, tensors) = ck
         .tensors

@@ -3,6 +3,7 @@ use std::f64::consts::LN_2;
 use candle::{Device, Tensor};
 use flow_core::ImageInfo;
 use flow_io::LoadedModel;
+use flow_models::ModelDensity;
 use flow_train::data::{check_pixels, load_images};
 
 use crate::{
@@ -53,14 +54,16 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         }
         return report(rows, sum, dim);
     }
+    let config = &model.checkpoint.config;
+    let mut density = ModelDensity::new(config, &model.flow)?;
     let (mut rows, mut sum) = (0usize, 0f64);
     let what = a.input.display().to_string();
-    for input in input_chunks(&a.input, dim, model.checkpoint.config.context_dim)? {
+    for input in input_chunks(&a.input, dim, config.context_dim)? {
         let input = input?;
-        check_bounds(&model.checkpoint.config, &input.data, rows, &what)?;
+        check_bounds(config, &input.data, rows, &what)?;
         let x = input.x.to_device(&device)?;
         let context = input.context.map(|c| c.to_device(&device)).transpose()?;
-        let lp = model.flow.log_prob_with_context(&x, context.as_ref())?;
+        let lp = density.log_prob(&x, context.as_ref())?;
         let values = host_values(&lp.detach().unsqueeze(1)?)?;
         rows += values.len();
         sum += values.iter().map(|v| *v as f64).sum::<f64>();
@@ -70,6 +73,9 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     }
     if let Some(out) = out {
         out.commit()?;
+    }
+    if let Some(note) = density.normalised_note() {
+        eprintln!("{note}");
     }
     report(rows, sum, dim)
 }

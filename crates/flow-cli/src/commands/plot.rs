@@ -1,3 +1,4 @@
+use flow_models::ModelDensity;
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::{
@@ -21,6 +22,7 @@ pub fn run(a: PlotArgs) -> CmdResult {
     }
     let context_dim = model.checkpoint.config.context_dim;
     let context = parse_context(a.context.as_deref(), context_dim, &device)?;
+    let mut model_density = ModelDensity::new(&model.checkpoint.config, &model.flow)?;
     let points = match &a.data {
         Some(p) => Some(load_input(p, dim, context_dim)?.data.values),
         None => None,
@@ -29,9 +31,7 @@ pub fn run(a: PlotArgs) -> CmdResult {
     let samples = match (&points, a.range) {
         (None, None) => {
             let rng = &mut StdRng::seed_from_u64(0);
-            let s = model
-                .flow
-                .sample_with_context(FRAME_SAMPLES, 1.0, context.as_ref(), rng)?;
+            let s = model_density.sample(FRAME_SAMPLES, 1.0, context.as_ref(), rng)?;
             host_values(&s)?
         }
         _ => Vec::new(),
@@ -42,7 +42,7 @@ pub fn run(a: PlotArgs) -> CmdResult {
         .with_range(a.range);
     density(
         &a.out,
-        &model.flow,
+        &mut model_density,
         context.as_ref(),
         &device,
         points.as_deref().unwrap_or(&samples),

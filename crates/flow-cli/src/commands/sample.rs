@@ -2,6 +2,7 @@ use std::path::Path;
 
 use flow_core::ImageInfo;
 use flow_io::LoadedModel;
+use flow_models::ModelDensity;
 use flow_train::data::{chunks, Dataset};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -190,6 +191,7 @@ pub fn run(a: SampleArgs) -> CmdResult {
         Format::Png => None,
         _ => Some(RowWriter::create(&a.out, format, &names)?),
     };
+    let density = ModelDensity::new(config, &model.flow)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     let (mut n, mut bad) = (0usize, 0usize);
     let mut plotted: Vec<f32> = Vec::new();
@@ -199,9 +201,7 @@ pub fn run(a: SampleArgs) -> CmdResult {
             return Err(format!("a PNG scatter draws at most {MAX_SCATTER} points").into());
         }
         let context = given.context_tensor(&device)?;
-        let x = model
-            .flow
-            .sample_with_context(rows, a.temperature, context.as_ref(), &mut rng)?;
+        let x = density.sample(rows, a.temperature, context.as_ref(), &mut rng)?;
         let values = host_values(&x)?;
         bad += values.iter().filter(|v| !v.is_finite()).count();
         if scatter {

@@ -5,7 +5,7 @@ use flow_core::{
     limits::{check_count, check_positive, MAX_ROWS, MAX_SAMPLES},
     ImageInfo, ImageShape,
 };
-use flow_models::{options, Family, Registry};
+use flow_models::{options, BoundsBy, Family, Registry};
 use flow_train::val_every_for;
 use flow_train::{
     data::{
@@ -280,6 +280,14 @@ fn resumed_config(a: &TrainArgs, r: &TrainCheckpoint) -> Result<TrainConfig, Fai
                 .map(|b| options::bounds(b, was.model.dim))
                 .transpose()?
                 .is_none_or(|b| Some(b) == was.model.bounds),
+        ),
+        (
+            "bounds-by",
+            a.bounds_by
+                .as_deref()
+                .map(BoundsBy::parse)
+                .transpose()?
+                .is_none_or(|b| b == was.model.bounds_by),
         ),
         (
             "image",

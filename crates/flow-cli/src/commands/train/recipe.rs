@@ -12,6 +12,7 @@ pub(super) fn model_options(a: &TrainArgs) -> ModelOptions {
         context_dim: a.context_dim,
         no_standardize: a.no_standardize,
         bounds: a.bounds.clone(),
+        bounds_by: a.bounds_by.clone(),
         image: a.image.clone(),
         pixel_levels: a.pixel_levels,
     }
