@@ -13,7 +13,9 @@
 //! samples against the reference as sbibm defines C2ST. Python is `FLOWS_PYTHON`
 //! (needs scikit-learn; `sbi` for the peer, skipped with a note where it is missing).
 //! `--seeds 0,1,2` trains both sides at each training seed (sbi's runs cached per seed)
-//! and adds the mean over seeds. Results go to `target/bench-npe/results.jsonl` (one
+//! and adds the mean over seeds. `--prior-box` gives ours what sbi is given, the prior's
+//! box, as `--bounds LOW:HIGH,… --bounds-by rejection` (sbi rejects its samples outside
+//! the prior's support the same way). Results go to `target/bench-npe/results.jsonl` (one
 //! line per run) and `report.md`.
 
 use std::{
@@ -45,6 +47,8 @@ struct Options {
     label: Option<String>,
     /// Flags passed on to `flow train`.
     extra: Vec<String>,
+    /// Give ours the prior's box, held by rejection, as sbi is given its prior.
+    prior_box: bool,
     /// Training seeds of both sides: ours `flow train --seed`, sbi's `torch.manual_seed`
     /// (which also draws its validation split).
     seeds: Vec<u64>,
@@ -65,6 +69,7 @@ fn parse(args: &[String]) -> Result<Options> {
         rerun_sbi: false,
         label: None,
         extra: Vec::new(),
+        prior_box: false,
         seeds: vec![0],
         nll_only: false,
         out: root().join("target").join("bench-npe"),
@@ -100,6 +105,7 @@ fn parse(args: &[String]) -> Result<Options> {
                     .map_err(|_| "npe: --threads N".to_string())?
             }
             "--no-sbi" => o.sbi = false,
+            "--prior-box" => o.prior_box = true,
             "--nll" => o.nll_only = true,
             "--rerun-sbi" => o.rerun_sbi = true,
             "--label" => o.label = Some(value("--label")?),
@@ -115,10 +121,13 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             other => {
                 return Err(format!(
-                    "npe: unknown argument `{other}`; usage: cargo xtask npe [--tasks a,b] [--sims 1000,10000] [--observations N] [--threads N] [--no-sbi] [--rerun-sbi] [--nll] [--label NAME] [--seeds 0,1,2] [--out DIR] [-- FLOW TRAIN FLAGS]"
+                    "npe: unknown argument `{other}`; usage: cargo xtask npe [--tasks a,b] [--sims 1000,10000] [--observations N] [--threads N] [--no-sbi] [--rerun-sbi] [--prior-box] [--nll] [--label NAME] [--seeds 0,1,2] [--out DIR] [-- FLOW TRAIN FLAGS]"
                 ))
             }
         }
+    }
+    if o.prior_box && o.extra.iter().any(|f| f.starts_with("--bounds")) {
+        return Err("npe: --prior-box gives the bounds; give no --bounds after --".into());
     }
     if o.extra.iter().any(|f| f == "--seed") {
         return Err(
@@ -306,6 +315,11 @@ fn ours(
         .args(["--flow", "nsf", "--out", &s(&model)])
         .args(["--seed", &seed.to_string()])
         .args(&o.extra);
+    if o.prior_box {
+        let (low, high) = task.prior_box();
+        let bounds = vec![format!("{low}:{high}"); task.theta_dim()].join(",");
+        cmd.args(["--bounds", &bounds, "--bounds-by", "rejection"]);
+    }
     let started = Instant::now();
     let (_, log) = run(cmd)?;
     let secs = started.elapsed().as_secs_f64();
@@ -470,10 +484,14 @@ pub fn command(args: &[String]) -> Result<()> {
     std::fs::copy(root().join("target/release/flow"), out.join("flow"))
         .map_err(|e| format!("cannot copy the flow binary: {e}"))?;
     let label = o.label.clone().unwrap_or_else(|| {
-        if o.extra.is_empty() {
+        let mut flags = o.extra.clone();
+        if o.prior_box {
+            flags.insert(0, "prior box".into());
+        }
+        if flags.is_empty() {
             "defaults".into()
         } else {
-            o.extra.join(" ")
+            flags.join(" ")
         }
     });
     let (score, peer_score, key) = if o.nll_only {
@@ -588,5 +606,10 @@ mod tests {
         assert!(parse(&args(&["--", "--seed", "3"]))
             .unwrap_err()
             .contains("--seeds"));
+        assert!(parse(&args(&["--prior-box"])).expect("prior box").prior_box);
+        assert_eq!(
+            parse(&args(&["--prior-box", "--", "--bounds", "0:1"])).unwrap_err(),
+            "npe: --prior-box gives the bounds; give no --bounds after --"
+        );
     }
 }

@@ -1069,6 +1069,64 @@ fn bounds_held_by_rejection_keep_samples_inside_and_renormalise_log_probs() {
     for (h, f) in held_lp.iter().zip(&free_lp) {
         assert!((h[0] - f[0] - shift).abs() < 1e-4, "{h:?} {f:?}");
     }
+    // A conditional model: each sample drawn at its own row's context until it lands
+    // inside, and one normaliser per distinct context.
+    let given = path("unit-square-given.csv");
+    let rows: String = (0..600)
+        .map(|_| format!("{},{},{}\n", uniform(), uniform(), uniform()))
+        .collect();
+    std::fs::write(&given, format!("a,b,c\n{rows}")).expect("write");
+    let conditional = path("rejection-given.safetensors");
+    ok(&[
+        "train",
+        "--data",
+        &given,
+        "--context-dim",
+        "1",
+        "--steps",
+        "30",
+        "--flow",
+        "nsf",
+        "--hidden",
+        "16",
+        "--layers",
+        "2",
+        "--bounds",
+        "0:1,0:1",
+        "--bounds-by",
+        "rejection",
+        "--out",
+        &conditional,
+    ]);
+    let contexts = path("rejection-contexts.csv");
+    std::fs::write(&contexts, "c\n0.1\n0.5\n0.9\n").expect("write");
+    let samples = path("rejection-given-samples.csv");
+    ok(&[
+        "sample",
+        "--model",
+        &conditional,
+        "--context-file",
+        &contexts,
+        "--n",
+        "200",
+        "--out",
+        &samples,
+    ]);
+    let drawn = read_csv(&samples);
+    assert_eq!(drawn.len(), 600);
+    assert!(drawn
+        .iter()
+        .all(|r| r[1] > 0.0 && r[1] < 1.0 && r[2] > 0.0 && r[2] < 1.0));
+    let scored = path("rejection-given-scored.csv");
+    std::fs::write(
+        &scored,
+        "a,b,c\n0.5,0.5,0.1\n0.2,0.7,0.5\n0.5,0.5,0.1\n0.9,0.1,0.9\n",
+    )
+    .expect("write");
+    let run = flow(&["log-prob", "--model", &conditional, "--input", &scored]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("at each of 3 distinct context(s)"), "{err}");
     fails(
         &[
             "train",
