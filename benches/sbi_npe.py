@@ -8,8 +8,9 @@ stopping after 20 epochs without improvement), under a box-uniform prior, then d
 posterior samples for each observation (sbi's default: rejected outside the prior's
 support). With `--test`, also scores the trained estimator by its held-out NLL,
 −E log q(θ | x) in nats over the rows of that CSV (the estimator's own density, as
-`flow log-prob` scores ours). Prints one JSON line: training seconds, epochs and that
-NLL.
+`flow log-prob` scores ours). With `--unrejected-out`, also writes each observation's
+samples as the flow draws them, none rejected (what the estimator gives without the
+prior's box). Prints one JSON line: training seconds, epochs and that NLL.
 """
 
 import argparse
@@ -34,6 +35,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--test", help="a CSV of held-out simulations to score")
+    ap.add_argument(
+        "--unrejected-out",
+        nargs="+",
+        help="also write each observation's samples as the flow draws them, none rejected outside the prior's box",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -50,6 +56,13 @@ def main():
     for obs, out in zip(a.observations, a.out):
         x_o = torch.from_numpy(np.loadtxt(obs, delimiter=",", skiprows=1, dtype=np.float32, ndmin=1))
         s = posterior.sample((a.samples,), x=x_o.reshape(1, -1), show_progress_bars=False)
+        header = ",".join(f"theta{j}" for j in range(d))
+        np.savetxt(out, s.numpy(), delimiter=",", header=header, comments="")
+    for obs, out in zip(a.observations, a.unrejected_out or []):
+        x_o = torch.from_numpy(np.loadtxt(obs, delimiter=",", skiprows=1, dtype=np.float32, ndmin=1))
+        s = posterior.sample(
+            (a.samples,), x=x_o.reshape(1, -1), show_progress_bars=False, reject_outside_prior=False
+        )
         header = ",".join(f"theta{j}" for j in range(d))
         np.savetxt(out, s.numpy(), delimiter=",", header=header, comments="")
     epochs = inference._summary.get("epochs_trained", [None])[-1]

@@ -112,7 +112,7 @@ impl<'a> Truncated<'a> {
             pending.retain(|&i| kept[i].is_none());
             if !pending.is_empty() && drawn >= n.saturating_mul(MAX_DRAWS_PER_SAMPLE) {
                 bail!(
-                    "{} of {n} samples still outside the bounds after {drawn} draws: the flow puts less than 1 in {MAX_DRAWS_PER_SAMPLE} of its mass inside them{}",
+                    "{} of {n} samples still outside the bounds after {drawn} draws ({MAX_DRAWS_PER_SAMPLE} per sample): the flow puts almost none of its mass inside them{}",
                     pending.len(),
                     match per_row {
                         Some(_) => format!(" at the context of sample {}", pending[0] + 1),
