@@ -57,14 +57,14 @@ def main():
         x_o = torch.from_numpy(np.loadtxt(obs, delimiter=",", skiprows=1, dtype=np.float32, ndmin=1))
         s = posterior.sample((a.samples,), x=x_o.reshape(1, -1), show_progress_bars=False)
         header = ",".join(f"theta{j}" for j in range(d))
-        np.savetxt(out, s.numpy(), delimiter=",", header=header, comments="")
+        np.savetxt(out, s.detach().numpy(), delimiter=",", header=header, comments="")
     for obs, out in zip(a.observations, a.unrejected_out or []):
         x_o = torch.from_numpy(np.loadtxt(obs, delimiter=",", skiprows=1, dtype=np.float32, ndmin=1))
         s = posterior.sample(
             (a.samples,), x=x_o.reshape(1, -1), show_progress_bars=False, reject_outside_prior=False
         )
         header = ",".join(f"theta{j}" for j in range(d))
-        np.savetxt(out, s.numpy(), delimiter=",", header=header, comments="")
+        np.savetxt(out, s.detach().numpy(), delimiter=",", header=header, comments="")
     epochs = inference._summary.get("epochs_trained", [None])[-1]
     result = {"train_secs": seconds, "epochs": epochs}
     if a.test:
