@@ -38,9 +38,9 @@ pub enum BoundsBy {
 }
 
 impl BoundsBy {
-    /// The names `--bounds-by` takes.
-    pub const NAMES: [&'static str; 2] = ["logit", "rejection"];
+    const ALL: [Self; 2] = [Self::Logit, Self::Rejection];
 
+    /// The name `--bounds-by` takes.
     pub fn name(self) -> &'static str {
         match self {
             Self::Logit => "logit",
@@ -49,14 +49,13 @@ impl BoundsBy {
     }
 
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        match text {
-            "logit" => Ok(Self::Logit),
-            "rejection" => Ok(Self::Rejection),
-            other => Err(format!(
-                "--bounds-by `{other}`: expected {}",
-                Self::NAMES.join(" or ")
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|b| b.name()).collect();
+                format!("--bounds-by `{text}`: expected {}", names.join(" or "))
+            })
     }
 
     fn is_logit(&self) -> bool {
@@ -88,9 +87,10 @@ pub struct ModelConfig {
     /// context in its own units. Files without it read as `false`.
     #[serde(default)]
     pub standardize_context: bool,
-    /// The box the data live in, one interval per feature: a fixed map from the box to
-    /// the whole space comes first ([`Bounded`]), so that samples stay inside and
-    /// densities are densities on the box. Standardisation, if any, follows it.
+    /// The box the data live in, one interval per feature, held as
+    /// [`bounds_by`](Self::bounds_by) says: by default a fixed map from the box to the
+    /// whole space comes first ([`Bounded`]), so that samples stay inside and densities
+    /// are densities on the box. Standardisation, if any, follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bounds: Option<Vec<Bound>>,
     /// How the bounds hold: by the logit map in front of the flow (files without it),
