@@ -1127,6 +1127,27 @@ fn bounds_held_by_rejection_keep_samples_inside_and_renormalise_log_probs() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{err}");
     assert!(err.contains("at each of 3 distinct context(s)"), "{err}");
+    // More distinct contexts than normalisers are estimated for: refused before any
+    // is, and nothing written.
+    let many = path("rejection-many-contexts.csv");
+    let rows: String = (0..1001)
+        .map(|i| format!("0.5,0.5,{}\n", i as f64 / 1001.0))
+        .collect();
+    std::fs::write(&many, format!("a,b,c\n{rows}")).expect("write");
+    let out = path("rejection-many-lp.csv");
+    fails(
+        &[
+            "log-prob",
+            "--model",
+            &conditional,
+            "--input",
+            &many,
+            "--out",
+            &out,
+        ],
+        "at most 1000 of them (10000 draws each): these rows have more",
+    );
+    assert!(!Path::new(&out).exists());
     fails(
         &[
             "train",

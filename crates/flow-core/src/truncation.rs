@@ -8,7 +8,7 @@
 //! to a box besides the fixed logit map of [`Bounded`](crate::Bounded): the flow is
 //! trained on the data as they are, and the box is applied when drawing and scoring.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle::{bail, DType, Result, Tensor};
 use rand::{rngs::StdRng, RngCore, SeedableRng};
@@ -198,7 +198,8 @@ impl<'a> TruncatedLogProb<'a> {
     }
 
     /// `log p(x | context)` `(batch,)`, the context as [`Flow::log_prob_with_context`]
-    /// takes it. Fails when a new context would pass [`MAX_NORMALISED_CONTEXTS`].
+    /// takes it. Fails, before estimating any, when the rows' new contexts would pass
+    /// [`MAX_NORMALISED_CONTEXTS`].
     pub fn log_prob(&mut self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let flow = self.truncated.flow;
         let log_p = flow.log_prob_with_context(x, context)?;
@@ -207,37 +208,44 @@ impl<'a> TruncatedLogProb<'a> {
             Some(c) => c.to_dtype(DType::F64)?.to_vec2()?,
             None => vec![Vec::new()],
         };
+        let key = |c: &[f64]| -> Vec<u64> { c.iter().map(|v| v.to_bits()).collect() };
+        // Each row's context, or `None` outside the box, where the density is zero.
         let points = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let mut shifts = Vec::with_capacity(rows);
-        for (i, point) in points.iter().enumerate() {
-            if !self.truncated.inside(point) {
-                shifts.push(f64::NEG_INFINITY);
-                continue;
+        let owners: Vec<Option<&[f64]>> = points
+            .iter()
+            .enumerate()
+            .map(|(i, point)| {
+                let c = &contexts[if contexts.len() == 1 { 0 } else { i }];
+                self.truncated.inside(point).then_some(c.as_slice())
+            })
+            .collect();
+        let mut new: Vec<&[f64]> = Vec::new();
+        let mut seen = HashSet::new();
+        for c in owners.iter().flatten() {
+            let k = key(c);
+            if !self.normalisers.contains_key(&k) && seen.insert(k) {
+                new.push(c);
             }
-            let c = &contexts[if contexts.len() == 1 { 0 } else { i }];
-            let key: Vec<u64> = c.iter().map(|v| v.to_bits()).collect();
-            let shift = match self.normalisers.get(&key) {
-                Some(&s) => s,
-                None => {
-                    if self.normalisers.len() == MAX_NORMALISED_CONTEXTS {
-                        bail!(
-                            "log-probs inside bounds held by rejection estimate the flow's mass at each distinct context, at most {MAX_NORMALISED_CONTEXTS} of them ({ACCEPTANCE_DRAWS} draws each): these rows have more"
-                        );
-                    }
-                    let row = match context {
-                        Some(t) => Some(
-                            Tensor::from_vec(c.clone(), (1, c.len()), t.device())?
-                                .to_dtype(t.dtype())?,
-                        ),
-                        None => None,
-                    };
-                    let s = self.truncated.log_normaliser(row.as_ref(), &mut self.rng)?;
-                    self.normalisers.insert(key, s);
-                    s
-                }
-            };
-            shifts.push(shift);
         }
+        if self.normalisers.len() + new.len() > MAX_NORMALISED_CONTEXTS {
+            bail!(
+                "log-probs inside bounds held by rejection estimate the flow's mass at each distinct context, at most {MAX_NORMALISED_CONTEXTS} of them ({ACCEPTANCE_DRAWS} draws each): these rows have more"
+            );
+        }
+        for c in new {
+            let row = match context {
+                Some(t) => Some(
+                    Tensor::from_vec(c.to_vec(), (1, c.len()), t.device())?.to_dtype(t.dtype())?,
+                ),
+                None => None,
+            };
+            let s = self.truncated.log_normaliser(row.as_ref(), &mut self.rng)?;
+            self.normalisers.insert(key(c), s);
+        }
+        let shifts: Vec<f64> = owners
+            .iter()
+            .map(|c| c.map_or(f64::NEG_INFINITY, |c| self.normalisers[&key(c)]))
+            .collect();
         let shifts = Tensor::from_vec(shifts, rows, log_p.device())?.to_dtype(log_p.dtype())?;
         log_p + shifts
     }
