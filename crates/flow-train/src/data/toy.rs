@@ -319,36 +319,9 @@ mod tests {
         (-0.5 * (x / std).powi(2)).exp() / (std * (2.0 * PI).sqrt())
     }
 
-    /// `erfc`, to a fractional error below 1.2e-7 (Numerical Recipes' Chebyshev fit).
-    fn erfc(x: f64) -> f64 {
-        let z = x.abs();
-        let t = 1.0 / (1.0 + 0.5 * z);
-        let poly = [
-            -1.265_512_23,
-            1.000_023_68,
-            0.374_091_96,
-            0.096_784_18,
-            -0.186_288_06,
-            0.278_868_07,
-            -1.135_203_98,
-            1.488_515_87,
-            -0.822_152_23,
-            0.170_872_77,
-        ]
-        .iter()
-        .rev()
-        .fold(0.0, |acc, c| c + t * acc);
-        let r = t * (-z * z + poly).exp();
-        if x >= 0.0 {
-            r
-        } else {
-            2.0 - r
-        }
-    }
-
     /// The standard normal distribution function.
     fn normal_cdf(z: f64) -> f64 {
-        0.5 * erfc(-z / std::f64::consts::SQRT_2)
+        0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
     }
 
     /// Eight Gaussians: the mixture of eight isotropic normals of std 0.5/1.414.
