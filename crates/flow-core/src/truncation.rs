@@ -208,23 +208,24 @@ impl<'a> TruncatedLogProb<'a> {
             Some(c) => c.to_dtype(DType::F64)?.to_vec2()?,
             None => vec![Vec::new()],
         };
-        let key = |c: &[f64]| -> Vec<u64> { c.iter().map(|v| v.to_bits()).collect() };
-        // Each row's context, or `None` outside the box, where the density is zero.
+        // Each row's context and its key (its values' bits), or `None` outside the
+        // box, where the density is zero.
         let points = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let owners: Vec<Option<&[f64]>> = points
+        let owners: Vec<Option<(&[f64], Vec<u64>)>> = points
             .iter()
             .enumerate()
             .map(|(i, point)| {
                 let c = &contexts[if contexts.len() == 1 { 0 } else { i }];
-                self.truncated.inside(point).then_some(c.as_slice())
+                self.truncated
+                    .inside(point)
+                    .then(|| (c.as_slice(), c.iter().map(|v| v.to_bits()).collect()))
             })
             .collect();
-        let mut new: Vec<&[f64]> = Vec::new();
+        let mut new: Vec<(&[f64], &Vec<u64>)> = Vec::new();
         let mut seen = HashSet::new();
-        for c in owners.iter().flatten() {
-            let k = key(c);
-            if !self.normalisers.contains_key(&k) && seen.insert(k) {
-                new.push(c);
+        for (c, key) in owners.iter().flatten() {
+            if !self.normalisers.contains_key(key) && seen.insert(key) {
+                new.push((c, key));
             }
         }
         if self.normalisers.len() + new.len() > MAX_NORMALISED_CONTEXTS {
@@ -232,7 +233,7 @@ impl<'a> TruncatedLogProb<'a> {
                 "log-probs inside bounds held by rejection estimate the flow's mass at each distinct context, at most {MAX_NORMALISED_CONTEXTS} of them ({ACCEPTANCE_DRAWS} draws each): these rows have more"
             );
         }
-        for c in new {
+        for (c, key) in new {
             let row = match context {
                 Some(t) => Some(
                     Tensor::from_vec(c.to_vec(), (1, c.len()), t.device())?.to_dtype(t.dtype())?,
@@ -240,11 +241,14 @@ impl<'a> TruncatedLogProb<'a> {
                 None => None,
             };
             let s = self.truncated.log_normaliser(row.as_ref(), &mut self.rng)?;
-            self.normalisers.insert(key(c), s);
+            self.normalisers.insert(key.clone(), s);
         }
         let shifts: Vec<f64> = owners
             .iter()
-            .map(|c| c.map_or(f64::NEG_INFINITY, |c| self.normalisers[&key(c)]))
+            .map(|o| {
+                o.as_ref()
+                    .map_or(f64::NEG_INFINITY, |(_, key)| self.normalisers[key])
+            })
             .collect();
         let shifts = Tensor::from_vec(shifts, rows, log_p.device())?.to_dtype(log_p.dtype())?;
         log_p + shifts

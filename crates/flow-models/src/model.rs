@@ -358,13 +358,20 @@ impl ModelConfig {
         }
     }
 
+    /// The bounds a flow built from this model holds by its logit map in front
+    /// ([`BoundsBy::Logit`]).
+    pub fn mapped_bounds(&self) -> Option<&[Bound]> {
+        self.bounds_held_by(BoundsBy::Logit)
+    }
+
     /// The bounds a flow built from this model does not hold by itself, which its
     /// draws and densities are restricted to ([`BoundsBy::Rejection`]).
     pub fn truncation(&self) -> Option<&[Bound]> {
-        match self.bounds_by {
-            BoundsBy::Rejection => self.bounds.as_deref(),
-            BoundsBy::Logit => None,
-        }
+        self.bounds_held_by(BoundsBy::Rejection)
+    }
+
+    fn bounds_held_by(&self, by: BoundsBy) -> Option<&[Bound]> {
+        self.bounds.as_deref().filter(|_| self.bounds_by == by)
     }
 
     /// The first value of `values` (rows of [`dim`](Self::dim) features) outside the
@@ -525,7 +532,7 @@ impl ModelConfig {
         }
         let device = vb.device().clone();
         let mut chain = Chain::default();
-        if let (Some(bounds), BoundsBy::Logit) = (&self.bounds, self.bounds_by) {
+        if let Some(bounds) = self.mapped_bounds() {
             chain.push(Bounded::new(bounds, vb.dtype(), &device)?);
         }
         if self.standardize {

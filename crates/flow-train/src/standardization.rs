@@ -3,7 +3,7 @@
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_core::{Bijector, Bounded};
-use flow_models::{BoundsBy, ModelConfig};
+use flow_models::ModelConfig;
 
 use crate::data::{Dataset, Moments};
 
@@ -19,7 +19,7 @@ pub(crate) fn moments(values: &[f32], width: usize) -> (Vec<f32>, Vec<f32>) {
 /// The data as the model's standardisation sees them: through its bounds' logit map
 /// first, when it has one.
 fn standardized_input(model: &ModelConfig, data: &Dataset) -> candle::Result<Vec<f32>> {
-    let (Some(bounds), BoundsBy::Logit) = (&model.bounds, model.bounds_by) else {
+    let Some(bounds) = model.mapped_bounds() else {
         return Ok(data.values.clone());
     };
     let device = Device::Cpu;
