@@ -51,10 +51,16 @@ fn c<T: Float>(v: f64) -> T {
     T::from(v).unwrap_or_else(T::zero)
 }
 
-/// One element's knot positions in `x` and `y`, `K + 1` each, with the softmax
-/// probabilities of the widths and heights (kept for the backward pass). The
-/// derivatives are computed for the element's bin alone ([`SplineShape::bin`]): the
-/// other `K − 3` would cost a softplus each and go unread.
+/// Elements whose knots are computed together, one a lane: laid out knot by knot, the
+/// loops over the bins (softmax, running sums, positions) are element-wise across the
+/// lanes and vectorise, where one element's are chains of dependent operations.
+const LANES: usize = 8;
+
+/// The knot positions in `x` and `y` (`K + 1` each) of a block of up to [`LANES`]
+/// elements, with the softmax probabilities of their widths and heights (kept for the
+/// backward pass); knot `j` of lane `e` at `j · LANES + e`. The derivatives are
+/// computed for an element's bin alone ([`SplineShape::bin`]): the other `K − 3` would
+/// cost a softplus each and go unread.
 struct Knots<T> {
     x: Vec<T>,
     y: Vec<T>,
@@ -88,29 +94,49 @@ impl SplineShape {
         (v / den, T::one() / (den * den))
     }
 
-    /// Softmax of the (clipped) raw sizes into `p`, then the positions from `−B` to `B`
-    /// into `at`.
-    fn positions<T: Real>(&self, raw: &[T], min: f64, p: &mut [T], at: &mut [T]) {
+    /// For each lane `e` of `theta` (the raw parameters of up to [`LANES`] elements, `P`
+    /// each, from `offset` on): the softmax of its (clipped) raw sizes into `p`, then the
+    /// positions from `−B` to `B` into `at`, both knot by knot. Unused lanes hold the
+    /// positions of equal sizes.
+    fn positions<T: Real>(&self, theta: &[T], offset: usize, min: f64, p: &mut [T], at: &mut [T]) {
         let k = self.bins;
-        for (p, &r) in p.iter_mut().zip(raw) {
-            *p = match self.style {
-                SplineStyle::Durkan => r,
-                SplineStyle::Zuko => self.soft_clip(r, 2.0).0,
-            };
+        let params = self.params();
+        for (e, raw) in theta.chunks_exact(params).enumerate() {
+            for (i, &r) in raw[offset..offset + k].iter().enumerate() {
+                p[i * LANES + e] = match self.style {
+                    SplineStyle::Durkan => r,
+                    SplineStyle::Zuko => self.soft_clip(r, 2.0).0,
+                };
+            }
         }
-        let m = p.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        p.iter_mut().for_each(|v| *v = *v - m);
+        for e in theta.len() / params..LANES {
+            (0..k).for_each(|i| p[i * LANES + e] = T::zero());
+        }
+        let mut m = [T::neg_infinity(); LANES];
+        for bin in p.chunks_exact(LANES) {
+            m.iter_mut().zip(bin).for_each(|(m, &v)| *m = m.max(v));
+        }
+        for bin in p.chunks_exact_mut(LANES) {
+            bin.iter_mut().zip(&m).for_each(|(v, &m)| *v = *v - m);
+        }
         T::exp_nonpositive(p);
-        // The running sums of the unnormalised sizes, into `at[1..]`: the last is the
+        // The running sums of the unnormalised sizes, into knots 1 to K: the last is the
         // softmax's denominator, so that one chain of additions gives both, and the
         // positions are then scaled all at once.
-        let mut acc = T::zero();
-        for (a, &e) in at[1..=k].iter_mut().zip(p.iter()) {
-            acc = acc + e;
-            *a = acc;
+        let mut acc = [T::zero(); LANES];
+        for (a, bin) in at[LANES..]
+            .chunks_exact_mut(LANES)
+            .zip(p.chunks_exact(LANES))
+        {
+            for ((a, acc), &e) in a.iter_mut().zip(&mut acc).zip(bin) {
+                *acc = *acc + e;
+                *a = *acc;
+            }
         }
-        let inv = T::one() / acc;
-        p.iter_mut().for_each(|v| *v = *v * inv);
+        let inv = acc.map(|a| T::one() / a);
+        for bin in p.chunks_exact_mut(LANES) {
+            bin.iter_mut().zip(&inv).for_each(|(v, &i)| *v = *v * i);
+        }
         let (scale, floor) = match self.style {
             SplineStyle::Durkan => (c::<T>(1.0 - min * k as f64), c::<T>(min)),
             SplineStyle::Zuko => (T::one(), T::zero()),
@@ -118,20 +144,23 @@ impl SplineShape {
         let b = c::<T>(self.bound);
         let two_b = c::<T>(2.0 * self.bound);
         // Position j is −B + 2B (scale Σ_{i<j} p_i + j · floor).
-        let r = scale * inv;
+        let r = inv.map(|i| scale * i);
         let mut floors = T::zero();
-        at[0] = -b;
-        for a in &mut at[1..k] {
+        at[..LANES].fill(-b);
+        for a in at[LANES..k * LANES].chunks_exact_mut(LANES) {
             floors = floors + floor;
-            *a = (*a * r + floors) * two_b - b;
+            for (a, &r) in a.iter_mut().zip(&r) {
+                *a = (*a * r + floors) * two_b - b;
+            }
         }
-        at[k] = b;
+        at[k * LANES..].fill(b);
     }
 
+    /// The knots of the elements whose raw parameters are `theta` (up to [`LANES`]).
     fn knots<T: Real>(&self, theta: &[T], kn: &mut Knots<T>) {
         let k = self.bins;
-        self.positions(&theta[..k], self.min_bin_width, &mut kn.pw, &mut kn.x);
-        self.positions(&theta[k..2 * k], self.min_bin_height, &mut kn.ph, &mut kn.y);
+        self.positions(theta, 0, self.min_bin_width, &mut kn.pw, &mut kn.x);
+        self.positions(theta, k, self.min_bin_height, &mut kn.ph, &mut kn.y);
     }
 
     /// The derivative at knot `j` from the raw parameters `theta`: 1 at the two ends.
@@ -146,29 +175,33 @@ impl SplineShape {
         }
     }
 
-    /// Bin `k` of the element whose raw parameters are `theta` and knots `kn`.
-    fn bin<T: Float>(&self, theta: &[T], kn: &Knots<T>, k: usize) -> Bin<T> {
+    /// Bin `k` of the element in lane `e` of `kn`, whose raw parameters are `theta`.
+    fn bin<T: Float>(&self, theta: &[T], kn: &Knots<T>, e: usize, k: usize) -> Bin<T> {
         Bin {
-            x0: kn.x[k],
-            x1: kn.x[k + 1],
-            y0: kn.y[k],
-            y1: kn.y[k + 1],
+            x0: kn.x[k * LANES + e],
+            x1: kn.x[(k + 1) * LANES + e],
+            y0: kn.y[k * LANES + e],
+            y1: kn.y[(k + 1) * LANES + e],
             d0: self.derivative(theta, k),
             d1: self.derivative(theta, k + 1),
         }
     }
 
-    /// The bin of `v` among positions `at`: the number of inner knots at or below it.
-    fn bin_index<T: Float>(&self, v: T, at: &[T]) -> usize {
-        at[1..self.bins].partition_point(|&q| q <= v)
+    /// The bin of `v` among the positions `at` of lane `e`: the number of inner knots at
+    /// or below it (the positions rise, so the first above ends the count).
+    fn bin_index<T: Float>(&self, v: T, at: &[T], e: usize) -> usize {
+        (1..self.bins)
+            .take_while(|&j| at[j * LANES + e] <= v)
+            .count()
     }
 
-    /// Gradients of the knot values of bin `k` (`g` in [`Bin`] order) to the raw
-    /// parameters, added into `gt`.
+    /// Gradients of the knot values of bin `k` (`g` in [`Bin`] order) of the element in
+    /// lane `e` of `kn` to its raw parameters `theta`, added into `gt`.
     fn knot_gradients<T: Float>(
         &self,
         theta: &[T],
         kn: &mut Knots<T>,
+        e: usize,
         k: usize,
         g: Bin<T>,
         gt: &mut [T],
@@ -204,12 +237,13 @@ impl SplineShape {
                 SplineStyle::Zuko => T::one(),
             };
             // Softmax backward: ∂u_i = p_i (∂p_i − Σ_j p_j ∂p_j).
+            let p = |i: usize| p[i * LANES + e];
             let dot = gs
                 .iter()
-                .zip(p.iter())
-                .fold(T::zero(), |a, (&g, &p)| a + g * scale * p);
+                .enumerate()
+                .fold(T::zero(), |a, (i, &g)| a + g * scale * p(i));
             for i in 0..bins {
-                let gu = p[i] * (gs[i] * scale - dot);
+                let gu = p(i) * (gs[i] * scale - dot);
                 gt[out + i] = gt[out + i]
                     + match self.style {
                         SplineStyle::Durkan => gu,
@@ -347,10 +381,10 @@ impl<T: Float> Knots<T> {
     fn new(bins: usize) -> Self {
         let z = |n| vec![T::zero(); n];
         Self {
-            x: z(bins + 1),
-            y: z(bins + 1),
-            pw: z(bins),
-            ph: z(bins),
+            x: z((bins + 1) * LANES),
+            y: z((bins + 1) * LANES),
+            pw: z(bins * LANES),
+            ph: z(bins * LANES),
             gs: z(bins),
         }
     }
@@ -397,27 +431,25 @@ impl SplineOp {
         let p = sh.params();
         let b = c::<T>(sh.bound);
         let mut kn = Knots::new(sh.bins);
-        for ((out, x), theta) in out
-            .chunks_mut(n + 1)
-            .zip(x.chunks(n))
-            .zip(theta.chunks(n * p))
-        {
-            let mut ld = T::zero();
-            for ((o, &v), th) in out.iter_mut().zip(x).zip(theta.chunks(p)) {
+        // Each row's log-det is summed over its features in order, lane by lane.
+        out.chunks_mut(n + 1).for_each(|row| row[n] = T::zero());
+        for (block, (xs, thetas)) in x.chunks(LANES).zip(theta.chunks(LANES * p)).enumerate() {
+            sh.knots(thetas, &mut kn);
+            for (e, (&v, th)) in xs.iter().zip(thetas.chunks(p)).enumerate() {
+                let (row, col) = ((block * LANES + e) / n, (block * LANES + e) % n);
+                let out = &mut out[row * (n + 1)..(row + 1) * (n + 1)];
                 if !(v >= -b && v <= b) {
-                    *o = v;
+                    out[col] = v;
                     continue;
                 }
-                sh.knots(th, &mut kn);
                 let (y, l) = if self.inverse {
-                    sh.bin(th, &kn, sh.bin_index(v, &kn.y)).inverse(v)
+                    sh.bin(th, &kn, e, sh.bin_index(v, &kn.y, e)).inverse(v)
                 } else {
-                    sh.bin(th, &kn, sh.bin_index(v, &kn.x)).forward(v)
+                    sh.bin(th, &kn, e, sh.bin_index(v, &kn.x, e)).forward(v)
                 };
-                *o = y;
-                ld = ld + l;
+                out[col] = y;
+                out[n] = out[n] + l;
             }
-            out[n] = ld;
         }
     }
 }
@@ -512,35 +544,34 @@ impl SplineGrad {
         let b = c::<T>(sh.bound);
         let width = n + n * p;
         let mut kn = Knots::new(sh.bins);
-        let rows = out.chunks_mut(width).zip(x.chunks(n));
-        for ((out, x), (theta, g)) in rows.zip(theta.chunks(n * p).zip(g.chunks(n + 1))) {
-            let (gx, gt) = out.split_at_mut(n);
-            let gl = g[n];
-            for (j, &v) in x.iter().enumerate() {
+        for (block, (xs, thetas)) in x.chunks(LANES).zip(theta.chunks(LANES * p)).enumerate() {
+            sh.knots(thetas, &mut kn);
+            for (e, (&v, th)) in xs.iter().zip(thetas.chunks(p)).enumerate() {
+                let (row, j) = ((block * LANES + e) / n, (block * LANES + e) % n);
+                let (g, gl) = (g[row * (n + 1) + j], g[row * (n + 1) + n]);
+                let (gx, gt) = out[row * width..(row + 1) * width].split_at_mut(n);
                 if !(v >= -b && v <= b) {
-                    gx[j] = g[j];
+                    gx[j] = g;
                     continue;
                 }
-                let th = &theta[j * p..(j + 1) * p];
-                sh.knots(th, &mut kn);
                 let gt = &mut gt[j * p..(j + 1) * p];
                 if self.inverse {
-                    let k = sh.bin_index(v, &kn.y);
-                    let bin = sh.bin(th, &kn, k);
+                    let k = sh.bin_index(v, &kn.y, e);
+                    let bin = sh.bin(th, &kn, e, k);
                     let (u, l) = bin.inverse(v);
                     // u = F⁻¹(v): ∂u/∂v = 1/F′(u), ∂u/∂θ = −F_θ/F′(u), and the
                     // log-det is −L(u) with L the forward log-slope.
                     let f_u = (-l).exp();
                     let (l_u, _) = bin.gradient(u, T::zero(), T::one());
-                    let cc = (g[j] - gl * l_u) / f_u;
+                    let cc = (g - gl * l_u) / f_u;
                     gx[j] = cc;
                     let (_, gb) = bin.gradient(u, -cc, -gl);
-                    sh.knot_gradients(th, &mut kn, k, gb, gt);
+                    sh.knot_gradients(th, &mut kn, e, k, gb, gt);
                 } else {
-                    let k = sh.bin_index(v, &kn.x);
-                    let (gv, gb) = sh.bin(th, &kn, k).gradient(v, g[j], gl);
+                    let k = sh.bin_index(v, &kn.x, e);
+                    let (gv, gb) = sh.bin(th, &kn, e, k).gradient(v, g, gl);
                     gx[j] = gv;
-                    sh.knot_gradients(th, &mut kn, k, gb, gt);
+                    sh.knot_gradients(th, &mut kn, e, k, gb, gt);
                 }
             }
         }
