@@ -876,6 +876,36 @@ fn a_conditional_run_on_many_rows_runs_for_epochs_its_decay_stretched() {
 }
 
 #[test]
+fn a_conditional_run_on_few_rows_takes_smaller_batches() {
+    let data = path("cond-1000.csv");
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "1000",
+        "--with-labels",
+        "--out",
+        &data,
+    ]);
+    let m = path("cond-batch.safetensors");
+    let run = |extra: &[&str]| {
+        let args = ["train", "--data", &data, "--stop-at", "1", "--out", &m];
+        let out = flow(&[&args[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    // 900 training rows: 512 would not fit twice in an epoch, 256 does.
+    let err = run(&["--context-dim", "1"]);
+    assert!(err.contains(" in batches of 256,"), "{err}");
+    // A batch given stands; a model without context keeps the trainer's.
+    let err = run(&["--context-dim", "1", "--batch", "512"]);
+    assert!(err.contains(" in batches of 512,"), "{err}");
+    let err = run(&[]);
+    assert!(err.contains(" in batches of 512,"), "{err}");
+}
+
+#[test]
 fn a_run_without_val_holds_rows_out_and_says_what_it_kept() {
     let m = path("held-out.safetensors");
     let args = [

@@ -204,6 +204,7 @@ pub fn fit(
             length: run.steps.is_some() || run.epochs.is_some(),
             schedule: run.schedule.is_some() || run.lr_decay.is_some() || run.warmup.is_some(),
             lr: run.lr.is_some(),
+            batch: run.batch.is_some(),
         },
     );
     if run.val_every.is_none() {

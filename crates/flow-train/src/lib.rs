@@ -19,9 +19,9 @@ mod summary;
 mod trainer;
 
 pub use config::{
-    conditional_steps_for, positive_f32, val_every_for, Duration, OptimizerConfig, OptimizerKind,
-    TrainConfig, CONDITIONAL_EPOCHS, CONDITIONAL_STEPS, DEFAULT_PATIENCE, DEFAULT_STEPS,
-    VAL_EVERY_RANGE,
+    conditional_batch_for, conditional_steps_for, positive_f32, val_every_for, Duration,
+    OptimizerConfig, OptimizerKind, TrainConfig, CONDITIONAL_EPOCHS, CONDITIONAL_MIN_BATCH,
+    CONDITIONAL_STEPS, DEFAULT_PATIENCE, DEFAULT_STEPS, VAL_EVERY_RANGE,
 };
 pub use control::{CheckpointSink, Control};
 pub use error::{DataError, TrainError};

@@ -266,10 +266,12 @@ pub struct Given {
     /// The schedule or its decay.
     pub schedule: bool,
     pub lr: bool,
+    pub batch: bool,
 }
 
 /// Fits a conditional model's run to its `rows` training rows, where the settings were
-/// not given: the learning rate and its decay the family `flow` declares for that many
+/// not given: the batch [`conditional_batch_for`](crate::conditional_batch_for) those
+/// rows; the learning rate and its decay the family `flow` declares for that many
 /// rows ([`ConditionalRate`](flow_core::ConditionalRate)); at most
 /// [`conditional_steps_for`](crate::conditional_steps_for) steps, and where that
 /// lengthens the run, the exponential schedule [`stretched`](Schedule::stretched) over
@@ -282,6 +284,9 @@ pub fn fit_conditional_run(
 ) {
     if cfg.model.context_dim == 0 {
         return;
+    }
+    if !given.batch {
+        cfg.batch_size = crate::conditional_batch_for(rows, cfg.batch_size);
     }
     if let Some(rate) = flow.and_then(Family::conditional_lr).map(|r| r.at(rows)) {
         if !given.lr {

@@ -50,11 +50,16 @@ pub fn weight_decay_defaults() -> String {
     })
 }
 
-/// `--batch`'s defaults, for its help line: the trainer's, and the families' own.
+/// `--batch`'s defaults, for its help line: the trainer's, the families' own, and how a
+/// conditional model's follows its training rows.
 pub fn batch_defaults() -> String {
-    defaults_with_families(TrainConfig::default().batch_size.to_string(), |f| {
+    let own = defaults_with_families(TrainConfig::default().batch_size.to_string(), |f| {
         Some(format!("{} for {}", f.batch()?, f.name()))
-    })
+    });
+    format!(
+        "{own}; for a conditional model (--context-dim), halved until an epoch of its training rows holds two batches, not below {}",
+        flow_train::CONDITIONAL_MIN_BATCH
+    )
 }
 
 /// `--lr`'s defaults, for its help line: the trainer's, and the families' own for a
@@ -603,6 +608,7 @@ pub fn run(a: TrainArgs) -> CmdResult {
                     length: a.steps.is_some() || a.epochs.is_some(),
                     schedule: a.schedule.is_some() || a.lr_decay.is_some() || a.warmup.is_some(),
                     lr: a.lr.is_some(),
+                    batch: a.batch.is_some(),
                 },
             );
             let val_every = a
