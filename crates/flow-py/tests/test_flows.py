@@ -137,6 +137,28 @@ def test_a_single_context_row_applies_to_every_point():
         model.log_prob(points, context=np.ones((2, 1)))
 
 
+@needs_flow
+def test_a_conditional_fit_on_few_rows_takes_smaller_batches(tmp_path):
+    x, labels = moons(1000, seed=7)
+
+    def batch_of(**options):
+        model = flows.Flow(2, context=1, flow="maf", layers=2, hidden=16)
+        model.fit(x, context=labels, steps=2, seed=1, progress=False, **options)
+        path = tmp_path / "model.safetensors"
+        model.save(path)
+        r = subprocess.run(
+            [str(FLOW), "inspect", "--model", str(path), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(r.stdout)["metadata"]["train_config"]["batch_size"]
+
+    # 900 training rows: halved from 512 until two batches fit an epoch; as flow train.
+    assert batch_of() == 256
+    assert batch_of(batch=512) == 512
+
+
 def test_the_context_is_standardised_so_its_scale_does_not_change_the_fit():
     x, labels = moons(1000, seed=7)
     points, test_labels = moons(50, seed=8)
