@@ -208,24 +208,26 @@ impl<'a> TruncatedLogProb<'a> {
             Some(c) => c.to_dtype(DType::F64)?.to_vec2()?,
             None => vec![Vec::new()],
         };
-        // Each row's context and its key (its values' bits), or `None` outside the
-        // box, where the density is zero.
+        // Each context row's key (its values' bits), and each point's context row, or
+        // `None` outside the box, where the density is zero.
+        let keys: Vec<Vec<u64>> = contexts
+            .iter()
+            .map(|c| c.iter().map(|v| v.to_bits()).collect())
+            .collect();
         let points = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let owners: Vec<Option<(&[f64], Vec<u64>)>> = points
+        let owners: Vec<Option<usize>> = points
             .iter()
             .enumerate()
             .map(|(i, point)| {
-                let c = &contexts[if contexts.len() == 1 { 0 } else { i }];
-                self.truncated
-                    .inside(point)
-                    .then(|| (c.as_slice(), c.iter().map(|v| v.to_bits()).collect()))
+                let c = if contexts.len() == 1 { 0 } else { i };
+                self.truncated.inside(point).then_some(c)
             })
             .collect();
-        let mut new: Vec<(&[f64], &Vec<u64>)> = Vec::new();
+        let mut new = Vec::new();
         let mut seen = HashSet::new();
-        for (c, key) in owners.iter().flatten() {
-            if !self.normalisers.contains_key(key) && seen.insert(key) {
-                new.push((c, key));
+        for &c in owners.iter().flatten() {
+            if !self.normalisers.contains_key(&keys[c]) && seen.insert(&keys[c]) {
+                new.push(c);
             }
         }
         if self.normalisers.len() + new.len() > MAX_NORMALISED_CONTEXTS {
@@ -233,22 +235,23 @@ impl<'a> TruncatedLogProb<'a> {
                 "log-probs inside bounds held by rejection estimate the flow's mass at each distinct context, at most {MAX_NORMALISED_CONTEXTS} of them ({ACCEPTANCE_DRAWS} draws each): these rows have more"
             );
         }
-        for (c, key) in new {
+        for c in new {
             let row = match context {
-                Some(t) => Some(
-                    Tensor::from_vec(c.to_vec(), (1, c.len()), t.device())?.to_dtype(t.dtype())?,
-                ),
+                Some(t) => {
+                    let c = &contexts[c];
+                    Some(
+                        Tensor::from_vec(c.clone(), (1, c.len()), t.device())?
+                            .to_dtype(t.dtype())?,
+                    )
+                }
                 None => None,
             };
             let s = self.truncated.log_normaliser(row.as_ref(), &mut self.rng)?;
-            self.normalisers.insert(key.clone(), s);
+            self.normalisers.insert(keys[c].clone(), s);
         }
         let shifts: Vec<f64> = owners
             .iter()
-            .map(|o| {
-                o.as_ref()
-                    .map_or(f64::NEG_INFINITY, |(_, key)| self.normalisers[key])
-            })
+            .map(|o| o.map_or(f64::NEG_INFINITY, |c| self.normalisers[&keys[c]]))
             .collect();
         let shifts = Tensor::from_vec(shifts, rows, log_p.device())?.to_dtype(log_p.dtype())?;
         log_p + shifts

@@ -431,8 +431,8 @@ impl SplineOp {
         let p = sh.params();
         let b = c::<T>(sh.bound);
         let mut kn = Knots::new(sh.bins);
-        // Each row's log-det is summed over its features in order, lane by lane.
-        out.chunks_mut(n + 1).for_each(|row| row[n] = T::zero());
+        // `out` comes zeroed from `run`: each row's log-det is summed into its last
+        // column over its features in order, lane by lane.
         for (block, (xs, thetas)) in x.chunks(LANES).zip(theta.chunks(LANES * p)).enumerate() {
             sh.knots(thetas, &mut kn);
             for (e, (&v, th)) in xs.iter().zip(thetas.chunks(p)).enumerate() {
