@@ -1,12 +1,13 @@
 //! Whole Glow and RealNVP image models with the fused kernels (convolutions, the
 //! invertible 1×1 convolution) against the reference path of plain candle ops: the
 //! same log-probabilities and the same gradients for every trainable tensor, in f32
-//! and f64, forward (training) and inverse (sampling) directions.
+//! and f64, forward (training) and inverse (sampling) directions. With the `cuda`
+//! feature, the same on a GPU: its convolution kernels against candle's CUDA ops.
 
 mod common;
 
 use anyhow::{ensure, Result};
-use candle::DType;
+use candle::{DType, Device};
 use candle_nn::VarMap;
 use common::{inputs, max_abs, max_diff, randomize, tensors, DEV};
 use flow_core::{seeded_var_builder, Flow};
@@ -17,10 +18,11 @@ use flow_nn::Activation;
 /// The fusion switch is process-wide: the tests in this file take turns.
 static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn lively(cfg: &ModelConfig, dtype: DType) -> Result<(VarMap, Flow)> {
+fn lively(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<(VarMap, Flow)> {
     let varmap = VarMap::new();
-    let flow = cfg.build(seeded_var_builder(&varmap, 3, dtype, &DEV))?;
-    flow.initialize(&inputs(32, cfg.dim, 0.5, 0.45, dtype, 4)?, None)?;
+    let flow = cfg.build(seeded_var_builder(&varmap, 3, dtype, dev))?;
+    let x = inputs(32, cfg.dim, 0.5, 0.45, dtype, 4)?.to_device(dev)?;
+    flow.initialize(&x, None)?;
     randomize(&varmap, &["conv_out.weight", "conv_out.bias"], 0.05, 5)?;
     Ok((varmap, flow))
 }
@@ -52,6 +54,21 @@ fn run(
 
 #[test]
 fn fused_models_match_the_reference_path() -> Result<()> {
+    models_match_the_reference_path_on(&DEV)
+}
+
+/// The CUDA kernels against candle's own CUDA ops. Without a GPU this is skipped,
+/// unless `FLOWS_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) makes that a failure.
+#[cfg(feature = "cuda")]
+#[test]
+fn fused_models_match_the_reference_path_on_cuda() -> Result<()> {
+    match flow_core::cuda_if_present()? {
+        Some(dev) => models_match_the_reference_path_on(&dev),
+        None => Ok(()),
+    }
+}
+
+fn models_match_the_reference_path_on(dev: &Device) -> Result<()> {
     let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let shape = ImageShape::new(1, 8, 8);
     let glow = |a: Activation| {
@@ -79,8 +96,8 @@ fn fused_models_match_the_reference_path() -> Result<()> {
     ];
     for (name, cfg) in models {
         for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 2e-3)] {
-            let (varmap, flow) = lively(&cfg, dtype)?;
-            let x = inputs(24, cfg.dim, 0.5, 0.45, dtype, 6)?;
+            let (varmap, flow) = lively(&cfg, dtype, dev)?;
+            let x = inputs(24, cfg.dim, 0.5, 0.45, dtype, 6)?.to_device(dev)?;
             let (lp_f, g_f, inv_f) = run(&varmap, &flow, &x, true)?;
             let (lp_r, g_r, inv_r) = run(&varmap, &flow, &x, false)?;
             let scale = 1.0 + max_abs(&lp_r)?;

@@ -58,9 +58,9 @@ pub enum Op {
 /// or residual, with a piecewise-linear or tanh activation); with the `cuda` feature,
 /// CUDA has the network kernels too (a narrow one-hidden-layer kernel for at most
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
-/// other shape), the spline, the affine coupling's update and the one-launch optimiser
-/// step, while the convolution, layer-norm, attention and Transformer-layer kernels are the
-/// CPU's.
+/// other shape), the spline, the affine coupling's update, the convolution and the
+/// one-launch optimiser step, while the layer-norm, attention and Transformer-layer
+/// kernels are the CPU's.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -78,8 +78,8 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
             dev.is_cpu()
                 || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
-        Op::AffineCoupling => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
+        Op::AffineCoupling | Op::Conv => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
         Op::Adam => dev.is_cpu() || crate::adam::steps_all_at_once(x),
-        Op::Conv | Op::LayerNorm | Op::Attention | Op::TransformerLayer => dev.is_cpu(),
+        Op::LayerNorm | Op::Attention | Op::TransformerLayer => dev.is_cpu(),
     }
 }

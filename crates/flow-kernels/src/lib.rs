@@ -34,6 +34,7 @@ mod limits;
 pub mod linalg;
 pub mod mlp;
 mod pack;
+mod product;
 mod real;
 pub mod scale;
 pub mod spline;

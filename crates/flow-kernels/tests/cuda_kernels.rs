@@ -9,7 +9,10 @@
 //! definition, every scale map, both directions, gradients by central differences.
 //! `cuda_emulation/adam_harness.cpp` runs the one-launch optimiser kernel
 //! (`src/adam/adam.cu`) against Adam, AdamW and Adamax from their definitions over
-//! several steps and many variables. On a GPU, `flow-nn`'s `tests/fused.rs`,
+//! several steps and many variables. `cuda_emulation/conv_harness.cpp` runs the
+//! convolution's kernels (`src/conv/conv.cu`) composed with the products the op hands
+//! to cuBLAS, against a convolution from its definition, every activation, with and
+//! without a bias, gradients by central differences. On a GPU, `flow-nn`'s `tests/fused.rs`,
 //! `flow-realnvp`'s `tests/fused_flow.rs` and `flow-train`'s `tests/optim.rs` with
 //! `--features cuda` compare the real thing with candle's ops.
 //!
@@ -77,6 +80,11 @@ fn cuda_spline_kernels_match_reference_under_emulation() -> Result<()> {
 #[test]
 fn cuda_optimiser_kernel_matches_reference_under_emulation() -> Result<()> {
     emulate("adam_harness.cpp", "adam").map(|_| ())
+}
+
+#[test]
+fn cuda_conv_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("conv_harness.cpp", "conv").map(|_| ())
 }
 
 #[test]

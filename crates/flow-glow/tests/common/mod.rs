@@ -64,7 +64,7 @@ pub fn randomize(varmap: &VarMap, suffixes: &[&str], scale: f64, seed: u64) -> R
                 scale * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
             })
             .collect();
-        let t = Tensor::from_vec(v, var.shape(), &DEV)?.to_dtype(var.dtype())?;
+        let t = Tensor::from_vec(v, var.shape(), var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;
     }
     Ok(())

@@ -1,14 +1,15 @@
 //! Launching the CUDA kernels of `mlp.cu` on candle's device buffers.
 
-use candle::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use candle::cuda_backend::cudarc::cublas::{CudaBlas, Gemm};
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-use candle::cuda_backend::{CudaDType, CudaStorageSlice, Map3, WrapErr};
+use candle::cuda_backend::{CudaStorageSlice, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{Arch, Dims, Product};
+use super::{Arch, Dims};
+use crate::product::{Blas, Product};
 use crate::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_mlp.ptx"));
@@ -209,34 +210,6 @@ pub(super) fn backward(
 ) -> Result<CudaStorage> {
     run(&Backward { a, d }, x, p, g)
 }
-
-impl Product {
-    fn config<T: WithDType>(&self) -> Result<GemmConfig<T>> {
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        Ok(GemmConfig {
-            transa: op(self.trans_a),
-            transb: op(self.trans_b),
-            m: int(self.m)?,
-            n: int(self.n)?,
-            k: int(self.k)?,
-            alpha: T::one(),
-            lda: int(self.lda)?,
-            ldb: int(self.ldb)?,
-            beta: if self.accumulate { T::one() } else { T::zero() },
-            ldc: int(self.ldc)?,
-        })
-    }
-}
-
-/// The float types cuBLAS multiplies.
-trait Blas: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType {}
-impl<T: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType> Blas for T where CudaBlas: Gemm<T> {}
 
 /// Launches of the kernels for networks of any shape, in one dtype.
 struct Layers<'a, T> {

@@ -36,13 +36,9 @@ use crate::{on_host3, pack_linear, slice, Activation, CUDA_MAX_IO};
 mod cuda;
 mod deep;
 mod portable;
-mod product;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86;
-
-#[cfg(feature = "cuda")]
-use product::Product;
 
 /// Most inputs and outputs of a one-hidden-layer network for the narrow kernels
 /// (`x86`, `portable`): they keep a sample's inputs and outputs in registers.

@@ -1,6 +1,6 @@
-//! A layer's products in the column-major terms of cuBLAS, which the CUDA path of
-//! networks of any shape calls (`cuda.rs`); tested here, on the CPU, against the
-//! row-major products they stand for.
+//! Products of row-major matrices in the column-major terms of cuBLAS, which the CUDA
+//! paths of networks (`mlp/cuda.rs`) and convolutions (`conv/cuda.rs`) call; tested
+//! here, on the CPU, against the row-major products they stand for.
 
 /// A product in cuBLAS's column-major terms: `C (m × n, ldc) = op(A)·op(B) + β·C`,
 /// `op(A)` `m × k` and `op(B)` `k × n`. A row-major matrix is the column-major
@@ -24,6 +24,24 @@ pub(crate) struct Product {
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl Product {
+    /// `C (m × n) = op(A)·op(B)` on dense row-major buffers: `A` lies as `(m × k)`, or
+    /// as `(k × m)` when `a_transposed`; `B` as `(k × n)`, or `(n × k)` when
+    /// `b_transposed`. In cuBLAS's terms that is `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLAS's first
+    /// operand is `B`'s buffer and its second `A`'s.
+    pub fn row_major(m: usize, n: usize, k: usize, a_transposed: bool, b_transposed: bool) -> Self {
+        Self {
+            trans_a: b_transposed,
+            trans_b: a_transposed,
+            m: n,
+            n: m,
+            k,
+            lda: if b_transposed { k } else { n },
+            ldb: if a_transposed { m } else { k },
+            ldc: n,
+            accumulate: false,
+        }
+    }
+
     /// `z = h·Wᵀ` `(rows, n)` from `h` `(rows, k)`: `A = p`, `B = h`, `C = z`.
     pub fn layer(rows: usize, k: usize, n: usize) -> Self {
         Self {
@@ -69,6 +87,53 @@ impl Product {
         }
     }
 }
+
+#[cfg(feature = "cuda")]
+mod blas {
+    use candle::cuda_backend::cudarc::cublas::{
+        sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig,
+    };
+    use candle::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle::cuda_backend::CudaDType;
+    use candle::{Result, WithDType};
+
+    use super::Product;
+
+    /// The float types cuBLAS multiplies.
+    pub(crate) trait Blas: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType {}
+    impl<T: DeviceRepr + WithDType + ValidAsZeroBits + CudaDType> Blas for T where CudaBlas: Gemm<T> {}
+
+    fn int(n: usize) -> Result<i32> {
+        i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for cuBLAS")))
+    }
+
+    impl Product {
+        /// The call's arguments, with `α = 1`.
+        pub(crate) fn config<T: WithDType>(&self) -> Result<GemmConfig<T>> {
+            let op = |t: bool| {
+                if t {
+                    cublasOperation_t::CUBLAS_OP_T
+                } else {
+                    cublasOperation_t::CUBLAS_OP_N
+                }
+            };
+            Ok(GemmConfig {
+                transa: op(self.trans_a),
+                transb: op(self.trans_b),
+                m: int(self.m)?,
+                n: int(self.n)?,
+                k: int(self.k)?,
+                alpha: T::one(),
+                lda: int(self.lda)?,
+                ldb: int(self.ldb)?,
+                beta: if self.accumulate { T::one() } else { T::zero() },
+                ldc: int(self.ldc)?,
+            })
+        }
+    }
+}
+#[cfg(feature = "cuda")]
+pub(crate) use blas::Blas;
 
 #[cfg(test)]
 mod tests {
@@ -148,6 +213,28 @@ mod tests {
                     assert!(
                         (gp[at] - before[at] - add).abs() < 1e-12,
                         "weights {rows} {k} {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_major_products_take_either_operand_transposed() {
+        let (m, n, k) = (4, 3, 5);
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b) = (values(m * k, 5), values(k * n, 6));
+            let at = |i: usize, l: usize| if a_t { a[l * m + i] } else { a[i * k + l] };
+            let bt = |l: usize, j: usize| if b_t { b[j * k + l] } else { b[l * n + j] };
+            let mut c = vec![f64::NAN; m * n];
+            // cuBLAS's first operand is B's buffer.
+            gemm(&Product::row_major(m, n, k, a_t, b_t), &b, &a, &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+                    assert!(
+                        (c[i * n + j] - want).abs() < 1e-12,
+                        "{a_t} {b_t} ({i}, {j})"
                     );
                 }
             }

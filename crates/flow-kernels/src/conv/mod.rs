@@ -23,7 +23,8 @@
 //! convolution, a broadcast bias and an activation, each with its own backward.
 //!
 //! Results equal candle's `conv2d` (plus the bias) up to the order of floating-point
-//! sums.
+//! sums. With the `cuda` feature the same op runs on CUDA (`cuda.rs`): the same
+//! position-major products through cuBLAS, the copies and the epilogue as kernels.
 
 use candle::backend::BackendStorage;
 use candle::{
@@ -34,6 +35,10 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::{slice, Activation};
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda;
 
 /// A float the kernel runs on.
 trait Elem: Float + std::ops::AddAssign + WithDType + Send + Sync + 'static {}
@@ -502,6 +507,25 @@ impl Conv {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        x: &candle::CudaStorage,
+        lx: &Layout,
+        w: &candle::CudaStorage,
+        lw: &Layout,
+        b: Option<(&candle::CudaStorage, &Layout)>,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let d = Dims::new(lx, lw)?;
+        if let Some((_, lb)) = b {
+            if lb.shape().dims() != [d.cout] {
+                candle::bail!("fused conv: bias {:?} for {} outputs", lb.shape(), d.cout);
+            }
+        }
+        let y = cuda::forward(d, self.act, (x, lx), (w, lw), b)?;
+        Ok((y, Shape::from((d.batch, d.cout, d.height, d.width))))
+    }
+
     fn grads<T: Elem>(
         &self,
         x: &Tensor,
@@ -539,11 +563,180 @@ impl Conv {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        if !x.device().is_cpu() {
+            return self.grads_by_ops(x, w, y, g);
+        }
         match x.dtype() {
             DType::F32 => self.grads::<f32>(x, w, y, g),
             DType::F64 => self.grads::<f64>(x, w, y, g),
             other => candle::bail!("the fused conv has no backward for {other:?}"),
         }
+    }
+
+    /// The gradients through the two ops below, as on CUDA: `∂z = g ⊙ act'(y)`, then
+    /// `[∂x | ∂W | ∂b]` in one buffer, split into views.
+    fn grads_by_ops(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let g = g.contiguous()?;
+        let dz = match self.act {
+            Some(act) => g.apply_op2_no_bwd(&y.contiguous()?, &ActivationGrad { act })?,
+            None => g,
+        };
+        let packed = x.apply_op3_no_bwd(w, &dz, &ConvGrad)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let cout = w.dim(0)?;
+        Ok((
+            packed.narrow(0, 0, nx)?.reshape(x.shape())?,
+            packed.narrow(0, nx, nw)?.reshape(w.shape())?,
+            packed.narrow(0, nx + nw, cout)?,
+        ))
+    }
+}
+
+/// `g ⊙ act'(z)` from the output's gradient `g` and the output `y = act(z)`.
+#[derive(Debug, Clone, Copy)]
+struct ActivationGrad {
+    act: Inner,
+}
+
+impl ActivationGrad {
+    fn cpu<T: Elem>(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<CpuStorage> {
+        let mut out = slice(g.as_slice::<T>()?, lg)?.to_vec();
+        let y = slice(y.as_slice::<T>()?, ly)?;
+        if y.len() != out.len() {
+            candle::bail!(
+                "fused conv: gradient {:?} for output {:?}",
+                lg.shape(),
+                ly.shape()
+            );
+        }
+        self.act.backward(&mut out, y);
+        Ok(T::to_cpu_storage_owned(out))
+    }
+}
+
+impl CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (g.dtype(), y.dtype()) {
+            (DType::F32, DType::F32) => self.cpu::<f32>(g, lg, y, ly)?,
+            (DType::F64, DType::F64) => self.cpu::<f64>(g, lg, y, ly)?,
+            _ => candle::bail!("the fused conv supports f32 and f64 inputs of one dtype"),
+        };
+        Ok((out, lg.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle::CudaStorage,
+        lg: &Layout,
+        y: &candle::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::activation_grad(self.act, (g, lg), (y, ly))?;
+        Ok((out, lg.shape().clone()))
+    }
+}
+
+/// `[∂x | ∂W | ∂b]` flattened, from `x`, `W` and the gradient `∂z` before the
+/// activation `(B, C_out, H, W)`.
+#[derive(Debug, Clone, Copy)]
+struct ConvGrad;
+
+impl ConvGrad {
+    fn cpu<T: Elem>(
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<CpuStorage> {
+        let d = Dims::new(lx, lw)?;
+        let (gx, gw, gb) = backward(
+            slice(x.as_slice::<T>()?, lx)?,
+            slice(w.as_slice::<T>()?, lw)?,
+            slice(g.as_slice::<T>()?, lg)?,
+            &d,
+        );
+        let mut out = gx;
+        out.extend_from_slice(&gw);
+        out.extend_from_slice(&gb);
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    /// The convolution's shape, with `∂z` checked against it.
+    fn dims(lx: &Layout, lw: &Layout, lg: &Layout) -> Result<(Dims, Shape)> {
+        let d = Dims::new(lx, lw)?;
+        if lg.shape().dims() != [d.batch, d.cout, d.height, d.width] {
+            candle::bail!(
+                "fused conv: gradient {:?} for input {:?} and weight {:?}",
+                lg.shape(),
+                lx.shape(),
+                lw.shape()
+            );
+        }
+        let n = d.batch * d.cin * d.pixels() + d.cout * d.patch() + d.cout;
+        Ok((d, Shape::from(n)))
+    }
+}
+
+impl CustomOp3 for ConvGrad {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, shape) = Self::dims(lx, lw, lg)?;
+        let out = match (x.dtype(), w.dtype(), g.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => Self::cpu::<f32>(x, lx, w, lw, g, lg)?,
+            (DType::F64, DType::F64, DType::F64) => Self::cpu::<f64>(x, lx, w, lw, g, lg)?,
+            _ => candle::bail!("the fused conv supports f32 and f64 inputs of one dtype"),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle::CudaStorage,
+        lx: &Layout,
+        w: &candle::CudaStorage,
+        lw: &Layout,
+        g: &candle::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (d, shape) = Self::dims(lx, lw, lg)?;
+        Ok((cuda::grad(d, (x, lx), (w, lw), (g, lg))?, shape))
     }
 }
 
@@ -562,6 +755,19 @@ impl CustomOp3 for Conv {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.fwd(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+        s3: &candle::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.cuda(s1, l1, s2, l2, Some((s3, l3)))
     }
 
     fn bwd(
@@ -592,6 +798,17 @@ impl CustomOp2 for Conv {
         self.fwd(s1, l1, s2, l2, None)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.cuda(s1, l1, s2, l2, None)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -608,7 +825,7 @@ impl CustomOp2 for Conv {
 /// `(C_out, C_in, k, k)` with `k` odd, stride 1 and padding `k / 2` (the output has
 /// the input's height and width), `b` `(C_out,)`, and `act` none or an [`Activation`]
 /// (ReLU, leaky ReLU and tanh run inside the op; GELU runs after it as candle's op).
-/// CPU, f32 and f64. The caller decides that the kernel applies, through
+/// CPU, and CUDA with the `cuda` feature; f32 and f64. The caller decides that the kernel applies, through
 /// [`fused`](crate::fused) with [`Op::Conv`](crate::Op::Conv); [`conv2d`] does both.
 pub fn conv2d_fused(
     x: &Tensor,
@@ -663,5 +880,49 @@ pub fn conv2d(
         conv2d_fused(x, weight, bias, act)
     } else {
         conv2d_reference(x, weight, bias, act)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Tensor};
+
+    use super::{Conv, Inner};
+
+    /// The backward route that CUDA takes (two ops, one packed buffer split into
+    /// views), run on the CPU against the CPU's own route: the same kernels underneath,
+    /// so the same numbers, which pins the packing and the split.
+    #[test]
+    fn the_route_through_ops_gives_the_cpus_gradients() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        for (b, cin, cout, h, w, k) in [(3, 2, 5, 4, 3, 3), (2, 6, 1, 5, 5, 1), (1, 3, 3, 2, 2, 5)]
+        {
+            for dtype in [DType::F32, DType::F64] {
+                let x = Tensor::randn(0.0, 1.0, (b, cin, h, w), &dev)?.to_dtype(dtype)?;
+                let wt = Tensor::randn(0.0, 1.0, (cout, cin, k, k), &dev)?.to_dtype(dtype)?;
+                let g = Tensor::randn(0.0, 1.0, (b, cout, h, w), &dev)?.to_dtype(dtype)?;
+                for act in [
+                    None,
+                    Some(Inner::Relu),
+                    Some(Inner::LeakyRelu),
+                    Some(Inner::Tanh),
+                ] {
+                    let conv = Conv { act };
+                    let y = x.apply_op2_no_bwd(&wt, &conv)?;
+                    let direct = conv.bwd(&x, &wt, &y, &g)?;
+                    let by_ops = conv.grads_by_ops(&x, &wt, &y, &g)?;
+                    for (name, a, o) in [
+                        ("∂x", &direct.0, &by_ops.0),
+                        ("∂W", &direct.1, &by_ops.1),
+                        ("∂b", &direct.2, &by_ops.2),
+                    ] {
+                        assert_eq!(a.dims(), o.dims(), "{name}");
+                        let gap = (a - o)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+                        assert_eq!(gap.to_scalar::<f64>()?, 0.0, "{name} {act:?} {dtype:?}");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
