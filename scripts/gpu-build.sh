@@ -20,7 +20,7 @@ cp "$target/release/flow" "$bin/"
 
 # The test executables, by name, from cargo's list of what it built.
 tests=$(cargo test --release --features cuda --no-run \
-    -p flow-core -p flow-nn -p flow-realnvp -p flow-train --message-format=json 2>/dev/null |
+    -p flow-core -p flow-nn -p flow-realnvp -p flow-train -p flow-glow --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -33,6 +33,7 @@ for line in sys.stdin:
 while read -r name exe; do
     case "$name" in
         fused | fused_flow | spline | cuda_training | optim | flow_core_lib) cp "$exe" "$bin/test_$name" ;;
+        fusion) cp "$exe" "$bin/test_glow_fusion" ;;
     esac
 done <<<"$tests"
 
@@ -46,6 +47,16 @@ for line in sys.stdin:
         print(m["executable"])
 ')
 cp "$bench" "$bin/device_jobs"
+
+# Fashion-MNIST for the Glow run of gpu-check.sh (the GPU machine has no network):
+# Debian's IDX files, or $FASHION_MNIST_DIR's, carried as .gpu/fashion-mnist.
+fm=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+if [ -f "$fm/train-images-idx3-ubyte.gz" ]; then
+    mkdir -p .gpu/fashion-mnist
+    cp "$fm/train-images-idx3-ubyte.gz" "$fm/t10k-images-idx3-ubyte.gz" .gpu/fashion-mnist/
+else
+    echo "no Fashion-MNIST in $fm: gpu-check.sh will skip the Glow run" >&2
+fi
 
 strip "$bin"/*
 tar -C .gpu -cf - bin | xz -9 -T2 --lzma2=preset=9,dict=256MiB >.gpu/bin.tar.xz

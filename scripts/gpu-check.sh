@@ -85,9 +85,38 @@ for fusion in 1 0; do
     echo "fusion=$fusion log-prob 1M from CSV: ${secs}s $(tail -1 "$logs/log_prob_fusion$fusion.log")" >>"$logs/e2e.txt"
 done
 unset FLOWS_FUSION
+
+# 4. Glow on Fashion-MNIST (L = 2, K = 8, 64 channels, batch 64), ours with CUDA fusion
+# on and off, then normflows' Glow of the same shape on the same card, the same steps
+# each; test bits/dim and a sample grid. The IDX files come from .gpu/fashion-mnist
+# (scripts/gpu-build.sh) or $FASHION_MNIST_DIR.
+fm=${FASHION_MNIST_DIR:-.gpu/fashion-mnist}
+glow_steps=${GLOW_STEPS:-300}
+: >"$logs/glow.txt"
+if [ -f "$fm/train-images-idx3-ubyte.gz" ]; then
+    for fusion in 1 0; do
+        FLOWS_FUSION=$fusion timeout 300 "$bin/flow" train --data "$fm/train-images-idx3-ubyte.gz" \
+            --flow glow --scales 2 --depth 8 --channels 64 --batch 64 --steps "$glow_steps" \
+            --val-fraction 0 --device cuda --out "$work/glow$fusion.safetensors" \
+            >"$logs/glow_fusion$fusion.log" 2>&1 || status=1
+        echo "fusion=$fusion glow train: $(grep '^trained' "$logs/glow_fusion$fusion.log")" >>"$logs/glow.txt"
+    done
+    timeout 120 "$bin/flow" log-prob --model "$work/glow1.safetensors" \
+        --input "$fm/t10k-images-idx3-ubyte.gz" --device cuda >"$logs/glow_test.log" 2>&1 || status=1
+    echo "glow test: $(tail -1 "$logs/glow_test.log")" >>"$logs/glow.txt"
+    timeout 60 "$bin/flow" sample --model "$work/glow1.safetensors" --n 64 --device cuda \
+        --out "$logs/glow_samples.png" >>"$logs/glow_test.log" 2>&1 || status=1
+    timeout 300 python3 benches/normflows_glow_digits.py --data "$fm/train-images-idx3-ubyte.gz" \
+        --test "$fm/t10k-images-idx3-ubyte.gz" --device cuda --steps "$glow_steps" \
+        --samples "$logs/normflows_glow_samples.png" \
+        >"$logs/normflows_glow.json" 2>"$logs/normflows_glow.err" || status=1
+    echo "normflows glow: $(tail -1 "$logs/normflows_glow.json")" >>"$logs/glow.txt"
+else
+    echo "no Fashion-MNIST in $fm: Glow not run" >>"$logs/glow.txt"
+fi
 rm -rf "$work"
 
-# 4. The table, and the GPU section of BENCHMARKS.md in $logs/gpu.md.
+# 5. The table, and the GPU section of BENCHMARKS.md in $logs/gpu.md.
 python3 -c 'import torch; print(torch.__version__)' >"$logs/torch_version.txt" 2>&1
 echo
 echo "== $(cat "$logs/card.txt")"
@@ -95,4 +124,5 @@ cat "$logs/tests.txt"
 python3 benches/gpu_report.py "$logs"
 cat "$logs/pytorch_seed_job.json"
 cat "$logs/e2e.txt"
+cat "$logs/glow.txt"
 exit $status

@@ -66,11 +66,13 @@ fn number_before(text: &str, label: &str) -> Option<f64> {
 
 /// `flow train` then `flow log-prob` on `test` and `flow sample` into `out`: returns
 /// the test bits/dim, training steps/s (the validation passes left out) and training
-/// seconds (with them).
+/// seconds (with them). `device` (`--device D`, or empty) goes to all three commands.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn train_and_score(
     features: &Option<String>,
     threads: usize,
     train: &[&str],
+    device: &[&str],
     test: &str,
     out: &Path,
     draws: u64,
@@ -79,6 +81,7 @@ pub(crate) fn train_and_score(
     let model = p("model.safetensors");
     let mut args = vec!["train"];
     args.extend_from_slice(train);
+    args.extend_from_slice(device);
     args.extend(["--out", &model]);
     let mut cmd = flow(features, &args);
     cmd.env("RAYON_NUM_THREADS", threads.to_string());
@@ -91,12 +94,11 @@ pub(crate) fn train_and_score(
     let mut sum = Some(0.0);
     for seed in 0..draws.max(1) {
         let seed = seed.to_string();
-        let (scores, _) = capture(flow(
-            features,
-            &[
-                "log-prob", "--model", &model, "--input", test, "--seed", &seed,
-            ],
-        ))?;
+        let mut args = vec![
+            "log-prob", "--model", &model, "--input", test, "--seed", &seed,
+        ];
+        args.extend_from_slice(device);
+        let (scores, _) = capture(flow(features, &args))?;
         print!("{scores}");
         sum = sum
             .zip(number_before(&scores, "bits/dim"))
@@ -104,11 +106,28 @@ pub(crate) fn train_and_score(
     }
     let bpd = sum.map(|s| s / draws.max(1) as f64);
     let samples = p("samples.png");
-    capture(flow(
-        features,
-        &["sample", "--model", &model, "--n", "64", "--out", &samples],
-    ))?;
+    let mut args = vec!["sample", "--model", &model, "--n", "64", "--out", &samples];
+    args.extend_from_slice(device);
+    capture(flow(features, &args))?;
     Ok(DigitsRun { bpd, rate, seconds })
+}
+
+/// `defaults` (flag and value pairs) without the flags that `extra` gives, then
+/// `extra`: the flags after `--` replace the job's own (`flow` takes each flag once).
+fn overridden<'a>(defaults: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let given = |flag: &str| {
+        extra
+            .iter()
+            .any(|e| *e == flag || e.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+    };
+    let mut out: Vec<&str> = defaults
+        .chunks(2)
+        .filter(|pair| !given(pair[0]))
+        .flatten()
+        .copied()
+        .collect();
+    out.extend_from_slice(extra);
+    out
 }
 
 /// The seconds of `trained N steps in 37.2s (…)` in a `flow train` log.
@@ -231,7 +250,13 @@ pub fn digits(o: &DigitsOptions) -> Result<String> {
         ];
         train.extend_from_slice(&GLOW_ARCH);
         ours.push(train_and_score(
-            &None, o.threads, &train, &test, &dir, TEST_DRAWS,
+            &None,
+            o.threads,
+            &train,
+            &[],
+            &test,
+            &dir,
+            TEST_DRAWS,
         )?);
 
         let mut py = Command::new(python_program());
@@ -372,7 +397,34 @@ pub fn digits_report(ours: &[DigitsRun], theirs: &[DigitsRun], o: &DigitsOptions
 /// Debian's `dataset-fashion-mnist` (or the folder `FASHION_MNIST_DIR` names), into
 /// `runs/fashion-mnist/`: test bits/dim and a grid of 64 samples.
 pub fn fashion_mnist(args: &[String]) -> Result<()> {
-    let (features, extra) = split_args(args)?;
+    // `--device D` (before any `--`) trains, scores and samples on D; `cuda` and
+    // `metal` build `flow` with that feature unless `--features` says otherwise.
+    let mut rest = Vec::new();
+    let mut device = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            rest.push(a.clone());
+            rest.extend(it.by_ref().cloned());
+        } else if a == "--device" {
+            device = Some(
+                it.next()
+                    .ok_or("--device needs a value (cpu, cuda, metal)")?
+                    .clone(),
+            );
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let (features, extra) = split_args(&rest)?;
+    let features = match (&features, device.as_deref()) {
+        (None, Some(d @ ("cuda" | "metal"))) => Some(d.to_string()),
+        _ => features,
+    };
+    let device_args: Vec<&str> = match &device {
+        Some(d) => vec!["--device", d],
+        None => Vec::new(),
+    };
     let dir = std::env::var("FASHION_MNIST_DIR").unwrap_or_else(|_| FASHION_MNIST_DIR.into());
     let file = |name: &str| -> Result<String> {
         let p = PathBuf::from(&dir).join(name);
@@ -391,15 +443,22 @@ pub fn fashion_mnist(args: &[String]) -> Result<()> {
     );
     let out = root().join("runs").join("fashion-mnist");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    // The flags after `--` come last and override these.
     let metrics = out.join("metrics.jsonl").to_string_lossy().into_owned();
-    let mut train = vec!["--data", &train_file, "--flow", "glow"];
-    train.extend_from_slice(&GLOW_ARCH);
-    train.extend_from_slice(&["--steps", "2000", "--metrics", &metrics]);
+    let mut defaults = vec!["--data", &train_file, "--flow", "glow"];
+    defaults.extend_from_slice(&GLOW_ARCH);
+    defaults.extend_from_slice(&["--steps", "2000", "--metrics", &metrics]);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    train.extend_from_slice(&extra);
+    let train = overridden(&defaults, &extra);
     let threads = crate::threads();
-    let run = train_and_score(&features, threads, &train, &test_file, &out, 1)?;
+    let run = train_and_score(
+        &features,
+        threads,
+        &train,
+        &device_args,
+        &test_file,
+        &out,
+        1,
+    )?;
     println!(
         "Fashion-MNIST: test bits/dim {} ({} training steps/s); model, samples.png and metrics in {}",
         num(run.bpd, 3),
@@ -412,6 +471,38 @@ pub fn fashion_mnist(args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_after_the_separator_replace_the_jobs_own() {
+        let defaults = ["--flow", "glow", "--steps", "2000", "--batch", "64"];
+        assert_eq!(
+            overridden(&defaults, &["--steps", "5", "--batch=32", "--seed", "1"]),
+            [
+                "--flow",
+                "glow",
+                "--steps",
+                "5",
+                "--batch=32",
+                "--seed",
+                "1"
+            ]
+        );
+        assert_eq!(overridden(&defaults, &[]), defaults);
+        // A flag that only begins like one of the job's is not it.
+        assert_eq!(
+            overridden(&defaults, &["--steps-extra", "1"]),
+            [
+                "--flow",
+                "glow",
+                "--steps",
+                "2000",
+                "--batch",
+                "64",
+                "--steps-extra",
+                "1"
+            ]
+        );
+    }
 
     #[test]
     fn numbers_are_read_from_flow_reports() {

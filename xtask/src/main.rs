@@ -13,7 +13,7 @@
 //!   defaults against that Glow and against a PyTorch TarFlow (`tarflow.rs`), written to
 //!   `target/bench-digits/report.md`
 //!   (the whole `bench` runs it too);
-//! - `fashion-mnist [--features cuda|metal] [-- FLOW TRAIN ARGS]`: Glow on
+//! - `fashion-mnist [--device cuda|metal] [--features F] [-- FLOW TRAIN ARGS]`: Glow on
 //!   Fashion-MNIST, test bits/dim and samples in `runs/fashion-mnist/`;
 //! - `npe [--tasks T,…] [--sims N,…] [--no-sbi] [-- FLOW TRAIN FLAGS]`: neural posterior
 //!   estimation on sbibm tasks against the `sbi` package, scored by C2ST (see `npe.rs`).
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         _ => Err("usage: cargo xtask <test | train [--features F] [-- ARGS] \
              | bench [--features F] | bench quality [--steps N] [--threads N] \
              | bench digits [--steps N] [--threads N] [--seeds N] [--tarflow-steps N] \
-             | fashion-mnist [--features F] [-- ARGS] \
+             | fashion-mnist [--device D] [--features F] [-- ARGS] \
              | npe [--tasks T,…] [--sims N,…] [--no-sbi] [-- FLOW TRAIN FLAGS]>"
             .into()),
     };

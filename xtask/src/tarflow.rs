@@ -29,7 +29,7 @@ pub fn digits(o: &DigitsOptions, glow: &DigitsRun, test: &str, out: &Path) -> Re
     let train = [
         "--data", "digits", "--flow", "tarflow", "--steps", &steps, "--seed", "0",
     ];
-    let ours = train_and_score(&None, o.threads, &train, test, &dir, TEST_DRAWS)?;
+    let ours = train_and_score(&None, o.threads, &train, &[], test, &dir, TEST_DRAWS)?;
 
     let mut py = Command::new(python_program());
     py.current_dir(root())
