@@ -9,6 +9,9 @@
 // per element of s: every output element has one writer, so results do not depend on
 // scheduling.
 //
+// `shift_first` picks where the shift sits: 0 is y = x·exp(ŝ) + t (RealNVP), 1 is
+// y = (x + t)·exp(ŝ) (Glow as normflows writes it), each with its inverse.
+//
 // The scale map (ScaleMap in scale.rs) turns a raw s into the log-scale ŝ: kind 0 is
 // ŝ = s, 1 s / (1 + |s|/c), 2 c·tanh(s/c), 3 0.636·c·atan(s), 4 log(sigmoid(s + 2) +
 // 1e-3), 5 log(softplus(s) + 1e-3).
@@ -51,12 +54,13 @@ __device__ __forceinline__ T scale_map(T s, int kind, T c, T *slope) {
     }
 }
 
-// y = x with each transformed feature x·exp(ŝ) + t, or (inverse) (x − t)·exp(−ŝ).
+// y = x with each transformed feature x·exp(ŝ) + t, or (inverse) (x − t)·exp(−ŝ);
+// with `shift_first`, (x + t)·exp(ŝ), or x·exp(−ŝ) − t.
 template <typename T>
 __device__ __forceinline__ void affine_update(const T *x, const T *s, const T *t,
                                               const int *column, T *y, long long batch,
                                               int dim, int n, int kind, double clamp,
-                                              int inverse) {
+                                              int inverse, int shift_first) {
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= batch * dim) {
         return;
@@ -70,17 +74,22 @@ __device__ __forceinline__ void affine_update(const T *x, const T *s, const T *t
     T slope;
     const long long k = row * n + j;
     const T ls = scale_map<T>(s[k], kind, T(clamp), &slope);
-    y[i] = inverse ? (x[i] - t[k]) * exp(-ls) : x[i] * exp(ls) + t[k];
+    if (shift_first) {
+        y[i] = inverse ? x[i] * exp(-ls) - t[k] : (x[i] + t[k]) * exp(ls);
+    } else {
+        y[i] = inverse ? (x[i] - t[k]) * exp(-ls) : x[i] * exp(ls) + t[k];
+    }
 }
 
 // The update's gradients from the output gradient g, packed as [∂x | ∂s | ∂t]:
-// (batch, dim), then (batch, n) twice. `xy` is the input x for the forward map and
-// the output y for the inverse, the one its derivative in ŝ needs.
+// (batch, dim), then (batch, n) twice. `xy` is the one of the op's input and output
+// that its derivative in ŝ needs: the input for the forward map and the output for the
+// inverse, or the other way round with `shift_first`.
 template <typename T>
 __device__ __forceinline__ void affine_update_grad(const T *xy, const T *s, const T *g,
                                                    const int *column, T *out, long long batch,
                                                    int dim, int n, int kind, double clamp,
-                                                   int inverse) {
+                                                   int inverse, int shift_first) {
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= batch * dim) {
         return;
@@ -97,7 +106,21 @@ __device__ __forceinline__ void affine_update_grad(const T *xy, const T *s, cons
     const long long k = row * n + j;
     const T ls = scale_map<T>(s[k], kind, T(clamp), &slope);
     const T gi = g[i];
-    if (inverse) {
+    if (shift_first) {
+        if (inverse) {
+            // out = x·e^{−ŝ} − t: ∂/∂x = e^{−ŝ}, ∂/∂ŝ = −x·e^{−ŝ} (xy = x), ∂/∂t = −1.
+            const T e = exp(-ls);
+            out[i] = gi * e;
+            gs[k] = -gi * xy[i] * e * slope;
+            gt[k] = -gi;
+        } else {
+            // out = (x + t)·e^{ŝ}: ∂/∂x = ∂/∂t = e^{ŝ}, ∂/∂ŝ = out (xy = out).
+            const T e = exp(ls);
+            out[i] = gi * e;
+            gs[k] = gi * xy[i] * slope;
+            gt[k] = gi * e;
+        }
+    } else if (inverse) {
         // y = (x − t)·e^{−ŝ}: ∂y/∂x = e^{−ŝ}, ∂y/∂ŝ = −y, ∂y/∂t = −e^{−ŝ}.
         const T e = exp(-ls);
         out[i] = gi * e;
@@ -145,14 +168,15 @@ __device__ __forceinline__ void affine_log_det_grad(const T *s, const T *g, T *o
 #define AFFINE_KERNELS(T, SUFFIX)                                                         \
     extern "C" __global__ void affine_update_##SUFFIX(                                   \
         const T *x, const T *s, const T *t, const int *column, T *y, long long batch,    \
-        int dim, int n, int kind, double clamp, int inverse) {                           \
-        affine_update<T>(x, s, t, column, y, batch, dim, n, kind, clamp, inverse);       \
+        int dim, int n, int kind, double clamp, int inverse, int shift_first) {          \
+        affine_update<T>(x, s, t, column, y, batch, dim, n, kind, clamp, inverse,        \
+                         shift_first);                                                   \
     }                                                                                     \
     extern "C" __global__ void affine_update_grad_##SUFFIX(                              \
         const T *xy, const T *s, const T *g, const int *column, T *out, long long batch, \
-        int dim, int n, int kind, double clamp, int inverse) {                           \
+        int dim, int n, int kind, double clamp, int inverse, int shift_first) {          \
         affine_update_grad<T>(xy, s, g, column, out, batch, dim, n, kind, clamp,         \
-                              inverse);                                                  \
+                              inverse, shift_first);                                     \
     }                                                                                     \
     extern "C" __global__ void affine_log_det_##SUFFIX(const T *s, T *out,               \
                                                        long long batch, int n, int kind, \

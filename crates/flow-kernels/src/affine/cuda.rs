@@ -23,6 +23,7 @@ pub(super) struct Code {
     kind: i32,
     clamp: f64,
     inverse: i32,
+    shift_first: i32,
 }
 
 impl Code {
@@ -55,7 +56,16 @@ impl Code {
             kind,
             clamp,
             inverse: i32::from(inverse),
+            shift_first: 0,
         })
+    }
+
+    /// The update kernels' order of shift and scale.
+    pub(super) fn with_order(self, order: super::Order) -> Self {
+        Self {
+            shift_first: i32::from(order == super::Order::ShiftThenScale),
+            ..self
+        }
     }
 
     /// Blocks for one thread per each of `threads` outputs.
@@ -70,8 +80,8 @@ impl Code {
         })
     }
 
-    /// Pushes `(batch, dim, n, kind, clamp, inverse)`, or without `dim` for the log-det
-    /// kernels.
+    /// Pushes `(batch, dim, n, kind, clamp, inverse, shift_first)`, or without `dim`
+    /// and `shift_first` for the log-det kernels.
     fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, with_dim: bool) {
         b.arg(&self.batch);
         if with_dim {
@@ -81,6 +91,9 @@ impl Code {
         b.arg(&self.kind);
         b.arg(&self.clamp);
         b.arg(&self.inverse);
+        if with_dim {
+            b.arg(&self.shift_first);
+        }
     }
 
     fn elems(&self) -> i64 {
@@ -198,7 +211,7 @@ pub(super) fn update(
     Ok(storage(slice, dev))
 }
 
-/// `[∂x | ∂s | ∂t]` flattened, from `xy` (`x` forward, `y` inverse), `s` and the
+/// `[∂x | ∂s | ∂t]` flattened, from `xy` (the op's input or output, see affine.cu), `s` and the
 /// output gradient `g`.
 pub(super) fn update_grad(
     code: &Code,

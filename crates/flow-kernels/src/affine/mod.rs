@@ -6,6 +6,8 @@
 //! - forward: `y_b = x_b ⊙ exp(ŝ) + t`,
 //! - inverse: `y_b = (x_b − t) ⊙ exp(−ŝ)`,
 //!
+//! or, with the shift first ([`Order::ShiftThenScale`], Glow's coupling as normflows
+//! writes it), `y_b = (x_b + t) ⊙ exp(ŝ)` and its inverse `y_b = x_b ⊙ exp(−ŝ) − t`;
 //! with `ŝ` the [`ScaleMap`] of `s`; [`LogDet`] gives `Σ ŝ` (or `−Σ ŝ`) `(batch)`. On
 //! the graph they replace the split, scale map, exponential, product, sum and merge,
 //! about nine ops each with its own backward. Their backward passes are ops too
@@ -21,12 +23,22 @@ use crate::{slice, ScaleMap};
 #[allow(unsafe_code)]
 mod cuda;
 
+/// Where an affine coupling's shift sits relative to its scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// `y = x ⊙ exp(ŝ) + t` (RealNVP).
+    ScaleThenShift,
+    /// `y = (x + t) ⊙ exp(ŝ)` (Glow's coupling as normflows writes it).
+    ShiftThenScale,
+}
+
 #[derive(Debug, Clone)]
 struct AffineUpdate {
     /// The transformed features, in the order of the columns of `s` and `t`.
     pub transformed: Vec<usize>,
     pub scale: ScaleMap,
     pub inverse: bool,
+    pub order: Order,
 }
 
 impl AffineUpdate {
@@ -57,10 +69,11 @@ impl AffineUpdate {
         for ((y, s), t) in rows.zip(t.chunks_exact(n)) {
             for (j, &d) in self.transformed.iter().enumerate() {
                 let (ls, _) = self.scale.scalar(s[j]);
-                y[d] = if self.inverse {
-                    (y[d] - t[j]) * (-ls).exp()
-                } else {
-                    y[d] * ls.exp() + t[j]
+                y[d] = match (self.order, self.inverse) {
+                    (Order::ScaleThenShift, false) => y[d] * ls.exp() + t[j],
+                    (Order::ScaleThenShift, true) => (y[d] - t[j]) * (-ls).exp(),
+                    (Order::ShiftThenScale, false) => (y[d] + t[j]) * ls.exp(),
+                    (Order::ShiftThenScale, true) => y[d] * (-ls).exp() - t[j],
                 };
             }
         }
@@ -68,8 +81,8 @@ impl AffineUpdate {
     }
 
     /// `[∂x | ∂s | ∂t]` (flattened `(batch, dim)`, then `(batch, n)` twice) from the
-    /// output gradient `g`; `xy` is the input `x` for the forward map and the output
-    /// `y` for the inverse, the one the derivative in `ŝ` needs.
+    /// output gradient `g`; `xy` is the one of the op's input and output that the
+    /// derivative in `ŝ` needs ([`Self::needs_output`]).
     fn backward<T: Float>(&self, xy: &[T], s: &[T], g: &[T], dim: usize) -> Vec<T> {
         let n = self.transformed.len();
         let elems = g.len();
@@ -83,14 +96,27 @@ impl AffineUpdate {
             for (j, &d) in self.transformed.iter().enumerate() {
                 let (ls, dls) = self.scale.scalar(s[j]);
                 let g = gx[d];
-                let (g_x, g_ls, g_t) = if self.inverse {
-                    // y = (x − t)·e^{−ŝ}, so ∂y/∂ŝ = −y.
-                    let e = (-ls).exp();
-                    (g * e, -g * xy[d], -g * e)
-                } else {
-                    // y = x·e^{ŝ} + t, so ∂y/∂ŝ = x·e^{ŝ}.
-                    let e = ls.exp();
-                    (g * e, g * xy[d] * e, g)
+                let (g_x, g_ls, g_t) = match (self.order, self.inverse) {
+                    (Order::ScaleThenShift, false) => {
+                        // y = x·e^{ŝ} + t, so ∂y/∂ŝ = x·e^{ŝ}.
+                        let e = ls.exp();
+                        (g * e, g * xy[d] * e, g)
+                    }
+                    (Order::ScaleThenShift, true) => {
+                        // y = (x − t)·e^{−ŝ}, so ∂y/∂ŝ = −y.
+                        let e = (-ls).exp();
+                        (g * e, -g * xy[d], -g * e)
+                    }
+                    (Order::ShiftThenScale, false) => {
+                        // y = (x + t)·e^{ŝ}, so ∂y/∂ŝ = y.
+                        let e = ls.exp();
+                        (g * e, g * xy[d], g * e)
+                    }
+                    (Order::ShiftThenScale, true) => {
+                        // y = x·e^{−ŝ} − t, so ∂y/∂ŝ = −x·e^{−ŝ}.
+                        let e = (-ls).exp();
+                        (g * e, -g * xy[d] * e, -g)
+                    }
                 };
                 gx[d] = g_x;
                 gs[j] = g_ls * dls;
@@ -98,6 +124,12 @@ impl AffineUpdate {
             }
         }
         out
+    }
+
+    /// Whether the backward pass needs the op's output (else its input): the output
+    /// of the forward map with the shift first, or of the inverse with the scale first.
+    fn needs_output(&self) -> bool {
+        self.inverse != (self.order == Order::ShiftThenScale)
     }
 
     /// For each feature, its column of `s` and `t`, or −1 where it is copied through.
@@ -152,7 +184,7 @@ impl CustomOp3 for AffineUpdate {
         let (batch, dim) = self.dims(l1, l2, l3)?;
         let n = self.transformed.len();
         let columns = self.columns(dim)?;
-        let code = cuda::Code::new(self.scale, self.inverse, batch, dim, n)?;
+        let code = cuda::Code::new(self.scale, self.inverse, batch, dim, n)?.with_order(self.order);
         let out = cuda::update(&code, &columns, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, Shape::from((batch, dim))))
     }
@@ -167,7 +199,7 @@ impl CustomOp3 for AffineUpdate {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, dim) = x.dims2()?;
         let n = self.transformed.len();
-        let xy = if self.inverse { res } else { x };
+        let xy = if self.needs_output() { res } else { x };
         let packed = xy.apply_op3_no_bwd(
             s,
             &grad.contiguous()?,
@@ -241,7 +273,7 @@ impl CustomOp3 for UpdateGrad {
         }
         let n = u.transformed.len();
         let columns = u.columns(dim)?;
-        let code = cuda::Code::new(u.scale, u.inverse, batch, dim, n)?;
+        let code = cuda::Code::new(u.scale, u.inverse, batch, dim, n)?.with_order(u.order);
         let out = cuda::update_grad(&code, &columns, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, Shape::from(batch * (dim + 2 * n))))
     }
@@ -389,8 +421,9 @@ impl CustomOp2 for LogDetGrad {
 
 /// The fused affine coupling: `(y, log|det|)` from the whole input `x` `(batch, dim)`,
 /// the transformed features' indices and the conditioner's raw `s` and `t`
-/// `(batch, n)`, for the forward map or (`inverse`) its inverse. The caller decides that
-/// the kernel applies, through [`fused`](crate::fused) with
+/// `(batch, n)`, for the forward map or (`inverse`) its inverse, the scale before the
+/// shift ([`coupling_in_order`] takes the order). The caller decides that the kernel
+/// applies, through [`fused`](crate::fused) with
 /// [`Op::AffineCoupling`](crate::Op::AffineCoupling).
 pub fn coupling(
     x: &Tensor,
@@ -400,13 +433,120 @@ pub fn coupling(
     scale: ScaleMap,
     inverse: bool,
 ) -> Result<(Tensor, Tensor)> {
+    coupling_in_order(x, transformed, s, t, scale, inverse, Order::ScaleThenShift)
+}
+
+/// [`coupling`] with the shift before or after the scale.
+pub fn coupling_in_order(
+    x: &Tensor,
+    transformed: &[usize],
+    s: &Tensor,
+    t: &Tensor,
+    scale: ScaleMap,
+    inverse: bool,
+    order: Order,
+) -> Result<(Tensor, Tensor)> {
     let update = AffineUpdate {
         transformed: transformed.to_vec(),
         scale,
         inverse,
+        order,
     };
     let s = s.contiguous()?;
     let y = x.contiguous()?.apply_op3(&s, &t.contiguous()?, update)?;
     let log_det = s.apply_op1(LogDet { scale, inverse })?;
     Ok((y, log_det))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, IndexOp, Tensor, Var};
+
+    use super::{coupling_in_order, Order};
+    use crate::ScaleMap;
+
+    /// The coupling from its definition in plain candle ops, for both orders.
+    fn reference(
+        x: &Tensor,
+        transformed: &[usize],
+        s: &Tensor,
+        t: &Tensor,
+        scale: ScaleMap,
+        inverse: bool,
+        order: Order,
+    ) -> candle::Result<(Tensor, Tensor)> {
+        let ls = scale.log_scale(s)?;
+        let mut cols: Vec<Tensor> = (0..x.dim(1)?)
+            .map(|d| x.i((.., d..d + 1)))
+            .collect::<candle::Result<_>>()?;
+        for (j, &d) in transformed.iter().enumerate() {
+            let (xd, tj, lj) = (&cols[d], &t.i((.., j..j + 1))?, &ls.i((.., j..j + 1))?);
+            cols[d] = match (order, inverse) {
+                (Order::ScaleThenShift, false) => (xd * lj.exp()?)?.add(tj)?,
+                (Order::ScaleThenShift, true) => (xd - tj)?.mul(&lj.neg()?.exp()?)?,
+                (Order::ShiftThenScale, false) => (xd + tj)?.mul(&lj.exp()?)?,
+                (Order::ShiftThenScale, true) => (xd * lj.neg()?.exp()?)?.sub(tj)?,
+            };
+        }
+        let log_det = ls.sum(1)?;
+        let log_det = if inverse { log_det.neg()? } else { log_det };
+        Ok((Tensor::cat(&cols, 1)?, log_det))
+    }
+
+    /// The fused ops against the definition: values, and the gradients in `x`, `s` and
+    /// `t` of a weighted sum of the outputs and log-dets, both orders and directions.
+    #[test]
+    fn both_orders_match_their_definition() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        let (batch, dim) = (6, 7);
+        let transformed = [5, 1, 3, 6];
+        let n = transformed.len();
+        let scales = [
+            ScaleMap::Exp,
+            ScaleMap::Sigmoid,
+            ScaleMap::Tanh { clamp: 2.0 },
+        ];
+        for order in [Order::ScaleThenShift, Order::ShiftThenScale] {
+            for inverse in [false, true] {
+                for scale in scales {
+                    let var = |rows, cols| -> candle::Result<Var> {
+                        Var::from_tensor(
+                            &Tensor::randn(0.0, 1.0, (rows, cols), &dev)?.to_dtype(DType::F64)?,
+                        )
+                    };
+                    let (x, s, t) = (var(batch, dim)?, var(batch, n)?, var(batch, n)?);
+                    let wy = Tensor::randn(0.0, 1.0, (batch, dim), &dev)?.to_dtype(DType::F64)?;
+                    let wl = Tensor::randn(0.0, 1.0, batch, &dev)?.to_dtype(DType::F64)?;
+                    let run = |fused: bool| -> candle::Result<Vec<Tensor>> {
+                        let args = (
+                            x.as_tensor(),
+                            &transformed[..],
+                            s.as_tensor(),
+                            t.as_tensor(),
+                        );
+                        let (y, ld) = if fused {
+                            coupling_in_order(
+                                args.0, args.1, args.2, args.3, scale, inverse, order,
+                            )?
+                        } else {
+                            reference(args.0, args.1, args.2, args.3, scale, inverse, order)?
+                        };
+                        let loss = ((&y * &wy)?.sum_all()? + (&ld * &wl)?.sum_all()?)?;
+                        let g = loss.backward()?;
+                        let mut out = vec![y, ld];
+                        for v in [&x, &s, &t] {
+                            out.push(g.get(v.as_tensor()).expect("a gradient").clone());
+                        }
+                        Ok(out)
+                    };
+                    let (fused, plain) = (run(true)?, run(false)?);
+                    for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                        let gap = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                        assert!(gap < 1e-12, "{order:?} inverse {inverse} {scale:?}: output {i} (y, log-det, ∂x, ∂s, ∂t) off by {gap:e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

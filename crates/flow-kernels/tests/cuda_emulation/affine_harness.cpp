@@ -56,6 +56,7 @@ struct Case {
     double clamp;
     std::vector<int> column;  // -1: copied through
     int n;
+    bool shift_first = false;  // (x + t)·exp(ŝ) rather than x·exp(ŝ) + t
 };
 
 // The reference: y and log-det of one coupling, in double.
@@ -70,7 +71,11 @@ static void reference(const Case &c, bool inverse, const std::vector<double> &x,
             if (j < 0) continue;
             const double ls = log_scale(s[b * c.n + j], c.kind, c.clamp);
             const double v = x[b * c.dim + d], sh = t[b * c.n + j];
-            y[b * c.dim + d] = inverse ? (v - sh) * std::exp(-ls) : v * std::exp(ls) + sh;
+            if (c.shift_first) {
+                y[b * c.dim + d] = inverse ? v * std::exp(-ls) - sh : (v + sh) * std::exp(ls);
+            } else {
+                y[b * c.dim + d] = inverse ? (v - sh) * std::exp(-ls) : v * std::exp(ls) + sh;
+            }
             ld[b] += inverse ? -ls : ls;
         }
     }
@@ -87,19 +92,20 @@ static void kernels(const Case &c, bool inverse, const std::vector<double> &x,
     const auto xt = cast(x), st = cast(s), tt = cast(t), gy = cast(wy), gl = cast(wl);
     const long long elems = (long long)c.batch * c.dim, params = (long long)c.batch * c.n;
     std::vector<T> yt(elems), ldt(c.batch), packed(elems + 2 * params), gls(params);
-    const int inv = inverse ? 1 : 0;
+    const int inv = inverse ? 1 : 0, sf = c.shift_first ? 1 : 0;
     launch(elems, [&] {
         affine_update<T>(xt.data(), st.data(), tt.data(), c.column.data(), yt.data(), c.batch,
-                         c.dim, c.n, c.kind, c.clamp, inv);
+                         c.dim, c.n, c.kind, c.clamp, inv, sf);
     });
     launch(c.batch, [&] {
         affine_log_det<T>(st.data(), ldt.data(), c.batch, c.n, c.kind, c.clamp, inv);
     });
-    // The derivative in ŝ needs x going forward and y going back.
-    const std::vector<T> &xy = inverse ? yt : xt;
+    // The derivative in ŝ needs x going forward and y going back, or the other way
+    // round with the shift first.
+    const std::vector<T> &xy = inverse != c.shift_first ? yt : xt;
     launch(elems, [&] {
         affine_update_grad<T>(xy.data(), st.data(), gy.data(), c.column.data(), packed.data(),
-                              c.batch, c.dim, c.n, c.kind, c.clamp, inv);
+                              c.batch, c.dim, c.n, c.kind, c.clamp, inv, sf);
     });
     launch(params, [&] {
         affine_log_det_grad<T>(st.data(), gl.data(), gls.data(), c.batch, c.n, c.kind,
@@ -176,8 +182,8 @@ static bool check(const Case &c, const char *name) {
         const bool pass = e64 < 1e-12 && e32 < 1e-5 && eg64 < 1e-8 && eg32 < 1e-5 &&
                           round < 1e-12;
         ok = ok && pass;
-        std::printf("%-22s %s values f64 %.1e f32 %.1e  gradients f64 %.1e f32 %.1e  %s\n",
-                    name, inverse ? "inverse" : "forward", e64, e32, eg64, eg32,
+        std::printf("%-22s %s%s values f64 %.1e f32 %.1e  gradients f64 %.1e f32 %.1e  %s\n",
+                    name, c.shift_first ? "shift first, " : "", inverse ? "inverse" : "forward", e64, e32, eg64, eg32,
                     pass ? "ok" : "FAIL");
     }
     return ok;
@@ -188,10 +194,12 @@ int main() {
     const std::vector<int> checker = {-1, 0, -1, 2, 1, -1, 3, -1, -1};
     const char *names[] = {"exp", "soft clamp", "tanh", "atan", "sigmoid", "softplus"};
     bool ok = true;
-    for (int kind = 0; kind < 6; ++kind) {
-        ok = check({5, 9, kind, 1.7, checker, 4}, names[kind]) && ok;
+    for (bool shift_first : {false, true}) {
+        for (int kind = 0; kind < 6; ++kind) {
+            ok = check({5, 9, kind, 1.7, checker, 4, shift_first}, names[kind]) && ok;
+        }
+        // Every feature transformed, a batch that does not fill a block.
+        ok = check({3, 4, 1, 3.0, {3, 2, 1, 0}, 4, shift_first}, "all transformed") && ok;
     }
-    // Every feature transformed, a batch that does not fill a block.
-    ok = check({3, 4, 1, 3.0, {3, 2, 1, 0}, 4}, "all transformed") && ok;
     return ok ? 0 : 1;
 }
