@@ -6,14 +6,36 @@
 # stores once), small enough to travel to a machine that takes little.
 #
 # Needs nvcc on PATH whose CUDA version the GPU's driver supports (PTX from a newer
-# nvcc does not load on an older driver), e.g. pip's nvidia-cuda-nvcc==13.0.*, and
-# CUDA_COMPUTE_CAP (90 for H100/H200).
+# nvcc does not load on an older driver), and CUDA_COMPUTE_CAP (90 for H100/H200).
+# From pip, all of one CUDA release:
+#   pip install 'nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*' \
+#       'nvidia-cuda-cccl==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cublas==13.0.*' \
+#       'nvidia-cuda-nvrtc==13.0.*' 'nvidia-curand==10.*'
+# and PATH=…/site-packages/nvidia/cu13/bin:$PATH. On a machine without the driver's
+# libcuda, the binaries link against a stub of it made here (.gpu/link), as the CUDA
+# toolkit's own stubs serve; the GPU machine's real libcuda is what they load there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CUDA_COMPUTE_CAP:?set CUDA_COMPUTE_CAP, e.g. 90}"
 target=${CARGO_TARGET_DIR:-target}
 bin=.gpu/bin
 rm -rf "$bin" && mkdir -p "$bin"
+
+# CUDA's libraries beside nvcc, under the unversioned names the linker asks for, and a
+# libcuda stub with the driver functions cudarc calls, where the system has none.
+lib=$(dirname "$(command -v nvcc)")/../lib
+link=$PWD/.gpu/link
+mkdir -p "$link"
+for f in "$lib"/lib{cublas,cublasLt,curand,nvrtc,cudart}.so.*; do
+    [ -e "$f" ] && ln -sf "$f" "$link/$(basename "${f%%.so.*}").so"
+done
+if ! ldconfig -p | grep -q 'libcuda\.so '; then
+    cargo build --release --features cuda -p flow-kernels
+    nm -u "$target"/release/deps/libcudarc-*.rlib 2>/dev/null | awk '{print $NF}' |
+        grep -E '^cu[A-Z]' | sort -u | awk '{print "void " $1 "(void) {}"}' >"$link/cuda_stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 "$link/cuda_stub.c" -o "$link/libcuda.so"
+fi
+export LIBRARY_PATH=$link${LIBRARY_PATH:+:$LIBRARY_PATH}
 
 cargo build --release --features cuda -p flow-cli
 cp "$target/release/flow" "$bin/"
