@@ -196,7 +196,7 @@ def main():
     p.add_argument("--samples", default=None)
     p.add_argument("--test", default=None,
                    help="with an IDX --data: the IDX file of test images")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda, mps")
     p.add_argument("--draws", type=int, default=10,
                    help="dequantisations of the test set that test_bpd_draws averages")
     a = p.parse_args()

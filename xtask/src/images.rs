@@ -67,7 +67,6 @@ fn number_before(text: &str, label: &str) -> Option<f64> {
 /// `flow train` then `flow log-prob` on `test` and `flow sample` into `out`: returns
 /// the test bits/dim, training steps/s (the validation passes left out) and training
 /// seconds (with them). `device` (`--device D`, or empty) goes to all three commands.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn train_and_score(
     features: &Option<String>,
     threads: usize,
@@ -110,6 +109,27 @@ pub(crate) fn train_and_score(
     args.extend_from_slice(device);
     capture(flow(features, &args))?;
     Ok(DigitsRun { bpd, rate, seconds })
+}
+
+/// `flag VALUE` (or `flag=VALUE`) taken out of `args` before any `--`: its value, if
+/// given, and the other arguments.
+fn take_value(args: &[String], flag: &str) -> Result<(Option<String>, Vec<String>)> {
+    let mut value = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            rest.push(a.clone());
+            rest.extend(it.by_ref().cloned());
+        } else if a == flag {
+            value = Some(it.next().ok_or(format!("{flag} needs a value"))?.clone());
+        } else if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            value = Some(v.to_string());
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((value, rest))
 }
 
 /// `defaults` (flag and value pairs) without the flags that `extra` gives, then
@@ -397,25 +417,9 @@ pub fn digits_report(ours: &[DigitsRun], theirs: &[DigitsRun], o: &DigitsOptions
 /// Debian's `dataset-fashion-mnist` (or the folder `FASHION_MNIST_DIR` names), into
 /// `runs/fashion-mnist/`: test bits/dim and a grid of 64 samples.
 pub fn fashion_mnist(args: &[String]) -> Result<()> {
-    // `--device D` (before any `--`) trains, scores and samples on D; `cuda` and
-    // `metal` build `flow` with that feature unless `--features` says otherwise.
-    let mut rest = Vec::new();
-    let mut device = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--" {
-            rest.push(a.clone());
-            rest.extend(it.by_ref().cloned());
-        } else if a == "--device" {
-            device = Some(
-                it.next()
-                    .ok_or("--device needs a value (cpu, cuda, metal)")?
-                    .clone(),
-            );
-        } else {
-            rest.push(a.clone());
-        }
-    }
+    // `--device D` trains, scores and samples on D; `cuda` and `metal` build `flow`
+    // with that feature unless `--features` says otherwise.
+    let (device, rest) = take_value(args, "--device")?;
     let (features, extra) = split_args(&rest)?;
     let features = match (&features, device.as_deref()) {
         (None, Some(d @ ("cuda" | "metal"))) => Some(d.to_string()),
@@ -471,6 +475,23 @@ pub fn fashion_mnist(args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_is_taken_before_the_separator_only() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (device, rest) = take_value(
+            &args(&["--device", "cuda", "--", "--device", "cpu"]),
+            "--device",
+        )
+        .unwrap();
+        assert_eq!(device.as_deref(), Some("cuda"));
+        assert_eq!(rest, args(&["--", "--device", "cpu"]));
+        let (device, rest) =
+            take_value(&args(&["--features", "cuda", "--device=metal"]), "--device").unwrap();
+        assert_eq!(device.as_deref(), Some("metal"));
+        assert_eq!(rest, args(&["--features", "cuda"]));
+        assert!(take_value(&args(&["--device"]), "--device").is_err());
+    }
 
     #[test]
     fn flags_after_the_separator_replace_the_jobs_own() {

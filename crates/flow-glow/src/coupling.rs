@@ -366,7 +366,7 @@ impl ConvCoupling {
 
     /// Whether [`Self::run`] takes [`Self::run_fused`]: a channel mask, the scale maps
     /// the kernel has (not the exact sigmoid), and the fused affine kernel on CUDA. On
-    /// the CPU the plain ops are as fast for images (Glow on Fashion-MNIST trained about
+    /// the CPU the plain ops are faster for images (Glow on Fashion-MNIST trained about
     /// a tenth slower through the kernel), so they stay.
     fn takes_fused(&self, x: &Tensor) -> bool {
         self.pixel_mask.is_none()

@@ -29,6 +29,8 @@ pub mod affine;
 #[allow(unsafe_code)]
 pub mod allocator;
 pub mod conv;
+#[cfg(feature = "cuda")]
+mod cuda_storage;
 pub mod fusion;
 mod limits;
 pub mod linalg;

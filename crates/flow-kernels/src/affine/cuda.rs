@@ -3,13 +3,16 @@
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
-use candle::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
+use crate::cuda_storage::{by_dtype, storage};
 use crate::ScaleMap;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_affine.ptx"));
 const MODULE: &str = "flows_fused_affine";
+/// The op as errors name it.
+const WHAT: &str = "the fused coupling";
 
 /// Threads per block.
 const THREADS: u32 = 256;
@@ -105,13 +108,6 @@ impl Code {
     }
 }
 
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.slice(a..b)),
-        None => candle::bail!("the fused coupling expects contiguous inputs"),
-    }
-}
-
 fn len(n: i64) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
@@ -150,41 +146,6 @@ fn launch<T: DeviceRepr + WithDType>(
     Ok(dst)
 }
 
-fn storage(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
-    CudaStorage {
-        slice,
-        device: dev.clone(),
-    }
-}
-
-/// Runs `f` with the views of `inputs` as slices of one float type.
-macro_rules! by_dtype {
-    ($inputs:expr, $dev:expr, |$views:ident| $body:expr) => {{
-        let inputs = $inputs;
-        match inputs[0].0.slice {
-            CudaStorageSlice::F32(_) => {
-                let $views = views::<f32>(&inputs)?;
-                CudaStorageSlice::F32($body)
-            }
-            CudaStorageSlice::F64(_) => {
-                let $views = views::<f64>(&inputs)?;
-                CudaStorageSlice::F64($body)
-            }
-            _ => candle::bail!("the fused coupling takes f32 or f64"),
-        }
-    }};
-}
-
-/// The contiguous views of storages of one dtype `T`.
-fn views<'a, T: candle::cuda_backend::CudaDType>(
-    inputs: &[(&'a CudaStorage, &Layout)],
-) -> Result<Vec<CudaView<'a, T>>> {
-    inputs
-        .iter()
-        .map(|(s, l)| view(s.as_cuda_slice::<T>()?, l))
-        .collect()
-}
-
 /// `y` `(batch, dim)` from `x`, `s` and `t`.
 pub(super) fn update(
     code: &Code,
@@ -196,7 +157,7 @@ pub(super) fn update(
     let dev = &x.0.device;
     let columns = dev.clone_htod(columns)?;
     let (threads, out) = (code.elems(), len(code.elems()));
-    let slice = by_dtype!([x, s, t], dev, |v| {
+    let slice = by_dtype!(WHAT, [x, s, t], |v| {
         launch(
             dev,
             "affine_update",
@@ -224,7 +185,7 @@ pub(super) fn update_grad(
     let columns = dev.clone_htod(columns)?;
     let threads = code.elems();
     let out = len(code.elems() + 2 * code.params());
-    let slice = by_dtype!([xy, s, g], dev, |v| {
+    let slice = by_dtype!(WHAT, [xy, s, g], |v| {
         launch(
             dev,
             "affine_update_grad",
@@ -242,7 +203,7 @@ pub(super) fn update_grad(
 /// Each row's log-det `(batch)` from `s`.
 pub(super) fn log_det(code: &Code, s: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
     let dev = &s.0.device;
-    let slice = by_dtype!([s], dev, |v| {
+    let slice = by_dtype!(WHAT, [s], |v| {
         launch(
             dev,
             "affine_log_det",
@@ -265,7 +226,7 @@ pub(super) fn log_det_grad(
 ) -> Result<CudaStorage> {
     let dev = &s.0.device;
     let (threads, out) = (code.params(), len(code.params()));
-    let slice = by_dtype!([s, g], dev, |v| {
+    let slice = by_dtype!(WHAT, [s, g], |v| {
         launch(
             dev,
             "affine_log_det_grad",

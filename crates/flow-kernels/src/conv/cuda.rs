@@ -11,15 +11,18 @@ use candle::cuda_backend::cudarc::cublas::{CudaBlas, Gemm};
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
 };
-use candle::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::{Dims, Inner};
+use crate::cuda_storage::{by_dtype, storage};
 use crate::product::{Blas, Product};
 use crate::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_conv.ptx"));
 const MODULE: &str = "flows_fused_conv";
+/// The op as errors name it.
+const WHAT: &str = "the fused conv";
 
 /// Threads per block.
 const THREADS: u32 = 256;
@@ -53,13 +56,6 @@ fn grid(n: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.slice(a..b)),
-        None => candle::bail!("the fused conv expects contiguous inputs"),
-    }
-}
-
 /// The null pointer for an absent bias.
 static NULL: u64 = 0;
 
@@ -82,8 +78,16 @@ fn buffer<T: Blas>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
 }
 
 impl<'a> Launches<'a> {
-    fn buffer<T: Blas>(&self, n: usize) -> Result<CudaSlice<T>> {
-        buffer::<T>(self.dev, n)
+    /// `(batch, c_in, h, w, k)`, as im2col and col2im take them.
+    fn image(&self) -> Result<[i32; 5]> {
+        let d = self.d;
+        Ok([
+            int(d.batch)?,
+            int(d.cin)?,
+            int(d.height)?,
+            int(d.width)?,
+            int(d.k)?,
+        ])
     }
 
     /// `C = op(A)·op(B)` on row-major buffers, as `p` gives them.
@@ -109,17 +113,11 @@ impl<'a> Launches<'a> {
     /// `cols` `(B·H·W, C_in·k·k)` from `x`.
     fn im2col<T: Blas>(&self, x: &CudaView<T>) -> Result<CudaSlice<T>> {
         let d = self.d;
-        let cols = self.buffer::<T>(d.positions() * d.patch())?;
+        let cols = buffer::<T>(self.dev, d.positions() * d.patch())?;
         let func = self
             .dev
             .get_or_load_custom_func(&kernel::<T>("im2col"), MODULE, PTX)?;
-        let sizes = [
-            int(d.batch)?,
-            int(d.cin)?,
-            int(d.height)?,
-            int(d.width)?,
-            int(d.k)?,
-        ];
+        let sizes = self.image()?;
         let mut b = func.builder();
         b.arg(x);
         b.arg(&cols);
@@ -144,10 +142,10 @@ impl<'a> Launches<'a> {
     {
         let d = self.d;
         let cols = self.im2col(x)?;
-        let mut z = self.buffer::<T>(d.positions() * d.cout)?;
+        let mut z = buffer::<T>(self.dev, d.positions() * d.cout)?;
         let p = Product::row_major(d.positions(), d.cout, d.patch(), false, true);
         self.product(p, &cols.slice(..), w, &mut z.slice_mut(..))?;
-        let y = self.buffer::<T>(d.positions() * d.cout)?;
+        let y = buffer::<T>(self.dev, d.positions() * d.cout)?;
         let func = self
             .dev
             .get_or_load_custom_func(&kernel::<T>("epilogue"), MODULE, PTX)?;
@@ -184,9 +182,9 @@ impl<'a> Launches<'a> {
         let d = self.d;
         let (batch, hw) = (int(d.batch)?, long(d.pixels())?);
         let (nx, nw) = (d.batch * d.cin * d.pixels(), d.cout * d.patch());
-        let mut out = self.buffer::<T>(nx + nw + d.cout)?;
+        let mut out = buffer::<T>(self.dev, nx + nw + d.cout)?;
 
-        let dzp = self.buffer::<T>(d.positions() * d.cout)?;
+        let dzp = buffer::<T>(self.dev, d.positions() * d.cout)?;
         let func = self
             .dev
             .get_or_load_custom_func(&kernel::<T>("to_positions"), MODULE, PTX)?;
@@ -231,13 +229,7 @@ impl<'a> Launches<'a> {
         let func = self
             .dev
             .get_or_load_custom_func(&kernel::<T>("col2im"), MODULE, PTX)?;
-        let sizes = [
-            int(d.batch)?,
-            int(d.cin)?,
-            int(d.height)?,
-            int(d.width)?,
-            int(d.k)?,
-        ];
+        let sizes = self.image()?;
         let mut gx = out.slice_mut(..nx);
         let mut b = func.builder();
         b.arg(&cols);
@@ -277,37 +269,6 @@ fn activation_grad_of<T: Blas>(
     Ok(out)
 }
 
-fn storage(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
-    CudaStorage {
-        slice,
-        device: dev.clone(),
-    }
-}
-
-/// Runs `f` on the contiguous views of `inputs`, all of one float type.
-macro_rules! by_dtype {
-    ($inputs:expr, |$v:ident| $body:expr) => {{
-        let inputs = $inputs;
-        match inputs[0].0.slice {
-            CudaStorageSlice::F32(_) => {
-                let $v = inputs
-                    .iter()
-                    .map(|(s, l)| view(s.as_cuda_slice::<f32>()?, l))
-                    .collect::<Result<Vec<_>>>()?;
-                CudaStorageSlice::F32($body)
-            }
-            CudaStorageSlice::F64(_) => {
-                let $v = inputs
-                    .iter()
-                    .map(|(s, l)| view(s.as_cuda_slice::<f64>()?, l))
-                    .collect::<Result<Vec<_>>>()?;
-                CudaStorageSlice::F64($body)
-            }
-            _ => candle::bail!("the fused conv takes f32 or f64"),
-        }
-    }};
-}
-
 /// `act(conv(x, W) + b)` `(B, C_out, H, W)`.
 pub(super) fn forward(
     d: Dims,
@@ -319,8 +280,13 @@ pub(super) fn forward(
     let dev = &x.0.device;
     let l = Launches { dev, d };
     let slice = match bias {
-        Some(b) => by_dtype!([x, w, b], |v| l.forward(&v[0], &v[1], Some(&v[2]), act)?),
-        None => by_dtype!([x, w], |v| l.forward(&v[0], &v[1], None, act)?),
+        Some(b) => by_dtype!(WHAT, [x, w, b], |v| l.forward(
+            &v[0],
+            &v[1],
+            Some(&v[2]),
+            act
+        )?),
+        None => by_dtype!(WHAT, [x, w], |v| l.forward(&v[0], &v[1], None, act)?),
     };
     Ok(storage(slice, dev))
 }
@@ -335,7 +301,7 @@ pub(super) fn grad(
 ) -> Result<CudaStorage> {
     let dev = &x.0.device;
     let l = Launches { dev, d };
-    let slice = by_dtype!([x, w, dz], |v| l.grad(&v[0], &v[1], &v[2])?);
+    let slice = by_dtype!(WHAT, [x, w, dz], |v| l.grad(&v[0], &v[1], &v[2])?);
     Ok(storage(slice, dev))
 }
 
@@ -354,6 +320,8 @@ pub(super) fn activation_grad(
             y.1.shape()
         );
     }
-    let slice = by_dtype!([g, y], |v| activation_grad_of(dev, &v[0], &v[1], act, n)?);
+    let slice = by_dtype!(WHAT, [g, y], |v| activation_grad_of(
+        dev, &v[0], &v[1], act, n
+    )?);
     Ok(storage(slice, dev))
 }

@@ -85,6 +85,18 @@ impl Dims {
         })
     }
 
+    /// A bias of one value per output channel.
+    fn check_bias(&self, bias: &Layout) -> Result<()> {
+        if bias.shape().dims() != [self.cout] {
+            candle::bail!(
+                "fused conv: bias {:?} for {} outputs",
+                bias.shape(),
+                self.cout
+            );
+        }
+        Ok(())
+    }
+
     fn pixels(&self) -> usize {
         self.height * self.width
     }
@@ -477,9 +489,7 @@ impl Conv {
         let w = slice(w.as_slice::<T>()?, lw)?;
         let bias = match b {
             Some((b, lb)) => {
-                if lb.shape().dims() != [d.cout] {
-                    candle::bail!("fused conv: bias {:?} for {} outputs", lb.shape(), d.cout);
-                }
+                d.check_bias(lb)?;
                 Some(slice(b.as_slice::<T>()?, lb)?)
             }
             None => None,
@@ -518,9 +528,7 @@ impl Conv {
     ) -> Result<(candle::CudaStorage, Shape)> {
         let d = Dims::new(lx, lw)?;
         if let Some((_, lb)) = b {
-            if lb.shape().dims() != [d.cout] {
-                candle::bail!("fused conv: bias {:?} for {} outputs", lb.shape(), d.cout);
-            }
+            d.check_bias(lb)?;
         }
         let y = cuda::forward(d, self.act, (x, lx), (w, lw), b)?;
         Ok((y, Shape::from((d.batch, d.cout, d.height, d.width))))
@@ -825,8 +833,9 @@ impl CustomOp2 for Conv {
 /// `(C_out, C_in, k, k)` with `k` odd, stride 1 and padding `k / 2` (the output has
 /// the input's height and width), `b` `(C_out,)`, and `act` none or an [`Activation`]
 /// (ReLU, leaky ReLU and tanh run inside the op; GELU runs after it as candle's op).
-/// CPU, and CUDA with the `cuda` feature; f32 and f64. The caller decides that the kernel applies, through
-/// [`fused`](crate::fused) with [`Op::Conv`](crate::Op::Conv); [`conv2d`] does both.
+/// CPU, and CUDA with the `cuda` feature; f32 and f64. The caller decides that the
+/// kernel applies, through [`fused`](crate::fused) with [`Op::Conv`](crate::Op::Conv);
+/// [`conv2d`] does both.
 pub fn conv2d_fused(
     x: &Tensor,
     weight: &Tensor,
