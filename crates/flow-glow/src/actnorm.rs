@@ -3,6 +3,7 @@
 use candle::{Result, Tensor};
 use candle_nn::VarBuilder;
 use flow_core::Bijector;
+use flow_kernels::actnorm::actnorm;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -54,6 +55,10 @@ impl ActNormConfig {
 /// `s = −log(std + eps)`, written in place into the variables. Being ordinary
 /// parameters, the initialised values are saved with the weights; a trainer
 /// initialises only fresh models, so a loaded one keeps them.
+///
+/// The map runs as one fused op with its own backward where
+/// [`fused`](flow_kernels::fused) allows [`Op::ActNorm`](flow_kernels::Op::ActNorm),
+/// else as candle's broadcast ops.
 #[derive(Debug, Clone)]
 pub struct ActNorm {
     shape: ImageShape,
@@ -89,11 +94,6 @@ impl ActNorm {
         &self.log_scale
     }
 
-    /// `(1, C, 1, 1)`, to broadcast over images.
-    fn per_channel(&self, t: &Tensor) -> Result<Tensor> {
-        t.reshape((1, self.shape.channels, 1, 1))
-    }
-
     fn log_det(&self, batch: usize, sign: f64) -> Result<Tensor> {
         let total = self
             .log_scale
@@ -106,17 +106,13 @@ impl ActNorm {
 impl Bijector for ActNorm {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let img = self.shape.to_image(x, "actnorm")?;
-        let z = img
-            .broadcast_add(&self.per_channel(&self.bias)?)?
-            .broadcast_mul(&self.per_channel(&self.log_scale.exp()?)?)?;
+        let z = actnorm(&img, &self.bias, &self.log_scale, false)?;
         Ok((ImageShape::to_rows(&z)?, self.log_det(x.dim(0)?, 1.0)?))
     }
 
     fn inverse(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let img = self.shape.to_image(z, "actnorm")?;
-        let x = img
-            .broadcast_mul(&self.per_channel(&self.log_scale.neg()?.exp()?)?)?
-            .broadcast_sub(&self.per_channel(&self.bias)?)?;
+        let x = actnorm(&img, &self.bias, &self.log_scale, true)?;
         Ok((ImageShape::to_rows(&x)?, self.log_det(z.dim(0)?, -1.0)?))
     }
 

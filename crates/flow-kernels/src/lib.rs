@@ -9,6 +9,7 @@
 //! - [`affine`]: the element-wise part of an affine coupling (update and log-det);
 //! - [`conv`]: a same-padded stride-1 image convolution as im2col and one matrix
 //!   product, with its backward;
+//! - [`actnorm`]: activation normalisation's per-channel affine map, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
 //! - [`transformer`]: a layer norm and causal multi-head self-attention, each one op
@@ -24,6 +25,7 @@
 //! the reference path. Unsafe code lives in this crate only, in the kernel modules.
 
 pub mod activation;
+pub mod actnorm;
 pub mod adam;
 pub mod affine;
 #[allow(unsafe_code)]

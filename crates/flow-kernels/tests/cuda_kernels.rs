@@ -12,7 +12,10 @@
 //! several steps and many variables. `cuda_emulation/conv_harness.cpp` runs the
 //! convolution's kernels (`src/conv/conv.cu`) composed with the products the op hands
 //! to cuBLAS, against a convolution from its definition, every activation, with and
-//! without a bias, gradients by central differences. On a GPU, `flow-nn`'s `tests/fused.rs`,
+//! without a bias, gradients by central differences. `cuda_emulation/actnorm_harness.cpp`
+//! runs activation normalisation's kernels (`src/actnorm/actnorm.cu`) against the map
+//! from its definition, both directions, gradients by central differences; it and the
+//! network kernels share the warp emulation of `cuda_emulation/warps.hpp`. On a GPU, `flow-nn`'s `tests/fused.rs`,
 //! `flow-realnvp`'s `tests/fused_flow.rs` and `flow-train`'s `tests/optim.rs` with
 //! `--features cuda` compare the real thing with candle's ops.
 //!
@@ -90,4 +93,9 @@ fn cuda_conv_kernels_match_reference_under_emulation() -> Result<()> {
 #[test]
 fn cuda_affine_coupling_kernels_match_reference_under_emulation() -> Result<()> {
     emulate("affine_harness.cpp", "affine").map(|_| ())
+}
+
+#[test]
+fn cuda_actnorm_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("actnorm_harness.cpp", "actnorm").map(|_| ())
 }

@@ -1,78 +1,14 @@
-// Runs the CUDA kernels of src/mlp/mlp.cu on the CPU under an emulation of CUDA's
-// thread model, and compares them with a plain double-precision implementation of the
-// same network. Each launch runs 32 OS threads as the lanes of a warp; the lanes meet
-// at every shuffle (which is where a warp's lanes exchange values), and warps and
-// blocks run one after another, which the kernels allow: they share data only
-// through shuffles and atomics. Built and run by tests/cuda_kernels.rs.
+// Runs the CUDA kernels of src/mlp/mlp.cu on the CPU under the emulation of CUDA's
+// thread model in warps.hpp, and compares them with a plain double-precision
+// implementation of the same network. Built and run by tests/cuda_kernels.rs.
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdio>
-#include <functional>
-#include <mutex>
 #include <random>
-#include <thread>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-using std::min;
-using std::tanh;
-
-static std::barrier<> *warp_barrier;
-static double lane_values[32];
-static std::mutex atomic_mutex;
-
-template <typename T>
-T __shfl_down_sync(unsigned, T v, int offset) {
-    const int lane = threadIdx.x % 32;
-    warp_barrier->arrive_and_wait();
-    lane_values[lane] = static_cast<double>(v);
-    warp_barrier->arrive_and_wait();
-    const T out = lane + offset < 32 ? static_cast<T>(lane_values[lane + offset]) : v;
-    warp_barrier->arrive_and_wait();
-    return out;
-}
-
-template <typename T>
-void atomicAdd(T *p, T v) {
-    std::lock_guard<std::mutex> lock(atomic_mutex);
-    *p += v;
-}
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
+#include "warps.hpp"
 #include "mlp.cu"
-
-static void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
-    gridDim = grid;
-    blockDim = block;
-    std::barrier<> bar(32);
-    warp_barrier = &bar;
-    std::vector<std::thread> lanes;
-    for (unsigned l = 0; l < 32; ++l) {
-        lanes.emplace_back([&, l] {
-            for (unsigned by = 0; by < grid.y; ++by) {
-                for (unsigned bx = 0; bx < grid.x; ++bx) {
-                    for (unsigned w = 0; w < block.x / 32; ++w) {
-                        blockIdx.x = bx;
-                        blockIdx.y = by;
-                        threadIdx.x = w * 32 + l;
-                        kernel();
-                        bar.arrive_and_wait();  // a warp's lanes finish together
-                    }
-                }
-            }
-        });
-    }
-    for (auto &t : lanes) {
-        t.join();
-    }
-}
 
 // Largest difference relative to the reference's largest magnitude (at least 1).
 static double rel_err(const double *a, const std::vector<double> &b) {
