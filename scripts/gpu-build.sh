@@ -80,6 +80,12 @@ else
     echo "no Fashion-MNIST in $fm: gpu-check.sh will skip the Glow run" >&2
 fi
 
+# The peers gpu-check.sh measures beside PyTorch, as wheels (the GPU machine has
+# PyTorch and numpy, which they need, but not them): .gpu/whl travels with the run.
+rm -rf .gpu/whl
+python3 -m pip wheel -q --no-deps zuko normflows -w .gpu/whl ||
+    echo "no wheels for zuko and normflows: gpu-check.sh will run without them" >&2
+
 strip "$bin"/*
 tar -C .gpu -cf - bin | xz -9 -T2 --lzma2=preset=9,dict=256MiB >.gpu/bin.tar.xz
 ls -la "$bin" .gpu/bin.tar.xz

@@ -195,7 +195,7 @@ impl CustomOp3 for Apply {
         let v = if self.inverse { x } else { y };
         let packed = g.contiguous()?.apply_op3_no_bwd(
             &v.contiguous()?,
-            s,
+            &s.contiguous()?,
             &Grad {
                 inverse: self.inverse,
             },
