@@ -1,6 +1,6 @@
 //! With the `cuda` feature, compiles the fused kernels (`src/mlp/mlp.cu`,
 //! `src/spline/spline.cu`, `src/affine/affine.cu`, `src/adam/adam.cu`,
-//! `src/conv/conv.cu`, `src/actnorm/actnorm.cu`) to PTX with
+//! `src/conv/conv.cu`, `src/actnorm/actnorm.cu`, `src/lu_weight/lu_weight.cu`) to PTX with
 //! `nvcc`, as candle's own kernels are. `CUDA_COMPUTE_CAP` (e.g. `90`) picks the
 //! virtual architecture; the default, 7.5, is the oldest CUDA 13 supports, and newer
 //! GPUs compile the PTX for themselves when it loads.
@@ -21,6 +21,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/adam/adam.cu");
     println!("cargo:rerun-if-changed=src/conv/conv.cu");
     println!("cargo:rerun-if-changed=src/actnorm/actnorm.cu");
+    println!("cargo:rerun-if-changed=src/lu_weight/lu_weight.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -37,6 +38,7 @@ fn main() {
         ("src/adam/adam.cu", "fused_adam.ptx"),
         ("src/conv/conv.cu", "fused_conv.ptx"),
         ("src/actnorm/actnorm.cu", "fused_actnorm.ptx"),
+        ("src/lu_weight/lu_weight.cu", "fused_lu_weight.ptx"),
     ] {
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17"])

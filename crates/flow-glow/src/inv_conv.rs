@@ -69,6 +69,13 @@ struct LuWeight {
 }
 
 impl LuWeight {
+    /// `W` as candle's ops: the reference path of the fused op.
+    fn reference(&self) -> Result<Tensor> {
+        let (lt, ut) = self.triangles()?;
+        // Buffers enter detached: constants, with no gradient to compute.
+        self.p.detach().matmul(&lt)?.matmul(&ut)
+    }
+
     /// `L` (unit lower) and `U + diag(sign_s·exp(log_s))`.
     fn triangles(&self) -> Result<(Tensor, Tensor)> {
         let lt = (self.l.mul(&self.lower)? + &self.eye)?;
@@ -201,15 +208,16 @@ impl InvConv1x1 {
         matches!(self.weight, Weight::Lu(_))
     }
 
-    /// `W`, `(C, C)`: row `i` gives output channel `i`.
+    /// `W`, `(C, C)`: row `i` gives output channel `i`. The LU form's takes one fused
+    /// op where [`fused`](flow_kernels::fused) allows
+    /// [`Op::LuWeight`](flow_kernels::Op::LuWeight), else candle's ops.
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::Plain { weight } => Ok(weight.clone()),
-            Weight::Lu(w) => {
-                let (lt, ut) = w.triangles()?;
-                // Buffers enter detached: constants, with no gradient to compute.
-                w.p.detach().matmul(&lt)?.matmul(&ut)
+            Weight::Lu(w) if flow_kernels::fused(flow_kernels::Op::LuWeight, &w.l) => {
+                flow_kernels::lu_weight::lu_weight_fused(&w.p, &w.l, &w.u, &w.log_s, &w.sign_s)
             }
+            Weight::Lu(w) => w.reference(),
         }
     }
 
@@ -271,5 +279,57 @@ impl Bijector for InvConv1x1 {
             Weight::Plain { .. } => Vec::new(),
             Weight::Lu(w) => vec![w.p.clone(), w.sign_s.clone()],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Tensor};
+    use candle_nn::VarMap;
+    use flow_core::seeded_var_builder;
+
+    use super::{InvConv1x1, InvConv1x1Config, Weight};
+    use crate::ImageShape;
+
+    /// The fused weight op (which CUDA takes) against the layer's own candle ops on the
+    /// CPU: `W` and the gradients of `l`, `u` and `log_s`, with every entry of `l` and
+    /// `u` random (the triangles the weight does not use included).
+    #[test]
+    fn the_fused_weight_matches_the_plain_ops() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        for c in [1, 4, 7] {
+            let varmap = VarMap::new();
+            let cfg = InvConv1x1Config::new(ImageShape::new(c, 2, 2));
+            let layer = InvConv1x1::new(&cfg, seeded_var_builder(&varmap, 4, DType::F64, &dev))?;
+            let Weight::Lu(w) = &layer.weight else {
+                panic!("the default layer is LU-parametrised");
+            };
+            let mut set = 0;
+            for (name, var) in varmap.data().lock().expect("varmap").iter() {
+                if name == "l" || name == "u" || name == "log_s" {
+                    var.set(&Tensor::randn(0.0, 0.5, var.shape(), &dev)?.to_dtype(DType::F64)?)?;
+                    set += 1;
+                }
+            }
+            assert_eq!(set, 3, "the factors' names");
+            let r = Tensor::randn(0.0, 1.0, (c, c), &dev)?.to_dtype(DType::F64)?;
+            let fused =
+                flow_kernels::lu_weight::lu_weight_fused(&w.p, &w.l, &w.u, &w.log_s, &w.sign_s)?;
+            let plain = w.reference()?;
+            let gap = |a: &Tensor, b: &Tensor| -> candle::Result<f64> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+            };
+            assert!(gap(&fused, &plain)? < 1e-12, "W, {c} channels");
+            let gf = (fused * &r)?.sum_all()?.backward()?;
+            let gp = (plain * &r)?.sum_all()?.backward()?;
+            for (name, t) in [("l", &w.l), ("u", &w.u), ("log_s", &w.log_s)] {
+                let (a, b) = (gf.get(t).expect("∂"), gp.get(t).expect("∂"));
+                assert!(gap(a, b)? < 1e-12, "∂{name}, {c} channels");
+            }
+            for buffer in [&w.p, &w.sign_s] {
+                assert!(gf.get(buffer).is_none(), "a buffer got a gradient");
+            }
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! Whole Glow and RealNVP image models with the fused kernels (convolutions, the
-//! invertible 1×1 convolution; on CUDA also activation normalisation and the
-//! coupling's element-wise work) against the reference path of plain candle ops: the
+//! invertible 1×1 convolution; on CUDA also activation normalisation, the 1×1
+//! convolution's LU weight and the coupling's element-wise work) against the reference
+//! path of plain candle ops: the
 //! same log-probabilities and the same gradients for every trainable tensor, in f32
 //! and f64, forward (training) and inverse (sampling) directions. With the `cuda`
 //! feature, the same on a GPU: its convolution kernels against candle's CUDA ops.

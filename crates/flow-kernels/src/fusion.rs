@@ -46,6 +46,8 @@ pub enum Op {
     Conv,
     /// Activation normalisation's per-channel affine map of images.
     ActNorm,
+    /// The weight of an LU-parametrised invertible 1×1 convolution from its factors.
+    LuWeight,
     /// A layer norm over the last dimension.
     LayerNorm,
     /// Causal multi-head self-attention.
@@ -62,7 +64,8 @@ pub enum Op {
 /// [`CUDA_MAX_IO`](crate::CUDA_MAX_IO) inputs and outputs, one kernel per layer for every
 /// other shape), the spline, the affine coupling's update, the convolution and the
 /// one-launch optimiser step, while the layer-norm, attention and Transformer-layer
-/// kernels are the CPU's. Activation normalisation takes its kernel on CUDA only.
+/// kernels are the CPU's. Activation normalisation and the LU-parametrised 1×1
+/// convolution's weight take their kernels on CUDA only.
 pub fn fused(op: Op, x: &Tensor) -> bool {
     if !fusion_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return false;
@@ -81,9 +84,9 @@ pub fn fused(op: Op, x: &Tensor) -> bool {
                 || (cfg!(feature = "cuda") && dev.is_cuda() && bins <= crate::CUDA_MAX_BINS)
         }
         Op::AffineCoupling | Op::Conv => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
-        // The CPU runs the op (its tests pin it there), but candle's broadcast ops are
-        // as fast on it: a few passes over memory either way.
-        Op::ActNorm => cfg!(feature = "cuda") && dev.is_cuda(),
+        // The CPU runs these ops (their tests pin them there), but candle's ops are as
+        // fast on it: a few passes over memory, or matrices of a few channels.
+        Op::ActNorm | Op::LuWeight => cfg!(feature = "cuda") && dev.is_cuda(),
         Op::Adam => dev.is_cpu() || crate::adam::steps_all_at_once(x),
         Op::LayerNorm | Op::Attention | Op::TransformerLayer => dev.is_cpu(),
     }

@@ -10,6 +10,8 @@
 //! - [`conv`]: a same-padded stride-1 image convolution as im2col and one matrix
 //!   product, with its backward;
 //! - [`actnorm`]: activation normalisation's per-channel affine map, with its backward;
+//! - [`lu_weight`]: the weight of an LU-parametrised invertible 1×1 convolution from
+//!   its factors, with its backward;
 //! - [`spline`]: a rational-quadratic spline per element, knots to log-slope;
 //! - [`adam`]: Adam's update in place;
 //! - [`transformer`]: a layer norm and causal multi-head self-attention, each one op
@@ -36,6 +38,7 @@ mod cuda_storage;
 pub mod fusion;
 mod limits;
 pub mod linalg;
+pub mod lu_weight;
 pub mod mlp;
 mod pack;
 mod product;

@@ -15,7 +15,10 @@
 //! without a bias, gradients by central differences. `cuda_emulation/actnorm_harness.cpp`
 //! runs activation normalisation's kernels (`src/actnorm/actnorm.cu`) against the map
 //! from its definition, both directions, gradients by central differences; it and the
-//! network kernels share the warp emulation of `cuda_emulation/warps.hpp`. On a GPU, `flow-nn`'s `tests/fused.rs`,
+//! network kernels share the warp emulation of `cuda_emulation/warps.hpp`.
+//! `cuda_emulation/lu_weight_harness.cpp` runs the kernels of the LU-parametrised 1×1
+//! convolution's weight (`src/lu_weight/lu_weight.cu`) against the factors multiplied
+//! out, gradients by central differences. On a GPU, `flow-nn`'s `tests/fused.rs`,
 //! `flow-realnvp`'s `tests/fused_flow.rs` and `flow-train`'s `tests/optim.rs` with
 //! `--features cuda` compare the real thing with candle's ops.
 //!
@@ -98,4 +101,9 @@ fn cuda_affine_coupling_kernels_match_reference_under_emulation() -> Result<()> 
 #[test]
 fn cuda_actnorm_kernels_match_reference_under_emulation() -> Result<()> {
     emulate("actnorm_harness.cpp", "actnorm").map(|_| ())
+}
+
+#[test]
+fn cuda_lu_weight_kernels_match_reference_under_emulation() -> Result<()> {
+    emulate("lu_weight_harness.cpp", "lu_weight").map(|_| ())
 }

@@ -1,0 +1,115 @@
+//! Launching the kernels of `lu_weight.cu` on candle's device buffers.
+
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::{CudaDevice, CudaStorage, Layout, Result, Storage, Tensor, WithDType};
+
+use super::LuWeightGrad;
+use crate::cuda_storage::{by_dtype, storage};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_lu_weight.ptx"));
+const MODULE: &str = "flows_fused_lu_weight";
+/// The op as errors name it.
+const WHAT: &str = "the fused LU weight";
+
+/// Threads per block.
+const THREADS: u32 = 128;
+
+/// Runs `f` with the CUDA storage and layout of `t`, a tensor the op holds.
+fn held<R>(t: &Tensor, f: impl FnOnce((&CudaStorage, &Layout)) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(s) => f((s, l)),
+        _ => candle::bail!("{WHAT}: its buffers are not on the GPU of its inputs"),
+    }
+}
+
+/// Launches `lu_weight_{name}` for `T` over `n` outputs, with `inputs` before the
+/// output buffer and the channel count after it.
+fn launch<T: CudaDType + WithDType + DeviceRepr>(
+    dev: &CudaDevice,
+    name: &str,
+    inputs: &[CudaView<T>],
+    n: usize,
+    c: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: the kernel writes all `n` outputs before anything reads them.
+    let out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    let kernel = format!("lu_weight_{name}_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+    let c =
+        i32::try_from(c).map_err(|_| candle::Error::Msg(format!("{c} channels are too many")))?;
+    let blocks = u32::try_from(n.div_ceil(THREADS as usize).max(1))
+        .map_err(|_| candle::Error::Msg(format!("{n} threads are too many")))?;
+    let mut b = func.builder();
+    for v in inputs {
+        b.arg(v);
+    }
+    b.arg(&out);
+    b.arg(&c);
+    // SAFETY: the arguments match the kernel in lu_weight.cu (the buffers in its order,
+    // p and the matrices C·C elements, the vectors C, the output `n`), and the grid
+    // covers the `n` outputs.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .w()?;
+    Ok(out)
+}
+
+/// `W` `(C, C)` from `l`, `u`, `log_s` and the held `p` and `sign`.
+pub(super) fn forward(
+    c: usize,
+    p: &Tensor,
+    sign: &Tensor,
+    l: (&CudaStorage, &Layout),
+    u: (&CudaStorage, &Layout),
+    log_s: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev = &l.0.device;
+    held(p, |p| {
+        held(sign, |sign| {
+            let slice = by_dtype!(WHAT, [p, l, u, log_s, sign], |v| launch(
+                dev,
+                "forward",
+                &v,
+                c * c,
+                c
+            )?);
+            Ok(storage(slice, dev))
+        })
+    })
+}
+
+/// `[∂l | ∂u | ∂log_s]` from `∂W`.
+pub(super) fn backward(
+    c: usize,
+    op: &LuWeightGrad,
+    g: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev = &g.0.device;
+    held(&op.p, |p| {
+        held(&op.l, |l| {
+            held(&op.u, |u| {
+                held(&op.log_s, |log_s| {
+                    held(&op.sign, |sign| {
+                        let slice = by_dtype!(WHAT, [p, l, u, log_s, sign, g], |v| launch(
+                            dev,
+                            "backward",
+                            &v,
+                            2 * c * c + c,
+                            c
+                        )?);
+                        Ok(storage(slice, dev))
+                    })
+                })
+            })
+        })
+    })
+}
