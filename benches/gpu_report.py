@@ -7,6 +7,7 @@ section of BENCHMARKS.md (everything from its `# GPU` heading on) in LOGS/gpu.md
 import datetime
 import json
 import os
+import re
 import sys
 
 UNITS = {"steps_per_s": "steps/s", "points_per_s": "points/s", "us_per_op": "µs/op"}
@@ -49,6 +50,41 @@ def value(row):
         return None, None
     metric = next(k for k in row if k not in ("job", "fused"))
     return row[metric], metric
+
+
+def launch_estimates(table):
+    """Rows of launches per training step, estimated as a step's time over one tiny op's
+    (issue to completion), each side by its own tiny op: an upper bound where a step
+    also computes."""
+    tiny = {job: (plain, torch) for job, _, plain, torch, _ in table}.get("tiny_op")
+    if not tiny:
+        return []
+
+    def est(rate, us):
+        return "–" if not rate or not us else f"{1e6 / rate / us:,.0f}"
+
+    out = []
+    for job, fused, plain, torch, metric in table:
+        if metric == "steps_per_s":
+            out.append(
+                f"| {WHAT.get(job, job)} | {est(fused, tiny[0])} | {est(plain, tiny[0])} "
+                f"| {est(torch, tiny[1])} |"
+            )
+    return out
+
+
+def glow_rates(logs):
+    """Steps/s of our Glow runs by name (glow.txt), and normflows' (its JSON)."""
+    ours = {}
+    for line in read(logs, "glow.txt").splitlines():
+        m = re.match(r"(\w+) \(fusion=\d, \d+ steps\): trained .*\(([\d.]+) steps/s\)", line)
+        if m:
+            ours[m.group(1)] = float(m.group(2))
+    try:
+        peer = json.loads(read(logs, "normflows_glow.json").splitlines()[-1]).get("steps_per_s")
+    except (ValueError, IndexError):
+        peer = None
+    return ours, peer
 
 
 def main():
@@ -97,6 +133,43 @@ def main():
             ratio = f"{r:.2f}×"
         what = f"{WHAT.get(job, job)} ({unit})"
         md.append(f"| {what} | {fmt(fused)} | {fmt(plain)} | {fmt(torch)} | {ratio} |")
+    estimates = launch_estimates(table)
+    for row in estimates:
+        print("launches per step (fused, candle ops, pytorch):", row)
+    if estimates:
+        md += [
+            "",
+            "Launches per training step, estimated from these timings: a step's time over "
+            "one tiny op's on the same side (an upper bound, where a step also computes):",
+            "",
+            "| job | ours, fused | ours, candle ops | PyTorch |",
+            "| --- | --- | --- | --- |",
+        ] + estimates
+    glow, normflows = glow_rates(logs)
+    if glow or normflows:
+        fused = glow.get("glow_fusion1")
+        ratio = f"{fused / normflows:.2f}×" if fused and normflows else "–"
+        tiny = {job: plain for job, _, plain, _, _ in table}.get("tiny_op")
+        worth = (
+            f"; a fused step is worth about {1e6 / fused / tiny:,.0f} tiny ops"
+            if fused and tiny
+            else ""
+        )
+        md += [
+            "",
+            "Glow on Fashion-MNIST (L = 2, K = 8, 64 channels, batch 64), ours with CUDA "
+            "fusion on and off, normflows' Glow of the same shape on the same card "
+            f"(`benches/normflows_glow_digits.py`); training steps/s, ours / normflows "
+            f"{ratio}{worth}:",
+            "",
+            "```",
+            read(logs, "glow.txt"),
+            read(logs, "normflows_glow.json"),
+            "```",
+        ]
+    skipped = read(logs, "skipped.txt")
+    if skipped:
+        md += ["", "Skipped for time:", "", "```", skipped, "```"]
     seed = read(logs, "pytorch_seed_job.json")
     e2e = read(logs, "e2e.txt")
     md += [
