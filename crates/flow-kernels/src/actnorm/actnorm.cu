@@ -33,16 +33,16 @@ __device__ __forceinline__ void actnorm_apply(const T *x, const T *b, const T *s
 }
 
 // ∂x into `dx`, and per warp the partial sums (Σ g, Σ g·v) of its channel into
-// `partial` (c, warps per channel, 2). Grid (blocks per channel, c): the threads of a
+// `partial` (c, warps per channel, 2). Grid (c, blocks per channel): the threads of a
 // channel's blocks stride over its batch·hw elements.
 template <typename T>
 __device__ __forceinline__ void actnorm_partials(const T *g, const T *v, const T *s, T *dx,
                                                  T *partial, int batch, int c, long long hw,
                                                  int inverse) {
-    const int ch = blockIdx.y;
+    const int ch = blockIdx.x;
     const long long per = static_cast<long long>(batch) * hw;
-    const long long lanes = static_cast<long long>(gridDim.x) * blockDim.x;
-    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const long long lanes = static_cast<long long>(gridDim.y) * blockDim.x;
+    const long long first = static_cast<long long>(blockIdx.y) * blockDim.x + threadIdx.x;
     const T e = exp(inverse ? -s[ch] : s[ch]);
     T sum_g = T(0), sum_gv = T(0);
     for (long long j = first; j < per; j += lanes) {

@@ -1,6 +1,8 @@
 //! Launching the kernels of `actnorm.cu` on candle's device buffers.
 
-use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
@@ -36,10 +38,7 @@ fn kernel<T: WithDType>(name: &str) -> String {
 }
 
 /// A buffer of `n` elements that the next kernels write in full.
-fn buffer<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    dev: &CudaDevice,
-    n: usize,
-) -> Result<CudaSlice<T>> {
+fn buffer<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: each caller's kernels write every element before anything reads it.
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
@@ -64,7 +63,7 @@ fn blocks_per_channel(d: Dims) -> usize {
         .clamp(1, MAX_BLOCKS)
 }
 
-fn apply_of<T: CudaDType + WithDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+fn apply_of<T: CudaDType + WithDType + DeviceRepr>(
     dev: &CudaDevice,
     d: Dims,
     inverse: bool,
@@ -97,7 +96,7 @@ fn apply_of<T: CudaDType + WithDType + candle::cuda_backend::cudarc::driver::Dev
     Ok(y)
 }
 
-fn grad_of<T: CudaDType + WithDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+fn grad_of<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     d: Dims,
     inverse: bool,
@@ -106,6 +105,10 @@ fn grad_of<T: CudaDType + WithDType + candle::cuda_backend::cudarc::driver::Devi
     s: &CudaView<T>,
 ) -> Result<CudaSlice<T>> {
     let (n, channels) = (d.elems(), d.channels);
+    if n == 0 {
+        // No values to sum over (or no channels to launch for): every gradient is zero.
+        return dev.alloc_zeros::<T>((n + 2 * channels).max(1));
+    }
     let mut out = buffer::<T>(dev, n + 2 * channels)?;
     let blocks = blocks_per_channel(d);
     let warps = blocks * (THREADS / WARP) as usize;
@@ -131,8 +134,8 @@ fn grad_of<T: CudaDType + WithDType + candle::cuda_backend::cudarc::driver::Devi
     a.arg(&inv);
     // SAFETY: the arguments match `actnorm_partials` in actnorm.cu; `g`, `v` and `dx`
     // hold `n` elements, `s` one per channel, and `partial` two per warp of the grid
-    // (`blocks` × C blocks of THREADS threads).
-    unsafe { a.launch(config((grid_x(blocks)?, grid_x(channels)?), THREADS)) }.w()?;
+    // (C × `blocks` blocks of THREADS threads).
+    unsafe { a.launch(config((grid_x(channels)?, grid_x(blocks)?), THREADS)) }.w()?;
 
     let func = dev.get_or_load_custom_func(&kernel::<T>("finish"), MODULE, PTX)?;
     let mut sums = out.slice_mut(n..);

@@ -80,7 +80,7 @@ static std::vector<T> grad(const Shape &s, const std::vector<T> &g, const std::v
     const unsigned blocks = unsigned(std::clamp<long long>(want, 1, MAX_BLOCKS));
     const int warps = int(blocks * (THREADS / WARP));
     std::vector<T> out(s.n() + 2 * s.c, T(NAN)), partial(s.c * warps * 2, T(NAN));
-    launch({blocks, unsigned(s.c)}, {THREADS, 1}, [&] {
+    launch({unsigned(s.c), blocks}, {THREADS, 1}, [&] {
         actnorm_partials<T>(g.data(), v.data(), ls.data(), out.data(), partial.data(), s.batch,
                             s.c, s.hw, inverse);
     });
