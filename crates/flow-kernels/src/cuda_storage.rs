@@ -1,7 +1,8 @@
 //! Candle's CUDA storages as the contiguous views the kernel modules launch on, and
-//! back: the dtype dispatch the affine coupling's and the convolution's launches share.
+//! back (the dtype dispatch the kernel modules share), and the sizes and grids of their
+//! launches.
 
-use candle::cuda_backend::cudarc::driver::CudaView;
+use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
 use candle::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle::{CudaDevice, CudaStorage, Layout, Result};
 
@@ -18,6 +19,31 @@ pub(crate) fn views<'a, T: CudaDType>(
             None => candle::bail!("{what} expects contiguous inputs"),
         })
         .collect()
+}
+
+/// `n` as a kernel's `int`.
+pub(crate) fn int(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
+}
+
+/// `n` as a kernel's `long long`.
+pub(crate) fn long(n: usize) -> Result<i64> {
+    i64::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
+}
+
+/// Blocks of `per` for `n` (at least one).
+pub(crate) fn blocks(n: usize, per: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil(per).max(1))
+        .map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
+}
+
+/// One thread per each of `n` outputs, in blocks of `threads`.
+pub(crate) fn grid(n: usize, threads: u32) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (blocks(n, threads as usize)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// A result on `dev`.

@@ -7,7 +7,7 @@ use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::Dims;
-use crate::cuda_storage::{by_dtype, storage};
+use crate::cuda_storage::{blocks, by_dtype, grid, int, long, storage};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_actnorm.ptx"));
 const MODULE: &str = "flows_fused_actnorm";
@@ -24,14 +24,6 @@ const WARP: u32 = 32;
 const PER_THREAD: usize = 8;
 const MAX_BLOCKS: usize = 32;
 
-fn int(n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
-}
-
-fn long(n: usize) -> Result<i64> {
-    i64::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
-}
-
 /// The name of the kernel `actnorm_{name}` for `T`.
 fn kernel<T: WithDType>(name: &str) -> String {
     format!("actnorm_{name}_{}", T::DTYPE.as_str())
@@ -43,14 +35,9 @@ fn buffer<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaS
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
-/// A grid dimension of `n` blocks.
-fn grid_x(n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} blocks are too many")))
-}
-
-fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
+fn config((x, y): (u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        grid_dim: (x, y, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -80,7 +67,6 @@ fn apply_of<T: CudaDType + WithDType + DeviceRepr>(
         long(d.pixels)?,
         i32::from(inverse),
     );
-    let blocks = grid_x(n.div_ceil(THREADS as usize))?;
     let mut a = func.builder();
     a.arg(x);
     a.arg(b);
@@ -92,7 +78,7 @@ fn apply_of<T: CudaDType + WithDType + DeviceRepr>(
     a.arg(&inv);
     // SAFETY: the arguments match `actnorm_apply` in actnorm.cu; `x` and `y` hold `n`
     // elements, `b` and `s` one per channel.
-    unsafe { a.launch(config((blocks, 1), THREADS)) }.w()?;
+    unsafe { a.launch(grid(n, THREADS)?) }.w()?;
     Ok(y)
 }
 
@@ -110,8 +96,8 @@ fn grad_of<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
         return dev.alloc_zeros::<T>((n + 2 * channels).max(1));
     }
     let mut out = buffer::<T>(dev, n + 2 * channels)?;
-    let blocks = blocks_per_channel(d);
-    let warps = blocks * (THREADS / WARP) as usize;
+    let per_channel = blocks_per_channel(d);
+    let warps = per_channel * (THREADS / WARP) as usize;
     let partial = buffer::<T>(dev, channels * warps * 2)?;
     let (batch, c, hw, inv) = (
         int(d.batch)?,
@@ -134,8 +120,14 @@ fn grad_of<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
     a.arg(&inv);
     // SAFETY: the arguments match `actnorm_partials` in actnorm.cu; `g`, `v` and `dx`
     // hold `n` elements, `s` one per channel, and `partial` two per warp of the grid
-    // (C × `blocks` blocks of THREADS threads).
-    unsafe { a.launch(config((grid_x(channels)?, grid_x(blocks)?), THREADS)) }.w()?;
+    // (C × `per_channel` blocks of THREADS threads).
+    unsafe {
+        a.launch(config(
+            (blocks(channels, 1)?, blocks(per_channel, 1)?),
+            THREADS,
+        ))
+    }
+    .w()?;
 
     let func = dev.get_or_load_custom_func(&kernel::<T>("finish"), MODULE, PTX)?;
     let mut sums = out.slice_mut(n..);
@@ -149,7 +141,7 @@ fn grad_of<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
     a.arg(&inv);
     // SAFETY: the arguments match `actnorm_finish` in actnorm.cu; `partial` holds two
     // values per warp of each channel, `s` one per channel and `sums` two.
-    unsafe { a.launch(config((grid_x(channels)?, 1), WARP)) }.w()?;
+    unsafe { a.launch(config((blocks(channels, 1)?, 1), WARP)) }.w()?;
     Ok(out)
 }
 

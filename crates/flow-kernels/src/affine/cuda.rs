@@ -6,7 +6,7 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
-use crate::cuda_storage::{by_dtype, storage};
+use crate::cuda_storage::{by_dtype, int, storage};
 use crate::ScaleMap;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_affine.ptx"));
@@ -45,10 +45,6 @@ impl Code {
             ScaleMap::Atan { clamp } => (3, clamp),
             ScaleMap::Sigmoid => (4, 1.0),
             ScaleMap::Softplus => (5, 1.0),
-        };
-        let int = |v: usize| {
-            i32::try_from(v)
-                .map_err(|_| candle::Error::Msg(format!("{v} is too large for the kernel")))
         };
         let batch = i64::try_from(batch)
             .map_err(|_| candle::Error::Msg(format!("{batch} rows are too many")))?;

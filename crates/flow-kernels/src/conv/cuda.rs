@@ -8,14 +8,12 @@
 //!   `∂W` has read), and `∂x = col2im(∂cols)`.
 
 use candle::cuda_backend::cudarc::cublas::{CudaBlas, Gemm};
-use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::{Dims, Inner};
-use crate::cuda_storage::{by_dtype, storage};
+use crate::cuda_storage::{by_dtype, grid, int, long, storage};
 use crate::product::{Blas, Product};
 use crate::Activation;
 
@@ -35,25 +33,6 @@ fn code(act: Option<Inner>) -> (i32, f64) {
         Some(Inner::LeakyRelu) => (1, Activation::LEAKY_SLOPE),
         Some(Inner::Tanh) => (2, 0.0),
     }
-}
-
-fn int(n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
-}
-
-fn long(n: usize) -> Result<i64> {
-    i64::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
-}
-
-/// Blocks for one thread per each of `n` outputs.
-fn grid(n: usize) -> Result<LaunchConfig> {
-    let blocks = u32::try_from(n.div_ceil(THREADS as usize).max(1))
-        .map_err(|_| candle::Error::Msg(format!("{n} threads are too many")))?;
-    Ok(LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 /// The null pointer for an absent bias.
@@ -126,7 +105,7 @@ impl<'a> Launches<'a> {
         }
         // SAFETY: the arguments match `conv_im2col` in conv.cu; `x` holds B·C_in·H·W
         // elements and `cols` B·H·W·C_in·k·k.
-        unsafe { b.launch(grid(d.positions() * d.patch())?) }.w()?;
+        unsafe { b.launch(grid(d.positions() * d.patch(), THREADS)?) }.w()?;
         Ok(cols)
     }
 
@@ -165,7 +144,7 @@ impl<'a> Launches<'a> {
         b.arg(&slope);
         // SAFETY: the arguments match `conv_epilogue` in conv.cu; `z` and `y` hold
         // B·H·W·C_out elements, `bias` (when given) C_out.
-        unsafe { b.launch(grid(d.positions() * d.cout)?) }.w()?;
+        unsafe { b.launch(grid(d.positions() * d.cout, THREADS)?) }.w()?;
         Ok(y)
     }
 
@@ -197,7 +176,7 @@ impl<'a> Launches<'a> {
         b.arg(&hw);
         // SAFETY: the arguments match `conv_to_positions` in conv.cu; `dz` and `dzp`
         // hold B·C_out·H·W elements.
-        unsafe { b.launch(grid(d.positions() * d.cout)?) }.w()?;
+        unsafe { b.launch(grid(d.positions() * d.cout, THREADS)?) }.w()?;
 
         let mut cols = self.im2col(x)?;
         let p = Product::row_major(d.cout, d.patch(), d.positions(), true, false);
@@ -220,7 +199,7 @@ impl<'a> Launches<'a> {
         b.arg(&cout);
         // SAFETY: the arguments match `conv_bias_grad` in conv.cu; `dzp` holds
         // B·H·W·C_out elements and `gb` C_out.
-        unsafe { b.launch(grid(d.cout)?) }.w()?;
+        unsafe { b.launch(grid(d.cout, THREADS)?) }.w()?;
 
         // ∂cols overwrites cols: the stream runs the product above first.
         let p = Product::row_major(d.positions(), d.patch(), d.cout, false, false);
@@ -239,7 +218,7 @@ impl<'a> Launches<'a> {
         }
         // SAFETY: the arguments match `conv_col2im` in conv.cu; `cols` holds
         // B·H·W·C_in·k·k elements and `gx` B·C_in·H·W.
-        unsafe { b.launch(grid(nx)?) }.w()?;
+        unsafe { b.launch(grid(nx, THREADS)?) }.w()?;
         Ok(out)
     }
 }
@@ -265,7 +244,7 @@ fn activation_grad_of<T: Blas>(
     b.arg(&slope);
     // SAFETY: the arguments match `conv_activation_grad` in conv.cu; `g`, `y` and `out`
     // hold `n` elements.
-    unsafe { b.launch(grid(n)?) }.w()?;
+    unsafe { b.launch(grid(n, THREADS)?) }.w()?;
     Ok(out)
 }
 

@@ -1,13 +1,11 @@
 //! Launching the kernels of `lu_weight.cu` on candle's device buffers.
 
-use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{CudaDevice, CudaStorage, Layout, Result, Storage, Tensor, WithDType};
 
 use super::LuWeightGrad;
-use crate::cuda_storage::{by_dtype, storage};
+use crate::cuda_storage::{by_dtype, grid, int, storage};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_lu_weight.ptx"));
 const MODULE: &str = "flows_fused_lu_weight";
@@ -39,10 +37,7 @@ fn launch<T: CudaDType + WithDType + DeviceRepr>(
     let out = unsafe { dev.alloc::<T>(n.max(1)) }?;
     let kernel = format!("lu_weight_{name}_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
-    let c =
-        i32::try_from(c).map_err(|_| candle::Error::Msg(format!("{c} channels are too many")))?;
-    let blocks = u32::try_from(n.div_ceil(THREADS as usize).max(1))
-        .map_err(|_| candle::Error::Msg(format!("{n} threads are too many")))?;
+    let c = int(c)?;
     let mut b = func.builder();
     for v in inputs {
         b.arg(v);
@@ -52,14 +47,7 @@ fn launch<T: CudaDType + WithDType + DeviceRepr>(
     // SAFETY: the arguments match the kernel in lu_weight.cu (the buffers in its order,
     // p and the matrices C·C elements, the vectors C, the output `n`), and the grid
     // covers the `n` outputs.
-    unsafe {
-        b.launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .w()?;
+    unsafe { b.launch(grid(n, THREADS)?) }.w()?;
     Ok(out)
 }
 

@@ -9,6 +9,7 @@ use candle::cuda_backend::{CudaStorageSlice, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{Arch, Dims};
+use crate::cuda_storage::{blocks, grid, int};
 use crate::product::{Blas, Product};
 use crate::Activation;
 
@@ -36,15 +37,6 @@ fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
         Some((a, b)) => Ok(s.slice(a..b)),
         None => candle::bail!("fused mlp expects contiguous inputs"),
     }
-}
-
-fn int(n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
-}
-
-fn blocks(n: usize, per: usize) -> Result<u32> {
-    u32::try_from(n.div_ceil(per).max(1))
-        .map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
 }
 
 /// The name of the kernel for `T` (`fwd` or `bwd` pass), or an error for dtypes
@@ -222,14 +214,6 @@ struct Layers<'a, T> {
 /// The null pointer for the kernels' optional inputs.
 static NULL: u64 = 0;
 
-fn grid(n: usize) -> Result<LaunchConfig> {
-    Ok(LaunchConfig {
-        grid_dim: (blocks(n, THREADS as usize)?, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
 impl<'a, T: Blas> Layers<'a, T>
 where
     CudaBlas: Gemm<T>,
@@ -314,7 +298,7 @@ where
         b.arg(&self.c);
         // SAFETY: the arguments match `fused_linear_epilogue` in mlp.cu; `z`, `add` and
         // `y` hold rows × n elements, `p` n × (k + 1).
-        unsafe { b.launch(grid(rows * n)?) }.w()?;
+        unsafe { b.launch(grid(rows * n, THREADS)?) }.w()?;
         Ok((z, y))
     }
 
@@ -362,7 +346,7 @@ where
         b.arg(&self.c);
         // SAFETY: the arguments match `fused_input_epilogue` in mlp.cu; `g`, `z`, `y`
         // and `add` hold rows × k elements.
-        unsafe { b.launch(grid(rows * k)?) }.w()?;
+        unsafe { b.launch(grid(rows * k, THREADS)?) }.w()?;
         Ok(g)
     }
 
@@ -391,7 +375,7 @@ where
         }
         // SAFETY: the arguments match `fused_bias_grad` in mlp.cu; `dz` holds rows × n
         // and `gp` n × (k + 1) elements, which the kernel adds to.
-        unsafe { b.launch(grid(n)?) }.w()?;
+        unsafe { b.launch(grid(n, THREADS)?) }.w()?;
         Ok(())
     }
 
@@ -412,7 +396,7 @@ where
         b.arg(&self.c);
         // SAFETY: the arguments match `fused_activate` in mlp.cu; `z` and `y` hold `len`
         // elements.
-        unsafe { b.launch(grid(len)?) }.w()?;
+        unsafe { b.launch(grid(len, THREADS)?) }.w()?;
         Ok(y)
     }
 }

@@ -7,6 +7,7 @@ use candle::cuda_backend::{Map2, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{SplineShape, SplineStyle};
+use crate::cuda_storage::int;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_spline.ptx"));
 const MODULE: &str = "flows_fused_spline";
@@ -19,10 +20,6 @@ fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
         Some((a, b)) => Ok(s.slice(a..b)),
         None => candle::bail!("the fused spline expects contiguous inputs"),
     }
-}
-
-fn int(n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| candle::Error::Msg(format!("{n} is too large for the kernel")))
 }
 
 fn kernel_name<T: WithDType>(pass: &str) -> Result<String> {
