@@ -14,11 +14,13 @@
 //! to cuBLAS, against a convolution from its definition, every activation, with and
 //! without a bias, gradients by central differences. `cuda_emulation/actnorm_harness.cpp`
 //! runs activation normalisation's kernels (`src/actnorm/actnorm.cu`) against the map
-//! from its definition, both directions, gradients by central differences; it and the
-//! network kernels share the warp emulation of `cuda_emulation/warps.hpp`.
+//! from its definition, both directions, gradients by central differences.
 //! `cuda_emulation/lu_weight_harness.cpp` runs the kernels of the LU-parametrised 1×1
 //! convolution's weight (`src/lu_weight/lu_weight.cu`) against the factors multiplied
-//! out, gradients by central differences. On a GPU, `flow-nn`'s `tests/fused.rs`,
+//! out, gradients by central differences. The harnesses share CUDA's thread indices
+//! and a one-thread-after-another launch (`cuda_emulation/threads.hpp`), and where lanes
+//! exchange values the warp emulation (`cuda_emulation/warps.hpp`). On a GPU,
+//! `flow-nn`'s `tests/fused.rs`,
 //! `flow-realnvp`'s `tests/fused_flow.rs` and `flow-train`'s `tests/optim.rs` with
 //! `--features cuda` compare the real thing with candle's ops.
 //!

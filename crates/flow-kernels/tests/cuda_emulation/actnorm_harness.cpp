@@ -44,27 +44,12 @@ static std::vector<T> cast(const std::vector<double> &v) {
     return std::vector<T>(v.begin(), v.end());
 }
 
-// Runs a kernel that exchanges nothing between threads (one writer per output) over
-// `grid` blocks of `block` threads, one thread after another.
-static void launch_each(unsigned grid, unsigned block, const std::function<void()> &kernel) {
-    gridDim = {grid, 1};
-    blockDim = {block, 1};
-    for (unsigned bx = 0; bx < grid; ++bx) {
-        for (unsigned t = 0; t < block; ++t) {
-            blockIdx = {bx, 0};
-            threadIdx = {t, 0};
-            kernel();
-        }
-    }
-}
-
 // The op's forward as cuda.rs launches it.
 template <typename T>
 static std::vector<T> apply(const Shape &s, const std::vector<T> &x, const std::vector<T> &b,
                             const std::vector<T> &ls, bool inverse) {
     std::vector<T> y(s.n(), T(NAN));
-    const unsigned blocks = unsigned((s.n() + THREADS - 1) / THREADS);
-    launch_each(blocks, THREADS, [&] {
+    launch_each(s.n(), THREADS, [&] {
         actnorm_apply<T>(x.data(), b.data(), ls.data(), y.data(), s.n(), s.c, s.hw, inverse);
     });
     return y;

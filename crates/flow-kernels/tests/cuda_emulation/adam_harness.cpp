@@ -10,15 +10,9 @@
 #include <random>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-static dim3 threadIdx, blockIdx, blockDim;
+#include "threads.hpp"
 using std::sqrt;
 
-#define __device__
-#define __global__
-#define __forceinline__ inline
 #include "adam.cu"
 
 struct Optimiser {

@@ -11,33 +11,14 @@
 #include <random>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-static dim3 threadIdx, blockIdx, blockDim;
+#include "threads.hpp"
 using std::atan;
 using std::exp;
 using std::log;
 using std::log1p;
 using std::tanh;
 
-#define __device__
-#define __global__
-#define __forceinline__ inline
 #include "affine.cu"
-
-// Runs `kernel` over `total` threads in blocks of 64.
-static void launch(long long total, const std::function<void()> &kernel) {
-    blockDim.x = 64;
-    const unsigned blocks = unsigned((total + 63) / 64);
-    for (unsigned b = 0; b < blocks; ++b) {
-        blockIdx.x = b;
-        for (unsigned t = 0; t < 64; ++t) {
-            threadIdx.x = t;
-            kernel();
-        }
-    }
-}
 
 // The log-scale from its definition.
 static double log_scale(double s, int kind, double c) {
@@ -93,21 +74,21 @@ static void kernels(const Case &c, bool inverse, const std::vector<double> &x,
     const long long elems = (long long)c.batch * c.dim, params = (long long)c.batch * c.n;
     std::vector<T> yt(elems), ldt(c.batch), packed(elems + 2 * params), gls(params);
     const int inv = inverse ? 1 : 0, sf = c.shift_first ? 1 : 0;
-    launch(elems, [&] {
+    launch_each(elems, 64, [&] {
         affine_update<T>(xt.data(), st.data(), tt.data(), c.column.data(), yt.data(), c.batch,
                          c.dim, c.n, c.kind, c.clamp, inv, sf);
     });
-    launch(c.batch, [&] {
+    launch_each(c.batch, 64, [&] {
         affine_log_det<T>(st.data(), ldt.data(), c.batch, c.n, c.kind, c.clamp, inv);
     });
     // The derivative in ŝ needs x going forward and y going back, or the other way
     // round with the shift first.
     const std::vector<T> &xy = inverse != c.shift_first ? yt : xt;
-    launch(elems, [&] {
+    launch_each(elems, 64, [&] {
         affine_update_grad<T>(xy.data(), st.data(), gy.data(), c.column.data(), packed.data(),
                               c.batch, c.dim, c.n, c.kind, c.clamp, inv, sf);
     });
-    launch(params, [&] {
+    launch_each(params, 64, [&] {
         affine_log_det_grad<T>(st.data(), gl.data(), gls.data(), c.batch, c.n, c.kind,
                                c.clamp, inv);
     });

@@ -12,29 +12,10 @@
 #include <random>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-static dim3 threadIdx, blockIdx, blockDim;
+#include "threads.hpp"
 using std::tanh;
 
-#define __device__
-#define __global__
-#define __forceinline__ inline
 #include "conv.cu"
-
-// Runs `kernel` over `total` threads in blocks of 64.
-static void launch(long long total, const std::function<void()> &kernel) {
-    blockDim.x = 64;
-    const unsigned blocks = unsigned((total + 63) / 64);
-    for (unsigned b = 0; b < blocks; ++b) {
-        blockIdx.x = b;
-        for (unsigned t = 0; t < 64; ++t) {
-            threadIdx.x = t;
-            kernel();
-        }
-    }
-}
 
 struct Shape {
     int batch, cin, cout, h, w, k;
@@ -67,11 +48,11 @@ template <typename T>
 static std::vector<T> forward(const Shape &s, const std::vector<T> &x, const std::vector<T> &w,
                               const T *bias, int kind, double slope) {
     std::vector<T> cols(s.positions() * s.patch(), T(NAN));
-    launch(cols.size(), [&] { conv_im2col<T>(x.data(), cols.data(), s.batch, s.cin, s.h, s.w, s.k); });
+    launch_each(cols.size(), 64, [&] { conv_im2col<T>(x.data(), cols.data(), s.batch, s.cin, s.h, s.w, s.k); });
     std::vector<T> z(s.positions() * s.cout, T(NAN));
     product<T>(s.positions(), s.cout, s.patch(), false, true, cols, w, z.data());
     std::vector<T> y(s.ny(), T(NAN));
-    launch(y.size(), [&] {
+    launch_each(y.size(), 64, [&] {
         conv_epilogue<T>(z.data(), bias, y.data(), s.batch, s.cout, s.pixels(), kind, slope);
     });
     return y;
@@ -86,19 +67,19 @@ static std::vector<T> backward(const Shape &s, const std::vector<T> &x, const st
     if (kind == 0) {
         dz = g;
     } else {
-        launch(dz.size(), [&] {
+        launch_each(dz.size(), 64, [&] {
             conv_activation_grad<T>(g.data(), y.data(), dz.data(), s.ny(), kind, slope);
         });
     }
     std::vector<T> out(s.nx() + s.nw() + s.cout, T(NAN));
     std::vector<T> dzp(s.ny(), T(NAN));
-    launch(dzp.size(), [&] { conv_to_positions<T>(dz.data(), dzp.data(), s.batch, s.cout, s.pixels()); });
+    launch_each(dzp.size(), 64, [&] { conv_to_positions<T>(dz.data(), dzp.data(), s.batch, s.cout, s.pixels()); });
     std::vector<T> cols(s.positions() * s.patch(), T(NAN));
-    launch(cols.size(), [&] { conv_im2col<T>(x.data(), cols.data(), s.batch, s.cin, s.h, s.w, s.k); });
+    launch_each(cols.size(), 64, [&] { conv_im2col<T>(x.data(), cols.data(), s.batch, s.cin, s.h, s.w, s.k); });
     product<T>(s.cout, s.patch(), s.positions(), true, false, dzp, cols, out.data() + s.nx());
-    launch(s.cout, [&] { conv_bias_grad<T>(dzp.data(), out.data() + s.nx() + s.nw(), s.positions(), s.cout); });
+    launch_each(s.cout, 64, [&] { conv_bias_grad<T>(dzp.data(), out.data() + s.nx() + s.nw(), s.positions(), s.cout); });
     product<T>(s.positions(), s.patch(), s.cout, false, false, dzp, w, cols.data());
-    launch(s.nx(), [&] { conv_col2im<T>(cols.data(), out.data(), s.batch, s.cin, s.h, s.w, s.k); });
+    launch_each(s.nx(), 64, [&] { conv_col2im<T>(cols.data(), out.data(), s.batch, s.cin, s.h, s.w, s.k); });
     return out;
 }
 

@@ -13,32 +13,13 @@
 #include <random>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-static dim3 threadIdx, blockIdx, blockDim;
+#include "threads.hpp"
 using std::exp;
 
-#define __device__
-#define __global__
-#define __forceinline__ inline
 #include "lu_weight.cu"
 
 // As cuda.rs: threads per block.
 static const unsigned THREADS = 128;
-
-// Runs `kernel` over enough blocks of THREADS for `total` threads.
-static void launch(long long total, const std::function<void()> &kernel) {
-    blockDim.x = THREADS;
-    const unsigned blocks = unsigned(std::max<long long>(1, (total + THREADS - 1) / THREADS));
-    for (unsigned b = 0; b < blocks; ++b) {
-        blockIdx.x = b;
-        for (unsigned t = 0; t < THREADS; ++t) {
-            threadIdx.x = t;
-            kernel();
-        }
-    }
-}
 
 struct Params {
     int c;
@@ -74,7 +55,7 @@ static std::vector<T> forward(const Params &q) {
     const auto p = cast<T>(q.p), l = cast<T>(q.l), u = cast<T>(q.u), s = cast<T>(q.log_s),
                sign = cast<T>(q.sign);
     std::vector<T> w(q.c * q.c, T(NAN));
-    launch(w.size(), [&] {
+    launch_each(w.size(), THREADS, [&] {
         lu_weight_forward<T>(p.data(), l.data(), u.data(), s.data(), sign.data(), w.data(), q.c);
     });
     return w;
@@ -85,7 +66,7 @@ static std::vector<T> backward(const Params &q, const std::vector<double> &g) {
     const auto p = cast<T>(q.p), l = cast<T>(q.l), u = cast<T>(q.u), s = cast<T>(q.log_s),
                sign = cast<T>(q.sign), gt = cast<T>(g);
     std::vector<T> out(2 * q.c * q.c + q.c, T(NAN));
-    launch(out.size(), [&] {
+    launch_each(out.size(), THREADS, [&] {
         lu_weight_backward<T>(p.data(), l.data(), u.data(), s.data(), sign.data(), gt.data(),
                               out.data(), q.c);
     });

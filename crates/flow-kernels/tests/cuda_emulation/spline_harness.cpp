@@ -9,10 +9,7 @@
 #include <random>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-static dim3 threadIdx, blockIdx, blockDim;
+#include "threads.hpp"
 using std::exp;
 using std::fabs;
 using std::fmax;
@@ -20,9 +17,6 @@ using std::log;
 using std::log1p;
 using std::sqrt;
 
-#define __device__
-#define __global__
-#define __forceinline__ inline
 #include "spline.cu"
 
 // The reference: one element's spline from its raw parameters, in double.

@@ -1,5 +1,5 @@
-// An emulation of CUDA's thread model on the CPU, for the harnesses whose kernels
-// exchange values within a warp. Each launch runs 32 OS threads as the lanes of a
+// An emulation of CUDA's warps on the CPU (over threads.hpp), for the harnesses whose
+// kernels exchange values within a warp. Each launch runs 32 OS threads as the lanes of a
 // warp; the lanes meet at every shuffle (which is where a warp's lanes exchange
 // values), and warps and blocks run one after another, which the kernels allow: they
 // share data only through shuffles and atomics. Include it before the kernels' .cu.
@@ -10,11 +10,8 @@
 #include <thread>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
+#include "threads.hpp"
+
 using std::min;
 using std::tanh;
 
@@ -38,10 +35,6 @@ void atomicAdd(T *p, T v) {
     std::lock_guard<std::mutex> lock(atomic_mutex);
     *p += v;
 }
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
 
 static void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
     gridDim = grid;
