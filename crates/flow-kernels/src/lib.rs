@@ -54,7 +54,7 @@ pub use allocator::retain_freed_memory;
 pub use fusion::{fused, fusion_enabled, set_fusion, Op};
 pub use limits::{CUDA_MAX_BINS, CUDA_MAX_IO};
 pub use pack::pack_linear;
-pub(crate) use real::Real;
+pub(crate) use real::{Elem, Real};
 pub use scale::ScaleMap;
 pub use spline::{SplineShape, SplineStyle};
 pub use threads::{on_this_thread, pin_thread_count, pin_thread_count_among};

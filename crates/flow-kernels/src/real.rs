@@ -4,6 +4,15 @@
 
 use num_traits::Float;
 
+/// A float an op's plain loops run on, f32 or f64 (the convolution, ActNorm, the LU
+/// weight).
+pub(crate) trait Elem:
+    Float + std::ops::AddAssign + candle::WithDType + Send + Sync + 'static
+{
+}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
 /// A float with the softmax exponential the kernels share.
 pub(crate) trait Real: Float + Send + Sync + crate::Unwritten {
     /// `eᵛ` of each value `v ≤ 0` in place (a softmax's logits less their maximum).

@@ -14,18 +14,12 @@
 
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 
-use crate::slice;
+use crate::{slice, Elem};
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
-
-/// A float the op runs on.
-trait Elem: Float + candle::WithDType + std::ops::AddAssign {}
-impl Elem for f32 {}
-impl Elem for f64 {}
 
 /// The shape of the images: `batch` images of `channels` planes of `pixels` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,23 +27,16 @@
 //! position-major products through cuBLAS, the copies and the epilogue as kernels.
 
 use candle::backend::BackendStorage;
-use candle::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::{slice, Activation};
+use crate::{slice, Activation, Elem};
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
-
-/// A float the kernel runs on.
-trait Elem: Float + std::ops::AddAssign + WithDType + Send + Sync + 'static {}
-impl Elem for f32 {}
-impl Elem for f64 {}
 
 /// Elements above which the copies (im2col, col2im, transposes) split over threads:
 /// below it a rayon fork costs more than it saves.

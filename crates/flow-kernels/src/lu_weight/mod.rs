@@ -13,18 +13,12 @@
 
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 
-use crate::{on_host, slice};
+use crate::{on_host, slice, Elem};
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda;
-
-/// A float the op runs on.
-trait Elem: Float + candle::WithDType + std::ops::AddAssign {}
-impl Elem for f32 {}
-impl Elem for f64 {}
 
 /// `L[k][m]`.
 fn lower<T: Elem>(l: &[T], c: usize, k: usize, m: usize) -> T {
