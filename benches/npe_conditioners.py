@@ -48,7 +48,8 @@ def slcp(n, rng):
 
 
 def write(path, theta, x):
-    header = [f"theta{i}" for i in range(theta.shape[1])] + [f"x{i}" for i in range(x.shape[1])]
+    header = [f"theta{i}" for i in range(theta.shape[1])]
+    header += [f"x{i}" for i in range(x.shape[1])]
     np.savetxt(path, np.hstack((theta, x)), delimiter=",", header=",".join(header), comments="")
 
 
@@ -70,7 +71,11 @@ def main():
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = {f"Gaussian linear, d = {d}, σ² = {v}": gaussian_linear(d, v) for v in (0.1, 0.01) for d in (2, 4, 6, 10)}
+    tasks = {
+        f"Gaussian linear, d = {d}, σ² = {v}": gaussian_linear(d, v)
+        for v in (0.1, 0.01)
+        for d in (2, 4, 6, 10)
+    }
     tasks["SLCP"] = slcp
     print("| simulator | simulations | network | NLL, seeds 0 / 1 / 2 | mean |")
     print("| --- | --- | --- | --- | --- |")
@@ -85,8 +90,9 @@ def main():
                 scores = []
                 for seed in SEEDS:
                     model = out / f"task{k}-{n}-{len(flags)}-{seed}.safetensors"
-                    train = [args.flow, "train", "--data", str(sims), "--context-dim", str(x.shape[1])]
-                    train += ["--flow", "nsf", "--seed", str(seed), "--out", str(model), *flags]
+                    train = [args.flow, "train", "--data", str(sims), "--flow", "nsf"]
+                    train += ["--context-dim", str(x.shape[1]), "--seed", str(seed)]
+                    train += ["--out", str(model), *flags]
                     subprocess.run(train, check=True, capture_output=True)
                     scores.append(nll(args.flow, str(model), str(test)))
                 each = " / ".join(f"{s:.3f}" for s in scores)
