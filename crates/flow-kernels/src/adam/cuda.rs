@@ -66,20 +66,32 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     }
     let mut table = Vec::with_capacity(groups.len() * COLUMNS);
     let mut syncs = Vec::with_capacity(held.len());
+    let mut written = Vec::with_capacity(groups.len() * 3);
     let mut blocks = 0u64;
     for (group, parts) in groups.iter().zip(held.chunks(4)) {
-        for (storage, start) in parts {
+        let n = group[0].elem_count();
+        let bytes = (n * std::mem::size_of::<T>()) as u64;
+        for (k, (storage, start)) in parts.iter().enumerate() {
             let Storage::Cuda(s) = &**storage else {
                 candle::bail!("the one-launch optimiser step runs on CUDA tensors");
             };
             let (ptr, sync) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
-            table.push(ptr + (start * std::mem::size_of::<T>()) as u64);
+            let address = ptr + (start * std::mem::size_of::<T>()) as u64;
+            table.push(address);
             syncs.push(sync);
+            // θ, m and v are written; g is only read.
+            if k < 3 {
+                written.push((address, bytes));
+            }
         }
-        let n = group[0].elem_count();
         table.push(n as u64);
         table.push(blocks);
         blocks += n.div_ceil(CHUNK) as u64;
+    }
+    if super::any_overlap(written) {
+        candle::bail!(
+            "the one-launch optimiser step got a variable or moment twice, or two that share memory"
+        );
     }
     let grid = u32::try_from(blocks).map_err(|_| {
         candle::Error::Msg(format!(
@@ -119,8 +131,8 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     // length, alive while `held` keeps its storage; the blocks per row are the row's
     // length over CHUNK, rounded up, as the kernel assumes. θ, m and v are written
     // through addresses taken from read guards: the variables and moments are the
-    // optimiser's own, no other tensor shares their storage, and the kernel runs on the
-    // device's one stream after every op already queued that reads them.
+    // optimiser's own, no two of them share an element (checked above), and the kernel
+    // runs on the device's one stream after every op already queued that reads them.
     unsafe { b.launch(cfg) }.w()?;
     drop(syncs);
     drop(held);

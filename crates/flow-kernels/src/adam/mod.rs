@@ -104,6 +104,17 @@ pub fn step_all(step: &Step, groups: &[[&Tensor; 4]]) -> Result<()> {
     }
 }
 
+/// Whether any two of the address ranges `(start, length)` share an address. The
+/// one-launch step writes each group's θ, m and v from threads of its own, so no two of
+/// those may share an element.
+#[cfg(any(feature = "cuda", test))]
+fn any_overlap(mut ranges: Vec<(u64, u64)>) -> bool {
+    ranges.sort_unstable();
+    ranges
+        .windows(2)
+        .any(|w| w[0].0.saturating_add(w[0].1) > w[1].0)
+}
+
 /// The contiguous part of `s` that `l` describes.
 fn part<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -245,5 +256,18 @@ impl InplaceOp3 for Update {
             |t, m, v| self.run(t, m, v),
             |t, m, v| self.run(t, m, v),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::any_overlap;
+
+    #[test]
+    fn overlapping_ranges_are_found_in_any_order() {
+        assert!(!any_overlap(vec![(0, 8), (8, 8), (32, 4)]));
+        assert!(!any_overlap(vec![(32, 4), (0, 8), (16, 0), (16, 4)]));
+        assert!(any_overlap(vec![(32, 4), (0, 8), (8, 8), (0, 8)]));
+        assert!(any_overlap(vec![(40, 8), (0, 8), (36, 8)]));
     }
 }

@@ -42,15 +42,14 @@ struct AffineUpdate {
 }
 
 impl AffineUpdate {
-    /// `(batch, dim)`, checked against the shapes of `s` and `t`.
+    /// `(batch, dim)`, checked against the shapes of `s` and `t`, with the transformed
+    /// features checked to be distinct features of `x` (each column of `s` and `t`
+    /// then has one feature, and every gradient entry one writer).
     fn dims(&self, x: &Layout, s: &Layout, t: &Layout) -> Result<(usize, usize)> {
         let (batch, dim) = x.shape().dims2()?;
         let n = self.transformed.len();
-        let ok = n > 0
-            && dim > 0
-            && s.shape().dims() == [batch, n]
-            && t.shape().dims() == [batch, n]
-            && self.transformed.iter().all(|&j| j < dim);
+        let ok =
+            n > 0 && dim > 0 && s.shape().dims() == [batch, n] && t.shape().dims() == [batch, n];
         if !ok {
             candle::bail!(
                 "fused coupling: shapes {:?} {:?} {:?} do not match {n} transformed features",
@@ -58,6 +57,15 @@ impl AffineUpdate {
                 s.shape(),
                 t.shape()
             );
+        }
+        let mut seen = vec![false; dim];
+        for &j in &self.transformed {
+            if j >= dim || std::mem::replace(&mut seen[j], true) {
+                candle::bail!(
+                    "fused coupling: transformed features {:?} are not distinct features of {dim}",
+                    self.transformed
+                );
+            }
         }
         Ok((batch, dim))
     }
@@ -491,6 +499,25 @@ mod tests {
         let log_det = ls.sum(1)?;
         let log_det = if inverse { log_det.neg()? } else { log_det };
         Ok((Tensor::cat(&cols, 1)?, log_det))
+    }
+
+    /// A feature transformed twice, or one past the last, is refused rather than
+    /// leaving a column of the gradients unwritten.
+    #[test]
+    fn transformed_features_must_be_distinct_features() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 4), DType::F32, &dev)?;
+        let st = Tensor::zeros((2, 2), DType::F32, &dev)?;
+        let run = |transformed: &[usize]| {
+            let order = Order::ScaleThenShift;
+            coupling_in_order(&x, transformed, &st, &st, ScaleMap::Exp, false, order)
+        };
+        assert!(run(&[3, 1]).is_ok());
+        for bad in [[1, 1], [0, 4]] {
+            let err = run(&bad).expect_err("refused").to_string();
+            assert!(err.contains("not distinct features"), "{bad:?}: {err}");
+        }
+        Ok(())
     }
 
     /// The fused ops against the definition: values, and the gradients in `x`, `s` and

@@ -37,6 +37,8 @@ fn launch<T: CudaDType + WithDType + DeviceRepr>(
     let out = unsafe { dev.alloc::<T>(n.max(1)) }?;
     let kernel = format!("lu_weight_{name}_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+    // The kernels index the C·C matrices with `int`s.
+    int(c.saturating_mul(c))?;
     let c = int(c)?;
     let mut b = func.builder();
     for v in inputs {

@@ -19,9 +19,6 @@ const MODULE: &str = "flows_fused_mlp";
 /// Threads per block.
 const THREADS: u32 = 128;
 
-/// Samples per block row of the backward kernel.
-const CHUNK: usize = 64;
-
 /// The kernels' activation code and slope below zero.
 fn activation(a: Activation) -> Result<(i32, f64)> {
     match a {
@@ -140,16 +137,17 @@ impl Map3 for Backward {
         let n1 = d.hidden * (d.input + 1);
         let (p1, p2) = (p.slice(..n1), p.slice(n1..));
         let grad = dev.alloc_zeros::<T>(d.batch * d.input + n1 + d.output * (d.hidden + 1))?;
+        let chunk = super::cuda_backward_chunk(d.batch);
         let cfg = LaunchConfig {
             grid_dim: (
                 blocks(d.hidden, THREADS as usize)?,
-                blocks(d.batch, CHUNK)?,
+                blocks(d.batch, chunk)?,
                 1,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let chunk = int(CHUNK)?;
+        let chunk = int(chunk)?;
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&p1);

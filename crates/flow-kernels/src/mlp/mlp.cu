@@ -38,7 +38,8 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename T>
 __device__ void mlp_forward(const T *x, const T *p1, const T *p2, T *out, int batch,
                             int in, int hidden, int out_dim, int kind, T c) {
-    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    // Row offsets in 64 bits: batch · in may pass 2³¹ where batch does not.
+    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= batch) {
         return;
     }
@@ -81,20 +82,22 @@ __device__ void mlp_forward(const T *x, const T *p1, const T *p2, T *out, int ba
 // must start zeroed. One thread per hidden unit (grid x) and one block row per chunk
 // of `chunk` samples (grid y): a thread keeps its unit's weights and gradient sums in
 // registers while its chunk's samples pass, and adds the sums once at the end. The
-// input gradients, sums over hidden units, are reduced within each warp first.
+// input gradients, sums over hidden units, are reduced within each warp first. The
+// sums across warps and chunks are atomic additions, so their order, and with it the
+// gradients' last bits, follows the scheduling from run to run.
 template <typename T>
 __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T *grad,
                              int batch, int in, int hidden, int out_dim, int kind, T c,
                              int chunk) {
     T *gx = grad;
-    T *gp1 = gx + batch * in;
+    T *gp1 = gx + (long long)batch * in;
     T *gp2 = gp1 + hidden * (in + 1);
     const int h = blockIdx.x * blockDim.x + threadIdx.x;
     // Threads past the last unit compute zeros, so that whole warps join the sums.
     const bool live = h < hidden;
     const int lane = threadIdx.x % WARP;
-    const int s0 = blockIdx.y * chunk;
-    const int s1 = min(batch, s0 + chunk);
+    const long long s0 = (long long)blockIdx.y * chunk;
+    const long long s1 = min((long long)batch, s0 + chunk);
 
     T w1[MAX_IO], w2[MAX_IO], gw1[MAX_IO], gw2[MAX_IO];
     const T b1 = live ? p1[h * (in + 1) + in] : T(0);
@@ -110,7 +113,7 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
     }
     T gb1 = T(0);
 
-    for (int s = s0; s < s1; ++s) {
+    for (long long s = s0; s < s1; ++s) {
         const T *xs = x + s * in;
         const T *gs = g + s * out_dim;
         T z = b1;
@@ -162,7 +165,7 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         for (int o = 0; o < out_dim; ++o) {
             T sum = T(0);
-            for (int s = s0; s < s1; ++s) {
+            for (long long s = s0; s < s1; ++s) {
                 sum += g[s * out_dim + o];
             }
             atomicAdd(gp2 + o * (hidden + 1) + hidden, sum);
@@ -183,12 +186,12 @@ __device__ void mlp_backward(const T *x, const T *p1, const T *p2, const T *g, T
 template <typename T>
 __device__ void linear_epilogue(T *z, const T *p, const T *add, T *y, int rows, int k, int n,
                                 int kind, T c) {
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long)rows * n) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)rows * n) {
         return;
     }
     const int j = idx % n;
-    T acc = z[idx] + p[(long)j * (k + 1) + k];
+    T acc = z[idx] + p[(long long)j * (k + 1) + k];
     if (add) {
         acc += add[idx];
     }
@@ -203,8 +206,8 @@ __device__ void linear_epilogue(T *z, const T *p, const T *add, T *y, int rows, 
 template <typename T>
 __device__ void input_epilogue(T *g, const T *z, const T *y, const T *add, int rows, int k,
                                int kind, T c) {
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long)rows * k) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)rows * k) {
         return;
     }
     T acc = g[idx];
@@ -221,12 +224,12 @@ __device__ void input_epilogue(T *g, const T *z, const T *y, const T *add, int r
 // output (the weights' part is a product).
 template <typename T>
 __device__ void bias_grad(const T *dz, T *gp, int rows, int k, int n) {
-    const long j = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) {
         return;
     }
     T acc = T(0);
-    for (long r = 0; r < rows; ++r) {
+    for (long long r = 0; r < rows; ++r) {
         acc += dz[r * n + j];
     }
     gp[j * (k + 1) + k] += acc;
@@ -234,8 +237,8 @@ __device__ void bias_grad(const T *dz, T *gp, int rows, int k, int n) {
 
 // y = act(z), element by element.
 template <typename T>
-__device__ void activate(const T *z, T *y, long len, int kind, T c) {
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+__device__ void activate(const T *z, T *y, long long len, int kind, T c) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx < len) {
         y[idx] = act(z[idx], kind, c);
     }
@@ -265,7 +268,7 @@ __device__ void activate(const T *z, T *y, long len, int kind, T c) {
                                                       int k, int n) {                  \
         bias_grad<T>(dz, gp, rows, k, n);                                              \
     }                                                                                  \
-    extern "C" __global__ void fused_activate_##NAME(const T *z, T *y, long len,       \
+    extern "C" __global__ void fused_activate_##NAME(const T *z, T *y, long long len,  \
                                                      int kind, T c) {                  \
         activate<T>(z, y, len, kind, c);                                               \
     }

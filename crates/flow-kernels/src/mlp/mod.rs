@@ -264,6 +264,22 @@ const TRACE_BUDGET: usize = 1 << 20;
 /// Samples per parallel task of the narrow kernels.
 const CHUNK: usize = 64;
 
+/// Most block rows a CUDA grid holds: its y dimension's limit.
+#[cfg(any(feature = "cuda", test))]
+const CUDA_MAX_GRID_Y: usize = 65_535;
+
+/// The fewest samples per block row of the narrow network's CUDA backward pass.
+#[cfg(any(feature = "cuda", test))]
+const CUDA_CHUNK: usize = 64;
+
+/// Samples per block row of the narrow network's CUDA backward pass (one row of the
+/// grid per chunk of samples): [`CUDA_CHUNK`], or more where a batch of `batch` would
+/// need more rows than a grid holds.
+#[cfg(any(feature = "cuda", test))]
+fn cuda_backward_chunk(batch: usize) -> usize {
+    CUDA_CHUNK.max(batch.div_ceil(CUDA_MAX_GRID_Y))
+}
+
 #[derive(Debug)]
 struct FusedMlp {
     arch: Arch,
@@ -783,5 +799,21 @@ impl candle::CustomOp3 for FusedMlpGrad {
             }
         };
         Ok((out, Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cuda_backward_grid_fits_any_batch_a_kernel_int_holds() {
+        let most = CUDA_MAX_GRID_Y * CUDA_CHUNK;
+        for batch in [1, CUDA_CHUNK, most, most + 1, 10_000_000, i32::MAX as usize] {
+            let chunk = cuda_backward_chunk(batch);
+            assert!(chunk >= CUDA_CHUNK);
+            assert!(batch.div_ceil(chunk) <= CUDA_MAX_GRID_Y, "batch {batch}");
+        }
+        assert_eq!(cuda_backward_chunk(1_000), CUDA_CHUNK);
     }
 }

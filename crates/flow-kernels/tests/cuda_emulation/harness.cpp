@@ -64,21 +64,28 @@ static double check(int batch, int in, int hidden, int out, int kind, double c) 
         }
     }
 
-    // The kernels, launched as the Rust side launches them.
-    const unsigned threads = 128, chunk = 64;
+    // The kernels, launched as the Rust side launches them: the backward pass in chunks
+    // of 64 samples, or of more where a batch would need more block rows than a grid
+    // holds (here 100, as such a batch would get).
+    const unsigned threads = 128;
     std::vector<T> y(batch * out, T(-999));
     launch({(batch + threads - 1) / threads, 1}, {threads, 1}, [&] {
         mlp_forward<T>(x.data(), p1.data(), p2.data(), y.data(), batch, in, hidden, out, kind, T(c));
     });
-    std::vector<T> grad(n0 + n1 + n2, T(0));
-    launch({(hidden + threads - 1) / threads, (batch + chunk - 1) / chunk}, {threads, 1}, [&] {
-        mlp_backward<T>(x.data(), p1.data(), p2.data(), g.data(), grad.data(), batch, in, hidden,
-                        out, kind, T(c), chunk);
-    });
-
-    std::vector<double> yd(y.begin(), y.end()), gd(grad.begin(), grad.end());
-    return std::max({rel_err(yd.data(), ref_out), rel_err(gd.data(), ref_gx),
-                     rel_err(gd.data() + n0, ref_g1), rel_err(gd.data() + n0 + n1, ref_g2)});
+    std::vector<double> yd(y.begin(), y.end());
+    double worst = rel_err(yd.data(), ref_out);
+    for (const int chunk : {64, 100}) {
+        std::vector<T> grad(n0 + n1 + n2, T(0));
+        launch({(hidden + threads - 1) / threads, unsigned((batch + chunk - 1) / chunk)},
+               {threads, 1}, [&] {
+                   mlp_backward<T>(x.data(), p1.data(), p2.data(), g.data(), grad.data(), batch,
+                                   in, hidden, out, kind, T(c), chunk);
+               });
+        std::vector<double> gd(grad.begin(), grad.end());
+        worst = std::max({worst, rel_err(gd.data(), ref_gx), rel_err(gd.data() + n0, ref_g1),
+                          rel_err(gd.data() + n0 + n1, ref_g2)});
+    }
+    return worst;
 }
 
 static double act_ref(double z, int kind, double c) {
@@ -211,8 +218,8 @@ static double check_layers(int rows, int k, int n, int kind, double c) {
     for (size_t e = 0; e < zin.size(); ++e) {
         yar[e] = act_ref(zin[e], kind, c);
     }
-    launch(grid((long)zin.size()), {threads, 1}, [&] {
-        activate<T>(zin.data(), ya.data(), (long)zin.size(), kind, tc);
+    launch(grid((long long)zin.size()), {threads, 1}, [&] {
+        activate<T>(zin.data(), ya.data(), (long long)zin.size(), kind, tc);
     });
     return std::max(worst, rel_err(widen(ya).data(), yar));
 }
