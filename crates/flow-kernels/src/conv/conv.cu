@@ -132,16 +132,38 @@ __device__ __forceinline__ void conv_to_positions(const T *x, T *out, int batch,
     out[i] = x[(b * c + ci) * hw + pix];
 }
 
-// The bias's gradient (c): the sum of each column of the position-major dz (rows, c).
+// The bias's gradient (c): the sum of each column of the position-major dz (rows, c),
+// in two passes with a fixed order of addition, so that it does not depend on the
+// scheduling. First one thread per (slice of `slice` rows, channel) sums its slice,
+// neighbouring threads reading neighbouring channels of a row; then one thread per
+// channel adds its slices' sums in order.
 template <typename T>
-__device__ __forceinline__ void conv_bias_grad(const T *dz, T *out, long long rows, int c) {
+__device__ __forceinline__ void conv_bias_partials(const T *dz, T *partials, long long rows,
+                                                   int c, int slice) {
+    const long long t = conv_thread();
+    const long long slices = (rows + slice - 1) / slice;
+    if (t >= slices * c) {
+        return;
+    }
+    const long long s = t / c, co = t - s * c;
+    const long long end = (s + 1) * slice < rows ? (s + 1) * slice : rows;
+    T sum = T(0);
+    for (long long r = s * slice; r < end; ++r) {
+        sum += dz[r * c + co];
+    }
+    partials[t] = sum;
+}
+
+template <typename T>
+__device__ __forceinline__ void conv_bias_finish(const T *partials, T *out, long long slices,
+                                                 int c) {
     const long long co = conv_thread();
     if (co >= c) {
         return;
     }
     T sum = T(0);
-    for (long long r = 0; r < rows; ++r) {
-        sum += dz[r * c + co];
+    for (long long s = 0; s < slices; ++s) {
+        sum += partials[s * c + co];
     }
     out[co] = sum;
 }
@@ -168,9 +190,14 @@ __device__ __forceinline__ void conv_bias_grad(const T *dz, T *out, long long ro
                                                           int c, long long hw) {           \
         conv_to_positions<T>(x, out, batch, c, hw);                                        \
     }                                                                                      \
-    extern "C" __global__ void conv_bias_grad_##SUFFIX(const T *dz, T *out, long long rows, \
-                                                       int c) {                            \
-        conv_bias_grad<T>(dz, out, rows, c);                                               \
+    extern "C" __global__ void conv_bias_partials_##SUFFIX(const T *dz, T *partials,       \
+                                                           long long rows, int c,          \
+                                                           int slice) {                    \
+        conv_bias_partials<T>(dz, partials, rows, c, slice);                               \
+    }                                                                                      \
+    extern "C" __global__ void conv_bias_finish_##SUFFIX(const T *partials, T *out,        \
+                                                         long long slices, int c) {        \
+        conv_bias_finish<T>(partials, out, slices, c);                                     \
     }
 
 CONV_KERNELS(float, f32)

@@ -25,6 +25,11 @@ const WHAT: &str = "the fused conv";
 /// Threads per block.
 const THREADS: u32 = 256;
 
+/// Rows of `∂z` each thread of the bias gradient's first pass sums: enough work per
+/// thread to hide its loads, and B·H·W / `BIAS_SLICE` slices per channel to spread over
+/// the device.
+const BIAS_SLICE: usize = 64;
+
 /// The kernels' activation code and slope below zero (see conv.cu).
 fn code(act: Option<Inner>) -> (i32, f64) {
     match act {
@@ -57,6 +62,42 @@ fn buffer<T: Blas>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
 }
 
 impl<'a> Launches<'a> {
+    /// `∂b` (C_out) from the position-major `dzp` (B·H·W, C_out): sums over slices of
+    /// [`BIAS_SLICE`] rows, then over the slices, each in a fixed order.
+    fn bias_grad<T: Blas>(&self, dzp: &CudaSlice<T>, gb: &mut CudaViewMut<T>) -> Result<()> {
+        let d = self.d;
+        let slices = d.positions().div_ceil(BIAS_SLICE);
+        let mut partials = buffer::<T>(self.dev, slices * d.cout)?;
+        let (rows, cout) = (long(d.positions())?, int(d.cout)?);
+        let slice = int(BIAS_SLICE)?;
+        let func = self
+            .dev
+            .get_or_load_custom_func(&kernel::<T>("bias_partials"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(dzp);
+        b.arg(&mut partials);
+        b.arg(&rows);
+        b.arg(&cout);
+        b.arg(&slice);
+        // SAFETY: the arguments match `conv_bias_partials` in conv.cu; `dzp` holds
+        // B·H·W·C_out elements and `partials` one per slice and channel, which the
+        // threads write, one each.
+        unsafe { b.launch(grid(slices * d.cout, THREADS)?) }.w()?;
+        let func = self
+            .dev
+            .get_or_load_custom_func(&kernel::<T>("bias_finish"), MODULE, PTX)?;
+        let slices = long(slices)?;
+        let mut b = func.builder();
+        b.arg(&partials);
+        b.arg(gb);
+        b.arg(&slices);
+        b.arg(&cout);
+        // SAFETY: the arguments match `conv_bias_finish` in conv.cu; `partials` holds
+        // `slices`·C_out elements and `gb` C_out.
+        unsafe { b.launch(grid(d.cout, THREADS)?) }.w()?;
+        Ok(())
+    }
+
     /// `(batch, c_in, h, w, k)`, as im2col and col2im take them.
     fn image(&self) -> Result<[i32; 5]> {
         let d = self.d;
@@ -187,19 +228,7 @@ impl<'a> Launches<'a> {
             &mut out.slice_mut(nx..nx + nw),
         )?;
 
-        let func = self
-            .dev
-            .get_or_load_custom_func(&kernel::<T>("bias_grad"), MODULE, PTX)?;
-        let rows = long(d.positions())?;
-        let mut gb = out.slice_mut(nx + nw..nx + nw + d.cout);
-        let mut b = func.builder();
-        b.arg(&dzp);
-        b.arg(&mut gb);
-        b.arg(&rows);
-        b.arg(&cout);
-        // SAFETY: the arguments match `conv_bias_grad` in conv.cu; `dzp` holds
-        // B·H·W·C_out elements and `gb` C_out.
-        unsafe { b.launch(grid(d.cout, THREADS)?) }.w()?;
+        self.bias_grad(&dzp, &mut out.slice_mut(nx + nw..nx + nw + d.cout))?;
 
         // ∂cols overwrites cols: the stream runs the product above first.
         let p = Product::row_major(d.positions(), d.patch(), d.cout, false, false);

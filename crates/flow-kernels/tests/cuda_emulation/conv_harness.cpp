@@ -77,7 +77,13 @@ static std::vector<T> backward(const Shape &s, const std::vector<T> &x, const st
     std::vector<T> cols(s.positions() * s.patch(), T(NAN));
     launch_each(cols.size(), 64, [&] { conv_im2col<T>(x.data(), cols.data(), s.batch, s.cin, s.h, s.w, s.k); });
     product<T>(s.cout, s.patch(), s.positions(), true, false, dzp, cols, out.data() + s.nx());
-    launch_each(s.cout, 64, [&] { conv_bias_grad<T>(dzp.data(), out.data() + s.nx() + s.nw(), s.positions(), s.cout); });
+    // Slices of 7 rows rather than cuda.rs's 64, so that these small images' positions
+    // span several slices and end in a partial one.
+    const int slice = 7;
+    const long long slices = (s.positions() + slice - 1) / slice;
+    std::vector<T> partials(slices * s.cout, T(NAN));
+    launch_each(partials.size(), 64, [&] { conv_bias_partials<T>(dzp.data(), partials.data(), s.positions(), s.cout, slice); });
+    launch_each(s.cout, 64, [&] { conv_bias_finish<T>(partials.data(), out.data() + s.nx() + s.nw(), slices, s.cout); });
     product<T>(s.positions(), s.patch(), s.cout, false, false, dzp, w, cols.data());
     launch_each(s.nx(), 64, [&] { conv_col2im<T>(cols.data(), out.data(), s.batch, s.cin, s.h, s.w, s.k); });
     return out;
