@@ -215,3 +215,38 @@ fn mismatched_gradients_are_errors() -> Result<()> {
     assert_eq!(adam.step_count(), 0, "a refused step counts");
     Ok(())
 }
+
+/// The one-launch step on a GPU refuses a variable given twice, or a gradient that is
+/// another group's variable, where its blocks would race on one element.
+#[test]
+fn the_one_launch_step_refuses_tensors_that_share_memory() -> Result<()> {
+    use flow_kernels::adam::{step_all, Step, Update};
+    let step = Step {
+        beta1: 0.9,
+        beta2: 0.999,
+        l2: 0.0,
+        update: Update {
+            alpha: 1e-3,
+            kappa: 1.0,
+            eps: 1e-8,
+            decay: 0.0,
+            infinity_norm: false,
+        },
+    };
+    for dev in devices()?.iter().filter(|d| d.is_cuda()) {
+        let t = |v: f32| Tensor::full(v, 5, dev);
+        let (a, b, m, v, g) = (t(1.0)?, t(2.0)?, t(0.0)?, t(0.0)?, t(0.5)?);
+        let (m2, v2) = (t(0.0)?, t(0.0)?);
+        step_all(&step, &[[&a, &m, &v, &g], [&b, &m2, &v2, &g]])?;
+        let twice = step_all(&step, &[[&a, &m, &v, &g], [&a, &m2, &v2, &g]]);
+        let read_written = step_all(&step, &[[&a, &m, &v, &g], [&b, &m2, &v2, &a]]);
+        for (what, r) in [
+            ("a variable twice", twice),
+            ("a gradient written", read_written),
+        ] {
+            let err = r.expect_err(what).to_string();
+            assert!(err.contains("shares memory"), "{what}: {err}");
+        }
+    }
+    Ok(())
+}

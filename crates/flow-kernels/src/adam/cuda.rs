@@ -66,7 +66,7 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     }
     let mut table = Vec::with_capacity(groups.len() * COLUMNS);
     let mut syncs = Vec::with_capacity(held.len());
-    let mut written = Vec::with_capacity(groups.len() * 3);
+    let mut ranges = Vec::with_capacity(groups.len() * 4);
     let mut blocks = 0u64;
     for (group, parts) in groups.iter().zip(held.chunks(4)) {
         let n = group[0].elem_count();
@@ -80,17 +80,15 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
             table.push(address);
             syncs.push(sync);
             // θ, m and v are written; g is only read.
-            if k < 3 {
-                written.push((address, bytes));
-            }
+            ranges.push((address, bytes, k < 3));
         }
         table.push(n as u64);
         table.push(blocks);
         blocks += n.div_ceil(CHUNK) as u64;
     }
-    if super::any_overlap(written) {
+    if super::conflicts(ranges) {
         candle::bail!(
-            "the one-launch optimiser step got a variable or moment twice, or two that share memory"
+            "the one-launch optimiser step got a variable or moment twice, or one that shares memory with another tensor of the step"
         );
     }
     let grid = u32::try_from(blocks).map_err(|_| {
@@ -131,7 +129,8 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     // length, alive while `held` keeps its storage; the blocks per row are the row's
     // length over CHUNK, rounded up, as the kernel assumes. θ, m and v are written
     // through addresses taken from read guards: the variables and moments are the
-    // optimiser's own, no two of them share an element (checked above), and the kernel
+    // optimiser's own, none shares an element with another tensor of the step (checked
+    // above), and the kernel
     // runs on the device's one stream after every op already queued that reads them.
     unsafe { b.launch(cfg) }.w()?;
     drop(syncs);

@@ -104,15 +104,26 @@ pub fn step_all(step: &Step, groups: &[[&Tensor; 4]]) -> Result<()> {
     }
 }
 
-/// Whether any two of the address ranges `(start, length)` share an address. The
-/// one-launch step writes each group's θ, m and v from threads of its own, so no two of
-/// those may share an element.
+/// Whether any written address range `(start, length)` shares an address with another
+/// range, written or read (`true` marks a written one). The one-launch step writes each
+/// group's θ, m and v from threads of its own and reads g, so no written element may
+/// be any other range's; read ranges may share with each other.
 #[cfg(any(feature = "cuda", test))]
-fn any_overlap(mut ranges: Vec<(u64, u64)>) -> bool {
-    ranges.sort_unstable();
-    ranges
-        .windows(2)
-        .any(|w| w[0].0.saturating_add(w[0].1) > w[1].0)
+fn conflicts(mut ranges: Vec<(u64, u64, bool)>) -> bool {
+    ranges.retain(|r| r.1 > 0);
+    ranges.sort_unstable_by_key(|r| r.0);
+    let (mut end_written, mut end_any) = (0u64, 0u64);
+    for (start, len, written) in ranges {
+        if start < end_written || (written && start < end_any) {
+            return true;
+        }
+        let end = start.saturating_add(len);
+        end_any = end_any.max(end);
+        if written {
+            end_written = end_written.max(end);
+        }
+    }
+    false
 }
 
 /// The contiguous part of `s` that `l` describes.
@@ -261,13 +272,24 @@ impl InplaceOp3 for Update {
 
 #[cfg(test)]
 mod tests {
-    use super::any_overlap;
+    use super::conflicts;
 
     #[test]
-    fn overlapping_ranges_are_found_in_any_order() {
-        assert!(!any_overlap(vec![(0, 8), (8, 8), (32, 4)]));
-        assert!(!any_overlap(vec![(32, 4), (0, 8), (16, 0), (16, 4)]));
-        assert!(any_overlap(vec![(32, 4), (0, 8), (8, 8), (0, 8)]));
-        assert!(any_overlap(vec![(40, 8), (0, 8), (36, 8)]));
+    fn a_written_range_may_share_no_address_with_another() {
+        let (w, r) = (true, false);
+        assert!(!conflicts(vec![(0, 8, w), (8, 8, w), (32, 4, r)]));
+        assert!(!conflicts(vec![
+            (32, 4, w),
+            (0, 8, w),
+            (16, 0, w),
+            (16, 4, w),
+            (4, 0, w)
+        ]));
+        assert!(conflicts(vec![(32, 4, w), (0, 8, w), (8, 8, w), (0, 8, w)]));
+        assert!(conflicts(vec![(40, 8, w), (0, 8, w), (36, 8, w)]));
+        // Reads may overlap each other, but not a write, whichever comes first.
+        assert!(!conflicts(vec![(0, 8, r), (4, 8, r), (16, 4, w)]));
+        assert!(conflicts(vec![(0, 16, r), (40, 4, w), (8, 4, w)]));
+        assert!(conflicts(vec![(0, 16, w), (40, 4, r), (8, 4, r)]));
     }
 }

@@ -33,13 +33,15 @@ fn launch<T: CudaDType + WithDType + DeviceRepr>(
     n: usize,
     c: usize,
 ) -> Result<CudaSlice<T>> {
+    // The kernels index the C·C matrices with `int`s.
+    if int(c.saturating_mul(c)).is_err() {
+        candle::bail!("the fused LU weight takes fewer than 46 341 channels, got {c}");
+    }
+    let c = int(c)?;
     // SAFETY: the kernel writes all `n` outputs before anything reads them.
     let out = unsafe { dev.alloc::<T>(n.max(1)) }?;
     let kernel = format!("lu_weight_{name}_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
-    // The kernels index the C·C matrices with `int`s.
-    int(c.saturating_mul(c))?;
-    let c = int(c)?;
     let mut b = func.builder();
     for v in inputs {
         b.arg(v);

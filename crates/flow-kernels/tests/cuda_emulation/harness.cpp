@@ -65,8 +65,8 @@ static double check(int batch, int in, int hidden, int out, int kind, double c) 
     }
 
     // The kernels, launched as the Rust side launches them: the backward pass in chunks
-    // of 64 samples, or of more where a batch would need more block rows than a grid
-    // holds (here 100, as such a batch would get).
+    // of 64 samples, and of 100, the chunk a batch of 99·65535 to 100·65535 samples
+    // gets so that its block rows fit a grid.
     const unsigned threads = 128;
     std::vector<T> y(batch * out, T(-999));
     launch({(batch + threads - 1) / threads, 1}, {threads, 1}, [&] {
