@@ -265,9 +265,9 @@ __device__ void spline_forward(const T *x, const T *theta, T *out, int batch, in
     Knots<T> kn;
     T total = T(0);
     for (int j = 0; j < n; ++j) {
-        const long e = (long)r * n + j;
+        const long long e = (long long)r * n + j;
         const T v = x[e];
-        T *o = out + (long)r * (n + 1) + j;
+        T *o = out + (long long)r * (n + 1) + j;
         if (!(v >= -b && v <= b)) {
             *o = v;
             continue;
@@ -282,7 +282,7 @@ __device__ void spline_forward(const T *x, const T *theta, T *out, int batch, in
         *o = y;
         total += ld;
     }
-    out[(long)r * (n + 1) + n] = total;
+    out[(long long)r * (n + 1) + n] = total;
 }
 
 // Gradients [gx (n) | gtheta (n P)] per row into `grad` (zeroed), from the output
@@ -296,13 +296,13 @@ __device__ void spline_backward(const T *x, const T *theta, const T *g, T *grad,
     }
     const int p = 3 * a.bins - 1;
     const T b = T(a.bound);
-    const T *gr = g + (long)r * (n + 1);
+    const T *gr = g + (long long)r * (n + 1);
     const T gl = gr[n];
-    T *gx = grad + (long)r * (n + n * p);
+    T *gx = grad + (long long)r * n * (p + 1);
     T *gtheta = gx + n;
     Knots<T> kn;
     for (int j = 0; j < n; ++j) {
-        const long e = (long)r * n + j;
+        const long long e = (long long)r * n + j;
         const T v = x[e];
         if (!(v >= -b && v <= b)) {
             gx[j] = gr[j];
