@@ -42,13 +42,16 @@ fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     groups: &[[&Tensor; 4]],
 ) -> Result<()> {
     let stream = dev.cuda_stream();
+    // Every tensor on the device the kernel launches on (the first group's): the
+    // table's addresses mean nothing in another device's memory.
+    let launching = groups[0][0].device();
     // Read guards on every storage for the whole launch: no candle op can take one of
     // them for writing (or free it) while the kernel is being scheduled.
     let mut held = Vec::with_capacity(groups.len() * 4);
     for group in groups {
         let n = group[0].elem_count();
         for t in group {
-            if !t.device().same_device(group[0].device()) || t.dtype() != T::DTYPE {
+            if !t.device().same_device(launching) || t.dtype() != T::DTYPE {
                 candle::bail!("the one-launch optimiser step needs one device and one dtype");
             }
             if t.elem_count() != n {

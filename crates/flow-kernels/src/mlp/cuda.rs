@@ -93,7 +93,7 @@ impl Map3 for Forward {
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("fwd")?, MODULE, PTX)?;
         let (x, p1, p2) = (view(x, l1)?, view(p1, l2)?, view(p2, l3)?);
         // SAFETY: the kernel writes every element (one thread per sample, every output).
-        let out = unsafe { dev.alloc::<T>(d.batch * d.output)? };
+        let out = unsafe { dev.alloc::<T>((d.batch * d.output).max(1))? };
         let cfg = LaunchConfig {
             grid_dim: (blocks(d.batch, THREADS as usize)?, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -262,16 +262,16 @@ where
         activate: bool,
     ) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
         let z = if k == 0 {
-            self.dev.alloc_zeros::<T>(rows * n)?
+            self.dev.alloc_zeros::<T>((rows * n).max(1))?
         } else {
             // SAFETY: the product writes every element of `z` (β = 0).
-            let mut z = unsafe { self.dev.alloc::<T>(rows * n)? };
+            let mut z = unsafe { self.dev.alloc::<T>((rows * n).max(1))? };
             self.product(Product::layer(rows, k, n), p, h, &mut z.slice_mut(..))?;
             z
         };
         // SAFETY: the epilogue writes every element of `y`.
         let y = if activate {
-            Some(unsafe { self.dev.alloc::<T>(rows * n)? })
+            Some(unsafe { self.dev.alloc::<T>((rows * n).max(1))? })
         } else {
             None
         };
@@ -313,7 +313,7 @@ where
         n: usize,
     ) -> Result<CudaSlice<T>> {
         // SAFETY: the product writes every element (β = 0, n ≥ 1 outputs per layer).
-        let mut g = unsafe { self.dev.alloc::<T>(rows * k)? };
+        let mut g = unsafe { self.dev.alloc::<T>((rows * k).max(1))? };
         self.product(Product::input(rows, k, n), p, dz, &mut g.slice_mut(..))?;
         if zy.is_none() && add.is_none() {
             return Ok(g);
@@ -383,7 +383,7 @@ where
             .dev
             .get_or_load_custom_func(&Self::name("activate"), MODULE, PTX)?;
         // SAFETY: the kernel writes every element.
-        let y = unsafe { self.dev.alloc::<T>(len)? };
+        let y = unsafe { self.dev.alloc::<T>(len.max(1))? };
         let n = i64::try_from(len)
             .map_err(|_| candle::Error::Msg(format!("{len} is too large for the kernel")))?;
         let mut b = func.builder();
@@ -408,16 +408,16 @@ struct Trace<T> {
     y: Vec<CudaSlice<T>>,
     u: Vec<CudaSlice<T>>,
     v: Vec<CudaSlice<T>>,
-    out: CudaSlice<T>,
 }
 
-/// Runs a network of any shape forward over `x` `(rows, in)`.
+/// Runs a network of any shape forward over `x` `(rows, in)`: what the backward pass
+/// reads, and the output.
 fn run_general<T: Blas>(
     l: &Layers<T>,
     arch: &Arch,
     x: &CudaView<T>,
     p: &CudaView<T>,
-) -> Result<Trace<T>>
+) -> Result<(Trace<T>, CudaSlice<T>)>
 where
     CudaBlas: Gemm<T>,
 {
@@ -433,8 +433,8 @@ where
         y: Vec::new(),
         u: Vec::new(),
         v: Vec::new(),
-        out: l.dev.alloc_zeros::<T>(0)?,
     };
+    let mut out = None;
     match arch {
         Arch::Plain { .. } => {
             for (i, &(k, n)) in shapes.iter().enumerate() {
@@ -447,7 +447,7 @@ where
                     l.forward(&input, &param(i), None, rows, k, n, !last)?
                 };
                 if last {
-                    t.out = z;
+                    out = Some(z);
                 } else {
                     t.z.push(z);
                     t.y.extend(y);
@@ -478,7 +478,7 @@ where
                 t.v.push(v);
             }
             let (k, n) = shapes[shapes.len() - 1];
-            let (out, _) = l.forward(
+            let (last, _) = l.forward(
                 &stream.slice(..),
                 &param(shapes.len() - 1),
                 None,
@@ -488,10 +488,11 @@ where
                 false,
             )?;
             t.z.push(stream);
-            t.out = out;
+            out = Some(last);
         }
     }
-    Ok(t)
+    let out = out.ok_or_else(|| candle::Error::Msg("a network without layers".into()))?;
+    Ok((t, out))
 }
 
 /// Forward pass of a network of any shape: `(x, p)` to the outputs `(batch, out)`.
@@ -510,7 +511,7 @@ where
         view(x.as_cuda_slice::<T>()?, l1)?,
         view(p.as_cuda_slice::<T>()?, l2)?,
     );
-    Ok(run_general(&l, arch, &x, &p)?.out)
+    Ok(run_general(&l, arch, &x, &p)?.1)
 }
 
 /// Backward pass of a network of any shape: `(x, p, g)` to `[∂x | ∂p]`.
@@ -532,7 +533,7 @@ where
             view(p.as_cuda_slice::<T>()?, l2)?,
             view(g.as_cuda_slice::<T>()?, l3)?,
         );
-        let t = run_general(&l, arch, &x, &p)?;
+        let (t, _) = run_general(&l, arch, &x, &p)?;
         let shapes = arch.linear_shapes();
         let mut at = vec![0];
         for &(k, n) in &shapes {
