@@ -2,7 +2,9 @@
 //! back (the dtype dispatch the kernel modules share), and the sizes and grids of their
 //! launches.
 
-use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+};
 use candle::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle::{CudaDevice, CudaStorage, Layout, Result};
 
@@ -19,6 +21,25 @@ pub(crate) fn views<'a, T: CudaDType>(
             None => candle::bail!("{what} expects contiguous inputs"),
         })
         .collect()
+}
+
+/// `n` elements on `dev`, left as they are, at least one: a zero-byte allocation may
+/// fail (`cuMemAlloc` refuses one), and a kernel over nothing writes nothing anyway.
+///
+/// # Safety
+///
+/// The caller writes every element before anything reads it.
+pub(crate) unsafe fn uninit<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the caller's promise, above.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// `n` zeros on `dev`, at least one (as [`uninit`]).
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n.max(1))
 }
 
 /// `n` as a kernel's `int`.

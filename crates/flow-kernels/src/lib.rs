@@ -34,6 +34,7 @@ pub mod affine;
 pub mod allocator;
 pub mod conv;
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 mod cuda_storage;
 pub mod fusion;
 mod limits;

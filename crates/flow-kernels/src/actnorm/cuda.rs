@@ -7,7 +7,7 @@ use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::Dims;
-use crate::cuda_storage::{blocks, by_dtype, grid, int, long, storage};
+use crate::cuda_storage::{blocks, by_dtype, grid, int, long, storage, uninit, zeros};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_actnorm.ptx"));
 const MODULE: &str = "flows_fused_actnorm";
@@ -32,7 +32,7 @@ fn kernel<T: WithDType>(name: &str) -> String {
 /// A buffer of `n` elements that the next kernels write in full.
 fn buffer<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: each caller's kernels write every element before anything reads it.
-    unsafe { dev.alloc::<T>(n.max(1)) }
+    unsafe { uninit::<T>(dev, n) }
 }
 
 fn config((x, y): (u32, u32), block: u32) -> LaunchConfig {
@@ -93,7 +93,7 @@ fn grad_of<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
     let (n, channels) = (d.elems(), d.channels);
     if n == 0 {
         // No values to sum over (or no channels to launch for): every gradient is zero.
-        return dev.alloc_zeros::<T>((n + 2 * channels).max(1));
+        return zeros::<T>(dev, n + 2 * channels);
     }
     let mut out = buffer::<T>(dev, n + 2 * channels)?;
     let per_channel = blocks_per_channel(d);

@@ -6,7 +6,7 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
-use crate::cuda_storage::{by_dtype, int, storage};
+use crate::cuda_storage::{by_dtype, int, storage, uninit};
 use crate::ScaleMap;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_affine.ptx"));
@@ -125,7 +125,7 @@ fn launch<T: DeviceRepr + WithDType>(
         dev.get_or_load_custom_func(&format!("{kernel}_{}", T::DTYPE.as_str()), MODULE, PTX)?;
     // SAFETY: every kernel writes each element of its output (one writer per element,
     // see affine.cu).
-    let dst = unsafe { dev.alloc::<T>(out.max(1))? };
+    let dst = unsafe { uninit::<T>(dev, out)? };
     let mut b = func.builder();
     for input in inputs {
         b.arg(input);

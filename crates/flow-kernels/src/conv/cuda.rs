@@ -13,7 +13,7 @@ use candle::cuda_backend::WrapErr;
 use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::{Dims, Inner};
-use crate::cuda_storage::{by_dtype, grid, int, long, storage};
+use crate::cuda_storage::{by_dtype, grid, int, long, storage, uninit};
 use crate::product::{Blas, Product};
 use crate::Activation;
 
@@ -58,7 +58,7 @@ fn kernel<T: WithDType>(name: &str) -> String {
 fn buffer<T: Blas>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: each caller's kernel or product (β = 0) writes every element before
     // anything reads it.
-    unsafe { dev.alloc::<T>(n.max(1)) }
+    unsafe { uninit::<T>(dev, n) }
 }
 
 impl<'a> Launches<'a> {

@@ -5,7 +5,7 @@ use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{CudaDevice, CudaStorage, Layout, Result, Storage, Tensor, WithDType};
 
 use super::LuWeightGrad;
-use crate::cuda_storage::{by_dtype, grid, int, storage};
+use crate::cuda_storage::{by_dtype, grid, int, storage, uninit};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_lu_weight.ptx"));
 const MODULE: &str = "flows_fused_lu_weight";
@@ -39,7 +39,7 @@ fn launch<T: CudaDType + WithDType + DeviceRepr>(
     }
     let c = int(c)?;
     // SAFETY: the kernel writes all `n` outputs before anything reads them.
-    let out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    let out = unsafe { uninit::<T>(dev, n) }?;
     let kernel = format!("lu_weight_{name}_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
     let mut b = func.builder();

@@ -9,7 +9,7 @@ use candle::cuda_backend::{CudaStorageSlice, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{Arch, Dims};
-use crate::cuda_storage::{blocks, grid, int};
+use crate::cuda_storage::{blocks, grid, int, uninit, zeros};
 use crate::product::{Blas, Product};
 use crate::Activation;
 
@@ -93,7 +93,7 @@ impl Map3 for Forward {
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("fwd")?, MODULE, PTX)?;
         let (x, p1, p2) = (view(x, l1)?, view(p1, l2)?, view(p2, l3)?);
         // SAFETY: the kernel writes every element (one thread per sample, every output).
-        let out = unsafe { dev.alloc::<T>((d.batch * d.output).max(1))? };
+        let out = unsafe { uninit::<T>(dev, d.batch * d.output)? };
         let cfg = LaunchConfig {
             grid_dim: (blocks(d.batch, THREADS as usize)?, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -136,7 +136,7 @@ impl Map3 for Backward {
         let (x, p, g) = (view(x, l1)?, view(p, l2)?, view(g, l3)?);
         let n1 = d.hidden * (d.input + 1);
         let (p1, p2) = (p.slice(..n1), p.slice(n1..));
-        let grad = dev.alloc_zeros::<T>(d.batch * d.input + n1 + d.output * (d.hidden + 1))?;
+        let grad = zeros::<T>(dev, d.batch * d.input + n1 + d.output * (d.hidden + 1))?;
         let chunk = super::cuda_backward_chunk(d.batch);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -262,16 +262,16 @@ where
         activate: bool,
     ) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
         let z = if k == 0 {
-            self.dev.alloc_zeros::<T>((rows * n).max(1))?
+            zeros::<T>(self.dev, rows * n)?
         } else {
             // SAFETY: the product writes every element of `z` (β = 0).
-            let mut z = unsafe { self.dev.alloc::<T>((rows * n).max(1))? };
+            let mut z = unsafe { uninit::<T>(self.dev, rows * n)? };
             self.product(Product::layer(rows, k, n), p, h, &mut z.slice_mut(..))?;
             z
         };
         // SAFETY: the epilogue writes every element of `y`.
         let y = if activate {
-            Some(unsafe { self.dev.alloc::<T>((rows * n).max(1))? })
+            Some(unsafe { uninit::<T>(self.dev, rows * n)? })
         } else {
             None
         };
@@ -313,7 +313,7 @@ where
         n: usize,
     ) -> Result<CudaSlice<T>> {
         // SAFETY: the product writes every element (β = 0, n ≥ 1 outputs per layer).
-        let mut g = unsafe { self.dev.alloc::<T>((rows * k).max(1))? };
+        let mut g = unsafe { uninit::<T>(self.dev, rows * k)? };
         self.product(Product::input(rows, k, n), p, dz, &mut g.slice_mut(..))?;
         if zy.is_none() && add.is_none() {
             return Ok(g);
@@ -383,7 +383,7 @@ where
             .dev
             .get_or_load_custom_func(&Self::name("activate"), MODULE, PTX)?;
         // SAFETY: the kernel writes every element.
-        let y = unsafe { self.dev.alloc::<T>(len.max(1))? };
+        let y = unsafe { uninit::<T>(self.dev, len)? };
         let n = i64::try_from(len)
             .map_err(|_| candle::Error::Msg(format!("{len} is too large for the kernel")))?;
         let mut b = func.builder();
@@ -541,7 +541,7 @@ where
         }
         let rows = x.len() / arch.input().max(1);
         let nx = rows * arch.input();
-        let mut grad = dev.alloc_zeros::<T>(nx + p.len())?;
+        let mut grad = zeros::<T>(dev, nx + p.len())?;
         let param = |i: usize| p.slice(at[i]..at[i + 1]);
         let last = shapes.len() - 1;
         let gx = match arch {

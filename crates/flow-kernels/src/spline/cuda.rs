@@ -7,7 +7,7 @@ use candle::cuda_backend::{Map2, Map3, WrapErr};
 use candle::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{SplineShape, SplineStyle};
-use crate::cuda_storage::int;
+use crate::cuda_storage::{int, uninit, zeros};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_spline.ptx"));
 const MODULE: &str = "flows_fused_spline";
@@ -101,7 +101,7 @@ impl Map2 for Forward<'_> {
         let (x, theta) = (view(x, l1)?, view(theta, l2)?);
         // SAFETY: one thread per row writes the row's n outputs and its log-det: every
         // element.
-        let out = unsafe { dev.alloc::<T>((batch as usize * (n as usize + 1)).max(1))? };
+        let out = unsafe { uninit::<T>(dev, batch as usize * (n as usize + 1))? };
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&theta);
@@ -134,7 +134,7 @@ impl Map3 for Backward<'_> {
         let (batch, n) = (batch as usize, n as usize);
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("bwd")?, MODULE, PTX)?;
         let (x, theta, g) = (view(x, l1)?, view(theta, l2)?, view(g, l3)?);
-        let grad = dev.alloc_zeros::<T>((batch * (n + n * self.params)).max(1))?;
+        let grad = zeros::<T>(dev, batch * (n + n * self.params))?;
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&theta);
