@@ -46,6 +46,8 @@ mod product;
 mod real;
 pub mod scale;
 pub mod spline;
+#[cfg(test)]
+mod test_support;
 mod threads;
 pub mod transformer;
 pub mod transformer_layer;

@@ -340,14 +340,7 @@ mod tests {
     use candle::{DType, Device, Tensor, Var};
 
     use super::{actnorm_fused, actnorm_reference};
-
-    fn gap(a: &Tensor, b: &Tensor) -> candle::Result<f64> {
-        (a - b)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
+    use crate::test_support::gap;
 
     /// Values and every gradient of the op against candle's broadcast ops, both
     /// directions, f32 and f64, images of rank 4 and rows of rank 2.

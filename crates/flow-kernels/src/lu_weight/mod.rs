@@ -350,14 +350,7 @@ mod tests {
     use candle::{DType, Device, Tensor, Var};
 
     use super::lu_weight_fused;
-
-    fn gap(a: &Tensor, b: &Tensor) -> candle::Result<f64> {
-        (a - b)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
+    use crate::test_support::gap;
 
     /// A `c×c` 0/1 matrix with ones where `keep(row, column)`.
     fn mask(c: usize, keep: fn(usize, usize) -> bool, dtype: DType) -> candle::Result<Tensor> {
