@@ -63,11 +63,27 @@ def nll(flow, model, test):
     return float(re.search(r"NLL (\S+)", out.stdout + out.stderr).group(1))
 
 
+def budgets(text):
+    """`--sims`: comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1000,3000, got {text!r}")
+    return values
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flow", required=True, help="the flow binary")
     ap.add_argument("--out", required=True, help="where simulations and models go")
-    ap.add_argument("--sims", default="1000", help="simulation budgets, comma-separated")
+    ap.add_argument(
+        "--sims",
+        default=[1000],
+        type=budgets,
+        help="simulation budgets, comma-separated positive integers",
+    )
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +98,7 @@ def main():
     for k, (name, simulate) in enumerate(tasks.items()):
         test = out / f"task{k}-test.csv"
         write(test, *simulate(TEST_SIMS, np.random.default_rng([k, 0])))
-        for n in map(int, args.sims.split(",")):
+        for n in args.sims:
             theta, x = simulate(n, np.random.default_rng([k, n]))
             sims = out / f"task{k}-{n}.csv"
             write(sims, theta, x)
