@@ -107,7 +107,7 @@ pub struct ImportArgs {
     /// The state dict, saved as safetensors.
     #[arg(long)]
     pub input: PathBuf,
-    /// The model to write.
+    /// The model to write (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
     /// Hidden activation, when the source used another than its library's default.
@@ -311,7 +311,8 @@ pub struct TrainArgs {
     /// format, plain or gzipped).
     #[arg(long)]
     pub data: String,
-    /// The model file to write (and, with --checkpoint-every, the checkpoints).
+    /// The model file to write, .safetensors (and, with --checkpoint-every, the
+    /// checkpoints).
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, help = run_help("Points to generate for a built-in 2-D data set", crate::commands::train::DEFAULT_POINTS))]
@@ -373,7 +374,7 @@ pub struct TrainArgs {
     /// Device: cpu, cuda, cuda:N, metal, metal:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Write one JSON line per progress report here.
+    /// Write one JSON line per progress report to this .jsonl file.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
     #[arg(long, help = format!("Score the validation set every this many steps [default: one epoch, the training rows over --batch, kept within {} to {} steps]", flow_train::VAL_EVERY_RANGE.0, flow_train::VAL_EVERY_RANGE.1))]

@@ -33,6 +33,10 @@ pub enum Format {
     Npy,
     /// A picture.
     Png,
+    /// A model: its configuration and weights (safetensors).
+    Safetensors,
+    /// Training metrics, one JSON object per line.
+    Jsonl,
 }
 
 impl Format {
@@ -41,6 +45,8 @@ impl Format {
             Format::Csv => "csv",
             Format::Npy => "npy",
             Format::Png => "png",
+            Format::Safetensors => "safetensors",
+            Format::Jsonl => "jsonl",
         }
     }
 
@@ -73,6 +79,28 @@ impl Format {
             path.display()
         )
         .into())
+    }
+}
+
+/// Fails before any work starts if the output `out` (given by `flag`) is one of the
+/// files the command reads or writes besides it, `others` (each with its flag): the
+/// command would overwrite what it reads, or write two results over each other.
+pub fn check_distinct(flag: &str, out: &Path, others: &[(&str, &Path)]) -> Result<(), Failure> {
+    // The same name, or two names of one file (`./a` and `a`; links and `..` where
+    // the file exists).
+    let same = |other: &Path| {
+        out == other
+            || matches!((std::path::absolute(out), std::path::absolute(other)), (Ok(a), Ok(b)) if a == b)
+            || matches!((out.canonicalize(), other.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    };
+    match others.iter().find(|(_, other)| same(other)) {
+        Some((other_flag, other)) => Err(format!(
+            "{flag} {} is the file of {other_flag} {}: give {flag} another path",
+            out.display(),
+            other.display()
+        )
+        .into()),
+        None => Ok(()),
     }
 }
 
@@ -160,8 +188,13 @@ impl RowWriter {
                 let header_len = head.len();
                 (Layout::Npy { header_len, column }, head)
             }
-            Format::Png => {
-                return Err(format!("{}: a PNG holds a picture, not rows", path.display()).into())
+            Format::Png | Format::Safetensors | Format::Jsonl => {
+                return Err(format!(
+                    "{}: a .{} file does not hold rows of values",
+                    path.display(),
+                    format.extension()
+                )
+                .into())
             }
         };
         let mut file = flow_io::AtomicWriter::create(path)?;

@@ -146,7 +146,7 @@ fn a_flag_for_another_family_is_refused_naming_the_families_that_take_it() {
         ),
         (
             moons(&["--bounds", "-2:3,1:nan"]),
-            "--bounds entry 2 `1:nan`: a bound must be a finite number",
+            "--bounds entry 2 `1:nan`: a bound must be finite in f32",
         ),
         (
             moons(&["--bounds", "-2:3,1:-1"]),
@@ -271,6 +271,25 @@ fn sizes_and_values_from_flags_are_bounded() {
             &format!("{name} must be positive and finite in f32"),
         );
     }
+    // Values that are finite in f64 but put the data or the bounded layer past f32.
+    refused(
+        &moons(&["--noise", "1e39"]),
+        "noise 1e39 puts points beyond the range of f32",
+    );
+    refused(
+        &moons(&["--bounds=-1e39:1e39,-5:5"]),
+        "a bound must be finite in f32",
+    );
+    refused(
+        &moons(&["--bounds=-3e38:3e38,-5:5"]),
+        "the interval -3e38:3e38 is wider than f32 holds",
+    );
+    let data = path("f32-noise.csv");
+    let o = flow(&[
+        "data", "moons", "--n", "5", "--noise", "1e39", "--out", &data,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!std::path::Path::new(&data).exists());
 }
 
 #[test]

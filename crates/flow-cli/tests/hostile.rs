@@ -495,6 +495,21 @@ fn thirty_and_more_hostile_inputs() {
         "temperature",
     ));
     cases.push(case(
+        "a temperature past f32",
+        &[
+            "sample",
+            "--model",
+            m,
+            "--n",
+            "3",
+            "--temperature",
+            "1e300",
+            "--out",
+            &out,
+        ],
+        "--temperature must be positive and finite in f32",
+    ));
+    cases.push(case(
         "negative temperature",
         &[
             "sample",

@@ -1,6 +1,7 @@
 //! The output extension is the format: `.csv`, `.npy` and `.png` from the commands
-//! that write rows, the training file's column names in what comes back, several
-//! samples per condition row, and no temporary file left by a signal.
+//! that write rows, `.safetensors` for models and `.jsonl` for metrics; no output over
+//! a file the command reads; the training file's column names in what comes back,
+//! several samples per condition row, and no temporary file left by a signal.
 
 use flow_core::limits::MAX_SAMPLES;
 use std::{
@@ -307,9 +308,102 @@ fn pngs_are_pictures() {
 }
 
 #[test]
+fn an_output_over_a_file_the_command_reads_is_refused_and_the_file_kept() {
+    let m = model();
+    let input = path("kept.csv");
+    std::fs::copy(data(), &input).expect("copy");
+    let same_input = format!("{}/./kept.csv", dir().display());
+    let model_copy = path("kept.safetensors");
+    std::fs::copy(m, &model_copy).expect("copy");
+    let png = path("both.png");
+    let cases: [(Vec<&str>, &str); 6] = [
+        (
+            vec![
+                "encode",
+                "--model",
+                m,
+                "--input",
+                &input,
+                "--out",
+                &same_input,
+            ],
+            "is the file of --input",
+        ),
+        (
+            vec!["log-prob", "--model", m, "--input", &input, "--out", &input],
+            "is the file of --input",
+        ),
+        (
+            vec![
+                "export",
+                "--to",
+                "zuko",
+                "--model",
+                &model_copy,
+                "--out",
+                &model_copy,
+            ],
+            "is the file of --model",
+        ),
+        (
+            vec![
+                "import",
+                "--from",
+                "seed",
+                "--input",
+                &model_copy,
+                "--out",
+                &model_copy,
+            ],
+            "is the file of --input",
+        ),
+        (
+            vec![
+                "sample",
+                "--model",
+                m,
+                "--n",
+                "5",
+                "--context",
+                "0,0,0",
+                "--out",
+                &png,
+                "--plot",
+                &png,
+            ],
+            "--plot",
+        ),
+        (
+            vec![
+                "plot",
+                "--model",
+                m,
+                "--context",
+                "0,0,0",
+                "--data",
+                &png,
+                "--out",
+                &png,
+            ],
+            "is the file of --data",
+        ),
+    ];
+    let before = (
+        std::fs::read(&input).expect("read"),
+        std::fs::read(&model_copy).expect("read"),
+    );
+    for (args, want) in cases {
+        fails(&args, want);
+    }
+    assert_eq!(std::fs::read(&input).expect("read"), before.0);
+    assert_eq!(std::fs::read(&model_copy).expect("read"), before.1);
+    assert!(!Path::new(&png).exists());
+}
+
+#[test]
 fn an_unknown_extension_is_refused_before_any_work() {
     let m = model();
-    let cases: [(Vec<&str>, &str, &str); 5] = [
+    let cases: [(Vec<&str>, &str, &str); 10] = [
         (
             vec!["sample", "--model", m, "--n", "5", "--context", "0,0,0"],
             "s.txt",
@@ -335,13 +429,49 @@ fn an_unknown_extension_is_refused_before_any_work() {
             "d.parquet",
             "unknown extension `.parquet`; the extension names the format: .csv, .npy or .png",
         ),
+        (
+            vec!["train", "--data", "moons", "--steps", "2"],
+            "m.csv",
+            "unknown extension `.csv`; the extension names the format: .safetensors",
+        ),
+        (
+            vec!["plot", "--model", m, "--context", "0,0,0"],
+            "p.csv",
+            "unknown extension `.csv`; the extension names the format: .png",
+        ),
+        (
+            vec!["export", "--to", "zuko", "--model", m],
+            "e.npy",
+            "unknown extension `.npy`; the extension names the format: .safetensors",
+        ),
+        (
+            vec!["import", "--from", "zuko", "--input", m],
+            "i",
+            "no extension; the extension names the format: .safetensors",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                "moons",
+                "--steps",
+                "2",
+                "--metrics",
+                "metrics.csv",
+            ],
+            "m.safetensors",
+            "--metrics metrics.csv: unknown extension `.csv`; the extension names the format: .jsonl",
+        ),
     ];
     for (args, name, want) in cases {
         let out = path(name);
         let mut args = args.clone();
         args.extend(["--out", &out]);
         let err = fails(&args, want);
-        assert!(err.contains(&format!("--out {out}")), "{err}");
+        assert!(
+            err.contains(&format!("--out {out}")) || err.contains("--metrics"),
+            "{err}"
+        );
         assert!(!Path::new(&out).exists(), "{out} written");
     }
     // A PNG of the samples of a model that is not 2-D: the model is read first.

@@ -216,15 +216,15 @@ fn bad_bounds_are_refused_with_their_reason() -> Result<()> {
     };
     assert_eq!(
         refused(&[Bound::unbounded(), Bound::new(Some(1.0), Some(1.0))]),
-        "column 2: the lower bound 1 is not below the upper bound 1"
+        "column 2: the lower bound 1 is not below the upper bound 1 in f32"
     );
     assert_eq!(
         refused(&[Bound::new(Some(f64::NAN), None)]),
-        "column 1: a bound must be a finite number (or absent for an open side), got NaN"
+        "column 1: a bound must be finite in f32 (below 3.4028235e38 in size), got NaN"
     );
     assert_eq!(
         refused(&[Bound::new(None, Some(f64::INFINITY))]),
-        "column 1: a bound must be a finite number (or absent for an open side), got inf"
+        "column 1: a bound must be finite in f32 (below 3.4028235e38 in size), got inf"
     );
     assert_eq!(refused(&[]), "bounds for no columns");
     // Inside means strictly inside: a density on the box is zero on its faces.

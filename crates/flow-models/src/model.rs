@@ -770,7 +770,7 @@ mod tests {
                 &cfg.clone()
                     .with_bounds(vec![inside, Bound::new(Some(2.0), Some(0.0))])
             ),
-            "bounds of column 2: the lower bound 2 is not below the upper bound 0"
+            "bounds of column 2: the lower bound 2 is not below the upper bound 0 in f32"
         );
         let unconditional = ModelConfig {
             context_dim: 0,

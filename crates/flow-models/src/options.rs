@@ -473,15 +473,27 @@ mod tests {
         );
         assert_eq!(
             refused("-1:1,1:0", 2),
-            "--bounds entry 2 `1:0`: the lower bound 1 is not below the upper bound 0"
+            "--bounds entry 2 `1:0`: the lower bound 1 is not below the upper bound 0 in f32"
         );
         assert_eq!(
             refused("2:2", 1),
-            "--bounds entry 1 `2:2`: the lower bound 2 is not below the upper bound 2"
+            "--bounds entry 1 `2:2`: the lower bound 2 is not below the upper bound 2 in f32"
+        );
+        assert_eq!(
+            refused("1:1.00000001", 1),
+            "--bounds entry 1 `1:1.00000001`: the lower bound 1 is not below the upper bound 1.00000001 in f32"
         );
         assert_eq!(
             refused("nan:1", 1),
-            "--bounds entry 1 `nan:1`: a bound must be a finite number (or absent for an open side), got NaN"
+            "--bounds entry 1 `nan:1`: a bound must be finite in f32 (below 3.4028235e38 in size), got NaN"
+        );
+        assert_eq!(
+            refused("-1e39:0", 1),
+            "--bounds entry 1 `-1e39:0`: a bound must be finite in f32 (below 3.4028235e38 in size), got -1e39"
+        );
+        assert_eq!(
+            refused("-3e38:3e38", 1),
+            "--bounds entry 1 `-3e38:3e38`: the interval -3e38:3e38 is wider than f32 holds"
         );
         assert_eq!(
             refused("0:x", 1),

@@ -4,7 +4,7 @@ use crate::{
         check_bounds, dequantized, device, host_values, input_chunks, load_model, peak_memory_mib,
         with_context,
     },
-    output::{check_writable, header, Format, RowWriter},
+    output::{check_distinct, check_writable, header, Format, RowWriter},
     CmdResult,
 };
 
@@ -19,6 +19,11 @@ pub enum Direction {
 pub fn run(a: CodecArgs, direction: Direction) -> CmdResult {
     let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy])?;
     check_writable(&a.out)?;
+    check_distinct(
+        "--out",
+        &a.out,
+        &[("--model", &a.model), ("--input", &a.input)],
+    )?;
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();

@@ -4,12 +4,14 @@ use flow_io::{ImportOptions, Source};
 
 use crate::{
     cli::{ImportArgs, SourceArg},
-    output::check_writable,
+    output::{check_distinct, check_writable, Format},
     CmdResult,
 };
 
 pub fn import(a: ImportArgs) -> CmdResult {
+    Format::of(&a.out, "--out", &[Format::Safetensors])?;
     check_writable(&a.out)?;
+    check_distinct("--out", &a.out, &[("--input", &a.input)])?;
     if let Some(c) = a.clamp {
         if !(c.is_finite() && c > 0.0) {
             return Err(format!("--clamp must be positive, got {c}").into());

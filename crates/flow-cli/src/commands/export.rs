@@ -4,12 +4,14 @@ use flow_io::Target;
 
 use crate::{
     cli::{ExportArgs, TargetArg},
-    output::check_writable,
+    output::{check_distinct, check_writable, Format},
     print_out, CmdResult,
 };
 
 pub fn run(a: ExportArgs) -> CmdResult {
+    Format::of(&a.out, "--out", &[Format::Safetensors])?;
     check_writable(&a.out)?;
+    check_distinct("--out", &a.out, &[("--model", &a.model)])?;
     let ck = flow_io::load(&a.model)?;
     let loaded = flow_io::build_checked(&a.model, ck, candle::DType::F32, &candle::Device::Cpu)?;
     let context_dim = loaded.checkpoint.config.context_dim;

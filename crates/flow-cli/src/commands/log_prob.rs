@@ -12,7 +12,7 @@ use crate::{
         check_bounds, dequantized, device, host_values, image_chunk_rows, input_chunks, load_model,
         peak_memory_mib,
     },
-    output::{check_writable, Format, RowWriter},
+    output::{check_distinct, check_writable, Format, RowWriter},
     print_out, CmdResult,
 };
 
@@ -26,6 +26,11 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     };
     if let Some(out) = &a.out {
         check_writable(out)?;
+        check_distinct(
+            "--out",
+            out,
+            &[("--model", &a.model), ("--input", &a.input)],
+        )?;
     }
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;

@@ -4,7 +4,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::{
     cli::PlotArgs,
     commands::{device, host_values, load_input, load_model, parse_context},
-    output::{check_writable, header},
+    output::{check_distinct, check_writable, header, Format},
     plot::{density, title, PlotOptions},
     CmdResult,
 };
@@ -13,7 +13,11 @@ use crate::{
 const FRAME_SAMPLES: usize = 5000;
 
 pub fn run(a: PlotArgs) -> CmdResult {
+    Format::of(&a.out, "--out", &[Format::Png])?;
     check_writable(&a.out)?;
+    let mut read = vec![("--model", a.model.as_path())];
+    read.extend(a.data.as_deref().map(|d| ("--data", d)));
+    check_distinct("--out", &a.out, &read)?;
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();

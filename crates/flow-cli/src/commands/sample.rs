@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use flow_core::ImageInfo;
+use flow_core::{limits::check_positive, ImageInfo};
 use flow_io::LoadedModel;
 use flow_models::ModelDensity;
 use flow_train::data::{chunks, Dataset};
@@ -12,7 +12,8 @@ use crate::{
         device, host_values, image_chunk_rows, load_model, parse_context, with_context, CHUNK_ROWS,
     },
     output::{
-        check_rows, check_writable, header, Format, RowWriter, MAX_GRID, MAX_ROWS, MAX_SCATTER,
+        check_distinct, check_rows, check_writable, header, Format, RowWriter, MAX_GRID, MAX_ROWS,
+        MAX_SCATTER,
     },
     plot::{self, PlotOptions},
     CmdResult, Failure,
@@ -147,16 +148,19 @@ fn tagged(values: Vec<f32>, width: usize, tags: &[f32]) -> Vec<f32> {
 pub fn run(a: SampleArgs) -> CmdResult {
     let format = Format::of(&a.out, "--out", &[Format::Csv, Format::Npy, Format::Png])?;
     check_writable(&a.out)?;
+    let mut others = vec![("--model", a.model.as_path())];
+    others.extend(a.context_file.as_deref().map(|c| ("--context-file", c)));
+    check_distinct("--out", &a.out, &others)?;
     if let Some(p) = &a.plot {
         Format::of(p, "--plot", &[Format::Png])?;
         check_writable(p)?;
+        others.push(("--out", &a.out));
+        check_distinct("--plot", p, &others)?;
     }
     if let Some(n) = a.n {
         check_rows(n)?;
     }
-    if !(a.temperature.is_finite() && a.temperature > 0.0) {
-        return Err(format!("--temperature must be positive, got {}", a.temperature).into());
-    }
+    check_positive("temperature", a.temperature)?;
     let device = device(&a.device)?;
     let model = load_model(&a.model, &device)?;
     if let Some(image) = model.checkpoint.config.image_info() {

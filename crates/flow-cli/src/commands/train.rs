@@ -19,7 +19,7 @@ use flow_train::{
 use crate::{
     cli::{SplitArg, TrainArgs},
     commands::{data::digits_split, device, peak_memory_mib},
-    output::check_writable,
+    output::{check_distinct, check_writable, Format},
     progress::BarReporter,
     signals, CmdResult, Failure,
 };
@@ -511,9 +511,17 @@ impl Reporter for PixelUnits {
 }
 
 pub fn run(a: TrainArgs) -> CmdResult {
+    Format::of(&a.out, "--out", &[Format::Safetensors])?;
     check_writable(&a.out)?;
+    let data = Path::new(&a.data);
+    let mut read = vec![("--data", data)];
+    read.extend(a.val.as_deref().map(|v| ("--val", v)));
+    check_distinct("--out", &a.out, &read)?;
     if let Some(m) = &a.metrics {
+        Format::of(m, "--metrics", &[Format::Jsonl])?;
         check_writable(m)?;
+        read.push(("--out", &a.out));
+        check_distinct("--metrics", m, &read)?;
     }
     if let Some(0) = a.checkpoint_every {
         return Err("--checkpoint-every must be at least 1".into());

@@ -21,19 +21,26 @@ impl Bound {
         Self::new(None, None)
     }
 
-    /// Checks that each finite side is finite and that `low < high`.
+    /// Checks that each closed side is finite as the `f32` the layer computes in, that
+    /// `low < high` there, and that the interval's width is finite there too.
     pub fn validate(&self) -> std::result::Result<(), String> {
         for side in [self.low, self.high].into_iter().flatten() {
-            if !side.is_finite() {
+            if !(side as f32).is_finite() {
                 return Err(format!(
-                    "a bound must be a finite number (or absent for an open side), got {side}"
+                    "a bound must be finite in f32 (below {:e} in size), got {side:e}",
+                    f32::MAX
                 ));
             }
         }
         if let (Some(low), Some(high)) = (self.low, self.high) {
-            if low >= high {
+            if low as f32 >= high as f32 {
                 return Err(format!(
-                    "the lower bound {low} is not below the upper bound {high}"
+                    "the lower bound {low} is not below the upper bound {high} in f32"
+                ));
+            }
+            if !(high as f32 - low as f32).is_finite() {
+                return Err(format!(
+                    "the interval {low:e}:{high:e} is wider than f32 holds"
                 ));
             }
         }

@@ -229,17 +229,31 @@ pub fn generate_labeled(
         }
     }
     pts.shuffle(rng);
-    Ok(Dataset::new(
-        3,
-        pts.iter()
-            .flat_map(|(p, label)| [p[0] as f32, p[1] as f32, *label as f32])
-            .collect(),
-    ))
+    let values: Vec<f32> = pts
+        .iter()
+        .flat_map(|(p, label)| [p[0] as f32, p[1] as f32, *label as f32])
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(DataError::new(
+            toy.name(),
+            None,
+            format!("noise {noise:e} puts points beyond the range of f32"),
+        ));
+    }
+    Ok(Dataset::new(3, values))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noise_that_overflows_f32_is_refused() {
+        let wide = generate(Toy::Moons, 50, Some(1e30), 0).expect("finite in f32");
+        assert!(wide.values.iter().all(|v| v.is_finite()));
+        let err = generate(Toy::Moons, 50, Some(1e39), 0).expect_err("past f32");
+        assert!(err.to_string().contains("beyond the range of f32"), "{err}");
+    }
 
     #[test]
     fn generators_are_seeded_and_finite() {
