@@ -294,6 +294,7 @@ impl Flow {
     }
 
     pub(crate) fn save_to(&self, path: &Path) -> Result<(), Fail> {
+        safetensors_path(path)?;
         let fitted = self
             .fitted
             .as_ref()
@@ -566,6 +567,7 @@ impl Flow {
     fn export(&self, py: Python<'_>, path: PathBuf, to: &str) -> PyResult<String> {
         let target = options::choice("to", to, &flow_io::Target::ALL, flow_io::Target::name)
             .map_err(value_error)?;
+        safetensors_path(&path).map_err(Fail::into_py)?;
         let fitted = self.fitted()?;
         let (config, tensors) = match &fitted.saved {
             Saved::Trained { checkpoint, .. } => (&checkpoint.model, &checkpoint.tensors),
@@ -574,6 +576,20 @@ impl Flow {
         py.detach(|| flow_io::export(target, &path, config, tensors))
             .map_err(|e| Fail::from(e).into_py())
     }
+}
+
+/// Refuses a path whose extension is not `.safetensors` (any case): a model file is
+/// in the format its extension names, as every `flow` command writes it.
+fn safetensors_path(path: &Path) -> Result<(), Fail> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext.eq_ignore_ascii_case("safetensors") {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: a model is written as safetensors: give a path ending in .safetensors",
+        path.display()
+    )
+    .into())
 }
 
 /// A JSON value as the Python object `json.loads` makes of it.

@@ -334,6 +334,18 @@ def test_bad_files_raise_the_message_of_flow(trained, tmp_path):
     assert not (tmp_path / "z.safetensors").exists()
 
 
+def test_a_model_is_written_only_to_a_safetensors_path(trained, tmp_path):
+    model, _, _ = trained
+    for name in ["m.csv", "m.npy", "m"]:
+        with pytest.raises(ValueError, match="a model is written as safetensors: give a path ending in .safetensors"):
+            model.save(tmp_path / name)
+        with pytest.raises(ValueError, match="a model is written as safetensors"):
+            model.export(tmp_path / name, to="zuko")
+        assert not (tmp_path / name).exists()
+    model.save(tmp_path / "m.SafeTensors")
+    assert flows.load(tmp_path / "m.SafeTensors").features == 2
+
+
 def test_python_side_errors_name_the_problem(trained):
     model, _, _ = trained
     with pytest.raises(ValueError, match=r"x must be a 2-D array of shape \(rows, 2\), got shape \(5,\)"):
