@@ -160,9 +160,9 @@ pub struct DataArgs {
     /// Noise level (default depends on the data set).
     #[arg(long)]
     pub noise: Option<f64>,
-    /// Seed of the generator: the same seed gives the same points.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the generator: the same seed gives the same points [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Add each point's component (moon, circle, arm, …) as a last `label` column, the
     /// condition of a conditional flow (`flow train --context-dim 1`).
     #[arg(long)]

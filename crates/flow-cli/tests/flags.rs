@@ -85,6 +85,18 @@ fn a_flag_for_another_family_is_refused_naming_the_families_that_take_it() {
             "--coupling applies to realnvp, not nice",
         ),
         (
+            moons(&["--coupling", "additive", "--scale", "exp"]),
+            "--scale shapes an affine coupling's scale; --coupling additive has none",
+        ),
+        (
+            moons(&["--scale", "tanh", "--clamp", "2", "--coupling", "additive"]),
+            "--scale shapes an affine coupling's scale; --coupling additive has none",
+        ),
+        (
+            moons(&["--coupling", "additive", "--clamp", "2"]),
+            "--clamp shapes an affine coupling's scale; --coupling additive has none",
+        ),
+        (
             digits(&["--flow", "glow", "--bins", "8"]),
             "--bins applies to nsf and nsf-ar, not glow",
         ),

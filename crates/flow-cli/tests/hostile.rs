@@ -494,6 +494,17 @@ fn thirty_and_more_hostile_inputs() {
         ],
         "temperature",
     ));
+    let moons_csv = file("seeded.csv", b"x0,x1\n0,1\n1,0\n0.5,0.5\n");
+    cases.push(case(
+        "a seed for an image model's noise, given a model of points",
+        &["log-prob", "--model", m, "--input", &moons_csv, "--seed", "3"],
+        "--seed draws the dequantisation noise of an image model's pixels; this model is not an image model",
+    ));
+    cases.push(case(
+        "a seed for the digits, which are not drawn",
+        &["data", "digits", "--seed", "5", "--out", &out],
+        "digits take --split, not --n, --noise, --with-labels or --seed",
+    ));
     cases.push(case(
         "a temperature past f32",
         &[

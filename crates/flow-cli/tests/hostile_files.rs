@@ -308,6 +308,42 @@ fn nflows_spline_weights_say_which_tail_bound_they_assumed() {
 }
 
 #[test]
+fn an_import_setting_that_no_layer_takes_is_refused_and_nothing_written() {
+    let out = path("never-imported.safetensors");
+    for (source, fixture_name, flag, value) in [
+        ("seed", "seed_stacked3.safetensors", "--clamp", "2"),
+        ("seed", "seed_stacked3.safetensors", "--tail-bound", "2"),
+        (
+            "zuko",
+            "zuko_RealNVP_f2_T4_h64x2.safetensors",
+            "--tail-bound",
+            "4",
+        ),
+        (
+            "nflows",
+            "nflows_RQcoupling_f2_L4_K8_h32_B2.safetensors",
+            "--clamp",
+            "2",
+        ),
+    ] {
+        let input = fixture(fixture_name);
+        let base = import(source, &input, &out);
+        let args = [&strs(&base)[..], &[flag, value]].concat();
+        let o = flow(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "{flag} does not apply: no layer of these {source} weights takes it"
+            )),
+            "{err}"
+        );
+        assert!(!Path::new(&out).exists());
+    }
+}
+
+#[test]
 fn an_export_of_a_model_that_does_not_evaluate_writes_nothing() {
     // The seed fixture imported, then every weight scaled past what the model survives:
     // each tensor is finite, so only scoring the model finds it.

@@ -113,7 +113,12 @@ pub struct ModelOption<C> {
     pub name: &'static str,
     pub help: &'static str,
     setting: Setting<C>,
+    /// Whether the option applies to a recipe as the options before it left it (an
+    /// error saying why not): a flag that does not apply is refused, not ignored.
+    applies: Option<Applies<C>>,
 }
+
+type Applies<C> = Box<dyn Fn(&C) -> Result<(), String> + Send + Sync>;
 
 impl<C> std::fmt::Debug for ModelOption<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +152,7 @@ impl<C> ModelOption<C> {
             name,
             help,
             setting,
+            applies: None,
         }
     }
 
@@ -165,6 +171,7 @@ impl<C> ModelOption<C> {
             name,
             help,
             setting,
+            applies: None,
         }
     }
 
@@ -183,6 +190,7 @@ impl<C> ModelOption<C> {
             name,
             help,
             setting,
+            applies: None,
         }
     }
 
@@ -204,6 +212,19 @@ impl<C> ModelOption<C> {
             name,
             help,
             setting,
+            applies: None,
+        }
+    }
+
+    /// The option, refused with `applies`'s error where it does not apply to the
+    /// recipe as the options before it left it.
+    pub fn applying_when(
+        self,
+        applies: impl Fn(&C) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            applies: Some(Box::new(applies)),
+            ..self
         }
     }
 
@@ -234,6 +255,9 @@ impl<C> ModelOption<C> {
     /// Sets `text` in `recipe`, read and bounded by the option's kind.
     fn set(&self, recipe: &mut C, text: &str, seed: u64) -> Result<(), String> {
         let name = self.name;
+        if let Some(applies) = &self.applies {
+            applies(recipe)?;
+        }
         match &self.setting {
             Setting::Count { min, max, set, .. } => {
                 let v: usize = text

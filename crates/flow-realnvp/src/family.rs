@@ -42,14 +42,14 @@ impl Family for RealNvpFamily {
         });
         let mut realnvp_options = shared_options();
         realnvp_options.push(coupling());
-        realnvp_options.push(options::scale(
-            |c: &RealNvpConfig| c.scale,
-            |c, v| c.scale = v,
-        ));
-        realnvp_options.push(options::clamp(
-            |c: &RealNvpConfig| c.scale,
-            |c, v| c.scale = v,
-        ));
+        realnvp_options.push(
+            options::scale(|c: &RealNvpConfig| c.scale, |c, v| c.scale = v)
+                .applying_when(|c| scaled("scale", c)),
+        );
+        realnvp_options.push(
+            options::clamp(|c: &RealNvpConfig| c.scale, |c, v| c.scale = v)
+                .applying_when(|c| scaled("clamp", c)),
+        );
         vec![
             realnvp
                 .with_couples(true)
@@ -59,6 +59,17 @@ impl Family for RealNvpFamily {
                 .with_options(shared_options())
                 .boxed(),
         ]
+    }
+}
+
+/// `--{flag}` shapes an affine coupling's scale: refused where `--coupling additive`
+/// left none.
+fn scaled(flag: &str, c: &RealNvpConfig) -> Result<(), String> {
+    match c.coupling {
+        CouplingKind::Affine => Ok(()),
+        CouplingKind::Additive => Err(format!(
+            "--{flag} shapes an affine coupling's scale; --coupling additive has none"
+        )),
     }
 }
 

@@ -29,8 +29,10 @@ pub fn run(a: DataArgs) -> CmdResult {
     let toy = match a.name {
         DataName::Toy(toy) => toy,
         DataName::Digits => {
-            if a.n.is_some() || a.with_labels || a.noise.is_some() {
-                return Err("digits take --split, not --n, --noise or --with-labels".into());
+            if a.n.is_some() || a.with_labels || a.noise.is_some() || a.seed.is_some() {
+                return Err(
+                    "digits take --split, not --n, --noise, --with-labels or --seed".into(),
+                );
             }
             let d = digits_split(a.split);
             if format == Format::Png {
@@ -54,16 +56,17 @@ pub fn run(a: DataArgs) -> CmdResult {
         return Err("--split divides the digits; a generator draws --n fresh points".into());
     }
     let n = check_rows(a.n.ok_or("--n is required")?)?;
+    let seed = a.seed.unwrap_or(0);
     if format == Format::Png && n > MAX_SCATTER {
         return Err(format!("--n {n}: a PNG scatter draws at most {MAX_SCATTER} points").into());
     }
     let (d, names) = if a.with_labels {
-        let d = generate_labeled(toy, n, a.noise, a.seed)?;
+        let d = generate_labeled(toy, n, a.noise, seed)?;
         let mut names = header("x", d.dim - 1);
         names.push("label".into());
         (d, names)
     } else {
-        let d = generate(toy, n, a.noise, a.seed)?;
+        let d = generate(toy, n, a.noise, seed)?;
         let names = header("x", d.dim);
         (d, names)
     };
@@ -73,7 +76,7 @@ pub fn run(a: DataArgs) -> CmdResult {
             .chunks_exact(d.dim)
             .flat_map(|row| row[..2].iter().copied())
             .collect();
-        let title = format!("{} — {} points, seed {}", toy.name(), d.len(), a.seed);
+        let title = format!("{} — {} points, seed {}", toy.name(), d.len(), seed);
         plot::scatter(
             &a.out,
             &points,

@@ -36,6 +36,12 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     let model = load_model(&a.model, &device)?;
     let dim = model.flow.dim();
     dequantized::applies(a.dequantized, model.checkpoint.config.image_info())?;
+    if a.seed.is_some() && model.checkpoint.config.image_info().is_none() {
+        return Err(
+            "--seed draws the dequantisation noise of an image model's pixels; this model is not an image model"
+                .into(),
+        );
+    }
     if a.dequantized && a.seed.is_some() {
         return Err(
             "--seed draws the dequantisation noise of pixel values; --dequantized rows take none"

@@ -350,6 +350,23 @@ pub fn import_bytes(
         Source::Zuko => zuko::import(&mut w, opts)?,
         Source::Freia => freia::import(&mut w, opts)?,
     };
+    // A setting applies where, not given, it would be assumed: one given to weights
+    // whose layers do not take it is refused rather than ignored.
+    let applies = assumptions(source, &imported.config, &ImportOptions::default());
+    let given = [
+        (opts.tail_bound.is_some(), "--tail-bound"),
+        (opts.clamp.is_some(), "--clamp"),
+        (opts.activation.is_some(), "--activation"),
+    ];
+    if let Some((_, flag)) = given
+        .iter()
+        .find(|(given, flag)| *given && !applies.iter().any(|a| a.flag == *flag))
+    {
+        return Err(w.invalid(format!(
+            "{flag} does not apply: no layer of these {} weights takes it",
+            source.name()
+        )));
+    }
     w.finish()?;
     imported.check(path)?;
     imported.assumptions = assumptions(source, &imported.config, opts);
