@@ -196,11 +196,31 @@ fn samples_never_leave_the_box() -> Result<()> {
         for row in s.to_vec2::<f32>()? {
             for (v, b) in row.iter().zip(&bounds) {
                 let v = f64::from(*v);
-                ensure!(
-                    b.low.is_none_or(|l| v >= l) && b.high.is_none_or(|h| v <= h),
-                    "the sample {v} left {b}"
-                );
+                ensure!(b.contains(v), "the sample {v} left the open interval {b}");
                 ensure!(v.is_finite(), "a sample of {b} is {v}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn latents_far_out_map_strictly_inside_the_box_in_either_precision() -> Result<()> {
+    // Where σ(y) or the softplus rounds to an end, the point is kept one step inside.
+    let bounds = [
+        Bound::new(Some(-1.0), Some(2.0)),
+        Bound::new(Some(1.0), None),
+        Bound::new(None, Some(-3.0)),
+    ];
+    let far = [-1e4, -100.0, -40.0, 40.0, 100.0, 1e4];
+    for dtype in [DType::F32, DType::F64] {
+        let map = Bounded::new(&bounds, dtype, &DEV)?;
+        let y: Vec<f64> = far.iter().flat_map(|&v| [v, v, v]).collect();
+        let y = Tensor::from_vec(y, (far.len(), 3), &DEV)?.to_dtype(dtype)?;
+        let (x, _) = map.inverse(&y)?;
+        for row in x.to_dtype(DType::F64)?.to_vec2::<f64>()? {
+            for (v, b) in row.iter().zip(&bounds) {
+                ensure!(b.contains(*v), "{dtype:?}: {v} is not inside {b}");
             }
         }
     }

@@ -73,8 +73,40 @@ struct Group {
     kind: Kind,
     /// The columns, as indices into the row.
     columns: Tensor,
+    ends: Ends,
+}
+
+/// One group's ends (0 where a side is open), and the values one step inside them in
+/// the layer's dtype: where `σ(y)` or a softplus rounds a sample onto a face, the
+/// sample is moved there, so samples never leave the open box.
+#[derive(Debug, Clone)]
+struct Ends {
     low: Tensor,
     high: Tensor,
+    inside_low: Tensor,
+    inside_high: Tensor,
+}
+
+impl Ends {
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            low: self.low.to_dtype(dtype)?,
+            high: self.high.to_dtype(dtype)?,
+            inside_low: self.inside_low.to_dtype(dtype)?,
+            inside_high: self.inside_high.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// `v` moved one representable step up (`up`) or down in `dtype` (in f64 for the
+/// other float types, whose steps are coarser).
+fn step(v: f64, up: bool, dtype: DType) -> f64 {
+    match (dtype, up) {
+        (DType::F32, true) => f64::from((v as f32).next_up()),
+        (DType::F32, false) => f64::from((v as f32).next_down()),
+        (_, true) => v.next_up(),
+        (_, false) => v.next_down(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +164,7 @@ impl Bounded {
             if columns.is_empty() {
                 continue;
             }
-            let row = |side: fn(&Bound) -> Option<f64>| -> Result<Tensor> {
+            let row = |side: &dyn Fn(&Bound) -> Option<f64>| -> Result<Tensor> {
                 let v: Vec<f64> = columns
                     .iter()
                     .map(|&j| side(&bounds[j]).unwrap_or(0.0))
@@ -143,8 +175,12 @@ impl Bounded {
             groups.push(Group {
                 kind,
                 columns: Tensor::from_vec(ids, columns.len(), device)?,
-                low: row(|b| b.low)?,
-                high: row(|b| b.high)?,
+                ends: Ends {
+                    low: row(&|b| b.low)?,
+                    high: row(&|b| b.high)?,
+                    inside_low: row(&|b| b.low.map(|l| step(l, true, dtype)))?,
+                    inside_high: row(&|b| b.high.map(|h| step(h, false, dtype)))?,
+                },
             });
             placed.extend(columns);
         }
@@ -178,16 +214,14 @@ impl Bounded {
     fn map(
         &self,
         x: &Tensor,
-        map: impl Fn(Kind, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+        map: impl Fn(Kind, &Tensor, &Ends) -> Result<(Tensor, Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         self.check(x)?;
         let mut parts = Vec::with_capacity(self.groups.len());
         let mut log_det = zero_log_det(x)?;
         for g in &self.groups {
             let part = x.index_select(&g.columns, 1)?;
-            let low = g.low.to_dtype(x.dtype())?;
-            let high = g.high.to_dtype(x.dtype())?;
-            let (y, ld) = map(g.kind, &part, &low, &high)?;
+            let (y, ld) = map(g.kind, &part, &g.ends.to_dtype(x.dtype())?)?;
             parts.push(y);
             log_det = (log_det + ld.sum(1)?)?;
         }
@@ -220,50 +254,63 @@ fn inverse_softplus(t: &Tensor) -> Result<(Tensor, Tensor)> {
 
 impl Bijector for Bounded {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.map(x, |kind, x, low, high| match kind {
-            Kind::Unbounded => Ok((x.clone(), x.zeros_like()?)),
-            Kind::Both => {
-                // The logit of (x − low) / (high − low), as a difference of logs so that
-                // both ends keep their precision.
-                let to_low = x.broadcast_sub(low)?.log()?;
-                let to_high = high.broadcast_sub(x)?.log()?;
-                let width = (high - low)?.log()?;
-                let ld = (to_low.neg()? - &to_high)?.broadcast_add(&width)?;
-                Ok(((to_low - to_high)?, ld))
-            }
-            Kind::Lower => inverse_softplus(&x.broadcast_sub(low)?),
-            Kind::Upper => {
-                let (y, ld) = inverse_softplus(&high.broadcast_sub(x)?)?;
-                Ok((y.neg()?, ld))
+        self.map(x, |kind, x, ends| {
+            let (low, high) = (&ends.low, &ends.high);
+            match kind {
+                Kind::Unbounded => Ok((x.clone(), x.zeros_like()?)),
+                Kind::Both => {
+                    // The logit of (x − low) / (high − low), as a difference of logs so that
+                    // both ends keep their precision.
+                    let to_low = x.broadcast_sub(low)?.log()?;
+                    let to_high = high.broadcast_sub(x)?.log()?;
+                    let width = (high - low)?.log()?;
+                    let ld = (to_low.neg()? - &to_high)?.broadcast_add(&width)?;
+                    Ok(((to_low - to_high)?, ld))
+                }
+                Kind::Lower => inverse_softplus(&x.broadcast_sub(low)?),
+                Kind::Upper => {
+                    let (y, ld) = inverse_softplus(&high.broadcast_sub(x)?)?;
+                    Ok((y.neg()?, ld))
+                }
             }
         })
     }
 
     fn inverse(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.map(y, |kind, y, low, high| match kind {
-            Kind::Unbounded => Ok((y.clone(), y.zeros_like()?)),
-            Kind::Both => {
-                let width = (high - low)?;
-                let (up, down) = (softplus(y)?, softplus(&y.neg()?)?);
-                // low + width·σ(y) from the nearer end, so neither end loses precision.
-                let from_low = down
-                    .neg()?
-                    .exp()?
-                    .broadcast_mul(&width)?
-                    .broadcast_add(low)?;
-                let from_high = high.broadcast_sub(&up.neg()?.exp()?.broadcast_mul(&width)?)?;
-                let x = y.gt(0.0)?.where_cond(&from_high, &from_low)?;
-                let ld = (up + down)?.neg()?.broadcast_add(&width.log()?)?;
-                Ok((x, ld))
+        self.map(y, |kind, y, ends| {
+            let (low, high) = (&ends.low, &ends.high);
+            match kind {
+                Kind::Unbounded => Ok((y.clone(), y.zeros_like()?)),
+                Kind::Both => {
+                    let width = (high - low)?;
+                    let (up, down) = (softplus(y)?, softplus(&y.neg()?)?);
+                    // low + width·σ(y) from the nearer end, so neither end loses precision.
+                    let from_low = down
+                        .neg()?
+                        .exp()?
+                        .broadcast_mul(&width)?
+                        .broadcast_add(low)?;
+                    let from_high = high.broadcast_sub(&up.neg()?.exp()?.broadcast_mul(&width)?)?;
+                    let x = y
+                        .gt(0.0)?
+                        .where_cond(&from_high, &from_low)?
+                        .broadcast_maximum(&ends.inside_low)?
+                        .broadcast_minimum(&ends.inside_high)?;
+                    let ld = (up + down)?.neg()?.broadcast_add(&width.log()?)?;
+                    Ok((x, ld))
+                }
+                Kind::Lower => Ok((
+                    softplus(y)?
+                        .broadcast_add(low)?
+                        .broadcast_maximum(&ends.inside_low)?,
+                    softplus(&y.neg()?)?.neg()?,
+                )),
+                Kind::Upper => Ok((
+                    high.broadcast_sub(&softplus(&y.neg()?)?)?
+                        .broadcast_minimum(&ends.inside_high)?,
+                    softplus(y)?.neg()?,
+                )),
             }
-            Kind::Lower => Ok((
-                softplus(y)?.broadcast_add(low)?,
-                softplus(&y.neg()?)?.neg()?,
-            )),
-            Kind::Upper => Ok((
-                high.broadcast_sub(&softplus(&y.neg()?)?)?,
-                softplus(y)?.neg()?,
-            )),
         })
     }
 }
