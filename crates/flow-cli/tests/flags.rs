@@ -341,6 +341,14 @@ fn a_resumed_run_refuses_flags_that_would_change_it_and_records_a_longer_one() {
         );
     }
     refused(
+        &resume(&["--stop-at", "5"]),
+        &format!("--stop-at 5: {first} is at step 5 already; give a later step"),
+    );
+    refused(
+        &with(&MOONS, &["--stop-at", "0"]),
+        "--stop-at must be at least 1",
+    );
+    refused(
         &resume(&["--bins", "3"]),
         "--bins applies to nsf and nsf-ar, not realnvp",
     );
@@ -394,6 +402,11 @@ fn degenerate_data_are_refused_or_warned_about() {
     refused(
         &["--data", &single],
         &format!("{single}: 1 row: a density cannot be fitted to a single point"),
+    );
+    let few = file("few.csv", "1,2\n2,1\n3,0\n0,3\n");
+    refused(
+        &["--data", &few, "--val-fraction", "0.75"],
+        &format!("{few}: --val-fraction 0.75 holds out 3 of 4 rows, leaving 1 to train on"),
     );
     let same = file("same.csv", "1,2\n1,2\n1,2\n");
     refused(

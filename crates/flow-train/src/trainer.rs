@@ -431,6 +431,10 @@ impl Trainer {
     ) -> Result<Trained, TrainError> {
         // Checked whole, so that a message names a row as the caller counts them.
         self.check_inputs(train, val)?;
+        if val.is_none() {
+            crate::data::check_rows_left(train.len(), self.cfg.val_fraction)
+                .map_err(|msg| DataError::new("training data", None, msg))?;
+        }
         let (train, held_out) = self.held_out(train, val);
         let (train, val) = (train.as_ref(), val.or(held_out.as_ref()));
         let resume = control.resume.take();

@@ -9,8 +9,9 @@ use flow_models::{options, BoundsBy, Family, Registry};
 use flow_train::val_every_for;
 use flow_train::{
     data::{
-        check_pixels, generate, generate_labeled, held_out_rows, load_path, load_pixel_images,
-        Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS, DIGITS_LEVELS,
+        check_pixels, check_rows_left, generate, generate_labeled, held_out_rows, load_path,
+        load_pixel_images, Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS,
+        DIGITS_LEVELS,
     },
     Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report, Reporter, TrainCheckpoint,
     TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
@@ -538,6 +539,18 @@ pub fn run(a: TrainArgs) -> CmdResult {
         .as_deref()
         .map(|p| TrainCheckpoint::load_on(p, &Registry::builtin(), DEFAULT_DTYPE, &device))
         .transpose()?;
+    // A stop at or before where the run stands would train nothing.
+    let stands_at = resume.as_ref().map_or(0, |r| r.state.step);
+    if let Some(at) = a.stop_at.filter(|&at| at <= stands_at) {
+        return Err(match &a.resume {
+            Some(p) => format!(
+                "--stop-at {at}: {} is at step {stands_at} already; give a later step",
+                p.display()
+            ),
+            None => "--stop-at must be at least 1".into(),
+        }
+        .into());
+    }
     let flow = family(&a)?;
     if resume.is_none() {
         model_options(&a).check_apply(&flow)?;
@@ -605,7 +618,11 @@ pub fn run(a: TrainArgs) -> CmdResult {
             let val_fraction = if streamed { 0.0 } else { cfg.val_fraction };
             let train_rows = match &val {
                 Some(_) => rows.len(),
-                None => rows.len() - held_out_rows(rows.len(), val_fraction),
+                None => {
+                    check_rows_left(rows.len(), val_fraction)
+                        .map_err(|e| format!("{}: {e}", a.data))?;
+                    rows.len() - held_out_rows(rows.len(), val_fraction)
+                }
             };
             let mut cfg = cfg;
             flow_train::recipe::fit_conditional_run(

@@ -58,6 +58,18 @@ pub fn held_out_rows(n: usize, fraction: f64) -> usize {
     }
 }
 
+/// Checks that holding out `fraction` of `n` rows leaves at least two to train on.
+pub fn check_rows_left(n: usize, fraction: f64) -> Result<(), String> {
+    let held = held_out_rows(n, fraction);
+    if held > 0 && n - held < 2 {
+        return Err(format!(
+            "--val-fraction {fraction} holds out {held} of {n} rows, leaving {} to train on: a density cannot be fitted to a single point",
+            n - held
+        ));
+    }
+    Ok(())
+}
+
 /// Splits `data` into training rows and `⌊fraction · n⌋` validation rows, drawn by a
 /// shuffle seeded with `seed`; each part keeps the rows in their original order. No
 /// validation set (`None`) when that is no row; `fraction` must pass
@@ -79,6 +91,14 @@ pub fn hold_out(data: &Dataset, fraction: f64, seed: u64) -> (Dataset, Option<Da
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hold_out_leaves_two_rows_to_train_on() {
+        assert!(check_rows_left(300, 0.99).is_ok());
+        assert!(check_rows_left(1, 0.5).is_ok(), "nothing held out");
+        let err = check_rows_left(300, 0.999).unwrap_err();
+        assert!(err.starts_with("--val-fraction 0.999 holds out 299 of 300 rows, leaving 1"));
+    }
 
     #[test]
     fn holds_out_a_seeded_share_of_the_rows_with_their_context() {

@@ -10,7 +10,9 @@ mod toy;
 pub use files::{
     chunks, column_names, load_csv, load_npy, load_path, parse_csv, CsvChunks, NpyChunks,
 };
-pub use holdout::{check_val_fraction, held_out_rows, hold_out, DEFAULT_VAL_FRACTION};
+pub use holdout::{
+    check_rows_left, check_val_fraction, held_out_rows, hold_out, DEFAULT_VAL_FRACTION,
+};
 pub use images::{
     check_pixels, digits, digits_labels, images_from_bytes, load_images, load_pixel_images,
     ImageDims, Images, DIGITS_LEVELS,
