@@ -663,3 +663,20 @@ fn thirty_and_more_hostile_inputs() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn rows_whose_log_prob_overflows_are_named_in_a_warning() {
+    let m = model();
+    // Values near f32's largest overflow the standardisation and the networks.
+    let input = file("overflowing.csv", b"x0,x1\n0,0\n3e38,3e38\n0.5,0.5\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_flow"))
+        .args(["log-prob", "--model", m, "--input", &input])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("1 row(s), the first row 2, have no finite log-prob"),
+        "{err}"
+    );
+}

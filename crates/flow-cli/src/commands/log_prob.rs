@@ -68,6 +68,8 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     let config = &model.checkpoint.config;
     let mut density = ModelDensity::new(config, &model.flow)?;
     let (mut rows, mut sum) = (0usize, 0f64);
+    // Rows whose log-prob is not a number, and the first of them (1-based).
+    let (mut nan_rows, mut first_nan) = (0usize, None);
     let what = a.input.display().to_string();
     for input in input_chunks(&a.input, dim, config.context_dim)? {
         let input = input?;
@@ -76,6 +78,10 @@ pub fn run(a: LogProbArgs) -> CmdResult {
         let context = input.context.map(|c| c.to_device(&device)).transpose()?;
         let lp = density.log_prob(&x, context.as_ref())?;
         let values = host_values(&lp.detach().unsqueeze(1)?)?;
+        for (i, _) in values.iter().enumerate().filter(|(_, v)| v.is_nan()) {
+            nan_rows += 1;
+            first_nan.get_or_insert(rows + i + 1);
+        }
         rows += values.len();
         sum += values.iter().map(|v| *v as f64).sum::<f64>();
         if let Some(out) = out.as_mut() {
@@ -87,6 +93,11 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     }
     if let Some(note) = density.normalised_note() {
         eprintln!("{note}");
+    }
+    if let Some(first) = first_nan {
+        eprintln!(
+            "warning: {what}: {nan_rows} row(s), the first row {first}, have no finite log-prob: the model's arithmetic overflows that far from its training data (NaN)"
+        );
     }
     report(rows, sum, dim)
 }
