@@ -354,9 +354,7 @@ fn check_npy_header(text: &[u8], data_bytes: u64) -> Result<(), String> {
         let Ok(d) = cell.parse::<u64>() else {
             return bad("a dimension beyond 64 bits");
         };
-        if d > 0 {
-            elements = elements.saturating_mul(d);
-        }
+        elements = elements.saturating_mul(d);
     }
     if elements > data_bytes {
         let shape = &rest[..end];
