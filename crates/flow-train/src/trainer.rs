@@ -669,7 +669,7 @@ impl Trainer {
         }
         if r.state.data_fingerprint != data_fingerprint {
             return Err(TrainError::InvalidConfig(
-                "the training data differ from the data the checkpointed run used".into(),
+                "the training data differ from the data the checkpointed run used (the same file, and a validation file only where the run was given one, hold the same training rows)".into(),
             ));
         }
         let streamed = r.state.stream.map(|s| s.chunk_rows);
