@@ -104,7 +104,8 @@ pub fn check_distinct(flag: &str, out: &Path, others: &[(&str, &Path)]) -> Resul
     }
 }
 
-/// Fails before any work starts if `path` cannot be written to (missing folder).
+/// Fails before any work starts if `path` cannot be written to (a missing folder, or
+/// one that takes no new file).
 pub fn check_writable(path: &Path) -> Result<(), Failure> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -121,6 +122,9 @@ pub fn check_writable(path: &Path) -> Result<(), Failure> {
     if path.is_dir() {
         return Err(format!("{}: is a folder", path.display()).into());
     }
+    // The temporary file the result is written to beside `path`, made and removed: a
+    // folder that takes no new file fails here, before the work, not after it.
+    drop(flow_io::AtomicWriter::create(path)?);
     Ok(())
 }
 

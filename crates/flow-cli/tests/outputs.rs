@@ -676,3 +676,22 @@ fn names_a_model_cannot_keep_are_numbered_with_a_warning() {
         "p.jpg: unknown extension `.jpg`; the extension names the format: .png",
     );
 }
+
+/// A folder that takes no new file (`/proc`) fails before training, not after.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_output_folder_that_takes_no_file_fails_before_any_work() {
+    let err = fails(
+        &[
+            "train",
+            "--data",
+            "moons",
+            "--steps",
+            "2",
+            "--out",
+            "/proc/flows-never.safetensors",
+        ],
+        "/proc/flows-never.safetensors",
+    );
+    assert!(!err.contains("training"), "{err}");
+}
