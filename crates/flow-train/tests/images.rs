@@ -401,9 +401,10 @@ fn hostile_files_are_errors_naming_the_file() {
             "more elements",
         ),
         (
+            // No element, however wide its rows: empty, and nothing of the rows' size made.
             "zeroshape.npy",
             npy_raw("{'descr': '<f8', 'fortran_order': False, 'shape': (0, 1099511627776, 1099511627776), }\n", &[]),
-            "more elements",
+            "the array is empty",
         ),
         (
             "bigdim.npy",
