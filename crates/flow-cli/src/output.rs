@@ -86,14 +86,10 @@ impl Format {
 /// files the command reads or writes besides it, `others` (each with its flag): the
 /// command would overwrite what it reads, or write two results over each other.
 pub fn check_distinct(flag: &str, out: &Path, others: &[(&str, &Path)]) -> Result<(), Failure> {
-    // The same name, or two names of one file (`./a` and `a`; links and `..` where
-    // the file exists).
-    let same = |other: &Path| {
-        out == other
-            || matches!((std::path::absolute(out), std::path::absolute(other)), (Ok(a), Ok(b)) if a == b)
-            || matches!((out.canonicalize(), other.canonicalize()), (Ok(a), Ok(b)) if a == b)
-    };
-    match others.iter().find(|(_, other)| same(other)) {
+    match others
+        .iter()
+        .find(|(_, other)| flow_io::same_file(out, other))
+    {
         Some((other_flag, other)) => Err(format!(
             "{flag} {} is the file of {other_flag} {}: give {flag} another path",
             out.display(),

@@ -102,15 +102,21 @@ pub fn check_count(flag: &str, v: usize, min: usize, max: usize) -> Result<usize
     Ok(v)
 }
 
+/// `v` as a message shows it: in exponent form where plain digits would run long
+/// (`1e-320` rather than 320 zeros).
+pub fn number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
 /// The value `v` of the setting `--{flag}`, checked to be positive and finite as the
 /// `f32` it becomes.
 pub fn check_positive(flag: &str, v: f64) -> Result<f64, String> {
     if !positive_f32(v) {
-        let v = if v.abs() >= 1e6 {
-            format!("{v:e}")
-        } else {
-            v.to_string()
-        };
+        let v = number(v);
         return Err(format!(
             "--{flag} must be positive and finite in f32 (below {:e}), got {v}",
             f32::MAX
@@ -126,11 +132,7 @@ pub fn check_non_negative(flag: &str, v: f64) -> Result<f64, String> {
         return Ok(0.0);
     }
     if !positive_f32(v) {
-        let v = if v.abs() >= 1e6 {
-            format!("{v:e}")
-        } else {
-            v.to_string()
-        };
+        let v = number(v);
         return Err(format!(
             "--{flag} must be at least 0 and finite in f32 (below {:e}), got {v}",
             f32::MAX

@@ -38,6 +38,15 @@ pub fn remove_temp_files() {
     std::mem::forget(live);
 }
 
+/// Whether `a` and `b` name one file: the same name, the same absolute path (`./a` and
+/// `a`), or, where both exist, the same file behind links and `..`. An output that is
+/// one of a command's inputs would overwrite what it reads.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(x), Ok(y)) if x == y)
+        || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 /// A file written in pieces and put in place atomically: the pieces go to a temporary
 /// file beside `path`, which [`commit`](Self::commit) flushes to disk and renames over
 /// `path`. Dropped without a commit (an error on the way), the temporary file is

@@ -12,7 +12,7 @@ mod export;
 pub mod import;
 mod scores;
 
-pub use atomic::{remove_temp_files, write_atomic, AtomicWriter};
+pub use atomic::{remove_temp_files, same_file, write_atomic, AtomicWriter};
 pub use checkpoint::{
     build_checked, build_checked_with, load, load_bytes, load_model, save, Checkpoint, LoadedModel,
     FORMAT_VERSION, STATE_PREFIX,

@@ -5,7 +5,7 @@
 //! builds its models through here, so the defaults, checks and messages are the same
 //! in each. Messages name an option as the command line spells it (`--hidden-layers`).
 
-use flow_core::limits::{check_count, check_positive, MAX_COMPONENTS, MAX_DIM};
+use flow_core::limits::{check_at_most, check_count, check_positive, MAX_COMPONENTS, MAX_DIM};
 use flow_core::Bound;
 pub use flow_core::{limits::positive_f32, ImageInfo, ImageShape, ModelData};
 pub use flow_nn::Activation;
@@ -313,6 +313,9 @@ impl ModelOptions {
         image: Option<ImageInfo>,
         seed: u64,
     ) -> Result<ModelConfig, String> {
+        // Bounded before the family lays out anything per feature.
+        check_at_most("features", dim, MAX_DIM)?;
+        check_at_most("context features", context_dim, MAX_DIM)?;
         if flow.couples() && dim < 2 {
             return Err(format!(
                 "--flow {} couples one part of each row to the other and needs at least 2 features, but {what} has {dim}: in one dimension use {}",

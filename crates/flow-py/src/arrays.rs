@@ -5,6 +5,8 @@ use flow_nn::Activation;
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::{prelude::*, types::PyAny};
 
+use flow_train::DataError;
+
 use crate::errors::value_error;
 
 /// Rows of numbers read from a numpy array (or anything `numpy.asarray` takes):
@@ -24,7 +26,16 @@ impl Rows {
         let py = array.py();
         let numpy = py.import("numpy")?;
         let mut array = numpy.call_method1("asarray", (array,))?;
-        let dtype: String = array.getattr("dtype")?.str()?.extract()?;
+        let dtype = array.getattr("dtype")?;
+        // Booleans, integers and reals; not complex numbers, text or objects, which
+        // numpy would turn into reals by dropping or guessing.
+        let kind: String = dtype.getattr("kind")?.extract()?;
+        let dtype: String = dtype.str()?.extract()?;
+        if !matches!(kind.as_str(), "b" | "i" | "u" | "f") {
+            return Err(value_error(format!(
+                "{what} must hold real numbers, got an array of dtype {dtype}"
+            )));
+        }
         let double = dtype != "float32";
         if dtype != "float32" && dtype != "float64" {
             array = numpy.call_method1("asarray", (array, "float64"))?;
@@ -36,13 +47,33 @@ impl Rows {
                 shape_text(&shape)
             )));
         }
-        let values = if double {
+        let values: Vec<f32> = if double {
             let a = array.cast::<numpy::PyArray2<f64>>()?.readonly();
-            a.as_array().iter().map(|&v| v as f32).collect()
+            let a = a.as_array();
+            if let Some((i, v)) = a
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.is_finite() && !(**v as f32).is_finite())
+            {
+                return Err(value_error(
+                    DataError::new(
+                        what,
+                        Some(i / cols.max(1) + 1),
+                        format!("{v:e} lies beyond float32, in which the model computes"),
+                    )
+                    .to_string(),
+                ));
+            }
+            a.iter().map(|&v| v as f32).collect()
         } else {
             let a = array.cast::<numpy::PyArray2<f32>>()?.readonly();
             a.as_array().iter().copied().collect()
         };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(value_error(
+                DataError::new(what, Some(i / cols.max(1) + 1), "NaN or infinite value").to_string(),
+            ));
+        }
         Ok(Self {
             values,
             rows: shape[0],

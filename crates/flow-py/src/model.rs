@@ -34,6 +34,9 @@ const DATA: &str = "the data";
 pub(crate) struct Fitted {
     pub flow: flow_core::Flow,
     pub saved: Saved,
+    /// The file the weights were read from (a model or another tool's state dict),
+    /// which an export must not overwrite.
+    pub from: Option<PathBuf>,
 }
 
 /// What `save` writes.
@@ -140,7 +143,8 @@ fn model_options(options: Option<&Bound<'_, PyDict>>, context: usize) -> PyResul
         };
         let text = match option.kind {
             OptionKind::Count { .. } => count(&value, option.name)?.to_string(),
-            OptionKind::Positive | OptionKind::NonNegative => value.extract::<f64>()?.to_string(),
+            // The shortest text that reads back as the same number (`1e-320`).
+            OptionKind::Positive | OptionKind::NonNegative => format!("{:?}", value.extract::<f64>()?),
             OptionKind::Choice(_) => value.extract::<String>()?,
         };
         o.set(option.name, text).map_err(value_error)?;
@@ -157,7 +161,7 @@ fn bounds_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
     let pairs: Vec<(Option<f64>, Option<f64>)> = value.extract().map_err(|_| {
         value_error("bounds: expected \"LOW:HIGH,…\" or one (low, high) pair per feature")
     })?;
-    let side = |v: Option<f64>, open: &str| v.map_or(open.to_string(), |v| v.to_string());
+    let side = |v: Option<f64>, open: &str| v.map_or(open.to_string(), |v| format!("{v:?}"));
     Ok(pairs
         .iter()
         .map(|&(low, high)| format!("{}:{}", side(low, "-inf"), side(high, "inf")))
@@ -171,11 +175,17 @@ fn count(value: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
     usize::try_from(v).map_err(|_| value_error(format!("--{name} must be at least 0, got {v}")))
 }
 
-/// A seed: a non-negative whole number.
-pub(crate) fn seed(value: Option<i64>) -> PyResult<Option<u64>> {
+/// A seed: a whole number of 64 bits, as `flow` takes one (read wider, so that the
+/// whole range is accepted and anything outside it named).
+pub(crate) fn seed(value: Option<i128>) -> PyResult<Option<u64>> {
     value
         .map(|v| {
-            u64::try_from(v).map_err(|_| value_error(format!("seed must be at least 0, got {v}")))
+            u64::try_from(v).map_err(|_| {
+                value_error(format!(
+                    "seed must be a whole number from 0 to {}, got {v}",
+                    u64::MAX
+                ))
+            })
         })
         .transpose()
 }
@@ -254,16 +264,17 @@ impl Flow {
     /// A model read from `path`, as every `flow` command reads it.
     pub(crate) fn load(path: &Path) -> Result<Self, Fail> {
         let loaded = flow_io::load_model(path, DType::F32, &Device::Cpu)?;
-        Ok(Self::read(loaded.flow, loaded.checkpoint))
+        Ok(Self::read(loaded.flow, loaded.checkpoint, path))
     }
 
-    fn read(flow: flow_core::Flow, checkpoint: Checkpoint) -> Self {
+    fn read(flow: flow_core::Flow, checkpoint: Checkpoint, from: &Path) -> Self {
         Self {
             family: checkpoint.config.family(),
             config: checkpoint.config.clone(),
             fitted: Some(Fitted {
                 flow,
                 saved: Saved::Read(Box::new(checkpoint)),
+                from: Some(from.to_path_buf()),
             }),
         }
     }
@@ -290,7 +301,7 @@ impl Flow {
             tensors: imported.tensors,
         };
         let loaded = flow_io::build_checked(path, checkpoint, DType::F32, &Device::Cpu)?;
-        Ok((Self::read(loaded.flow, loaded.checkpoint), assumed))
+        Ok((Self::read(loaded.flow, loaded.checkpoint, path), assumed))
     }
 
     pub(crate) fn save_to(&self, path: &Path) -> Result<(), Fail> {
@@ -490,12 +501,19 @@ impl Flow {
         py: Python<'_>,
         n: usize,
         context: Option<&Bound<'_, PyAny>>,
-        seed: Option<i64>,
+        seed: Option<i128>,
     ) -> PyResult<Py<PyAny>> {
         let fitted = self.fitted()?;
         let dim = self.config.dim;
         flow_core::limits::check_at_most("samples", n, flow_core::limits::MAX_SAMPLES)
             .map_err(value_error)?;
+        // All of them are returned in one array.
+        flow_core::limits::checked_product(
+            "samples",
+            &[n, dim],
+            flow_core::limits::MAX_TENSOR_ELEMENTS,
+        )
+        .map_err(value_error)?;
         let c = context_rows(context, self.config.context_dim, n)?;
         let double = c.as_ref().is_none_or(|c| c.double);
         let mut rng = match self::seed(seed)? {
@@ -541,7 +559,7 @@ impl Flow {
         steps: Option<usize>,
         batch: Option<usize>,
         lr: Option<f64>,
-        seed: Option<i64>,
+        seed: Option<i128>,
         validation: Option<&Bound<'_, PyAny>>,
         progress: bool,
         run_options: Option<&Bound<'_, PyDict>>,
@@ -569,6 +587,12 @@ impl Flow {
             .map_err(value_error)?;
         safetensors_path(&path).map_err(Fail::into_py)?;
         let fitted = self.fitted()?;
+        if let Some(from) = fitted.from.as_deref().filter(|f| flow_io::same_file(&path, f)) {
+            return Err(value_error(format!(
+                "{}: the model was read from this file: export to another path",
+                from.display()
+            )));
+        }
         let (config, tensors) = match &fitted.saved {
             Saved::Trained { checkpoint, .. } => (&checkpoint.model, &checkpoint.tensors),
             Saved::Read(ck) => (&ck.config, &ck.tensors),

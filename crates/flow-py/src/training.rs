@@ -262,6 +262,7 @@ pub fn fit(
             checkpoint: Box::new(trained.checkpoint),
             summary: Box::new(summary),
         },
+        from: None,
     });
     json_value(py, &value)
 }

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -344,6 +345,66 @@ def test_a_model_is_written_only_to_a_safetensors_path(trained, tmp_path):
         assert not (tmp_path / name).exists()
     model.save(tmp_path / "m.SafeTensors")
     assert flows.load(tmp_path / "m.SafeTensors").features == 2
+
+
+def test_values_that_are_not_finite_real_float32_numbers_are_refused(trained):
+    model, _, _ = trained
+    for x, message in [
+        (np.array([[0.0, 1.0], [np.nan, 0.0]]), "line 2: NaN or infinite value"),
+        (np.array([[np.inf, 0.0]], np.float32), "line 1: NaN or infinite value"),
+        (np.array([[0.0, 0.0], [1e39, 0.0]]), "line 2: 1e39 lies beyond float32"),
+        (np.full((1, 2), 1 + 5j), "must hold real numbers, got an array of dtype complex128"),
+        (np.array([["1", "2"]]), "must hold real numbers, got an array of dtype <U1"),
+        (np.array([[None, 1.0]], dtype=object), "must hold real numbers, got an array of dtype object"),
+    ]:
+        for method in (model.log_prob, model.encode, model.decode):
+            with pytest.raises(ValueError, match=f"^[xz]:? {message}"):
+                method(x)
+    conditional = flows.Flow(2, context=1, flow="maf", layers=1, hidden=8)
+    x, labels = moons(200, seed=5)
+    conditional.fit(x, context=labels, steps=2, progress=False)
+    with pytest.raises(ValueError, match="context: line 1: NaN or infinite value"):
+        conditional.log_prob(x[:3], context=np.full((3, 1), np.nan))
+    with pytest.raises(ValueError, match="context: line 1: NaN or infinite value"):
+        conditional.sample(2, context=[[np.nan]])
+
+
+def test_sizes_are_refused_before_anything_of_their_size_is_made(trained):
+    model, _, _ = trained
+    with pytest.raises(ValueError, match="features: more than the limit"):
+        flows.Flow(2**40)
+    with pytest.raises(ValueError, match="context features: more than the limit"):
+        flows.Flow(2, context=2**40)
+    wide = flows.Flow(4096, flow="realnvp", layers=1, hidden=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few rows for so many features, as intended
+        wide.fit(np.random.default_rng(0).normal(size=(20, 4096)), steps=1, val_fraction=0.0, progress=False)
+    with pytest.raises(ValueError, match="samples of .* values: more than the limit"):
+        wide.sample(2**26)
+
+
+def test_seeds_take_the_whole_range_of_flow_sample(trained, tmp_path):
+    model, path, _ = trained
+    big = 2**64 - 1
+    drawn = model.sample(5, seed=big)
+    if FLOW.exists():
+        out = tmp_path / "big-seed.npy"
+        args = ["sample", "--model", path, "--n", 5, "--seed", big, "--out", out]
+        subprocess.run([str(FLOW), *map(str, args)], check=True, capture_output=True)
+        np.testing.assert_array_equal(drawn.astype(np.float32), np.load(out))
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=f"seed must be a whole number from 0 to {2**64 - 1}, got {bad}"):
+            model.sample(2, seed=bad)
+
+
+def test_an_export_over_the_file_the_model_was_read_from_is_refused(trained, tmp_path):
+    _, path, _ = trained
+    copy = tmp_path / "read.safetensors"
+    copy.write_bytes(pathlib.Path(path).read_bytes())
+    before = copy.read_bytes()
+    with pytest.raises(ValueError, match="the model was read from this file: export to another path"):
+        flows.load(copy).export(tmp_path / "." / "read.safetensors", to="zuko")
+    assert copy.read_bytes() == before
 
 
 def test_python_side_errors_name_the_problem(trained):

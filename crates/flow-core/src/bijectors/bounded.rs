@@ -35,7 +35,9 @@ impl Bound {
         if let (Some(low), Some(high)) = (self.low, self.high) {
             if low as f32 >= high as f32 {
                 return Err(format!(
-                    "the lower bound {low} is not below the upper bound {high} in f32"
+                    "the lower bound {} is not below the upper bound {} in f32",
+                    crate::limits::number(low),
+                    crate::limits::number(high)
                 ));
             }
             if !(high as f32 - low as f32).is_finite() {
