@@ -146,6 +146,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn numbers_in_messages_stay_short() {
+        assert_eq!(number(1e-320), "1e-320");
+        assert_eq!(number(-3e38), "-3e38");
+        assert_eq!(number(0.5), "0.5");
+        assert_eq!(number(0.0), "0");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(
+            check_positive("clamp", 1e-320).unwrap_err(),
+            "--clamp must be positive and finite in f32 (below 3.4028235e38), got 1e-320"
+        );
+    }
+
+    #[test]
     fn products_that_wrap_are_refused() {
         // 2305843009213693954 · 8 wraps to 16 in 64 bits.
         let err = checked_product("an image", &[2_305_843_009_213_693_954, 8, 1], MAX_DIM)
