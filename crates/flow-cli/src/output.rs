@@ -1,5 +1,8 @@
 //! Writing results, atomically, in the format the output file's extension names:
-//! CSV at full f32 precision, NumPy `.npy` (little-endian f32), or a PNG picture.
+//! CSV at full f32 precision, NumPy `.npy` (little-endian f32), or a PNG picture; and
+//! the checks every output passes before any work (its extension names its format —
+//! `.safetensors` for a model, `.jsonl` for metrics too —, its folder takes a new file,
+//! and it is none of the files the command reads).
 
 use std::{fmt::Write as _, path::Path};
 
@@ -120,7 +123,18 @@ pub fn check_writable(path: &Path) -> Result<(), Failure> {
     }
     // The temporary file the result is written to beside `path`, made and removed: a
     // folder that takes no new file fails here, before the work, not after it.
-    drop(flow_io::AtomicWriter::create(path)?);
+    if let Err(e) = flow_io::AtomicWriter::create(path) {
+        let why = match &e {
+            flow_io::IoError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        return Err(format!(
+            "{}: folder {} takes no new file: {why}",
+            path.display(),
+            dir.display()
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -676,7 +676,7 @@ fn rows_whose_log_prob_overflows_are_named_in_a_warning() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("1 row(s), the first row 2, have no finite log-prob"),
+        err.contains("1 row(s), the first row 2, have a NaN log-prob"),
         "{err}"
     );
 }

@@ -223,6 +223,17 @@ fn latents_far_out_map_strictly_inside_the_box_in_either_precision() -> Result<(
                 ensure!(b.contains(*v), "{dtype:?}: {v} is not inside {b}");
             }
         }
+        // A latent that is not a number stays one: the clamp does not hide it.
+        let nan = Tensor::from_vec(vec![f64::NAN; 3], (1, 3), &DEV)?.to_dtype(dtype)?;
+        let x = map
+            .inverse(&nan)?
+            .0
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        ensure!(
+            x[0].iter().all(|v| v.is_nan()),
+            "{dtype:?}: NaN became {x:?}"
+        );
     }
     Ok(())
 }

@@ -47,32 +47,43 @@ impl Rows {
                 shape_text(&shape)
             )));
         }
+        // Each value as f32, with what is wrong with the first that is not a finite one.
+        let mut bad: Option<(usize, String)> = None;
+        let mut note = |i: usize, v: f64| {
+            if bad.is_none() && !(v as f32).is_finite() {
+                let why = if v.is_finite() {
+                    format!("{v:e} lies beyond float32, in which the model computes")
+                } else {
+                    "NaN or infinite value".to_string()
+                };
+                bad = Some((i, why));
+            }
+        };
         let values: Vec<f32> = if double {
             let a = array.cast::<numpy::PyArray2<f64>>()?.readonly();
             let a = a.as_array();
-            if let Some((i, v)) = a
-                .iter()
+            a.iter()
                 .enumerate()
-                .find(|(_, v)| v.is_finite() && !(**v as f32).is_finite())
-            {
-                return Err(value_error(
-                    DataError::new(
-                        what,
-                        Some(i / cols.max(1) + 1),
-                        format!("{v:e} lies beyond float32, in which the model computes"),
-                    )
-                    .to_string(),
-                ));
-            }
-            a.iter().map(|&v| v as f32).collect()
+                .map(|(i, &v)| {
+                    note(i, v);
+                    v as f32
+                })
+                .collect()
         } else {
             let a = array.cast::<numpy::PyArray2<f32>>()?.readonly();
-            a.as_array().iter().copied().collect()
+            let a = a.as_array();
+            a.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    note(i, f64::from(v));
+                    v
+                })
+                .collect()
         };
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(value_error(
-                DataError::new(what, Some(i / cols.max(1) + 1), "NaN or infinite value").to_string(),
-            ));
+        if let Some((i, why)) = bad {
+            // As `fit` names a row of its data: `x: line 2: …`.
+            let row = i / cols.max(1) + 1;
+            return Err(value_error(DataError::new(what, Some(row), why).to_string()));
         }
         Ok(Self {
             values,

@@ -274,7 +274,8 @@ impl Flow {
             fitted: Some(Fitted {
                 flow,
                 saved: Saved::Read(Box::new(checkpoint)),
-                from: Some(from.to_path_buf()),
+                // Absolute, so that a later change of directory does not change it.
+                from: Some(std::path::absolute(from).unwrap_or_else(|_| from.to_path_buf())),
             }),
         }
     }

@@ -96,7 +96,7 @@ pub fn run(a: LogProbArgs) -> CmdResult {
     }
     if let Some(first) = first_nan {
         eprintln!(
-            "warning: {what}: {nan_rows} row(s), the first row {first}, have no finite log-prob: the model's arithmetic overflows that far from its training data (NaN)"
+            "warning: {what}: {nan_rows} row(s), the first row {first}, have a NaN log-prob: the model's arithmetic overflows that far from its training data"
         );
     }
     report(rows, sum, dim)

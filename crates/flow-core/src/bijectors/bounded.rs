@@ -50,8 +50,11 @@ impl Bound {
     }
 
     /// Whether `v` lies strictly inside: a density on the interval is zero on its ends.
+    /// The ends are those the layer computes with, in f32 (`0.3` is the f32 nearest
+    /// it), so that a value inside is one the layer maps to a finite point.
     pub fn contains(&self, v: f64) -> bool {
-        self.low.is_none_or(|l| v > l) && self.high.is_none_or(|h| v < h) && !v.is_nan()
+        let end = |e: f64| f64::from(e as f32);
+        self.low.is_none_or(|l| v > end(l)) && self.high.is_none_or(|h| v < end(h)) && !v.is_nan()
     }
 }
 
@@ -100,8 +103,9 @@ impl Ends {
     }
 }
 
-/// `v` moved one representable step up (`up`) or down in `dtype` (in f64 for the
-/// other float types, whose steps are coarser).
+/// `v` moved one representable step up (`up`) or down in `dtype`, for f32 and f64
+/// (the layer's dtypes; in f16 or bf16 the f64 step rounds back onto the face, and
+/// samples there are not moved).
 fn step(v: f64, up: bool, dtype: DType) -> f64 {
     match (dtype, up) {
         (DType::F32, true) => f64::from((v as f32).next_up()),
@@ -232,6 +236,20 @@ impl Bounded {
     }
 }
 
+/// `x`, with each value below `floor` (a `(1, columns)` row) raised to it. A comparison
+/// rather than a maximum, so that NaN stays NaN on every device (CUDA's `fmaxf` drops
+/// it).
+fn above(x: &Tensor, floor: &Tensor) -> Result<Tensor> {
+    let floor = floor.broadcast_as(x.shape())?;
+    x.lt(&floor)?.where_cond(&floor, x)
+}
+
+/// `x`, with each value above `ceiling` lowered to it; NaN stays NaN.
+fn below(x: &Tensor, ceiling: &Tensor) -> Result<Tensor> {
+    let ceiling = ceiling.broadcast_as(x.shape())?;
+    x.gt(&ceiling)?.where_cond(&ceiling, x)
+}
+
 /// `log(1 + exp(v))` without overflow: `max(v, 0) + log(1 + exp(−|v|))`.
 fn softplus(v: &Tensor) -> Result<Tensor> {
     v.relu()? + (v.abs()?.neg()?.exp()? + 1.0)?.log()?
@@ -293,23 +311,21 @@ impl Bijector for Bounded {
                         .broadcast_mul(&width)?
                         .broadcast_add(low)?;
                     let from_high = high.broadcast_sub(&up.neg()?.exp()?.broadcast_mul(&width)?)?;
-                    let x = y
-                        .gt(0.0)?
-                        .where_cond(&from_high, &from_low)?
-                        .broadcast_maximum(&ends.inside_low)?
-                        .broadcast_minimum(&ends.inside_high)?;
+                    let x = y.gt(0.0)?.where_cond(&from_high, &from_low)?;
+                    let x = above(&x, &ends.inside_low)?;
+                    let x = below(&x, &ends.inside_high)?;
                     let ld = (up + down)?.neg()?.broadcast_add(&width.log()?)?;
                     Ok((x, ld))
                 }
                 Kind::Lower => Ok((
-                    softplus(y)?
-                        .broadcast_add(low)?
-                        .broadcast_maximum(&ends.inside_low)?,
+                    above(&softplus(y)?.broadcast_add(low)?, &ends.inside_low)?,
                     softplus(&y.neg()?)?.neg()?,
                 )),
                 Kind::Upper => Ok((
-                    high.broadcast_sub(&softplus(&y.neg()?)?)?
-                        .broadcast_minimum(&ends.inside_high)?,
+                    below(
+                        &high.broadcast_sub(&softplus(&y.neg()?)?)?,
+                        &ends.inside_high,
+                    )?,
                     softplus(y)?.neg()?,
                 )),
             }

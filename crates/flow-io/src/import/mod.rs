@@ -350,6 +350,7 @@ pub fn import_bytes(
         Source::Zuko => zuko::import(&mut w, opts)?,
         Source::Freia => freia::import(&mut w, opts)?,
     };
+    w.finish()?;
     // A setting applies where, not given, it would be assumed: one given to weights
     // whose layers do not take it is refused rather than ignored.
     let applies = assumptions(source, &imported.config, &ImportOptions::default());
@@ -362,12 +363,14 @@ pub fn import_bytes(
         .iter()
         .find(|(given, flag)| *given && !applies.iter().any(|a| a.flag == *flag))
     {
-        return Err(w.invalid(format!(
-            "{flag} does not apply: no layer of these {} weights takes it",
-            source.name()
-        )));
+        return Err(IoError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "{flag} does not apply: no layer of these {} weights takes it",
+                source.name()
+            ),
+        });
     }
-    w.finish()?;
     imported.check(path)?;
     imported.assumptions = assumptions(source, &imported.config, opts);
     Ok(imported)
