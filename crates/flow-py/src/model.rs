@@ -171,8 +171,19 @@ fn bounds_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// A count option: a non-negative whole number (the bounds are the library's).
 fn count(value: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
-    let v: i64 = value.extract()?;
-    usize::try_from(v).map_err(|_| value_error(format!("--{name} must be at least 0, got {v}")))
+    whole(&format!("--{name}"), value.extract()?)
+}
+
+/// A whole number that must not be negative, `name`d in the error: read wider than
+/// `usize`, so that a negative or oversized int is a `ValueError` saying so rather than
+/// an `OverflowError` from the conversion. Its bounds are the library's.
+pub(crate) fn whole(name: &str, v: i128) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| {
+        value_error(match v < 0 {
+            true => format!("{name} must be at least 0, got {v}"),
+            false => format!("{name} {v}: more than {}", usize::MAX),
+        })
+    })
 }
 
 /// A seed: a whole number of 64 bits, as `flow` takes one (read wider, so that the
@@ -344,11 +355,12 @@ impl Flow {
     #[new]
     #[pyo3(signature = (features, context = 0, flow = "nsf", **options))]
     fn new(
-        features: usize,
-        context: usize,
+        features: i128,
+        context: i128,
         flow: &str,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        let (features, context) = (whole("features", features)?, whole("context", context)?);
         let family = options::family(flow).map_err(value_error)?;
         if family.is_image() {
             return Err(value_error(format!(
@@ -500,10 +512,11 @@ impl Flow {
     fn sample(
         &self,
         py: Python<'_>,
-        n: usize,
+        n: i128,
         context: Option<&Bound<'_, PyAny>>,
         seed: Option<i128>,
     ) -> PyResult<Py<PyAny>> {
+        let n = whole("n", n)?;
         let fitted = self.fitted()?;
         let dim = self.config.dim;
         flow_core::limits::check_at_most("samples", n, flow_core::limits::MAX_SAMPLES)
@@ -557,8 +570,8 @@ impl Flow {
         py: Python<'_>,
         x: &Bound<'_, PyAny>,
         context: Option<&Bound<'_, PyAny>>,
-        steps: Option<usize>,
-        batch: Option<usize>,
+        steps: Option<i128>,
+        batch: Option<i128>,
         lr: Option<f64>,
         seed: Option<i128>,
         validation: Option<&Bound<'_, PyAny>>,
@@ -566,8 +579,8 @@ impl Flow {
         run_options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let mut run = crate::training::run_options(run_options)?;
-        run.steps = steps;
-        run.batch = batch;
+        run.steps = steps.map(|s| whole("steps", s)).transpose()?;
+        run.batch = batch.map(|b| whole("batch", b)).transpose()?;
         run.lr = lr;
         run.seed = self::seed(seed)?;
         crate::training::fit(self, py, x, context, validation, run, progress)

@@ -24,7 +24,7 @@ use pyo3::{
 use crate::{
     arrays::Rows,
     errors::{value_error, Fail},
-    model::{context_rows, json_value, Fitted, Flow, Saved},
+    model::{context_rows, json_value, whole, Fitted, Flow, Saved},
 };
 
 /// How often training looks for a signal: often enough for Ctrl-C to feel immediate,
@@ -55,13 +55,13 @@ pub fn run_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<RunOptions> 
             }
         };
         match key.as_str() {
-            "epochs" => o.epochs = Some(value.extract()?),
+            "epochs" => o.epochs = Some(whole("epochs", value.extract()?)?),
             "weight_decay" => o.weight_decay = Some(value.extract()?),
             "lr_decay" => o.lr_decay = Some(value.extract()?),
-            "warmup" => o.warmup = Some(value.extract()?),
+            "warmup" => o.warmup = Some(whole("warmup", value.extract()?)?),
             "clip_grad" => o.clip_grad = Some(value.extract()?),
-            "val_every" => o.val_every = Some(value.extract()?),
-            "patience" => o.patience = Some(value.extract()?),
+            "val_every" => o.val_every = Some(whole("val_every", value.extract()?)?),
+            "patience" => o.patience = Some(whole("patience", value.extract()?)?),
             "val_fraction" => o.val_fraction = Some(value.extract()?),
             "optimizer" => {
                 let names = OptimizerChoice::ALL.map(OptimizerChoice::name);

@@ -383,6 +383,23 @@ def test_sizes_are_refused_before_anything_of_their_size_is_made(trained):
         wide.sample(2**26)
 
 
+def test_negative_counts_are_value_errors_naming_the_argument(trained):
+    model, _, _ = trained
+    x, _ = moons(50, seed=2)
+    for call, name in [
+        (lambda: flows.Flow(-1), "features"),
+        (lambda: flows.Flow(2, context=-1), "context"),
+        (lambda: model.sample(-1), "n"),
+        (lambda: flows.Flow(2).fit(x, steps=-1, progress=False), "steps"),
+        (lambda: flows.Flow(2).fit(x, batch=-1, progress=False), "batch"),
+        (lambda: flows.Flow(2).fit(x, epochs=-1, progress=False), "epochs"),
+        (lambda: flows.Flow(2).fit(x, patience=-1, progress=False), "patience"),
+        (lambda: flows.Flow(2, layers=-1), "--layers"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name} must be at least 0, got -1$"):
+            call()
+
+
 def test_seeds_take_the_whole_range_of_flow_sample(trained, tmp_path):
     model, path, _ = trained
     big = 2**64 - 1
