@@ -9,9 +9,10 @@ use flow_train::DataError;
 
 use crate::errors::value_error;
 
-/// Rows of numbers read from a numpy array (or anything `numpy.asarray` takes):
-/// row-major `f32`, the dtype models compute in, and whether the caller's array was
-/// `float64`, so that results come back in the caller's precision.
+/// Rows of numbers read from a numpy array (or anything `numpy.asarray` makes one of)
+/// of booleans, integers or reals, every value finite in f32: row-major `f32`, the
+/// dtype models compute in, and whether the caller's array was `float64`, so that
+/// results come back in the caller's precision.
 #[derive(Debug)]
 pub struct Rows {
     pub values: Vec<f32>,
