@@ -323,11 +323,16 @@ fn ours(
     let started = Instant::now();
     let (_, log) = run(cmd)?;
     let secs = started.elapsed().as_secs_f64();
-    let detail = log
+    let mut detail = log
         .lines()
         .find_map(|l| l.strip_prefix("stopped: "))
         .unwrap_or("")
         .to_string();
+    // Which network a run that trained two kept.
+    if let Some(kept) = log.lines().find_map(|l| l.strip_prefix("kept ")) {
+        let label = kept.split(':').next().unwrap_or(kept);
+        detail.push_str(&format!("; kept {label}"));
+    }
     if o.nll_only {
         return Ok(Outcome {
             c2st: vec![held_out_nll(o, task, &model, dir)?],

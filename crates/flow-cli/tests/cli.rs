@@ -875,6 +875,108 @@ fn a_conditional_run_on_many_rows_runs_for_epochs_its_decay_stretched() {
     assert_eq!(decay_of(&m), 0.999);
 }
 
+/// The number after `key` in `line`, up to the next space.
+fn number_after(line: &str, key: &str) -> f64 {
+    let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
+    let word = rest.split_whitespace().next().unwrap_or_default();
+    word.parse()
+        .unwrap_or_else(|e| panic!("{word} in {line}: {e}"))
+}
+
+#[test]
+fn a_conditional_nsf_keeps_whichever_of_its_two_networks_validates_better() {
+    let data = path("cond-choice.csv");
+    ok(&[
+        "data",
+        "moons",
+        "--n",
+        "600",
+        "--with-labels",
+        "--out",
+        &data,
+    ]);
+    let m = path("cond-choice.safetensors");
+    let run = |extra: &[&str]| {
+        let args = [
+            "train",
+            "--data",
+            &data,
+            "--context-dim",
+            "1",
+            "--flow",
+            "nsf",
+            "--steps",
+            "60",
+            "--out",
+            &m,
+        ];
+        let out = flow(&[&args[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    const RIVAL: &str = "--conditioner plain --hidden 128 --hidden-layers 2";
+    let beside = format!("training {RIVAL} beside it on the same batches");
+    let err = run(&[]);
+    assert!(err.contains(&beside), "{err}");
+    let kept = err
+        .lines()
+        .find(|l| l.starts_with("kept "))
+        .unwrap_or_else(|| panic!("{err}"));
+    let (best, other) = (
+        number_after(kept, "best validation NLL "),
+        number_after(kept, " against "),
+    );
+    assert!(best <= other, "{kept}");
+    let saved = ok(&["inspect", "--model", &m]);
+    let plain_kept = kept.starts_with(&format!("kept {RIVAL}:"));
+    let over = if plain_kept {
+        "the nsf defaults"
+    } else {
+        RIVAL
+    };
+    assert!(
+        saved.contains(&format!(
+            "kept over {over} (best validation NLL {other:.4})"
+        )),
+        "{saved}"
+    );
+    assert_eq!(saved.contains("network plain"), plain_kept, "{saved}");
+    // Each network trained as it does alone: the two scores are those of the two
+    // networks given by flag, which train alone.
+    let alone = |extra: &[&str]| {
+        let err = run(extra);
+        assert!(!err.contains(&beside), "{err}");
+        let trained = err
+            .lines()
+            .find(|l| l.starts_with("trained "))
+            .unwrap_or_else(|| panic!("{err}"));
+        number_after(trained, "best validation NLL ")
+    };
+    let plain = alone(&[
+        "--conditioner",
+        "plain",
+        "--hidden",
+        "128",
+        "--hidden-layers",
+        "2",
+    ]);
+    let residual = alone(&["--conditioner", "residual"]);
+    let (want_best, want_other) = match plain_kept {
+        true => (plain, residual),
+        false => (residual, plain),
+    };
+    assert_eq!((best, other), (want_best, want_other), "{kept}");
+    // Without validation, or where an option sets the network, nothing trains beside.
+    for extra in [&["--val-fraction", "0"][..], &["--hidden", "32"]] {
+        let err = run(extra);
+        assert!(
+            !err.contains(&beside) && !err.contains("kept "),
+            "{extra:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_conditional_run_on_few_rows_takes_smaller_batches() {
     let data = path("cond-1000.csv");

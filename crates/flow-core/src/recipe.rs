@@ -330,6 +330,10 @@ pub struct ModelFamily<C> {
     /// The learning rate its conditional models (with a context) train with unless told
     /// otherwise (`None`: the trainer's).
     pub conditional_lr: Option<ConditionalRate>,
+    /// Options, `(name, value)`, that spell a second model for conditional data: where
+    /// none of them is given, it trains beside the family's own and whichever
+    /// validates better is kept. Empty: the family's own alone.
+    pub conditional_rival: &'static [(&'static str, &'static str)],
     /// The family's defaults for the data.
     pub defaults: fn(&ModelData) -> C,
     /// The options, in the order they apply (a bound's kind before the bound).
@@ -355,6 +359,7 @@ impl<C: Recipe> ModelFamily<C> {
             weight_decay: 0.0,
             batch: None,
             conditional_lr: None,
+            conditional_rival: &[],
             defaults,
             options: Vec::new(),
         }
@@ -379,6 +384,15 @@ impl<C: Recipe> ModelFamily<C> {
     pub fn with_conditional_lr(self, lr: ConditionalRate) -> Self {
         Self {
             conditional_lr: Some(lr),
+            ..self
+        }
+    }
+
+    /// The family, training the model the `options` spell beside its own on
+    /// conditional data, where none of them is given.
+    pub fn with_conditional_rival(self, options: &'static [(&'static str, &'static str)]) -> Self {
+        Self {
+            conditional_rival: options,
             ..self
         }
     }
@@ -494,6 +508,7 @@ pub trait AnyModelFamily: Send + Sync {
     fn weight_decay(&self) -> f64;
     fn batch(&self) -> Option<usize>;
     fn conditional_lr(&self) -> Option<ConditionalRate>;
+    fn conditional_rival(&self) -> &'static [(&'static str, &'static str)];
     /// The options, in the order the family declares them, with their defaults.
     fn options(&self) -> Vec<OptionInfo>;
     /// The family's model for `data` with the `given` options, checked; `seed` seeds
@@ -537,6 +552,10 @@ impl<C: Recipe> AnyModelFamily for ModelFamily<C> {
 
     fn conditional_lr(&self) -> Option<ConditionalRate> {
         self.conditional_lr
+    }
+
+    fn conditional_rival(&self) -> &'static [(&'static str, &'static str)] {
+        self.conditional_rival
     }
 
     fn options(&self) -> Vec<OptionInfo> {

@@ -70,6 +70,22 @@ impl Family {
         self.0.conditional_lr()
     }
 
+    /// The options that spell the model a conditional run trains beside the family's
+    /// own, where none of them is given (empty: none).
+    pub fn conditional_rival(&self) -> &'static [(&'static str, &'static str)] {
+        self.0.conditional_rival()
+    }
+
+    /// The rival model's options as flags: `--conditioner plain --hidden 128 …`.
+    pub fn conditional_rival_flags(&self) -> String {
+        let flags: Vec<String> = self
+            .conditional_rival()
+            .iter()
+            .map(|(n, v)| format!("--{n} {v}"))
+            .collect();
+        flags.join(" ")
+    }
+
     /// The family's options, in the order they apply, each with the family's default.
     pub fn options(&self) -> Vec<OptionInfo> {
         self.0.options()

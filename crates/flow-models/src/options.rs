@@ -298,6 +298,23 @@ impl ModelOptions {
         }
     }
 
+    /// The options of the model a conditional run of `flow` trains beside the one
+    /// these options describe, to keep whichever validates better
+    /// ([`Family::conditional_rival`]): these with the rival's options set, where
+    /// the data have a context and none of the rival's options is given.
+    pub fn rival(&self, flow: &Family, context_dim: usize) -> Option<ModelOptions> {
+        let rival = flow.conditional_rival();
+        let given = |name: &str| self.family.iter().any(|(n, _)| *n == name);
+        if context_dim == 0 || rival.is_empty() || rival.iter().any(|(n, _)| given(n)) {
+            return None;
+        }
+        let mut options = self.clone();
+        options
+            .family
+            .extend(rival.iter().map(|&(n, v)| (n, v.to_string())));
+        Some(options)
+    }
+
     /// The model these options describe for `flow` over `dim` features and
     /// `context_dim` context features (an image family: over `image`), every value
     /// the family's default unless an option gives it, checked, with standardisation

@@ -38,6 +38,18 @@ pub const CONDITIONAL_LR: ConditionalRate = ConditionalRate {
     floor: 3e-4,
 };
 
+/// The conditioners a conditional NSF also trains, beside its residual ones, keeping
+/// whichever validates better (where `--conditioner`, `--hidden` and `--hidden-layers`
+/// are not given): two plain ReLU layers of 128. Neither network is best on every
+/// task of BENCHMARKS.md: at 10³ simulations the plain one fits the 10-d Gaussian
+/// task's posterior, cut off by the prior's box, 0.29 nats better, and loses 0.2–0.3
+/// nats on two moons and the Gaussian mixture; the validation score tells which.
+pub const CONDITIONAL_RIVAL: &[(&str, &str)] = &[
+    ("conditioner", "plain"),
+    ("hidden", "128"),
+    ("hidden-layers", "2"),
+];
+
 /// Which features each coupling layer transforms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -161,6 +173,8 @@ impl NsfConfig {
     /// task within a few hundred steps (held-out NLL 0.65 nats at 10⁴ simulations),
     /// two plain layers of 128 reach 0.34, and this stack, trained at
     /// [`CONDITIONAL_LR`], 0.20, with two moons and the mixture as good or better.
+    /// `flow train` trains [`CONDITIONAL_RIVAL`]'s network beside it where it can
+    /// validate, and keeps the better.
     pub fn conditional(dim: usize, context_dim: usize) -> Self {
         Self::new(dim)
             .with_context_dim(context_dim)

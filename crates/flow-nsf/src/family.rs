@@ -38,7 +38,7 @@ impl Family for NsfFamily {
     fn models(&self) -> Vec<Box<dyn AnyModelFamily>> {
         let nsf = ModelFamily::new(
             "nsf",
-            "Rational-quadratic spline couplings (conditional: residual conditioners of two blocks of 64, and an LU layer after each coupling)",
+            "Rational-quadratic spline couplings (conditional: an LU layer after each coupling, and residual conditioners of two blocks of 64 or plain ones of two layers of 128, whichever validates better)",
             |d| match d.context_dim {
                 0 => NsfConfig::new(d.dim),
                 c => NsfConfig::conditional(d.dim, c),
@@ -56,6 +56,7 @@ impl Family for NsfFamily {
         vec![
             nsf.with_couples(true)
                 .with_conditional_lr(crate::CONDITIONAL_LR)
+                .with_conditional_rival(crate::CONDITIONAL_RIVAL)
                 .with_options(coupling_options)
                 .boxed(),
             nsf_ar.with_options(ar_options).boxed(),
@@ -149,7 +150,7 @@ fn conditioner_option() -> ModelOption<NsfConfig> {
     const RESIDUAL: &str = "residual";
     ModelOption::choice(
         "conditioner",
-        "The coupling layers' networks; --hidden-layers counts hidden layers of a plain one, blocks of a residual one",
+        "The coupling layers' networks; --hidden-layers counts hidden layers of a plain one, blocks of a residual one. A conditional model (--context-dim) with a validation set and none of --conditioner, --hidden and --hidden-layers trains residual ones of two blocks of 64 and, on the same batches, plain ones of two layers of 128, and keeps whichever validates better",
         vec![
             Choice::new(PLAIN, "Hidden layers one after the other"),
             Choice::new(

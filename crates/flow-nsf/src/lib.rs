@@ -11,7 +11,7 @@ mod family;
 
 pub use config::{
     Masks, Mixing, Network, NsfConfig, NsfKind, SplineLayer, CONDITIONAL_BLOCKS,
-    CONDITIONAL_HIDDEN, CONDITIONAL_LR, DEFAULT_BINS, DEFAULT_TAIL_BOUND,
+    CONDITIONAL_HIDDEN, CONDITIONAL_LR, CONDITIONAL_RIVAL, DEFAULT_BINS, DEFAULT_TAIL_BOUND,
 };
 pub use family::NsfFamily;
 pub use flow_nn::{Spline, SplineStyle};

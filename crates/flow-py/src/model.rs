@@ -62,8 +62,12 @@ pub(crate) enum Saved {
 #[pyclass(module = "flows")]
 pub struct Flow {
     pub(crate) family: Option<Family>,
-    /// The model as configured: what `fit` trains afresh.
+    /// The model as configured: what `fit` trains afresh, or after `fit`, the model
+    /// it kept.
     pub(crate) config: ModelConfig,
+    /// Where the family trains a rival network beside its own (a conditional NSF),
+    /// both, labelled, its own first: `fit` then keeps whichever validates better.
+    pub(crate) candidates: Vec<(String, ModelConfig)>,
     pub(crate) fitted: Option<Fitted>,
 }
 
@@ -282,6 +286,7 @@ impl Flow {
         Self {
             family: checkpoint.config.family(),
             config: checkpoint.config.clone(),
+            candidates: Vec::new(),
             fitted: Some(Fitted {
                 flow,
                 saved: Saved::Read(Box::new(checkpoint)),
@@ -369,20 +374,32 @@ impl Flow {
             )));
         }
         let options = model_options(options, context)?;
-        let cfg = train_config(
-            &family,
-            DATA,
-            features,
-            context,
-            None,
-            &options,
-            &RunOptions::default(),
-            false,
-        )
-        .map_err(value_error)?;
+        let model = |options: &ModelOptions| {
+            train_config(
+                &family,
+                DATA,
+                features,
+                context,
+                None,
+                options,
+                &RunOptions::default(),
+                false,
+            )
+            .map(|cfg| cfg.model)
+            .map_err(value_error)
+        };
+        let config = model(&options)?;
+        let candidates = match options.rival(&family, context) {
+            Some(rival) => vec![
+                (format!("the {} defaults", family.name()), config.clone()),
+                (family.conditional_rival_flags(), model(&rival)?),
+            ],
+            None => Vec::new(),
+        };
         Ok(Self {
             family: Some(family),
-            config: cfg.model,
+            config,
+            candidates,
             fitted: None,
         })
     }
@@ -562,7 +579,9 @@ impl Flow {
     /// improvement. The run options are `flow train`'s: `steps`, `batch`, `lr`,
     /// `seed`, and as keywords `epochs`, `optimizer`, `weight_decay`, `schedule`,
     /// `lr_decay`, `warmup`, `clip_grad`, `val_every`, `patience`, `val_fraction`. Ctrl-C stops training after the current
-    /// step, keeping its weights. Returns the run's summary.
+    /// step, keeping its weights. Returns the run's summary. A conditional `nsf`
+    /// whose network no option sets trains two with a validation set, as `flow
+    /// train` does, and keeps the better: the summary's `rivals` lists the other.
     #[pyo3(signature = (x, context = None, steps = None, batch = None, lr = None, seed = None, validation = None, progress = true, **run_options))]
     #[allow(clippy::too_many_arguments)]
     fn fit(

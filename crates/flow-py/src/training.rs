@@ -13,7 +13,8 @@ use flow_train::{
     data::{held_out_rows, Dataset},
     format_report,
     recipe::{fit_conditional_run, run_config, Given, OptimizerChoice, RunOptions, ScheduleChoice},
-    val_every_for, Control, Report, Reporter, TrainSummary, Trainer,
+    fit_best_of, val_every_for, Candidate, Control, Report, Reporter, TrainConfig, TrainSummary,
+    Trainer,
 };
 use pyo3::{
     exceptions::PyKeyboardInterrupt,
@@ -183,8 +184,11 @@ pub fn fit(
             _ => dataset(v, None, flow, "validation")?,
         }),
     };
+    // A model with a rival trains both where there is a validation set, and keeps the
+    // better; without one, its own network alone.
+    let own = flow.candidates.first().map_or(&flow.config, |(_, model)| model);
     let mut cfg = run_config(
-        flow.config.clone(),
+        own.clone(),
         flow.family.as_ref(),
         &run,
         val.is_some(),
@@ -210,6 +214,22 @@ pub fn fit(
     if run.val_every.is_none() {
         cfg.val_every = val_every_for(rows, cfg.batch_size);
     }
+    let validated = val.is_some() || cfg.val_fraction > 0.0;
+    let candidates = match validated && flow.candidates.len() > 1 {
+        true => flow
+            .candidates
+            .iter()
+            .map(|(label, model)| {
+                let cfg = TrainConfig {
+                    model: model.clone(),
+                    ..cfg.clone()
+                };
+                Ok(Candidate::new(label, Trainer::new(cfg, &candle::Device::Cpu)?))
+            })
+            .collect::<Result<Vec<_>, flow_train::TrainError>>()
+            .map_err(|e| Fail::from(e).into_py())?,
+        false => Vec::new(),
+    };
     let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;
     let warnings = trainer
         .data_warnings(&train, "x")
@@ -236,7 +256,10 @@ pub fn fit(
             stop: Some(&stop),
             ..Control::default()
         };
-        trainer.fit_with(&train, val.as_ref(), &mut reporter, control)
+        match candidates.is_empty() {
+            true => trainer.fit_with(&train, val.as_ref(), &mut reporter, control),
+            false => fit_best_of(&candidates, &train, val.as_ref(), &mut reporter, control),
+        }
     });
     if let Some(e) = reporter.raised.take() {
         // Ctrl-C is how a person stops training: the weights stand and the summary

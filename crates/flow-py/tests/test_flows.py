@@ -443,3 +443,26 @@ def test_python_side_errors_name_the_problem(trained):
         model.log_prob(np.zeros((1, 2)), context=np.zeros((1, 1)))
     with pytest.raises(ValueError, match="x: line 2: NaN or infinite value"):
         flows.Flow(2, flow="maf").fit(np.array([[0.0, 1.0], [np.nan, 0.0]]), progress=False)
+
+
+def test_a_conditional_nsf_keeps_whichever_of_its_two_networks_validates_better():
+    x, labels = moons(600, seed=4)
+    model = flows.Flow(2, context=1)
+    own, rival = "the nsf defaults", "--conditioner plain --hidden 128 --hidden-layers 2"
+    networks = {own: "residual", rival: "plain"}
+    for _ in range(2):  # a second fit chooses afresh, between the same two
+        summary = model.fit(x, context=labels, steps=60, progress=False)
+        [other] = summary["rivals"]
+        assert other["label"] in networks
+        assert summary["best_val_nll"] <= other["best_val_nll"]
+        kept = rival if other["label"] == own else own
+        assert model.config["recipe"]["network"] == networks[kept]
+    # Each trained as it does alone: the rival's score is that of its network given.
+    hidden = {"conditioner": "plain", "hidden": 128, "hidden_layers": 2}
+    given = {own: {"conditioner": "residual"}, rival: hidden}[other["label"]]
+    alone = flows.Flow(2, context=1, **given).fit(x, context=labels, steps=60, progress=False)
+    assert "rivals" not in alone
+    assert alone["best_val_nll"] == other["best_val_nll"]
+    # Without validation, its own network alone.
+    summary = flows.Flow(2, context=1).fit(x, context=labels, steps=5, val_fraction=0, progress=False)
+    assert "rivals" not in summary

@@ -36,4 +36,7 @@ pub use schedule::Schedule;
 pub use state::{
     fingerprint, Fingerprint, StreamPosition, TrainCheckpoint, TrainState, STATE_PREFIX,
 };
-pub use trainer::{dequantize, TrainSummary, Trained, Trainer, DEFAULT_DTYPE};
+pub use trainer::{
+    dequantize, fit_best_of, Candidate, Rival, TrainSummary, Trained, Trainer, DEFAULT_DTYPE,
+    DROP_AFTER,
+};

@@ -52,6 +52,7 @@ mod tests {
             validation_secs: 0.1,
             training_steps_per_sec: Some(333.3),
             low_memory: None,
+            rivals: Vec::new(),
         }
     }
 

@@ -18,6 +18,9 @@ use crate::{
 
 mod replicated;
 mod rows;
+mod selection;
+
+pub use selection::{fit_best_of, Candidate, Rival, DROP_AFTER};
 
 use rows::TrainRows;
 
@@ -62,6 +65,9 @@ pub struct TrainSummary {
     /// reconstruction errors measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_memory: Option<Reconstruction>,
+    /// The models trained beside this one and not kept ([`fit_best_of`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rivals: Vec<Rival>,
 }
 
 /// A trained model: the flow, its variables and configuration, and the run's summary.
@@ -501,34 +507,7 @@ impl Trainer {
             run.attach(replicas)?;
         }
         reporter.start(run.total);
-        let mut end = Ending::default();
-        while run.state.step < run.total {
-            let step = run.state.step;
-            let halt =
-                run.agree_to_stop(control.stop)? || control.stop_at.is_some_and(|at| step >= at);
-            if halt {
-                end.interrupted = true;
-                end.stopped = Some(format!("interrupted after step {step}"));
-                break;
-            }
-            let (loss, lr) = match run.step(control.skip_nonfinite)? {
-                Step::Taken { loss, lr } => (loss, lr),
-                Step::Diverged(reason) => {
-                    end.kept_step = Some(run.last_good_step);
-                    end.stopped = Some(reason);
-                    break;
-                }
-            };
-            run.check_replicas()?;
-            let val_nll = run.validate()?;
-            run.report(reporter, loss, lr, val_nll);
-            run.save_periodic(&mut control)?;
-            if let Some(reason) = run.out_of_patience() {
-                end.stopped = Some(reason);
-                break;
-            }
-        }
-        run.finish(end, val.map_or(0, Dataset::len), reporter)
+        run.go_on(val, reporter, control)
     }
 
     /// The rows to train on and the validation set: without one given, the configured
@@ -1000,6 +979,67 @@ impl<'a> Run<'a> {
         Ok(Step::Taken { loss, lr })
     }
 
+    /// Takes the run from where it stands to its end, reporting to `reporter`.
+    fn go_on(
+        mut self,
+        val: Option<&Dataset>,
+        reporter: &mut dyn Reporter,
+        mut control: Control,
+    ) -> Result<Trained, TrainError> {
+        let mut end = Ending::default();
+        while self.state.step < self.total {
+            if let Some(halt) = self.halt(&control)? {
+                end = halt;
+                break;
+            }
+            if let Some(ending) = self.advance(reporter, &mut control)? {
+                end = ending;
+                break;
+            }
+        }
+        self.finish(end, val.map_or(0, Dataset::len), reporter)
+    }
+
+    /// The ending of an interrupted run, when `control` asks the run to stop before
+    /// its next step.
+    fn halt(&self, control: &Control) -> Result<Option<Ending>, TrainError> {
+        let step = self.state.step;
+        let halt =
+            self.agree_to_stop(control.stop)? || control.stop_at.is_some_and(|at| step >= at);
+        Ok(halt.then(|| Ending {
+            interrupted: true,
+            stopped: Some(format!("interrupted after step {step}")),
+            kept_step: None,
+        }))
+    }
+
+    /// The next step and what follows it: the validation score where it is due, the
+    /// report, a periodic checkpoint. `Some` says why the run ends there.
+    fn advance(
+        &mut self,
+        reporter: &mut dyn Reporter,
+        control: &mut Control,
+    ) -> Result<Option<Ending>, TrainError> {
+        let (loss, lr) = match self.step(control.skip_nonfinite)? {
+            Step::Taken { loss, lr } => (loss, lr),
+            Step::Diverged(reason) => {
+                return Ok(Some(Ending {
+                    kept_step: Some(self.last_good_step),
+                    stopped: Some(reason),
+                    interrupted: false,
+                }))
+            }
+        };
+        self.check_replicas()?;
+        let val_nll = self.validate()?;
+        self.report(reporter, loss, lr, val_nll);
+        self.save_periodic(control)?;
+        Ok(self.out_of_patience().map(|reason| Ending {
+            stopped: Some(reason),
+            ..Ending::default()
+        }))
+    }
+
     /// Scores the validation set where the schedule says so, and after the last step;
     /// a scheduled score that beats the best keeps the weights as the best.
     fn validate(&mut self) -> Result<Option<f64>, TrainError> {
@@ -1168,6 +1208,7 @@ impl<'a> Run<'a> {
             validation_secs: self.validation_secs,
             training_steps_per_sec: self.training_rate(),
             low_memory: self.layerwise.as_ref().map(|l| l.report().clone()),
+            rivals: Vec::new(),
         };
         reporter.finish(&summary);
         Ok(Trained {

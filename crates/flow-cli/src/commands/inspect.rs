@@ -188,6 +188,17 @@ fn training(s: &Value) -> String {
     if let Some(reason) = s.get("stopped").and_then(Value::as_str) {
         parts.push(format!("stopped: {reason}"));
     }
+    for r in s
+        .get("rivals")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let label = r.get("label").and_then(Value::as_str).unwrap_or("?");
+        let score = r.get("best_val_nll").and_then(Value::as_f64);
+        let score = score.map_or("no score".to_string(), |v| format!("{v:.4}"));
+        parts.push(format!("kept over {label} (best validation NLL {score})"));
+    }
     parts.join(", ")
 }
 

@@ -13,8 +13,8 @@ use flow_train::{
         load_pixel_images, Dataset, ImageDims, StreamSource, Toy, DEFAULT_CHUNK_ROWS,
         DIGITS_LEVELS,
     },
-    Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report, Reporter, TrainCheckpoint,
-    TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
+    fit_best_of, Candidate, Control, Duration, JsonlReporter, LowMemory, PlainReporter, Report,
+    Reporter, TrainCheckpoint, TrainConfig, TrainSummary, Trainer, DEFAULT_DTYPE,
 };
 
 use crate::{
@@ -647,10 +647,41 @@ pub fn run(a: TrainArgs) -> CmdResult {
             }
         }
     };
-    let mut trainer = Trainer::new(cfg, &device)?;
-    if a.low_memory {
-        trainer = trainer.with_low_memory(LowMemory::new())?;
-    }
+    // A fresh conditional run in one process, validated on rows held in memory, also
+    // trains the family's rival network where no option fixes the network.
+    let validated = val.is_some() || cfg.val_fraction > 0.0;
+    let rival = match (&resume, &replicas, &rows) {
+        (None, None, Rows::Held(t)) if validated => model_options(&a)
+            .rival(&flow, context_dim)
+            .map(|options| -> Result<_, Failure> {
+                let mut model =
+                    options.model(&flow, &a.data, t.data.dim, context_dim, image, seed)?;
+                model.columns = cfg.model.columns.clone();
+                Ok((
+                    flow.conditional_rival_flags(),
+                    TrainConfig {
+                        model,
+                        ..cfg.clone()
+                    },
+                ))
+            })
+            .transpose()?,
+        _ => None,
+    };
+    let with_memory = |trainer: Trainer| -> Result<Trainer, Failure> {
+        Ok(match a.low_memory {
+            true => trainer.with_low_memory(LowMemory::new())?,
+            false => trainer,
+        })
+    };
+    let trainer = with_memory(Trainer::new(cfg, &device)?)?;
+    let candidates = match rival {
+        Some((label, cfg)) => vec![
+            Candidate::new(format!("the {} defaults", flow.name()), trainer.clone()),
+            Candidate::new(label, with_memory(Trainer::new(cfg, &device)?)?),
+        ],
+        None => Vec::new(),
+    };
     if let (Some(r), Some(path), Rows::Held(t)) = (&resume, &a.resume, &rows) {
         trainer
             .check_resume(r, &t.data, val.as_ref())
@@ -727,6 +758,14 @@ pub fn run(a: TrainArgs) -> CmdResult {
                 cfg.batch_size,
                 trainer.total_steps(rows.len() - held)
             );
+            if let [_, rivals @ ..] = &candidates[..] {
+                for r in rivals {
+                    eprintln!(
+                        "training {} beside it on the same batches, to keep whichever validates better",
+                        r.label
+                    );
+                }
+            }
         }
     }
     if let (true, Some(i)) = (lead, image) {
@@ -751,6 +790,9 @@ pub fn run(a: TrainArgs) -> CmdResult {
         replicas,
     };
     let trained = match &rows {
+        Rows::Held(t) if !candidates.is_empty() => {
+            fit_best_of(&candidates, &t.data, val.as_ref(), &mut reporter, control)
+        }
         Rows::Held(t) => trainer.fit_with(&t.data, val.as_ref(), &mut reporter, control),
         Rows::Streamed(s) => trainer.fit_stream(s, val.as_ref(), &mut reporter, control),
     };
