@@ -38,5 +38,4 @@ pub use state::{
 };
 pub use trainer::{
     dequantize, fit_best_of, Candidate, Rival, TrainSummary, Trained, Trainer, DEFAULT_DTYPE,
-    DROP_AFTER,
 };

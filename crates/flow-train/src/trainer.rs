@@ -20,7 +20,7 @@ mod replicated;
 mod rows;
 mod selection;
 
-pub use selection::{fit_best_of, Candidate, Rival, DROP_AFTER};
+pub use selection::{fit_best_of, Candidate, Rival};
 
 use rows::TrainRows;
 

@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 use super::{Ending, Run, TrainData};
 use crate::{data::Dataset, Control, Report, Reporter, TrainError, Trained, Trainer};
 
-/// Validation scores without improvement after which a candidate whose best trails
-/// another's is dropped. Replayed on the validation curves of the runs that chose it,
-/// three keeps the choice a full run of each would make in 8 of 9 runs and costs
-/// 1.2–1.4 times the steps of one run.
-pub const DROP_AFTER: usize = 3;
+/// The validation scores without improvement after which a candidate whose best
+/// trails another's is dropped: half its patience, rounded up (with none, it is never
+/// dropped). A third of the default patience dropped the better network too early
+/// on long runs (BENCHMARKS.md: the Gaussian mixture at 10⁴ simulations).
+fn drop_after(patience: Option<usize>) -> usize {
+    patience.map_or(usize::MAX, |p| p.div_ceil(2))
+}
 
 /// A model to train in [`fit_best_of`], under a name its messages use.
 #[derive(Debug, Clone)]
@@ -73,8 +75,8 @@ fn beats(a: Option<f64>, b: Option<f64>) -> bool {
 ///
 /// The candidates must differ in their model alone: the same run settings, and so the
 /// same batches and validation steps. Each trains exactly as it would alone, and one
-/// that trails another's best and has gone [`DROP_AFTER`] scores without improving is
-/// dropped. `reporter` follows the first candidate still in training; periodic
+/// that trails another's best and has gone half its patience without improving
+/// is dropped. `reporter` follows the first candidate still in training; periodic
 /// checkpoints wait until one candidate is left. A contest starts afresh in one
 /// process: `control` may not resume nor hold replicas.
 pub fn fit_best_of(
@@ -168,7 +170,8 @@ pub fn fit_best_of(
             };
             let best = run.state.best_val_nll;
             let led = (0..entrants.len()).find(|&j| j != i && beats(entrants[j].best(), best));
-            if let (true, Some(j)) = (run.state.since_best >= DROP_AFTER, led) {
+            let stalled = run.state.since_best >= drop_after(run.trainer.cfg.patience);
+            if let (true, Some(j)) = (stalled, led) {
                 let rival = Rival {
                     label: candidates[i].label.clone(),
                     best_val_nll: best,
