@@ -74,12 +74,14 @@ fn beats(a: Option<f64>, b: Option<f64>) -> bool {
 /// the first candidate's settings hold out), and returns the one with the best
 /// validation NLL; its summary lists the others as [`Rival`]s.
 ///
-/// The candidates must differ in their model alone: the same run settings, and so the
-/// same batches and validation steps. Each trains exactly as it would alone, and one
-/// that trails another's best and has gone a third of its patience without
-/// improving is dropped. `reporter` follows the first candidate still in training; periodic
-/// checkpoints wait until one candidate is left. A contest starts afresh in one
-/// process: `control` may not resume nor hold replicas.
+/// The candidates must differ in their model alone: the same run settings, device and
+/// dtype, and so the same batches and validation steps. Each trains exactly as it
+/// would alone, and one that trails another's best and has gone a third of its
+/// patience without improving is dropped. `reporter` follows the first candidate still
+/// in training; periodic checkpoints wait until one candidate is left. An interrupted
+/// contest returns the candidate whose best leads (the first while none has a score),
+/// to be continued alone. A contest starts afresh in one process: `control` may not
+/// resume nor hold replicas.
 pub fn fit_best_of(
     candidates: &[Candidate],
     train: &Dataset,
@@ -104,7 +106,8 @@ pub fn fit_best_of(
             model: trainer.cfg.model.clone(),
             ..t.cfg.clone()
         };
-        if settings != trainer.cfg || t.device.location() != trainer.device.location() {
+        let same_device = t.device.location() == trainer.device.location();
+        if settings != trainer.cfg || !same_device || t.dtype != trainer.dtype {
             return invalid("the models chosen between must share their run settings");
         }
         t.check_inputs(train, val)?;
