@@ -215,22 +215,23 @@ pub fn fit(
         cfg.val_every = val_every_for(rows, cfg.batch_size);
     }
     let validated = val.is_some() || cfg.val_fraction > 0.0;
-    let candidates = match validated && flow.candidates.len() > 1 {
-        true => flow
-            .candidates
-            .iter()
-            .map(|(label, model)| {
+    let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;
+    let candidates = match (validated, &flow.candidates[..]) {
+        (true, [(label, _), rivals @ ..]) if !rivals.is_empty() => {
+            let mut candidates = vec![Candidate::new(label, trainer.clone())];
+            for (label, model) in rivals {
                 let cfg = TrainConfig {
                     model: model.clone(),
-                    ..cfg.clone()
+                    ..trainer.config().clone()
                 };
-                Ok(Candidate::new(label, Trainer::new(cfg, &candle::Device::Cpu)?))
-            })
-            .collect::<Result<Vec<_>, flow_train::TrainError>>()
-            .map_err(|e| Fail::from(e).into_py())?,
-        false => Vec::new(),
+                let rival = Trainer::new(cfg, &candle::Device::Cpu)
+                    .map_err(|e| Fail::from(e).into_py())?;
+                candidates.push(Candidate::new(label, rival));
+            }
+            candidates
+        }
+        _ => Vec::new(),
     };
-    let trainer = Trainer::new(cfg, &candle::Device::Cpu).map_err(|e| Fail::from(e).into_py())?;
     let warnings = trainer
         .data_warnings(&train, "x")
         .map_err(|e| Fail::from(e).into_py())?;

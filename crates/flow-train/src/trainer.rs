@@ -435,13 +435,7 @@ impl Trainer {
         reporter: &mut dyn Reporter,
         mut control: Control,
     ) -> Result<Trained, TrainError> {
-        // Checked whole, so that a message names a row as the caller counts them.
-        self.check_inputs(train, val)?;
-        if val.is_none() {
-            crate::data::check_rows_left(train.len(), self.cfg.val_fraction)
-                .map_err(|msg| DataError::new("training data", None, msg))?;
-        }
-        let (train, held_out) = self.held_out(train, val);
+        let (train, held_out) = self.checked_split(train, val)?;
         let (train, val) = (train.as_ref(), val.or(held_out.as_ref()));
         let resume = control.resume.take();
         if let Some(r) = &resume {
@@ -508,6 +502,21 @@ impl Trainer {
         }
         reporter.start(run.total);
         run.go_on(val, reporter, control)
+    }
+
+    /// [`held_out`](Self::held_out) on data checked whole first, so that a message
+    /// names a row as the caller counts them, with rows enough left to train on.
+    fn checked_split<'d>(
+        &self,
+        train: &'d Dataset,
+        val: Option<&Dataset>,
+    ) -> Result<(std::borrow::Cow<'d, Dataset>, Option<Dataset>), TrainError> {
+        self.check_inputs(train, val)?;
+        if val.is_none() {
+            crate::data::check_rows_left(train.len(), self.cfg.val_fraction)
+                .map_err(|msg| DataError::new("training data", None, msg))?;
+        }
+        Ok(self.held_out(train, val))
     }
 
     /// The rows to train on and the validation set: without one given, the configured

@@ -112,12 +112,7 @@ pub fn fit_best_of(
         }
         t.check_inputs(train, val)?;
     }
-    trainer.check_inputs(train, val)?;
-    if val.is_none() {
-        crate::data::check_rows_left(train.len(), trainer.cfg.val_fraction)
-            .map_err(|msg| crate::DataError::new("training data", None, msg))?;
-    }
-    let (train, held_out) = trainer.held_out(train, val);
+    let (train, held_out) = trainer.checked_split(train, val)?;
     let Some(val) = val.or(held_out.as_ref()) else {
         return invalid("choosing between models needs a validation set");
     };
